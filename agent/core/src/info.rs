@@ -1,0 +1,57 @@
+//! What the layers of one request learn about it, collected for the access log and metrics.
+//! Shared through the request's extensions as `Arc<RequestInfo>`; each field is set by the one layer
+//! that owns it, so the lock is never contended and never held across an await.
+
+use crate::ResponseFlags;
+use parking_lot::Mutex;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+
+#[derive(Debug, Default)]
+pub struct RequestInfo {
+    flags: AtomicU16,
+    attempts: AtomicU32,
+    upstream: Mutex<Option<SocketAddr>>,
+    cluster: Mutex<Option<String>>,
+}
+
+impl RequestInfo {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add_flags(&self, flags: ResponseFlags) {
+        self.flags.fetch_or(flags.bits(), Ordering::Relaxed);
+    }
+
+    pub fn flags(&self) -> ResponseFlags {
+        ResponseFlags::from_bits(self.flags.load(Ordering::Relaxed))
+    }
+
+    /// Counts one more attempt (the first attempt included) and returns the count so far.
+    pub fn add_attempt(&self) -> u32 {
+        self.attempts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Records the endpoint of the latest attempt.
+    pub fn set_upstream(&self, addr: SocketAddr) {
+        *self.upstream.lock() = Some(addr);
+    }
+
+    pub fn upstream(&self) -> Option<SocketAddr> {
+        *self.upstream.lock()
+    }
+
+    /// Records the Envoy-style cluster name (`outbound|80|v1|pricing.default.svc.cluster.local`).
+    pub fn set_cluster(&self, name: String) {
+        *self.cluster.lock() = Some(name);
+    }
+
+    pub fn cluster(&self) -> Option<String> {
+        self.cluster.lock().clone()
+    }
+}

@@ -1,0 +1,177 @@
+//! Clusters: the endpoints of one service port (optionally one subset of it) and the `trafficPolicy`
+//! that governs connections to them, after Istio's port-level and subset-level overrides are applied.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Names a cluster as Envoy does: `outbound|PORT|SUBSET|HOST`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ClusterKey {
+    /// The service's fully qualified host name (`pricing.default.svc.cluster.local`).
+    pub host: String,
+    /// The service port.
+    pub port: u16,
+    /// The DestinationRule subset, if any.
+    pub subset: Option<String>,
+}
+
+impl fmt::Display for ClusterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "outbound|{}|{}|{}",
+            self.port,
+            self.subset.as_deref().unwrap_or(""),
+            self.host
+        )
+    }
+}
+
+/// One upstream endpoint (a ready pod address behind the service port).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Pod IP and target port.
+    pub addr: SocketAddr,
+    /// `namespace/name` of the pod behind the endpoint, when known.
+    pub pod: Option<String>,
+    /// The pod's labels (subsets select on these).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A cluster: endpoints plus the traffic policy for them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Cluster {
+    pub key: ClusterKey,
+    pub endpoints: Vec<Endpoint>,
+    pub policy: TrafficPolicy,
+}
+
+pub use self::traffic::TrafficPolicy;
+
+mod traffic {
+    use super::*;
+
+    /// The effective `trafficPolicy` of a cluster.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+    pub struct TrafficPolicy {
+        pub connection_pool: ConnectionPool,
+        /// `None` when no `outlierDetection` is configured (Envoy then ejects nothing).
+        pub outlier_detection: Option<OutlierDetection>,
+        pub load_balancer: LoadBalancer,
+    }
+}
+
+/// `connectionPool.tcp` and `connectionPool.http`, with Istio's defaults.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConnectionPool {
+    /// `tcp.maxConnections`: connections to all endpoints of the cluster.
+    pub max_connections: u32,
+    /// `tcp.connectTimeout` (Istio default 10 s).
+    pub connect_timeout: Duration,
+    /// `tcp.tcpKeepalive`.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `http.http1MaxPendingRequests`: requests that may wait for a connection.
+    pub max_pending_requests: u32,
+    /// `http.http2MaxRequests`: requests in flight to the cluster.
+    pub max_requests: u32,
+    /// `http.maxRequestsPerConnection`; 0 means unlimited.
+    pub max_requests_per_connection: u32,
+    /// `http.maxRetries`: retries in flight to the cluster.
+    pub max_retries: u32,
+    /// `http.idleTimeout` of upstream connections (Istio default 1 h).
+    pub idle_timeout: Option<Duration>,
+    /// `http.h2UpgradePolicy`.
+    pub h2_upgrade: H2UpgradePolicy,
+    /// `http.useClientProtocol`: speak to the upstream in the protocol the client used.
+    pub use_client_protocol: bool,
+}
+
+/// Istio's circuit-breaker default: effectively unlimited.
+pub const UNLIMITED: u32 = u32::MAX;
+
+impl Default for ConnectionPool {
+    fn default() -> Self {
+        Self {
+            max_connections: UNLIMITED,
+            connect_timeout: Duration::from_secs(10),
+            tcp_keepalive: None,
+            max_pending_requests: UNLIMITED,
+            max_requests: UNLIMITED,
+            max_requests_per_connection: 0,
+            max_retries: UNLIMITED,
+            idle_timeout: Some(Duration::from_secs(3600)),
+            h2_upgrade: H2UpgradePolicy::Default,
+            use_client_protocol: false,
+        }
+    }
+}
+
+/// `connectionPool.tcp.tcpKeepalive`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
+/// `connectionPool.http.h2UpgradePolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum H2UpgradePolicy {
+    #[default]
+    Default,
+    DoNotUpgrade,
+    Upgrade,
+}
+
+/// `outlierDetection`, translated as Istio translates it to Envoy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx (including locally generated 503s when origins are not split) that eject;
+    /// `None` disables this detector.
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502/503/504 that eject (also set by the deprecated `consecutiveErrors`).
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Consecutive local-origin failures (connect failure, timeout, reset) that eject; `Some` also
+    /// splits local-origin from external errors, as `split_external_local_origin_errors` does.
+    pub consecutive_local_origin_failures: Option<u32>,
+    /// Time between ejection sweeps (un-ejection happens only at these ticks).
+    pub interval: Duration,
+    /// Base ejection time, multiplied by the host's ejection count.
+    pub base_ejection_time: Duration,
+    /// Cap on one ejection (Envoy's `max_ejection_time`, 300 s).
+    pub max_ejection_time: Duration,
+    /// At most this percent of hosts ejected at once (at least one host may always be ejected).
+    pub max_ejection_percent: u32,
+    /// Below this percent of healthy hosts, ejection is ignored (panic mode); 0 disables.
+    pub min_health_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: Some(5),
+            consecutive_gateway_errors: None,
+            consecutive_local_origin_failures: None,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+        }
+    }
+}
+
+/// `loadBalancer.simple` (and `warmup`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum LoadBalancer {
+    /// Istio's default is LEAST_REQUEST.
+    #[default]
+    LeastRequest,
+    RoundRobin,
+    Random,
+    /// Forward to the original destination address, no load balancing.
+    Passthrough,
+}

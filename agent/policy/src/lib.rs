@@ -1,0 +1,21 @@
+//! The checked policy the proxy runs on. Plain data: built by `sluice-config` from Istio and Kubernetes
+//! YAML (where every value is validated and defaulted as Istio does), read by the proxy, shown by the admin
+//! API. Nothing here parses YAML or does I/O.
+#![forbid(unsafe_code)]
+
+mod cluster;
+mod route;
+mod snapshot;
+
+pub use self::cluster::{
+    Cluster, ClusterKey, ConnectionPool, Endpoint, H2UpgradePolicy, LoadBalancer, OutlierDetection,
+    TcpKeepalive,
+};
+pub use self::route::{
+    Fault, FaultAbort, FaultDelay, HeaderMatch, QueryMatch, RequestMatch, RetryOn, RetryPolicy,
+    Route, StringMatch, VirtualHost, WeightedDestination,
+};
+pub use self::snapshot::{Rejection, Service, ServicePort, Snapshot, Workload};
+
+/// The cluster domain Kubernetes service host names end with.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";

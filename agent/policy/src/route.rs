@@ -1,0 +1,207 @@
+//! Routing for one destination host: the ordered HTTP routes of its VirtualService (or Istio's implicit
+//! default route), each with its matches, weighted destinations and resilience settings.
+
+use crate::ClusterKey;
+use regex::Regex;
+use serde::{Serialize, Serializer};
+use std::time::Duration;
+
+/// The routes that apply to one destination host.
+#[derive(Clone, Debug, Serialize)]
+pub struct VirtualHost {
+    /// `namespace/name` of the VirtualService, or `default` for the implicit route.
+    pub name: String,
+    /// Routes in order; the first whose match succeeds wins.
+    pub routes: Vec<Route>,
+}
+
+/// One `http[]` entry.
+#[derive(Clone, Debug, Serialize)]
+pub struct Route {
+    /// `http[].name`, or `VSNAME.INDEX` when unnamed.
+    pub name: String,
+    /// Any one of these must match; empty matches everything.
+    pub matches: Vec<RequestMatch>,
+    /// Where matching requests go; weights sum to the total used for picking.
+    pub destinations: Vec<WeightedDestination>,
+    /// `timeout`: whole-request deadline including retries; `None` is no deadline.
+    pub timeout: Option<Duration>,
+    /// `retries`, or Istio's default retry policy when absent.
+    pub retry: RetryPolicy,
+    /// `fault`; a route with a fault has no retries and no timeout, as in Istio.
+    pub fault: Option<Fault>,
+}
+
+/// A destination with its weight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WeightedDestination {
+    pub cluster: ClusterKey,
+    pub weight: u32,
+}
+
+/// One `match[]` entry: every condition given must hold.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RequestMatch {
+    pub uri: Option<StringMatch>,
+    pub scheme: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    /// Header names are lower case.
+    pub headers: Vec<HeaderMatch>,
+    pub without_headers: Vec<HeaderMatch>,
+    pub query_params: Vec<QueryMatch>,
+    pub port: Option<u16>,
+    pub ignore_uri_case: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: StringMatch,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: StringMatch,
+}
+
+/// Istio's `StringMatch`. Regexes are RE2 syntax and must match the whole value.
+#[derive(Clone, Debug, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(#[serde(serialize_with = "ser_regex")] Regex),
+    /// `{}`: the header or parameter is present, whatever its value.
+    Present,
+}
+
+fn ser_regex<S: Serializer>(re: &Regex, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(re.as_str())
+}
+
+impl StringMatch {
+    /// A full-match regex, anchored as Envoy's `safe_regex` is.
+    pub fn regex(pattern: &str) -> Result<Self, regex::Error> {
+        Regex::new(&format!("^(?:{pattern})$")).map(Self::Regex)
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(s) => value == s,
+            Self::Prefix(p) => value.starts_with(p.as_str()),
+            Self::Regex(re) => re.is_match(value),
+            Self::Present => true,
+        }
+    }
+
+    /// Case-insensitive form, for `ignoreUriCase`.
+    pub fn matches_ignore_case(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(s) => value.eq_ignore_ascii_case(s),
+            Self::Prefix(p) => {
+                value.len() >= p.len()
+                    && value.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            Self::Regex(re) => re.is_match(value),
+            Self::Present => true,
+        }
+    }
+}
+
+/// `retries`, as Envoy's route retry policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (Istio's `attempts` is Envoy's `num_retries`); 0 disables.
+    pub num_retries: u32,
+    /// `perTryTimeout`; `None` leaves each attempt bounded only by the route timeout.
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+    /// Base of the fully jittered exponential back-off (Envoy: 25 ms).
+    pub backoff_base: Duration,
+    /// Cap of the back-off (Envoy: 10 x base = 250 ms).
+    pub backoff_max: Duration,
+    /// Prefer a host not tried before for a retry (Istio adds Envoy's `previous_hosts` predicate).
+    pub avoid_previous_hosts: bool,
+    /// `retryRemoteLocalities` (single-locality here, recorded for config dumps).
+    pub retry_remote_localities: bool,
+}
+
+impl RetryPolicy {
+    /// Istio's default when a route has no `retries` block: 2 retries on
+    /// `connect-failure,refused-stream,unavailable,cancelled`, to a different host when there is one.
+    /// (Istio 1.24 dropped `retriable-status-codes`/503 from the default.)
+    pub fn istio_default() -> Self {
+        Self {
+            num_retries: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn {
+                connect_failure: true,
+                refused_stream: true,
+                unavailable: true,
+                cancelled: true,
+                ..RetryOn::default()
+            },
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            avoid_previous_hosts: true,
+            retry_remote_localities: false,
+        }
+    }
+
+    /// No retries at all (`attempts: 0`, or a route with a fault).
+    pub fn disabled() -> Self {
+        Self {
+            num_retries: 0,
+            ..Self::istio_default()
+        }
+    }
+}
+
+/// `retryOn` conditions (Envoy `x-envoy-retry-on` and `x-envoy-retry-grpc-on` names).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx response, and resets, connect failures, refused streams, per-try timeouts.
+    pub five_xx: bool,
+    /// `gateway-error`: 502/503/504 responses, and resets, connect failures, per-try timeouts.
+    pub gateway_error: bool,
+    /// `reset`: disconnect, reset or per-try timeout with no response.
+    pub reset: bool,
+    /// `connect-failure`: the connection could not be established.
+    pub connect_failure: bool,
+    /// `retriable-4xx`: 409.
+    pub retriable_4xx: bool,
+    /// `refused-stream`: HTTP/2 REFUSED_STREAM.
+    pub refused_stream: bool,
+    /// `retriable-status-codes` together with `retriable_status_codes`; Istio also turns a bare
+    /// numeric code in `retryOn` into this.
+    pub retriable_status_codes: Vec<u16>,
+    /// gRPC: `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable`.
+    pub cancelled: bool,
+    pub deadline_exceeded: bool,
+    pub internal: bool,
+    pub resource_exhausted: bool,
+    pub unavailable: bool,
+}
+
+/// `fault`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultDelay {
+    pub fixed_delay: Duration,
+    /// Percent of requests, 0.0 to 100.0 (`percentage.value`, or legacy integer `percent`).
+    pub percentage: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum FaultAbort {
+    /// `httpStatus`.
+    Http { status: u16, percentage: f64 },
+    /// `grpcStatus` (e.g. `UNAVAILABLE`), sent as a trailers-only gRPC response.
+    Grpc { status: String, percentage: f64 },
+}

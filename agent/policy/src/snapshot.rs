@@ -1,0 +1,203 @@
+//! One consistent generation of configuration: the service registry, routing and clusters, plus the
+//! problems found while building it. The proxy holds an `Arc<Snapshot>` per request, so a reload never
+//! changes the policy of a request already under way.
+
+use crate::{Cluster, ClusterKey, VirtualHost, CLUSTER_DOMAIN};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A Kubernetes Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub hostname: String,
+    /// `spec.clusterIP(s)`; empty for headless services.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// `appProtocol`, or the protocol implied by the port name (`http`, `http2`, `grpc`, `tcp`...).
+    pub app_protocol: Option<String>,
+}
+
+/// A pod known to the registry (its labels select subsets; its enrollment is decided from labels).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    /// Enrolled in the mesh (its own or its namespace's dataplane-mode label).
+    pub enrolled: bool,
+    /// Where its network namespace is (standalone mode convention), if given.
+    pub netns: Option<PathBuf>,
+    /// Its cgroup v2 directory, if given.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// A configuration object that was not accepted, with where and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    /// File path (standalone) or `kind/namespace/name` (Kubernetes).
+    pub source: String,
+    /// `Kind namespace/name` of the document, or its index in the file when it has none.
+    pub object: String,
+    /// Field path, e.g. `spec.http[0].retries.perTryTimeout`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// A complete, checked configuration.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Increases by one for every accepted change.
+    pub generation: u64,
+    /// Services by host name.
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// Routing by exact destination host name (from VirtualServices bound to the mesh).
+    pub virtual_hosts: BTreeMap<String, Arc<VirtualHost>>,
+    /// Routing by wildcard host (`*.example.com`, `*`), most specific first.
+    pub wildcard_hosts: Vec<(String, Arc<VirtualHost>)>,
+    /// Clusters by key (serialized as a list: JSON keys must be strings).
+    #[serde(serialize_with = "values")]
+    pub clusters: BTreeMap<ClusterKey, Arc<Cluster>>,
+    /// Pods by `namespace/name`.
+    pub workloads: BTreeMap<String, Arc<Workload>>,
+    /// Objects skipped in this generation (they keep their last good version where they had one).
+    pub rejections: Vec<Rejection>,
+    /// Non-fatal problems (unknown fields, ignored VirtualServices, ...).
+    pub warnings: Vec<Rejection>,
+}
+
+impl Snapshot {
+    /// The service whose cluster IP is `ip`, exposing `port`.
+    pub fn service_by_vip(&self, ip: IpAddr, port: u16) -> Option<&Arc<Service>> {
+        self.services
+            .values()
+            .find(|s| s.cluster_ips.contains(&ip) && s.ports.iter().any(|p| p.port == port))
+    }
+
+    /// Resolves a host as a client in `namespace` would through Kubernetes DNS: `pricing`,
+    /// `pricing.default`, `pricing.default.svc`, `pricing.default.svc.cluster.local`. A trailing
+    /// port or dot is ignored.
+    pub fn resolve_host(&self, host: &str, namespace: &str) -> Option<&Arc<Service>> {
+        let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        if let Some(svc) = self.services.get(&host) {
+            return Some(svc);
+        }
+        let dots = host.matches('.').count();
+        let candidate = match dots {
+            0 => format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+            1 => format!("{host}.svc.{CLUSTER_DOMAIN}"),
+            2 if host.ends_with(".svc") => format!("{host}.{CLUSTER_DOMAIN}"),
+            _ => return None,
+        };
+        self.services.get(&candidate)
+    }
+
+    /// The routing for a destination host name: its VirtualService, or the most specific wildcard one.
+    pub fn virtual_host(&self, hostname: &str) -> Option<&Arc<VirtualHost>> {
+        self.virtual_hosts.get(hostname).or_else(|| {
+            self.wildcard_hosts
+                .iter()
+                .find(|(pattern, _)| wildcard_matches(pattern, hostname))
+                .map(|(_, vh)| vh)
+        })
+    }
+
+    pub fn cluster(&self, key: &ClusterKey) -> Option<&Arc<Cluster>> {
+        self.clusters.get(key)
+    }
+
+    /// The pod that owns `ip`, if any.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.values().find(|w| w.ips.contains(&ip))
+    }
+}
+
+fn values<S: serde::Serializer, K, V: Serialize>(
+    map: &BTreeMap<K, V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(map.values())
+}
+
+/// Istio host wildcards: `*` matches everything, `*.foo.com` matches any name ending in `.foo.com`.
+pub fn wildcard_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split(']').next().map_or(host, |h| &h[1..]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot_with(names: &[(&str, &str)]) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for (name, ns) in names {
+            let hostname = format!("{name}.{ns}.svc.cluster.local");
+            snap.services.insert(
+                hostname.clone(),
+                Arc::new(Service {
+                    name: name.to_string(),
+                    namespace: ns.to_string(),
+                    hostname,
+                    cluster_ips: vec![],
+                    ports: vec![],
+                }),
+            );
+        }
+        snap
+    }
+
+    #[test]
+    fn resolves_like_kubernetes_dns() {
+        let snap = snapshot_with(&[("pricing", "default"), ("pricing", "shop")]);
+        let ns = |h: &str, ns: &str| snap.resolve_host(h, ns).map(|s| s.namespace.clone());
+        assert_eq!(ns("pricing", "default").as_deref(), Some("default"));
+        assert_eq!(ns("pricing", "shop").as_deref(), Some("shop"));
+        assert_eq!(ns("pricing:80", "shop").as_deref(), Some("shop"));
+        assert_eq!(ns("pricing.shop", "default").as_deref(), Some("shop"));
+        assert_eq!(ns("pricing.shop.svc", "default").as_deref(), Some("shop"));
+        assert_eq!(
+            ns("pricing.shop.svc.cluster.local.", "default").as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            ns("Pricing.Default.svc.cluster.local:9090", "x").as_deref(),
+            Some("default")
+        );
+        assert_eq!(ns("pricing", "other"), None);
+        assert_eq!(ns("example.com", "default"), None);
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_matches("*", "anything"));
+        assert!(wildcard_matches("*.example.com", "a.example.com"));
+        assert!(!wildcard_matches("*.example.com", "example.com"));
+        assert!(wildcard_matches("a.b", "a.b"));
+    }
+}
