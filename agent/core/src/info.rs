@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 pub struct RequestInfo {
     flags: AtomicU16,
     attempts: AtomicU32,
-    upstream: Mutex<Option<SocketAddr>>,
+    /// Endpoints of the attempts so far, in order; the last is the current one.
+    upstreams: Mutex<Vec<SocketAddr>>,
     cluster: Mutex<Option<String>>,
 }
 
@@ -37,13 +38,24 @@ impl RequestInfo {
         self.attempts.load(Ordering::Relaxed)
     }
 
-    /// Records the endpoint of the latest attempt.
-    pub fn set_upstream(&self, addr: SocketAddr) {
-        *self.upstream.lock() = Some(addr);
+    /// Records the endpoint an attempt was sent to (called once per attempt by the balancer).
+    pub fn push_upstream(&self, addr: SocketAddr) {
+        self.upstreams.lock().push(addr);
     }
 
+    /// The endpoint of the latest attempt.
     pub fn upstream(&self) -> Option<SocketAddr> {
-        *self.upstream.lock()
+        self.upstreams.lock().last().copied()
+    }
+
+    /// Whether an earlier attempt of this request already went to `addr` (for retry host selection).
+    pub fn tried(&self, addr: &SocketAddr) -> bool {
+        self.upstreams.lock().contains(addr)
+    }
+
+    /// Every endpoint tried so far, in order.
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        self.upstreams.lock().clone()
     }
 
     /// Records the Envoy-style cluster name (`outbound|80|v1|pricing.default.svc.cluster.local`).
