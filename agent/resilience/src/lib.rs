@@ -1,1 +1,41 @@
-//! placeholder
+//! Envoy-exact resilience mechanisms for the L7 proxy, each a tower layer over
+//! `Service<Request<Body>, Response = Response<Body>, Error = BoxError>`:
+//!
+//! - [`FaultLayer`]: Istio `fault` (delay, then abort), flags `DI` / `FI`.
+//! - [`TimeoutLayer::route`]: the route `timeout`, covering every retry and the response body, flag `UT`.
+//! - [`RetryLayer`]: Envoy's retry state machine (`retryOn`, `x-envoy-*` overrides, jittered back-off,
+//!   the cluster's `maxRetries` budget, flag `URX`), replaying the request body with [`ReplayBody`].
+//! - [`TimeoutLayer::per_try`]: `perTryTimeout`, which ends one attempt as a retriable failure.
+//!
+//! The order matches Envoy's filter chain (fault filter before the router; the router's global timer
+//! outside its retries; the per-try timer around each upstream request). Build a route's stack inside
+//! out:
+//!
+//! ```ignore
+//! let svc = ServiceBuilder::new()
+//!     .layer(FaultLayer::new(route.fault.clone().map(Arc::new))) // DI/FI; before any timer
+//!     .layer(TimeoutLayer::route(route.timeout))                 // whole request incl. retries, UT
+//!     .layer(RetryLayer::new(retry_policy, cluster_budget))      // URX, attempt count, back-off
+//!     .layer(TimeoutLayer::per_try(retry_policy.per_try_timeout)) // one attempt
+//!     .service(balancer);                                         // picks a host not in `tried`
+//! ```
+//!
+//! Keep both timeout layers in the stack even when the route configures no timeout: they honour the
+//! `x-envoy-upstream-rq-timeout-ms` / `x-envoy-upstream-rq-per-try-timeout-ms` request headers and
+//! cost one header lookup (no timer) when neither is set.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod fault;
+pub mod replay;
+pub mod retry;
+pub mod timeout;
+
+#[cfg(test)]
+pub(crate) mod test_util;
+
+pub use self::backoff::Backoff;
+pub use self::fault::FaultLayer;
+pub use self::replay::ReplayBody;
+pub use self::retry::{classify, RetryBudget, RetryLayer};
+pub use self::timeout::TimeoutLayer;

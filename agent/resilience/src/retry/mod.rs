@@ -1,0 +1,4 @@
+//! stub
+pub fn classify() {}
+pub struct RetryBudget;
+pub struct RetryLayer;

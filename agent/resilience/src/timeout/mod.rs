@@ -1,0 +1,132 @@
+//! The route timeout and the per-try timeout, with Envoy's semantics (router `finalTimeout`,
+//! `onResponseTimeout`, `UpstreamRequest::onPerTryTimeout`):
+//!
+//! - route: bounds the whole request, every retry and back-off included, until the response body has
+//!   ended. Before response headers it fails with [`ProxyError::RequestTimeout`]; afterwards the
+//!   response body yields that error, so the client sees a reset. Flag `UT`.
+//! - per-try: bounds one attempt until its response headers (Envoy ignores the per-try timer once the
+//!   response has started). Fails with [`ProxyError::PerTryTimeout`], which the retry layer may retry.
+//!
+//! `x-envoy-upstream-rq-timeout-ms` / `x-envoy-upstream-rq-per-try-timeout-ms` override the configured
+//! value for one request (0 = none) and are consumed here. Envoy ignores a per-try timeout that is not
+//! shorter than the route timeout; here both timers then fire together and the route layer checks its
+//! timer first, which gives the same answer.
+
+mod future;
+
+pub use self::future::ResponseFuture;
+
+use http::{header::HeaderName, HeaderMap, Request, Response};
+use sluice_core::{Body, BoxError, RequestInfo};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// Overrides the route timeout for one request, in milliseconds; 0 disables it.
+pub const UPSTREAM_RQ_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
+/// Overrides the per-try timeout for one request, in milliseconds; 0 disables it.
+pub const UPSTREAM_RQ_PER_TRY_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scope {
+    Route,
+    PerTry,
+}
+
+/// Builds [`Timeout`] services.
+#[derive(Clone, Copy, Debug)]
+pub struct TimeoutLayer {
+    timeout: Option<Duration>,
+    scope: Scope,
+}
+
+impl TimeoutLayer {
+    /// The route `timeout`: the whole request including retries and the response body.
+    pub fn route(timeout: Option<Duration>) -> Self {
+        Self {
+            timeout: timeout.filter(|d| !d.is_zero()),
+            scope: Scope::Route,
+        }
+    }
+
+    /// `perTryTimeout`: one attempt, until its response headers. Goes below the retry layer.
+    pub fn per_try(timeout: Option<Duration>) -> Self {
+        Self {
+            timeout: timeout.filter(|d| !d.is_zero()),
+            scope: Scope::PerTry,
+        }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            timeout: self.timeout,
+            scope: self.scope,
+        }
+    }
+}
+
+/// A route or per-try timeout around `S`.
+#[derive(Clone, Debug)]
+pub struct Timeout<S> {
+    inner: S,
+    timeout: Option<Duration>,
+    scope: Scope,
+}
+
+impl<S> Timeout<S> {
+    /// The timeout for this request: the header's if it has a valid one, else the configured one.
+    fn effective(&self, headers: &mut HeaderMap) -> Option<Duration> {
+        let name = match self.scope {
+            Scope::Route => &UPSTREAM_RQ_TIMEOUT_MS,
+            Scope::PerTry => &UPSTREAM_RQ_PER_TRY_TIMEOUT_MS,
+        };
+        // Envoy removes the header even when its value does not parse, and then keeps the route's.
+        let Some(value) = headers.remove(name) else {
+            return self.timeout;
+        };
+        match value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => self.timeout,
+        }
+    }
+}
+
+impl<S> Service<Request<Body>> for Timeout<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        match self.effective(req.headers_mut()) {
+            None => ResponseFuture::passthrough(self.inner.call(req)),
+            Some(timeout) => {
+                let info = match self.scope {
+                    Scope::Route => req.extensions().get::<Arc<RequestInfo>>().cloned(),
+                    // A per-try timeout that is retried leaves no flag; the final error carries `UT`.
+                    Scope::PerTry => None,
+                };
+                ResponseFuture::new(self.inner.call(req), timeout, self.scope, info)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,151 @@
+use super::*;
+use crate::test_util::{backend, call, get, proxy_error, CloneService, Step};
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use sluice_core::{ProxyError, ResponseFlags};
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_timeout_before_headers_is_request_timeout() {
+    let (backend, _) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let mut svc = TimeoutLayer::route(Some(secs(2.0))).layer(backend);
+    let (req, info) = get();
+    let start = Instant::now();
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(2.0));
+    assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(d) if d == secs(2.0)));
+    assert!(info.flags().contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn fast_response_passes_and_leaves_no_flag() {
+    let (backend, _) = backend(vec![Step::Slow(secs(1.0), 200)]);
+    let mut svc = TimeoutLayer::route(Some(secs(2.0))).layer(backend);
+    let (req, info) = get();
+    let rsp = call(&mut svc, req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert!(info.flags().is_empty());
+}
+
+/// A backend whose response body sends one chunk, then stalls for `stall`, then ends.
+fn streaming(stall: Duration) -> impl CloneService {
+    tower::service_fn(move |_req: Request<Body>| async move {
+        let stream = futures_util::stream::unfold(0u8, move |n| async move {
+            match n {
+                0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from("a"))), 1)),
+                1 => {
+                    tokio::time::sleep(stall).await;
+                    Some((Ok(Frame::data(Bytes::from("b"))), 2))
+                }
+                _ => None,
+            }
+        });
+        Ok::<_, BoxError>(Response::new(StreamBody::new(stream).boxed_unsync()))
+    })
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_timeout_covers_the_response_body() {
+    let mut svc = TimeoutLayer::route(Some(secs(2.0))).layer(streaming(secs(5.0)));
+    let (req, info) = get();
+    let start = Instant::now();
+    let mut body = call(&mut svc, req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "a");
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), secs(2.0));
+    assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
+    assert!(info.flags().contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+    assert!(body.frame().await.is_none());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn per_try_timeout_does_not_cover_the_body() {
+    let mut svc = TimeoutLayer::per_try(Some(secs(1.0))).layer(streaming(secs(5.0)));
+    let (req, info) = get();
+    let body = call(&mut svc, req).await.unwrap().into_body();
+    let all = body.collect().await.unwrap().to_bytes();
+    assert_eq!(all, "ab");
+    assert!(info.flags().is_empty());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn per_try_timeout_is_its_own_error_without_flag() {
+    let (backend, _) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let mut svc = TimeoutLayer::per_try(Some(secs(0.5))).layer(backend);
+    let (req, info) = get();
+    let start = Instant::now();
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(0.5));
+    assert!(matches!(proxy_error(&err), ProxyError::PerTryTimeout(d) if d == secs(0.5)));
+    // Whether this ends the request is the retry layer's call; the final error carries UT.
+    assert!(info.flags().is_empty());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_header_overrides_and_is_consumed() {
+    let (backend, calls) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let mut svc = TimeoutLayer::route(Some(secs(10.0))).layer(backend);
+    let (mut req, _) = get();
+    req.headers_mut()
+        .insert("x-envoy-upstream-rq-timeout-ms", "1500".parse().unwrap());
+    let start = Instant::now();
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(1.5));
+    assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
+    assert!(!calls.get(0).headers.contains_key("x-envoy-upstream-rq-timeout-ms"));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn header_zero_disables_and_header_sets_one_where_none() {
+    let (backend, _) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let mut svc = TimeoutLayer::route(Some(secs(1.0))).layer(backend.clone());
+    let (mut req, _) = get();
+    req.headers_mut()
+        .insert("x-envoy-upstream-rq-timeout-ms", "0".parse().unwrap());
+    assert_eq!(call(&mut svc, req).await.unwrap().status(), 200);
+
+    let mut svc = TimeoutLayer::per_try(None).layer(backend.clone());
+    let (mut req, _) = get();
+    req.headers_mut()
+        .insert("x-envoy-upstream-rq-per-try-timeout-ms", "250".parse().unwrap());
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert!(matches!(proxy_error(&err), ProxyError::PerTryTimeout(d) if d == secs(0.25)));
+
+    // An unparsable header is consumed and the configured value stays.
+    let mut svc = TimeoutLayer::route(Some(secs(1.0))).layer(backend);
+    let (mut req, _) = get();
+    req.headers_mut()
+        .insert("x-envoy-upstream-rq-timeout-ms", "soon".parse().unwrap());
+    let start = Instant::now();
+    call(&mut svc, req).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(1.0));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn none_is_a_plain_pass_through() {
+    let (backend, _) = backend(vec![Step::Slow(secs(3600.0), 200)]);
+    let mut svc = TimeoutLayer::route(None).layer(backend);
+    let (req, info) = get();
+    let fut = svc.ready().await.unwrap().call(req);
+    // No timer was armed: the future holds no `Sleep`.
+    assert!(fut.is_passthrough());
+    assert_eq!(fut.await.unwrap().status(), 200);
+    assert!(info.flags().is_empty());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_timeout_wins_a_tie_with_per_try() {
+    let (backend, _) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let per_try = TimeoutLayer::per_try(Some(secs(2.0))).layer(backend);
+    let mut svc = TimeoutLayer::route(Some(secs(2.0))).layer(per_try);
+    let (req, _) = get();
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
+}
