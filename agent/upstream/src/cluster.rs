@@ -1,0 +1,604 @@
+//! The runtime of one upstream cluster: [`ClusterHandle`] is the tower service an attempt calls.
+//! One call is one attempt: circuit-breaker admission (`http2MaxRequests`), host selection, a
+//! connection from the host's pool, the exchange, and the outcome reported to the outlier detector.
+//! Config reloads go through [`ClusterHandle::update`], which keeps per-host state (counters,
+//! ejections, idle connections) for every endpoint whose address is unchanged.
+
+use crate::balance::{Balancer, Candidate};
+use crate::body::UpstreamBody;
+use crate::outlier::{self, Detector, HostOutlier, Outcome, OutlierEvent};
+use crate::pool::{self, Leased, Limits, PoolState, Sender};
+use crate::stats::{inc, ClusterStats, Stats};
+use arc_swap::ArcSwap;
+use futures_util::future::{BoxFuture, Either};
+use http::header::HOST;
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use parking_lot::Mutex;
+use serde::Serialize;
+use sluice_core::{Body, BoxError, OverflowKind, ProxyError, RequestInfo};
+use sluice_policy::Endpoint;
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The protocol spoken to the cluster's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 over cleartext, prior knowledge.
+    H2c,
+}
+
+/// Builds cluster runtimes; the type the proxy names (`sluice_upstream::Cluster::new`).
+pub struct Cluster;
+
+impl Cluster {
+    /// Starts the runtime of `spec`. The outlier detector's interval task starts with it (or with
+    /// the first request, when created outside a tokio runtime) and ends when the last handle drops.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(spec: Arc<sluice_policy::Cluster>, protocol: UpstreamProtocol) -> ClusterHandle {
+        let hosts = spec.endpoints.iter().map(Host::new).map(Arc::new).collect();
+        let limits = limits_of(&spec);
+        let inner = Arc::new(Inner {
+            protocol,
+            config: ArcSwap::from_pointee(Config::new(spec, hosts)),
+            pool: Mutex::new(PoolState::new(protocol, limits)),
+            stats: Stats::default(),
+            detector: Detector::default(),
+            balancer: Balancer::default(),
+            ticker_started: AtomicBool::new(false),
+            ticker_wake: Arc::new(Notify::new()),
+        });
+        ensure_ticker(&inner);
+        ClusterHandle { inner }
+    }
+}
+
+/// A live cluster; cheap to clone, all clones share pools, counters and outlier state.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    inner: Arc<Inner>,
+}
+
+/// One endpoint's state, for the admin API (`sluice endpoints`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostStatus {
+    pub addr: SocketAddr,
+    pub pod: Option<String>,
+    pub ejected: bool,
+    /// Time left of the current ejection; the host returns at the first interval tick after it.
+    pub ejected_for: Option<Duration>,
+    /// Times this host was ejected.
+    pub ejections: u32,
+    /// The current ejection-time multiplier.
+    pub multiplier: u32,
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub consecutive_local: u32,
+    pub active_requests: u32,
+    pub connections: u32,
+    pub idle_connections: u32,
+    pub total_requests: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) protocol: UpstreamProtocol,
+    config: ArcSwap<Config>,
+    pub(crate) pool: Mutex<PoolState>,
+    pub(crate) stats: Stats,
+    detector: Detector,
+    balancer: Balancer,
+    ticker_started: AtomicBool,
+    ticker_wake: Arc<Notify>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the interval task see that the cluster is gone.
+        self.ticker_wake.notify_one();
+    }
+}
+
+struct Config {
+    spec: Arc<sluice_policy::Cluster>,
+    name: String,
+    hosts: Vec<Arc<Host>>,
+}
+
+impl Config {
+    fn new(spec: Arc<sluice_policy::Cluster>, hosts: Vec<Arc<Host>>) -> Self {
+        Self {
+            name: spec.key.to_string(),
+            spec,
+            hosts,
+        }
+    }
+
+    fn outlier(&self) -> Option<&sluice_policy::OutlierDetection> {
+        self.spec.policy.outlier_detection.as_ref()
+    }
+}
+
+pub(crate) struct Host {
+    addr: SocketAddr,
+    pod: Mutex<Option<String>>,
+    outlier: HostOutlier,
+    active: AtomicU32,
+    total: AtomicU64,
+}
+
+impl Host {
+    fn new(ep: &Endpoint) -> Self {
+        Self {
+            addr: ep.addr,
+            pod: Mutex::new(ep.pod.clone()),
+            outlier: HostOutlier::default(),
+            active: AtomicU32::new(0),
+            total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Candidate for Arc<Host> {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn ejected(&self) -> bool {
+        self.outlier.is_ejected()
+    }
+    fn active_requests(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+fn limits_of(spec: &sluice_policy::Cluster) -> Limits {
+    let cp = &spec.policy.connection_pool;
+    Limits {
+        max_connections: cp.max_connections,
+        max_pending: cp.max_pending_requests,
+        max_requests_per_connection: cp.max_requests_per_connection,
+    }
+}
+
+impl Inner {
+    pub(crate) fn idle_timeout(&self) -> Option<Duration> {
+        self.config.load().spec.policy.connection_pool.idle_timeout
+    }
+
+    fn report(&self, host: &Host, outcome: Outcome) {
+        let cfg = self.config.load();
+        if let Some(od) = cfg.outlier() {
+            self.detector.report(
+                od,
+                &cfg.name,
+                cfg.hosts.len(),
+                host.addr,
+                &host.outlier,
+                outcome,
+                &self.stats,
+            );
+        }
+    }
+
+    fn tick(&self, now: Instant) {
+        let cfg = self.config.load();
+        if let Some(od) = cfg.outlier() {
+            let hosts = cfg.hosts.iter().map(|h| (h.addr, &h.outlier));
+            self.detector.tick(od, &cfg.name, hosts, now);
+        }
+    }
+}
+
+/// Starts the outlier interval task once a runtime is available. It holds only a `Weak`, so it
+/// ends with the cluster.
+fn ensure_ticker(inner: &Arc<Inner>) {
+    if inner.ticker_started.load(Ordering::Relaxed) {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if inner.ticker_started.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let weak = Arc::downgrade(inner);
+    let wake = inner.ticker_wake.clone();
+    rt.spawn(async move {
+        loop {
+            let interval = match weak.upgrade() {
+                Some(inner) => inner
+                    .config
+                    .load()
+                    .outlier()
+                    .map(|od| od.interval.max(Duration::from_millis(1))),
+                None => return,
+            };
+            let Some(interval) = interval else {
+                wake.notified().await;
+                continue;
+            };
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.tick(Instant::now());
+                }
+                // The interval changed, or the cluster was dropped.
+                () = wake.notified() => {}
+            }
+        }
+    });
+}
+
+impl ClusterHandle {
+    /// Applies a new spec: endpoints with an unchanged address keep their outlier state and idle
+    /// connections; removed endpoints lose their idle connections at once and their busy ones as
+    /// they free up; new limits apply to new admissions.
+    pub fn update(&self, spec: Arc<sluice_policy::Cluster>) {
+        let inner = &self.inner;
+        let old = inner.config.load_full();
+        let by_addr: HashMap<SocketAddr, &Arc<Host>> =
+            old.hosts.iter().map(|h| (h.addr, h)).collect();
+        let mut hosts: Vec<Arc<Host>> = Vec::with_capacity(spec.endpoints.len());
+        for ep in &spec.endpoints {
+            if hosts.iter().any(|h| h.addr == ep.addr) {
+                continue;
+            }
+            match by_addr.get(&ep.addr) {
+                Some(h) => {
+                    ep.pod.clone_into(&mut h.pod.lock());
+                    hosts.push(Arc::clone(h));
+                }
+                None => hosts.push(Arc::new(Host::new(ep))),
+            }
+        }
+        let removed: Vec<&Arc<Host>> = old
+            .hosts
+            .iter()
+            .filter(|h| !hosts.iter().any(|n| n.addr == h.addr))
+            .collect();
+        for host in &removed {
+            inner.detector.remove(&host.outlier);
+        }
+        let old_interval = old.outlier().map(|od| od.interval);
+        let new = Config::new(spec, hosts);
+        let new_interval = new.outlier().map(|od| od.interval);
+        if new.outlier().is_none() {
+            inner
+                .detector
+                .uneject_all(&new.name, new.hosts.iter().map(|h| (h.addr, &h.outlier)));
+        }
+        let limits = limits_of(&new.spec);
+        inner.config.store(Arc::new(new));
+        {
+            let mut pool = inner.pool.lock();
+            for host in &removed {
+                pool.retire(host.addr);
+            }
+            pool.set_limits(limits);
+        }
+        if old_interval != new_interval {
+            inner.ticker_wake.notify_one();
+        }
+    }
+
+    /// Every endpoint's state, in the spec's order.
+    pub fn hosts(&self) -> Vec<HostStatus> {
+        let cfg = self.inner.config.load();
+        let now = Instant::now();
+        let occupancy: Vec<_> = {
+            let pool = self.inner.pool.lock();
+            cfg.hosts.iter().map(|h| pool.occupancy(h.addr)).collect()
+        };
+        cfg.hosts
+            .iter()
+            .zip(occupancy)
+            .map(|(h, occ)| {
+                let m = h.outlier.monitor.lock();
+                let ejected = h.outlier.is_ejected();
+                HostStatus {
+                    addr: h.addr,
+                    pod: h.pod.lock().clone(),
+                    ejected,
+                    ejected_for: ejected.then(|| outlier::remaining(cfg.outlier(), &m, now)),
+                    ejections: m.num_ejections,
+                    multiplier: m.multiplier,
+                    consecutive_5xx: m.consecutive_5xx,
+                    consecutive_gateway: m.consecutive_gateway,
+                    consecutive_local: m.consecutive_local,
+                    active_requests: h.active.load(Ordering::Relaxed),
+                    connections: occ.total,
+                    idle_connections: occ.idle,
+                    total_requests: h.total.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// The cluster's counters and gauges, under Envoy's names.
+    pub fn stats(&self) -> ClusterStats {
+        let mut stats = self.inner.stats.snapshot();
+        {
+            let pool = self.inner.pool.lock();
+            stats.upstream_cx_active = u64::from(pool.cx_active());
+            stats.upstream_rq_pending_active = u64::from(pool.pending());
+        }
+        let cfg = self.inner.config.load();
+        stats.membership_total = cfg.hosts.len() as u64;
+        stats.membership_healthy = cfg.hosts.iter().filter(|h| !h.ejected()).count() as u64;
+        stats.outlier_detection_ejections_active =
+            u64::from(self.inner.detector.ejections_active());
+        stats
+    }
+
+    /// The last 64 ejections and un-ejections, oldest first.
+    pub fn outlier_events(&self) -> Vec<OutlierEvent> {
+        self.inner.detector.events()
+    }
+
+    /// The protocol this cluster speaks upstream.
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.inner.protocol
+    }
+}
+
+impl tower_service::Service<Request<Body>> for ClusterHandle {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Admission happens in `call`: an overflow must answer at once, not wait here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        Box::pin(attempt(self.inner.clone(), req))
+    }
+}
+
+/// One attempt.
+async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<Body>, BoxError> {
+    ensure_ticker(&inner);
+    let cfg = inner.config.load_full();
+    let cp = &cfg.spec.policy.connection_pool;
+
+    // Circuit breaker on requests in flight (`http2MaxRequests`).
+    let active = inner.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+    if active >= u64::from(cp.max_requests) {
+        inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        // Envoy counts this overflow under the pending-overflow counter too.
+        inc(&inner.stats.rq_pending_overflow);
+        return Err(ProxyError::Overflow(OverflowKind::Requests).into());
+    }
+    inc(&inner.stats.rq_total);
+    let mut flight = InFlight {
+        inner: inner.clone(),
+        host: None,
+        leased: None,
+        awaiting_headers: false,
+        done: false,
+    };
+
+    // Host selection.
+    let info = req.extensions().get::<Arc<RequestInfo>>().cloned();
+    let tried = match &info {
+        Some(info) if info.upstream().is_some() => info.upstreams(),
+        _ => Vec::new(),
+    };
+    let panic_threshold = cfg.outlier().map_or(0, |od| od.min_health_percent);
+    let host = inner
+        .balancer
+        .pick(
+            &cfg.hosts,
+            cfg.spec.policy.load_balancer,
+            panic_threshold,
+            &tried,
+        )
+        .ok_or(ProxyError::NoHealthyUpstream)?
+        .clone();
+    if let Some(info) = &info {
+        info.push_upstream(host.addr);
+    }
+    host.active.fetch_add(1, Ordering::Relaxed);
+    host.total.fetch_add(1, Ordering::Relaxed);
+    flight.host = Some(host.clone());
+
+    // A connection (h1) or stream (h2). A reused h1 connection may have been closed by the server
+    // while idle; that costs another pick from the pool, not the attempt.
+    loop {
+        let leased = match pool::acquire(&inner, host.addr, cp.connect_timeout).await {
+            Ok(leased) => leased,
+            Err(err) => {
+                if matches!(err, ProxyError::ConnectFailure(_)) {
+                    inner.report(&host, Outcome::ConnectFailed);
+                }
+                return Err(err.into());
+            }
+        };
+        let leased = flight.leased.insert(leased);
+        let ready = match &mut leased.sender {
+            Sender::H1(s) => s.ready().await.is_ok(),
+            Sender::H2(s) => !s.is_closed(),
+        };
+        if ready {
+            break;
+        }
+        flight.abandon_lease();
+    }
+    inner.report(&host, Outcome::ConnectSuccess);
+
+    prepare(&mut req, inner.protocol, host.addr);
+    let sent = match &mut flight.leased.as_mut().expect("leased above").sender {
+        Sender::H1(s) => Either::Left(s.send_request(req)),
+        Sender::H2(s) => Either::Right(s.send_request(req)),
+    };
+    flight.awaiting_headers = true;
+    let result = sent.await;
+    flight.awaiting_headers = false;
+    match result {
+        Ok(rsp) => {
+            inner.report(&host, Outcome::Status(rsp.status().as_u16()));
+            let (parts, body) = rsp.into_parts();
+            let body = sluice_core::boxed(UpstreamBody::new(body, flight));
+            Ok(Response::from_parts(parts, body))
+        }
+        Err(err) if err.is_user() => {
+            // The request body failed (the client went away): not the upstream's fault.
+            flight.abandon();
+            Err(err.into())
+        }
+        Err(err) => {
+            flight.abandon();
+            inner.report(&host, Outcome::ConnectFailed);
+            Err(classify(&err).into())
+        }
+    }
+}
+
+/// Rewrites the request for the upstream protocol: origin-form for HTTP/1.1 (the `Host` header
+/// carries the authority), scheme and authority for h2.
+fn prepare(req: &mut Request<Body>, protocol: UpstreamProtocol, addr: SocketAddr) {
+    let uri = req.uri();
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            if !req.headers().contains_key(HOST) {
+                let authority = uri.authority().map(|a| a.as_str().to_owned());
+                let value = authority.unwrap_or_else(|| addr.to_string());
+                if let Ok(value) = HeaderValue::try_from(value) {
+                    req.headers_mut().insert(HOST, value);
+                }
+            }
+            *req.uri_mut() = Uri::from(pq);
+            *req.version_mut() = Version::HTTP_11;
+        }
+        UpstreamProtocol::H2c => {
+            let authority = match uri.authority() {
+                Some(a) => a.clone(),
+                None => req
+                    .headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse().ok())
+                    .unwrap_or_else(|| {
+                        addr.to_string()
+                            .parse()
+                            .expect("socket address is an authority")
+                    }),
+            };
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+            // `:authority` replaces `Host` in h2.
+            req.headers_mut().remove(HOST);
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+}
+
+/// Maps a failed exchange to the reset reason Envoy would give it.
+fn classify(err: &hyper::Error) -> ProxyError {
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return ProxyError::RefusedStream;
+            }
+            if h2.is_reset() {
+                return ProxyError::RemoteReset(err.to_string());
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionReset {
+                return ProxyError::RemoteReset(err.to_string());
+            }
+        }
+        cause = e.source();
+    }
+    ProxyError::ConnectionTermination(err.to_string())
+}
+
+/// What one admitted attempt holds until its response ends: its place in `upstream_rq_active`,
+/// its host's active count and its connection. Dropped before response headers, it reports a
+/// local-origin timeout: a per-try or route timeout (or the client leaving) cancelled it.
+pub(crate) struct InFlight {
+    inner: Arc<Inner>,
+    host: Option<Arc<Host>>,
+    leased: Option<Leased>,
+    awaiting_headers: bool,
+    done: bool,
+}
+
+impl InFlight {
+    /// The response ended cleanly: the connection may be reused.
+    pub(crate) fn finish(&mut self) {
+        self.end(true);
+    }
+
+    /// The exchange failed or was cut short: the connection is not reusable.
+    pub(crate) fn abandon(&mut self) {
+        self.end(false);
+    }
+
+    fn abandon_lease(&mut self) {
+        if let Some(leased) = self.leased.take() {
+            pool::release(&self.inner, leased, false);
+        }
+    }
+
+    fn end(&mut self, reusable: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        if let Some(leased) = self.leased.take() {
+            pool::release(&self.inner, leased, reusable);
+        }
+        if let Some(host) = &self.host {
+            host.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.awaiting_headers {
+            inc(&self.inner.stats.rq_timeout);
+            if let Some(host) = &self.host {
+                self.inner.report(host, Outcome::Timeout);
+            }
+        }
+        self.end(false);
+    }
+}
+
+#[cfg(test)]
+impl ClusterHandle {
+    pub(crate) fn report_for_test(&self, addr: SocketAddr, outcome: Outcome) {
+        let cfg = self.inner.config.load();
+        let host = cfg
+            .hosts
+            .iter()
+            .find(|h| h.addr == addr)
+            .expect("known host");
+        self.inner.report(host, outcome);
+    }
+
+    pub(crate) fn detector(&self) -> &Detector {
+        &self.inner.detector
+    }
+}

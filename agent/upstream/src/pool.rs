@@ -1,0 +1,648 @@
+//! Connection pools: the upstream connections of every host of a cluster, the cluster-wide
+//! `maxConnections` limit and the FIFO queue of requests waiting for a connection
+//! (`http1MaxPendingRequests`), with the semantics of Envoy's `conn_pool_base.cc`:
+//!
+//! - HTTP/1.1 carries one request per connection at a time; idle keep-alive connections are reused
+//!   most-recent first, and a connection goes back to idle only once its response body was read to
+//!   the end. H2c multiplexes streams on one connection per host, opening another past 100 streams.
+//! - A request that finds no free connection opens one if the cluster is under `maxConnections`, or
+//!   if its host has no connection at all (Envoy's escape hatch, so a host never starves behind the
+//!   connections of others); otherwise it waits. Waiting and connecting both count as pending, and
+//!   a request that would exceed `http1MaxPendingRequests` overflows at once.
+//! - A freed connection or connection slot is handed straight to the oldest waiter that can use it,
+//!   so newcomers cannot overtake the queue. A waiter whose future is dropped leaves the queue and
+//!   gives back anything it was handed.
+//! - `maxRequestsPerConnection` drains a connection after that many requests; `idleTimeout` closes
+//!   connections idle that long (checked by the connection's own task, not by a per-request timer).
+//!
+//! One mutex guards the whole cluster's pool; it is never held across an await.
+
+use crate::cluster::{Inner, UpstreamProtocol};
+use crate::stats::inc;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sluice_core::{Body, ProxyError};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+use tracing::debug;
+
+/// Streams opened on one h2 connection before another is opened. hyper's `SendRequest` does not
+/// expose the server's `SETTINGS_MAX_CONCURRENT_STREAMS`; 100 is the floor RFC 9113 recommends
+/// servers allow, so below it streams are never queued inside hyper.
+const H2_STREAMS_PER_CONNECTION: u32 = 100;
+
+/// A sender for one request on an upstream connection.
+pub(crate) enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// A connection (h1) or a stream slot on one (h2) that a request holds. It carries no `Drop`: the
+/// holder gives it back with [`release`], which is how it stays usable under the pool lock.
+pub(crate) struct Leased {
+    pub(crate) host: SocketAddr,
+    id: u64,
+    pub(crate) sender: Sender,
+}
+
+/// The limits the pool enforces, copied from the cluster's `connectionPool`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) max_connections: u32,
+    pub(crate) max_pending: u32,
+    /// 0 = unlimited.
+    pub(crate) max_requests_per_connection: u32,
+}
+
+struct Conn {
+    id: u64,
+    /// The h1 sender while the connection is idle; `None` while a request holds it.
+    h1: Option<http1::SendRequest<Body>>,
+    /// The h2 sender, cloned for each stream; `None` once the connection is closing.
+    h2: Option<http2::SendRequest<Body>>,
+    streams: u32,
+    served: u32,
+    /// No new requests (max requests per connection reached, or the host was removed).
+    draining: bool,
+    idle_since: Option<Instant>,
+    /// Tells the connection's task to close it.
+    close: Arc<Notify>,
+}
+
+impl Conn {
+    fn shut(&mut self) {
+        self.draining = true;
+        self.h1 = None;
+        self.h2 = None;
+        self.close.notify_one();
+    }
+}
+
+#[derive(Default)]
+struct HostConns {
+    conns: Vec<Conn>,
+    connecting: u32,
+    /// The host left the cluster: close connections as they free up.
+    retired: bool,
+}
+
+impl HostConns {
+    fn total(&self) -> usize {
+        self.conns.len() + self.connecting as usize
+    }
+}
+
+/// What a waiter is handed.
+enum Grant {
+    Conn(Leased),
+    /// A connection slot reserved for the waiter's host: the waiter opens the connection itself.
+    Slot(SocketAddr),
+}
+
+struct Waiter {
+    id: u64,
+    host: SocketAddr,
+    tx: oneshot::Sender<Grant>,
+}
+
+pub(crate) struct PoolState {
+    protocol: UpstreamProtocol,
+    limits: Limits,
+    hosts: HashMap<SocketAddr, HostConns>,
+    /// Connections open or connecting, cluster-wide (`upstream_cx_active`).
+    cx: u32,
+    /// Requests waiting for or opening a connection (`upstream_rq_pending_active`).
+    pending: u32,
+    waiters: VecDeque<Waiter>,
+    next_id: u64,
+}
+
+/// Occupancy of one host's pool, for the admin API.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct HostOccupancy {
+    pub(crate) total: u32,
+    pub(crate) idle: u32,
+}
+
+impl PoolState {
+    pub(crate) fn new(protocol: UpstreamProtocol, limits: Limits) -> Self {
+        Self {
+            protocol,
+            limits,
+            hosts: HashMap::new(),
+            cx: 0,
+            pending: 0,
+            waiters: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub(crate) fn cx_active(&self) -> u32 {
+        self.cx
+    }
+
+    pub(crate) fn pending(&self) -> u32 {
+        self.pending
+    }
+
+    pub(crate) fn occupancy(&self, host: SocketAddr) -> HostOccupancy {
+        self.hosts
+            .get(&host)
+            .map_or_else(HostOccupancy::default, |hc| HostOccupancy {
+                total: hc.total() as u32,
+                idle: hc
+                    .conns
+                    .iter()
+                    .filter(|c| c.streams == 0 && !c.draining)
+                    .count() as u32,
+            })
+    }
+
+    /// Takes a free connection (h1) or stream slot (h2) of `host`.
+    fn take(&mut self, host: SocketAddr) -> Option<Leased> {
+        let max = self.limits.max_requests_per_connection;
+        let hc = self.hosts.get_mut(&host)?;
+        let conn = match self.protocol {
+            UpstreamProtocol::Http1 => hc
+                .conns
+                .iter_mut()
+                .rev()
+                .find(|c| !c.draining && c.h1.as_ref().is_some_and(|s| !s.is_closed()))?,
+            UpstreamProtocol::H2c => hc.conns.iter_mut().rev().find(|c| {
+                !c.draining
+                    && c.streams < H2_STREAMS_PER_CONNECTION
+                    && c.h2.as_ref().is_some_and(|s| !s.is_closed())
+            })?,
+        };
+        let sender = match self.protocol {
+            UpstreamProtocol::Http1 => Sender::H1(conn.h1.take()?),
+            UpstreamProtocol::H2c => Sender::H2(conn.h2.clone()?),
+        };
+        conn.streams += 1;
+        conn.served += 1;
+        conn.idle_since = None;
+        if max > 0 && conn.served >= max {
+            conn.draining = true;
+        }
+        Some(Leased {
+            host,
+            id: conn.id,
+            sender,
+        })
+    }
+
+    /// Whether a request for `host` may open a connection now, and whether `maxConnections` is
+    /// what stops it.
+    fn may_connect(&self, host: SocketAddr) -> (bool, bool) {
+        let hc = self.hosts.get(&host);
+        if self.protocol == UpstreamProtocol::H2c && hc.is_some_and(|hc| hc.connecting > 0) {
+            // One h2 connection per host: wait for the one being set up.
+            return (false, false);
+        }
+        let under_limit = self.cx < self.limits.max_connections;
+        (
+            under_limit || hc.is_none_or(|hc| hc.total() == 0),
+            !under_limit,
+        )
+    }
+
+    fn reserve(&mut self, host: SocketAddr) {
+        let hc = self.hosts.entry(host).or_default();
+        hc.connecting += 1;
+        hc.retired = false;
+        self.cx += 1;
+    }
+
+    fn unreserve(&mut self, host: SocketAddr) {
+        if let Some(hc) = self.hosts.get_mut(&host) {
+            hc.connecting = hc.connecting.saturating_sub(1);
+        }
+        self.cx = self.cx.saturating_sub(1);
+        self.forget_if_empty(host);
+    }
+
+    fn forget_if_empty(&mut self, host: SocketAddr) {
+        if self
+            .hosts
+            .get(&host)
+            .is_some_and(|hc| hc.retired && hc.total() == 0)
+        {
+            self.hosts.remove(&host);
+        }
+    }
+
+    /// Hands whatever became free to the oldest waiters that can use it.
+    fn dispatch(&mut self) {
+        let mut i = 0;
+        while i < self.waiters.len() {
+            if self.waiters[i].tx.is_closed() {
+                self.waiters.remove(i);
+                continue;
+            }
+            let host = self.waiters[i].host;
+            let grant = if let Some(leased) = self.take(host) {
+                Grant::Conn(leased)
+            } else if self.may_connect(host).0 {
+                self.reserve(host);
+                Grant::Slot(host)
+            } else {
+                i += 1;
+                continue;
+            };
+            let waiter = self.waiters.remove(i).expect("index in bounds");
+            if let Err(grant) = waiter.tx.send(grant) {
+                self.give_back(grant);
+            }
+        }
+    }
+
+    /// Undoes a grant nobody used.
+    fn give_back(&mut self, grant: Grant) {
+        match grant {
+            Grant::Slot(host) => self.unreserve(host),
+            Grant::Conn(leased) => {
+                let max = self.limits.max_requests_per_connection;
+                if let Some(conn) = self.conn_mut(leased.host, leased.id) {
+                    conn.streams -= 1;
+                    conn.served -= 1;
+                    conn.draining = conn.draining && max > 0 && conn.served >= max;
+                    if let Sender::H1(s) = leased.sender {
+                        conn.h1 = Some(s);
+                    }
+                    if conn.streams == 0 {
+                        conn.idle_since = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    fn conn_mut(&mut self, host: SocketAddr, id: u64) -> Option<&mut Conn> {
+        self.hosts
+            .get_mut(&host)?
+            .conns
+            .iter_mut()
+            .find(|c| c.id == id)
+    }
+
+    /// Gives a leased connection or stream back after its exchange ended.
+    fn release(&mut self, leased: Leased, reusable: bool) {
+        let Some(hc) = self.hosts.get_mut(&leased.host) else {
+            return;
+        };
+        let retired = hc.retired;
+        let Some(pos) = hc.conns.iter().position(|c| c.id == leased.id) else {
+            return;
+        };
+        let conn = &mut hc.conns[pos];
+        conn.streams = conn.streams.saturating_sub(1);
+        match leased.sender {
+            Sender::H1(s) => {
+                if reusable && !conn.draining && !retired && !s.is_closed() {
+                    conn.h1 = Some(s);
+                    conn.idle_since = Some(Instant::now());
+                    // Most recently used last: `take` scans from the end (LIFO).
+                    let conn = hc.conns.remove(pos);
+                    hc.conns.push(conn);
+                } else {
+                    conn.shut();
+                }
+            }
+            Sender::H2(_) => {
+                if conn.streams == 0 {
+                    if conn.draining || retired {
+                        conn.shut();
+                    } else {
+                        conn.idle_since = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        self.dispatch();
+    }
+
+    /// A connection's task ended: the connection is gone and its slot is free.
+    fn closed(&mut self, host: SocketAddr, id: u64) {
+        if let Some(hc) = self.hosts.get_mut(&host) {
+            if let Some(pos) = hc.conns.iter().position(|c| c.id == id) {
+                hc.conns.remove(pos);
+                self.cx = self.cx.saturating_sub(1);
+            }
+        }
+        self.forget_if_empty(host);
+        self.dispatch();
+    }
+
+    /// When the connection's idle deadline is; `Err` when it expired and was taken out of use.
+    fn idle_deadline(
+        &mut self,
+        host: SocketAddr,
+        id: u64,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Instant>, ()> {
+        let now = Instant::now();
+        let Some(conn) = self.conn_mut(host, id) else {
+            return Err(());
+        };
+        let Some(timeout) = timeout else {
+            return Ok(None);
+        };
+        match conn.idle_since {
+            Some(since) if conn.streams == 0 => {
+                let expiry = since + timeout;
+                if expiry <= now {
+                    conn.shut();
+                    Err(())
+                } else {
+                    Ok(Some(expiry))
+                }
+            }
+            // Busy: it cannot expire before it has been idle a full timeout from now.
+            _ => Ok(Some(now + timeout)),
+        }
+    }
+
+    /// New limits apply to new admissions; waiters may now fit.
+    pub(crate) fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.dispatch();
+    }
+
+    /// An update removed `host`: close its idle connections now, the others once they free up.
+    pub(crate) fn retire(&mut self, host: SocketAddr) {
+        if let Some(hc) = self.hosts.get_mut(&host) {
+            hc.retired = true;
+            for conn in &mut hc.conns {
+                conn.draining = true;
+                if conn.streams == 0 {
+                    conn.shut();
+                }
+            }
+        }
+    }
+}
+
+/// Gets a connection (h1) or stream (h2) to `host`, opening a connection, waiting for one, or
+/// overflowing as the limits say.
+pub(crate) async fn acquire(
+    inner: &Arc<Inner>,
+    host: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<Leased, ProxyError> {
+    let waiting = {
+        let mut st = inner.pool.lock();
+        if let Some(leased) = st.take(host) {
+            return Ok(leased);
+        }
+        if st.pending >= st.limits.max_pending {
+            inc(&inner.stats.rq_pending_overflow);
+            return Err(ProxyError::Overflow(sluice_core::OverflowKind::Pending));
+        }
+        st.pending += 1;
+        inc(&inner.stats.rq_pending_total);
+        let (may, limited) = st.may_connect(host);
+        if limited {
+            inc(&inner.stats.cx_overflow);
+        }
+        if may {
+            st.reserve(host);
+            None
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let id = st.next_id();
+            st.waiters.push_back(Waiter { id, host, tx });
+            Some((id, rx))
+        }
+    };
+    let _pending = PendingGuard(inner);
+    if let Some((id, rx)) = waiting {
+        let mut wait = WaitGuard {
+            inner,
+            id,
+            rx: Some(rx),
+        };
+        let grant = wait.rx.as_mut().expect("set above").await;
+        wait.rx = None;
+        match grant {
+            Ok(Grant::Conn(leased)) => return Ok(leased),
+            Ok(Grant::Slot(_)) => {}
+            Err(_) => {
+                return Err(ProxyError::ConnectionTermination(
+                    "connection pool closed while waiting".into(),
+                ))
+            }
+        }
+    }
+    connect_reserved(inner, host, connect_timeout).await
+}
+
+/// Opens a connection on a slot already reserved for `host`.
+async fn connect_reserved(
+    inner: &Arc<Inner>,
+    host: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<Leased, ProxyError> {
+    let mut slot = SlotGuard {
+        inner,
+        host,
+        armed: true,
+    };
+    inc(&inner.stats.cx_total);
+    let protocol = inner.protocol;
+    let sender = match tokio::time::timeout(connect_timeout, connect(host, protocol)).await {
+        Ok(Ok(sender)) => sender,
+        Ok(Err(err)) => {
+            inc(&inner.stats.cx_connect_fail);
+            return Err(err);
+        }
+        Err(_) => {
+            inc(&inner.stats.cx_connect_fail);
+            inc(&inner.stats.cx_connect_timeout);
+            return Err(ProxyError::ConnectFailure(format!(
+                "connect to {host} timed out after {connect_timeout:?} (is the pod up, or is a \
+                 NetworkPolicy dropping packets?)"
+            )));
+        }
+    };
+    let (sender, driver) = sender;
+    slot.armed = false;
+    let close = Arc::new(Notify::new());
+    let leased = {
+        let mut st = inner.pool.lock();
+        let id = st.next_id();
+        let max = st.limits.max_requests_per_connection;
+        let hc = st.hosts.entry(host).or_default();
+        hc.connecting = hc.connecting.saturating_sub(1);
+        let (h2, sender) = match sender {
+            Sender::H2(s) => (Some(s.clone()), Sender::H2(s)),
+            s @ Sender::H1(_) => (None, s),
+        };
+        hc.conns.push(Conn {
+            id,
+            h1: None,
+            h2,
+            streams: 1,
+            served: 1,
+            draining: max == 1,
+            idle_since: None,
+            close: close.clone(),
+        });
+        // Other waiters for this host may share a new h2 connection.
+        st.dispatch();
+        Leased { host, id, sender }
+    };
+    driver.spawn(Arc::downgrade(inner), host, leased.id, close);
+    Ok(leased)
+}
+
+/// The connection's I/O future, to be driven by its own task.
+// Moved once into its task right after the handshake, never stored: boxing would only cost.
+#[allow(clippy::large_enum_variant)]
+enum Driver {
+    H1(http1::Connection<TokioIo<TcpStream>, Body>),
+    H2(http2::Connection<TokioIo<TcpStream>, Body, TokioExecutor>),
+}
+
+impl Driver {
+    fn spawn(self, inner: Weak<Inner>, host: SocketAddr, id: u64, close: Arc<Notify>) {
+        match self {
+            Self::H1(conn) => drive(conn, inner, host, id, close),
+            Self::H2(conn) => drive(conn, inner, host, id, close),
+        }
+    }
+}
+
+async fn connect(
+    host: SocketAddr,
+    protocol: UpstreamProtocol,
+) -> Result<(Sender, Driver), ProxyError> {
+    let stream = TcpStream::connect(host)
+        .await
+        .map_err(|e| ProxyError::ConnectFailure(format!("connect to {host}: {e}")))?;
+    // Latency over throughput for request/response traffic, as Envoy does.
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(stream);
+    let handshake_err =
+        |e: hyper::Error| ProxyError::ConnectFailure(format!("handshake with {host}: {e}"));
+    Ok(match protocol {
+        UpstreamProtocol::Http1 => {
+            let (s, c) = http1::handshake(io).await.map_err(handshake_err)?;
+            (Sender::H1(s), Driver::H1(c))
+        }
+        UpstreamProtocol::H2c => {
+            let (s, c) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(handshake_err)?;
+            (Sender::H2(s), Driver::H2(c))
+        }
+    })
+}
+
+/// Runs one connection until it closes, is told to close, or idles past `idleTimeout`; then frees
+/// its slot.
+fn drive<F>(conn: F, inner: Weak<Inner>, host: SocketAddr, id: u64, close: Arc<Notify>)
+where
+    F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    let first_deadline = inner
+        .upgrade()
+        .and_then(|i| i.idle_timeout())
+        .map(|t| Instant::now() + t);
+    tokio::spawn(async move {
+        {
+            tokio::pin!(conn);
+            let mut deadline = first_deadline;
+            loop {
+                tokio::select! {
+                    res = &mut conn => {
+                        if let Err(err) = res {
+                            debug!(%host, %err, "upstream connection ended");
+                        }
+                        break;
+                    }
+                    () = close.notified() => break,
+                    () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                        let Some(inner) = inner.upgrade() else { break };
+                        let timeout = inner.idle_timeout();
+                        let next = inner.pool.lock().idle_deadline(host, id, timeout);
+                        match next {
+                            Ok(next) => deadline = next,
+                            Err(()) => break,
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(inner) = inner.upgrade() {
+            inner.pool.lock().closed(host, id);
+        }
+    });
+}
+
+/// Gives a lease back: to idle (or the next waiter) when `reusable`, else the connection closes
+/// (h1) or just the stream ends (h2).
+pub(crate) fn release(inner: &Inner, leased: Leased, reusable: bool) {
+    inner.pool.lock().release(leased, reusable);
+}
+
+struct PendingGuard<'a>(&'a Inner);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.pool.lock();
+        st.pending = st.pending.saturating_sub(1);
+    }
+}
+
+/// Leaves the wait queue if the waiting future is dropped, giving back anything already granted.
+struct WaitGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+    rx: Option<oneshot::Receiver<Grant>>,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        rx.close();
+        let granted = rx.try_recv().ok();
+        let mut st = self.inner.pool.lock();
+        if let Some(pos) = st.waiters.iter().position(|w| w.id == self.id) {
+            st.waiters.remove(pos);
+        }
+        if let Some(grant) = granted {
+            st.give_back(grant);
+            st.dispatch();
+        }
+    }
+}
+
+/// Frees a reserved connection slot if connecting fails or is abandoned.
+struct SlotGuard<'a> {
+    inner: &'a Inner,
+    host: SocketAddr,
+    armed: bool,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.inner.pool.lock();
+            st.unreserve(self.host);
+            st.dispatch();
+        }
+    }
+}
