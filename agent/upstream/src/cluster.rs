@@ -7,7 +7,7 @@
 use crate::balance::{Balancer, Candidate};
 use crate::body::UpstreamBody;
 use crate::outlier::{self, Detector, HostOutlier, Outcome, OutlierEvent};
-use crate::pool::{self, Leased, Limits, PoolState, Sender};
+use crate::pool::{self, ConnectOptions, Leased, Limits, PoolState, Sender};
 use crate::stats::{inc, ClusterStats, Stats};
 use arc_swap::ArcSwap;
 use futures_util::future::{BoxFuture, Either};
@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use sluice_core::{Body, BoxError, OverflowKind, ProxyError, RequestInfo};
 use sluice_policy::Endpoint;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -27,6 +27,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// Connections found closed when about to send, before an attempt gives up.
+const MAX_STALE_CONNECTIONS: u32 = 3;
 
 /// The protocol spoken to the cluster's endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -246,8 +249,9 @@ impl ClusterHandle {
         let by_addr: HashMap<SocketAddr, &Arc<Host>> =
             old.hosts.iter().map(|h| (h.addr, h)).collect();
         let mut hosts: Vec<Arc<Host>> = Vec::with_capacity(spec.endpoints.len());
+        let mut kept = HashSet::with_capacity(spec.endpoints.len());
         for ep in &spec.endpoints {
-            if hosts.iter().any(|h| h.addr == ep.addr) {
+            if !kept.insert(ep.addr) {
                 continue;
             }
             match by_addr.get(&ep.addr) {
@@ -261,7 +265,7 @@ impl ClusterHandle {
         let removed: Vec<&Arc<Host>> = old
             .hosts
             .iter()
-            .filter(|h| !hosts.iter().any(|n| n.addr == h.addr))
+            .filter(|h| !kept.contains(&h.addr))
             .collect();
         for host in &removed {
             inner.detector.remove(&host.outlier);
@@ -411,9 +415,11 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     flight.host = Some(host.clone());
 
     // A connection (h1) or stream (h2). A reused h1 connection may have been closed by the server
-    // while idle; that costs another pick from the pool, not the attempt.
+    // while idle; that costs another pick from the pool (a few at most), not the attempt.
+    let opts = ConnectOptions::of(cp);
+    let mut stale = 0;
     loop {
-        let leased = match pool::acquire(&inner, host.addr, cp.connect_timeout).await {
+        let leased = match pool::acquire(&inner, host.addr, &opts).await {
             Ok(leased) => leased,
             Err(err) => {
                 if matches!(err, ProxyError::ConnectFailure(_)) {
@@ -431,6 +437,15 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
             break;
         }
         flight.abandon_lease();
+        stale += 1;
+        if stale == MAX_STALE_CONNECTIONS {
+            inner.report(&host, Outcome::ConnectFailed);
+            return Err(ProxyError::ConnectionTermination(format!(
+                "{} closed {stale} connections before a request could be sent",
+                host.addr
+            ))
+            .into());
+        }
     }
     inner.report(&host, Outcome::ConnectSuccess);
 

@@ -152,6 +152,9 @@ impl Detector {
     ) {
         // `consecutiveLocalOriginFailures` set = `split_external_local_origin_errors`.
         let split = cfg.consecutive_local_origin_failures.is_some();
+        if outcome == Outcome::ConnectSuccess && !split {
+            return; // Envoy ignores it unsplit; skip the lock on the hot path.
+        }
         let mut fired: [Option<EjectionType>; 2] = [None, None];
         {
             let mut m = host.monitor.lock();

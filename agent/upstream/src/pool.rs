@@ -398,7 +398,7 @@ impl PoolState {
 pub(crate) async fn acquire(
     inner: &Arc<Inner>,
     host: SocketAddr,
-    connect_timeout: Duration,
+    opts: &ConnectOptions,
 ) -> Result<Leased, ProxyError> {
     let waiting = {
         let mut st = inner.pool.lock();
@@ -444,15 +444,45 @@ pub(crate) async fn acquire(
             }
         }
     }
-    connect_reserved(inner, host, connect_timeout).await
+    connect_reserved(inner, host, opts).await
+}
+
+/// How new connections are made (`connectionPool.tcp`).
+pub(crate) struct ConnectOptions {
+    pub(crate) timeout: Duration,
+    pub(crate) keepalive: Option<socket2::TcpKeepalive>,
+}
+
+impl ConnectOptions {
+    pub(crate) fn of(cp: &sluice_policy::ConnectionPool) -> Self {
+        // Unset `tcpKeepalive` fields keep the OS defaults, as Envoy does.
+        let keepalive = cp.tcp_keepalive.as_ref().map(|ka| {
+            let mut params = socket2::TcpKeepalive::new();
+            if let Some(time) = ka.time {
+                params = params.with_time(time);
+            }
+            if let Some(interval) = ka.interval {
+                params = params.with_interval(interval);
+            }
+            if let Some(probes) = ka.probes {
+                params = params.with_retries(probes);
+            }
+            params
+        });
+        Self {
+            timeout: cp.connect_timeout,
+            keepalive,
+        }
+    }
 }
 
 /// Opens a connection on a slot already reserved for `host`.
 async fn connect_reserved(
     inner: &Arc<Inner>,
     host: SocketAddr,
-    connect_timeout: Duration,
+    opts: &ConnectOptions,
 ) -> Result<Leased, ProxyError> {
+    let connect_timeout = opts.timeout;
     let mut slot = SlotGuard {
         inner,
         host,
@@ -460,7 +490,7 @@ async fn connect_reserved(
     };
     inc(&inner.stats.cx_total);
     let protocol = inner.protocol;
-    let sender = match tokio::time::timeout(connect_timeout, connect(host, protocol)).await {
+    let sender = match tokio::time::timeout(connect_timeout, connect(host, protocol, opts)).await {
         Ok(Ok(sender)) => sender,
         Ok(Err(err)) => {
             inc(&inner.stats.cx_connect_fail);
@@ -526,12 +556,18 @@ impl Driver {
 async fn connect(
     host: SocketAddr,
     protocol: UpstreamProtocol,
+    opts: &ConnectOptions,
 ) -> Result<(Sender, Driver), ProxyError> {
     let stream = TcpStream::connect(host)
         .await
         .map_err(|e| ProxyError::ConnectFailure(format!("connect to {host}: {e}")))?;
     // Latency over throughput for request/response traffic, as Envoy does.
     let _ = stream.set_nodelay(true);
+    if let Some(keepalive) = &opts.keepalive {
+        if let Err(err) = socket2::SockRef::from(&stream).set_tcp_keepalive(keepalive) {
+            debug!(%host, %err, "could not set TCP keepalive");
+        }
+    }
     let io = TokioIo::new(stream);
     let handshake_err =
         |e: hyper::Error| ProxyError::ConnectFailure(format!("handshake with {host}: {e}"));

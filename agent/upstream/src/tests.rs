@@ -827,3 +827,51 @@ async fn connect_failures_eject_through_the_data_path() {
         call_ok(&cluster).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_connections_queues_and_serves_everyone() {
+    let server = ok_server(false).await;
+    let cluster = Cluster::new(
+        spec(&[server.addr], |c| {
+            c.policy.connection_pool.max_connections = 4;
+            c.policy.connection_pool.tcp_keepalive = Some(sluice_policy::TcpKeepalive {
+                probes: Some(3),
+                time: Some(Duration::from_secs(60)),
+                interval: Some(Duration::from_secs(10)),
+            });
+        }),
+        UpstreamProtocol::Http1,
+    );
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let c = cluster.clone();
+            tokio::spawn(async move { call_ok(&c).await })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), "hello");
+    }
+    assert!(server.accepted.load(Ordering::SeqCst) <= 4);
+    let stats = cluster.stats();
+    assert_eq!(
+        (stats.upstream_rq_active, stats.upstream_rq_pending_active),
+        (0, 0)
+    );
+    assert_eq!(stats.upstream_rq_total, 200);
+}
+
+#[tokio::test]
+async fn server_closing_connections_is_not_an_error() {
+    let server = serve(false, |_| async {
+        Response::builder()
+            .header("connection", "close")
+            .body(Full::new(Bytes::from_static(b"bye")))
+            .unwrap()
+    })
+    .await;
+    let cluster = Cluster::new(spec(&[server.addr], |_| {}), UpstreamProtocol::Http1);
+    for _ in 0..3 {
+        assert_eq!(call_ok(&cluster).await, "bye");
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 3);
+}
