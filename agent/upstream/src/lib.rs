@@ -3,6 +3,17 @@
 //! endpoints (`loadBalancer`), keeps per-host connection pools (HTTP/1.1 keep-alive or h2c) and runs
 //! the outlier detector (`outlierDetection`), all with Envoy's semantics so Istio users see what they
 //! would see behind Envoy.
+//!
+//! Where this crate decides something Envoy leaves to its surroundings, or differs on purpose:
+//! - An attempt whose future is dropped while it waits for response headers (a per-try or route
+//!   timeout in the layers above, or the client leaving) is reported to the outlier detector as a
+//!   local-origin timeout: a 504 when origins are not split, as Envoy's router reports its timeouts.
+//!   An attempt dropped while still waiting for a connection reports nothing (Envoy has no host
+//!   for it yet).
+//! - `maxEjectionPercent` always lets one host be ejected (SPEC.md; Envoy's
+//!   `always_eject_one_host`, which Istio leaves off).
+//! - Retries avoid previously tried hosts by filtering the candidates rather than re-drawing.
+//! - h2c opens another connection to a host past 100 concurrent streams on one.
 #![forbid(unsafe_code)]
 
 mod balance;

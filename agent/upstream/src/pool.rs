@@ -273,10 +273,12 @@ impl PoolState {
             Grant::Slot(host) => self.unreserve(host),
             Grant::Conn(leased) => {
                 let max = self.limits.max_requests_per_connection;
+                let retired = self.hosts.get(&leased.host).is_some_and(|hc| hc.retired);
                 if let Some(conn) = self.conn_mut(leased.host, leased.id) {
                     conn.streams -= 1;
                     conn.served -= 1;
-                    conn.draining = conn.draining && max > 0 && conn.served >= max;
+                    // Undo only the drain that this grant's request caused.
+                    conn.draining = retired || (max > 0 && conn.served >= max);
                     if let Sender::H1(s) = leased.sender {
                         conn.h1 = Some(s);
                     }

@@ -875,3 +875,23 @@ async fn server_closing_connections_is_not_an_error() {
     }
     assert_eq!(server.accepted.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn h2_refused_stream_maps_to_refused_stream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = h2::server::handshake(stream).await.unwrap();
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        }
+    });
+    let cluster = Cluster::new(spec(&[addr], |_| {}), UpstreamProtocol::H2c);
+    let err = call(&cluster).await.unwrap_err();
+    assert!(
+        matches!(proxy_error(&err), ProxyError::RefusedStream),
+        "{err}"
+    );
+    assert_eq!(cluster.stats().upstream_rq_active, 0);
+}
