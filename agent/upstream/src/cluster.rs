@@ -70,6 +70,17 @@ pub struct ClusterHandle {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for ClusterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cfg = self.inner.config.load();
+        f.debug_struct("ClusterHandle")
+            .field("name", &cfg.name)
+            .field("protocol", &self.inner.protocol)
+            .field("hosts", &cfg.hosts.len())
+            .finish()
+    }
+}
+
 /// One endpoint's state, for the admin API (`sluice endpoints`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HostStatus {
