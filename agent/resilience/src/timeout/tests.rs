@@ -1,5 +1,5 @@
 use super::*;
-use crate::test_util::{backend, call, get, proxy_error, CloneService, Step};
+use crate::test_util::{call, get, proxy_error, CloneService, Step};
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -13,7 +13,7 @@ fn secs(s: f64) -> Duration {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn route_timeout_before_headers_is_request_timeout() {
-    let (backend, _) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let (backend, _) = crate::test_util::backend(vec![Step::Slow(secs(5.0), 200)]);
     let mut svc = TimeoutLayer::route(Some(secs(2.0))).layer(backend);
     let (req, info) = get();
     let start = Instant::now();
@@ -25,7 +25,7 @@ async fn route_timeout_before_headers_is_request_timeout() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn fast_response_passes_and_leaves_no_flag() {
-    let (backend, _) = backend(vec![Step::Slow(secs(1.0), 200)]);
+    let (backend, _) = crate::test_util::backend(vec![Step::Slow(secs(1.0), 200)]);
     let mut svc = TimeoutLayer::route(Some(secs(2.0))).layer(backend);
     let (req, info) = get();
     let rsp = call(&mut svc, req).await.unwrap();
@@ -77,7 +77,7 @@ async fn per_try_timeout_does_not_cover_the_body() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn per_try_timeout_is_its_own_error_without_flag() {
-    let (backend, _) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let (backend, _) = crate::test_util::backend(vec![Step::Slow(secs(5.0), 200)]);
     let mut svc = TimeoutLayer::per_try(Some(secs(0.5))).layer(backend);
     let (req, info) = get();
     let start = Instant::now();
@@ -90,7 +90,7 @@ async fn per_try_timeout_is_its_own_error_without_flag() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn route_header_overrides_and_is_consumed() {
-    let (backend, calls) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let (backend, calls) = crate::test_util::backend(vec![Step::Slow(secs(5.0), 200)]);
     let mut svc = TimeoutLayer::route(Some(secs(10.0))).layer(backend);
     let (mut req, _) = get();
     req.headers_mut()
@@ -104,7 +104,7 @@ async fn route_header_overrides_and_is_consumed() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn header_zero_disables_and_header_sets_one_where_none() {
-    let (backend, _) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let (backend, _) = crate::test_util::backend(vec![Step::Slow(secs(5.0), 200)]);
     let mut svc = TimeoutLayer::route(Some(secs(1.0))).layer(backend.clone());
     let (mut req, _) = get();
     req.headers_mut()
@@ -130,7 +130,7 @@ async fn header_zero_disables_and_header_sets_one_where_none() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn none_is_a_plain_pass_through() {
-    let (backend, _) = backend(vec![Step::Slow(secs(3600.0), 200)]);
+    let (backend, _) = crate::test_util::backend(vec![Step::Slow(secs(3600.0), 200)]);
     let mut svc = TimeoutLayer::route(None).layer(backend);
     let (req, info) = get();
     let fut = svc.ready().await.unwrap().call(req);
@@ -142,7 +142,7 @@ async fn none_is_a_plain_pass_through() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn route_timeout_wins_a_tie_with_per_try() {
-    let (backend, _) = backend(vec![Step::Slow(secs(5.0), 200)]);
+    let (backend, _) = crate::test_util::backend(vec![Step::Slow(secs(5.0), 200)]);
     let per_try = TimeoutLayer::per_try(Some(secs(2.0))).layer(backend);
     let mut svc = TimeoutLayer::route(Some(secs(2.0))).layer(per_try);
     let (req, _) = get();
