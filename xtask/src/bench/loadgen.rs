@@ -1,0 +1,141 @@
+//! An open-loop, fixed-rate HTTP/1.1 load generator (Debian's `wrk` has no `-R`).
+//!
+//! Request `i` is due at `start + i / rate`. Latency runs from the moment the generator
+//! woke up to send it (its due time, or later if its own timer fired late) to the end
+//! of the response, and includes any wait for a free keep-alive connection: a slow
+//! target therefore cannot hide its queueing (no coordinated omission), while the
+//! generator's 1 ms timer granularity is not charged to the target.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::stats::percentile;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadgenArgs {
+    /// Target address (host:port).
+    #[arg(long)]
+    pub target: SocketAddr,
+    /// `Host` header to send.
+    #[arg(long, default_value = "bench-upstream")]
+    pub host: String,
+    /// Requests per second.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Keep-alive connections.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+}
+
+/// What one fixed-rate run measured; printed as JSON by `cargo xtask loadgen`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LoadgenReport {
+    pub sent: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub achieved_rps: f64,
+    pub p50_us: Option<u64>,
+    pub p90_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+}
+
+type Sender = http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(args: &LoadgenArgs) -> Result<Sender> {
+    let tcp = TcpStream::connect(args.target)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.target))?;
+    tcp.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// Runs the schedule on the current (single-threaded) runtime.
+pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
+    if args.rate == 0 || args.connections == 0 {
+        bail!("--rate and --connections must be positive");
+    }
+    let (idle_tx, mut idle_rx) = mpsc::unbounded_channel::<Sender>();
+    for _ in 0..args.connections {
+        idle_tx.send(connect(&args).await?).expect("receiver alive");
+    }
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Option<u64>>();
+    let total = args.rate as u64 * args.duration;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    let start = Instant::now();
+
+    for i in 0..total {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        let woke = Instant::now();
+        // Waiting here for a connection is the target's fault, so it is timed.
+        let mut sender = idle_rx.recv().await.context("all connections failed")?;
+        if sender.ready().await.is_err() {
+            sender = connect(&args).await?;
+        }
+        let req = http::Request::get("/")
+            .header(http::header::HOST, &args.host)
+            .body(Empty::<Bytes>::new())?;
+        let (idle_tx, done_tx) = (idle_tx.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let ok = match sender.send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    resp.into_body().collect().await.is_ok() && status.is_success()
+                }
+                Err(_) => false,
+            };
+            let _ = done_tx.send(ok.then(|| woke.elapsed().as_micros() as u64));
+            let _ = idle_tx.send(sender);
+        });
+    }
+    drop(done_tx);
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut errors = 0;
+    // Bounded: every spawned request reports once, or the 30 s deadline ends the wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (latencies.len() as u64 + errors) < total {
+        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+            Ok(Some(Some(us))) => latencies.push(us),
+            Ok(Some(None)) => errors += 1,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let ok = latencies.len() as u64;
+    Ok(LoadgenReport {
+        sent: total,
+        ok,
+        errors: total - ok,
+        achieved_rps: ok as f64 / elapsed,
+        p50_us: percentile(&latencies, 50.0),
+        p90_us: percentile(&latencies, 90.0),
+        p99_us: percentile(&latencies, 99.0),
+        max_us: latencies.last().copied(),
+    })
+}
+
+/// Entry point of the hidden `cargo xtask loadgen` subcommand (run pinned by `bench`).
+pub fn main(args: LoadgenArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(run(args))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
