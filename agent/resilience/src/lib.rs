@@ -15,8 +15,8 @@
 //! let svc = ServiceBuilder::new()
 //!     .layer(FaultLayer::new(route.fault.clone().map(Arc::new))) // DI/FI; before any timer
 //!     .layer(TimeoutLayer::route(route.timeout))                 // whole request incl. retries, UT
-//!     .layer(RetryLayer::new(retry_policy, cluster_budget))      // URX, attempt count, back-off
-//!     .layer(TimeoutLayer::per_try(retry_policy.per_try_timeout)) // one attempt
+//!     .layer(RetryLayer::new(retry.clone(), budget.clone()))     // URX/UO, attempt count, back-off
+//!     .layer(TimeoutLayer::per_try(retry.per_try_timeout))       // one attempt, PerTryTimeout
 //!     .service(balancer);                                         // picks a host not in `tried`
 //! ```
 //!

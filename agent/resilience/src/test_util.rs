@@ -114,12 +114,8 @@ pub fn backend(script: Vec<Step>) -> (impl CloneService, Calls) {
 
 /// The service bound every layer needs, for `impl Trait` in test helpers.
 pub trait CloneService:
-    Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = BoxError,
-        Future: Send + 'static,
-    > + Clone
+    Service<Request<Body>, Response = Response<Body>, Error = BoxError, Future: Send + 'static>
+    + Clone
     + Send
     + 'static
 {
@@ -148,7 +144,9 @@ pub fn get() -> (Request<Body>, Arc<RequestInfo>) {
 pub fn with_body(body: Body) -> (Request<Body>, Arc<RequestInfo>) {
     let info = Arc::new(RequestInfo::new());
     let mut req = Request::new(body);
-    *req.uri_mut() = "http://pricing.default.svc.cluster.local/price".parse().unwrap();
+    *req.uri_mut() = "http://pricing.default.svc.cluster.local/price"
+        .parse()
+        .unwrap();
     req.extensions_mut().insert(info.clone());
     (req, info)
 }

@@ -82,7 +82,10 @@ async fn exactly_the_limit_stays_replayable() {
 async fn a_clone_waits_while_another_reads() {
     let mut first = ReplayBody::new(chunks(&["a", "b"], None), 1024);
     let mut second = first.clone();
-    assert_eq!(first.frame().await.unwrap().unwrap().into_data().unwrap(), "a");
+    assert_eq!(
+        first.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "a"
+    );
 
     // The first attempt still holds the body (e.g. the client is still writing it).
     let mut waiting = Box::pin(async move {

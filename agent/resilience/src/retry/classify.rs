@@ -246,7 +246,8 @@ mod tests {
             h.insert("grpc-status", code.parse().unwrap());
             (StatusCode::OK, h)
         };
-        let all = On::parse_grpc("cancelled,deadline-exceeded,internal,resource-exhausted,unavailable");
+        let all =
+            On::parse_grpc("cancelled,deadline-exceeded,internal,resource-exhausted,unavailable");
         for code in ["1", "4", "8", "13", "14"] {
             let (s, h) = grpc(code);
             assert!(all.response(s, &h, &[]), "grpc-status {code}");
@@ -307,8 +308,14 @@ mod tests {
         assert!(classify(&policy.retry_on, Ok(&unavailable)));
         assert!(!classify(&policy.retry_on, Ok(&status(503))));
         let connect: BoxError = ProxyError::ConnectFailure("refused".into()).into();
-        assert!(classify::<sluice_core::Body>(&policy.retry_on, Err(&connect)));
+        assert!(classify::<sluice_core::Body>(
+            &policy.retry_on,
+            Err(&connect)
+        ));
         let reset: BoxError = ProxyError::RemoteReset("rst".into()).into();
-        assert!(!classify::<sluice_core::Body>(&policy.retry_on, Err(&reset)));
+        assert!(!classify::<sluice_core::Body>(
+            &policy.retry_on,
+            Err(&reset)
+        ));
     }
 }

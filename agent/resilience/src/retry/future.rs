@@ -85,7 +85,10 @@ impl Attempts {
             Ok(rsp) => self.on.response(
                 rsp.status(),
                 rsp.headers(),
-                &[&self.policy.retry_on.retriable_status_codes, &self.extra_codes],
+                &[
+                    &self.policy.retry_on.retriable_status_codes,
+                    &self.extra_codes,
+                ],
             ),
             Err(err) => self.on.error(err),
         };
@@ -178,9 +181,15 @@ where
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
-                    let inner = this.inner.as_mut().expect("a retrying future owns a service");
+                    let inner = this
+                        .inner
+                        .as_mut()
+                        .expect("a retrying future owns a service");
                     ready!(inner.poll_ready(cx))?;
-                    let attempts = this.attempts.as_mut().expect("a retrying future has attempts");
+                    let attempts = this
+                        .attempts
+                        .as_mut()
+                        .expect("a retrying future has attempts");
                     let req = attempts.request(attempts.retry_body());
                     this.state.set(State::Calling {
                         fut: inner.call(req),

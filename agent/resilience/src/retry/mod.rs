@@ -180,11 +180,13 @@ where
             return ResponseFuture::once(fut);
         }
 
-        let retries = overrides.max_retries.unwrap_or(if self.policy.num_retries == 0 {
-            1 // Envoy's default for a retry policy that comes only from request headers
-        } else {
-            self.policy.num_retries
-        });
+        let retries = overrides
+            .max_retries
+            .unwrap_or(if self.policy.num_retries == 0 {
+                1 // Envoy's default for a retry policy that comes only from request headers
+            } else {
+                self.policy.num_retries
+            });
         // Buffer only when a retry can happen and there is a body to replay.
         let (first_body, replay) = if body.is_end_stream() {
             (body, Replay::Empty)

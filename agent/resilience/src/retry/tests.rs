@@ -87,7 +87,11 @@ async fn backoff_between_attempts_is_envoys_jitter() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn gateway_error_does_not_retry_500() {
-    let (backend, calls) = crate::test_util::backend(vec![Step::Status(500), Step::Status(502), Step::Status(200)]);
+    let (backend, calls) = crate::test_util::backend(vec![
+        Step::Status(500),
+        Step::Status(502),
+        Step::Status(200),
+    ]);
     let mut svc = layer("gateway-error", 2).layer(backend.clone());
     let (req, info) = get();
     assert_eq!(call(&mut svc, req).await.unwrap().status(), 500);
@@ -113,7 +117,8 @@ async fn connect_failure_only_retries_connect_failures() {
     assert_eq!(call(&mut svc, get().0).await.unwrap().status(), 200);
     assert_eq!(calls.len(), 2);
 
-    let (backend, calls) = crate::test_util::backend(vec![Step::Fail(ProxyError::RemoteReset("rst".into()))]);
+    let (backend, calls) =
+        crate::test_util::backend(vec![Step::Fail(ProxyError::RemoteReset("rst".into()))]);
     let mut svc = layer("connect-failure", 2).layer(backend);
     let err = call(&mut svc, get().0).await.unwrap_err();
     assert!(matches!(proxy_error(&err), ProxyError::RemoteReset(_)));
@@ -122,7 +127,9 @@ async fn connect_failure_only_retries_connect_failures() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn overflow_is_never_retried() {
-    let (backend, calls) = crate::test_util::backend(vec![Step::Fail(ProxyError::Overflow(OverflowKind::Pending))]);
+    let (backend, calls) = crate::test_util::backend(vec![Step::Fail(ProxyError::Overflow(
+        OverflowKind::Pending,
+    ))]);
     let mut svc = layer("5xx,gateway-error,reset,connect-failure,refused-stream", 5).layer(backend);
     let (req, info) = get();
     let err = call(&mut svc, req).await.unwrap_err();
@@ -151,9 +158,16 @@ async fn empty_budget_blocks_retries_and_counts_overflow() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn budget_is_shared_by_concurrent_requests() {
-    let (backend, calls) = crate::test_util::backend(vec![Step::Status(503), Step::Status(503), Step::Status(200)]);
+    let (backend, calls) = crate::test_util::backend(vec![
+        Step::Status(503),
+        Step::Status(503),
+        Step::Status(200),
+    ]);
     let budget = Arc::new(RetryBudget::new(1));
-    let svc = RetryLayer::new(policy("5xx", 1), budget.clone()).layer(backend);
+    // Seeded so that the back-off is not 0 ms, which would finish A's retry before B is polled.
+    let svc = RetryLayer::new(policy("5xx", 1), budget.clone())
+        .rng_seed(2024)
+        .layer(backend);
     let (mut a, mut b) = (svc.clone(), svc);
     let (ra, rb) = tokio::join!(call(&mut a, get().0), call(&mut b, get().0));
     // Both first attempts failed at once; only one retry fitted in the budget.
@@ -167,7 +181,8 @@ async fn budget_is_shared_by_concurrent_requests() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn per_try_timeout_is_retried_then_succeeds() {
-    let (backend, calls) = crate::test_util::backend(vec![Step::Slow(ms(5000), 200), Step::Status(200)]);
+    let (backend, calls) =
+        crate::test_util::backend(vec![Step::Slow(ms(5000), 200), Step::Status(200)]);
     let mut svc = ServiceBuilder::new()
         .layer(layer("5xx", 2))
         .layer(TimeoutLayer::per_try(Some(ms(500))))
@@ -184,7 +199,10 @@ async fn per_try_timeout_is_retried_then_succeeds() {
 async fn per_try_timeout_is_not_retried_under_connect_failure_only() {
     let (backend, calls) = crate::test_util::backend(vec![Step::Slow(ms(5000), 200)]);
     let mut svc = ServiceBuilder::new()
-        .layer(layer("connect-failure,refused-stream,unavailable,cancelled", 2))
+        .layer(layer(
+            "connect-failure,refused-stream,unavailable,cancelled",
+            2,
+        ))
         .layer(TimeoutLayer::per_try(Some(ms(500))))
         .service(backend);
     let err = call(&mut svc, get().0).await.unwrap_err();
@@ -228,7 +246,9 @@ async fn route_timeout_bounds_the_whole_retry_sequence() {
     assert_eq!(start.elapsed(), ms(2500));
     assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
     assert_eq!(info.attempts(), 5);
-    assert!(info.flags().contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+    assert!(info
+        .flags()
+        .contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
     assert!(!info
         .flags()
         .contains(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED));
@@ -246,8 +266,10 @@ async fn max_retries_header_overrides_and_headers_are_consumed() {
         .insert(RETRY_GRPC_ON, "unavailable".parse().unwrap());
     req.headers_mut()
         .insert(RETRIABLE_STATUS_CODES, "418".parse().unwrap());
-    req.headers_mut()
-        .insert("x-envoy-upstream-rq-per-try-timeout-ms", "100".parse().unwrap());
+    req.headers_mut().insert(
+        "x-envoy-upstream-rq-per-try-timeout-ms",
+        "100".parse().unwrap(),
+    );
     call(&mut svc, req).await.unwrap();
     assert_eq!(calls.len(), 2);
     for i in 0..2 {
@@ -339,7 +361,10 @@ async fn max_retries_zero_still_flags_urx() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn overloaded_response_is_not_retried() {
-    let (backend, calls) = crate::test_util::backend(vec![Step::Headers(503, vec![("x-envoy-overloaded", "true")])]);
+    let (backend, calls) = crate::test_util::backend(vec![Step::Headers(
+        503,
+        vec![("x-envoy-overloaded", "true")],
+    )]);
     let mut svc = layer("5xx", 2).layer(backend);
     let (req, info) = get();
     assert_eq!(call(&mut svc, req).await.unwrap().status(), 503);
@@ -360,7 +385,11 @@ fn chunked(parts: &[&'static str]) -> Body {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn request_body_is_replayed_on_retry() {
-    let (backend, calls) = crate::test_util::backend(vec![Step::Status(503), Step::Status(503), Step::Status(200)]);
+    let (backend, calls) = crate::test_util::backend(vec![
+        Step::Status(503),
+        Step::Status(503),
+        Step::Status(200),
+    ]);
     let mut svc = layer("5xx", 2).layer(backend);
     let (req, _) = with_body(chunked(&["{\"sku\":", "42", "}"]));
     assert_eq!(call(&mut svc, req).await.unwrap().status(), 200);

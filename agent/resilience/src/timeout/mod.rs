@@ -93,7 +93,11 @@ impl<S> Timeout<S> {
         let Some(value) = headers.remove(name) else {
             return self.timeout;
         };
-        match value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        match value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
             Some(0) => None,
             Some(ms) => Some(Duration::from_millis(ms)),
             None => self.timeout,

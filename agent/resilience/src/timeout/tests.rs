@@ -20,7 +20,9 @@ async fn route_timeout_before_headers_is_request_timeout() {
     let err = call(&mut svc, req).await.unwrap_err();
     assert_eq!(start.elapsed(), secs(2.0));
     assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(d) if d == secs(2.0)));
-    assert!(info.flags().contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+    assert!(info
+        .flags()
+        .contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -61,7 +63,9 @@ async fn route_timeout_covers_the_response_body() {
     let err = body.frame().await.unwrap().unwrap_err();
     assert_eq!(start.elapsed(), secs(2.0));
     assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
-    assert!(info.flags().contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+    assert!(info
+        .flags()
+        .contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
     assert!(body.frame().await.is_none());
 }
 
@@ -99,7 +103,10 @@ async fn route_header_overrides_and_is_consumed() {
     let err = call(&mut svc, req).await.unwrap_err();
     assert_eq!(start.elapsed(), secs(1.5));
     assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
-    assert!(!calls.get(0).headers.contains_key("x-envoy-upstream-rq-timeout-ms"));
+    assert!(!calls
+        .get(0)
+        .headers
+        .contains_key("x-envoy-upstream-rq-timeout-ms"));
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -113,8 +120,10 @@ async fn header_zero_disables_and_header_sets_one_where_none() {
 
     let mut svc = TimeoutLayer::per_try(None).layer(backend.clone());
     let (mut req, _) = get();
-    req.headers_mut()
-        .insert("x-envoy-upstream-rq-per-try-timeout-ms", "250".parse().unwrap());
+    req.headers_mut().insert(
+        "x-envoy-upstream-rq-per-try-timeout-ms",
+        "250".parse().unwrap(),
+    );
     let err = call(&mut svc, req).await.unwrap_err();
     assert!(matches!(proxy_error(&err), ProxyError::PerTryTimeout(d) if d == secs(0.25)));
 
