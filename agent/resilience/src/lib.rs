@@ -8,8 +8,8 @@
 //! - [`TimeoutLayer::per_try`]: `perTryTimeout`, which ends one attempt as a retriable failure.
 //!
 //! The order matches Envoy's filter chain (fault filter before the router; the router's global timer
-//! outside its retries; the per-try timer around each upstream request). Build a route's stack inside
-//! out:
+//! outside its retries; the per-try timer around each upstream request). A route's stack, outermost
+//! layer first:
 //!
 //! ```ignore
 //! let svc = ServiceBuilder::new()

@@ -1,3 +1,5 @@
+//! Fault injection tests: flags, abort responses, and seeded percentage statistics.
+
 use super::*;
 use crate::test_util::{call, get, Step};
 use http_body::Body as _;

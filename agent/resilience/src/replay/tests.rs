@@ -1,3 +1,5 @@
+//! ReplayBody tests: replay, trailers, the cap and clones read concurrently.
+
 use super::*;
 use futures_util::FutureExt;
 use http_body_util::{BodyExt, StreamBody};

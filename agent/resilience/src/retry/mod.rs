@@ -122,25 +122,17 @@ struct Overrides {
 impl Overrides {
     /// Reads and removes every retry header, as Envoy's `RetryStateImpl::create` does.
     fn take(headers: &mut HeaderMap) -> Self {
-        let text = |v: HeaderValue| v.to_str().map(str::to_owned).unwrap_or_default();
+        // Values are read in place; nothing is allocated unless status codes are given.
         let mut on = On::NONE;
-        if let Some(v) = headers.remove(RETRY_ON) {
-            on = on | On::parse_http(&text(v));
+        if let Some(v) = text(&headers.remove(RETRY_ON)) {
+            on = on | On::parse_http(v);
         }
-        if let Some(v) = headers.remove(RETRY_GRPC_ON) {
-            on = on | On::parse_grpc(&text(v));
+        if let Some(v) = text(&headers.remove(RETRY_GRPC_ON)) {
+            on = on | On::parse_grpc(v);
         }
-        let max_retries = headers
-            .remove(MAX_RETRIES)
-            .and_then(|v| text(v).trim().parse().ok());
-        let codes = headers
-            .remove(RETRIABLE_STATUS_CODES)
-            .map(|v| {
-                text(v)
-                    .split(',')
-                    .filter_map(|c| c.trim().parse().ok())
-                    .collect()
-            })
+        let max_retries = text(&headers.remove(MAX_RETRIES)).and_then(|v| v.parse().ok());
+        let codes = text(&headers.remove(RETRIABLE_STATUS_CODES))
+            .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
             .unwrap_or_default();
         headers.remove(RETRIABLE_HEADER_NAMES);
         headers.remove(HEDGE_ON_PER_TRY_TIMEOUT);
@@ -219,6 +211,11 @@ where
         let fut = self.inner.call(req);
         ResponseFuture::retrying(fut, self.inner.clone(), attempts)
     }
+}
+
+/// A header's trimmed text, read in place.
+fn text(value: &Option<HeaderValue>) -> Option<&str> {
+    value.as_ref()?.to_str().ok().map(str::trim)
 }
 
 /// `x-envoy-attempt-count: n` without formatting for the common counts.

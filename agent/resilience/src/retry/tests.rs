@@ -1,3 +1,5 @@
+//! Retry layer tests: conditions, overrides, budget, timers and body replay on paused time.
+
 use super::*;
 use crate::test_util::{call, get, proxy_error, with_body, Step};
 use crate::timeout::TimeoutLayer;

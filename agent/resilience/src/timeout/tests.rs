@@ -1,3 +1,5 @@
+//! Route and per-try timeout tests on paused time.
+
 use super::*;
 use crate::test_util::{call, get, proxy_error, CloneService, Step};
 use bytes::Bytes;
