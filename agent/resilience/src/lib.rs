@@ -20,6 +20,12 @@
 //!     .service(balancer);                                         // picks a host not in `tried`
 //! ```
 //!
+//! Inside a spawned task (hyper's connection task), box the stack's future where it is created,
+//! e.g. `let fut: BoxFuture<'static, _> = Box::pin(stack.oneshot(req));` or use
+//! `BoxCloneService`: rustc cannot prove an un-boxed `Service<Request<Body>>::Future` `Send` for the
+//! higher-ranked lifetimes it erases in `BoxError` ("implementation ... is not general enough"),
+//! whatever the layers.
+//!
 //! Keep both timeout layers in the stack even when the route configures no timeout: they honour the
 //! `x-envoy-upstream-rq-timeout-ms` / `x-envoy-upstream-rq-per-try-timeout-ms` request headers and
 //! cost one header lookup (no timer) when neither is set.

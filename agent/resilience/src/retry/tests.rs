@@ -4,6 +4,7 @@ use super::*;
 use crate::test_util::{call, get, proxy_error, with_body, Step};
 use crate::timeout::TimeoutLayer;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use sluice_core::{OverflowKind, ProxyError, ResponseFlags};
@@ -472,4 +473,48 @@ async fn retriable_response_body_is_dropped() {
     assert_eq!(watch.strong_count(), 2);
     drop(rsp);
     assert_eq!(watch.strong_count(), 1);
+}
+
+/// A concrete backend (no `impl Trait` bounds) answering 503 once, then 200.
+#[derive(Clone)]
+struct Flaky(Arc<std::sync::atomic::AtomicU32>);
+
+impl Service<Request<Body>> for Flaky {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<Body>) -> Self::Future {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::future::ready(Ok(crate::test_util::status(if n == 0 { 503 } else { 200 })))
+    }
+}
+
+// The proxy runs the stack inside hyper's spawned connection task: its future must be `Send` for
+// every lifetime the compiler erases in `BoxError`.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn whole_stack_runs_on_a_spawned_task() {
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let backend = Flaky(calls.clone());
+    let handle = tokio::spawn(async move {
+        let stack = ServiceBuilder::new()
+            .layer(crate::FaultLayer::new(None))
+            .layer(TimeoutLayer::route(Some(ms(1000))))
+            .layer(layer("5xx", 2))
+            .layer(TimeoutLayer::per_try(Some(ms(100))))
+            .service(backend);
+        let (req, _) = get();
+        // Boxing where the concrete types are known sidesteps rustc's higher-ranked `Send` check
+        // of projections that mention `BoxError` (a known rustc limitation); without it even a bare
+        // `oneshot` on any `Service<Request<Body>>` fails with "not general enough".
+        let fut: BoxFuture<'static, Result<Response<Body>, BoxError>> =
+            Box::pin(tower::ServiceExt::oneshot(stack, req));
+        fut.await.map(|rsp| rsp.status())
+    });
+    assert_eq!(handle.await.unwrap().unwrap(), 200);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
