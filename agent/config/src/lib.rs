@@ -1,1 +1,120 @@
-//! placeholder
+//! Reads Istio and Kubernetes YAML, validates it with field paths, and builds the checked
+//! [`sluice_policy::Snapshot`] the proxy runs on.
+//!
+//! * [`parse`]: files and documents -> typed objects ([`istio`], [`k8s`]); YAML and type errors with
+//!   line and column, unknown Istio fields as warnings with their full path.
+//! * [`build()`]: objects -> snapshot, following Istio's translation (see `vs`, `dr`, `build`).
+//! * [`validate_paths`]: what `sluice validate FILE|DIR...` runs.
+//! * [`ConfigDir`]: the standalone-mode store, with "last good" semantics per object.
+//!
+//! # Standalone-mode conventions
+//! Pods in standalone mode are plain `Pod` documents. Besides labels and `status.podIP(s)`, Sluice
+//! reads two annotations: `sluice.io/netns` (the path of the pod's network namespace, e.g.
+//! `/var/run/netns/pricing-1`) and `sluice.io/cgroup` (its cgroup v2 directory). A Service without an
+//! EndpointSlice gets the endpoints Kubernetes' controller would derive from Pods matching its
+//! selector. Enrollment: a pod labelled `istio.io/dataplane-mode=ambient` is enrolled, `=none` is
+//! not, otherwise its `Namespace` document's label decides (label name and value configurable).
+//!
+//! # Where Sluice knowingly differs from Istio
+//! * Short hosts with a dot (`pricing.shop`, `pricing.shop.svc`) are completed to
+//!   `pricing.shop.svc.cluster.local`, as Kubernetes DNS would; Istio only completes dot-less names.
+//! * Unsupported Istio fields are warned about and ignored, never silently dropped.
+#![forbid(unsafe_code)]
+
+mod build;
+mod dr;
+pub mod duration;
+pub mod istio;
+pub mod k8s;
+pub mod parse;
+mod problem;
+mod store;
+mod vs;
+
+pub use build::{build, check_object, CGROUP_ANNOTATION, NETNS_ANNOTATION};
+pub use parse::{collect_files, parse_path, parse_str, Object, ObjectId, ParsedFile, Resource};
+pub use problem::{Problem, Severity};
+pub use store::{ConfigDir, Reload};
+
+use std::path::PathBuf;
+
+/// Settings that change how objects are interpreted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Kubernetes cluster domain (`cluster.local`).
+    pub cluster_domain: String,
+    /// Label that enrolls a pod or namespace (`istio.io/dataplane-mode`).
+    pub enrollment_label: String,
+    /// Its value that means enrolled (`ambient`).
+    pub enrollment_value: String,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            cluster_domain: sluice_policy::CLUSTER_DOMAIN.to_string(),
+            enrollment_label: "istio.io/dataplane-mode".to_string(),
+            enrollment_value: "ambient".to_string(),
+        }
+    }
+}
+
+/// Qualifies a host written in a resource of `namespace`: `pricing` -> `pricing.NS.svc.DOMAIN`,
+/// `pricing.shop` -> `pricing.shop.svc.DOMAIN`, `pricing.shop.svc` -> `pricing.shop.svc.DOMAIN`;
+/// wildcards and other names are kept as they are (lower-cased).
+pub fn resolve_host(host: &str, namespace: &str, cluster_domain: &str) -> String {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.starts_with('*') {
+        return host;
+    }
+    match host.matches('.').count() {
+        0 => format!("{host}.{namespace}.svc.{cluster_domain}"),
+        1 => format!("{host}.svc.{cluster_domain}"),
+        2 if host.ends_with(".svc") => format!("{host}.{cluster_domain}"),
+        _ => host,
+    }
+}
+
+/// `sluice validate`: parses every file (directories recursively), converts, and runs the
+/// cross-object checks. Returns every problem, errors and warnings; the caller fails on any error.
+pub fn validate_paths(paths: &[PathBuf], opts: &BuildOptions) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut objects = Vec::new();
+    for path in paths {
+        let files = if path.is_dir() {
+            let (files, found) = collect_files(path);
+            problems.extend(found);
+            files
+        } else {
+            vec![path.clone()]
+        };
+        for file in files {
+            let parsed = parse_path(&file, &file.display().to_string());
+            problems.extend(parsed.problems);
+            objects.extend(parsed.objects);
+        }
+    }
+    problems.extend(build(&objects, opts).1);
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_resolve_relative_to_the_namespace() {
+        let r = |h: &str| resolve_host(h, "default", "cluster.local");
+        assert_eq!(r("pricing"), "pricing.default.svc.cluster.local");
+        assert_eq!(r("pricing.shop"), "pricing.shop.svc.cluster.local");
+        assert_eq!(r("pricing.shop.svc"), "pricing.shop.svc.cluster.local");
+        assert_eq!(
+            r("pricing.shop.svc.cluster.local"),
+            "pricing.shop.svc.cluster.local"
+        );
+        assert_eq!(r("Pricing"), "pricing.default.svc.cluster.local");
+        assert_eq!(r("*"), "*");
+        assert_eq!(r("*.example.com"), "*.example.com");
+        assert_eq!(r("api.example.com"), "api.example.com");
+    }
+}

@@ -9,7 +9,7 @@ mod snapshot;
 
 pub use self::cluster::{
     Cluster, ClusterKey, ConnectionPool, Endpoint, H2UpgradePolicy, LoadBalancer, OutlierDetection,
-    TcpKeepalive,
+    TcpKeepalive, TrafficPolicy,
 };
 pub use self::route::{
     Fault, FaultAbort, FaultDelay, HeaderMatch, QueryMatch, RequestMatch, RetryOn, RetryPolicy,

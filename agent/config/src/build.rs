@@ -1,0 +1,547 @@
+//! Assembly: the service registry (Services, EndpointSlices or selector-matched Pods, enrollment),
+//! DestinationRules merged per host, clusters per service port and subset, and VirtualServices bound
+//! to clusters. Only cross-object problems are found here, and they are warnings: a route to an
+//! unknown host or subset is accepted (Istio answers 503 NC at run time).
+
+use crate::dr::{self, CheckedDr, CheckedSubset};
+use crate::k8s::{IntOrString, Pod};
+use crate::parse::{Object, Resource};
+use crate::problem::{Problem, Sink};
+use crate::vs::{self, CheckedVs};
+use crate::BuildOptions;
+use sluice_policy::{
+    Cluster, ClusterKey, Endpoint, Route, Service, ServicePort, Snapshot, VirtualHost,
+    WeightedDestination, Workload,
+};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Annotation naming a pod's network namespace (standalone mode), e.g. `/var/run/netns/pricing-1`.
+pub const NETNS_ANNOTATION: &str = "sluice.io/netns";
+/// Annotation naming a pod's cgroup v2 directory (standalone mode).
+pub const CGROUP_ANNOTATION: &str = "sluice.io/cgroup";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The per-object result of checking: a converted Istio object, or nothing to convert.
+pub(crate) enum Checked {
+    Vs(CheckedVs),
+    Dr(CheckedDr),
+    Other,
+}
+
+pub(crate) fn check(obj: &Object, opts: &BuildOptions) -> (Option<Checked>, Vec<Problem>) {
+    let mut sink = Sink::new(&obj.file, obj.document, Some(obj.describe()));
+    let checked = match &obj.resource {
+        Resource::VirtualService(v) => Checked::Vs(vs::convert(v, &mut sink, opts)),
+        Resource::DestinationRule(d) => Checked::Dr(dr::convert(d, &mut sink, opts)),
+        _ => Checked::Other,
+    };
+    let ok = !sink.has_errors();
+    (ok.then_some(checked), sink.problems)
+}
+
+/// Checks one object on its own (no other object is needed): its errors and warnings.
+pub fn check_object(obj: &Object, opts: &BuildOptions) -> Vec<Problem> {
+    check(obj, opts).1
+}
+
+/// Istio's order for conflicting resources: creation time, then name, then namespace.
+fn istio_order(
+    a: (&Option<String>, &str, &str),
+    b: (&Option<String>, &str, &str),
+) -> std::cmp::Ordering {
+    a.0.as_deref()
+        .unwrap_or("")
+        .cmp(b.0.as_deref().unwrap_or(""))
+        .then(a.1.cmp(b.1))
+        .then(a.2.cmp(b.2))
+}
+
+fn warn_at(problems: &mut Vec<Problem>, obj: &Object, field: &str, reason: String) {
+    let mut sink = Sink::new(&obj.file, obj.document, Some(obj.describe()));
+    sink.warn(field, reason);
+    problems.extend(sink.problems);
+}
+
+fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = pod
+        .status
+        .pod_ips
+        .iter()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
+        if !ips.contains(&ip) {
+            ips.insert(0, ip);
+        }
+    }
+    ips
+}
+
+/// Converts parsed objects into a snapshot (generation 0). Objects with errors are left out; all
+/// problems found are returned (and also recorded in the snapshot).
+pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut vss: Vec<(&Object, CheckedVs)> = Vec::new();
+    let mut drs: Vec<(&Object, CheckedDr)> = Vec::new();
+    let mut namespaces: BTreeMap<String, &BTreeMap<String, String>> = BTreeMap::new();
+    let mut pods: BTreeMap<(String, String), (&Object, &Pod)> = BTreeMap::new();
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    let mut seen = BTreeMap::new();
+    for obj in objects {
+        let id = obj.id();
+        if let Some(first) = seen.get(&id) {
+            warn_at(
+                &mut problems,
+                obj,
+                "metadata.name",
+                format!("{id} is also defined in {first}; this one is ignored"),
+            );
+            continue;
+        }
+        seen.insert(id, format!("{} document {}", obj.file, obj.document));
+        let (checked, found) = check(obj, opts);
+        problems.extend(found);
+        match (checked, &obj.resource) {
+            (None, _) => {}
+            (Some(Checked::Vs(v)), _) => vss.push((obj, v)),
+            (Some(Checked::Dr(d)), _) => drs.push((obj, d)),
+            (Some(Checked::Other), Resource::Namespace(n)) => {
+                namespaces.insert(n.metadata.name.clone(), &n.metadata.labels);
+            }
+            (Some(Checked::Other), Resource::Pod(p)) => {
+                pods.insert(
+                    (p.metadata.namespace().to_string(), p.metadata.name.clone()),
+                    (obj, p),
+                );
+            }
+            (Some(Checked::Other), Resource::Service(s)) => services.push((obj, s)),
+            (Some(Checked::Other), Resource::EndpointSlice(s)) => slices.push((obj, s)),
+            (Some(Checked::Other), _) => {}
+        }
+    }
+    let mut snap = Snapshot::default();
+
+    // Workloads and enrollment: the pod's own label wins (`none` opts out), else its namespace's.
+    for (obj, pod) in pods.values() {
+        let ns = pod.metadata.namespace();
+        let own = pod.metadata.labels.get(&opts.enrollment_label);
+        let enrolled = match own.map(String::as_str) {
+            Some(v) if v == opts.enrollment_value => true,
+            Some("none") => false,
+            _ => namespaces
+                .get(ns)
+                .and_then(|l| l.get(&opts.enrollment_label))
+                .is_some_and(|v| *v == opts.enrollment_value),
+        };
+        if pod
+            .status
+            .pod_ip
+            .as_deref()
+            .is_some_and(|s| s.parse::<IpAddr>().is_err())
+        {
+            warn_at(
+                &mut problems,
+                obj,
+                "status.podIP",
+                "not an IP address; ignored".to_string(),
+            );
+        }
+        let annotation = |k: &str| pod.metadata.annotations.get(k).map(PathBuf::from);
+        snap.workloads.insert(
+            format!("{ns}/{}", pod.metadata.name),
+            Arc::new(Workload {
+                name: pod.metadata.name.clone(),
+                namespace: ns.to_string(),
+                ips: pod_ips(pod),
+                labels: pod.metadata.labels.clone(),
+                enrolled,
+                netns: annotation(NETNS_ANNOTATION),
+                cgroup: annotation(CGROUP_ANNOTATION),
+            }),
+        );
+    }
+
+    // Services and their endpoints per service port.
+    let mut endpoints_by_port: BTreeMap<(String, u16), Vec<Endpoint>> = BTreeMap::new();
+    for (obj, svc) in &services {
+        let ns = svc.metadata.namespace();
+        let hostname = format!("{}.{ns}.svc.{}", svc.metadata.name, opts.cluster_domain);
+        let mut ips: Vec<IpAddr> = Vec::new();
+        let raw: Vec<&String> = if svc.spec.cluster_ips.is_empty() {
+            svc.spec.cluster_ip.iter().collect()
+        } else {
+            svc.spec.cluster_ips.iter().collect()
+        };
+        for ip in raw {
+            if ip == "None" || ip.is_empty() {
+                continue;
+            }
+            match ip.parse() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => warn_at(
+                    &mut problems,
+                    obj,
+                    "spec.clusterIP",
+                    format!("{ip:?} is not an IP address; ignored"),
+                ),
+            }
+        }
+        let mut ports = Vec::new();
+        let my_slices: Vec<_> = slices
+            .iter()
+            .filter(|(_, s)| {
+                s.metadata.namespace() == ns
+                    && s.metadata.labels.get(SERVICE_NAME_LABEL) == Some(&svc.metadata.name)
+            })
+            .collect();
+        for (i, p) in svc.spec.ports.iter().enumerate() {
+            let Ok(port) = u16::try_from(p.port) else {
+                warn_at(
+                    &mut problems,
+                    obj,
+                    &format!("spec.ports[{i}].port"),
+                    format!("port {} out of range; ignored", p.port),
+                );
+                continue;
+            };
+            let name = p.name.clone().filter(|n| !n.is_empty());
+            let implied = name.as_deref().and_then(|n| {
+                let proto = n.split('-').next().unwrap_or(n).to_ascii_lowercase();
+                [
+                    "http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "redis",
+                    "mysql", "udp",
+                ]
+                .contains(&proto.as_str())
+                .then_some(proto)
+            });
+            ports.push(ServicePort {
+                name: name.clone(),
+                port,
+                app_protocol: p.app_protocol.clone().or(implied),
+            });
+            let mut eps = Vec::new();
+            if !my_slices.is_empty() {
+                let want = name.clone().unwrap_or_default();
+                for (_, slice) in &my_slices {
+                    let Some(sp) = slice
+                        .ports
+                        .iter()
+                        .find(|sp| sp.name.clone().unwrap_or_default() == want)
+                    else {
+                        continue;
+                    };
+                    let Some(target) = sp.port.and_then(|p| u16::try_from(p).ok()) else {
+                        continue;
+                    };
+                    for ep in &slice.endpoints {
+                        if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                            continue;
+                        }
+                        for addr in &ep.addresses {
+                            let Ok(ip) = addr.parse::<IpAddr>() else {
+                                continue;
+                            };
+                            let pod =
+                                ep.target_ref
+                                    .as_ref()
+                                    .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
+                                    .and_then(|r| {
+                                        let pns = r.namespace.clone().unwrap_or_else(|| {
+                                            slice.metadata.namespace().to_string()
+                                        });
+                                        pods.get(&(pns, r.name.clone().unwrap_or_default()))
+                                    })
+                                    .or_else(|| {
+                                        pods.values().find(|(_, p)| {
+                                            p.metadata.namespace() == ns && pod_ips(p).contains(&ip)
+                                        })
+                                    });
+                            eps.push(Endpoint {
+                                addr: SocketAddr::new(ip, target),
+                                pod: pod.map(|(_, p)| {
+                                    format!("{}/{}", p.metadata.namespace(), p.metadata.name)
+                                }),
+                                labels: pod
+                                    .map(|(_, p)| p.metadata.labels.clone())
+                                    .unwrap_or_default(),
+                            });
+                        }
+                    }
+                }
+            } else if let Some(selector) = svc.spec.selector.as_ref().filter(|s| !s.is_empty()) {
+                // What the EndpointSlice controller would produce from matching pods.
+                for (_, pod) in pods.values() {
+                    if pod.metadata.namespace() != ns
+                        || !labels_match(selector, &pod.metadata.labels)
+                    {
+                        continue;
+                    }
+                    if matches!(pod.status.phase.as_deref(), Some("Failed" | "Succeeded")) {
+                        continue;
+                    }
+                    let target = match &p.target_port {
+                        None => Some(port),
+                        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                        Some(IntOrString::Str(s)) => match s.parse::<u16>() {
+                            Ok(n) => Some(n),
+                            Err(_) => pod
+                                .spec
+                                .containers
+                                .iter()
+                                .flat_map(|c| &c.ports)
+                                .find(|cp| cp.name.as_deref() == Some(s))
+                                .and_then(|cp| u16::try_from(cp.container_port).ok()),
+                        },
+                    };
+                    let Some(target) = target else {
+                        warn_at(&mut problems, obj, &format!("spec.ports[{i}].targetPort"), format!("pod {}/{} has no container port named {:?}; it gets no endpoint for this port", ns, pod.metadata.name, p.target_port));
+                        continue;
+                    };
+                    for ip in pod_ips(pod) {
+                        eps.push(Endpoint {
+                            addr: SocketAddr::new(ip, target),
+                            pod: Some(format!("{ns}/{}", pod.metadata.name)),
+                            labels: pod.metadata.labels.clone(),
+                        });
+                    }
+                }
+            }
+            eps.sort_by_key(|e| e.addr);
+            eps.dedup_by(|a, b| a.addr == b.addr);
+            endpoints_by_port.insert((hostname.clone(), port), eps);
+        }
+        if snap.services.contains_key(&hostname) {
+            continue;
+        }
+        snap.services.insert(
+            hostname.clone(),
+            Arc::new(Service {
+                name: svc.metadata.name.clone(),
+                namespace: ns.to_string(),
+                hostname,
+                cluster_ips: ips,
+                ports,
+            }),
+        );
+    }
+
+    // DestinationRules merged per host as Istio does: the oldest one's trafficPolicy (else the first
+    // that has one), subsets appended unless their name is taken.
+    drs.sort_by(|a, b| {
+        istio_order(
+            (&a.1.creation, &a.1.name, &a.1.namespace),
+            (&b.1.creation, &b.1.name, &b.1.namespace),
+        )
+    });
+    let mut merged: BTreeMap<String, (CheckedDr, String)> = BTreeMap::new();
+    for (obj, d) in drs {
+        match merged.get_mut(&d.host) {
+            None => {
+                merged.insert(d.host.clone(), (d, obj.describe()));
+            }
+            Some((first, first_name)) => {
+                warn_at(&mut problems, obj, "spec.host", format!("{first_name} also configures host {}; merged as Istio does (subsets added, the first trafficPolicy wins)", d.host));
+                if first.policy.is_none() {
+                    first.policy = d.policy;
+                }
+                for s in d.subsets {
+                    if first.subsets.iter().any(|f| f.name == s.name) {
+                        warn_at(
+                            &mut problems,
+                            obj,
+                            "spec.subsets",
+                            format!("duplicate subset {:?} for host {} ignored", s.name, d.host),
+                        );
+                    } else {
+                        first.subsets.push(s);
+                    }
+                }
+            }
+        }
+    }
+    let dr_for = |host: &str| -> Option<&CheckedDr> {
+        merged.get(host).map(|(d, _)| d).or_else(|| {
+            merged
+                .iter()
+                .filter(|(h, _)| {
+                    h.starts_with('*') && host.len() > h.len() - 1 && host.ends_with(&h[1..])
+                })
+                .max_by_key(|(h, _)| h.len())
+                .map(|(_, (d, _))| d)
+        })
+    };
+
+    // Clusters: one per service port, plus one per subset.
+    for svc in snap.services.values() {
+        let dr = dr_for(&svc.hostname);
+        for p in &svc.ports {
+            let eps = endpoints_by_port
+                .get(&(svc.hostname.clone(), p.port))
+                .cloned()
+                .unwrap_or_default();
+            let top = dr.and_then(|d| d.policy.as_ref());
+            let key = ClusterKey {
+                host: svc.hostname.clone(),
+                port: p.port,
+                subset: None,
+            };
+            snap.clusters.insert(
+                key.clone(),
+                Arc::new(Cluster {
+                    key,
+                    endpoints: eps.clone(),
+                    policy: dr::effective(top, None, p.port),
+                }),
+            );
+            for s in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
+                let CheckedSubset {
+                    name,
+                    labels,
+                    policy,
+                } = s;
+                let key = ClusterKey {
+                    host: svc.hostname.clone(),
+                    port: p.port,
+                    subset: Some(name.clone()),
+                };
+                let endpoints = eps
+                    .iter()
+                    .filter(|e| labels_match(labels, &e.labels))
+                    .cloned()
+                    .collect();
+                snap.clusters.insert(
+                    key.clone(),
+                    Arc::new(Cluster {
+                        key,
+                        endpoints,
+                        policy: dr::effective(top, policy.as_ref(), p.port),
+                    }),
+                );
+            }
+        }
+    }
+    for (host, (_, name)) in &merged {
+        if !host.starts_with('*') && !snap.services.contains_key(host) {
+            tracing::debug!(%host, dr = %name, "DestinationRule for a host with no Service");
+        }
+    }
+
+    // VirtualServices: the oldest one for a host wins, as for Istio sidecars.
+    vss.sort_by(|a, b| {
+        istio_order(
+            (&a.1.creation, &a.1.name, &a.1.namespace),
+            (&b.1.creation, &b.1.name, &b.1.namespace),
+        )
+    });
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
+    let mut wildcards = Vec::new();
+    for (obj, v) in &vss {
+        if !v.mesh {
+            warn_at(&mut problems, obj, "spec.gateways", "bound only to gateways (not \"mesh\"): does not apply to mesh traffic, so Sluice ignores it".to_string());
+            continue;
+        }
+        let mut routes = Vec::new();
+        for r in &v.routes {
+            let mut destinations = Vec::new();
+            for d in &r.destinations {
+                let svc = snap.services.get(&d.host);
+                let port = match (d.port, svc) {
+                    (Some(p), _) => p,
+                    (None, Some(s)) if s.ports.len() == 1 => s.ports[0].port,
+                    (None, Some(s)) if !s.ports.is_empty() => {
+                        warn_at(
+                            &mut problems,
+                            obj,
+                            &format!("{}.destination.port", d.field),
+                            format!(
+                                "service {} has several ports; set port.number (using {})",
+                                d.host, s.ports[0].port
+                            ),
+                        );
+                        s.ports[0].port
+                    }
+                    _ => 0,
+                };
+                let key = ClusterKey {
+                    host: d.host.clone(),
+                    port,
+                    subset: d.subset.clone(),
+                };
+                if svc.is_none() {
+                    warn_at(&mut problems, obj, &format!("{}.destination.host", d.field), format!("unknown host {}: no Service in the configuration; requests will get 503 (NC)", d.host));
+                } else if !snap.clusters.contains_key(&key) {
+                    let what = match &d.subset {
+                        Some(s)
+                            if snap.clusters.contains_key(&ClusterKey {
+                                subset: None,
+                                ..key.clone()
+                            }) =>
+                        {
+                            format!(
+                                "unknown subset {s:?} (no DestinationRule for {} defines it)",
+                                d.host
+                            )
+                        }
+                        _ => format!("service {} has no port {port}", d.host),
+                    };
+                    warn_at(
+                        &mut problems,
+                        obj,
+                        &format!("{}.destination", d.field),
+                        format!("{what}; requests will get 503 (NC)"),
+                    );
+                }
+                destinations.push(WeightedDestination {
+                    cluster: key,
+                    weight: d.weight,
+                });
+            }
+            routes.push(Route {
+                name: r.name.clone(),
+                matches: r.matches.clone(),
+                destinations,
+                timeout: r.timeout,
+                retry: r.retry.clone(),
+                fault: r.fault.clone(),
+            });
+        }
+        let vh = Arc::new(VirtualHost {
+            name: format!("{}/{}", v.namespace, v.name),
+            routes,
+        });
+        for h in &v.hosts {
+            if let Some(owner) = owners.get(h) {
+                warn_at(&mut problems, obj, "spec.hosts", format!("host {h} is already routed by {owner} (older, or first by name); Istio uses only that one, so this one is ignored for {h}"));
+                continue;
+            }
+            owners.insert(h.clone(), obj.describe());
+            if h.starts_with('*') {
+                wildcards.push((h.clone(), vh.clone()));
+            } else {
+                snap.virtual_hosts.insert(h.clone(), vh.clone());
+            }
+        }
+    }
+    // Most specific first: longer suffixes before shorter ones, `*` last.
+    wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+    snap.wildcard_hosts = wildcards;
+    snap.rejections = problems
+        .iter()
+        .filter(|p| p.is_error())
+        .map(Problem::to_rejection)
+        .collect();
+    snap.warnings = problems
+        .iter()
+        .filter(|p| !p.is_error())
+        .map(Problem::to_rejection)
+        .collect();
+    (snap, problems)
+}

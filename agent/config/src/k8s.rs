@@ -1,0 +1,161 @@
+//! Serde types for the Kubernetes kinds Sluice reads in standalone mode: `Service`,
+//! `discovery.k8s.io/v1 EndpointSlice`, `Pod` and `Namespace`. Only the fields Sluice uses are
+//! described; the rest of these large objects is accepted without warnings (unknown-field warnings
+//! are for Istio kinds, where a typo silently changes policy).
+
+use crate::istio::{nullable, ObjectMeta};
+use serde::Deserialize;
+use serde_yaml::Value;
+use std::collections::BTreeMap;
+
+/// `targetPort`: a number or a container port name.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    Str(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: ServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ServiceSpec {
+    #[serde(rename = "clusterIP", default)]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs", default, deserialize_with = "nullable")]
+    pub cluster_ips: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<ServicePortSpec>,
+    /// `None` (or empty): endpoints are managed by hand (EndpointSlices only).
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
+    #[serde(rename = "type", default)]
+    pub type_: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortSpec {
+    pub name: Option<String>,
+    pub port: i64,
+    pub target_port: Option<IntOrString>,
+    pub app_protocol: Option<String>,
+    pub protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub address_type: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub endpoints: Vec<EndpointSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<EndpointPort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSpec {
+    #[serde(default, deserialize_with = "nullable")]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: Option<EndpointConditions>,
+    #[serde(default)]
+    pub target_ref: Option<ObjectReference>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct EndpointConditions {
+    /// Absent means ready (Kubernetes: "nil should be interpreted as true").
+    pub ready: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ObjectReference {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub port: Option<i64>,
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: PodSpec,
+    #[serde(default, deserialize_with = "nullable")]
+    pub status: PodStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default, deserialize_with = "nullable")]
+    pub containers: Vec<Container>,
+    pub node_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Container {
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub container_port: i64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PodStatus {
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(rename = "podIPs", default, deserialize_with = "nullable")]
+    pub pod_ips: Vec<PodIp>,
+    pub phase: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Namespace {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<Value>,
+}
