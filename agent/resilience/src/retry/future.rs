@@ -185,11 +185,16 @@ where
                         .inner
                         .as_mut()
                         .expect("a retrying future owns a service");
-                    ready!(inner.poll_ready(cx))?;
+                    let ready = ready!(inner.poll_ready(cx));
                     let attempts = this
                         .attempts
                         .as_mut()
                         .expect("a retrying future has attempts");
+                    if let Err(err) = ready {
+                        // Give the budget slot back now rather than when the future is dropped.
+                        attempts.permit = None;
+                        return Poll::Ready(Err(err));
+                    }
                     let req = attempts.request(attempts.retry_body());
                     this.state.set(State::Calling {
                         fut: inner.call(req),
