@@ -1,0 +1,168 @@
+//! Bad input gets a clear problem naming the file, the document, the field and the reason.
+
+use sluice_config::{build, parse_str, BuildOptions, Problem, Severity};
+
+fn problems(file: &str, text: &str) -> Vec<Problem> {
+    let parsed = parse_str(file, text);
+    let mut out = parsed.problems;
+    out.extend(build(&parsed.objects, &BuildOptions::default()).1);
+    out
+}
+
+/// The one error in `text` (as the second document of its file).
+fn the_error(yaml: &str) -> Problem {
+    let text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n{yaml}");
+    let errs: Vec<Problem> = problems("bad.yaml", &text)
+        .into_iter()
+        .filter(Problem::is_error)
+        .collect();
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let e = errs.into_iter().next().unwrap();
+    assert_eq!(e.file, "bad.yaml");
+    assert_eq!(e.document, 2);
+    e
+}
+
+const VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: inventory\nspec:\n  hosts:\n  - inventory\n  http:\n  - route:\n    - destination:\n        host: inventory\n";
+
+#[test]
+fn typo_is_a_warning_with_the_full_path() {
+    let text = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: cb\nspec:\n  host: pricing\n  trafficPolicy:\n    outlierDetection:\n      consecutive5xxError: 3\n";
+    let ps = problems("cb.yaml", text);
+    assert!(ps.iter().all(|p| p.severity == Severity::Warning));
+    let p = ps.iter().find(|p| p.reason == "unknown field").unwrap();
+    assert_eq!(
+        p.field,
+        "spec.trafficPolicy.outlierDetection.consecutive5xxError"
+    );
+    assert_eq!(
+        p.to_string(),
+        "cb.yaml: document 1 (DestinationRule default/cb): spec.trafficPolicy.outlierDetection.consecutive5xxError: warning: unknown field"
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let e = the_error(&format!("{VS}    timeout: 5 s\n"));
+    assert_eq!(
+        e.object.as_deref(),
+        Some("VirtualService default/inventory")
+    );
+    assert_eq!(e.field, "spec.http[0].timeout");
+    assert!(
+        e.reason.contains("invalid duration \"5 s\""),
+        "{}",
+        e.reason
+    );
+    assert!(e.to_string().starts_with(
+        "bad.yaml: document 2 (VirtualService default/inventory): spec.http[0].timeout: invalid duration \"5 s\""
+    ));
+}
+
+#[test]
+fn negative_attempts() {
+    let e = the_error(&format!("{VS}    retries:\n      attempts: -1\n"));
+    assert_eq!(e.field, "spec.http[0].retries.attempts");
+    assert!(e.reason.contains("cannot be negative"));
+}
+
+#[test]
+fn unknown_retry_on() {
+    let e = the_error(&format!(
+        "{VS}    retries:\n      attempts: 2\n      retryOn: 5xx,sometimes\n"
+    ));
+    assert_eq!(e.field, "spec.http[0].retries.retryOn");
+    assert!(
+        e.reason
+            .starts_with("\"sometimes\" is not a valid retryOn policy"),
+        "{}",
+        e.reason
+    );
+}
+
+#[test]
+fn retry_on_status_codes() {
+    let ps = problems(
+        "ok.yaml",
+        &format!("{VS}    retries:\n      attempts: 2\n      retryOn: 503,reset\n"),
+    );
+    assert!(ps.iter().all(|p| !p.is_error()), "{ps:#?}");
+    let parsed = parse_str(
+        "ok.yaml",
+        &format!("{VS}    retries:\n      attempts: 2\n      retryOn: 503,reset\n"),
+    );
+    let (snap, _) = build(&parsed.objects, &BuildOptions::default());
+    let on = &snap.virtual_hosts["inventory.default.svc.cluster.local"].routes[0]
+        .retry
+        .retry_on;
+    assert_eq!(on.retriable_status_codes, vec![503]);
+    assert!(on.reset && !on.connect_failure);
+}
+
+#[test]
+fn regex_that_does_not_compile() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\n  namespace: shop\nspec:\n  hosts: [pricing]\n  http:\n  - match:\n    - uri:\n        regex: \"/api/(v1\"\n    route:\n    - destination:\n        host: pricing\n";
+    let e = the_error(yaml);
+    assert_eq!(e.object.as_deref(), Some("VirtualService shop/r"));
+    assert_eq!(e.field, "spec.http[0].match[0].uri.regex");
+    assert!(e.reason.contains("invalid RE2 regex"));
+}
+
+#[test]
+fn percentage_out_of_range() {
+    let yaml = format!("{VS}    fault:\n      abort:\n        httpStatus: 503\n        percentage:\n          value: 150\n");
+    let e = the_error(&yaml);
+    assert_eq!(e.field, "spec.http[0].fault.abort.percentage.value");
+    assert!(e.reason.contains("not in range 0..100"));
+}
+
+#[test]
+fn http_status_out_of_range() {
+    let e = the_error(&format!("{VS}    fault:\n      abort:\n        httpStatus: 600\n        percentage:\n          value: 1\n"));
+    assert_eq!(e.field, "spec.http[0].fault.abort.httpStatus");
+}
+
+#[test]
+fn type_errors_carry_lines() {
+    let e = the_error(&format!("{VS}    retries:\n      attempts: lots\n"));
+    assert_eq!(e.field, "spec.http[0].retries.attempts");
+    assert!(e.reason.contains("line 18"), "{}", e.reason);
+}
+
+#[test]
+fn max_ejection_percent_range() {
+    let yaml = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata:\n  name: d\nspec:\n  host: pricing\n  trafficPolicy:\n    outlierDetection:\n      maxEjectionPercent: 101\n";
+    let e = the_error(yaml);
+    assert_eq!(
+        e.field,
+        "spec.trafficPolicy.outlierDetection.maxEjectionPercent"
+    );
+}
+
+#[test]
+fn per_try_timeout_below_one_millisecond() {
+    let e = the_error(&format!(
+        "{VS}    retries:\n      attempts: 2\n      perTryTimeout: 500us\n"
+    ));
+    assert_eq!(e.field, "spec.http[0].retries.perTryTimeout");
+    assert!(e.reason.contains("at least 1ms"));
+}
+
+#[test]
+fn unsupported_fields_are_warned_not_dropped() {
+    let ps = problems("m.yaml", &format!("{VS}    mirror:\n      host: shadow\n    corsPolicy:\n      allowOrigins: [{{exact: x}}]\n"));
+    assert!(ps.iter().all(|p| !p.is_error()));
+    for f in ["spec.http[0].mirror", "spec.http[0].corsPolicy"] {
+        assert!(
+            ps.iter()
+                .any(|p| p.field == f && p.reason == "not supported by Sluice yet; ignored"),
+            "{f}: {ps:#?}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_api_version_is_an_error() {
+    let e = the_error("apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata:\n  name: x\nspec: {}\n");
+    assert_eq!(e.field, "apiVersion");
+}
