@@ -239,6 +239,8 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         println!("{name}: not measured: {why}");
     }
 
+    let loadgen_exe = release_loadgen(&root)?;
+
     // Rounds, interleaved.
     let ticks = clock_ticks();
     let gap = Duration::from_millis(args.gap_ms);
@@ -273,11 +275,10 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             pause(gap);
 
             let cpu2 = cpu_ticks(pid);
-            let exe = std::env::current_exe()?;
             let lg = pinned(
                 pin,
                 load_cpu,
-                &exe,
+                &loadgen_exe,
                 &[
                     "loadgen",
                     "--target",
@@ -648,6 +649,23 @@ fn start_sluice(bin: &Path, d: &Path, up_port: u16, pin: bool, cpu: &str) -> Res
         addr,
         proc,
     })
+}
+
+/// `cargo xtask` runs a debug build, too slow to time sub-millisecond latencies with;
+/// the load generator runs from a release build of this crate when one can be made.
+fn release_loadgen(root: &Path) -> Result<PathBuf> {
+    println!("bench: cargo build --release -p xtask (for the load generator)");
+    let ok = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "xtask"])
+        .current_dir(root)
+        .status()
+        .is_ok_and(|s| s.success());
+    let bin = root.join("target/release/xtask");
+    if ok && bin.is_file() {
+        return Ok(bin);
+    }
+    eprintln!("bench: release build of xtask failed; the load generator runs unoptimized");
+    Ok(std::env::current_exe()?)
 }
 
 fn build_sluice(root: &Path) -> std::result::Result<PathBuf, String> {
