@@ -1,0 +1,265 @@
+//! Istio semantics pinned: override order of traffic policies (pilot `MergeSubsetTrafficPolicy`),
+//! DestinationRule merging and VirtualService precedence (`sortConfigByCreationTime`), retries
+//! (`retry.ConvertPolicy`), faults (`TranslateFault`), registry, enrollment and endpoints.
+
+use sluice_config::{build, parse_str, BuildOptions, Problem};
+use sluice_policy::{ClusterKey, LoadBalancer, RetryPolicy, Snapshot, StringMatch};
+use std::time::Duration;
+
+fn snap(yaml: &str) -> (Snapshot, Vec<Problem>) {
+    let parsed = parse_str("t.yaml", yaml);
+    assert!(
+        parsed.problems.iter().all(|p| !p.is_error()),
+        "{:#?}",
+        parsed.problems
+    );
+    let (s, mut problems) = build(&parsed.objects, &BuildOptions::default());
+    problems.extend(parsed.problems);
+    assert!(problems.iter().all(|p| !p.is_error()), "{problems:#?}");
+    (s, problems)
+}
+
+const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: pricing\nspec:\n  ports:\n  - {name: http, port: 80, targetPort: 9090}\n  - {name: http-admin, port: 81, targetPort: admin}\n  selector: {app: pricing}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p1\n  labels: {app: pricing, version: v1}\nspec:\n  containers:\n  - name: c\n    ports:\n    - {name: admin, containerPort: 9191}\nstatus:\n  podIP: 10.0.0.1\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p2\n  labels: {app: pricing, version: v2}\nstatus:\n  podIPs: [{ip: 10.0.0.2}]\n---\n";
+const HOST: &str = "pricing.default.svc.cluster.local";
+
+fn key(port: u16, subset: Option<&str>) -> ClusterKey {
+    ClusterKey {
+        host: HOST.into(),
+        port,
+        subset: subset.map(Into::into),
+    }
+}
+
+#[test]
+fn traffic_policy_override_order() {
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: pricing\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 10}}\n    outlierDetection: {consecutive5xxErrors: 7}\n    portLevelSettings:\n    - port: {number: 80}\n      loadBalancer: {simple: RANDOM}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      connectionPool: {http: {http2MaxRequests: 3}}\n  - name: v2\n    labels: {version: v2}\n    trafficPolicy:\n      loadBalancer: {simple: ROUND_ROBIN}\n      portLevelSettings:\n      - port: {number: 81}\n        outlierDetection: {consecutiveGatewayErrors: 2}\n";
+    let (s, _) = snap(&format!("{SVC}{dr}"));
+    let p = |port, subset| s.clusters[&key(port, subset)].policy.clone();
+    // Port-level replaces every section; what it lacks falls back to defaults, not to the top level.
+    let p80 = p(80, None);
+    assert_eq!(p80.load_balancer, LoadBalancer::Random);
+    assert_eq!(p80.connection_pool.max_connections, u32::MAX);
+    assert_eq!(p80.outlier_detection, None);
+    let p81 = p(81, None);
+    assert_eq!(p81.connection_pool.max_connections, 10);
+    assert_eq!(p81.outlier_detection.unwrap().consecutive_5xx, Some(7));
+    assert_eq!(p81.load_balancer, LoadBalancer::LeastRequest);
+    // A subset section replaces the whole section (no field merge), others are inherited.
+    let v1_81 = p(81, Some("v1"));
+    assert_eq!(v1_81.connection_pool.max_requests, 3);
+    assert_eq!(v1_81.connection_pool.max_connections, u32::MAX);
+    assert_eq!(v1_81.outlier_detection.unwrap().consecutive_5xx, Some(7));
+    // ...and inherits from the top level's port-level entry for its port.
+    let v1_80 = p(80, Some("v1"));
+    assert_eq!(v1_80.load_balancer, LoadBalancer::Random);
+    assert_eq!(v1_80.outlier_detection, None);
+    // A subset's own port-level entry replaces everything for that port.
+    let v2_81 = p(81, Some("v2"));
+    assert_eq!(
+        v2_81
+            .outlier_detection
+            .as_ref()
+            .unwrap()
+            .consecutive_gateway_errors,
+        Some(2)
+    );
+    assert_eq!(v2_81.load_balancer, LoadBalancer::LeastRequest);
+    assert_eq!(v2_81.connection_pool.max_connections, u32::MAX);
+    assert_eq!(p(80, Some("v2")).load_balancer, LoadBalancer::RoundRobin);
+    // Subset endpoints are filtered by labels; named targetPort resolves per pod.
+    assert_eq!(s.clusters[&key(80, Some("v1"))].endpoints.len(), 1);
+    assert_eq!(s.clusters[&key(80, None)].endpoints.len(), 2);
+    let admin = &s.clusters[&key(81, None)].endpoints;
+    assert_eq!(admin.len(), 1, "p2 has no container port named admin");
+    assert_eq!(admin[0].addr, "10.0.0.1:9191".parse().unwrap());
+}
+
+#[test]
+fn outlier_detection_translation() {
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: pricing\n  trafficPolicy:\n    outlierDetection:\n      consecutiveErrors: 4\n      consecutive5xxErrors: 6\n      maxEjectionPercent: 0\n      splitExternalLocalOriginErrors: true\n";
+    let (s, _) = snap(&format!("{SVC}{dr}"));
+    let od = s.clusters[&key(80, None)]
+        .policy
+        .outlier_detection
+        .clone()
+        .unwrap();
+    // consecutive5xxErrors re-enables the 5xx detector that consecutiveErrors turned off.
+    assert_eq!(
+        (od.consecutive_gateway_errors, od.consecutive_5xx),
+        (Some(4), Some(6))
+    );
+    assert_eq!(od.max_ejection_percent, 10, "0 keeps Envoy's default");
+    assert_eq!(od.consecutive_local_origin_failures, Some(5));
+    let dr0 = dr
+        .replace("consecutive5xxErrors: 6", "consecutive5xxErrors: 0")
+        .replace("      consecutiveErrors: 4\n", "");
+    let (s, _) = snap(&format!("{SVC}{dr0}"));
+    assert_eq!(
+        s.clusters[&key(80, None)]
+            .policy
+            .outlier_detection
+            .clone()
+            .unwrap()
+            .consecutive_5xx,
+        None
+    );
+}
+
+#[test]
+fn destination_rules_merge_like_istio() {
+    let drs = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: b, creationTimestamp: \"2024-01-01T00:00:00Z\"}\nspec:\n  host: pricing.default.svc.cluster.local\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 2}}}\n  subsets: [{name: v1, labels: {version: v2}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a, creationTimestamp: \"2024-06-01T00:00:00Z\"}\nspec:\n  host: pricing\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 9}}}\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n";
+    let (s, problems) = snap(&format!("{SVC}{drs}"));
+    assert_eq!(
+        s.clusters[&key(80, None)]
+            .policy
+            .connection_pool
+            .max_connections,
+        2,
+        "the oldest wins"
+    );
+    let v1 = &s.clusters[&key(80, Some("v1"))];
+    assert_eq!(
+        v1.endpoints[0].pod.as_deref(),
+        Some("default/p2"),
+        "first definition of v1 wins"
+    );
+    assert!(
+        s.clusters.contains_key(&key(80, Some("v2"))),
+        "subsets are merged"
+    );
+    assert!(problems
+        .iter()
+        .any(|p| p.reason.contains("duplicate subset \"v1\"")));
+}
+
+#[test]
+fn oldest_virtual_service_wins_a_host() {
+    let vs = |name: &str, ts: &str, t: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, creationTimestamp: \"{ts}\"}}\nspec:\n  hosts: [pricing]\n  http:\n  - route: [{{destination: {{host: pricing, port: {{number: 80}}}}}}]\n    timeout: {t}\n---\n")
+    };
+    let (s, problems) = snap(&format!(
+        "{SVC}{}{}",
+        vs("a", "2024-02-01T00:00:00Z", "1s"),
+        vs("z", "2024-01-01T00:00:00Z", "2s")
+    ));
+    assert_eq!(s.virtual_hosts[HOST].name, "default/z");
+    assert_eq!(
+        s.virtual_hosts[HOST].routes[0].timeout,
+        Some(Duration::from_secs(2))
+    );
+    let w = problems.iter().find(|p| p.field == "spec.hosts").unwrap();
+    assert_eq!(w.object.as_deref(), Some("VirtualService default/a"));
+    assert!(w.reason.contains("VirtualService default/z"));
+    // Same creation time: by name.
+    let (s, _) = snap(&format!("{SVC}{}{}", vs("b", "", "1s"), vs("a", "", "2s")));
+    assert_eq!(s.virtual_hosts[HOST].name, "default/a");
+}
+
+#[test]
+fn retries_as_convert_policy() {
+    let vs = |retries: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [pricing]\n  http:\n  - route: [{{destination: {{host: pricing, port: {{number: 80}}}}}}]\n{retries}")
+    };
+    let retry = |r: &str| {
+        snap(&format!("{SVC}{}", vs(r))).0.virtual_hosts[HOST].routes[0]
+            .retry
+            .clone()
+    };
+    assert_eq!(retry(""), RetryPolicy::istio_default());
+    assert_eq!(retry("    retries: {attempts: 0}\n").num_retries, 0);
+    let r = retry("    retries: {attempts: 5}\n");
+    assert_eq!(
+        (r.num_retries, r.retry_on.clone()),
+        (5, RetryPolicy::istio_default().retry_on)
+    );
+    let r = retry("    retries: {attempts: 1, retryOn: \"503\", backoff: 100ms}\n");
+    assert_eq!(r.retry_on.retriable_status_codes, vec![503]);
+    assert!(!r.retry_on.connect_failure);
+    assert_eq!(
+        (r.backoff_base, r.backoff_max),
+        (Duration::from_millis(100), Duration::from_secs(1))
+    );
+}
+
+#[test]
+fn faults_as_translate_fault() {
+    let vs = |fault: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: [pricing]\n  http:\n  - route: [{{destination: {{host: pricing, port: {{number: 80}}}}}}]\n    timeout: 3s\n    fault:\n{fault}")
+    };
+    let route = |f: &str| snap(&format!("{SVC}{}", vs(f))).0.virtual_hosts[HOST].routes[0].clone();
+    // No percentage: Envoy's zero default, i.e. never (Istio docs: "If not specified, no request").
+    let r = route("      delay: {fixedDelay: 1s}\n      abort: {httpStatus: 503}\n");
+    let f = r.fault.clone().unwrap();
+    assert_eq!(f.delay.unwrap().percentage, 0.0);
+    assert_eq!(
+        f.abort.unwrap(),
+        sluice_policy::FaultAbort::Http {
+            status: 503,
+            percentage: 0.0
+        }
+    );
+    // Retries and timeout stay on the route, as pilot leaves them.
+    assert_eq!(r.timeout, Some(Duration::from_secs(3)));
+    assert_eq!(r.retry, RetryPolicy::istio_default());
+    // Legacy integer percent.
+    let r = route("      delay: {fixedDelay: 1s, percent: 30}\n");
+    assert_eq!(r.fault.unwrap().delay.unwrap().percentage, 30.0);
+}
+
+#[test]
+fn matches_weights_and_wildcards() {
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [pricing, \"*.example.com\", \"*\", \"*.api.example.com\"]\n  http:\n  - match:\n    - headers: {X-User: {exact: bob}, x-canary: {}}\n      uri: {prefix: /api}\n      ignoreUriCase: true\n    - gateways: [some-gateway]\n    route:\n    - {destination: {host: pricing, port: {number: 80}, subset: v1}, weight: 80}\n    - {destination: {host: pricing, port: {number: 80}, subset: v2}, weight: 20}\n    - {destination: {host: pricing, port: {number: 80}}, weight: 0}\n  - route: [{destination: {host: pricing}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: pricing\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n";
+    let (s, problems) = snap(&format!("{SVC}{vs}"));
+    let vh = &s.virtual_hosts[HOST];
+    let r0 = &vh.routes[0];
+    assert_eq!(r0.name, "default/v.0");
+    assert_eq!(
+        r0.matches.len(),
+        1,
+        "the gateway-only match does not apply to mesh traffic"
+    );
+    let m = &r0.matches[0];
+    assert!(m.ignore_uri_case && matches!(&m.uri, Some(StringMatch::Prefix(p)) if p == "/api"));
+    assert!(m.headers.iter().any(|h| h.name == "x-user"));
+    assert!(m
+        .headers
+        .iter()
+        .any(|h| h.name == "x-canary" && matches!(h.value, StringMatch::Present)));
+    assert!(problems
+        .iter()
+        .any(|p| p.field == "spec.http[0].match[0].headers.X-User"));
+    let weights: Vec<u32> = r0.destinations.iter().map(|d| d.weight).collect();
+    assert_eq!(weights, vec![80, 20]);
+    // Port omitted: the service has two ports, so the first is used with a warning.
+    assert_eq!(vh.routes[1].destinations[0].cluster.port, 80);
+    let order: Vec<&str> = s.wildcard_hosts.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(order, vec!["*.api.example.com", "*.example.com", "*"]);
+    assert!(s.virtual_host("x.api.example.com").is_some());
+}
+
+#[test]
+fn enrollment_and_endpoint_slices() {
+    let yaml = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {istio.io/dataplane-mode: ambient}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: shop}\nstatus: {podIP: 10.1.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: shop, labels: {istio.io/dataplane-mode: none, version: v9}}\nstatus: {podIP: 10.1.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: c, labels: {istio.io/dataplane-mode: ambient}}\nstatus: {podIP: 10.1.0.3}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: d}\nstatus: {podIP: 10.1.0.4}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\nspec:\n  clusterIP: 10.96.1.1\n  ports: [{name: http, port: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: cart-abc\n  namespace: shop\n  labels: {kubernetes.io/service-name: cart}\naddressType: IPv4\nports: [{name: http, port: 9000}, {name: other, port: 1}]\nendpoints:\n- addresses: [10.1.0.1]\n  targetRef: {kind: Pod, name: a}\n- addresses: [10.1.0.2]\n  conditions: {ready: true}\n- addresses: [10.1.0.9]\n  conditions: {ready: false}\n";
+    let (s, _) = snap(yaml);
+    let enrolled = |k: &str| s.workloads[k].enrolled;
+    assert!(enrolled("shop/a"));
+    assert!(!enrolled("shop/b"), "pod label none opts out");
+    assert!(enrolled("default/c"));
+    assert!(!enrolled("default/d"));
+    let svc = s
+        .service_by_vip("10.96.1.1".parse().unwrap(), 8080)
+        .unwrap();
+    assert_eq!(svc.hostname, "cart.shop.svc.cluster.local");
+    let c = &s.clusters[&ClusterKey {
+        host: svc.hostname.clone(),
+        port: 8080,
+        subset: None,
+    }];
+    let addrs: Vec<String> = c.endpoints.iter().map(|e| e.addr.to_string()).collect();
+    assert_eq!(addrs, vec!["10.1.0.1:9000", "10.1.0.2:9000"]);
+    // Labels come from the pod, found by targetRef or by IP.
+    assert_eq!(
+        c.endpoints[1].labels.get("version").map(String::as_str),
+        Some("v9")
+    );
+}
