@@ -360,6 +360,17 @@ fn split_yaml_error(e: &serde_yaml::Error, start_line: usize) -> (String, String
             loc.column()
         );
     }
+    // libyaml's messages embed document-relative lines: make them file-relative.
+    if msg.contains("line ") {
+        let re = regex::Regex::new(r"line (\d+)").expect("valid regex");
+        msg = re
+            .replace_all(&msg, |c: &regex::Captures| {
+                let n: usize = c[1].parse().unwrap_or(0);
+                format!("line {}", n + start_line)
+            })
+            .into_owned();
+        location.clear();
+    }
     let (field, reason) = match msg.split_once(": ") {
         Some((path, rest)) if !path.is_empty() && !path.contains(' ') => {
             (path.to_string(), rest.to_string())
@@ -473,6 +484,19 @@ mod tests {
         let parsed = parse_str("bad.yaml", "apiVersion: v1\nkind: [Namespace\n");
         assert!(parsed.unreadable);
         assert!(parsed.problems[0].reason.starts_with("YAML syntax error"));
+        // Lines are counted from the top of the file, not of the document.
+        let parsed = parse_str(
+            "bad.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: [Namespace\n",
+        );
+        let p = &parsed.problems[0];
+        assert_eq!(p.document, 2);
+        assert!(
+            p.reason.contains("line 6") || p.reason.contains("line 7"),
+            "{}",
+            p.reason
+        );
+        assert!(!p.reason.contains("line 2 "), "{}", p.reason);
     }
 
     #[test]

@@ -76,9 +76,6 @@ impl fmt::Display for Problem {
         if !self.field.is_empty() {
             write!(f, ": {}", self.field)?;
         }
-        if self.severity == Severity::Warning {
-            f.write_str(": warning")?;
-        }
         write!(f, ": {}", self.reason)
     }
 }
@@ -162,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn warnings_say_so() {
+    fn documents_without_a_name() {
         let p = Problem {
             severity: Severity::Warning,
             file: "a.yaml".into(),
@@ -171,10 +168,7 @@ mod tests {
             field: "spec.x".into(),
             reason: "unknown field".into(),
         };
-        assert_eq!(
-            p.to_string(),
-            "a.yaml: document 1: spec.x: warning: unknown field"
-        );
+        assert_eq!(p.to_string(), "a.yaml: document 1: spec.x: unknown field");
         assert_eq!(p.to_rejection().object, "document 1");
     }
 }

@@ -37,7 +37,7 @@ fn typo_is_a_warning_with_the_full_path() {
     );
     assert_eq!(
         p.to_string(),
-        "cb.yaml: document 1 (DestinationRule default/cb): spec.trafficPolicy.outlierDetection.consecutive5xxError: warning: unknown field"
+        "cb.yaml: document 1 (DestinationRule default/cb): spec.trafficPolicy.outlierDetection.consecutive5xxError: unknown field"
     );
 }
 
