@@ -222,6 +222,18 @@ fn parse_document(file: &str, index: usize, start_line: usize, chunk: &str, out:
         namespace,
         name,
     };
+    if kind == "List" && api_version == "v1" {
+        // `kubectl get -o yaml` output: each item is read as part of this document (item line
+        // numbers are relative to the item).
+        if let Some(items) = map.get("items").and_then(Value::as_sequence) {
+            for item in items {
+                if let Ok(text) = serde_yaml::to_string(item) {
+                    parse_document(file, index, start_line, &text, out);
+                }
+            }
+        }
+        return;
+    }
     if kind.is_empty() {
         sink.error(
             "kind",
@@ -497,6 +509,17 @@ mod tests {
             p.reason
         );
         assert!(!p.reason.contains("line 2 "), "{}", p.reason);
+    }
+
+    #[test]
+    fn lists_and_json() {
+        let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: b}\n";
+        assert_eq!(parse_str("l.yaml", list).objects.len(), 2);
+        let json = r#"{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "j"}}"#;
+        assert_eq!(
+            parse_str("n.json", json).objects[0].describe(),
+            "Namespace j"
+        );
     }
 
     #[test]
