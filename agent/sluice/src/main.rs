@@ -1,1 +1,20 @@
-fn main() {}
+//! `sluice`: the node agent (`sluice run`) and the operator's debugging CLI (`status`, `config`,
+//! `clusters`, `policy`, `logs`, `log-level`, `validate`).
+#![forbid(unsafe_code)]
+
+mod cli;
+mod client;
+mod run;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Args::parse();
+    match cli::dispatch(args) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("sluice: {err:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

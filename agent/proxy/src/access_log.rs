@@ -1,0 +1,188 @@
+//! One line per request, in the order of Envoy's default format so that people who read Envoy logs can
+//! read these: `[start] "METHOD PATH PROTO" STATUS FLAGS attempts=N duration=MSms "authority"
+//! "upstream" cluster "request-id" service`. Lines go to stdout through a writer thread (the runtime
+//! never blocks on a pipe) and to live subscribers (`sluice logs`).
+
+use crate::handler::RequestSummary;
+use http::StatusCode;
+use sluice_core::RequestInfo;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::broadcast;
+
+/// Where access-log lines go.
+#[derive(Clone)]
+pub struct AccessLog {
+    stdout: Option<mpsc::SyncSender<String>>,
+    live: broadcast::Sender<Arc<str>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+    /// `to_stdout`: also print lines (the default, like Istio's demo profile).
+    pub fn new(to_stdout: bool) -> Self {
+        let (live, _) = broadcast::channel(1024);
+        let stdout = to_stdout.then(|| {
+            let (tx, rx) = mpsc::sync_channel::<String>(8192);
+            std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(rx))
+                .expect("spawn access-log writer");
+            tx
+        });
+        Self {
+            stdout,
+            live,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A stream of lines as they are logged.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.live.subscribe()
+    }
+
+    /// Lines dropped because stdout could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn log(
+        &self,
+        req: &RequestSummary,
+        status: StatusCode,
+        info: &RequestInfo,
+        elapsed: Duration,
+        service: Option<&sluice_policy::Service>,
+    ) {
+        if self.stdout.is_none() && self.live.receiver_count() == 0 {
+            return;
+        }
+        let line = format_line(req, status, info, elapsed, service, SystemTime::now());
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(Arc::from(line.as_str()));
+        }
+        if let Some(tx) = &self.stdout {
+            if tx.try_send(line).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn write_lines(rx: mpsc::Receiver<String>) {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    while let Ok(line) = rx.recv() {
+        let _ = writeln!(out, "{line}");
+        // Drain what is queued, then flush once: one syscall per burst, not per line.
+        while let Ok(line) = rx.try_recv() {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+}
+
+pub(crate) fn format_line(
+    req: &RequestSummary,
+    status: StatusCode,
+    info: &RequestInfo,
+    elapsed: Duration,
+    service: Option<&sluice_policy::Service>,
+    now: SystemTime,
+) -> String {
+    let mut line = String::with_capacity(256);
+    let _ = write!(
+        line,
+        "[{}] \"{} {} {:?}\" {} {} attempts={} duration={}ms \"{}\" \"{}\" {} \"{}\" {}",
+        rfc3339(now),
+        req.method,
+        req.path,
+        req.version,
+        status.as_u16(),
+        info.flags(),
+        info.attempts(),
+        elapsed.as_millis(),
+        req.authority,
+        info.upstream()
+            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        info.cluster().as_deref().unwrap_or("-"),
+        req.request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-"),
+        service.map_or("-", |s| s.hostname.as_str()),
+    );
+    line
+}
+
+/// `2026-11-23T13:40:00.123Z` without pulling in a calendar crate.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::ResponseFlags;
+
+    #[test]
+    fn timestamps() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_441_200_123);
+        assert_eq!(rfc3339(t), "2026-11-23T13:40:00.123Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn line_has_every_field() {
+        let info = RequestInfo::new();
+        info.add_attempt();
+        info.add_attempt();
+        info.add_flags(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        info.push_upstream("10.0.0.7:9090".parse().unwrap());
+        info.set_cluster("outbound|80||pricing.default.svc.cluster.local".into());
+        let req = RequestSummary {
+            method: http::Method::GET,
+            path: "/".into(),
+            version: http::Version::HTTP_11,
+            authority: "pricing".into(),
+            request_id: None,
+        };
+        let line = format_line(
+            &req,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &info,
+            Duration::from_millis(12),
+            None,
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(
+            line,
+            "[1970-01-01T00:00:00.000Z] \"GET / HTTP/1.1\" 503 URX attempts=2 duration=12ms \"pricing\" \
+             \"10.0.0.7:9090\" outbound|80||pricing.default.svc.cluster.local \"-\" -"
+        );
+    }
+}

@@ -1,0 +1,368 @@
+//! One outbound request, from the client's request to the response it gets: find the destination
+//! service, pick the route and destination cluster, run the route's resilience stack, and turn a
+//! failure into the local reply Envoy would send. Every request ends in exactly one access-log line and
+//! one metrics sample.
+//!
+//! The stack per attempt, outermost first (Istio's order, which is Envoy's filter chain then router):
+//! fault injection -> route timeout -> retries (with the cluster's retry budget) -> per-try timeout ->
+//! the cluster (circuit breakers, load balancing, outlier detection, connection pools).
+
+use crate::access_log::AccessLog;
+use crate::metrics::Metrics;
+use crate::route;
+use crate::state::{RoutePlan, State, Upstream};
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use sluice_core::{Body, BoxError, ProxyError, RequestInfo, ResponseFlags};
+use sluice_policy::{ClusterKey, Service};
+use sluice_resilience::{FaultLayer, RetryLayer, TimeoutLayer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+
+/// What the listener knows about the client connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The destination the client connected to before redirection (eBPF mode), if known.
+    pub original_dst: Option<SocketAddr>,
+}
+
+/// Options that shape request handling.
+#[derive(Clone, Debug)]
+pub struct HandlerOptions {
+    /// The namespace short host names resolve in when the client is not a known pod
+    /// (explicit-proxy mode on a node or in tests).
+    pub default_namespace: String,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        Self {
+            default_namespace: "default".into(),
+        }
+    }
+}
+
+/// The request handler shared by every connection.
+pub struct Handler {
+    state: ArcSwap<State>,
+    pub(crate) access_log: AccessLog,
+    pub(crate) metrics: Metrics,
+    opts: HandlerOptions,
+}
+
+impl Handler {
+    pub fn new(opts: HandlerOptions, access_log: AccessLog, metrics: Metrics) -> Self {
+        Self {
+            state: ArcSwap::from_pointee(State::empty()),
+            access_log,
+            metrics,
+            opts,
+        }
+    }
+
+    /// The generation in force.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    /// Makes `snapshot` the policy for new requests; requests under way keep theirs.
+    pub fn apply(&self, snapshot: Arc<sluice_policy::Snapshot>) {
+        let prev = self.state.load();
+        let next = State::next(&prev, snapshot);
+        self.state.store(Arc::new(next));
+    }
+
+    pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let start = Instant::now();
+        let state = self.state.load_full();
+        let info = Arc::new(RequestInfo::new());
+        let summary = RequestSummary::of(&req);
+
+        let (rsp, service) = match self.route(&state, &req, conn) {
+            Ok((plan, upstream, service)) => {
+                info.set_cluster(upstream.spec.key.to_string());
+                let req = prepare_request(req, &info);
+                let stack = ServiceBuilder::new()
+                    .layer(FaultLayer::new(plan.fault.clone()))
+                    .layer(TimeoutLayer::route(plan.timeout))
+                    .layer(RetryLayer::new(
+                        plan.retry.clone(),
+                        upstream.retry_budget.clone(),
+                    ))
+                    .layer(TimeoutLayer::per_try(plan.per_try_timeout))
+                    .service(upstream.handle.clone());
+                // Boxed where created: rustc cannot otherwise prove the stack's future `Send` for
+                // every lifetime in `BoxError` when hyper spawns the connection task.
+                let fut: futures_util::future::BoxFuture<
+                    'static,
+                    Result<Response<Body>, BoxError>,
+                > = Box::pin(stack.oneshot(req));
+                let rsp = match fut.await {
+                    Ok(rsp) => prepare_response(rsp),
+                    Err(err) => local_reply(&err, &info),
+                };
+                (rsp, Some(service))
+            }
+            Err(err) => (local_reply(&err, &info), None),
+        };
+
+        let elapsed = start.elapsed();
+        let service = service.as_deref();
+        self.metrics
+            .record(service, rsp.status(), info.flags(), elapsed);
+        self.access_log
+            .log(&summary, rsp.status(), &info, elapsed, service);
+        rsp
+    }
+
+    /// Finds the destination service, route plan and cluster for `req`.
+    fn route<'s, B>(
+        &self,
+        state: &'s State,
+        req: &Request<B>,
+        conn: &ConnInfo,
+    ) -> Result<(Arc<RoutePlan>, &'s Upstream, Arc<Service>), BoxError> {
+        let snapshot = &state.snapshot;
+        let authority = route::authority_of(req);
+        let (host, explicit_port) = split_authority(&authority);
+
+        // The original destination decides the service when it is a cluster IP (eBPF mode); the
+        // authority decides otherwise (explicit proxy, or a pod IP destination).
+        let by_vip = conn.original_dst.and_then(|dst| {
+            snapshot
+                .service_by_vip(dst.ip(), dst.port())
+                .map(|s| (s, dst.port()))
+        });
+        let namespace = conn
+            .original_dst
+            .and(snapshot.workload_by_ip(conn.peer.ip()))
+            .map_or(self.opts.default_namespace.as_str(), |w| {
+                w.namespace.as_str()
+            });
+        let (service, port) = match by_vip {
+            Some(found) => found,
+            None => {
+                let svc = snapshot
+                    .resolve_host(host, namespace)
+                    .ok_or_else(|| ProxyError::NoCluster(authority.clone()))?;
+                let port = explicit_port
+                    .or_else(|| conn.original_dst.map(|d| d.port()))
+                    .unwrap_or(80);
+                (svc, port)
+            }
+        };
+        if !service.ports.iter().any(|p| p.port == port) {
+            return Err(ProxyError::NoCluster(format!("{}:{port}", service.hostname)).into());
+        }
+
+        let plan = match state.vhost(&service.hostname) {
+            Some((vh, plans)) => {
+                let (idx, _) = route::select(vh, req, port).ok_or(ProxyError::NoRoute)?;
+                plans[idx].clone()
+            }
+            None => {
+                let key = ClusterKey {
+                    host: service.hostname.clone(),
+                    port,
+                    subset: None,
+                };
+                state
+                    .implicit_plan(&key)
+                    .cloned()
+                    .ok_or_else(|| ProxyError::NoCluster(key.to_string()))?
+            }
+        };
+        let dest = route::pick_destination(&plan.destinations, |total| fastrand::u32(0..total))
+            .ok_or(ProxyError::NoRoute)?;
+        let upstream = state
+            .upstreams
+            .get(&dest.cluster)
+            .ok_or_else(|| ProxyError::NoCluster(dest.cluster.to_string()))?;
+        Ok((plan, upstream, service.clone()))
+    }
+}
+
+/// What the access log needs of the request, taken before the request moves on.
+pub struct RequestSummary {
+    pub method: http::Method,
+    pub path: String,
+    pub version: http::Version,
+    pub authority: String,
+    pub request_id: Option<HeaderValue>,
+}
+
+impl RequestSummary {
+    fn of<B>(req: &Request<B>) -> Self {
+        Self {
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            version: req.version(),
+            authority: route::authority_of(req),
+            request_id: req.headers().get(X_REQUEST_ID).cloned(),
+        }
+    }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+
+/// Headers that describe one hop and are not forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
+        if let Ok(conn) = conn.to_str() {
+            for name in conn.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Makes the client's request an upstream request: authority in `Host`, hop-by-hop headers gone,
+/// an `x-request-id` (Envoy generates one when the client sent none), the request record attached.
+fn prepare_request<B>(req: Request<B>, info: &Arc<RequestInfo>) -> Request<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let authority = route::authority_of(&req);
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Ok(host) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, host);
+    }
+    if !parts.headers.contains_key(X_REQUEST_ID) {
+        let id = format!("{:032x}", fastrand::u128(..));
+        let uuid = format!(
+            "{}-{}-{}-{}-{}",
+            &id[0..8],
+            &id[8..12],
+            &id[12..16],
+            &id[16..20],
+            &id[20..32]
+        );
+        parts.headers.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_str(&uuid).expect("hex is a valid header"),
+        );
+    }
+    // Absolute form with the client's authority; the upstream pool writes what its protocol needs.
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(pq)
+        .build()
+    {
+        parts.uri = uri;
+    }
+    parts.version = http::Version::HTTP_11;
+    parts.extensions.insert(info.clone());
+    Request::from_parts(parts, sluice_core::boxed(body))
+}
+
+fn prepare_response(mut rsp: Response<Body>) -> Response<Body> {
+    strip_hop_by_hop(rsp.headers_mut());
+    rsp
+}
+
+/// The response Envoy sends when the proxy itself ends the request.
+fn local_reply(err: &BoxError, info: &RequestInfo) -> Response<Body> {
+    let (status, flag, body) = match ProxyError::find(err) {
+        Some(pe) => (pe.status(), pe.flag(), pe.body()),
+        None => {
+            tracing::debug!(error = %err, "request failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+                "upstream connect error or disconnect/reset before headers",
+            )
+        }
+    };
+    info.add_flags(flag);
+    let mut rsp = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .header(header::CONTENT_LENGTH, body.len());
+    if flag.contains(ResponseFlags::UPSTREAM_OVERFLOW) {
+        rsp = rsp.header(X_ENVOY_OVERLOADED, "true");
+    }
+    rsp.body(sluice_core::full(body))
+        .expect("valid local reply")
+}
+
+/// Splits `host[:port]` (IPv6 in brackets).
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        if let Some((host, after)) = rest.split_once(']') {
+            return (host, after.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
+        _ => (authority, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_parts() {
+        assert_eq!(split_authority("pricing"), ("pricing", None));
+        assert_eq!(split_authority("pricing:9090"), ("pricing", Some(9090)));
+        assert_eq!(split_authority("[::1]:80"), ("::1", Some(80)));
+        assert_eq!(split_authority("10.0.0.1:80"), ("10.0.0.1", Some(80)));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn overflow_reply_is_envoys() {
+        let info = RequestInfo::new();
+        let err: BoxError = Box::new(ProxyError::Overflow(sluice_core::OverflowKind::Pending));
+        let rsp = local_reply(&err, &info);
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rsp.headers()[X_ENVOY_OVERLOADED], "true");
+        assert_eq!(info.flags().to_string(), "UO");
+    }
+}

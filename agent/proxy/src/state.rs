@@ -1,0 +1,183 @@
+//! One generation of what the proxy runs: the checked snapshot, the live clusters it names, and each
+//! route's resilience plan. Swapped atomically on reload; a request loads it once and keeps it, so a
+//! request finishes under the policy it started with while new requests see the new one.
+
+use sluice_policy::{
+    Cluster, ClusterKey, Fault, RetryPolicy, Route, Service, Snapshot, VirtualHost,
+    WeightedDestination,
+};
+use sluice_resilience::RetryBudget;
+use sluice_upstream::{ClusterHandle, UpstreamProtocol};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A live cluster: its connection pools and outlier state, and its `maxRetries` budget.
+#[derive(Clone)]
+pub struct Upstream {
+    pub spec: Arc<Cluster>,
+    pub handle: ClusterHandle,
+    pub retry_budget: Arc<RetryBudget>,
+}
+
+/// A route compiled for the hot path: the layers' settings are shared, not rebuilt per request.
+pub struct RoutePlan {
+    pub name: String,
+    pub destinations: Vec<WeightedDestination>,
+    pub timeout: Option<Duration>,
+    pub retry: Arc<RetryPolicy>,
+    pub per_try_timeout: Option<Duration>,
+    pub fault: Option<Arc<Fault>>,
+}
+
+impl RoutePlan {
+    fn compile(route: &Route) -> Self {
+        Self {
+            name: route.name.clone(),
+            destinations: route.destinations.clone(),
+            timeout: route.timeout,
+            per_try_timeout: route.retry.per_try_timeout,
+            retry: Arc::new(route.retry.clone()),
+            fault: route.fault.clone().map(Arc::new),
+        }
+    }
+
+    /// Istio's implicit route for a service with no VirtualService: everything to the service port,
+    /// no timeout, the default retry policy.
+    fn implicit(service: &Service, port: u16) -> Self {
+        Self {
+            name: "default".into(),
+            destinations: vec![WeightedDestination {
+                cluster: ClusterKey {
+                    host: service.hostname.clone(),
+                    port,
+                    subset: None,
+                },
+                weight: 100,
+            }],
+            timeout: None,
+            retry: Arc::new(RetryPolicy::istio_default()),
+            per_try_timeout: None,
+            fault: None,
+        }
+    }
+}
+
+/// Everything one request needs, consistent with one config generation.
+pub struct State {
+    pub snapshot: Arc<Snapshot>,
+    pub upstreams: HashMap<ClusterKey, Upstream>,
+    /// Compiled routes by VirtualHost name (`namespace/name` of the VirtualService).
+    plans: HashMap<String, Vec<Arc<RoutePlan>>>,
+    /// Implicit routes by cluster key (service port without VirtualService).
+    implicit: HashMap<ClusterKey, Arc<RoutePlan>>,
+}
+
+impl State {
+    pub fn empty() -> Self {
+        Self {
+            snapshot: Arc::new(Snapshot::default()),
+            upstreams: HashMap::new(),
+            plans: HashMap::new(),
+            implicit: HashMap::new(),
+        }
+    }
+
+    /// Builds the next generation from `snapshot`, reusing the live clusters of `prev` so connection
+    /// pools and outlier state survive a reload.
+    pub fn next(prev: &State, snapshot: Arc<Snapshot>) -> Self {
+        let mut upstreams = HashMap::with_capacity(snapshot.clusters.len());
+        for (key, spec) in &snapshot.clusters {
+            let upstream = match prev.upstreams.get(key) {
+                Some(up) if Arc::ptr_eq(&up.spec, spec) || *up.spec == **spec => up.clone(),
+                Some(up) => {
+                    up.handle.update(spec.clone());
+                    Upstream {
+                        spec: spec.clone(),
+                        handle: up.handle.clone(),
+                        retry_budget: if up.spec.policy.connection_pool.max_retries
+                            == spec.policy.connection_pool.max_retries
+                        {
+                            up.retry_budget.clone()
+                        } else {
+                            Arc::new(RetryBudget::new(spec.policy.connection_pool.max_retries))
+                        },
+                    }
+                }
+                None => Upstream {
+                    spec: spec.clone(),
+                    handle: sluice_upstream::Cluster::new(
+                        spec.clone(),
+                        protocol_of(&snapshot, key),
+                    ),
+                    retry_budget: Arc::new(RetryBudget::new(
+                        spec.policy.connection_pool.max_retries,
+                    )),
+                },
+            };
+            upstreams.insert(key.clone(), upstream);
+        }
+
+        let mut plans = HashMap::new();
+        let vhosts = snapshot
+            .virtual_hosts
+            .values()
+            .chain(snapshot.wildcard_hosts.iter().map(|(_, vh)| vh));
+        for vh in vhosts {
+            plans.entry(vh.name.clone()).or_insert_with(|| {
+                vh.routes
+                    .iter()
+                    .map(|r| Arc::new(RoutePlan::compile(r)))
+                    .collect()
+            });
+        }
+
+        let mut implicit = HashMap::new();
+        for svc in snapshot.services.values() {
+            for port in &svc.ports {
+                let plan = RoutePlan::implicit(svc, port.port);
+                implicit.insert(plan.destinations[0].cluster.clone(), Arc::new(plan));
+            }
+        }
+
+        Self {
+            snapshot,
+            upstreams,
+            plans,
+            implicit,
+        }
+    }
+
+    /// The route plans for a destination service: its VirtualService's routes, if any.
+    pub fn vhost(&self, hostname: &str) -> Option<(&Arc<VirtualHost>, &[Arc<RoutePlan>])> {
+        let vh = self.snapshot.virtual_host(hostname)?;
+        let plans = self.plans.get(&vh.name)?;
+        Some((vh, plans))
+    }
+
+    pub fn implicit_plan(&self, key: &ClusterKey) -> Option<&Arc<RoutePlan>> {
+        self.implicit.get(key)
+    }
+}
+
+/// HTTP/2 to the upstream when the service port says so (`appProtocol`/port name `http2`, `grpc`,
+/// `h2c`) or the DestinationRule asks for an upgrade; HTTP/1.1 otherwise, as Istio decides.
+fn protocol_of(snapshot: &Snapshot, key: &ClusterKey) -> UpstreamProtocol {
+    let port_proto = snapshot
+        .services
+        .get(&key.host)
+        .and_then(|s| s.ports.iter().find(|p| p.port == key.port))
+        .and_then(|p| p.app_protocol.as_deref())
+        .unwrap_or("");
+    let h2_port = ["http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c"]
+        .iter()
+        .any(|p| port_proto.eq_ignore_ascii_case(p));
+    let upgrade = snapshot.clusters.get(key).is_some_and(|c| {
+        c.policy.connection_pool.h2_upgrade == sluice_policy::H2UpgradePolicy::Upgrade
+    });
+    if h2_port || upgrade {
+        UpstreamProtocol::H2c
+    } else {
+        UpstreamProtocol::Http1
+    }
+}

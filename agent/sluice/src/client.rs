@@ -1,0 +1,177 @@
+//! The operator side: talks to a running agent's admin API (localhost:15000) and prints tables.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// One HTTP/1.0 request to the admin API; the body of a 2xx answer.
+pub fn request(admin: SocketAddr, method: &str, path: &str) -> Result<String> {
+    let mut stream = connect(admin)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .context("reading the admin API's answer")?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if !status.starts_with('2') {
+        bail!("admin API answered {path} with {status}: {}", body.trim());
+    }
+    Ok(body.to_owned())
+}
+
+fn connect(admin: SocketAddr) -> Result<TcpStream> {
+    TcpStream::connect_timeout(&admin, Duration::from_secs(2)).with_context(|| {
+        format!("cannot reach the agent's admin API at {admin}: is `sluice run` running on this node? (pass --admin ADDR if it listens elsewhere)")
+    })
+}
+
+/// Streams `/access_log` to stdout.
+pub fn follow_logs(admin: SocketAddr, count: Option<usize>) -> Result<()> {
+    let mut stream = connect(admin)?;
+    write!(
+        stream,
+        "GET /access_log HTTP/1.0\r\nHost: localhost\r\n\r\n"
+    )?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    // Skip the response head.
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let mut seen = 0;
+    while count.is_none_or(|c| seen < c) {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        print!("{line}");
+        seen += 1;
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query value.
+pub fn encode_query(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn print_yaml(v: &Value) -> Result<()> {
+    print!("{}", serde_yaml::to_string(v)?);
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn print_status(v: &Value) -> Result<()> {
+    let agent = &v["agent"];
+    println!(
+        "Sluice {} (redirect: {})",
+        s(&agent["version"]),
+        s(&agent["redirect"])
+    );
+    println!("config dir:       {}", s(&agent["config_dir"]));
+    println!("generation:       {}", s(&v["generation"]));
+    println!(
+        "services:         {}   clusters: {}   routes (VirtualServices): {}   pods: {}",
+        s(&v["services"]),
+        s(&v["clusters"]),
+        s(&v["virtual_hosts"]),
+        s(&v["workloads"])
+    );
+    if let Some(l) = agent["listeners"].as_object() {
+        let parts: Vec<String> = l.iter().map(|(k, a)| format!("{k} {}", s(a))).collect();
+        println!("listeners:        {}", parts.join(", "));
+    }
+    for (key, title) in [("rejections", "rejected config"), ("warnings", "warnings")] {
+        let list = v[key].as_array().cloned().unwrap_or_default();
+        println!("{title}: {}", list.len());
+        for r in list {
+            println!(
+                "  {}: {} {}: {}",
+                s(&r["source"]),
+                s(&r["object"]),
+                s(&r["field"]),
+                s(&r["reason"])
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn print_clusters(v: &Value) -> Result<()> {
+    let clusters = v.as_array().cloned().unwrap_or_default();
+    for c in clusters {
+        let st = &c["stats"];
+        println!(
+            "{}  rq_active={} pending={} pending_overflow={} cx_active={} ejections_active={}",
+            s(&c["name"]),
+            s(&st["upstream_rq_active"]),
+            s(&st["upstream_rq_pending_active"]),
+            s(&st["upstream_rq_pending_overflow"]),
+            s(&st["upstream_cx_active"]),
+            s(&st["outlier_detection_ejections_active"]),
+        );
+        println!(
+            "  {:<22} {:<28} {:<8} {:>11} {:>9} {:>7} {:>6} {:>6}",
+            "ENDPOINT", "POD", "HEALTH", "EJECTED FOR", "EJECTIONS", "5XX RUN", "ACTIVE", "CONNS"
+        );
+        for h in c["hosts"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "  {:<22} {:<28} {:<8} {:>11} {:>9} {:>7} {:>6} {:>6}",
+                s(&h["addr"]),
+                s(&h["pod"]),
+                if h["ejected"].as_bool() == Some(true) {
+                    "EJECTED"
+                } else {
+                    "healthy"
+                },
+                h["ejected_for_ms"]
+                    .as_u64()
+                    .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+                s(&h["ejection_count"]),
+                s(&h["consecutive_5xx"]),
+                s(&h["active_requests"]),
+                s(&h["connections"]),
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn print_policy(v: &Value) -> Result<()> {
+    print_yaml(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_queries() {
+        assert_eq!(encode_query("pricing.default"), "pricing.default");
+        assert_eq!(encode_query("a b,c=d"), "a%20b%2Cc%3Dd");
+    }
+}

@@ -1,0 +1,274 @@
+//! `sluice run`: builds the runtime, loads the configuration directory, opens the listeners (outbound
+//! 15001, admin 15000 on localhost, metrics 15020, readiness 15021, as in Istio), reloads on change, and
+//! drains on SIGTERM/SIGINT.
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use sluice_config::{BuildOptions, ConfigDir, Severity};
+use sluice_proxy::admin::{self, AdminState};
+use sluice_proxy::{AccessLog, Handler, HandlerOptions, Metrics};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing_subscriber::{prelude::*, reload, EnvFilter};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Directory of Istio and Kubernetes YAML (standalone mode); watched for changes.
+    #[arg(long, env = "SLUICE_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// How client traffic reaches the proxy: `none` (explicit proxy / Host header) or `ebpf`.
+    #[arg(long, value_enum, default_value_t = Redirect::None)]
+    pub redirect: Redirect,
+    /// Outbound listener (Istio: 15001).
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub outbound_addr: SocketAddr,
+    /// Admin API, localhost only (Istio: 15000).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics (Istio: 15020).
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness (Istio: 15021, `/healthz/ready`).
+    #[arg(long, default_value = "127.0.0.1:15021")]
+    pub ready_addr: SocketAddr,
+    /// Proxy worker threads; 1 runs everything on one thread (lowest overhead).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Namespace short host names resolve in for clients that are not known pods.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Log filter (`info`, `debug`, `sluice_upstream=debug,info`); `RUST_LOG` also works.
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    pub log: String,
+    /// Do not print access-log lines to stdout (they stay available to `sluice logs`).
+    #[arg(long)]
+    pub no_access_log: bool,
+    /// How often the config directory is checked for changes.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+    /// How long requests under way may take to finish on shutdown.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Redirect {
+    None,
+    Ebpf,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| format!("{s:?}: a duration needs a unit (ms, s, m)"))?;
+    let n: f64 = num.parse().map_err(|_| format!("{s:?}: not a number"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&args.log))
+        .with_context(|| format!("--log {:?} is not a valid filter", args.log))?;
+    let (filter, filter_handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+
+    if args.redirect == Redirect::Ebpf {
+        bail!("--redirect ebpf: eBPF redirection is not built yet (issue 3); run with --redirect none and send traffic to the outbound listener as an HTTP proxy or with a Host header");
+    }
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+
+    let rt = if args.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers)
+            .enable_all()
+            .build()?
+    };
+    let set_level: admin::SetLogLevel = Arc::new(move |level: &str| {
+        let filter =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
+        filter_handle.reload(filter).map_err(|e| e.to_string())
+    });
+    rt.block_on(serve(args, set_level))
+}
+
+async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
+    let handler = Arc::new(Handler::new(
+        HandlerOptions {
+            default_namespace: args.namespace.clone(),
+        },
+        AccessLog::new(!args.no_access_log),
+        Metrics::new(),
+    ));
+
+    // Configuration first: readiness means "serving with the configuration on disk".
+    let mut config = args
+        .config_dir
+        .clone()
+        .map(|dir| ConfigDir::new(dir, BuildOptions::default()));
+    let mut reported = BTreeSet::new();
+    if let Some(cfg) = config.as_mut() {
+        let cfg_reload = cfg.reload();
+        report(&cfg_reload.problems, &mut reported);
+        handler.apply(cfg_reload.snapshot);
+    }
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({what}); is another agent or Envoy running? pass --{what}-addr"))
+    };
+    let outbound = bind(args.outbound_addr, "outbound").await?;
+    let admin_l = bind(args.admin_addr, "admin").await?;
+    let metrics_l = bind(args.metrics_addr, "metrics").await?;
+    let ready_l = bind(args.ready_addr, "ready").await?;
+
+    let status_dir = args.config_dir.clone();
+    let admin_state = Arc::new(AdminState {
+        handler: handler.clone(),
+        set_log_level: set_level,
+        agent: serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "redirect": "none",
+            "config_dir": status_dir.as_ref().map(|d| d.display().to_string()),
+            "listeners": {
+                "outbound": args.outbound_addr.to_string(),
+                "admin": args.admin_addr.to_string(),
+                "metrics": args.metrics_addr.to_string(),
+                "ready": args.ready_addr.to_string(),
+            },
+            "workers": args.workers,
+        }),
+    });
+    tokio::spawn(admin::serve_admin(
+        admin_l,
+        admin_state,
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(admin::serve_metrics(
+        metrics_l,
+        handler.clone(),
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(admin::serve_ready(ready_l, ready_rx, shutdown_rx.clone()));
+
+    if let Some(mut cfg) = config {
+        let handler = handler.clone();
+        let mut shutdown = shutdown_rx.clone();
+        let every = args.reload_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                // File I/O off the proxy thread.
+                let (back, outcome) = match tokio::task::spawn_blocking(move || {
+                    let outcome = cfg.reload();
+                    (cfg, outcome)
+                })
+                .await
+                {
+                    Ok(r) => r,
+                    Err(err) => {
+                        tracing::error!(%err, "config reload task failed; reloading stops");
+                        return;
+                    }
+                };
+                cfg = back;
+                report(&outcome.problems, &mut reported);
+                if outcome.changed {
+                    tracing::info!(
+                        generation = outcome.snapshot.generation,
+                        "configuration applied"
+                    );
+                    handler.apply(outcome.snapshot);
+                }
+            }
+        });
+    }
+
+    let proxy = tokio::spawn(sluice_proxy::server::serve(
+        outbound,
+        handler.clone(),
+        None,
+        shutdown_rx.clone(),
+        args.drain,
+    ));
+    let _ = ready_tx.send(true);
+    tracing::info!(outbound = %args.outbound_addr, admin = %args.admin_addr, "sluice is serving");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = ready_tx.send(false);
+    let _ = shutdown_tx.send(true);
+    let _ = proxy.await;
+    Ok(())
+}
+
+/// Logs each problem once, when it first appears (the directory is rescanned every 250 ms).
+fn report(problems: &[sluice_config::Problem], reported: &mut BTreeSet<String>) {
+    let now: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+    for p in problems {
+        let line = p.to_string();
+        if reported.contains(&line) {
+            continue;
+        }
+        match p.severity {
+            Severity::Error => {
+                tracing::error!("rejected config, last good version stays in force: {line}")
+            }
+            Severity::Warning => tracing::warn!("{line}"),
+        }
+    }
+    *reported = now;
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+}
