@@ -19,7 +19,8 @@ use std::time::SystemTime;
 /// The result of one rescan.
 #[derive(Clone, Debug)]
 pub struct Reload {
-    /// The effective configuration changed (and the generation went up).
+    /// The snapshot changed: its configuration (then the generation went up) or the problems it
+    /// reports (same generation), so a caller that publishes only on change still shows rejections.
     pub changed: bool,
     /// The current snapshot; its `rejections`/`warnings` are this scan's problems.
     pub snapshot: Arc<Snapshot>,
@@ -143,8 +144,9 @@ impl ConfigDir {
         problems.extend(self.files.values().flat_map(|s| s.problems.iter().cloned()));
         problems.extend(build_problems);
         let fingerprint = fingerprint(&snap);
-        let changed = self.fingerprint.as_ref() != Some(&fingerprint);
-        snap.generation = self.snapshot.generation + u64::from(changed);
+        let config_changed = self.fingerprint.as_ref() != Some(&fingerprint);
+        snap.generation = self.snapshot.generation + u64::from(config_changed);
+        let changed = config_changed || problems != self.problems;
         snap.rejections = problems
             .iter()
             .filter(|p| p.is_error())
@@ -158,7 +160,7 @@ impl ConfigDir {
         self.fingerprint = Some(fingerprint);
         self.snapshot = Arc::new(snap);
         self.problems = problems;
-        if changed {
+        if config_changed {
             tracing::info!(generation = self.snapshot.generation, dir = %self.dir.display(), "configuration changed");
         }
         Reload {
