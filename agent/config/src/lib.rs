@@ -95,6 +95,8 @@ pub fn validate_paths(paths: &[PathBuf], opts: &BuildOptions) -> Vec<Problem> {
         }
     }
     problems.extend(build(&objects, opts).1);
+    // Stable: within a document, problems stay in field order.
+    problems.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
     problems
 }
 

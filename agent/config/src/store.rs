@@ -143,6 +143,7 @@ impl ConfigDir {
         let mut problems = dir_problems;
         problems.extend(self.files.values().flat_map(|s| s.problems.iter().cloned()));
         problems.extend(build_problems);
+        problems.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
         let fingerprint = fingerprint(&snap);
         let config_changed = self.fingerprint.as_ref() != Some(&fingerprint);
         snap.generation = self.snapshot.generation + u64::from(config_changed);
