@@ -289,6 +289,19 @@ fn parse_document(file: &str, index: usize, start_line: usize, chunk: &str, out:
             _ => typed(chunk, start_line, false, &mut sink).map(Resource::Namespace),
         }
     };
+    if let Some(Resource::VirtualService(_) | Resource::DestinationRule(_)) = &resource {
+        // metadata is flattened (so serde_ignored cannot see into it): check its keys here.
+        let meta = match &resource {
+            Some(Resource::VirtualService(v)) => &v.metadata,
+            Some(Resource::DestinationRule(d)) => &d.metadata,
+            _ => unreachable!("checked above"),
+        };
+        for key in meta.other.keys() {
+            if !OBJECT_META_FIELDS.contains(&key.as_str()) {
+                sink.warn(format!("metadata.{key}"), "unknown field");
+            }
+        }
+    }
     match resource {
         Some(resource) if !sink.has_errors() => out.objects.push(Object {
             file: file.to_string(),
@@ -299,6 +312,21 @@ fn parse_document(file: &str, index: usize, start_line: usize, chunk: &str, out:
     }
     out.problems.extend(sink.problems);
 }
+
+/// Kubernetes `ObjectMeta` fields Sluice does not read (but which are not typos).
+const OBJECT_META_FIELDS: &[&str] = &[
+    "uid",
+    "resourceVersion",
+    "generation",
+    "generateName",
+    "selfLink",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "clusterName",
+];
 
 /// Deserializes a document, reporting unknown fields (when asked) as warnings with their paths.
 fn typed<T: DeserializeOwned>(
@@ -509,6 +537,14 @@ mod tests {
             p.reason
         );
         assert!(!p.reason.contains("line 2 "), "{}", p.reason);
+    }
+
+    #[test]
+    fn metadata_typos_are_warned() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\n  namspace: shop\n  uid: x\nspec:\n  hosts: [a]\n";
+        let parsed = parse_str("vs.yaml", text);
+        assert_eq!(parsed.problems.len(), 1, "{:?}", parsed.problems);
+        assert_eq!(parsed.problems[0].field, "metadata.namspace");
     }
 
     #[test]
