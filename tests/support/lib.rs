@@ -1,1 +1,310 @@
-//! Shared helpers for the integration tests.
+//! Shared harness for the in-process tests: a config directory, the proxy serving on a loopback port,
+//! fake services started in-process, a curl-like client, and readers for what the proxy saw (access-log
+//! lines and cluster state). Everything binds 127.0.0.1:0 and ends when the harness is dropped.
+#![forbid(unsafe_code)]
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use sluice_config::{BuildOptions, ConfigDir, Severity};
+use sluice_proxy::{AccessLog, Handler, HandlerOptions, Metrics};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// The tutorial's YAML, shipped verbatim in `examples/tutorial/`.
+pub fn tutorial_yaml(file: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/tutorial")
+        .join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// An EndpointSlice for `service` (namespace default) with one endpoint per loopback port.
+pub fn endpoint_slice(service: &str, ports: &[u16]) -> String {
+    // Kubernetes gives each endpoint one port per slice, so one slice per port.
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{i}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nendpoints:\n- addresses: [\"127.0.0.1\"]\n  conditions: {{ready: true}}\nports:\n- name: http\n  port: {port}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// The proxy in-process over a config directory, reloaded on demand (deterministic, no polling).
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    config: ConfigDir,
+    pub handler: Arc<Handler>,
+    pub proxy: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Mesh {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ConfigDir::new(dir.path().to_path_buf(), BuildOptions::default());
+        let handler = Arc::new(Handler::new(
+            HandlerOptions::default(),
+            AccessLog::new(false),
+            Metrics::new(),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let proxy = listener.local_addr().unwrap();
+        let (shutdown, rx) = watch::channel(false);
+        let server = tokio::spawn(sluice_proxy::server::serve(
+            listener,
+            handler.clone(),
+            None,
+            rx,
+            Duration::from_secs(1),
+        ));
+        Self {
+            dir,
+            config,
+            handler,
+            proxy,
+            shutdown,
+            tasks: vec![server],
+        }
+    }
+
+    /// Writes `file` into the config directory.
+    pub fn write(&self, file: &str, yaml: &str) {
+        std::fs::write(self.dir.path().join(file), yaml).expect("write config");
+    }
+
+    pub fn remove(&self, file: &str) {
+        let _ = std::fs::remove_file(self.dir.path().join(file));
+    }
+
+    /// Rescans the directory and applies the result; panics on config errors unless `allow_errors`.
+    pub fn reload_checked(&mut self, allow_errors: bool) -> Vec<sluice_config::Problem> {
+        let outcome = self.config.reload();
+        let errors: Vec<_> = outcome
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .collect();
+        assert!(
+            allow_errors || errors.is_empty(),
+            "config errors: {errors:#?}"
+        );
+        self.handler.apply(outcome.snapshot);
+        outcome.problems
+    }
+
+    pub fn reload(&mut self) {
+        self.reload_checked(false);
+    }
+
+    /// Starts a fake service with tutorial-style settings; its upstream calls go through the proxy.
+    pub async fn fake_service(&mut self, name: &str, env: &[(&str, &str)]) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind service");
+        let port = listener.local_addr().unwrap().port();
+        let proxy = format!("http://{}", self.proxy);
+        let mut vars: Vec<(String, String)> =
+            vec![("NAME".into(), name.into()), ("HTTP_PROXY".into(), proxy)];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let cfg = fake_service::Config::from_lookup(|k| {
+            vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+        .expect("fake-service config");
+        self.tasks.push(tokio::spawn(async move {
+            let _ = fake_service::serve(cfg, listener).await;
+        }));
+        port
+    }
+
+    /// Follows the access log from now on.
+    pub fn access_log(&self) -> LogReader {
+        LogReader(self.handler.access_log().subscribe())
+    }
+
+    /// One request through the proxy, as `curl -x PROXY --max-time T http://HOST/PATH` does it: a fresh
+    /// connection, absolute-form request. `None` status means the client timed out (curl's 000).
+    pub async fn get(&self, url: &str, max_time: Duration) -> Outcome {
+        self.send(
+            Request::get(url).body(Empty::<Bytes>::new()).unwrap(),
+            max_time,
+        )
+        .await
+    }
+
+    pub async fn send(&self, req: Request<Empty<Bytes>>, max_time: Duration) -> Outcome {
+        let start = Instant::now();
+        let proxy = self.proxy;
+        let result = tokio::time::timeout(max_time, async move {
+            let stream = TcpStream::connect(proxy).await.ok()?;
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            let rsp = tx.send_request(req).await.ok()?;
+            let (parts, body) = rsp.into_parts();
+            let body = body.collect().await.ok()?.to_bytes();
+            Some((parts, body))
+        })
+        .await;
+        let elapsed = start.elapsed();
+        match result {
+            Ok(Some((parts, body))) => Outcome {
+                status: Some(parts.status),
+                headers: parts.headers,
+                body,
+                elapsed,
+            },
+            _ => Outcome {
+                status: None,
+                headers: Default::default(),
+                body: Bytes::new(),
+                elapsed,
+            },
+        }
+    }
+
+    /// Live state of the cluster `outbound|PORT||HOST` (or with a subset).
+    pub fn cluster(&self, name: &str) -> sluice_upstream::ClusterHandle {
+        let state = self.handler.state();
+        state
+            .upstreams
+            .iter()
+            .find(|(k, _)| k.to_string() == name)
+            .map(|(_, up)| up.handle.clone())
+            .unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A client-side view of one response.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: Option<StatusCode>,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn code(&self) -> u16 {
+        self.status.map_or(0, |s| s.as_u16())
+    }
+}
+
+/// One parsed access-log line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogLine {
+    pub status: u16,
+    pub flags: String,
+    pub attempts: u32,
+    pub duration_ms: u64,
+    pub authority: String,
+    pub upstream: String,
+    pub service: String,
+}
+
+impl LogLine {
+    /// Parses the proxy's access-log format (see `sluice_proxy::access_log`).
+    pub fn parse(line: &str) -> Option<Self> {
+        let after_req = line.split_once("\" ")?.1;
+        let mut it = after_req.split_whitespace();
+        let status = it.next()?.parse().ok()?;
+        let flags = it.next()?.to_owned();
+        let attempts = it.next()?.strip_prefix("attempts=")?.parse().ok()?;
+        let duration_ms = it
+            .next()?
+            .strip_prefix("duration=")?
+            .strip_suffix("ms")?
+            .parse()
+            .ok()?;
+        let quoted: Vec<&str> = after_req.split('"').collect();
+        let authority = quoted.get(1)?.to_string();
+        let upstream = quoted.get(3)?.to_string();
+        let service = line.rsplit(' ').next()?.to_owned();
+        Some(Self {
+            status,
+            flags,
+            attempts,
+            duration_ms,
+            authority,
+            upstream,
+            service,
+        })
+    }
+
+    pub fn has_flag(&self, flag: &str) -> bool {
+        self.flags.split(',').any(|f| f == flag)
+    }
+}
+
+pub struct LogReader(broadcast::Receiver<Arc<str>>);
+
+impl LogReader {
+    /// Every line logged since the reader was made (waits briefly for lines still being written).
+    pub async fn drain(&mut self) -> Vec<LogLine> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut out = Vec::new();
+        loop {
+            match self.0.try_recv() {
+                Ok(line) => out.push(
+                    LogLine::parse(&line)
+                        .unwrap_or_else(|| panic!("unparsable access log: {line}")),
+                ),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    panic!("access log reader lagged by {n}")
+                }
+                Err(_) => return out,
+            }
+        }
+    }
+}
+
+/// Requests from `lines` to `service` (short name).
+pub fn to_service<'a>(
+    lines: &'a [LogLine],
+    service: &'a str,
+) -> impl Iterator<Item = &'a LogLine> + 'a {
+    let fqdn = format!("{service}.default.svc.cluster.local");
+    lines.iter().filter(move |l| l.service == fqdn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_access_log_lines() {
+        let l = LogLine::parse(
+            "[2026-11-23T14:09:31.694Z] \"GET / HTTP/1.1\" 503 UO,URX attempts=2 duration=4ms \"pricing\" \"127.0.0.1:9091\" outbound|80||pricing.default.svc.cluster.local \"-\" pricing.default.svc.cluster.local",
+        )
+        .unwrap();
+        assert_eq!(l.status, 503);
+        assert!(l.has_flag("UO") && l.has_flag("URX") && !l.has_flag("UT"));
+        assert_eq!(l.attempts, 2);
+        assert_eq!(l.duration_ms, 4);
+        assert_eq!(l.authority, "pricing");
+        assert_eq!(l.upstream, "127.0.0.1:9091");
+        assert_eq!(l.service, "pricing.default.svc.cluster.local");
+    }
+}

@@ -28,7 +28,8 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// `retries`, or Istio's default retry policy when absent.
     pub retry: RetryPolicy,
-    /// `fault`; a route with a fault has no retries and no timeout, as in Istio.
+    /// `fault`. As in Istio, the route keeps its retries and timeout: the fault filter runs before the
+    /// router, so an injected fault is never retried or timed out, other requests are.
     pub fault: Option<Fault>,
 }
 

@@ -64,6 +64,11 @@ impl Handler {
         }
     }
 
+    /// The access log (tests and the admin API subscribe to it).
+    pub fn access_log(&self) -> &AccessLog {
+        &self.access_log
+    }
+
     /// The generation in force.
     pub fn state(&self) -> Arc<State> {
         self.state.load_full()
