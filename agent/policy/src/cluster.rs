@@ -70,6 +70,7 @@ pub struct ConnectionPool {
     /// `tcp.maxConnections`: connections to all endpoints of the cluster.
     pub max_connections: u32,
     /// `tcp.connectTimeout` (Istio default 10 s).
+    #[serde(serialize_with = "crate::serde_duration::one")]
     pub connect_timeout: Duration,
     /// `tcp.tcpKeepalive`.
     pub tcp_keepalive: Option<TcpKeepalive>,
@@ -82,6 +83,7 @@ pub struct ConnectionPool {
     /// `http.maxRetries`: retries in flight to the cluster.
     pub max_retries: u32,
     /// `http.idleTimeout` of upstream connections (Istio default 1 h).
+    #[serde(serialize_with = "crate::serde_duration::opt")]
     pub idle_timeout: Option<Duration>,
     /// `http.h2UpgradePolicy`.
     pub h2_upgrade: H2UpgradePolicy,
@@ -113,7 +115,9 @@ impl Default for ConnectionPool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TcpKeepalive {
     pub probes: Option<u32>,
+    #[serde(serialize_with = "crate::serde_duration::opt")]
     pub time: Option<Duration>,
+    #[serde(serialize_with = "crate::serde_duration::opt")]
     pub interval: Option<Duration>,
 }
 
@@ -138,10 +142,13 @@ pub struct OutlierDetection {
     /// splits local-origin from external errors, as `split_external_local_origin_errors` does.
     pub consecutive_local_origin_failures: Option<u32>,
     /// Time between ejection sweeps (un-ejection happens only at these ticks).
+    #[serde(serialize_with = "crate::serde_duration::one")]
     pub interval: Duration,
     /// Base ejection time, multiplied by the host's ejection count.
+    #[serde(serialize_with = "crate::serde_duration::one")]
     pub base_ejection_time: Duration,
     /// Cap on one ejection (Envoy's `max_ejection_time`, 300 s).
+    #[serde(serialize_with = "crate::serde_duration::one")]
     pub max_ejection_time: Duration,
     /// At most this percent of hosts ejected at once (at least one host may always be ejected).
     pub max_ejection_percent: u32,

@@ -5,6 +5,7 @@
 
 mod cluster;
 mod route;
+mod serde_duration;
 mod snapshot;
 
 pub use self::cluster::{

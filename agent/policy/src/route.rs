@@ -25,6 +25,7 @@ pub struct Route {
     /// Where matching requests go; weights sum to the total used for picking.
     pub destinations: Vec<WeightedDestination>,
     /// `timeout`: whole-request deadline including retries; `None` is no deadline.
+    #[serde(serialize_with = "crate::serde_duration::opt")]
     pub timeout: Option<Duration>,
     /// `retries`, or Istio's default retry policy when absent.
     pub retry: RetryPolicy,
@@ -116,11 +117,14 @@ pub struct RetryPolicy {
     /// Retries after the first attempt (Istio's `attempts` is Envoy's `num_retries`); 0 disables.
     pub num_retries: u32,
     /// `perTryTimeout`; `None` leaves each attempt bounded only by the route timeout.
+    #[serde(serialize_with = "crate::serde_duration::opt")]
     pub per_try_timeout: Option<Duration>,
     pub retry_on: RetryOn,
     /// Base of the fully jittered exponential back-off (Envoy: 25 ms).
+    #[serde(serialize_with = "crate::serde_duration::one")]
     pub backoff_base: Duration,
     /// Cap of the back-off (Envoy: 10 x base = 250 ms).
+    #[serde(serialize_with = "crate::serde_duration::one")]
     pub backoff_max: Duration,
     /// Prefer a host not tried before for a retry (Istio adds Envoy's `previous_hosts` predicate).
     pub avoid_previous_hosts: bool,
@@ -194,6 +198,7 @@ pub struct Fault {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FaultDelay {
+    #[serde(serialize_with = "crate::serde_duration::one")]
     pub fixed_delay: Duration,
     /// Percent of requests, 0.0 to 100.0 (`percentage.value`, or legacy integer `percent`).
     pub percentage: f64,
