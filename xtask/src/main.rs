@@ -2,6 +2,7 @@
 //! build, demo).
 
 mod bench;
+mod tutorial;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,8 @@ enum Cmd {
     /// Open-loop fixed-rate load generator used by `bench` (prints JSON).
     #[command(hide = true)]
     Loadgen(bench::loadgen::LoadgenArgs),
+    /// The seed tutorial's steps 3-8 on this machine, explicit-proxy mode (no root).
+    Tutorial(tutorial::TutorialArgs),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Cmd::Loadgen(args) => bench::loadgen::main(args)?,
         Cmd::BuildEbpf => return Ok(not_yet("build-ebpf")),
         Cmd::Demo => return Ok(not_yet("demo")),
+        Cmd::Tutorial(args) => return tutorial::run(args),
     }
     Ok(ExitCode::SUCCESS)
 }
