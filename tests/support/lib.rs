@@ -197,6 +197,123 @@ impl Drop for Mesh {
     }
 }
 
+/// A client of the proxy that owns nothing of the [`Mesh`], so it can run on its own task while the
+/// test changes the configuration (`Mesh::reload` needs `&mut`).
+#[derive(Clone, Copy, Debug)]
+pub struct Client {
+    pub proxy: SocketAddr,
+}
+
+impl Mesh {
+    pub fn client(&self) -> Client {
+        Client { proxy: self.proxy }
+    }
+
+    /// One request over HTTP/2 with prior knowledge (h2c) on a fresh connection to the proxy.
+    pub async fn send_h2(&self, req: Request<Empty<Bytes>>, max_time: Duration) -> Outcome {
+        self.client().send_h2(req, max_time).await
+    }
+}
+
+impl Client {
+    /// As [`Mesh::get`].
+    pub async fn get(&self, url: &str, max_time: Duration) -> Outcome {
+        self.send(
+            Request::get(url).body(Empty::<Bytes>::new()).unwrap(),
+            max_time,
+        )
+        .await
+    }
+
+    /// As [`Mesh::send`]: HTTP/1.1 on a fresh connection, absolute form.
+    pub async fn send(&self, req: Request<Empty<Bytes>>, max_time: Duration) -> Outcome {
+        let proxy = self.proxy;
+        timed(max_time, async move {
+            let stream = TcpStream::connect(proxy).await.ok()?;
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            let rsp = tx.send_request(req).await.ok()?;
+            let (parts, body) = rsp.into_parts();
+            let body = body.collect().await.ok()?.to_bytes();
+            Some((parts, body))
+        })
+        .await
+    }
+
+    /// HTTP/2 with prior knowledge (h2c) on a fresh connection; the URL's authority is `:authority`.
+    pub async fn send_h2(&self, req: Request<Empty<Bytes>>, max_time: Duration) -> Outcome {
+        let proxy = self.proxy;
+        timed(max_time, async move {
+            let stream = TcpStream::connect(proxy).await.ok()?;
+            let (mut tx, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(stream),
+            )
+            .await
+            .ok()?;
+            tokio::spawn(conn);
+            let rsp = tx.send_request(req).await.ok()?;
+            let (parts, body) = rsp.into_parts();
+            let body = body.collect().await.ok()?.to_bytes();
+            Some((parts, body))
+        })
+        .await
+    }
+}
+
+async fn timed(
+    max_time: Duration,
+    exchange: impl std::future::Future<Output = Option<(http::response::Parts, Bytes)>>,
+) -> Outcome {
+    let start = Instant::now();
+    let result = tokio::time::timeout(max_time, exchange).await;
+    let elapsed = start.elapsed();
+    match result {
+        Ok(Some((parts, body))) => Outcome {
+            status: Some(parts.status),
+            headers: parts.headers,
+            body,
+            elapsed,
+        },
+        _ => Outcome {
+            status: None,
+            headers: Default::default(),
+            body: Bytes::new(),
+            elapsed,
+        },
+    }
+}
+
+/// A loopback port nothing listens on: bound, then released, so connecting to it is refused.
+pub fn refusing_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Runs futures concurrently on the current task, results in input order.
+pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futs.into_iter().map(Box::pin).enumerate().collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        pending.retain_mut(|(i, f)| match f.as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => {
+                results[*i] = Some(v);
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        if pending.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().map(|r| r.expect("all done")).collect()
+}
+
 /// A client-side view of one response.
 #[derive(Debug)]
 pub struct Outcome {
