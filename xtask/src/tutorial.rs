@@ -214,6 +214,8 @@ async fn main_async(args: TutorialArgs, root: PathBuf) -> Result<ExitCode> {
     }
     if args.keep {
         lab.print_keep();
+        // Stop collecting access-log lines nobody will read.
+        lab.log_rx.close();
         tokio::signal::ctrl_c().await?;
     }
     drop(lab);
@@ -615,7 +617,7 @@ impl Lab {
         println!("  metrics: curl http://{}/stats/prometheus", self.metrics);
         println!("  config:  {}", self.cfg_dir().display());
         for c in ["status", "clusters", "config", "policy inventory", "logs"] {
-            println!("  {} --admin {} {c}", self.sluice_bin.display(), self.admin);
+            println!("  {} {c} --admin {}", self.sluice_bin.display(), self.admin);
         }
         for i in &self.instances {
             println!("  {:<18} {} pid {}", i.label, i.addr, i.proc.child.id());
@@ -1131,7 +1133,11 @@ impl StepRun {
         let inv: Vec<&LogEntry> = self
             .log
             .iter()
-            .filter(|(t, e)| *t > first && e.service == "inventory")
+            // Requests that started after the ejection (the one that caused it is logged just after).
+            .filter(|(t, e)| {
+                e.service == "inventory"
+                    && t.saturating_sub(Duration::from_millis(e.duration_ms)) > first
+            })
             .map(|(_, e)| e)
             .collect();
         Some((
@@ -1151,7 +1157,7 @@ impl StepRun {
         let retries: Vec<String> = self
             .retries()
             .iter()
-            .map(|(svc, (r, n, max))| format!("{svc} {r} (over {n} requests, at most {max} tries)"))
+            .map(|(svc, (r, n, max))| format!("{svc} {r} (over {n} requests, max {max} tries)"))
             .collect();
         let _ = writeln!(
             s,
@@ -1408,5 +1414,77 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].label, "inventory-failing");
         assert_eq!(e[0].at, Duration::from_secs(6));
+    }
+
+    fn entry(upstream: &str, duration_ms: u64) -> LogEntry {
+        LogEntry {
+            status: 500,
+            flags: "-".into(),
+            attempts: 1,
+            duration_ms,
+            authority: "inventory".into(),
+            upstream: upstream.into(),
+            service: "inventory".into(),
+        }
+    }
+
+    #[test]
+    fn outlier_check_counts_requests_started_after_the_ejection() {
+        let failing = "127.0.0.1:5";
+        let run = StepRun {
+            results: Results::default(),
+            diff: Counts::new(),
+            log: vec![
+                (Duration::from_millis(900), entry(failing, 1)),
+                // Caused the ejection at 1 s, logged just after it.
+                (Duration::from_millis(1002), entry(failing, 5)),
+                (Duration::from_millis(2000), entry("127.0.0.1:6", 1)),
+                (Duration::from_millis(3000), entry("127.0.0.1:7", 1)),
+            ],
+            ejections: vec![Ejection {
+                host: failing.into(),
+                label: "inventory-failing".into(),
+                at: Duration::from_secs(1),
+                duration_ms: 30_000,
+                reason: "Consecutive5xx".into(),
+            }],
+            failing_addr: Some(failing.into()),
+            elapsed: Duration::from_secs(4),
+        };
+        assert_eq!(run.failing_share_after_ejection(), Some((0, 2)));
+        assert!(check(Step::OutlierDetection, &run, &BTreeMap::new()).is_ok());
+        let none = StepRun {
+            ejections: vec![],
+            ..run
+        };
+        assert!(check(Step::OutlierDetection, &none, &BTreeMap::new())
+            .unwrap_err()
+            .contains("never ejected"));
+    }
+
+    #[test]
+    fn direction_checks() {
+        let run = |ok: usize, slowest_ms: u64| StepRun {
+            results: Results {
+                total: 20,
+                ok,
+                slowest: Duration::from_millis(slowest_ms),
+                ..Results::default()
+            },
+            diff: Counts::new(),
+            log: vec![],
+            ejections: vec![],
+            failing_addr: None,
+            elapsed: Duration::ZERO,
+        };
+        let mut earlier = BTreeMap::new();
+        earlier.insert(Step::None, run(7, 3008));
+        assert!(check(Step::Timeouts, &run(6, 1005), &earlier).is_ok());
+        assert!(check(Step::Timeouts, &run(6, 2900), &earlier).is_err());
+        earlier.insert(Step::Timeouts, run(6, 1005));
+        assert!(check(Step::Retries, &run(20, 551), &earlier).is_ok());
+        assert!(check(Step::Retries, &run(5, 551), &earlier).is_err());
+        assert!(check(Step::CircuitBreakers, &run(2, 1), &earlier).is_err());
+        assert!(check(Step::FaultInjection, &run(2, 1), &earlier).is_err());
     }
 }
