@@ -1228,13 +1228,18 @@ impl StepRun {
                 )
             }
             Step::FaultInjection => format!(
-                "{base}. DI x{} (inventory delayed 2 s), FI x{} (pricing aborted 500). No retry or timeout VirtualService is left (each step's files were deleted), so pricing's own 3 s slow calls are back and every abort reaches frontend as a 500 from product{}; inventory-failing from step 7 is still deployed (as in the tutorial) and, with outlier-detection.yaml deleted, gets its 1/4 share again.",
+                "{base}. DI x{} (inventory delayed 2 s), FI x{} (pricing aborted 500). No retry or timeout VirtualService is left (each step's files were deleted), so pricing's own 3 s slow calls are back and every abort reaches frontend as a 500 from product{}{}",
                 self.count(|_, _, f| f.split(',').any(|x| x == "DI")) as u64,
                 self.count(|_, _, f| f.split(',').any(|x| x == "FI")) as u64,
                 if r.timeouts > 0 {
                     "; a 2 s injected delay on top of a 3 s slow pricing call adds up to curl's 5 s --max-time: those are the timeouts (000)"
                 } else {
                     ""
+                },
+                if self.failing_addr.is_some() {
+                    ". inventory-failing from step 7 is still deployed (as in the tutorial) and, with outlier-detection.yaml deleted, gets its 1/4 share of inventory calls again."
+                } else {
+                    "."
                 },
             ),
         }
