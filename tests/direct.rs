@@ -522,3 +522,273 @@ async fn least_request_prefers_the_idle_hosts() {
     assert!(counts[2] <= 14, "{counts:?}");
     assert!(counts[0] >= 15 && counts[1] >= 15, "{counts:?}");
 }
+
+/// `reviews` with two pods labelled version v1 and v2 (EndpointSlice targetRef -> Pod), a
+/// DestinationRule with subsets v1 and v2, and the VirtualService's `http` routes. Returns the ports
+/// of v1 and v2.
+async fn reviews(mesh: &mut Mesh, http: &str) -> (u16, u16) {
+    let v1 = mesh.fake_service("reviews-v1", &[]).await;
+    let v2 = mesh.fake_service("reviews-v2", &[]).await;
+    mesh.write("reviews.yaml", &service("reviews", "http"));
+    for (version, port) in [("v1", v1), ("v2", v2)] {
+        mesh.write(
+            &format!("reviews-{version}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: reviews-{version}\n  namespace: default\n  labels:\n    app: reviews\n    version: {version}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: reviews-{version}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: reviews\naddressType: IPv4\nendpoints:\n- addresses: [\"127.0.0.1\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: reviews-{version}, namespace: default}}\nports:\n- name: http\n  port: {port}\n"
+            ),
+        );
+    }
+    mesh.write(
+        "dr.yaml",
+        &destination_rule(
+            "reviews",
+            "  subsets:\n  - name: v1\n    labels:\n      version: v1\n  - name: v2\n    labels:\n      version: v2\n",
+        ),
+    );
+    mesh.write("vs.yaml", &virtual_service("reviews", http));
+    (v1, v2)
+}
+
+const REVIEWS_ROUTES: &str = "  - match:\n    - headers:\n        end-user:\n          exact: jason\n    route:\n    - destination:\n        host: reviews\n        subset: v2\n  - route:\n    - destination:\n        host: reviews\n        subset: v1\n      weight: 80\n    - destination:\n        host: reviews\n        subset: v2\n      weight: 20\n";
+
+// 8a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_subsets_split_traffic_80_20() {
+    let mut mesh = Mesh::start().await;
+    let (v1, v2) = reviews(&mut mesh, REVIEWS_ROUTES).await;
+    mesh.reload();
+    let mut log = mesh.access_log();
+    let mut outcomes = Vec::new();
+    for _ in 0..10 {
+        outcomes.extend(join_all((0..20).map(|_| mesh.get("http://reviews/", MAX_TIME))).await);
+    }
+    let lines = log.drain().await;
+
+    assert!(outcomes.iter().all(|o| o.code() == 200));
+    let counts = split(&lines, &[v1, v2]);
+    assert_eq!(counts[0] + counts[1], 200, "{counts:?}");
+    // Binomial(200, 0.8): mean 160, sd 5.7.
+    assert!((130..=190).contains(&counts[0]), "{counts:?}");
+    let body_v1 = outcomes
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.body).contains("\"name\": \"reviews-v1\""))
+        .count();
+    assert_eq!(body_v1, counts[0]);
+}
+
+// 8b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_match_sends_jason_to_v2_always() {
+    let mut mesh = Mesh::start().await;
+    let (_, v2) = reviews(&mut mesh, REVIEWS_ROUTES).await;
+    mesh.reload();
+    let mut log = mesh.access_log();
+    let outcomes = join_all((0..30).map(|_| {
+        mesh.send(
+            with_header("http://reviews/", "end-user", "jason"),
+            MAX_TIME,
+        )
+    }))
+    .await;
+    let lines = log.drain().await;
+
+    assert!(outcomes.iter().all(|o| o.code() == 200));
+    assert_eq!(lines.len(), 30);
+    assert!(lines.iter().all(|l| l.upstream == addr(v2)), "{lines:#?}");
+}
+
+// 8c. A route to a subset no DestinationRule defines: accepted with a warning (Istio validates
+// routes without cross-checking subsets); Envoy finds no such cluster and answers 503 NC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_subset_is_503_nc_with_a_warning() {
+    let mut mesh = Mesh::start().await;
+    reviews(
+        &mut mesh,
+        "  - route:\n    - destination:\n        host: reviews\n        subset: v3\n",
+    )
+    .await;
+    let problems = mesh.reload_checked(false);
+    let mut log = mesh.access_log();
+    let o = mesh.get("http://reviews/", MAX_TIME).await;
+    let lines = log.drain().await;
+
+    let warning = problems
+        .iter()
+        .find(|p| p.file == "vs.yaml" && p.field.starts_with("spec.http[0].route[0].destination"))
+        .unwrap_or_else(|| panic!("{problems:#?}"));
+    assert!(
+        !warning.is_error() && warning.reason.contains("v3") && warning.reason.contains("NC"),
+        "{warning:?}"
+    );
+    assert_eq!(o.code(), 503, "{o:?}");
+    let l = only(&lines);
+    assert!(l.has_flag("NC") && l.upstream == "-", "{l:?}");
+}
+
+// 9. Match kinds, first matching route wins; nothing matches -> 404 NR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn match_kinds_select_destinations() {
+    let mut mesh = Mesh::start().await;
+    let alpha = mesh.fake_service("alpha", &[]).await;
+    let beta = mesh.fake_service("beta", &[]).await;
+    deploy(&mesh, "alpha", &[alpha]);
+    deploy(&mesh, "beta", &[beta]);
+    deploy(&mesh, "shop", &[]);
+    let to = |host: &str| format!("    route:\n    - destination:\n        host: {host}\n");
+    let routes = [
+        ("  - match:\n    - uri:\n        exact: /exact\n", "alpha"),
+        ("  - match:\n    - uri:\n        regex: /items/[0-9]+\n", "alpha"),
+        ("  - match:\n    - uri:\n        prefix: /api\n      method:\n        exact: POST\n", "beta"),
+        ("  - match:\n    - uri:\n        prefix: /api\n      queryParams:\n        v:\n          exact: \"2\"\n", "beta"),
+        ("  - match:\n    - uri:\n        prefix: /api\n      withoutHeaders:\n        x-debug:\n          exact: \"1\"\n", "alpha"),
+        ("  - match:\n    - uri:\n        prefix: /api\n", "beta"),
+    ];
+    let http: String = routes
+        .iter()
+        .map(|(m, host)| format!("{m}{}", to(host)))
+        .collect();
+    mesh.write("vs.yaml", &virtual_service("shop", &http));
+    mesh.reload();
+
+    let get = |path: &str| {
+        Request::get(format!("http://shop{path}"))
+            .body(Empty::new())
+            .unwrap()
+    };
+    let cases: Vec<(Request<Empty<Bytes>>, Option<&str>)> = vec![
+        (get("/exact"), Some("alpha")),
+        (get("/exact/more"), None),
+        (get("/items/42"), Some("alpha")),
+        (get("/items/42x"), None),
+        (
+            Request::post("http://shop/api/x")
+                .body(Empty::new())
+                .unwrap(),
+            Some("beta"),
+        ),
+        (get("/api/x?v=2"), Some("beta")),
+        (get("/api/x?v=3"), Some("alpha")),
+        (
+            with_header("http://shop/api/x", "x-debug", "1"),
+            Some("beta"),
+        ),
+        (
+            with_header("http://shop/api/x", "x-debug", "0"),
+            Some("alpha"),
+        ),
+        (get("/other"), None),
+    ];
+    let mut log = mesh.access_log();
+    for (req, want) in cases {
+        let what = format!("{} {}", req.method(), req.uri());
+        let o = mesh.send(req, MAX_TIME).await;
+        let l = only(&log.drain().await).clone();
+        match want {
+            Some(name) => {
+                assert_eq!(o.code(), 200, "{what}: {o:?}");
+                let body = String::from_utf8_lossy(&o.body);
+                assert!(
+                    body.contains(&format!("\"name\": \"{name}\"")),
+                    "{what}: {body}"
+                );
+                let port = if name == "alpha" { alpha } else { beta };
+                assert_eq!(l.upstream, addr(port), "{what}");
+            }
+            None => {
+                assert_eq!(o.code(), 404, "{what}: {o:?}");
+                assert!(l.has_flag("NR") && l.upstream == "-", "{what}: {l:?}");
+            }
+        }
+    }
+}
+
+// 10a. HTTP/1.1 keep-alive: sequential requests share one upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("web", &[]).await;
+    deploy(&mesh, "web", &[port]);
+    mesh.reload();
+    let outcomes = sequential(&mesh, "http://web/", 20).await;
+
+    assert!(outcomes.iter().all(|o| o.code() == 200));
+    let stats = mesh.cluster(&cluster_name("web")).stats();
+    assert_eq!(
+        (stats.upstream_cx_total, stats.upstream_rq_total),
+        (1, 20),
+        "{stats:?}"
+    );
+}
+
+// 10b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_one_opens_a_connection_per_request() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("web", &[]).await;
+    deploy(&mesh, "web", &[port]);
+    mesh.write(
+        "dr.yaml",
+        &destination_rule(
+            "web",
+            "  trafficPolicy:\n    connectionPool:\n      http:\n        maxRequestsPerConnection: 1\n",
+        ),
+    );
+    mesh.reload();
+    let outcomes = sequential(&mesh, "http://web/", 20).await;
+
+    assert!(outcomes.iter().all(|o| o.code() == 200));
+    let stats = mesh.cluster(&cluster_name("web")).stats();
+    assert_eq!(
+        (stats.upstream_cx_total, stats.upstream_rq_total),
+        (20, 20),
+        "{stats:?}"
+    );
+}
+
+// 11a. A prior-knowledge HTTP/2 client is served; the upstream still gets HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_client_reaches_an_http1_upstream() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("web", &[]).await;
+    deploy(&mesh, "web", &[port]);
+    mesh.reload();
+    let mut log = mesh.access_log();
+    let o = mesh
+        .send_h2(
+            Request::get("http://web/").body(Empty::new()).unwrap(),
+            MAX_TIME,
+        )
+        .await;
+    let lines = log.drain().await;
+
+    assert_eq!(o.code(), 200, "{o:?}");
+    assert!(String::from_utf8_lossy(&o.body).contains("\"name\": \"web\""));
+    assert_eq!(only(&lines).upstream, addr(port));
+    let cluster = mesh.cluster(&cluster_name("web"));
+    assert_eq!(cluster.protocol(), sluice_upstream::UpstreamProtocol::Http1);
+}
+
+// 11b. A Service port named `http2` is reached over h2c: concurrent requests share one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_service_port_is_reached_over_h2c() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("grpcish", &slow("100ms")).await;
+    mesh.write("svc.yaml", &service("grpcish", "http2"));
+    mesh.write(
+        "eps.yaml",
+        &endpoint_slice("grpcish", &[port]).replace("name: http\n", "name: http2\n"),
+    );
+    mesh.reload();
+    let outcomes = join_all((0..10).map(|_| mesh.get("http://grpcish/", MAX_TIME))).await;
+
+    assert!(outcomes.iter().all(|o| o.code() == 200), "{outcomes:#?}");
+    let cluster = mesh.cluster(&cluster_name("grpcish"));
+    assert_eq!(cluster.protocol(), sluice_upstream::UpstreamProtocol::H2c);
+    // HTTP/1.1 would need 10 connections for 10 concurrent requests.
+    let stats = cluster.stats();
+    assert_eq!(
+        (stats.upstream_cx_total, stats.upstream_rq_total),
+        (1, 10),
+        "{stats:?}"
+    );
+}
