@@ -71,26 +71,6 @@ fn known_status(code: u16) -> bool {
         | 431 | 451 | 500..=508 | 510 | 511)
 }
 
-const GRPC_STATUSES: &[&str] = &[
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 pub(crate) fn duration_field(
     sink: &mut Sink,
     field: &str,
@@ -366,7 +346,7 @@ fn convert_fault(
                 })
             }
             (None, Some(g)) => {
-                if !GRPC_STATUSES.contains(&g.as_str()) {
+                if !sluice_policy::GRPC_STATUS_NAMES.contains(&g.as_str()) {
                     sink.error(
                         format!("{af}.grpcStatus"),
                         format!("{g:?} is not a valid gRPC status"),

@@ -14,7 +14,7 @@ pub use self::cluster::{
 };
 pub use self::route::{
     Fault, FaultAbort, FaultDelay, HeaderMatch, QueryMatch, RequestMatch, RetryOn, RetryPolicy,
-    Route, StringMatch, VirtualHost, WeightedDestination,
+    Route, StringMatch, VirtualHost, WeightedDestination, GRPC_STATUS_NAMES,
 };
 pub use self::snapshot::{Rejection, Service, ServicePort, Snapshot, Workload};
 

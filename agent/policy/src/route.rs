@@ -211,3 +211,24 @@ pub enum FaultAbort {
     /// `grpcStatus` (e.g. `UNAVAILABLE`), sent as a trailers-only gRPC response.
     Grpc { status: String, percentage: f64 },
 }
+
+/// gRPC status names in code order (`GRPC_STATUS_NAMES[14] == "UNAVAILABLE"`), as `grpcStatus` takes them.
+pub const GRPC_STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];

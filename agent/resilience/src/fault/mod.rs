@@ -175,30 +175,11 @@ fn abort_response(abort: &FaultAbort) -> Response<Body> {
 
 /// The numeric gRPC status for Istio's `grpcStatus` name (or a number); unknown names are UNKNOWN.
 pub fn grpc_code(name: &str) -> u32 {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
     let name = name.trim();
     if let Ok(n) = name.parse() {
         return n;
     }
-    NAMES
+    sluice_policy::GRPC_STATUS_NAMES
         .iter()
         .position(|n| n.eq_ignore_ascii_case(name))
         .map_or(2, |i| i as u32)
