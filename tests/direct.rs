@@ -302,7 +302,12 @@ async fn pending_limit_overflows_concurrent_new_connections() {
     }
     assert!(share_503(&two) < 0.5, "2 clients: {}", share_503(&two));
     assert!(share_503(&three) > 0.0, "no overflow with 3 clients");
-    assert!(share_503(&three) >= share_503(&two));
+    assert!(
+        share_503(&three) >= share_503(&two),
+        "503 share: 2 clients {}, 3 clients {}",
+        share_503(&two),
+        share_503(&three)
+    );
 }
 
 const EJECT_ON_2_GATEWAY_ERRORS: &str = "  trafficPolicy:\n    outlierDetection:\n      consecutiveGatewayErrors: 2\n      consecutive5xxErrors: 0\n      interval: 10s\n      baseEjectionTime: 30s\n      maxEjectionPercent: 100\n";
@@ -516,7 +521,6 @@ async fn least_request_prefers_the_idle_hosts() {
 
     assert!(outcomes.iter().all(|o| o.code() == 200));
     let counts = split(&lines, &ports);
-    eprintln!("LR {counts:?}");
     // Round robin or random would send 20 of 60 to the slow host; P2C sends it a request while it
     // is busy only when both draws pick it (1/9, Envoy draws with replacement): about 7 of 60.
     assert!(counts[2] <= 14, "{counts:?}");
@@ -791,4 +795,173 @@ async fn http2_service_port_is_reached_over_h2c() {
         (1, 10),
         "{stats:?}"
     );
+}
+
+fn with_timeout(host: &str, timeout: &str) -> String {
+    virtual_service(
+        host,
+        &format!("  - route:\n    - destination:\n        host: {host}\n    timeout: {timeout}\n"),
+    )
+}
+
+// 12a. A bad edit is rejected with file, field and reason; the last good VirtualService stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_edit_keeps_the_last_good_policy() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("slow", &slow("1s")).await;
+    deploy(&mesh, "slow", &[port]);
+    mesh.write("vs.yaml", &with_timeout("slow", "0.3s"));
+    mesh.reload();
+
+    mesh.write("vs.yaml", &with_timeout("slow", "3 s"));
+    let problems = mesh.reload_checked(true);
+    let error = problems
+        .iter()
+        .find(|p| p.is_error())
+        .unwrap_or_else(|| panic!("{problems:#?}"));
+    assert_eq!(
+        (error.file.as_str(), error.field.as_str()),
+        ("vs.yaml", "spec.http[0].timeout"),
+        "{error:?}"
+    );
+    assert!(
+        error.reason.contains("invalid duration \"3 s\""),
+        "{error:?}"
+    );
+    let old = mesh.get("http://slow/", MAX_TIME).await;
+    assert_eq!(old.code(), 504, "the 0.3 s timeout still applies: {old:?}");
+    assert!(ms(280..700).contains(&old.elapsed), "{:?}", old.elapsed);
+
+    mesh.write("vs.yaml", &with_timeout("slow", "3s"));
+    let problems = mesh.reload_checked(false);
+    assert!(problems.is_empty(), "{problems:#?}");
+    let new = mesh.get("http://slow/", MAX_TIME).await;
+    assert_eq!(new.code(), 200, "{new:?}");
+    assert!(ms(950..1500).contains(&new.elapsed), "{:?}", new.elapsed);
+}
+
+// 12b. A request finishes under the policy it started with; the next one gets the new policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_keep_their_policy_across_a_reload() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("slow", &slow("1s")).await;
+    deploy(&mesh, "slow", &[port]);
+    mesh.write("vs.yaml", &with_timeout("slow", "3s"));
+    mesh.reload();
+
+    let client = mesh.client();
+    let in_flight = tokio::spawn(async move { client.get("http://slow/", MAX_TIME).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mesh.write("vs.yaml", &with_timeout("slow", "0.2s"));
+    mesh.reload();
+    let new = mesh.get("http://slow/", MAX_TIME).await;
+    let old = in_flight.await.unwrap();
+
+    assert_eq!(new.code(), 504, "{new:?}");
+    assert!(ms(180..600).contains(&new.elapsed), "{:?}", new.elapsed);
+    assert_eq!(old.code(), 200, "{old:?}");
+    assert!(ms(950..1500).contains(&old.elapsed), "{:?}", old.elapsed);
+}
+
+// 13. A fault on a header-matched route only; the legacy integer `percent` of a delay still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_matched_fault_aborts_only_matching_requests() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("web", &[]).await;
+    deploy(&mesh, "web", &[port]);
+    let route = "    route:\n    - destination:\n        host: web\n";
+    let http = format!(
+        "  - match:\n    - headers:\n        x-chaos:\n          exact: \"on\"\n    fault:\n      abort:\n        httpStatus: 503\n        percentage:\n          value: 100\n{route}  - match:\n    - headers:\n        x-chaos:\n          exact: slow\n    fault:\n      delay:\n        fixedDelay: 300ms\n        percent: 100\n{route}  - route:\n    - destination:\n        host: web\n"
+    );
+    mesh.write("vs.yaml", &virtual_service("web", &http));
+    mesh.reload();
+    let mut log = mesh.access_log();
+    let chaos =
+        join_all((0..10).map(|_| mesh.send(with_header("http://web/", "x-chaos", "on"), MAX_TIME)))
+            .await;
+    let chaos_lines = log.drain().await;
+    let plain = sequential(&mesh, "http://web/", 10).await;
+    let plain_lines = log.drain().await;
+    let delayed = mesh
+        .send(with_header("http://web/", "x-chaos", "slow"), MAX_TIME)
+        .await;
+    let delayed_lines = log.drain().await;
+
+    assert!(
+        chaos
+            .iter()
+            .all(|o| o.code() == 503 && o.body.as_ref() == b"fault filter abort"),
+        "{chaos:#?}"
+    );
+    assert!(
+        chaos_lines.len() == 10
+            && chaos_lines
+                .iter()
+                .all(|l| l.has_flag("FI") && l.upstream == "-"),
+        "{chaos_lines:#?}"
+    );
+    assert!(plain.iter().all(|o| o.code() == 200));
+    assert!(
+        plain_lines
+            .iter()
+            .all(|l| l.flags == "-" && l.upstream == addr(port)),
+        "{plain_lines:#?}"
+    );
+    assert_eq!(delayed.code(), 200, "{delayed:?}");
+    assert!(
+        ms(290..800).contains(&delayed.elapsed),
+        "{:?}",
+        delayed.elapsed
+    );
+    let l = only(&delayed_lines);
+    assert!(l.has_flag("DI") && l.upstream == addr(port), "{l:?}");
+}
+
+// 14. `maxRetries: 1`: at most one retry in flight cluster-wide; the others are not retried
+// (Envoy's upstream_rq_retry_overflow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_retries_budget_overflows_under_concurrent_retries() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh
+        .fake_service(
+            "web",
+            &[
+                ("ERROR_RATE", "1"),
+                ("ERROR_TYPE", "delay"),
+                ("ERROR_DELAY", "50ms"),
+                ("ERROR_CODE", "503"),
+            ],
+        )
+        .await;
+    deploy(&mesh, "web", &[port]);
+    mesh.write(
+        "dr.yaml",
+        &destination_rule(
+            "web",
+            "  trafficPolicy:\n    connectionPool:\n      http:\n        maxRetries: 1\n",
+        ),
+    );
+    mesh.write(
+        "vs.yaml",
+        &virtual_service(
+            "web",
+            "  - route:\n    - destination:\n        host: web\n    retries:\n      attempts: 3\n      retryOn: 5xx\n",
+        ),
+    );
+    mesh.reload();
+    let mut log = mesh.access_log();
+    let outcomes = join_all((0..5).map(|_| mesh.get("http://web/", MAX_TIME))).await;
+    let lines = log.drain().await;
+
+    assert!(outcomes.iter().all(|o| o.code() == 503), "{outcomes:#?}");
+    let state = mesh.handler.state();
+    let (_, upstream) = state
+        .upstreams
+        .iter()
+        .find(|(k, _)| k.to_string() == cluster_name("web"))
+        .unwrap();
+    assert_eq!(upstream.retry_budget.max(), 1);
+    assert!(upstream.retry_budget.overflows() > 0);
+    // Without the budget every request would make 4 attempts.
+    assert!(lines.iter().any(|l| l.attempts < 4), "{lines:#?}");
 }
