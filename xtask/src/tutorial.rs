@@ -1224,7 +1224,7 @@ impl StepRun {
             Step::OutlierDetection => {
                 let ej = self.ejections.iter().filter(|e| e.label == "inventory-failing").count();
                 format!(
-                    "{base}. inventory-failing (ERROR_RATE 0.9 = every int(1/0.9)=1st request, i.e. ALL of them, not 90%) ejected {ej} time(s); the regular replicas fail every 3rd call so they never reach 5 in a row. With round robin over 4 endpoints its 5 consecutive failures take ~20 inventory calls; as in Envoy the ejection happens at the 5th failure, not at the 10 s `interval` (the tutorial says errors are checked every 10 s), and un-ejection happens at an interval tick after 30 s. Frontend's success rate barely moves: pricing still fails every 2nd call (3 s, then 500) and product answers 500."
+                    "{base}. inventory-failing (ERROR_RATE 0.9 = every int(1/0.9)=1st request, i.e. ALL of them, not 90%) ejected {ej} time(s); the regular replicas fail every 3rd call so they never reach 5 in a row. Spread over 4 endpoints (Istio's default LEAST_REQUEST picks among idle hosts at random) its 5 consecutive failures take ~20 inventory calls on average; as in Envoy the ejection happens at the 5th failure, not at the 10 s `interval` (the tutorial says errors are checked every 10 s), and un-ejection happens at an interval tick after 30 s. Frontend's success rate barely moves: pricing still fails every 2nd call (3 s, then 500) and product answers 500."
                 )
             }
             Step::FaultInjection => format!(
