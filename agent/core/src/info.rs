@@ -6,6 +6,7 @@ use crate::ResponseFlags;
 use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::Arc;
 
 #[derive(Debug, Default)]
 pub struct RequestInfo {
@@ -13,7 +14,7 @@ pub struct RequestInfo {
     attempts: AtomicU32,
     /// Endpoints of the attempts so far, in order; the last is the current one.
     upstreams: Mutex<Vec<SocketAddr>>,
-    cluster: Mutex<Option<String>>,
+    cluster: Mutex<Option<Arc<str>>>,
 }
 
 impl RequestInfo {
@@ -59,11 +60,11 @@ impl RequestInfo {
     }
 
     /// Records the Envoy-style cluster name (`outbound|80|v1|pricing.default.svc.cluster.local`).
-    pub fn set_cluster(&self, name: String) {
+    pub fn set_cluster(&self, name: Arc<str>) {
         *self.cluster.lock() = Some(name);
     }
 
-    pub fn cluster(&self) -> Option<String> {
+    pub fn cluster(&self) -> Option<Arc<str>> {
         self.cluster.lock().clone()
     }
 }

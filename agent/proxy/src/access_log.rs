@@ -163,7 +163,9 @@ mod tests {
         info.add_attempt();
         info.add_flags(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
         info.push_upstream("10.0.0.7:9090".parse().unwrap());
-        info.set_cluster("outbound|80||pricing.default.svc.cluster.local".into());
+        info.set_cluster(std::sync::Arc::from(
+            "outbound|80||pricing.default.svc.cluster.local",
+        ));
         let req = RequestSummary {
             method: http::Method::GET,
             path: "/".into(),

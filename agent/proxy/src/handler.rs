@@ -93,7 +93,7 @@ impl Handler {
 
         let (rsp, service) = match self.route(&state, &req, conn) {
             Ok((plan, upstream, service)) => {
-                info.set_cluster(upstream.spec.key.to_string());
+                info.set_cluster(upstream.name.clone());
                 let req = prepare_request(req, &info);
                 let stack = ServiceBuilder::new()
                     .layer(FaultLayer::new(plan.fault.clone()))
@@ -121,8 +121,9 @@ impl Handler {
 
         let elapsed = start.elapsed();
         let service = service.as_deref();
+        let labels = service.and_then(|s| state.labels.get(&s.hostname));
         self.metrics
-            .record(service, rsp.status(), info.flags(), elapsed);
+            .record(labels, rsp.status(), info.flags(), elapsed);
         self.access_log
             .log(&summary, rsp.status(), &info, elapsed, service);
         rsp

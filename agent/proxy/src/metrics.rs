@@ -2,14 +2,14 @@
 //! read Sluice as they read Envoy sidecars; cluster circuit-breaker and outlier counters under Envoy's
 //! names (`envoy_cluster_upstream_rq_pending_overflow{cluster_name=...}`) are added at scrape time.
 
+use crate::state::ServiceLabels;
 use http::StatusCode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_core::ResponseFlags;
-use sluice_policy::Service;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +17,25 @@ use std::time::Duration;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub source_workload: Arc<String>,
+    pub source_workload_namespace: Arc<String>,
+    pub destination_service: Arc<String>,
+    pub destination_service_name: Arc<String>,
+    pub destination_service_namespace: Arc<String>,
     pub request_protocol: &'static str,
     pub response_code: u16,
-    pub response_flags: String,
+    pub response_flags: FlagsLabel,
+}
+
+/// Response flags as a label value, written straight into the exposition (no per-request string).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct FlagsLabel(pub ResponseFlags);
+
+impl EncodeLabelValue for FlagsLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        write!(encoder, "{}", self.0)
+    }
 }
 
 /// Istio's default duration buckets, in milliseconds.
@@ -38,6 +49,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    unknown: Arc<String>,
 }
 
 impl Default for Metrics {
@@ -68,27 +80,31 @@ impl Metrics {
             registry: Arc::new(registry),
             requests,
             duration,
+            unknown: Arc::new("unknown".to_owned()),
         }
     }
 
     pub(crate) fn record(
         &self,
-        service: Option<&Service>,
+        service: Option<&ServiceLabels>,
         status: StatusCode,
         flags: ResponseFlags,
         elapsed: Duration,
     ) {
+        let unknown = &self.unknown;
+        let pick = |f: fn(&ServiceLabels) -> &Arc<String>| {
+            service.map_or_else(|| unknown.clone(), |s| f(s).clone())
+        };
         let labels = RequestLabels {
             reporter: "source",
-            source_workload: "unknown".into(),
-            source_workload_namespace: "unknown".into(),
-            destination_service: service.map_or_else(|| "unknown".into(), |s| s.hostname.clone()),
-            destination_service_name: service.map_or_else(|| "unknown".into(), |s| s.name.clone()),
-            destination_service_namespace: service
-                .map_or_else(|| "unknown".into(), |s| s.namespace.clone()),
+            source_workload: unknown.clone(),
+            source_workload_namespace: unknown.clone(),
+            destination_service: pick(|s| &s.hostname),
+            destination_service_name: pick(|s| &s.name),
+            destination_service_namespace: pick(|s| &s.namespace),
             request_protocol: "http",
             response_code: status.as_u16(),
-            response_flags: flags.to_string(),
+            response_flags: FlagsLabel(flags),
         };
         self.duration
             .get_or_create(&labels)
@@ -99,5 +115,59 @@ impl Metrics {
     /// Prometheus text exposition of the request metrics.
     pub fn encode(&self, out: &mut String) {
         let _ = prometheus_client::encoding::text::encode_registry(out, &self.registry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_names_labels_and_flags() {
+        let m = Metrics::new();
+        let svc = ServiceLabels {
+            hostname: Arc::new("pricing.default.svc.cluster.local".into()),
+            name: Arc::new("pricing".into()),
+            namespace: Arc::new("default".into()),
+        };
+        let uo = ResponseFlags::UPSTREAM_OVERFLOW;
+        m.record(
+            Some(&svc),
+            StatusCode::SERVICE_UNAVAILABLE,
+            uo,
+            Duration::from_millis(3),
+        );
+        m.record(
+            Some(&svc),
+            StatusCode::SERVICE_UNAVAILABLE,
+            uo,
+            Duration::from_millis(3),
+        );
+        m.record(
+            None,
+            StatusCode::OK,
+            ResponseFlags::empty(),
+            Duration::from_millis(700),
+        );
+        let mut out = String::new();
+        m.encode(&mut out);
+        assert!(
+            out.contains("istio_requests_total{reporter=\"source\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",destination_service=\"pricing.default.svc.cluster.local\",destination_service_name=\"pricing\",destination_service_namespace=\"default\",request_protocol=\"http\",response_code=\"503\",response_flags=\"UO\"} 2"),
+            "{out}"
+        );
+        assert!(out.contains("response_flags=\"-\"} 1"), "{out}");
+        // The 700 ms request is in the 1000 ms bucket and not in the 500 ms one.
+        let bucket = |le: &str| {
+            out.lines()
+                .find(|l| {
+                    l.starts_with("istio_request_duration_milliseconds_bucket{")
+                        && l.contains(&format!("le=\"{le}\""))
+                        && l.contains("response_code=\"200\"")
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(bucket("500.0").as_deref(), Some("0"), "{out}");
+        assert_eq!(bucket("1000.0").as_deref(), Some("1"), "{out}");
     }
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 /// A live cluster: its connection pools and outlier state, and its `maxRetries` budget.
 #[derive(Clone)]
 pub struct Upstream {
+    /// Envoy's name for it (`outbound|80||pricing.default.svc.cluster.local`), made once.
+    pub name: Arc<str>,
     pub spec: Arc<Cluster>,
     pub handle: ClusterHandle,
     pub retry_budget: Arc<RetryBudget>,
@@ -71,6 +73,16 @@ pub struct State {
     plans: HashMap<String, Vec<Arc<RoutePlan>>>,
     /// Implicit routes by cluster key (service port without VirtualService).
     implicit: HashMap<ClusterKey, Arc<RoutePlan>>,
+    /// Istio metric labels per destination service, made once per generation.
+    pub(crate) labels: HashMap<String, ServiceLabels>,
+}
+
+/// A service's metric label values, shared by every sample of every request to it.
+#[derive(Clone)]
+pub(crate) struct ServiceLabels {
+    pub hostname: Arc<String>,
+    pub name: Arc<String>,
+    pub namespace: Arc<String>,
 }
 
 impl State {
@@ -80,6 +92,7 @@ impl State {
             upstreams: HashMap::new(),
             plans: HashMap::new(),
             implicit: HashMap::new(),
+            labels: HashMap::new(),
         }
     }
 
@@ -93,6 +106,7 @@ impl State {
                 Some(up) => {
                     up.handle.update(spec.clone());
                     Upstream {
+                        name: up.name.clone(),
                         spec: spec.clone(),
                         handle: up.handle.clone(),
                         retry_budget: if up.spec.policy.connection_pool.max_retries
@@ -105,6 +119,7 @@ impl State {
                     }
                 }
                 None => Upstream {
+                    name: Arc::from(key.to_string()),
                     spec: spec.clone(),
                     handle: sluice_upstream::Cluster::new(
                         spec.clone(),
@@ -133,7 +148,16 @@ impl State {
         }
 
         let mut implicit = HashMap::new();
+        let mut labels = HashMap::new();
         for svc in snapshot.services.values() {
+            labels.insert(
+                svc.hostname.clone(),
+                ServiceLabels {
+                    hostname: Arc::new(svc.hostname.clone()),
+                    name: Arc::new(svc.name.clone()),
+                    namespace: Arc::new(svc.namespace.clone()),
+                },
+            );
             for port in &svc.ports {
                 let plan = RoutePlan::implicit(svc, port.port);
                 implicit.insert(plan.destinations[0].cluster.clone(), Arc::new(plan));
@@ -145,6 +169,7 @@ impl State {
             upstreams,
             plans,
             implicit,
+            labels,
         }
     }
 
