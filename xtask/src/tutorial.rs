@@ -1169,6 +1169,14 @@ impl StepRun {
             }
         );
         let _ = writeln!(s, "  overflows (UO): {}", self.overflows() as u64);
+        let seen = self.count(|svc, _, _| svc == "frontend") as usize;
+        if seen < self.results.total {
+            let _ = writeln!(
+                s,
+                "  not recorded: {} request(s) the client gave up on are in neither metrics nor access log (Sluice records nothing when the client hangs up; Envoy logs code 0, flag DC)",
+                self.results.total - seen
+            );
+        }
         if self.ejections.is_empty() {
             let _ = writeln!(s, "  ejections: none");
         }
@@ -1232,7 +1240,7 @@ impl StepRun {
                 self.count(|_, _, f| f.split(',').any(|x| x == "DI")) as u64,
                 self.count(|_, _, f| f.split(',').any(|x| x == "FI")) as u64,
                 if r.timeouts > 0 {
-                    "; a 2 s injected delay on top of a 3 s slow pricing call adds up to curl's 5 s --max-time: those are the timeouts (000)"
+                    "; a 2 s injected delay on top of a 3 s slow pricing call adds up to curl's 5 s --max-time: those are the timeouts (000), and since the client hangs up while inventory's delay runs, Sluice does not record those DI requests at all"
                 } else {
                     ""
                 },
