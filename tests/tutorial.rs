@@ -3,7 +3,7 @@
 //! proxy in-process in front of real fake services on loopback. Each test asserts the effect the
 //! tutorial describes, as Envoy would produce it.
 
-use sluice_tests::{endpoint_slice, to_service, tutorial_yaml, Mesh};
+use sluice_tests::{endpoint_slice, join_all, to_service, tutorial_yaml, Mesh};
 use std::time::Duration;
 
 const MAX_TIME: Duration = Duration::from_secs(5);
@@ -188,7 +188,7 @@ async fn step6_circuit_breaker_turns_overload_into_fast_503s() {
     let mut outcomes = Vec::new();
     for _ in 0..3 {
         let batch = (0..20).map(|_| mesh.get("http://frontend/", MAX_TIME));
-        outcomes.extend(futures_join_all(batch).await);
+        outcomes.extend(join_all(batch).await);
     }
     let lines = log.drain().await;
 
@@ -301,9 +301,8 @@ async fn step8_fault_injection_delays_and_aborts_a_share_of_requests() {
     let mut log = app.mesh.access_log();
     let mesh = &app.mesh;
 
-    let pricing = futures_join_all((0..200).map(|_| mesh.get("http://pricing/", MAX_TIME))).await;
-    let inventory =
-        futures_join_all((0..100).map(|_| mesh.get("http://inventory/", MAX_TIME))).await;
+    let pricing = join_all((0..200).map(|_| mesh.get("http://pricing/", MAX_TIME))).await;
+    let inventory = join_all((0..100).map(|_| mesh.get("http://inventory/", MAX_TIME))).await;
     let lines = log.drain().await;
 
     // pricing: abort 5% with 500 (flag FI, the upstream never sees it). Binomial(200, 0.05).
@@ -344,29 +343,4 @@ async fn step8_fault_injection_delays_and_aborts_a_share_of_requests() {
         .filter(|o| o.elapsed >= Duration::from_secs(2))
         .count();
     assert_eq!(slow, delayed.len());
-}
-
-/// Runs futures concurrently on this task (no extra dependency for `join_all`).
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let futs: Vec<_> = futs.map(Box::pin).collect();
-    let mut out = Vec::with_capacity(futs.len());
-    let mut pending: Vec<_> = futs.into_iter().enumerate().collect();
-    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        pending.retain_mut(|(i, f)| match f.as_mut().poll(cx) {
-            std::task::Poll::Ready(v) => {
-                results[*i] = Some(v);
-                false
-            }
-            std::task::Poll::Pending => true,
-        });
-        if pending.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    out.extend(results.into_iter().map(|r| r.expect("all done")));
-    out
 }
