@@ -270,6 +270,16 @@ async fn pending_limit_overflows_concurrent_new_connections() {
     );
     mesh.reload();
     let mut log = mesh.access_log();
+    // One client never has two requests at once: nothing can overflow.
+    let one = clients(&mesh, "http://slow/", 1, 20).await;
+    assert!(one.iter().all(|o| o.code() == 200), "{one:#?}");
+    let stats = mesh.cluster(&cluster_name("slow")).stats();
+    assert_eq!(
+        (stats.upstream_rq_pending_overflow, stats.upstream_cx_total),
+        (0, 20),
+        "{stats:?}"
+    );
+    log.drain().await;
     let two = clients(&mesh, "http://slow/", 2, 20).await;
     let two_lines = log.drain().await;
     let three = clients(&mesh, "http://slow/", 3, 20).await;
@@ -300,10 +310,12 @@ async fn pending_limit_overflows_concurrent_new_connections() {
             "{lines:#?}"
         );
     }
-    assert!(share_503(&two) < 0.5, "2 clients: {}", share_503(&two));
+    assert!(share_503(&two) < 0.3, "2 clients: {}", share_503(&two));
     assert!(share_503(&three) > 0.0, "no overflow with 3 clients");
+    // More clients, more collisions (about twice as many here); a run is a small sample, so allow
+    // a little noise.
     assert!(
-        share_503(&three) >= share_503(&two),
+        share_503(&three) + 0.05 >= share_503(&two),
         "503 share: 2 clients {}, 3 clients {}",
         share_503(&two),
         share_503(&three)
@@ -625,6 +637,7 @@ async fn unknown_subset_is_503_nc_with_a_warning() {
         "{warning:?}"
     );
     assert_eq!(o.code(), 503, "{o:?}");
+    assert!(o.body.is_empty(), "{o:?}");
     let l = only(&lines);
     assert!(l.has_flag("NC") && l.upstream == "-", "{l:?}");
 }
@@ -961,7 +974,14 @@ async fn max_retries_budget_overflows_under_concurrent_retries() {
         .find(|(k, _)| k.to_string() == cluster_name("web"))
         .unwrap();
     assert_eq!(upstream.retry_budget.max(), 1);
-    assert!(upstream.retry_budget.overflows() > 0);
-    // Without the budget every request would make 4 attempts.
-    assert!(lines.iter().any(|l| l.attempts < 4), "{lines:#?}");
+    // A retry refused by the budget ends the request with the upstream's 503 and flag UO (as
+    // Envoy's router does on RetryStatus::NoOverflow); the others exhaust their retries (URX).
+    let overflowed = lines.iter().filter(|l| l.has_flag("UO")).count();
+    assert!(overflowed > 0, "{lines:#?}");
+    assert_eq!(upstream.retry_budget.overflows(), overflowed as u64);
+    assert!(
+        lines.iter().all(|l| l.status == 503
+            && ((l.has_flag("UO") && l.attempts < 4) || (l.has_flag("URX") && l.attempts == 4))),
+        "{lines:#?}"
+    );
 }
