@@ -255,7 +255,7 @@ fn share_503(outcomes: &[Outcome]) -> f64 {
 // 5. The blog's experiment 3: `http1MaxPendingRequests: 1`, `maxRequestsPerConnection: 1` and no
 // `maxConnections`. As in Envoy, a request that finds no free connection is pending while its new
 // connection is set up; every request needs a new connection here, so concurrent arrivals collide
-// in that window and overflow (503 UO, `x-envoy-overloaded: true`), more often with more clients.
+// in that window and overflow (503 UO, `x-envoy-overloaded: true`); one client alone never does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_limit_overflows_concurrent_new_connections() {
     let mut mesh = Mesh::start().await;
@@ -312,14 +312,15 @@ async fn pending_limit_overflows_concurrent_new_connections() {
     }
     assert!(share_503(&two) < 0.3, "2 clients: {}", share_503(&two));
     assert!(share_503(&three) > 0.0, "no overflow with 3 clients");
-    // More clients, more collisions (about twice as many here); a run is a small sample, so allow
-    // a little noise.
-    assert!(
-        share_503(&three) + 0.05 >= share_503(&two),
-        "503 share: 2 clients {}, 3 clients {}",
-        share_503(&two),
-        share_503(&three)
+    let overflowed = two.iter().chain(&three).filter(|o| o.code() == 503).count();
+    let stats = mesh.cluster(&cluster_name("slow")).stats();
+    assert_eq!(
+        stats.upstream_rq_pending_overflow, overflowed as u64,
+        "{stats:?}"
     );
+    // 3 clients collide about twice as often as 2 (pairs of clients: 3 vs 1), but a 20-round sample
+    // does not order them reliably (0.175 at 2 vs 0.083 at 3 happened under load), so the
+    // deterministic contrast is the one with a single client above.
 }
 
 const EJECT_ON_2_GATEWAY_ERRORS: &str = "  trafficPolicy:\n    outlierDetection:\n      consecutiveGatewayErrors: 2\n      consecutive5xxErrors: 0\n      interval: 10s\n      baseEjectionTime: 30s\n      maxEjectionPercent: 100\n";
