@@ -1055,6 +1055,8 @@ fn parse_log_line(line: &str) -> Option<LogEntry> {
 
 #[derive(Debug, Clone)]
 struct Ejection {
+    /// `ejected` or `unejected`.
+    event: String,
     host: String,
     label: String,
     at: Duration,
@@ -1071,15 +1073,14 @@ fn ejections(
     let mut out = Vec::new();
     for c in clusters.as_array().into_iter().flatten() {
         for e in c["outlier_events"].as_array().into_iter().flatten() {
-            if e["event"] != "ejected" {
-                continue;
-            }
+            let event = e["event"].as_str().unwrap_or("").to_owned();
             let ago = Duration::from_millis(e["ago_ms"].as_u64().unwrap_or(u64::MAX));
             let Some(at) = queried.checked_sub(ago) else {
                 continue; // before this step
             };
             let host = e["host"].as_str().unwrap_or("?").to_owned();
             out.push(Ejection {
+                event,
                 label: labels.get(&host).cloned().unwrap_or_else(|| host.clone()),
                 host,
                 at,
@@ -1129,7 +1130,11 @@ impl StepRun {
     /// (requests to the failing instance, all inventory requests) after its first ejection.
     fn failing_share_after_ejection(&self) -> Option<(usize, usize)> {
         let failing = self.failing_addr.as_deref()?;
-        let first = self.ejections.iter().find(|e| e.host == failing)?.at;
+        let first = self
+            .ejections
+            .iter()
+            .find(|e| e.host == failing && e.event == "ejected")?
+            .at;
         let inv: Vec<&LogEntry> = self
             .log
             .iter()
@@ -1181,15 +1186,26 @@ impl StepRun {
             let _ = writeln!(s, "  ejections: none");
         }
         for e in &self.ejections {
-            let _ = writeln!(
-                s,
-                "  ejected: {} ({}) at +{:.1}s for {} ms ({})",
-                e.label,
-                e.host,
-                e.at.as_secs_f64(),
-                e.duration_ms,
-                e.reason
-            );
+            if e.event == "ejected" {
+                let _ = writeln!(
+                    s,
+                    "  ejected: {} ({}) at +{:.1}s for {} ms ({})",
+                    e.label,
+                    e.host,
+                    e.at.as_secs_f64(),
+                    e.duration_ms,
+                    e.reason
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "  {}: {} ({}) at +{:.1}s",
+                    e.event,
+                    e.label,
+                    e.host,
+                    e.at.as_secs_f64()
+                );
+            }
         }
         if let Some((f, n)) = self.failing_share_after_ejection() {
             let _ = writeln!(s, "  inventory-failing after its first ejection: {f} of {n} inventory requests ({}%; an even share of 4 is 25%)", pct(f, n));
@@ -1230,7 +1246,7 @@ impl StepRun {
                 self.overflows(),
             ),
             Step::OutlierDetection => {
-                let ej = self.ejections.iter().filter(|e| e.label == "inventory-failing").count();
+                let ej = self.ejections.iter().filter(|e| e.label == "inventory-failing" && e.event == "ejected").count();
                 format!(
                     "{base}. inventory-failing (ERROR_RATE 0.9 = every int(1/0.9)=1st request, i.e. ALL of them, not 90%) ejected {ej} time(s); the regular replicas fail every 3rd call so they never reach 5 in a row. Spread over 4 endpoints (Istio's default LEAST_REQUEST picks among idle hosts at random) its 5 consecutive failures take ~20 inventory calls on average; as in Envoy the ejection happens at the 5th failure, not at the 10 s `interval` (the tutorial says errors are checked every 10 s), and un-ejection happens at an interval tick after 30 s. Frontend's success rate barely moves: pricing still fails every 2nd call (3 s, then 500) and product answers 500."
                 )
@@ -1297,7 +1313,11 @@ fn check(step: Step, run: &StepRun, earlier: &BTreeMap<Step, StepRun>) -> Result
             }
         }
         Step::OutlierDetection => {
-            if !run.ejections.iter().any(|e| e.label == "inventory-failing") {
+            if !run
+                .ejections
+                .iter()
+                .any(|e| e.label == "inventory-failing" && e.event == "ejected")
+            {
                 return Err("outlier detection: inventory-failing was never ejected".into());
             }
             match run.failing_share_after_ejection() {
@@ -1424,9 +1444,12 @@ mod tests {
         ]}]);
         let labels = BTreeMap::from([("127.0.0.1:5".to_owned(), "inventory-failing".to_owned())]);
         let e = ejections(&clusters, Duration::from_secs(10), &labels);
-        assert_eq!(e.len(), 1);
+        assert_eq!(e.len(), 2);
         assert_eq!(e[0].label, "inventory-failing");
+        assert_eq!(e[0].event, "ejected");
         assert_eq!(e[0].at, Duration::from_secs(6));
+        assert_eq!(e[1].event, "unejected");
+        assert_eq!(e[1].at, Duration::from_secs(9));
     }
 
     fn entry(upstream: &str, duration_ms: u64) -> LogEntry {
@@ -1455,6 +1478,7 @@ mod tests {
                 (Duration::from_millis(3000), entry("127.0.0.1:7", 1)),
             ],
             ejections: vec![Ejection {
+                event: "ejected".into(),
                 host: failing.into(),
                 label: "inventory-failing".into(),
                 at: Duration::from_secs(1),
