@@ -2,6 +2,7 @@
 //! build, demo).
 
 mod bench;
+mod ebpf;
 mod tutorial;
 
 use std::process::ExitCode;
@@ -19,8 +20,8 @@ struct Cli {
 enum Cmd {
     /// Compare Sluice with HAProxy and Envoy on loopback (not a test; installs missing tools).
     Bench(bench::BenchArgs),
-    /// Build the eBPF programs.
-    BuildEbpf,
+    /// Build the eBPF programs into target/bpf/sluice-ebpf.o (--install: missing prerequisites).
+    BuildEbpf(ebpf::BuildEbpfArgs),
     /// Run the tutorial's demo on this machine.
     Demo,
     /// Open-loop fixed-rate load generator used by `bench` (prints JSON).
@@ -34,7 +35,7 @@ fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Cmd::Bench(args) => bench::run(args)?,
         Cmd::Loadgen(args) => bench::loadgen::main(args)?,
-        Cmd::BuildEbpf => return Ok(not_yet("build-ebpf")),
+        Cmd::BuildEbpf(args) => return ebpf::run(args),
         Cmd::Demo => return Ok(not_yet("demo")),
         Cmd::Tutorial(args) => return tutorial::run(args),
     }
