@@ -1,0 +1,427 @@
+//! Loads Sluice's eBPF redirect programs (`ebpf/programs`, built by `cargo xtask build-ebpf`),
+//! attaches them, pins programs, links and maps under `/sys/fs/bpf/sluice` and reuses those pins on
+//! restart; [`uninstall`] detaches everything and removes the pins. [`Maps`] is the agent's handle
+//! on the pinned maps: enrollment, proxy address, exclusions, counters.
+//!
+//! Attachments: `connect4`, `connect6`, `getsockopt` and `sock_ops` on one cgroup v2 directory
+//! (normally the root, so every pod's cgroup is below it), `sk_msg` on the SOCKHASH.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod maps;
+mod sys;
+
+use std::{
+    fs::File,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Map, MapData, SockHash},
+    programs::{links::PinnedLink, CgroupSockAddr, CgroupSockopt, Link, SkMsg, SockOps},
+    Ebpf, EbpfLoader,
+};
+use sluice_ebpf_common::{maps as map_names, programs as prog_names, TupleKey};
+
+pub use maps::Maps;
+pub use sluice_ebpf_common::{Counter, ProxyConfig};
+
+/// Where programs, links and maps are pinned.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
+/// Where `cargo xtask build-ebpf` puts the object, relative to the workspace root.
+pub const DEFAULT_OBJECT: &str = "target/bpf/sluice-ebpf.o";
+
+const ALL_MAPS: [&str; 9] = [
+    map_names::CONFIG,
+    map_names::ENROLLED,
+    map_names::EXCLUDED_PORTS,
+    map_names::EXCLUDED_V4,
+    map_names::EXCLUDED_V6,
+    map_names::ORIG_BY_COOKIE,
+    map_names::ORIG_BY_TUPLE,
+    map_names::SOCKETS,
+    map_names::COUNTERS,
+];
+
+/// Programs attached to the cgroup, each with a pinned link.
+const CGROUP_PROGRAMS: [&str; 4] = [
+    prog_names::CONNECT4,
+    prog_names::CONNECT6,
+    prog_names::GETSOCKOPT,
+    prog_names::SOCK_OPS,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "eBPF object {0} not found: build it with `cargo xtask build-ebpf` (or pass its path)"
+    )]
+    MissingObject(PathBuf),
+    #[error("loading {path}: {source}")]
+    Load {
+        path: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "program {0} is not in the eBPF object (stale object? rerun `cargo xtask build-ebpf`)"
+    )]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: String,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)")]
+    NoCgroup2,
+    #[error("{0} is not an IPv{1} address")]
+    Family(std::net::IpAddr, u8),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to load and where to attach it.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The eBPF object (`target/bpf/sluice-ebpf.o`).
+    pub object: PathBuf,
+    /// The cgroup v2 directory the cgroup programs attach to (normally the hierarchy's root).
+    pub cgroup: PathBuf,
+    /// The bpffs directory for pins.
+    pub pin_dir: PathBuf,
+}
+
+impl Options {
+    /// The default object and pin directory, the machine's cgroup v2 root.
+    pub fn new(object: impl Into<PathBuf>) -> Result<Self> {
+        Ok(Options {
+            object: object.into(),
+            cgroup: cgroup2_root()?,
+            pin_dir: DEFAULT_PIN_DIR.into(),
+        })
+    }
+}
+
+/// What [`install`] did for each attachment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstallReport {
+    /// Programs attached by this call.
+    pub attached: Vec<&'static str>,
+    /// Programs whose pinned attachment was found and kept.
+    pub reused: Vec<&'static str>,
+}
+
+/// The loaded programs (kept for their log buffer) and the pinned maps.
+pub struct Redirect {
+    // Dropping the `Ebpf` unloads only this process's references: the pinned links keep the
+    // programs attached.
+    _ebpf: Ebpf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    maps: Maps,
+    report: InstallReport,
+}
+
+impl Redirect {
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    pub fn report(&self) -> &InstallReport {
+        &self.report
+    }
+
+    /// Forwards the programs' aya-log lines (enabled with [`ProxyConfig::DEBUG_LOG`]) to the `log`
+    /// facade; call it periodically or when the logger's fd is readable.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+}
+
+/// Loads the object and attaches whatever is not already attached (a restart reuses the pins,
+/// so established connections keep their state).
+pub fn install(opts: &Options) -> Result<Redirect> {
+    if !opts.object.is_file() {
+        return Err(Error::MissingObject(opts.object.clone()));
+    }
+    sys::raise_memlock()?;
+    sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+    for sub in ["", "maps", "links", "progs"] {
+        let dir = opts.pin_dir.join(sub);
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let map_dir = opts.pin_dir.join("maps");
+    let sockhash_was_pinned = map_dir.join(map_names::SOCKETS).exists();
+
+    let map_paths: Vec<(&str, PathBuf)> = ALL_MAPS
+        .iter()
+        .map(|name| (*name, map_dir.join(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_paths {
+        // Reuses the map pinned there, or creates and pins it.
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load_file(&opts.object)
+        .map_err(|source| Error::Load {
+            path: opts.object.clone(),
+            source: Box::new(source),
+        })?;
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!("eBPF logger unavailable: {e}");
+            None
+        }
+    };
+
+    let cgroup = File::open(&opts.cgroup).map_err(|source| Error::Io {
+        what: "opening cgroup",
+        path: opts.cgroup.clone(),
+        source,
+    })?;
+    let mut report = InstallReport::default();
+    for name in CGROUP_PROGRAMS {
+        let link_pin = opts.pin_dir.join("links").join(name);
+        if PinnedLink::from_pin(&link_pin).is_ok() {
+            report.reused.push(name);
+            continue;
+        }
+        let _ = std::fs::remove_file(&link_pin);
+        attach_cgroup_program(&mut ebpf, name, &cgroup, &link_pin)?;
+        pin_program(&mut ebpf, name, &opts.pin_dir)?;
+        report.attached.push(name);
+    }
+
+    // sk_msg is attached to the map itself (no link object): a reused SOCKHASH with the pinned
+    // program still has it.
+    let sk_msg_pin = opts.pin_dir.join("progs").join(prog_names::SK_MSG);
+    if sockhash_was_pinned && sk_msg_pin.exists() {
+        report.reused.push(prog_names::SK_MSG);
+    } else {
+        attach_sk_msg(&mut ebpf)?;
+        pin_program(&mut ebpf, prog_names::SK_MSG, &opts.pin_dir)?;
+        report.attached.push(prog_names::SK_MSG);
+    }
+    tracing::info!(attached = ?report.attached, reused = ?report.reused, "eBPF redirect installed");
+    let maps = Maps::open(&opts.pin_dir)?;
+    Ok(Redirect {
+        _ebpf: ebpf,
+        logger,
+        maps,
+        report,
+    })
+}
+
+fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program { name, source }
+}
+
+fn attach_cgroup_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    link_pin: &Path,
+) -> Result<()> {
+    // Attach types (`enum bpf_attach_type`).
+    const SOCK_OPS: u32 = 3;
+    const INET4_CONNECT: u32 = 10;
+    const INET6_CONNECT: u32 = 11;
+    const GETSOCKOPT: u32 = 21;
+    // Other agents (Cilium, systemd) may have their own programs on the same cgroup.
+    const BPF_F_ALLOW_MULTI: u32 = 2;
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    let err = program_error(name);
+    let (fd, attach_type) = match name {
+        prog_names::SOCK_OPS => {
+            let p: &mut SockOps = program.try_into().map_err(&err)?;
+            p.load().map_err(&err)?;
+            (p.fd().map_err(&err)?.as_fd(), SOCK_OPS)
+        }
+        prog_names::GETSOCKOPT => {
+            let p: &mut CgroupSockopt = program.try_into().map_err(&err)?;
+            p.load().map_err(&err)?;
+            (p.fd().map_err(&err)?.as_fd(), GETSOCKOPT)
+        }
+        _ => {
+            let p: &mut CgroupSockAddr = program.try_into().map_err(&err)?;
+            p.load().map_err(&err)?;
+            let t = if name == prog_names::CONNECT6 {
+                INET6_CONNECT
+            } else {
+                INET4_CONNECT
+            };
+            (p.fd().map_err(&err)?.as_fd(), t)
+        }
+    };
+    sys::link_create_pinned(fd, cgroup.as_fd(), attach_type, BPF_F_ALLOW_MULTI, link_pin).map_err(
+        |source| Error::Io {
+            what: "attaching and pinning",
+            path: link_pin.into(),
+            source,
+        },
+    )
+}
+
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<()> {
+    let name = prog_names::SK_MSG;
+    let err = program_error(name);
+    let map = ebpf
+        .take_map(map_names::SOCKETS)
+        .ok_or(Error::MissingProgram(map_names::SOCKETS))?;
+    let sockets: SockHash<MapData, TupleKey> =
+        SockHash::try_from(map).map_err(|source| Error::Map {
+            name: map_names::SOCKETS.into(),
+            source,
+        })?;
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    let p: &mut SkMsg = program.try_into().map_err(&err)?;
+    p.load().map_err(&err)?;
+    let id = p.attach(sockets.fd()).map_err(&err)?;
+    let link = p.take_link(id).map_err(&err)?;
+    // Dropping the link would detach it; the attachment must outlive this process (it lives as
+    // long as the pinned SOCKHASH), so the two descriptors it holds are deliberately leaked.
+    std::mem::forget(link);
+    Ok(())
+}
+
+fn pin_program(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<()> {
+    let path = pin_dir.join("progs").join(name);
+    let _ = std::fs::remove_file(&path);
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    program
+        .pin(&path)
+        .map_err(|source| Error::Pin { path, source })
+}
+
+/// Detaches every program and removes the pins. Missing pins are fine (uninstalling twice, or
+/// after a partial install).
+pub fn uninstall(pin_dir: &Path) -> Result<()> {
+    for name in CGROUP_PROGRAMS {
+        let path = pin_dir.join("links").join(name);
+        if !path.exists() {
+            continue;
+        }
+        let link = PinnedLink::from_pin(&path).map_err(|source| Error::Link {
+            path: path.clone(),
+            source,
+        })?;
+        let fd_link = link.unpin().map_err(|source| Error::Io {
+            what: "unpinning",
+            path: path.clone(),
+            source,
+        })?;
+        fd_link.detach().map_err(program_error(name))?;
+    }
+    // The sk_msg attachment goes with the SOCKHASH once its pin and last descriptor are gone.
+    for sub in ["progs", "maps", "links"] {
+        let dir = pin_dir.join(sub);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| Error::Io {
+                what: "removing pin",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(())
+}
+
+/// Whether an installation's pins exist.
+pub fn is_installed(pin_dir: &Path) -> bool {
+    CGROUP_PROGRAMS
+        .iter()
+        .all(|name| pin_dir.join("links").join(name).exists())
+}
+
+/// The first cgroup v2 mount (here `/sys/fs/cgroup/unified`; on pure v2 hosts `/sys/fs/cgroup`).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    sys::mount_point_of_type("cgroup2").ok_or(Error::NoCgroup2)
+}
+
+/// A cgroup v2 id: the inode number of the cgroup's directory.
+pub fn cgroup_id(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| Error::Io {
+            what: "stat cgroup",
+            path: path.into(),
+            source,
+        })
+}
+
+/// A map's name for error messages.
+fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> Error + '_ {
+    move |source| Error::Map {
+        name: name.to_string(),
+        source,
+    }
+}
+
+/// Opens one pinned map.
+fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
+    let data = MapData::from_pin(pin_dir.join("maps").join(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_object_names_the_build_command() {
+        let opts = Options {
+            object: "/nonexistent/sluice-ebpf.o".into(),
+            cgroup: "/sys/fs/cgroup".into(),
+            pin_dir: "/nonexistent/pins".into(),
+        };
+        let err = install(&opts).err().expect("no object");
+        assert!(err.to_string().contains("cargo xtask build-ebpf"), "{err}");
+    }
+
+    #[test]
+    fn cgroup_ids_are_directory_inodes() {
+        let dir = std::env::temp_dir();
+        assert!(cgroup_id(&dir).unwrap() > 0);
+        assert!(cgroup_id(Path::new("/nonexistent/cgroup")).is_err());
+    }
+
+    #[test]
+    fn uninstalling_nothing_is_fine() {
+        uninstall(Path::new("/nonexistent/sluice-pins")).unwrap();
+        assert!(!is_installed(Path::new("/nonexistent/sluice-pins")));
+    }
+}

@@ -1,0 +1,224 @@
+//! [`Maps`]: the agent's handle on the pinned maps (enrollment, proxy address, exclusions,
+//! counters, original destinations). Opened from the pins, so it works the same after a restart.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
+
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray};
+use parking_lot::Mutex;
+use sluice_ebpf_common::{
+    ip4_to_be, ip6_to_be, maps as names, Counter, EnrolledCgroup, OriginalDst, ProxyConfig,
+    TupleKey, AF_INET, AF_INET6,
+};
+
+use crate::{cgroup_id, map_err, open_pinned, Error, Result};
+
+/// Typed handles on the pinned maps. Writers take `&self`: each map sits behind its own lock.
+pub struct Maps {
+    config: Mutex<Array<MapData, ProxyConfig>>,
+    enrolled: Mutex<HashMap<MapData, u64, EnrolledCgroup>>,
+    excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
+    excluded_v4: Mutex<LpmTrie<MapData, u32, u8>>,
+    excluded_v6: Mutex<LpmTrie<MapData, [u32; 4], u8>>,
+    orig_by_tuple: HashMap<MapData, TupleKey, OriginalDst>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr) => {
+        open_pinned($dir, $name)?
+            .try_into()
+            .map_err(map_err($name))?
+    };
+}
+
+impl Maps {
+    /// Opens the maps pinned under `pin_dir/maps` (by [`crate::install`]).
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Maps {
+            config: Mutex::new(typed!(pin_dir, names::CONFIG)),
+            enrolled: Mutex::new(typed!(pin_dir, names::ENROLLED)),
+            excluded_ports: Mutex::new(typed!(pin_dir, names::EXCLUDED_PORTS)),
+            excluded_v4: Mutex::new(typed!(pin_dir, names::EXCLUDED_V4)),
+            excluded_v6: Mutex::new(typed!(pin_dir, names::EXCLUDED_V6)),
+            orig_by_tuple: typed!(pin_dir, names::ORIG_BY_TUPLE),
+            counters: typed!(pin_dir, names::COUNTERS),
+        })
+    }
+
+    /// Redirects the outbound TCP connections of every process in `cgroup` (a cgroup v2
+    /// directory) and its descendants.
+    pub fn enroll_cgroup(&self, cgroup: &Path) -> Result<u64> {
+        let id = cgroup_id(cgroup)?;
+        let value = EnrolledCgroup {
+            flags: EnrolledCgroup::REDIRECT,
+            tag: 0,
+        };
+        self.enrolled
+            .lock()
+            .insert(id, value, 0)
+            .map_err(map_err(names::ENROLLED))?;
+        Ok(id)
+    }
+
+    /// Stops redirecting `cgroup`'s new connections (established ones are not touched).
+    pub fn release_cgroup(&self, cgroup: &Path) -> Result<u64> {
+        let id = cgroup_id(cgroup)?;
+        self.release_cgroup_id(id)?;
+        Ok(id)
+    }
+
+    pub fn release_cgroup_id(&self, id: u64) -> Result<()> {
+        match self.enrolled.lock().remove(&id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::ENROLLED)(e)),
+        }
+    }
+
+    pub fn enrolled_cgroups(&self) -> Vec<u64> {
+        self.enrolled.lock().keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Where redirected connections go: the proxy's outbound listener for IPv4 (and optionally
+    /// IPv6) clients; `enabled` false lets every connection through untouched (fail open).
+    pub fn set_proxy(
+        &self,
+        v4: Option<SocketAddr>,
+        v6: Option<Ipv6Addr>,
+        enabled: bool,
+    ) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.flags &= ProxyConfig::DEBUG_LOG;
+        if let Some(addr) = v4 {
+            let IpAddr::V4(ip) = addr.ip() else {
+                return Err(Error::Family(addr.ip(), 4));
+            };
+            cfg.ip4 = ip4_to_be(ip);
+            cfg.port = addr.port();
+            cfg.flags |= ProxyConfig::HAS_V4;
+        }
+        if let Some(ip) = v6 {
+            cfg.ip6 = ip6_to_be(ip);
+            cfg.flags |= ProxyConfig::HAS_V6;
+        }
+        if enabled {
+            cfg.flags |= ProxyConfig::ENABLED;
+        }
+        self.write_config(cfg)
+    }
+
+    /// Turns redirection on or off without forgetting the proxy's address.
+    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.flags = if enabled {
+            cfg.flags | ProxyConfig::ENABLED
+        } else {
+            cfg.flags & !ProxyConfig::ENABLED
+        };
+        self.write_config(cfg)
+    }
+
+    /// The programs' aya-log debug lines (one per redirected connect).
+    pub fn set_debug_log(&self, on: bool) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.flags = if on {
+            cfg.flags | ProxyConfig::DEBUG_LOG
+        } else {
+            cfg.flags & !ProxyConfig::DEBUG_LOG
+        };
+        self.write_config(cfg)
+    }
+
+    pub fn config(&self) -> Result<ProxyConfig> {
+        self.config
+            .lock()
+            .get(&0, 0)
+            .map_err(map_err(names::CONFIG))
+    }
+
+    fn write_config(&self, cfg: ProxyConfig) -> Result<()> {
+        self.config
+            .lock()
+            .set(0, cfg, 0)
+            .map_err(map_err(names::CONFIG))
+    }
+
+    /// Replaces the excluded destination ports.
+    pub fn set_excluded_ports(&self, ports: &[u16]) -> Result<()> {
+        let mut map = self.excluded_ports.lock();
+        let old: Vec<u16> = map.keys().filter_map(|k| k.ok()).collect();
+        for p in old.iter().filter(|p| !ports.contains(p)) {
+            let _ = map.remove(p);
+        }
+        for p in ports {
+            map.insert(p, 1, 0)
+                .map_err(map_err(names::EXCLUDED_PORTS))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the excluded destination CIDRs (address, prefix length).
+    pub fn set_excluded_cidrs(&self, cidrs: &[(IpAddr, u8)]) -> Result<()> {
+        let mut v4 = self.excluded_v4.lock();
+        let old: Vec<Key<u32>> = v4.keys().filter_map(|k| k.ok()).collect();
+        for k in &old {
+            let _ = v4.remove(k);
+        }
+        let mut v6 = self.excluded_v6.lock();
+        let old: Vec<Key<[u32; 4]>> = v6.keys().filter_map(|k| k.ok()).collect();
+        for k in &old {
+            let _ = v6.remove(k);
+        }
+        for (ip, len) in cidrs {
+            match ip {
+                IpAddr::V4(ip) => v4
+                    .insert(&Key::new(u32::from(*len).min(32), ip4_to_be(*ip)), 1, 0)
+                    .map_err(map_err(names::EXCLUDED_V4))?,
+                IpAddr::V6(ip) => v6
+                    .insert(&Key::new(u32::from(*len).min(128), ip6_to_be(*ip)), 1, 0)
+                    .map_err(map_err(names::EXCLUDED_V6))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Every counter summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map_err(map_err(names::COUNTERS))?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn counter(&self, c: Counter) -> Result<u64> {
+        let per_cpu = self
+            .counters
+            .get(&(c as u32), 0)
+            .map_err(map_err(names::COUNTERS))?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// The original destination of a connection the proxy accepted (`peer` is the client,
+    /// `local` the proxy's end): the userspace equivalent of `getsockopt(SO_ORIGINAL_DST)`.
+    pub fn original_dst(&self, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr> {
+        let (family, src, dst) = match (peer.ip(), local.ip()) {
+            (IpAddr::V4(p), IpAddr::V4(l)) => (AF_INET, v4_words(p), v4_words(l)),
+            (IpAddr::V6(p), IpAddr::V6(l)) => (AF_INET6, ip6_to_be(p), ip6_to_be(l)),
+            _ => return None,
+        };
+        let key = TupleKey::new(family, src, peer.port(), dst, local.port());
+        self.orig_by_tuple.get(&key, 0).ok()?.to_socket_addr()
+    }
+}
+
+fn v4_words(ip: Ipv4Addr) -> [u32; 4] {
+    [ip4_to_be(ip), 0, 0, 0]
+}

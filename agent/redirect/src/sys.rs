@@ -1,0 +1,171 @@
+//! The few system calls the loader needs that aya does not make: `RLIMIT_MEMLOCK`, mounting
+//! bpffs, finding mounts.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+};
+
+use crate::{Error, Result};
+
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; raise it so loading does not fail
+/// there (harmless on newer kernels, which use memcg accounting).
+pub fn raise_memlock() -> Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: `limit` is a valid, initialized `rlimit` that outlives the call.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    if ret != 0 {
+        tracing::debug!(
+            "setrlimit(RLIMIT_MEMLOCK): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Mounts bpffs at `at` unless one is mounted there.
+pub fn ensure_bpffs(at: &Path) -> Result<()> {
+    if mounts()
+        .iter()
+        .any(|(point, fstype)| point == at && fstype == "bpf")
+    {
+        return Ok(());
+    }
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    let target = CString::new(at.as_os_str().as_encoded_bytes()).map_err(|_| Error::Io {
+        what: "mounting bpffs at",
+        path: at.into(),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    })?;
+    let (source, fstype) = (c("bpf"), c("bpf"));
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; no data.
+    let ret = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(Error::Io {
+            what: "mounting bpffs (needs root) at",
+            path: at.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// The first mount point of a filesystem type.
+pub fn mount_point_of_type(fstype: &str) -> Option<PathBuf> {
+    mounts()
+        .into_iter()
+        .find(|(_, t)| t == fstype)
+        .map(|(p, _)| p)
+}
+
+/// (mount point, filesystem type) from `/proc/self/mountinfo`.
+fn mounts() -> Vec<(PathBuf, String)> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let point = fields.get(4)?;
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let fstype = fields.get(sep + 1)?;
+            Some((PathBuf::from(unescape(point)), fstype.to_string()))
+        })
+        .collect()
+}
+
+/// mountinfo escapes spaces and a few other bytes as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `BPF_LINK_CREATE` of `prog` on `target`, pinned at `pin` so the attachment outlives this
+/// process. (aya 0.14 cannot turn every cgroup link into a pinnable `FdLink`, e.g. getsockopt's.)
+pub fn link_create_pinned(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+    flags: u32,
+    pin: &Path,
+) -> std::io::Result<()> {
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    // `union bpf_attr`, zeroed beyond the fields set (the kernel requires that).
+    let mut attr = [0u32; 32];
+    attr[0] = prog.as_raw_fd() as u32;
+    attr[1] = target.as_raw_fd() as u32;
+    attr[2] = attach_type;
+    attr[3] = flags;
+    let link = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: a successful BPF_LINK_CREATE returns a new descriptor that nothing else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(link) };
+    let path = CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut attr = [0u32; 32];
+    let ptr = path.as_ptr() as u64;
+    attr[0] = ptr as u32;
+    attr[1] = (ptr >> 32) as u32;
+    attr[2] = link.as_raw_fd() as u32;
+    bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u32; 32]) -> std::io::Result<RawFd> {
+    // SAFETY: `attr` is a zero-initialized `union bpf_attr`-sized buffer whose set fields match
+    // the command's layout; pointers inside it (a path) outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret as RawFd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+
+    #[test]
+    fn proc_is_mounted() {
+        assert_eq!(mount_point_of_type("proc"), Some(PathBuf::from("/proc")));
+    }
+}
