@@ -145,10 +145,20 @@ fn redirects(cgroup: u64) -> bool {
     }
 }
 
+/// Whether a lookup found something, as a plain scalar. Without the volatile round trip LLVM may
+/// OR two lookups' pointers together and test the result once, which the verifier rejects
+/// ("pointer |= pointer prohibited").
+#[inline(always)]
+fn present<T>(v: Option<&T>) -> bool {
+    let found = v.is_some();
+    // SAFETY: reads a local.
+    unsafe { core::ptr::read_volatile(&found) }
+}
+
 #[inline(always)]
 fn port_excluded(port: u16) -> bool {
     // SAFETY: only the presence of the key is used.
-    unsafe { EXCLUDED_PORTS.get(&port) }.is_some()
+    present(unsafe { EXCLUDED_PORTS.get(&port) })
 }
 
 #[inline(always)]
@@ -180,7 +190,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
         || dst_ip == 0
         || (dst_ip == cfg.ip4 && dst_port == cfg.port)
         || port_excluded(dst_port)
-        || EXCLUDED_V4.get(Key::new(32, dst_ip)).is_some();
+        || present(EXCLUDED_V4.get(Key::new(32, dst_ip)));
     if skip {
         count(Counter::ConnectSkipped);
         return Ok(());
@@ -224,13 +234,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
         (
             cfg.flags & ProxyConfig::HAS_V4 != 0,
             dst[3] == cfg.ip4 && dst_port == cfg.port,
-            EXCLUDED_V4.get(Key::new(32, dst[3])).is_some(),
+            present(EXCLUDED_V4.get(Key::new(32, dst[3]))),
         )
     } else {
         (
             cfg.flags & ProxyConfig::HAS_V6 != 0,
             dst == cfg.ip6 && dst_port == cfg.port,
-            EXCLUDED_V6.get(Key::new(128, dst)).is_some(),
+            present(EXCLUDED_V6.get(Key::new(128, dst))),
         )
     };
     let unspecified = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == 0;
@@ -335,7 +345,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     } else {
         // The proxy's accepted socket: only when its peer is a redirected pod socket.
         // SAFETY: only the presence of the key is used.
-        if unsafe { ORIG_BY_TUPLE.get(&key.reversed()) }.is_none() {
+        if !present(unsafe { ORIG_BY_TUPLE.get(&key.reversed()) }) {
             return Ok(());
         }
     }
