@@ -254,8 +254,6 @@ fn attach_cgroup_program(
     const INET4_CONNECT: u32 = 10;
     const INET6_CONNECT: u32 = 11;
     const GETSOCKOPT: u32 = 21;
-    // Other agents (Cilium, systemd) may have their own programs on the same cgroup.
-    const BPF_F_ALLOW_MULTI: u32 = 2;
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
     let err = program_error(name);
     let (fd, attach_type) = match name {
@@ -280,13 +278,13 @@ fn attach_cgroup_program(
             (p.fd().map_err(&err)?.as_fd(), t)
         }
     };
-    sys::link_create_pinned(fd, cgroup.as_fd(), attach_type, BPF_F_ALLOW_MULTI, link_pin).map_err(
-        |source| Error::Io {
+    sys::link_create_pinned(fd, cgroup.as_fd(), attach_type, 0, link_pin).map_err(|source| {
+        Error::Io {
             what: "attaching and pinning",
             path: link_pin.into(),
             source,
-        },
-    )
+        }
+    })
 }
 
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<()> {

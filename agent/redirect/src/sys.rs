@@ -106,7 +106,8 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `BPF_LINK_CREATE` of `prog` on `target`, pinned at `pin` so the attachment outlives this
+/// `BPF_LINK_CREATE` of `prog` on `target` (cgroup links coexist with other programs on the
+/// same cgroup; their `flags` must be 0), pinned at `pin` so the attachment outlives this
 /// process. (aya 0.14 cannot turn every cgroup link into a pinnable `FdLink`, e.g. getsockopt's.)
 pub fn link_create_pinned(
     prog: BorrowedFd<'_>,

@@ -1,0 +1,268 @@
+//! Root-only: loads the real programs, puts a client in its own cgroup and network namespace
+//! (veth to the host) and checks that its `connect()` to an address nobody serves reaches a host
+//! listener standing in for the proxy, which recovers the original destination with
+//! `getsockopt(SO_ORIGINAL_DST)` and from the map; then that a second install reuses the pins and
+//! that uninstall removes them. Everything created carries a unique suffix and is removed by
+//! guards, also when the test fails.
+//!
+//! Without root or without `target/bpf/sluice-ebpf.o` the test says why and returns, except under
+//! `CI`, where it fails.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sluice_redirect::{install, uninstall, Counter, Options};
+
+fn object() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bpf/sluice-ebpf.o")
+}
+
+/// `Some(reason)` when the test cannot run here.
+fn cannot_run() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (cgroups, network namespaces, bpf)".into());
+    }
+    if !object().is_file() {
+        return Some(format!(
+            "{} is missing: run `cargo xtask build-ebpf`",
+            object().display()
+        ));
+    }
+    for tool in ["ip", "bash"] {
+        if Command::new(tool).arg("-V").output().is_err()
+            && Command::new(tool).arg("--version").output().is_err()
+        {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    None
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Removes what the test created, in reverse order, ignoring what is already gone.
+struct Cleanup {
+    netns: Option<String>,
+    veth: Option<String>,
+    cgroup: Option<PathBuf>,
+    pins: Option<PathBuf>,
+}
+
+// A plain std test without a runtime: blocking sleeps are fine here.
+#[allow(clippy::disallowed_methods)]
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(pins) = self.pins.take() {
+            if let Err(e) = uninstall(&pins) {
+                eprintln!("cleanup: uninstall {}: {e}", pins.display());
+            }
+        }
+        if let Some(veth) = self.veth.take() {
+            let _ = Command::new("ip").args(["link", "del", &veth]).output();
+        }
+        if let Some(ns) = self.netns.take() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+        if let Some(cg) = self.cgroup.take() {
+            // The client has exited; rmdir fails only if something is still inside (bounded retry).
+            for _ in 0..50 {
+                if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+#[allow(clippy::disallowed_methods)] // a plain std test: blocking sleeps are fine here
+fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
+    if let Some(why) = cannot_run() {
+        if std::env::var_os("CI").is_some() {
+            panic!("namespaced redirect test cannot run under CI: {why}");
+        }
+        eprintln!("skipping namespaced redirect test: {why}");
+        return;
+    }
+    let id = std::process::id();
+    let tag = format!("{:x}", id % 0xffff);
+    let octet = (id % 200 + 20) as u8;
+    let host_ip = Ipv4Addr::new(10, 251, octet, 1);
+    let ns_ip = Ipv4Addr::new(10, 251, octet, 2);
+    let ns = format!("sluice-t-{tag}");
+    let (veth_host, veth_ns) = (format!("slh{tag}"), format!("sln{tag}"));
+    let cgroup_root = sluice_redirect::cgroup2_root().expect("cgroup v2 mounted");
+    let cgroup = cgroup_root.join(format!("sluice-test-{tag}"));
+    let pins = PathBuf::from(format!("/sys/fs/bpf/sluice-test-{tag}"));
+    let mut guard = Cleanup {
+        netns: None,
+        veth: None,
+        cgroup: None,
+        pins: None,
+    };
+
+    run("ip", &["netns", "add", &ns]);
+    guard.netns = Some(ns.clone());
+    run(
+        "ip",
+        &[
+            "link", "add", &veth_host, "type", "veth", "peer", "name", &veth_ns,
+        ],
+    );
+    guard.veth = Some(veth_host.clone());
+    run("ip", &["link", "set", &veth_ns, "netns", &ns]);
+    run(
+        "ip",
+        &["addr", "add", &format!("{host_ip}/24"), "dev", &veth_host],
+    );
+    run("ip", &["link", "set", &veth_host, "up"]);
+    let in_ns = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", &ns];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    };
+    in_ns(&["ip", "addr", "add", &format!("{ns_ip}/24"), "dev", &veth_ns]);
+    in_ns(&["ip", "link", "set", &veth_ns, "up"]);
+    in_ns(&["ip", "link", "set", "lo", "up"]);
+    std::fs::create_dir(&cgroup).expect("create test cgroup");
+    guard.cgroup = Some(cgroup.clone());
+
+    // The proxy stand-in, on the host end of the veth.
+    let listener = TcpListener::bind(SocketAddrV4::new(host_ip, 0)).unwrap();
+    let proxy = listener.local_addr().unwrap();
+
+    guard.pins = Some(pins.clone());
+    let opts = Options {
+        object: object(),
+        cgroup: cgroup_root.clone(),
+        pin_dir: pins.clone(),
+    };
+    let redirect = install(&opts).expect("install");
+    assert!(
+        redirect.report().reused.is_empty(),
+        "{:?}",
+        redirect.report()
+    );
+    let maps = redirect.maps();
+    maps.set_proxy(Some(proxy), None, true).unwrap();
+    let before = maps.counter(Counter::ConnectRedirected).unwrap();
+    maps.enroll_cgroup(&cgroup).unwrap();
+
+    // TEST-NET-1: nothing answers there, and the namespace has no route to it either.
+    let original = SocketAddr::from((Ipv4Addr::new(192, 0, 2, 10), 8080));
+    // Into the cgroup first: `ip netns exec` remounts /sys and hides the cgroup tree.
+    let script = format!(
+        "echo $$ > {procs} && exec ip netns exec {ns} bash -c \
+         'exec 3<>/dev/tcp/{ip}/{port} && echo ping >&3 && read -t 5 reply <&3 && echo \"$reply\"'",
+        procs = cgroup.join("cgroup.procs").display(),
+        ip = original.ip(),
+        port = original.port(),
+    );
+    let mut client = Command::new("bash")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    listener.set_nonblocking(true).unwrap();
+    let mut accepted = None;
+    for _ in 0..250 {
+        match listener.accept() {
+            Ok(pair) => {
+                accepted = Some(pair);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    let Some((stream, peer)) = accepted else {
+        let _ = client.kill();
+        let out = client.wait_with_output().unwrap();
+        panic!(
+            "the enrolled client never reached the proxy; client stderr: {}; counters: {:?}",
+            String::from_utf8_lossy(&out.stderr),
+            maps.counters()
+        );
+    };
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(peer.ip(), ns_ip, "the client came through the veth");
+
+    let from_map = maps.original_dst(peer, stream.local_addr().unwrap());
+    assert_eq!(
+        from_map,
+        Some(original),
+        "original destination from the 4-tuple map"
+    );
+    let sock = socket2::SockRef::from(&stream);
+    let from_sockopt = sock.original_dst_v4().expect("getsockopt(SO_ORIGINAL_DST)");
+    assert_eq!(from_sockopt.as_socket(), Some(original), "SO_ORIGINAL_DST");
+
+    let mut stream = stream;
+    let mut buf = [0u8; 5];
+    stream.read_exact(&mut buf).expect("the client's bytes");
+    assert_eq!(&buf, b"ping\n");
+    stream.write_all(b"pong\n").unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pong");
+
+    let counters = maps.counters().unwrap();
+    eprintln!("counters: {counters:?}");
+    let get = |c: Counter| {
+        counters
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    };
+    assert!(get(Counter::ConnectRedirected) > before, "{counters:?}");
+    assert!(get(Counter::SockOpsTupleSaved) >= 1, "{counters:?}");
+    assert!(get(Counter::GetsockoptAnswered) >= 1, "{counters:?}");
+    // Both sockets are in the SOCKHASH before the proxy writes, so at least its reply took the
+    // sk_msg fast path (the client's first bytes may race the proxy socket's insertion).
+    assert!(get(Counter::SockOpsSockhashInserted) >= 2, "{counters:?}");
+    assert!(get(Counter::SkMsgRedirected) >= 1, "{counters:?}");
+
+    // A restart reuses the pins instead of attaching twice.
+    drop(redirect);
+    let again = install(&opts).expect("second install");
+    assert!(again.report().attached.is_empty(), "{:?}", again.report());
+    assert_eq!(
+        again.maps().config().unwrap().port,
+        proxy.port(),
+        "maps survived the restart"
+    );
+    drop(again);
+
+    uninstall(&pins).expect("uninstall");
+    assert!(!pins.exists(), "pins removed");
+    guard.pins = None;
+}
