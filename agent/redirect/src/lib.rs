@@ -31,7 +31,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
 /// Where `cargo xtask build-ebpf` puts the object, relative to the workspace root.
 pub const DEFAULT_OBJECT: &str = "target/bpf/sluice-ebpf.o";
 
-const ALL_MAPS: [&str; 9] = [
+/// Pinned maps. aya-log's ring buffer is pinned too, so that after a restart the logger reads the
+/// buffer the (reused) pinned programs write to.
+const ALL_MAPS: [&str; 10] = [
     map_names::CONFIG,
     map_names::ENROLLED,
     map_names::EXCLUDED_PORTS,
@@ -41,6 +43,7 @@ const ALL_MAPS: [&str; 9] = [
     map_names::ORIG_BY_TUPLE,
     map_names::SOCKETS,
     map_names::COUNTERS,
+    "AYA_LOGS",
 ];
 
 /// Programs attached to the cgroup, each with a pinned link.

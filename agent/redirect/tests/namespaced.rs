@@ -10,9 +10,9 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -91,8 +91,63 @@ impl Drop for Cleanup {
     }
 }
 
-#[test]
-#[allow(clippy::disallowed_methods)] // a plain std test: blocking sleeps are fine here
+/// Runs `bash` in `cgroup` and `ns` that connects to `dst`, sends "ping" and prints the reply.
+fn spawn_client(cgroup: &Path, ns: &str, dst: SocketAddr) -> Child {
+    // Into the cgroup first: `ip netns exec` remounts /sys and hides the cgroup tree.
+    let script = format!(
+        "echo $$ > {procs} && exec ip netns exec {ns} bash -c \
+         'exec 3<>/dev/tcp/{ip}/{port} && echo ping >&3 && read -t 5 reply <&3 && echo \"$reply\"'",
+        procs = cgroup.join("cgroup.procs").display(),
+        ip = dst.ip(),
+        port = dst.port(),
+    );
+    Command::new("bash")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls a non-blocking listener for up to `tries` times 20 ms.
+#[allow(clippy::disallowed_methods)] // a plain std test without a runtime
+fn accept_within(listener: &TcpListener, tries: usize) -> Option<(TcpStream, SocketAddr)> {
+    for i in 0..tries {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                return Some((stream, peer));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if i + 1 < tries {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    None
+}
+
+/// Answers the client's "ping" with "pong" and checks it got it.
+fn ping_pong(mut stream: TcpStream, client: Child, why: &str) {
+    let mut buf = [0u8; 5];
+    stream.read_exact(&mut buf).expect("the client's bytes");
+    assert_eq!(&buf, b"ping\n", "{why}");
+    stream.write_all(b"pong\n").unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{why}: client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pong", "{why}");
+}
+
+#[test] // a plain std test: blocking sleeps are fine here
 fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     if let Some(why) = cannot_run() {
         if std::env::var_os("CI").is_some() {
@@ -146,6 +201,7 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
 
     // The proxy stand-in, on the host end of the veth.
     let listener = TcpListener::bind(SocketAddrV4::new(host_ip, 0)).unwrap();
+    listener.set_nonblocking(true).unwrap();
     let proxy = listener.local_addr().unwrap();
 
     guard.pins = Some(pins.clone());
@@ -167,37 +223,10 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
 
     // TEST-NET-1: nothing answers there, and the namespace has no route to it either.
     let original = SocketAddr::from((Ipv4Addr::new(192, 0, 2, 10), 8080));
-    // Into the cgroup first: `ip netns exec` remounts /sys and hides the cgroup tree.
-    let script = format!(
-        "echo $$ > {procs} && exec ip netns exec {ns} bash -c \
-         'exec 3<>/dev/tcp/{ip}/{port} && echo ping >&3 && read -t 5 reply <&3 && echo \"$reply\"'",
-        procs = cgroup.join("cgroup.procs").display(),
-        ip = original.ip(),
-        port = original.port(),
-    );
-    let mut client = Command::new("bash")
-        .args(["-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    listener.set_nonblocking(true).unwrap();
-    let mut accepted = None;
-    for _ in 0..250 {
-        match listener.accept() {
-            Ok(pair) => {
-                accepted = Some(pair);
-                break;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    }
+    let mut client = spawn_client(&cgroup, &ns, original);
+    let accepted = accept_within(&listener, 250);
     let Some((stream, peer)) = accepted else {
-        let _ = client.kill();
+        client.kill().unwrap();
         let out = client.wait_with_output().unwrap();
         panic!(
             "the enrolled client never reached the proxy; client stderr: {}; counters: {:?}",
@@ -205,10 +234,6 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
             maps.counters()
         );
     };
-    stream.set_nonblocking(false).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     assert_eq!(peer.ip(), ns_ip, "the client came through the veth");
 
     let from_map = maps.original_dst(peer, stream.local_addr().unwrap());
@@ -221,18 +246,7 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     let from_sockopt = sock.original_dst_v4().expect("getsockopt(SO_ORIGINAL_DST)");
     assert_eq!(from_sockopt.as_socket(), Some(original), "SO_ORIGINAL_DST");
 
-    let mut stream = stream;
-    let mut buf = [0u8; 5];
-    stream.read_exact(&mut buf).expect("the client's bytes");
-    assert_eq!(&buf, b"ping\n");
-    stream.write_all(b"pong\n").unwrap();
-    let out = client.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pong");
+    ping_pong(stream, client, "first redirected connection");
 
     let counters = maps.counters().unwrap();
     eprintln!("counters: {counters:?}");
@@ -250,6 +264,42 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     // sk_msg fast path (the client's first bytes may race the proxy socket's insertion).
     assert!(get(Counter::SockOpsSockhashInserted) >= 2, "{counters:?}");
     assert!(get(Counter::SkMsgRedirected) >= 1, "{counters:?}");
+
+    // What must pass untouched: a real destination on the host, reachable from the namespace.
+    let real = TcpListener::bind(SocketAddrV4::new(host_ip, 0)).unwrap();
+    real.set_nonblocking(true).unwrap();
+    let real_addr = real.local_addr().unwrap();
+    let lands_on = |target: &TcpListener, why: &str| {
+        let client = spawn_client(&cgroup, &ns, real_addr);
+        let Some((stream, _)) = accept_within(target, 250) else {
+            let out = client.wait_with_output().unwrap();
+            panic!(
+                "{why}: nothing arrived; client stderr: {}; counters: {:?}",
+                String::from_utf8_lossy(&out.stderr),
+                maps.counters()
+            );
+        };
+        ping_pong(stream, client, why);
+    };
+    lands_on(&listener, "enrolled, no exclusion: redirected");
+    maps.set_excluded_ports(&[real_addr.port()]).unwrap();
+    lands_on(&real, "excluded port");
+    maps.set_excluded_ports(&[]).unwrap();
+    maps.set_excluded_cidrs(&[(IpAddr::V4(host_ip), 32)])
+        .unwrap();
+    lands_on(&real, "excluded CIDR");
+    maps.set_excluded_cidrs(&[]).unwrap();
+    maps.set_enabled(false).unwrap();
+    lands_on(&real, "redirection disabled (fail open)");
+    maps.set_enabled(true).unwrap();
+    maps.release_cgroup(&cgroup).unwrap();
+    lands_on(&real, "released cgroup");
+    maps.enroll_cgroup(&cgroup).unwrap();
+    lands_on(&listener, "enrolled again: redirected");
+    assert!(
+        accept_within(&listener, 1).is_none(),
+        "no stray connection reached the proxy"
+    );
 
     // A restart reuses the pins instead of attaching twice.
     drop(redirect);
