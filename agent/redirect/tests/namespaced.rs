@@ -10,7 +10,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -161,6 +161,8 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     let octet = (id % 200 + 20) as u8;
     let host_ip = Ipv4Addr::new(10, 251, octet, 1);
     let ns_ip = Ipv4Addr::new(10, 251, octet, 2);
+    let host_ip6 = Ipv6Addr::new(0xfd00, 0x5, 0, u16::from(octet), 0, 0, 0, 1);
+    let ns_ip6 = Ipv6Addr::new(0xfd00, 0x5, 0, u16::from(octet), 0, 0, 0, 2);
     let ns = format!("sluice-t-{tag}");
     let (veth_host, veth_ns) = (format!("slh{tag}"), format!("sln{tag}"));
     let cgroup_root = sluice_redirect::cgroup2_root().expect("cgroup v2 mounted");
@@ -188,6 +190,18 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
         &["addr", "add", &format!("{host_ip}/24"), "dev", &veth_host],
     );
     run("ip", &["link", "set", &veth_host, "up"]);
+    run(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{host_ip6}/64"),
+            "dev",
+            &veth_host,
+            "nodad",
+        ],
+    );
     let in_ns = |args: &[&str]| {
         let mut all = vec!["netns", "exec", &ns];
         all.extend_from_slice(args);
@@ -196,6 +210,16 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     in_ns(&["ip", "addr", "add", &format!("{ns_ip}/24"), "dev", &veth_ns]);
     in_ns(&["ip", "link", "set", &veth_ns, "up"]);
     in_ns(&["ip", "link", "set", "lo", "up"]);
+    in_ns(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{ns_ip6}/64"),
+        "dev",
+        &veth_ns,
+        "nodad",
+    ]);
     std::fs::create_dir(&cgroup).expect("create test cgroup");
     guard.cgroup = Some(cgroup.clone());
 
@@ -217,7 +241,10 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
         redirect.report()
     );
     let maps = redirect.maps();
-    maps.set_proxy(Some(proxy), None, true).unwrap();
+    // The IPv6 listener shares the IPv4 one's port (the programs know one proxy port).
+    let listener6 = TcpListener::bind(SocketAddr::from((host_ip6, proxy.port()))).unwrap();
+    listener6.set_nonblocking(true).unwrap();
+    maps.set_proxy(Some(proxy), Some(host_ip6), true).unwrap();
     let before = maps.counter(Counter::ConnectRedirected).unwrap();
     maps.enroll_cgroup(&cgroup).unwrap();
 
@@ -300,6 +327,34 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
         accept_within(&listener, 1).is_none(),
         "no stray connection reached the proxy"
     );
+
+    // IPv6: connect6 redirects, SO_ORIGINAL_DST at SOL_IPV6 and the map recover the destination.
+    let original6 = SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10), 8080));
+    let client = spawn_client(&cgroup, &ns, original6);
+    let Some((stream, peer)) = accept_within(&listener6, 250) else {
+        let out = client.wait_with_output().unwrap();
+        panic!(
+            "IPv6: nothing reached the proxy; client stderr: {}; counters: {:?}",
+            String::from_utf8_lossy(&out.stderr),
+            maps.counters()
+        );
+    };
+    assert_eq!(peer.ip(), IpAddr::V6(ns_ip6));
+    let from_map = maps.original_dst(peer, stream.local_addr().unwrap());
+    assert_eq!(
+        from_map,
+        Some(original6),
+        "IPv6 original destination from the map"
+    );
+    let from_sockopt = socket2::SockRef::from(&stream)
+        .original_dst_v6()
+        .expect("IP6T_SO_ORIGINAL_DST");
+    assert_eq!(
+        from_sockopt.as_socket(),
+        Some(original6),
+        "IPv6 SO_ORIGINAL_DST"
+    );
+    ping_pong(stream, client, "IPv6 redirected connection");
 
     // A restart reuses the pins instead of attaching twice.
     drop(redirect);
