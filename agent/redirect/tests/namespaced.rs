@@ -132,6 +132,11 @@ fn accept_within(listener: &TcpListener, tries: usize) -> Option<(TcpStream, Soc
     None
 }
 
+#[allow(clippy::disallowed_methods)] // a plain std test without a runtime
+fn pause(d: Duration) {
+    std::thread::sleep(d);
+}
+
 /// Answers the client's "ping" with "pong" and checks it got it.
 fn ping_pong(mut stream: TcpStream, client: Child, why: &str) {
     let mut buf = [0u8; 5];
@@ -273,7 +278,18 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     let from_sockopt = sock.original_dst_v4().expect("getsockopt(SO_ORIGINAL_DST)");
     assert_eq!(from_sockopt.as_socket(), Some(original), "SO_ORIGINAL_DST");
 
+    let (peer_addr, local_addr) = (peer, stream.local_addr().unwrap());
     ping_pong(stream, client, "first redirected connection");
+    // The proxy's end is closed (dropped in ping_pong): once it reaches CLOSE (the peer's last ACK
+    // may still be in flight), its original destination is forgotten.
+    let forgotten = (0..100).any(|_| {
+        let gone = maps.original_dst(peer_addr, local_addr).is_none();
+        if !gone {
+            pause(Duration::from_millis(20));
+        }
+        gone
+    });
+    assert!(forgotten, "entry removed on the proxy's close");
 
     let counters = maps.counters().unwrap();
     eprintln!("counters: {counters:?}");
@@ -291,6 +307,7 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     // sk_msg fast path (the client's first bytes may race the proxy socket's insertion).
     assert!(get(Counter::SockOpsSockhashInserted) >= 2, "{counters:?}");
     assert!(get(Counter::SkMsgRedirected) >= 1, "{counters:?}");
+    assert!(get(Counter::SockOpsTupleRemoved) >= 1, "{counters:?}");
 
     // What must pass untouched: a real destination on the host, reachable from the namespace.
     let real = TcpListener::bind(SocketAddrV4::new(host_ip, 0)).unwrap();

@@ -218,6 +218,8 @@ pub enum Counter {
     SockOpsSockhashInserted,
     /// ... SOCKHASH inserts that failed.
     SockOpsSockhashFailed,
+    /// ... original destinations forgotten when the proxy's end closed.
+    SockOpsTupleRemoved,
     /// `sendmsg` calls the `sk_msg` program saw.
     SkMsgSeen,
     /// ... redirected to the peer socket (the fast path).
@@ -229,7 +231,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectRedirected,
@@ -239,6 +241,7 @@ impl Counter {
         Counter::SockOpsTupleSaved,
         Counter::SockOpsSockhashInserted,
         Counter::SockOpsSockhashFailed,
+        Counter::SockOpsTupleRemoved,
         Counter::SkMsgSeen,
         Counter::SkMsgRedirected,
         Counter::GetsockoptSeen,
@@ -255,6 +258,7 @@ impl Counter {
             Counter::SockOpsTupleSaved => "sock_ops_tuple_saved",
             Counter::SockOpsSockhashInserted => "sock_ops_sockhash_inserted",
             Counter::SockOpsSockhashFailed => "sock_ops_sockhash_failed",
+            Counter::SockOpsTupleRemoved => "sock_ops_tuple_removed",
             Counter::SkMsgSeen => "sk_msg_seen",
             Counter::SkMsgRedirected => "sk_msg_redirected",
             Counter::GetsockoptSeen => "getsockopt_seen",

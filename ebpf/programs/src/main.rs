@@ -18,6 +18,7 @@ use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_ops, sk_action::SK_PASS, BPF_F_INGRESS, BPF_NOEXIST,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
@@ -326,6 +327,19 @@ fn own_tuple(ops: *const bpf_sock_ops) -> Option<TupleKey> {
 
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     let op = ctx.op();
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // Only the proxy's sockets ask for state callbacks. Forget the original destination when
+        // the proxy's end closes: the proxy has asked for it by then, and a later connection
+        // reusing the 4-tuple must not inherit it. (Not on the pod's close: a short-lived client
+        // may close before the proxy asks.)
+        if ctx.arg(1) == BPF_TCP_CLOSE {
+            let key = own_tuple(ctx.ops).ok_or(0)?;
+            if ORIG_BY_TUPLE.remove(&key.reversed()).is_ok() {
+                count(Counter::SockOpsTupleRemoved);
+            }
+        }
+        return Ok(());
+    }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return Ok(());
     }
@@ -348,6 +362,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
         if !present(unsafe { ORIG_BY_TUPLE.get(&key.reversed()) }) {
             return Ok(());
         }
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     }
     // SAFETY: the kernel passes a valid `bpf_sock_ops` for this program's run.
     let ops = unsafe { &mut *ctx.ops };
