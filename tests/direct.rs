@@ -987,3 +987,32 @@ async fn max_retries_budget_overflows_under_concurrent_retries() {
         "{lines:#?}"
     );
 }
+
+// 2c. `attempts: 0` removes the route's retry policy (Istio sets none); Envoy still honours the
+// retry headers, which bring their own conditions and count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_headers_retry_on_a_route_with_retries_disabled() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("flaky", &failing("503")).await;
+    deploy(&mesh, "flaky", &[port]);
+    mesh.write(
+        "vs.yaml",
+        &virtual_service(
+            "flaky",
+            "  - route:\n    - destination:\n        host: flaky\n    retries:\n      attempts: 0\n",
+        ),
+    );
+    mesh.reload();
+    let mut log = mesh.access_log();
+    let req = Request::get("http://flaky/")
+        .header("x-envoy-retry-on", "5xx")
+        .header("x-envoy-max-retries", "2")
+        .body(Empty::new())
+        .unwrap();
+    let o = mesh.send(req, MAX_TIME).await;
+    let lines = log.drain().await;
+
+    assert_eq!(o.code(), 503, "{o:?}");
+    let l = only(&lines);
+    assert!(l.attempts == 3 && l.has_flag("URX"), "{l:?}");
+}
