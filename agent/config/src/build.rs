@@ -14,7 +14,7 @@ use sluice_policy::{
     WeightedDestination, Workload,
 };
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -170,6 +170,7 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
     }
 
     // Services and their endpoints per service port.
+    let allocated = allocate_cluster_ips(&services);
     let mut endpoints_by_port: BTreeMap<(String, u16), Vec<Endpoint>> = BTreeMap::new();
     for (obj, svc) in &services {
         let ns = svc.metadata.namespace();
@@ -180,6 +181,10 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
         } else {
             svc.spec.cluster_ips.iter().collect()
         };
+        if raw.is_empty() {
+            // No clusterIP at all: the API server would allocate one.
+            ips.extend(allocated.get(&(ns.to_string(), svc.metadata.name.clone())));
+        }
         for ip in raw {
             if ip == "None" || ip.is_empty() {
                 continue;
@@ -544,4 +549,51 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
         .map(Problem::to_rejection)
         .collect();
     (snap, problems)
+}
+
+/// The Service CIDR cluster IPs are allocated from in standalone mode (kubeadm's default).
+pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
+
+/// Cluster IPs for Services that set neither `clusterIP` nor `clusterIPs`, as the API server would
+/// allocate them: from [`SERVICE_CIDR`], at an offset given by a stable hash (FNV-1a) of
+/// `namespace/name`, probing past addresses already taken. Allocation runs in `namespace/name`
+/// order, so a Service keeps its address across reloads unless another one takes it first.
+fn allocate_cluster_ips(
+    services: &[(&Object, &crate::k8s::Service)],
+) -> BTreeMap<(String, String), IpAddr> {
+    let (base, prefix) = SERVICE_CIDR;
+    let size = 1u32 << (32 - prefix);
+    let base = u32::from(base);
+    let mut taken: std::collections::BTreeSet<IpAddr> = services
+        .iter()
+        .flat_map(|(_, s)| s.spec.cluster_ip.iter().chain(&s.spec.cluster_ips))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let mut wanted: Vec<(String, String)> = services
+        .iter()
+        .filter(|(_, s)| s.spec.cluster_ip.is_none() && s.spec.cluster_ips.is_empty())
+        .map(|(_, s)| (s.metadata.namespace().to_string(), s.metadata.name.clone()))
+        .collect();
+    wanted.sort();
+    wanted.dedup();
+    let mut out = BTreeMap::new();
+    for key in wanted {
+        let hash = format!("{}/{}", key.0, key.1)
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        // Offsets 16..size-1: leave the network address and the first few (10.96.0.1 is the
+        // `kubernetes` Service by convention) alone.
+        let span = size - 17;
+        let start = (hash % u64::from(span)) as u32;
+        for probe in 0..span {
+            let ip = IpAddr::V4(Ipv4Addr::from(base + 16 + (start + probe) % span));
+            if taken.insert(ip) {
+                out.insert(key, ip);
+                break;
+            }
+        }
+    }
+    out
 }

@@ -263,3 +263,59 @@ fn enrollment_and_endpoint_slices() {
         Some("v9")
     );
 }
+
+/// A Service without `clusterIP` gets one from 10.96.0.0/12, as the API server would: stable for
+/// the same namespace/name, distinct per Service, never one a Service set explicitly; headless
+/// (`None`) stays without.
+#[test]
+fn services_without_cluster_ip_get_one_allocated() {
+    let svc = |name: &str, ip: Option<&str>| {
+        let ip = ip
+            .map(|ip| format!("  clusterIP: {ip}\n"))
+            .unwrap_or_default();
+        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n{ip}  ports:\n  - {{name: http, port: 80}}\n---\n")
+    };
+    let yaml: String = ["a", "b", "c", "d", "e", "f"]
+        .iter()
+        .map(|n| svc(n, None))
+        .chain([
+            svc("fixed", Some("10.96.0.50")),
+            svc("headless", Some("None")),
+        ])
+        .collect();
+    let (s, _) = snap(&yaml);
+    let ip = |name: &str| {
+        s.services[&format!("{name}.default.svc.cluster.local")]
+            .cluster_ips
+            .clone()
+    };
+    let cidr = |ip: &std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => v4.octets()[0] == 10 && (96..112).contains(&v4.octets()[1]),
+        _ => false,
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for name in ["a", "b", "c", "d", "e", "f"] {
+        let ips = ip(name);
+        assert_eq!(ips.len(), 1, "{name}: {ips:?}");
+        assert!(cidr(&ips[0]), "{name}: {ips:?} outside 10.96.0.0/12");
+        assert!(seen.insert(ips[0]), "{name}: {ips:?} given twice");
+        assert_eq!(
+            s.service_by_vip(ips[0], 80).map(|v| v.name.as_str()),
+            Some(name)
+        );
+    }
+    assert_eq!(
+        ip("fixed"),
+        vec!["10.96.0.50".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert!(!seen.contains(&"10.96.0.50".parse().unwrap()));
+    assert!(ip("headless").is_empty());
+    // Stable: the same input allocates the same addresses; adding a Service moves no other.
+    let (again, _) = snap(&format!("{yaml}{}", svc("g", None)));
+    for name in ["a", "b", "c", "d", "e", "f"] {
+        assert_eq!(
+            again.services[&format!("{name}.default.svc.cluster.local")].cluster_ips,
+            ip(name)
+        );
+    }
+}
