@@ -5,6 +5,11 @@
 //!
 //! Attachments: `connect4`, `connect6`, `getsockopt` and `sock_ops` on one cgroup v2 directory
 //! (normally the root, so every pod's cgroup is below it), `sk_msg` on the SOCKHASH.
+//!
+//! Pinned maps outlive the agent, so a new build may meet maps an older build pinned. aya would
+//! silently reuse them whatever their layout; [`install`] compares every pinned map's type, key
+//! and value sizes and capacity with the object's first, and replaces a stale installation whole
+//! (programs included: old programs would keep reading the old maps) with a warning.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod maps;
@@ -23,7 +28,7 @@ use aya::{
 };
 use sluice_ebpf_common::{maps as map_names, programs as prog_names, TupleKey};
 
-pub use maps::Maps;
+pub use maps::{Lease, Maps};
 pub use sluice_ebpf_common::{Counter, ProxyConfig};
 
 /// Where programs, links and maps are pinned.
@@ -99,6 +104,8 @@ pub enum Error {
     NoCgroup2,
     #[error("{0} is not an IPv{1} address")]
     Family(std::net::IpAddr, u8),
+    #[error("reading the eBPF object {path}: {reason}")]
+    Object { path: PathBuf, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -132,6 +139,24 @@ pub struct InstallReport {
     pub attached: Vec<&'static str>,
     /// Programs whose pinned attachment was found and kept.
     pub reused: Vec<&'static str>,
+    /// Pinned maps from an older layout that were found and replaced (with what differed); the
+    /// whole previous installation was detached and removed first.
+    pub replaced: Vec<String>,
+}
+
+/// What [`uninstall`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UninstallReport {
+    /// Programs whose cgroup attachment was detached.
+    pub detached: Vec<&'static str>,
+    /// Pins removed (programs, links, maps).
+    pub removed: Vec<PathBuf>,
+}
+
+impl UninstallReport {
+    pub fn is_empty(&self) -> bool {
+        self.detached.is_empty() && self.removed.is_empty()
+    }
 }
 
 /// The loaded programs (kept for their log buffer) and the pinned maps.
@@ -179,6 +204,23 @@ pub fn install(opts: &Options) -> Result<Redirect> {
         })?;
     }
     let map_dir = opts.pin_dir.join("maps");
+    let stale = stale_maps(&opts.object, &map_dir)?;
+    if !stale.is_empty() {
+        tracing::warn!(
+            pin_dir = %opts.pin_dir.display(),
+            stale = %stale.join("; "),
+            "pinned eBPF maps are from an older layout: detaching the old programs and replacing every pin (connections redirected before keep working but lose the sk_msg fast path)"
+        );
+        uninstall(&opts.pin_dir)?;
+        for sub in ["", "maps", "links", "progs"] {
+            let dir = opts.pin_dir.join(sub);
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                what: "creating",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+    }
     let sockhash_was_pinned = map_dir.join(map_names::SOCKETS).exists();
 
     let map_paths: Vec<(&str, PathBuf)> = ALL_MAPS
@@ -209,7 +251,10 @@ pub fn install(opts: &Options) -> Result<Redirect> {
         path: opts.cgroup.clone(),
         source,
     })?;
-    let mut report = InstallReport::default();
+    let mut report = InstallReport {
+        replaced: stale,
+        ..InstallReport::default()
+    };
     for name in CGROUP_PROGRAMS {
         let link_pin = opts.pin_dir.join("links").join(name);
         if PinnedLink::from_pin(&link_pin).is_ok() {
@@ -321,9 +366,88 @@ fn pin_program(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<()
         .map_err(|source| Error::Pin { path, source })
 }
 
+/// The pinned maps (of ours: aya-log's buffer is aya-log's business) whose type, key size, value
+/// size or capacity differ from the object's definition, each with what differs.
+fn stale_maps(object: &Path, map_dir: &Path) -> Result<Vec<String>> {
+    let pinned: Vec<&str> = ALL_MAPS
+        .iter()
+        .copied()
+        .filter(|name| name.starts_with("SLUICE_") && map_dir.join(name).exists())
+        .collect();
+    if pinned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bytes = std::fs::read(object).map_err(|source| Error::Io {
+        what: "reading",
+        path: object.into(),
+        source,
+    })?;
+    let obj = aya_obj::Object::parse(&bytes).map_err(|e| Error::Object {
+        path: object.into(),
+        reason: e.to_string(),
+    })?;
+    let mut stale = Vec::new();
+    for name in pinned {
+        let Some(want) = obj.maps.get(name) else {
+            continue;
+        };
+        let want = MapLayout {
+            map_type: want.map_type(),
+            key_size: want.key_size(),
+            value_size: want.value_size(),
+            max_entries: want.max_entries(),
+        };
+        match aya::maps::MapInfo::from_pin(map_dir.join(name)) {
+            Ok(info) => {
+                let have = MapLayout {
+                    map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
+                    key_size: info.key_size(),
+                    value_size: info.value_size(),
+                    max_entries: info.max_entries(),
+                };
+                if let Some(diff) = want.differs(&have) {
+                    stale.push(format!("{name}: {diff}"));
+                }
+            }
+            // A pin that is not a map (or unreadable) cannot be reused either.
+            Err(e) => stale.push(format!("{name}: unreadable pin ({e})")),
+        }
+    }
+    Ok(stale)
+}
+
+/// What a map's pin must match for the programs and the agent to read it as they expect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapLayout {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+impl MapLayout {
+    /// `None` when `have` (the pin) matches `self` (the object), else what differs.
+    fn differs(&self, have: &MapLayout) -> Option<String> {
+        let mut out = Vec::new();
+        let fields = [
+            ("type", self.map_type, have.map_type),
+            ("key_size", self.key_size, have.key_size),
+            ("value_size", self.value_size, have.value_size),
+            ("max_entries", self.max_entries, have.max_entries),
+        ];
+        for (what, want, got) in fields {
+            if want != got {
+                out.push(format!("{what} {got}, this build's {want}"));
+            }
+        }
+        (!out.is_empty()).then(|| out.join(", "))
+    }
+}
+
 /// Detaches every program and removes the pins. Missing pins are fine (uninstalling twice, or
 /// after a partial install).
-pub fn uninstall(pin_dir: &Path) -> Result<()> {
+pub fn uninstall(pin_dir: &Path) -> Result<UninstallReport> {
+    let mut report = UninstallReport::default();
     for name in CGROUP_PROGRAMS {
         let path = pin_dir.join("links").join(name);
         if !path.exists() {
@@ -339,6 +463,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
             source,
         })?;
         fd_link.detach().map_err(program_error(name))?;
+        report.detached.push(name);
     }
     // The sk_msg attachment goes with the SOCKHASH once its pin and last descriptor are gone.
     for sub in ["progs", "maps", "links"] {
@@ -353,11 +478,12 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
                 path: path.clone(),
                 source,
             })?;
+            report.removed.push(path);
         }
         let _ = std::fs::remove_dir(&dir);
     }
     let _ = std::fs::remove_dir(pin_dir);
-    Ok(())
+    Ok(report)
 }
 
 /// Whether an installation's pins exist.
@@ -370,6 +496,16 @@ pub fn is_installed(pin_dir: &Path) -> bool {
 /// The first cgroup v2 mount (here `/sys/fs/cgroup/unified`; on pure v2 hosts `/sys/fs/cgroup`).
 pub fn cgroup2_root() -> Result<PathBuf> {
     sys::mount_point_of_type("cgroup2").ok_or(Error::NoCgroup2)
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` unless it is mounted (hosts do not always mount it).
+pub fn ensure_bpffs() -> Result<()> {
+    sys::ensure_bpffs(Path::new("/sys/fs/bpf"))
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock of [`ProxyConfig::lease_until_ns`]).
+pub fn monotonic_ns() -> u64 {
+    sys::monotonic_ns()
 }
 
 /// A cgroup v2 id: the inode number of the cgroup's directory.
@@ -421,8 +557,28 @@ mod tests {
     }
 
     #[test]
+    fn layouts_name_what_differs() {
+        let want = MapLayout {
+            map_type: 2,
+            key_size: 4,
+            value_size: 32,
+            max_entries: 1,
+        };
+        assert_eq!(want.differs(&want), None);
+        let old = MapLayout {
+            value_size: 24,
+            ..want
+        };
+        assert_eq!(
+            want.differs(&old).as_deref(),
+            Some("value_size 24, this build's 32")
+        );
+    }
+
+    #[test]
     fn uninstalling_nothing_is_fine() {
-        uninstall(Path::new("/nonexistent/sluice-pins")).unwrap();
+        let report = uninstall(Path::new("/nonexistent/sluice-pins")).unwrap();
+        assert!(report.is_empty());
         assert!(!is_installed(Path::new("/nonexistent/sluice-pins")));
     }
 }

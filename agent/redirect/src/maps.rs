@@ -4,6 +4,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    time::Duration,
 };
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray};
@@ -13,7 +14,18 @@ use sluice_ebpf_common::{
     TupleKey, AF_INET, AF_INET6,
 };
 
-use crate::{cgroup_id, map_err, open_pinned, Error, Result};
+use crate::{cgroup_id, map_err, open_pinned, sys::monotonic_ns, Error, Result};
+
+/// Where the redirect's lease stands (see [`ProxyConfig::lease_until_ns`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// Never renewed since the proxy address was set: connections fail open.
+    None,
+    /// Redirecting for this much longer unless renewed.
+    Valid(Duration),
+    /// Ran out this long ago: connections fail open.
+    Expired(Duration),
+}
 
 /// Typed handles on the pinned maps. Writers take `&self`: each map sits behind its own lock.
 pub struct Maps {
@@ -82,7 +94,8 @@ impl Maps {
     }
 
     /// Where redirected connections go: the proxy's outbound listener for IPv4 (and optionally
-    /// IPv6) clients; `enabled` false lets every connection through untouched (fail open).
+    /// IPv6) clients; `enabled` false lets every connection through untouched (fail open). Clears
+    /// the lease: nothing is redirected until [`Maps::renew_lease`] says the proxy serves.
     pub fn set_proxy(
         &self,
         v4: Option<SocketAddr>,
@@ -106,7 +119,28 @@ impl Maps {
         if enabled {
             cfg.flags |= ProxyConfig::ENABLED;
         }
+        cfg.lease_until_ns = 0;
         self.write_config(cfg)
+    }
+
+    /// Redirect for `lease` from now (while enabled). The agent calls this periodically while its
+    /// listener serves; when it stops (crash, SIGKILL, hang), connections fail open once the lease
+    /// runs out.
+    pub fn renew_lease(&self, lease: Duration) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.lease_until_ns = monotonic_ns().saturating_add(lease.as_nanos() as u64);
+        self.write_config(cfg)
+    }
+
+    /// Ends the lease now: new connections fail open at once.
+    pub fn end_lease(&self) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.lease_until_ns = 0;
+        self.write_config(cfg)
+    }
+
+    pub fn lease(&self) -> Result<Lease> {
+        Ok(lease_at(&self.config()?, monotonic_ns()))
     }
 
     /// Turns redirection on or off without forgetting the proxy's address.
@@ -157,6 +191,48 @@ impl Maps {
                 .map_err(map_err(names::EXCLUDED_PORTS))?;
         }
         Ok(())
+    }
+
+    /// The excluded destination ports, sorted.
+    pub fn excluded_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .excluded_ports
+            .lock()
+            .keys()
+            .filter_map(|k| k.ok())
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// The excluded destination CIDRs (address, prefix length), IPv4 first.
+    pub fn excluded_cidrs(&self) -> Vec<(IpAddr, u8)> {
+        let mut out: Vec<(IpAddr, u8)> = self
+            .excluded_v4
+            .lock()
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| {
+                (
+                    IpAddr::V4(sluice_ebpf_common::be_to_ip4(k.data())),
+                    k.prefix_len() as u8,
+                )
+            })
+            .collect();
+        out.extend(
+            self.excluded_v6
+                .lock()
+                .keys()
+                .filter_map(|k| k.ok())
+                .map(|k| {
+                    (
+                        IpAddr::V6(sluice_ebpf_common::be_to_ip6(k.data())),
+                        k.prefix_len() as u8,
+                    )
+                }),
+        );
+        out.sort();
+        out
     }
 
     /// Replaces the excluded destination CIDRs (address, prefix length).
@@ -219,6 +295,37 @@ impl Maps {
     }
 }
 
+fn lease_at(cfg: &ProxyConfig, now_ns: u64) -> Lease {
+    match cfg.lease_until_ns {
+        0 => Lease::None,
+        until if now_ns < until => Lease::Valid(Duration::from_nanos(until - now_ns)),
+        until => Lease::Expired(Duration::from_nanos(now_ns - until)),
+    }
+}
+
 fn v4_words(ip: Ipv4Addr) -> [u32; 4] {
     [ip4_to_be(ip), 0, 0, 0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_states() {
+        let cfg = |until| ProxyConfig {
+            flags: ProxyConfig::ENABLED,
+            lease_until_ns: until,
+            ..Default::default()
+        };
+        assert_eq!(lease_at(&cfg(0), 5), Lease::None);
+        assert_eq!(
+            lease_at(&cfg(2_000_000_000), 1_000_000_000),
+            Lease::Valid(Duration::from_secs(1))
+        );
+        assert_eq!(
+            lease_at(&cfg(1_000), 3_000),
+            Lease::Expired(Duration::from_nanos(2_000))
+        );
+    }
 }

@@ -27,6 +27,20 @@ pub fn raise_memlock() -> Result<()> {
     Ok(())
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads, so a lease written
+/// from here compares with what the programs see.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // CLOCK_MONOTONIC cannot fail on Linux with a valid pointer.
+    debug_assert_eq!(ret, 0);
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Mounts bpffs at `at` unless one is mounted there.
 pub fn ensure_bpffs(at: &Path) -> Result<()> {
     if mounts()
@@ -163,6 +177,13 @@ mod tests {
     fn mountinfo_escapes() {
         assert_eq!(unescape(r"/a\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
+    }
+
+    #[test]
+    fn monotonic_clock_moves_forward() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
     }
 
     #[test]

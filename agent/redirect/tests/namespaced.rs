@@ -152,18 +152,32 @@ fn ping_pong(mut stream: TcpStream, client: Child, why: &str) {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pong", "{why}");
 }
 
-#[test] // a plain std test: blocking sleeps are fine here
-fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
+/// One test's network: a namespace with a veth to the host, a cgroup for its client, a pin
+/// directory; all removed by the returned guard.
+struct Net {
+    ns: String,
+    host_ip: Ipv4Addr,
+    ns_ip: Ipv4Addr,
+    host_ip6: Ipv6Addr,
+    ns_ip6: Ipv6Addr,
+    cgroup_root: PathBuf,
+    cgroup: PathBuf,
+    pins: PathBuf,
+}
+
+/// `Some(guard, net)`, or `None` after saying why the test cannot run (a failure under `CI`).
+/// `slot` (0..=1) keeps tests of one process apart: names and subnets differ per slot.
+fn setup(slot: u32) -> Option<(Cleanup, Net)> {
     if let Some(why) = cannot_run() {
         if std::env::var_os("CI").is_some() {
             panic!("namespaced redirect test cannot run under CI: {why}");
         }
         eprintln!("skipping namespaced redirect test: {why}");
-        return;
+        return None;
     }
     let id = std::process::id();
-    let tag = format!("{:x}", id % 0xffff);
-    let octet = (id % 200 + 20) as u8;
+    let tag = format!("{:x}{slot}", id % 0xffff);
+    let octet = (id % 100 + 20 + slot * 100) as u8;
     let host_ip = Ipv4Addr::new(10, 251, octet, 1);
     let ns_ip = Ipv4Addr::new(10, 251, octet, 2);
     let host_ip6 = Ipv6Addr::new(0xfd00, 0x5, 0, u16::from(octet), 0, 0, 0, 1);
@@ -228,12 +242,41 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     std::fs::create_dir(&cgroup).expect("create test cgroup");
     guard.cgroup = Some(cgroup.clone());
 
+    guard.pins = Some(pins.clone());
+    let net = Net {
+        ns,
+        host_ip,
+        ns_ip,
+        host_ip6,
+        ns_ip6,
+        cgroup_root,
+        cgroup,
+        pins,
+    };
+    Some((guard, net))
+}
+
+#[test] // a plain std test: blocking sleeps are fine here
+fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
+    let Some((mut guard, net)) = setup(0) else {
+        return;
+    };
+    let Net {
+        ns,
+        host_ip,
+        ns_ip,
+        host_ip6,
+        ns_ip6,
+        cgroup_root,
+        cgroup,
+        pins,
+    } = net;
+
     // The proxy stand-in, on the host end of the veth.
     let listener = TcpListener::bind(SocketAddrV4::new(host_ip, 0)).unwrap();
     listener.set_nonblocking(true).unwrap();
     let proxy = listener.local_addr().unwrap();
 
-    guard.pins = Some(pins.clone());
     let opts = Options {
         object: object(),
         cgroup: cgroup_root.clone(),
@@ -250,6 +293,8 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     let listener6 = TcpListener::bind(SocketAddr::from((host_ip6, proxy.port()))).unwrap();
     listener6.set_nonblocking(true).unwrap();
     maps.set_proxy(Some(proxy), Some(host_ip6), true).unwrap();
+    // The agent renews a short lease while it serves; this test has no agent, so one long lease.
+    maps.renew_lease(Duration::from_secs(600)).unwrap();
     let before = maps.counter(Counter::ConnectRedirected).unwrap();
     maps.enroll_cgroup(&cgroup).unwrap();
 
@@ -384,7 +429,225 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     );
     drop(again);
 
-    uninstall(&pins).expect("uninstall");
+    let removed = uninstall(&pins).expect("uninstall");
+    assert_eq!(removed.detached.len(), 4, "{removed:?}");
     assert!(!pins.exists(), "pins removed");
     guard.pins = None;
+}
+
+/// Where a client's connection arrived.
+#[derive(Debug, PartialEq, Eq)]
+enum Landed {
+    Proxy,
+    Real,
+}
+
+/// Runs one client in the net's cgroup and namespace towards `dst` and reports which of the two
+/// listeners got it (polling both for up to 5 s), after a full ping-pong.
+#[allow(clippy::disallowed_methods)] // a plain std test without a runtime
+fn landed(net: &Net, dst: SocketAddr, proxy: &TcpListener, real: &TcpListener) -> Landed {
+    let client = spawn_client(&net.cgroup, &net.ns, dst);
+    for _ in 0..250 {
+        for (listener, which) in [(proxy, Landed::Proxy), (real, Landed::Real)] {
+            if let Some((stream, _)) = accept_within(listener, 1) {
+                ping_pong(stream, client, &format!("landed on {which:?}"));
+                return which;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = client.wait_with_output().unwrap();
+    panic!(
+        "the client's connection reached neither listener; client stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test] // a plain std test: blocking sleeps and wall-clock time are fine here
+#[allow(clippy::disallowed_methods)]
+fn lease_expiry_fails_open_within_two_seconds_and_renewal_resumes_redirection() {
+    let Some((_guard, net)) = setup(1) else {
+        return;
+    };
+    let proxy_l = TcpListener::bind(SocketAddrV4::new(net.host_ip, 0)).unwrap();
+    proxy_l.set_nonblocking(true).unwrap();
+    let real_l = TcpListener::bind(SocketAddrV4::new(net.host_ip, 0)).unwrap();
+    real_l.set_nonblocking(true).unwrap();
+    let real = real_l.local_addr().unwrap();
+    let redirect = install(&Options {
+        object: object(),
+        cgroup: net.cgroup_root.clone(),
+        pin_dir: net.pins.clone(),
+    })
+    .expect("install");
+    let maps = redirect.maps();
+    maps.set_proxy(Some(proxy_l.local_addr().unwrap()), None, true)
+        .unwrap();
+    maps.enroll_cgroup(&net.cgroup).unwrap();
+    let to = |expected: Landed, why: &str| {
+        assert_eq!(
+            landed(&net, real, &proxy_l, &real_l),
+            expected,
+            "{why}; lease {:?}, counters {:?}",
+            maps.lease(),
+            maps.counters()
+        );
+    };
+
+    // Enabled, but no agent ever renewed the lease: fail open.
+    assert_eq!(maps.lease().unwrap(), sluice_redirect::Lease::None);
+    let fail_open = maps.counter(Counter::ConnectFailOpen).unwrap();
+    to(Landed::Real, "never leased");
+    assert!(maps.counter(Counter::ConnectFailOpen).unwrap() > fail_open);
+
+    // Leased: redirected.
+    let lease = Duration::from_secs(1);
+    maps.renew_lease(lease).unwrap();
+    let renewed = std::time::Instant::now();
+    to(Landed::Proxy, "leased");
+
+    // The renewer stops (as when the agent is SIGKILLed): new connections fail open once the lease
+    // runs out, well within 2 s, and not before.
+    let mut first_real = None;
+    for _ in 0..40 {
+        let at = renewed.elapsed();
+        if landed(&net, real, &proxy_l, &real_l) == Landed::Real {
+            first_real = Some(at);
+            break;
+        }
+        assert!(at < lease, "still redirected {at:?} after the last renewal");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first_real = first_real.expect("never failed open");
+    eprintln!("failed open {first_real:?} after the last renewal (lease {lease:?})");
+    assert!(first_real < Duration::from_secs(2), "{first_real:?}");
+    assert!(
+        first_real + Duration::from_millis(150) >= lease,
+        "{first_real:?}"
+    );
+    assert!(matches!(
+        maps.lease().unwrap(),
+        sluice_redirect::Lease::Expired(_)
+    ));
+
+    // Serving again: redirection resumes at once.
+    maps.renew_lease(lease).unwrap();
+    to(Landed::Proxy, "renewed");
+    // A graceful stop ends the lease (or disables) first: fail open at once.
+    maps.end_lease().unwrap();
+    to(Landed::Real, "lease ended");
+    maps.renew_lease(lease).unwrap();
+    maps.set_enabled(false).unwrap();
+    to(Landed::Real, "disabled while leased");
+    maps.set_enabled(true).unwrap();
+    to(Landed::Proxy, "enabled again");
+    assert!(
+        accept_within(&proxy_l, 1).is_none() && accept_within(&real_l, 1).is_none(),
+        "no stray connections"
+    );
+}
+
+/// Creates an old-layout `SLUICE_CONFIG` (an array of one 24-byte value, before the lease) and
+/// pins it at `path`, as an older build would have left it.
+fn pin_old_config_map(path: &Path) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let bpf = |cmd: libc::c_long, attr: &mut [u32; 32]| -> i64 {
+        // SAFETY: `attr` is a zeroed `union bpf_attr`-sized buffer laid out for `cmd`; the path
+        // it may point to outlives the call.
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr) as u32,
+            )
+        }
+    };
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, 24, 1]);
+    let fd = bpf(BPF_MAP_CREATE, &mut attr);
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let ptr = c_path.as_ptr() as u64;
+    let mut attr = [0u32; 32];
+    attr[0] = ptr as u32;
+    attr[1] = (ptr >> 32) as u32;
+    attr[2] = fd as u32;
+    let ret = bpf(BPF_OBJ_PIN, &mut attr);
+    assert!(ret == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is the map descriptor created above and owned by nobody else.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn stale_layout_pins_are_detected_and_replaced_whole() {
+    if let Some(why) = cannot_run() {
+        if std::env::var_os("CI").is_some() {
+            panic!("stale-layout test cannot run under CI: {why}");
+        }
+        eprintln!("skipping stale-layout test: {why}");
+        return;
+    }
+    let tag = format!("{:x}s", std::process::id() % 0xffff);
+    let root = sluice_redirect::cgroup2_root().expect("cgroup v2 mounted");
+    // Attached to an empty cgroup of its own: nothing on the machine is affected.
+    let cgroup = root.join(format!("sluice-test-{tag}"));
+    let pins = PathBuf::from(format!("/sys/fs/bpf/sluice-test-{tag}"));
+    let mut guard = Cleanup {
+        netns: None,
+        veth: None,
+        cgroup: None,
+        pins: Some(pins.clone()),
+    };
+    std::fs::create_dir(&cgroup).expect("create test cgroup");
+    guard.cgroup = Some(cgroup.clone());
+    let opts = Options {
+        object: object(),
+        cgroup,
+        pin_dir: pins.clone(),
+    };
+    let first = install(&opts).expect("first install");
+    assert_eq!(first.report().attached.len(), 5, "{:?}", first.report());
+    drop(first);
+
+    // An older build's config map in place of ours (its programs are still attached).
+    let config_pin = pins.join("maps").join("SLUICE_CONFIG");
+    std::fs::remove_file(&config_pin).unwrap();
+    pin_old_config_map(&config_pin);
+
+    let again = install(&opts).expect("install over a stale layout");
+    let report = again.report().clone();
+    assert_eq!(
+        report.replaced,
+        vec!["SLUICE_CONFIG: value_size 24, this build's 32".to_string()],
+        "{report:?}"
+    );
+    assert!(
+        report.reused.is_empty(),
+        "old programs must not be kept: {report:?}"
+    );
+    assert_eq!(report.attached.len(), 5, "{report:?}");
+    let maps = again.maps();
+    maps.set_proxy(Some("10.0.0.1:15001".parse().unwrap()), None, true)
+        .unwrap();
+    maps.renew_lease(Duration::from_secs(5)).unwrap();
+    assert!(matches!(
+        maps.lease().unwrap(),
+        sluice_redirect::Lease::Valid(_)
+    ));
+    drop(again);
+
+    // A current layout is reused as before.
+    let third = install(&opts).expect("third install");
+    assert!(third.report().replaced.is_empty(), "{:?}", third.report());
+    assert_eq!(third.report().reused.len(), 5, "{:?}", third.report());
+    drop(third);
+    drop(guard);
+    assert!(!pins.exists(), "pins removed by the cleanup");
 }

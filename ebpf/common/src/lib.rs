@@ -165,6 +165,10 @@ pub struct ProxyConfig {
     pub port: u16,
     /// [`ProxyConfig::ENABLED`] and friends.
     pub flags: u16,
+    /// Redirect only while `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) is below this: the agent renews
+    /// it while its listener serves, so a proxy that stopped or was killed fails open by itself.
+    /// 0: never renewed, fail open.
+    pub lease_until_ns: u64,
 }
 
 impl ProxyConfig {
@@ -179,6 +183,11 @@ impl ProxyConfig {
 
     pub fn enabled(&self) -> bool {
         self.flags & Self::ENABLED != 0
+    }
+
+    /// Whether a `connect()` at monotonic time `now_ns` may be redirected: enabled and leased.
+    pub fn redirects_at(&self, now_ns: u64) -> bool {
+        self.enabled() && now_ns < self.lease_until_ns
     }
 }
 
@@ -205,8 +214,8 @@ pub enum Counter {
     ConnectSeen = 0,
     /// ... from an enrolled cgroup, rewritten to the proxy.
     ConnectRedirected,
-    /// ... from an enrolled cgroup, left alone: loopback, the proxy itself, an exclusion, not TCP,
-    /// or redirection disabled.
+    /// ... from an enrolled cgroup, left alone: loopback, the proxy itself, an exclusion, or no
+    /// proxy address for the family.
     ConnectSkipped,
     /// ... whose original destination could not be saved (map full).
     ConnectSaveFailed,
@@ -228,10 +237,13 @@ pub enum Counter {
     GetsockoptSeen,
     /// ... answered from the 4-tuple map.
     GetsockoptAnswered,
+    /// `connect()`s from an enrolled cgroup left alone because the proxy is not serving
+    /// (redirection disabled, or its lease expired): fail open.
+    ConnectFailOpen,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::ConnectRedirected,
@@ -246,6 +258,7 @@ impl Counter {
         Counter::SkMsgRedirected,
         Counter::GetsockoptSeen,
         Counter::GetsockoptAnswered,
+        Counter::ConnectFailOpen,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -263,6 +276,7 @@ impl Counter {
             Counter::SkMsgRedirected => "sk_msg_redirected",
             Counter::GetsockoptSeen => "getsockopt_seen",
             Counter::GetsockoptAnswered => "getsockopt_answered",
+            Counter::ConnectFailOpen => "connect_fail_open",
         }
     }
 }
@@ -325,8 +339,8 @@ mod user {
     // SAFETY: `#[repr(C)]`, integer fields only, the trailing `_pad` makes the size (40) a multiple
     // of the alignment (4) without implicit padding.
     unsafe impl aya::Pod for TupleKey {}
-    // SAFETY: `#[repr(C)]`, integer fields only: u32 + [u32; 4] + u16 + u16 = 24 bytes, align 4,
-    // no implicit padding.
+    // SAFETY: `#[repr(C)]`, integer fields only: u32 + [u32; 4] + u16 + u16 = 24 bytes, then the
+    // u64 at offset 24 (already 8-aligned): 32 bytes, align 8, no implicit padding.
     unsafe impl aya::Pod for ProxyConfig {}
     // SAFETY: `#[repr(C)]`, two `u32`: no padding, every bit pattern valid.
     unsafe impl aya::Pod for EnrolledCgroup {}
@@ -340,8 +354,32 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
         assert_eq!(core::mem::size_of::<TupleKey>(), 40);
-        assert_eq!(core::mem::size_of::<ProxyConfig>(), 24);
+        assert_eq!(core::mem::size_of::<ProxyConfig>(), 32);
+        assert_eq!(core::mem::offset_of!(ProxyConfig, lease_until_ns), 24);
         assert_eq!(core::mem::size_of::<EnrolledCgroup>(), 8);
+    }
+
+    #[test]
+    fn redirects_only_while_enabled_and_leased() {
+        let mut cfg = ProxyConfig {
+            flags: ProxyConfig::ENABLED,
+            lease_until_ns: 1_000,
+            ..Default::default()
+        };
+        assert!(cfg.redirects_at(999));
+        assert!(!cfg.redirects_at(1_000), "expired");
+        cfg.lease_until_ns = 0;
+        assert!(!cfg.redirects_at(0), "never renewed");
+        cfg.lease_until_ns = u64::MAX;
+        cfg.flags = 0;
+        assert!(!cfg.redirects_at(0), "disabled");
+    }
+
+    #[test]
+    fn counters_are_listed_once_in_index_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{}", c.name());
+        }
     }
 
     #[test]

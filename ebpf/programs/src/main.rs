@@ -4,7 +4,8 @@
 //!
 //! - `cgroup/connect4`, `cgroup/connect6`: save the original destination by socket cookie and
 //!   rewrite the destination to the proxy (only enrolled cgroups; never loopback, the proxy itself
-//!   or an exclusion; nothing at all while redirection is disabled: fail open).
+//!   or an exclusion; nothing at all while redirection is disabled or the agent's lease on it has
+//!   expired: fail open).
 //! - `sock_ops`: on established, re-key the original destination by 4-tuple and put the pod's and
 //!   the proxy's sockets into the SOCKHASH.
 //! - `sk_msg`: redirect `sendmsg` data to the peer socket's ingress queue.
@@ -22,6 +23,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
@@ -109,6 +111,19 @@ fn config() -> Option<ProxyConfig> {
     CONFIG.get(0).copied()
 }
 
+/// Whether the proxy is serving: enabled, and the agent renewed its lease recently enough.
+/// Counts a fail-open skip otherwise.
+#[inline(always)]
+fn proxy_serving(cfg: &ProxyConfig) -> bool {
+    // SAFETY: helper without arguments (CLOCK_MONOTONIC, the clock the agent's lease uses).
+    let now = unsafe { bpf_ktime_get_ns() };
+    if cfg.redirects_at(now) {
+        return true;
+    }
+    count(Counter::ConnectFailOpen);
+    false
+}
+
 #[inline(always)]
 fn debug_on(cfg: &ProxyConfig) -> bool {
     cfg.flags & ProxyConfig::DEBUG_LOG != 0
@@ -183,10 +198,12 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
         return Ok(());
     }
     let cfg = config().ok_or(0)?;
+    if !proxy_serving(&cfg) {
+        return Ok(());
+    }
     let dst_ip = rd(unsafe { &raw const (*sa).user_ip4 });
     let dst_port = u16::from_be(rd(unsafe { &raw const (*sa).user_port }) as u16);
-    let skip = !cfg.enabled()
-        || cfg.flags & ProxyConfig::HAS_V4 == 0
+    let skip = cfg.flags & ProxyConfig::HAS_V4 == 0
         || is_loopback4(dst_ip)
         || dst_ip == 0
         || (dst_ip == cfg.ip4 && dst_port == cfg.port)
@@ -227,6 +244,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
         return Ok(());
     }
     let cfg = config().ok_or(0)?;
+    if !proxy_serving(&cfg) {
+        return Ok(());
+    }
     let dst = rd6(unsafe { &raw const (*sa).user_ip6 });
     let dst_port = u16::from_be(rd(unsafe { &raw const (*sa).user_port }) as u16);
     let mapped = is_v4_mapped(&dst);
@@ -245,8 +265,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
         )
     };
     let unspecified = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == 0;
-    let skip = !cfg.enabled()
-        || !proxy_ok
+    let skip = !proxy_ok
         || is_loopback6(&dst)
         || unspecified
         || to_proxy
