@@ -67,7 +67,7 @@ impl Cluster {
 /// A live cluster; cheap to clone, all clones share pools, counters and outlier state.
 #[derive(Clone)]
 pub struct ClusterHandle {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for ClusterHandle {
@@ -108,7 +108,7 @@ pub(crate) struct Inner {
     pub(crate) pool: Mutex<PoolState>,
     pub(crate) stats: Stats,
     detector: Detector,
-    balancer: Balancer,
+    pub(crate) balancer: Balancer,
     ticker_started: AtomicBool,
     ticker_wake: Arc<Notify>,
 }
@@ -120,10 +120,10 @@ impl Drop for Inner {
     }
 }
 
-struct Config {
-    spec: Arc<sluice_policy::Cluster>,
+pub(crate) struct Config {
+    pub(crate) spec: Arc<sluice_policy::Cluster>,
     name: String,
-    hosts: Vec<Arc<Host>>,
+    pub(crate) hosts: Vec<Arc<Host>>,
 }
 
 impl Config {
@@ -135,17 +135,17 @@ impl Config {
         }
     }
 
-    fn outlier(&self) -> Option<&sluice_policy::OutlierDetection> {
+    pub(crate) fn outlier(&self) -> Option<&sluice_policy::OutlierDetection> {
         self.spec.policy.outlier_detection.as_ref()
     }
 }
 
 pub(crate) struct Host {
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     pod: Mutex<Option<String>>,
     outlier: HostOutlier,
-    active: AtomicU32,
-    total: AtomicU64,
+    pub(crate) active: AtomicU32,
+    pub(crate) total: AtomicU64,
 }
 
 impl Host {
@@ -186,7 +186,11 @@ impl Inner {
         self.config.load().spec.policy.connection_pool.idle_timeout
     }
 
-    fn report(&self, host: &Host, outcome: Outcome) {
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub(crate) fn report(&self, host: &Host, outcome: Outcome) {
         let cfg = self.config.load();
         if let Some(od) = cfg.outlier() {
             self.detector.report(
@@ -212,7 +216,7 @@ impl Inner {
 
 /// Starts the outlier interval task once a runtime is available. It holds only a `Weak`, so it
 /// ends with the cluster.
-fn ensure_ticker(inner: &Arc<Inner>) {
+pub(crate) fn ensure_ticker(inner: &Arc<Inner>) {
     if inner.ticker_started.load(Ordering::Relaxed) {
         return;
     }

@@ -14,6 +14,8 @@
 //!   `always_eject_one_host`, which Istio leaves off).
 //! - Retries avoid previously tried hosts by filtering the candidates rather than re-drawing.
 //! - h2c opens another connection to a host past 100 concurrent streams on one.
+//! - Plain TCP connections ([`ClusterHandle::connect_tcp`]) overflow at `maxConnections` at once
+//!   rather than queueing, as Envoy's TCP proxy documents.
 #![forbid(unsafe_code)]
 
 mod balance;
@@ -22,6 +24,7 @@ mod cluster;
 mod outlier;
 mod pool;
 mod stats;
+mod tcp;
 
 #[cfg(test)]
 mod tests;
@@ -29,3 +32,4 @@ mod tests;
 pub use self::cluster::{Cluster, ClusterHandle, HostStatus, UpstreamProtocol};
 pub use self::outlier::{EjectionType, OutlierEvent, OutlierEventKind};
 pub use self::stats::ClusterStats;
+pub use self::tcp::TcpConnection;

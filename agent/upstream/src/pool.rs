@@ -88,13 +88,15 @@ impl Conn {
 struct HostConns {
     conns: Vec<Conn>,
     connecting: u32,
+    /// Plain TCP connections the L4 proxy holds (see [`crate::tcp`]); never pooled or reused.
+    tcp: u32,
     /// The host left the cluster: close connections as they free up.
     retired: bool,
 }
 
 impl HostConns {
     fn total(&self) -> usize {
-        self.conns.len() + self.connecting as usize
+        self.conns.len() + self.connecting as usize + self.tcp as usize
     }
 }
 
@@ -375,6 +377,43 @@ impl PoolState {
         }
     }
 
+    /// Reserves a connection slot for a plain TCP connection to `host`, or says `maxConnections`
+    /// is reached. No waiting and no per-host escape hatch: Envoy's TCP proxy "checks with the
+    /// cluster's resource manager if it can create a connection ... if it can't, the TCP proxy will
+    /// not make the connection".
+    pub(crate) fn try_reserve_tcp(&mut self, host: SocketAddr) -> bool {
+        if self.cx >= self.limits.max_connections {
+            return false;
+        }
+        self.reserve(host);
+        true
+    }
+
+    /// A reserved TCP slot failed to connect or was abandoned.
+    pub(crate) fn tcp_connect_failed(&mut self, host: SocketAddr) {
+        self.unreserve(host);
+        self.dispatch();
+    }
+
+    /// A reserved TCP slot connected: it stays counted until [`Self::tcp_closed`].
+    pub(crate) fn tcp_connected(&mut self, host: SocketAddr) {
+        let hc = self.hosts.entry(host).or_default();
+        hc.connecting = hc.connecting.saturating_sub(1);
+        hc.tcp += 1;
+        // An h2 waiter may have been waiting for this host's "connection being set up".
+        self.dispatch();
+    }
+
+    /// A TCP connection ended: its slot is free for HTTP waiters too.
+    pub(crate) fn tcp_closed(&mut self, host: SocketAddr) {
+        if let Some(hc) = self.hosts.get_mut(&host) {
+            hc.tcp = hc.tcp.saturating_sub(1);
+        }
+        self.cx = self.cx.saturating_sub(1);
+        self.forget_if_empty(host);
+        self.dispatch();
+    }
+
     /// New limits apply to new admissions; waiters may now fit.
     pub(crate) fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
@@ -555,11 +594,8 @@ impl Driver {
     }
 }
 
-async fn connect(
-    host: SocketAddr,
-    protocol: UpstreamProtocol,
-    opts: &ConnectOptions,
-) -> Result<(Sender, Driver), ProxyError> {
+/// Opens a TCP connection to `host` with the cluster's socket options (no timeout here).
+pub(crate) async fn open(host: SocketAddr, opts: &ConnectOptions) -> Result<TcpStream, ProxyError> {
     let stream = TcpStream::connect(host)
         .await
         .map_err(|e| ProxyError::ConnectFailure(format!("connect to {host}: {e}")))?;
@@ -570,6 +606,15 @@ async fn connect(
             debug!(%host, %err, "could not set TCP keepalive");
         }
     }
+    Ok(stream)
+}
+
+async fn connect(
+    host: SocketAddr,
+    protocol: UpstreamProtocol,
+    opts: &ConnectOptions,
+) -> Result<(Sender, Driver), ProxyError> {
+    let stream = open(host, opts).await?;
     let io = TokioIo::new(stream);
     let handshake_err =
         |e: hyper::Error| ProxyError::ConnectFailure(format!("handshake with {host}: {e}"));

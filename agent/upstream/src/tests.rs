@@ -895,3 +895,112 @@ async fn h2_refused_stream_maps_to_refused_stream() {
     );
     assert_eq!(cluster.stats().upstream_rq_active, 0);
 }
+
+// Plain TCP connections (the L4 proxy).
+
+#[tokio::test]
+async fn tcp_connections_share_max_connections_and_overflow_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cluster = Cluster::new(
+        spec(&[addr], |c| c.policy.connection_pool.max_connections = 1),
+        UpstreamProtocol::Http1,
+    );
+    let info = RequestInfo::new();
+    let first = cluster.connect_tcp(&info).await.expect("first connects");
+    assert_eq!(first.host, addr);
+    assert_eq!(info.upstream(), Some(addr));
+    assert_eq!(cluster.stats().upstream_cx_active, 1);
+    assert_eq!(cluster.hosts()[0].active_requests, 1);
+
+    // At the limit: no waiting, no escape hatch for a host that already has a connection.
+    let err = cluster
+        .connect_tcp(&RequestInfo::new())
+        .await
+        .err()
+        .expect("overflows");
+    assert!(
+        matches!(err, ProxyError::Overflow(OverflowKind::Connections)),
+        "{err}"
+    );
+    assert_eq!(err.flag().to_string(), "UO");
+    // An HTTP request waits for the slot rather than overflowing (http1MaxPendingRequests is
+    // unlimited), and gets it when the TCP connection closes.
+    let http = tokio::spawn({
+        let cluster = cluster.clone();
+        async move { call(&cluster).await.map(|r| r.status()) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!http.is_finished(), "HTTP must wait for the TCP slot");
+    drop(first);
+    // The listener never answers HTTP; enough that the request got its connection.
+    eventually("the HTTP request to connect", || {
+        cluster.stats().upstream_cx_total == 2
+    })
+    .await;
+    let stats = cluster.stats();
+    assert_eq!(stats.upstream_cx_overflow, 2, "{stats:?}");
+    assert_eq!(cluster.hosts()[0].active_requests, 1);
+    http.abort();
+    drop(listener);
+}
+
+#[tokio::test]
+async fn tcp_connect_failure_feeds_outlier_detection_and_avoids_the_tried_host() {
+    let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let live_addr = live.local_addr().unwrap();
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let cluster = Cluster::new(
+        spec(
+            &[dead, live_addr],
+            outlier(|od| od.consecutive_5xx = Some(2)),
+        ),
+        UpstreamProtocol::Http1,
+    );
+    // Round robin from a random start: connect until the dead host has been tried once.
+    let info = RequestInfo::new();
+    let mut failed = 0;
+    for _ in 0..2 {
+        match cluster.connect_tcp(&info).await {
+            Ok(conn) => assert_eq!(conn.host, live_addr),
+            Err(err) => {
+                assert!(matches!(err, ProxyError::ConnectFailure(_)), "{err}");
+                assert_eq!(err.flag().to_string(), "UF");
+                failed += 1;
+            }
+        }
+    }
+    // The second attempt of one connection avoids the host the first tried.
+    assert_eq!(failed, 1);
+    assert_eq!(info.upstreams().len(), 2);
+    let dead_state = cluster
+        .hosts()
+        .into_iter()
+        .find(|h| h.addr == dead)
+        .unwrap();
+    assert_eq!(
+        dead_state.consecutive_5xx, 1,
+        "unsplit: a connect failure is a 503"
+    );
+    assert_eq!(dead_state.connections, 0);
+    let stats = cluster.stats();
+    assert_eq!(stats.upstream_cx_connect_fail, 1);
+    assert_eq!(stats.upstream_cx_active, 0, "both connections were dropped");
+
+    // A second failure ejects the dead host; from then on every connection goes to the live one.
+    let mut fresh = 0;
+    while cluster.stats().upstream_cx_connect_fail < 2 {
+        let _ = cluster.connect_tcp(&RequestInfo::new()).await;
+        fresh += 1;
+        assert!(fresh < 10, "round robin never returned to the dead host");
+    }
+    assert!(cluster.hosts().iter().any(|h| h.addr == dead && h.ejected));
+    for _ in 0..4 {
+        let conn = cluster.connect_tcp(&RequestInfo::new()).await.unwrap();
+        assert_eq!(conn.host, live_addr);
+    }
+    drop(live);
+}
