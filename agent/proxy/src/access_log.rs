@@ -1,6 +1,8 @@
 //! One line per request, in the order of Envoy's default format so that people who read Envoy logs can
 //! read these: `[start] "METHOD PATH PROTO" STATUS FLAGS attempts=N duration=MSms "authority"
-//! "upstream" cluster "request-id" service`. Lines go to stdout through a writer thread (the runtime
+//! "upstream" cluster "request-id" service`. A connection proxied at L4 gets one line when it closes,
+//! in Envoy's TCP style (`"- - -" 0`, no request) with the bytes received from and sent to the
+//! client after the duration: `received=N sent=M`. Lines go to stdout through a writer thread (the runtime
 //! never blocks on a pipe) and to live subscribers (`sluice logs`).
 
 use crate::handler::RequestSummary;
@@ -63,6 +65,18 @@ impl AccessLog {
             return;
         }
         let line = format_line(req, status, info, elapsed, service, SystemTime::now());
+        self.emit(line);
+    }
+
+    /// One line for a connection proxied at L4.
+    pub(crate) fn log_tcp(&self, conn: &TcpSummary, info: &RequestInfo, service: Option<&str>) {
+        if self.stdout.is_none() && self.live.receiver_count() == 0 {
+            return;
+        }
+        self.emit(format_tcp_line(conn, info, service, SystemTime::now()));
+    }
+
+    fn emit(&self, line: String) {
         if self.live.receiver_count() > 0 {
             let _ = self.live.send(Arc::from(line.as_str()));
         }
@@ -72,6 +86,39 @@ impl AccessLog {
             }
         }
     }
+}
+
+/// What the access log needs of one L4 connection.
+pub(crate) struct TcpSummary {
+    pub elapsed: Duration,
+    /// Bytes from the client (Envoy's `%BYTES_RECEIVED%`).
+    pub received: u64,
+    /// Bytes to the client (`%BYTES_SENT%`).
+    pub sent: u64,
+}
+
+pub(crate) fn format_tcp_line(
+    conn: &TcpSummary,
+    info: &RequestInfo,
+    service: Option<&str>,
+    now: SystemTime,
+) -> String {
+    let mut line = String::with_capacity(200);
+    let _ = write!(
+        line,
+        "[{}] \"- - -\" 0 {} attempts={} duration={}ms received={} sent={} \"-\" \"{}\" {} \"-\" {}",
+        rfc3339(now),
+        info.flags(),
+        info.attempts(),
+        conn.elapsed.as_millis(),
+        conn.received,
+        conn.sent,
+        info.upstream()
+            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        info.cluster().as_deref().unwrap_or("-"),
+        service.unwrap_or("-"),
+    );
+    line
 }
 
 fn write_lines(rx: mpsc::Receiver<String>) {
@@ -154,6 +201,33 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_441_200_123);
         assert_eq!(rfc3339(t), "2026-11-23T13:40:00.123Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn tcp_line_is_envoys_tcp_style() {
+        let info = RequestInfo::new();
+        info.add_attempt();
+        info.add_flags(ResponseFlags::UPSTREAM_CONNECTION_FAILURE);
+        info.push_upstream("10.0.0.7:5432".parse().unwrap());
+        info.set_cluster(std::sync::Arc::from(
+            "outbound|5432||db.default.svc.cluster.local",
+        ));
+        let conn = TcpSummary {
+            elapsed: Duration::from_millis(3),
+            received: 0,
+            sent: 0,
+        };
+        let line = format_tcp_line(
+            &conn,
+            &info,
+            Some("db.default.svc.cluster.local"),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(
+            line,
+            "[1970-01-01T00:00:00.000Z] \"- - -\" 0 UF attempts=1 duration=3ms received=0 sent=0 \"-\" \
+             \"10.0.0.7:5432\" outbound|5432||db.default.svc.cluster.local \"-\" db.default.svc.cluster.local"
+        );
     }
 
     #[test]

@@ -3,22 +3,31 @@
 //! failure into the local reply Envoy would send. Every request ends in exactly one access-log line and
 //! one metrics sample.
 //!
+//! The destination service: on a redirected connection (eBPF mode) the original destination decides,
+//! as a waypoint does. A Service cluster IP and port selects that service whatever the `Host` header
+//! says (the header still feeds VirtualService `authority` matches); any other address is Istio's
+//! `PassthroughCluster` (forwarded unchanged, no route policy). In explicit-proxy mode the request's
+//! authority decides, resolved like Kubernetes DNS.
+//!
 //! The stack per attempt, outermost first (Istio's order, which is Envoy's filter chain then router):
 //! fault injection -> route timeout -> retries (with the cluster's retry budget) -> per-try timeout ->
 //! the cluster (circuit breakers, load balancing, outlier detection, connection pools).
 
 use crate::access_log::AccessLog;
 use crate::metrics::Metrics;
+use crate::passthrough::Passthrough;
 use crate::route;
-use crate::state::{RoutePlan, State, Upstream};
+use crate::state::{RoutePlan, ServiceLabels, State, Upstream};
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use sluice_core::{Body, BoxError, ProxyError, RequestInfo, ResponseFlags};
 use sluice_policy::{ClusterKey, Service};
 use sluice_resilience::{FaultLayer, RetryLayer, TimeoutLayer};
+use sluice_upstream::UpstreamProtocol;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -46,12 +55,46 @@ impl Default for HandlerOptions {
     }
 }
 
+/// How redirected connections (those with an original destination) are handled.
+#[derive(Clone, Debug)]
+pub struct RedirectOptions {
+    /// How long to wait for a client's first bytes when the Service port declares no protocol.
+    /// A client silent that long speaks a server-first protocol and is proxied at L4. Istio's
+    /// `protocolDetectionTimeout` now defaults to 0 (wait forever, so an undeclared server-first
+    /// protocol hangs); Sluice waits 100 ms, Istio's earlier default: a server-first client barely
+    /// notices, and a slow HTTP client that loses the race still works, only without L7 policy.
+    pub protocol_detection_timeout: Duration,
+    /// Connect attempts of an L4 connection before it fails (Envoy's TCP proxy
+    /// `max_connect_attempts`, 1 when unset as under Istio); each further attempt avoids the hosts
+    /// already tried.
+    pub tcp_max_connect_attempts: u32,
+}
+
+impl Default for RedirectOptions {
+    fn default() -> Self {
+        Self {
+            protocol_detection_timeout: Duration::from_millis(100),
+            tcp_max_connect_attempts: 1,
+        }
+    }
+}
+
 /// The request handler shared by every connection.
 pub struct Handler {
     state: ArcSwap<State>,
     pub(crate) access_log: AccessLog,
     pub(crate) metrics: Metrics,
     opts: HandlerOptions,
+    pub(crate) redirect: RedirectOptions,
+    pub(crate) passthrough: Passthrough,
+}
+
+/// Where one request goes.
+struct Routed {
+    plan: Arc<RoutePlan>,
+    upstream: Upstream,
+    /// `None` for the passthrough cluster.
+    service: Option<Arc<Service>>,
 }
 
 impl Handler {
@@ -61,7 +104,15 @@ impl Handler {
             access_log,
             metrics,
             opts,
+            redirect: RedirectOptions::default(),
+            passthrough: Passthrough::new(),
         }
+    }
+
+    /// Sets how redirected connections are handled (defaults: [`RedirectOptions::default`]).
+    pub fn with_redirect_options(mut self, redirect: RedirectOptions) -> Self {
+        self.redirect = redirect;
+        self
     }
 
     /// The access log (tests and the admin API subscribe to it).
@@ -92,7 +143,11 @@ impl Handler {
         let summary = RequestSummary::of(&req);
 
         let (rsp, service) = match self.route(&state, &req, conn) {
-            Ok((plan, upstream, service)) => {
+            Ok(Routed {
+                plan,
+                upstream,
+                service,
+            }) => {
                 info.set_cluster(upstream.name.clone());
                 let req = prepare_request(req, &info);
                 let stack = ServiceBuilder::new()
@@ -120,8 +175,11 @@ impl Handler {
         };
 
         let elapsed = start.elapsed();
-        let service = service.as_deref();
-        let labels = service.and_then(|s| state.labels.get(&s.hostname));
+        let (labels, service) = match &service {
+            Some(Some(svc)) => (state.labels.get(&svc.hostname), Some(&**svc)),
+            Some(None) => (Some(&self.passthrough.labels), None),
+            None => (None, None),
+        };
         self.metrics
             .record(labels, rsp.status(), info.flags(), elapsed);
         self.access_log
@@ -129,40 +187,86 @@ impl Handler {
         rsp
     }
 
-    /// Finds the destination service, route plan and cluster for `req`.
-    fn route<'s, B>(
-        &self,
+    /// The protocol the Service port at `dst` declares, if `dst` is a cluster IP and port.
+    pub(crate) fn declared_protocol(&self, dst: SocketAddr) -> Option<crate::detect::Protocol> {
+        let state = self.state.load();
+        let svc = state.snapshot.service_by_vip(dst.ip(), dst.port())?;
+        let port = svc.ports.iter().find(|p| p.port == dst.port())?;
+        crate::detect::declared(port.app_protocol.as_deref())
+    }
+
+    /// Refuses a request whose original destination is this proxy's own listener: forwarding it
+    /// would loop back here. 502, logged under Istio's `BlackHoleCluster`.
+    pub(crate) fn refuse_loop<B>(&self, req: &Request<B>, conn: &ConnInfo) -> Response<Body> {
+        let summary = RequestSummary::of(req);
+        let info = RequestInfo::new();
+        info.set_cluster(Arc::from(crate::BLACK_HOLE_CLUSTER));
+        tracing::warn!(
+            peer = %conn.peer,
+            original_dst = ?conn.original_dst,
+            "refused a redirected request addressed to the proxy's own listener (it would loop); \
+             exclude this address or port from redirection"
+        );
+        let body = "proxy loop: the original destination is this proxy's own listener";
+        let rsp = Response::builder()
+            .status(StatusCode::BAD_GATEWAY)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(sluice_core::full(body))
+            .expect("valid local reply");
+        self.metrics
+            .record(None, rsp.status(), info.flags(), Duration::ZERO);
+        self.access_log
+            .log(&summary, rsp.status(), &info, Duration::ZERO, None);
+        rsp
+    }
+
+    /// The labels of a destination service in this generation, or of the passthrough cluster.
+    pub(crate) fn labels_of<'s>(
+        &'s self,
         state: &'s State,
+        service: Option<&Service>,
+    ) -> Option<&'s ServiceLabels> {
+        match service {
+            Some(svc) => state.labels.get(&svc.hostname),
+            None => Some(&self.passthrough.labels),
+        }
+    }
+
+    /// Finds the destination service, route plan and cluster for `req`.
+    fn route<B>(
+        &self,
+        state: &State,
         req: &Request<B>,
         conn: &ConnInfo,
-    ) -> Result<(Arc<RoutePlan>, &'s Upstream, Arc<Service>), BoxError> {
+    ) -> Result<Routed, BoxError> {
         let snapshot = &state.snapshot;
         let authority = route::authority_of(req);
         let (host, explicit_port) = split_authority(&authority);
 
-        // The original destination decides the service when it is a cluster IP (eBPF mode); the
-        // authority decides otherwise (explicit proxy, or a pod IP destination).
-        let by_vip = conn.original_dst.and_then(|dst| {
-            snapshot
-                .service_by_vip(dst.ip(), dst.port())
-                .map(|s| (s, dst.port()))
-        });
-        let namespace = conn
-            .original_dst
-            .and(snapshot.workload_by_ip(conn.peer.ip()))
-            .map_or(self.opts.default_namespace.as_str(), |w| {
-                w.namespace.as_str()
-            });
-        let (service, port) = match by_vip {
-            Some(found) => found,
+        let (service, port) = match conn.original_dst {
+            // Redirected: the original destination decides.
+            Some(dst) => match snapshot.service_by_vip(dst.ip(), dst.port()) {
+                Some(svc) => (svc, dst.port()),
+                None => {
+                    let protocol = if req.version() == http::Version::HTTP_2 {
+                        UpstreamProtocol::H2c
+                    } else {
+                        UpstreamProtocol::Http1
+                    };
+                    return Ok(Routed {
+                        plan: self.passthrough.plan().clone(),
+                        upstream: self.passthrough.upstream(dst, protocol),
+                        service: None,
+                    });
+                }
+            },
+            // Explicit proxy: the authority decides.
             None => {
                 let svc = snapshot
-                    .resolve_host(host, namespace)
+                    .resolve_host(host, &self.opts.default_namespace)
                     .ok_or_else(|| ProxyError::NoCluster(authority.clone()))?;
-                let port = explicit_port
-                    .or_else(|| conn.original_dst.map(|d| d.port()))
-                    .unwrap_or(80);
-                (svc, port)
+                (svc, explicit_port.unwrap_or(80))
             }
         };
         if !service.ports.iter().any(|p| p.port == port) {
@@ -191,8 +295,13 @@ impl Handler {
         let upstream = state
             .upstreams
             .get(&dest.cluster)
-            .ok_or_else(|| ProxyError::NoCluster(dest.cluster.to_string()))?;
-        Ok((plan, upstream, service.clone()))
+            .ok_or_else(|| ProxyError::NoCluster(dest.cluster.to_string()))?
+            .clone();
+        Ok(Routed {
+            plan,
+            upstream,
+            service: Some(service.clone()),
+        })
     }
 }
 

@@ -27,6 +27,19 @@ pub struct RequestLabels {
     pub response_flags: FlagsLabel,
 }
 
+/// Istio's TCP labels: the request labels without a response code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: Arc<String>,
+    pub source_workload_namespace: Arc<String>,
+    pub destination_service: Arc<String>,
+    pub destination_service_name: Arc<String>,
+    pub destination_service_namespace: Arc<String>,
+    pub request_protocol: &'static str,
+    pub response_flags: FlagsLabel,
+}
+
 /// Response flags as a label value, written straight into the exposition (no per-request string).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct FlagsLabel(pub ResponseFlags);
@@ -49,6 +62,10 @@ pub struct Metrics {
     registry: Arc<Registry>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
     unknown: Arc<String>,
 }
 
@@ -76,12 +93,79 @@ impl Metrics {
             "Request duration in milliseconds",
             duration.clone(),
         );
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened (proxied at L4)",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed (proxied at L4)",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (the response direction) on TCP connections",
+            tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (the request direction) on TCP connections",
+            tcp_received.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests,
             duration,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
             unknown: Arc::new("unknown".to_owned()),
         }
+    }
+
+    fn tcp_labels(&self, service: Option<&ServiceLabels>, flags: ResponseFlags) -> TcpLabels {
+        let unknown = &self.unknown;
+        let pick = |f: fn(&ServiceLabels) -> &Arc<String>| {
+            service.map_or_else(|| unknown.clone(), |s| f(s).clone())
+        };
+        TcpLabels {
+            reporter: "source",
+            source_workload: unknown.clone(),
+            source_workload_namespace: unknown.clone(),
+            destination_service: pick(|s| &s.hostname),
+            destination_service_name: pick(|s| &s.name),
+            destination_service_namespace: pick(|s| &s.namespace),
+            request_protocol: "tcp",
+            response_flags: FlagsLabel(flags),
+        }
+    }
+
+    /// A TCP connection is being proxied (counted before the upstream connect, as Istio does).
+    pub(crate) fn tcp_open(&self, service: Option<&ServiceLabels>) {
+        self.tcp_opened
+            .get_or_create(&self.tcp_labels(service, ResponseFlags::empty()))
+            .inc();
+    }
+
+    /// A TCP connection ended; its byte counts are added now (Istio also reports them while the
+    /// connection is open; here long connections show their bytes when they close).
+    pub(crate) fn tcp_close(
+        &self,
+        service: Option<&ServiceLabels>,
+        flags: ResponseFlags,
+        received: u64,
+        sent: u64,
+    ) {
+        let labels = self.tcp_labels(service, flags);
+        self.tcp_closed.get_or_create(&labels).inc();
+        self.tcp_received.get_or_create(&labels).inc_by(received);
+        self.tcp_sent.get_or_create(&labels).inc_by(sent);
     }
 
     pub(crate) fn record(

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 const MAX_STALE_CONNECTIONS: u32 = 3;
 
 /// The protocol spoken to the cluster's endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 over cleartext, prior knowledge.
