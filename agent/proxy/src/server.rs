@@ -104,6 +104,7 @@ async fn serve_redirected(
     dst: SocketAddr,
     is_loop: bool,
 ) {
+    let start = tokio::time::Instant::now();
     let declared = if is_loop {
         None
     } else {
@@ -125,8 +126,8 @@ async fn serve_redirected(
     let stream = Prefixed::new(prefix, stream);
     match protocol {
         Protocol::Http => serve_http(builder, watcher, stream, handler, conn, is_loop).await,
-        Protocol::Tcp if is_loop => handler.refuse_loop_tcp(&conn),
-        Protocol::Tcp => handler.proxy_tcp(stream, &conn, dst).await,
+        Protocol::Tcp if is_loop => handler.refuse_loop_tcp(&conn, start),
+        Protocol::Tcp => handler.proxy_tcp(stream, &conn, dst, start).await,
     }
 }
 

@@ -22,12 +22,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 impl Handler {
-    /// Proxies `client` at L4 to `dst`'s cluster until both directions end.
-    pub(crate) async fn proxy_tcp<IO>(&self, client: IO, conn: &ConnInfo, dst: SocketAddr)
-    where
+    /// Proxies `client` at L4 to `dst`'s cluster until both directions end. `start` is when the
+    /// connection was accepted (the logged duration includes protocol detection, as Envoy's does).
+    pub(crate) async fn proxy_tcp<IO>(
+        &self,
+        client: IO,
+        conn: &ConnInfo,
+        dst: SocketAddr,
+        start: Instant,
+    ) where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let start = Instant::now();
         let state = self.state();
         let info = RequestInfo::new();
         let (upstream, service) = match state.snapshot.service_by_vip(dst.ip(), dst.port()) {
@@ -92,7 +97,7 @@ impl Handler {
     }
 
     /// Refuses a non-HTTP connection whose original destination is this proxy's own listener.
-    pub(crate) fn refuse_loop_tcp(&self, conn: &ConnInfo) {
+    pub(crate) fn refuse_loop_tcp(&self, conn: &ConnInfo, start: Instant) {
         tracing::warn!(
             peer = %conn.peer,
             original_dst = ?conn.original_dst,
@@ -104,7 +109,7 @@ impl Handler {
         self.metrics.tcp_open(None);
         self.metrics.tcp_close(None, info.flags(), 0, 0);
         let summary = TcpSummary {
-            elapsed: std::time::Duration::ZERO,
+            elapsed: start.elapsed(),
             received: 0,
             sent: 0,
         };
