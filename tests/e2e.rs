@@ -1,0 +1,1298 @@
+//! Root-only end-to-end tests in real network namespaces (issue 3, point 6).
+//!
+//! Each test builds its own [`Topology`] (a bridge on the host, pods as network namespaces with a
+//! veth and their own cgroup), writes a config directory with Kubernetes `Service`s and `Pod`s (the
+//! pods' netns and cgroup in the `sluice.io/*` annotations) and Istio `VirtualService`s, and runs
+//! the real `sluice run --redirect ebpf` as a child process attached to the topology's cgroup with
+//! its own pin directory, so tests run in parallel without meeting. Pods run the real
+//! `fake-service`; clients are plain `curl` inside a pod resolving Service names to their cluster
+//! IPs through the pod's `/etc/hosts`.
+//!
+//! The agent runs in a cgroup of its own under the topology's cgroup (not enrolled, in the host's
+//! network namespace), as it would under the root cgroup on a node: the programs see its sockets
+//! (that is what inserts the proxy's accepted sockets into the SOCKHASH for the sk_msg fast path,
+//! and what makes "the agent's own connections are not redirected" a real check).
+//!
+//! Every test runs inside [`e2e`], which drops the agent (SIGKILL), uninstalls the pins, removes the
+//! topology and then asserts that no namespace, link, cgroup or pin is left, also when the test
+//! body panicked.
+//!
+//! Without root, curl, or `target/bpf/sluice-ebpf.o` the tests say why and return, except under
+//! `CI`, where they fail. Run: `sudo -E cargo test -p sluice-tests --test e2e`.
+
+use std::{
+    ffi::OsString,
+    fs,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, OnceLock,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use serde_json::Value;
+use sluice_netns::{Pod, Topology};
+use sluice_tests::LogLine;
+
+// ---------------------------------------------------------------------------------------------
+// Plain std code without a runtime: blocking waits and the wall clock are what we want here.
+
+#[allow(clippy::disallowed_methods)] // a plain std test without a runtime: bounded blocking wait
+fn pause(d: Duration) {
+    std::thread::sleep(d);
+}
+
+#[allow(clippy::disallowed_methods)] // a plain std test without a runtime: wall-clock measurement
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the tests need from the machine, and the binaries under test.
+
+/// The target directory's profile directory (`target/debug`) this test binary was built into.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/e2e-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary under target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// `target/bpf/sluice-ebpf.o`, built by `cargo xtask build-ebpf`.
+fn ebpf_object() -> PathBuf {
+    let target = profile_dir().parent().expect("target dir").to_path_buf();
+    let beside = target.join("bpf/sluice-ebpf.o");
+    if beside.is_file() {
+        return beside;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/sluice-ebpf.o")
+}
+
+/// `Some(reason)` when the tests cannot run on this machine.
+fn cannot_run() -> Option<String> {
+    if let Some(why) = sluice_netns::cannot_run() {
+        return Some(why);
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        return Some("`curl` is not installed (.ci/run installs it)".into());
+    }
+    if !ebpf_object().is_file() {
+        return Some(format!(
+            "{} is missing: run `cargo xtask build-ebpf`",
+            ebpf_object().display()
+        ));
+    }
+    None
+}
+
+fn skip() -> bool {
+    match cannot_run() {
+        None => false,
+        Some(why) if std::env::var_os("CI").is_some() => panic!("cannot run under CI: {why}"),
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            true
+        }
+    }
+}
+
+struct Bins {
+    sluice: PathBuf,
+    fake_service: PathBuf,
+}
+
+/// `sluice` and `fake-service` from this workspace, built with this test's profile (binaries of
+/// other packages are not built for an integration test, so build them once, up to date).
+fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let dir = profile_dir();
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(&cargo)
+            .args(["build", "--quiet", "--profile", &profile])
+            .args(["-p", "sluice", "-p", "fake-service"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .stdin(Stdio::null())
+            .output()
+            .expect("running cargo build for the sluice and fake-service binaries");
+        assert!(
+            out.status.success(),
+            "cargo build -p sluice -p fake-service: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bins = Bins {
+            sluice: dir.join("sluice"),
+            fake_service: dir.join("fake-service"),
+        };
+        for b in [&bins.sluice, &bins.fake_service] {
+            assert!(b.is_file(), "{} was not built", b.display());
+        }
+        bins
+    })
+}
+
+/// Removes what earlier runs killed with SIGKILL (no unwinding, no guards) left: their topologies
+/// and their pin directories (`sluice-test-<pid>x<n>` of a process that no longer exists). Once.
+fn sweep_stale_runs() {
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(|| {
+        for what in sluice_netns::sweep_stale() {
+            eprintln!("e2e: removed stale {what}");
+        }
+        for entry in fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let dead = name
+                .strip_prefix("sluice-test-")
+                .and_then(|id| id.split_once('x'))
+                .and_then(|(pid, _)| u32::from_str_radix(pid, 16).ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if dead {
+                drop(PinGuard(entry.path()));
+                eprintln!("e2e: removed stale pins {}", entry.path().display());
+            }
+        }
+    });
+}
+
+/// A port nothing listens on at `ip` right now (bound, then released).
+fn free_port(ip: IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guards, dropped in this order by `Env`: agent, its cgroup, pins, topology.
+
+/// The agent's cgroup under the topology's: removed before the topology removes its own.
+struct CgroupGuard(PathBuf);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if !self.0.exists() {
+            return;
+        }
+        // Only this test's agent is in it; it was killed already, this catches stragglers.
+        let _ = fs::write(self.0.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            pause(Duration::from_millis(20));
+        }
+        eprintln!("e2e: could not remove {}", self.0.display());
+    }
+}
+
+/// The test's pin directory: `sluice uninstall --pin-dir` on drop, then whatever is left removed.
+struct PinGuard(PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if !self.0.exists() {
+            return;
+        }
+        match Command::new(&bins().sluice)
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.0)
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "e2e: sluice uninstall --pin-dir {}: {}",
+                self.0.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("e2e: sluice uninstall: {e}"),
+        }
+        if self.0.exists() {
+            // Unlinking pins on bpffs drops the kernel objects once nothing else holds them.
+            if let Err(e) = fs::remove_dir_all(&self.0) {
+                eprintln!("e2e: removing {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent.
+
+/// `sluice run --redirect ebpf` as a child this test owns (killed by PID on drop).
+struct Agent {
+    child: Option<Child>,
+    args: Vec<OsString>,
+    cgroup_procs: PathBuf,
+    log_dir: PathBuf,
+    starts: usize,
+    admin: SocketAddr,
+    ready: SocketAddr,
+}
+
+impl Agent {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    fn stdout_path(&self, start: usize) -> PathBuf {
+        self.log_dir.join(format!("agent-{start}.out"))
+    }
+
+    fn stderr_path(&self, start: usize) -> PathBuf {
+        self.log_dir.join(format!("agent-{start}.err"))
+    }
+
+    /// Starts (or restarts) the agent with the same arguments and waits until it is ready.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        self.starts += 1;
+        let out = fs::File::create(self.stdout_path(self.starts)).unwrap();
+        let err = fs::File::create(self.stderr_path(self.starts)).unwrap();
+        // Into the agent's cgroup before exec, so that every socket it makes is in it.
+        let child = Command::new("bash")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0" && exec "$@""#)
+            .arg(&self.cgroup_procs)
+            .arg(&bins().sluice)
+            .args(&self.args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn sluice run");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let started = now();
+        for _ in 0..200 {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "sluice run exited with {status}:\n{}",
+                    self.stderr(self.starts)
+                );
+            }
+            if http_get(self.ready, "/healthz/ready").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            pause(Duration::from_millis(50));
+        }
+        panic!(
+            "sluice run not ready after {:?}:\n{}",
+            started.elapsed(),
+            self.stderr(self.starts)
+        );
+    }
+
+    /// SIGKILL, by PID; reaped.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The agent's log (stderr) of its `start`-th run.
+    fn stderr(&self, start: usize) -> String {
+        fs::read_to_string(self.stderr_path(start)).unwrap_or_default()
+    }
+
+    /// Every access-log line (stdout) of every run so far, waiting briefly for the writer thread.
+    fn access_log(&self) -> Vec<String> {
+        pause(Duration::from_millis(100));
+        (1..=self.starts)
+            .flat_map(|n| {
+                fs::read_to_string(self.stdout_path(n))
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// `sluice <what> -o json --admin ADDR`, as an operator would run it.
+    fn cli_json(&self, what: &str) -> Value {
+        let out = Command::new(&bins().sluice)
+            .args([what, "-o", "json", "--admin", &self.admin.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .expect("sluice CLI");
+        assert!(
+            out.status.success(),
+            "sluice {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("sluice -o json prints JSON")
+    }
+
+    fn status(&self) -> Value {
+        self.cli_json("status")
+    }
+
+    /// The redirect counters from `sluice status -o json`.
+    fn counters(&self) -> Counters {
+        Counters::from_status(&self.status())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// eBPF counters as `sluice status -o json` reports them.
+#[derive(Clone, Debug)]
+struct Counters(serde_json::Map<String, Value>);
+
+impl Counters {
+    fn from_status(status: &Value) -> Self {
+        let counters = status
+            .pointer("/redirect/counters")
+            .or_else(|| status.pointer("/agent/redirect/counters"))
+            .and_then(Value::as_object)
+            .unwrap_or_else(|| {
+                panic!("no redirect counters in `sluice status -o json`: {status:#}")
+            });
+        Counters(counters.clone())
+    }
+
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .get(name)
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("no counter {name} in {:?}", self.0))
+    }
+
+    /// `self - before` for one counter.
+    fn since(&self, before: &Counters, name: &str) -> u64 {
+        self.get(name) - before.get(name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One test's world.
+
+struct Env {
+    // Field order is drop order: agent first, then its cgroup, pins, the topology.
+    agent: Option<Agent>,
+    agent_cgroup: CgroupGuard,
+    pins: PinGuard,
+    topo: Topology,
+    dir: tempfile::TempDir,
+}
+
+/// What a test created, to check that it is gone afterwards.
+struct Footprint {
+    id: String,
+    cgroup: PathBuf,
+    pins: PathBuf,
+    agent_pids: Vec<u32>,
+}
+
+impl Footprint {
+    /// Whatever of it still exists.
+    fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        for line in String::from_utf8_lossy(&netns.stdout).lines() {
+            if line.starts_with(&format!("{}{}-", sluice_netns::PREFIX, self.id)) {
+                left.push(format!("netns {line}"));
+            }
+        }
+        let links = Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&links.stdout).lines() {
+            if let Some(name) = line.split(": ").nth(1) {
+                if name.starts_with(&format!("slc{}", self.id)) {
+                    left.push(format!("link {name}"));
+                }
+            }
+        }
+        for (what, path) in [("cgroup", &self.cgroup), ("pins", &self.pins)] {
+            if path.exists() {
+                left.push(format!("{what} {}", path.display()));
+            }
+        }
+        for pid in &self.agent_pids {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                left.push(format!("agent process {pid}"));
+            }
+        }
+        left
+    }
+}
+
+/// Runs `body` in a fresh [`Env`], tears everything down, and asserts nothing is left, also when
+/// `body` panicked (then the panic is re-raised after the check is reported).
+fn e2e(body: impl FnOnce(&mut Env)) {
+    let _ = bins();
+    sweep_stale_runs();
+    let mut env = Env::new();
+    let mut footprint = Footprint {
+        id: env.topo.id().to_owned(),
+        cgroup: env.topo.cgroup().to_path_buf(),
+        pins: env.pins.0.clone(),
+        agent_pids: Vec::new(),
+    };
+    let result = catch_unwind(AssertUnwindSafe(|| body(&mut env)));
+    if result.is_err() {
+        if let Some(agent) = &env.agent {
+            for n in 1..=agent.starts {
+                eprintln!("--- agent run {n} log:\n{}", agent.stderr(n));
+            }
+        }
+    }
+    if let Some(agent) = &env.agent {
+        footprint
+            .agent_pids
+            .extend(agent.child.as_ref().map(Child::id));
+    }
+    drop(env);
+    let left = footprint.leftovers();
+    match result {
+        Ok(()) => assert!(left.is_empty(), "left behind: {left:?}"),
+        Err(panic) => {
+            if !left.is_empty() {
+                eprintln!("left behind after a failed test: {left:?}");
+            }
+            resume_unwind(panic)
+        }
+    }
+}
+
+impl Env {
+    fn new() -> Env {
+        let topo = Topology::create().expect("topology");
+        let pins = PinGuard(PathBuf::from(format!(
+            "/sys/fs/bpf/sluice-test-{}",
+            topo.id()
+        )));
+        let agent_cgroup = topo.cgroup().join("agent");
+        fs::create_dir(&agent_cgroup).expect("agent cgroup");
+        Env {
+            agent: None,
+            agent_cgroup: CgroupGuard(agent_cgroup),
+            pins,
+            topo,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    /// Writes one file of the config directory (the agent reloads it within its interval).
+    fn write_config(&self, file: &str, yaml: &str) {
+        fs::create_dir_all(self.config_dir()).unwrap();
+        // Write then rename: the agent never reads half a file.
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).unwrap();
+        fs::rename(&tmp, self.config_dir().join(file)).unwrap();
+    }
+
+    fn add_pod(&mut self, name: &str) -> Pod {
+        self.topo.add_pod(name).expect("add pod")
+    }
+
+    /// Runs `fake-service` (NAME=`name`) in `pod` on port 9090 and waits until it accepts.
+    fn fake_service(&mut self, pod: &Pod, name: &str, env: &[(&str, &str)]) {
+        let mut cmd = self.topo.command(pod, &bins().fake_service).unwrap();
+        cmd.env("NAME", name)
+            .env("LISTEN_ADDR", "0.0.0.0:9090")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let pid = self.topo.spawn(&mut cmd).unwrap();
+        let addr = SocketAddr::from((pod.ip, 9090));
+        for _ in 0..100 {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            assert!(self.topo.running(pid), "fake-service {name} exited");
+            pause(Duration::from_millis(20));
+        }
+        panic!("fake-service {name} does not accept on {addr}");
+    }
+
+    /// Starts `sluice run --redirect ebpf` on the config directory, attached to the topology's
+    /// cgroup, pinned under this test's pin directory, listening on the host's bridge address.
+    fn start_agent(&mut self) -> &mut Agent {
+        fs::create_dir_all(self.config_dir()).unwrap();
+        let host = IpAddr::V4(self.topo.host_ip());
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let listen = SocketAddr::new(host, free_port(host));
+        let admin = SocketAddr::new(local, free_port(local));
+        let ready = SocketAddr::new(local, free_port(local));
+        let metrics = SocketAddr::new(local, free_port(local));
+        let args: Vec<OsString> = vec![
+            "run".into(),
+            "--redirect".into(),
+            "ebpf".into(),
+            "--config-dir".into(),
+            self.config_dir().into(),
+            "--reload-interval".into(),
+            "100ms".into(),
+            "--outbound-addr".into(),
+            listen.to_string().into(),
+            "--admin-addr".into(),
+            admin.to_string().into(),
+            "--ready-addr".into(),
+            ready.to_string().into(),
+            "--metrics-addr".into(),
+            metrics.to_string().into(),
+            "--cgroup".into(),
+            self.topo.cgroup().into(),
+            "--pin-dir".into(),
+            self.pins.0.clone().into(),
+            "--proxy-ip".into(),
+            host.to_string().into(),
+            "--ebpf-object".into(),
+            ebpf_object().into(),
+        ];
+        let mut agent = Agent {
+            child: None,
+            args,
+            cgroup_procs: self.agent_cgroup.0.join("cgroup.procs"),
+            log_dir: self.dir.path().to_path_buf(),
+            starts: 0,
+            admin,
+            ready,
+        };
+        agent.spawn();
+        self.agent.insert(agent)
+    }
+
+    fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent started")
+    }
+
+    /// The cluster IP the agent allocated to Service `name` (namespace default), from
+    /// `sluice config -o json`.
+    fn cluster_ip(&mut self, name: &str) -> Ipv4Addr {
+        let config = self.agent().cli_json("config");
+        let host = format!("{name}.default.svc.cluster.local");
+        let ip = config
+            .pointer(&format!("/services/{host}/cluster_ips/0"))
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no cluster IP for {host} in {config:#}"));
+        ip.parse().expect("an IPv4 cluster IP")
+    }
+
+    /// Makes every pod resolve each Service name (short, namespaced, FQDN) to its cluster IP.
+    fn resolve_services(&mut self, names: &[&str]) {
+        let entries: Vec<(Ipv4Addr, Vec<String>)> = names
+            .iter()
+            .map(|n| {
+                (
+                    self.cluster_ip(n),
+                    vec![
+                        n.to_string(),
+                        format!("{n}.default"),
+                        format!("{n}.default.svc.cluster.local"),
+                    ],
+                )
+            })
+            .collect();
+        self.topo.set_hosts(&entries).unwrap();
+    }
+
+    /// Plain `curl URL` inside `pod`.
+    fn curl(&self, pod: &Pod, url: &str, max_time: f64) -> Reply {
+        let mut cmd = self.topo.command(pod, "curl").unwrap();
+        Reply::run(&mut cmd, url, max_time)
+    }
+
+    /// Plain `curl URL` on the host (host network namespace, not in the topology's cgroup).
+    fn host_curl(&self, url: &str, max_time: f64) -> Reply {
+        Reply::run(&mut Command::new("curl"), url, max_time)
+    }
+}
+
+/// What `curl` got.
+#[derive(Debug)]
+struct Reply {
+    /// HTTP status; 0 when no response came (curl's `000`).
+    code: u16,
+    body: String,
+    /// curl's `time_total`.
+    secs: f64,
+    /// curl's exit code (0 ok, 7 connection refused, 28 timeout...).
+    exit: i32,
+    stderr: String,
+}
+
+impl Reply {
+    fn run(cmd: &mut Command, url: &str, max_time: f64) -> Reply {
+        const MARK: &str = "\n@@curl@@ ";
+        let out = cmd
+            .args(["-sS", "--max-time", &max_time.to_string()])
+            .args(["-w", &format!("{MARK}%{{http_code}} %{{time_total}}")])
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run curl");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, tail) = stdout
+            .rsplit_once(MARK)
+            .unwrap_or_else(|| panic!("curl printed no status: {out:?}"));
+        let mut tail = tail.split_whitespace();
+        Reply {
+            code: tail.next().and_then(|c| c.parse().ok()).unwrap_or(0),
+            secs: tail.next().and_then(|s| s.parse().ok()).unwrap_or(0.0),
+            body: body.to_owned(),
+            exit: out.status.code().unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// HTTP/1.0 GET to a host listener (admin, readiness): status and body, `None` if unreachable.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config documents.
+
+/// A Service `name` (port 80 -> 9090) selecting pods labelled `app: name`.
+fn service_yaml(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  selector:\n    app: {name}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 9090\n---\n"
+    )
+}
+
+/// A Pod object for a topology pod: its IP, netns and cgroup, `app` label, enrollment label.
+fn pod_yaml(pod: &Pod, app: Option<&str>, enrolled: bool) -> String {
+    let mut labels = String::new();
+    if let Some(app) = app {
+        labels.push_str(&format!("    app: {app}\n"));
+    }
+    labels.push_str(&format!(
+        "    istio.io/dataplane-mode: {}\n",
+        if enrolled { "ambient" } else { "none" }
+    ));
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}  annotations:\n    sluice.io/netns: {netns}\n    sluice.io/cgroup: {cgroup}\nstatus:\n  podIP: {ip}\n---\n",
+        name = pod.name,
+        netns = pod.netns_path.display(),
+        cgroup = pod.cgroup.display(),
+        ip = pod.ip,
+    )
+}
+
+/// A VirtualService for `host` whose one route carries `policy` (YAML at the route's indentation).
+fn virtual_service_yaml(host: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: {host}\n  namespace: default\nspec:\n  hosts: [{host}]\n  http:\n  - route:\n    - destination:\n        host: {host}\n{policy}---\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A listener inside a pod that answers every HTTP request with the peer address it saw.
+
+/// `peer=<ip>` per request; the addresses seen are also sent on `peers`.
+struct PeerServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    peers: mpsc::Receiver<IpAddr>,
+}
+
+impl PeerServer {
+    /// Listens on `pod`'s address, port `port`, inside its network namespace.
+    fn start(pod: &Pod, port: u16) -> PeerServer {
+        let netns = pod.netns_path.clone();
+        let ip = pod.ip;
+        // The socket belongs to the namespace it is created in: create it on a thread that
+        // joins the pod's namespace (only that thread does) and ends right after.
+        let listener = std::thread::spawn(move || -> std::io::Result<TcpListener> {
+            let ns = fs::File::open(&netns)?;
+            // SAFETY: setns with a valid namespace descriptor changes this thread's network
+            // namespace only; the thread ends after creating the socket.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            TcpListener::bind((ip, port))
+        })
+        .join()
+        .expect("listener thread")
+        .expect("listen inside the pod");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, peers) = mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || serve_peers(listener, &stop, &tx))
+        };
+        PeerServer {
+            addr,
+            stop,
+            thread: Some(thread),
+            peers,
+        }
+    }
+
+    /// Peers seen since the last call.
+    fn seen(&self) -> Vec<IpAddr> {
+        self.peers.try_iter().collect()
+    }
+}
+
+fn serve_peers(listener: TcpListener, stop: &AtomicBool, peers: &mpsc::Sender<IpAddr>) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut stream, peer)) => {
+                let _ = peers.send(peer.ip());
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                // Read the request head, then answer and close.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = format!("peer={}\n", peer.ip());
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                pause(Duration::from_millis(5));
+            }
+            Err(_) => pause(Duration::from_millis(5)),
+        }
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Access-log lines (parsed) whose authority or upstream mentions `needle`.
+fn log_lines_for(lines: &[String], needle: &str) -> Vec<LogLine> {
+    lines
+        .iter()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| LogLine::parse(l))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+/// An enrolled pod's plain `curl http://<service>/` (the name resolves to the Service's cluster IP,
+/// which nothing on this machine serves) reaches the node proxy and gets the service's
+/// VirtualService applied: a fault abort, a retry that saves requests, a route timeout.
+#[test]
+fn enrolled_pod_plain_curl_gets_fault_retry_and_timeout() {
+    if skip() {
+        return;
+    }
+    e2e(|env| {
+        let client = env.add_pod("client");
+        let aborted = env.add_pod("aborted-0");
+        let flaky = env.add_pod("flaky-0");
+        let slow = env.add_pod("slow-0");
+        env.fake_service(&aborted, "aborted", &[]);
+        // fake-service's schedule is deterministic: rate 0.5 fails every 2nd request.
+        env.fake_service(
+            &flaky,
+            "flaky",
+            &[
+                ("ERROR_RATE", "0.5"),
+                ("ERROR_TYPE", "http_error"),
+                ("ERROR_CODE", "503"),
+            ],
+        );
+        env.fake_service(
+            &slow,
+            "slow",
+            &[
+                ("ERROR_RATE", "1"),
+                ("ERROR_TYPE", "delay"),
+                ("ERROR_DELAY", "3s"),
+            ],
+        );
+        let mut yaml = pod_yaml(&client, None, true);
+        for (pod, name) in [(&aborted, "aborted"), (&flaky, "flaky"), (&slow, "slow")] {
+            yaml.push_str(&service_yaml(name));
+            yaml.push_str(&pod_yaml(pod, Some(name), false));
+        }
+        env.write_config("workloads.yaml", &yaml);
+        env.write_config(
+            "policy.yaml",
+            &[
+                virtual_service_yaml(
+                    "aborted",
+                    "    fault:\n      abort:\n        httpStatus: 503\n        percentage:\n          value: 100\n",
+                ),
+                virtual_service_yaml(
+                    "flaky",
+                    "    retries:\n      attempts: 2\n      retryOn: 5xx\n",
+                ),
+                virtual_service_yaml("slow", "    timeout: 0.5s\n"),
+            ]
+            .concat(),
+        );
+        env.start_agent();
+        env.resolve_services(&["aborted", "flaky", "slow"]);
+
+        // The upstream really fails every 2nd call (asked directly from the host, not redirected).
+        let direct: Vec<u16> = (0..2)
+            .map(|_| {
+                env.host_curl(&format!("http://{}:9090/", flaky.ip), 5.0)
+                    .code
+            })
+            .collect();
+        assert!(direct.contains(&503), "flaky upstream directly: {direct:?}");
+
+        // Fault abort: 503 with Envoy's body, flag FI.
+        let r = env.curl(&client, "http://aborted/", 5.0);
+        assert_eq!(r.code, 503, "{r:?}");
+        assert_eq!(r.body, "fault filter abort", "{r:?}");
+        // By cluster IP with a Host that names no service: the original destination decides.
+        let vip = env.cluster_ip("aborted");
+        let mut cmd = env.topo.command(&client, "curl").unwrap();
+        cmd.args(["-H", "Host: nothing.example"]);
+        let r = Reply::run(&mut cmd, &format!("http://{vip}/"), 5.0);
+        assert_eq!(
+            (r.code, r.body.as_str()),
+            (503, "fault filter abort"),
+            "{r:?}"
+        );
+
+        // Retry: every request succeeds although every 2nd upstream call fails.
+        let codes: Vec<u16> = (0..6)
+            .map(|_| env.curl(&client, "http://flaky/", 5.0).code)
+            .collect();
+        assert_eq!(codes, vec![200; 6], "flaky with retries");
+
+        // Timeout: 504 after about 0.5 s although the upstream takes 3 s.
+        let r = env.curl(&client, "http://slow/", 5.0);
+        assert_eq!(r.code, 504, "{r:?}");
+        assert!(
+            (0.4..2.0).contains(&r.secs),
+            "504 after {:.3}s, expected about 0.5s",
+            r.secs
+        );
+        eprintln!("timeout: 504 after {:.3}s", r.secs);
+
+        // What the agent logged for each.
+        let log = env.agent().access_log();
+        let aborted_lines = log_lines_for(&log, "aborted");
+        assert!(
+            aborted_lines
+                .iter()
+                .any(|l| l.status == 503 && l.has_flag("FI")),
+            "no FI line for aborted in {log:#?}"
+        );
+        let flaky_lines = log_lines_for(&log, "flaky");
+        assert_eq!(flaky_lines.len(), 6, "{log:#?}");
+        assert!(
+            flaky_lines.iter().all(|l| l.status == 200),
+            "{flaky_lines:#?}"
+        );
+        let retried = flaky_lines.iter().filter(|l| l.attempts > 1).count();
+        assert!(retried >= 1, "no request needed a retry: {flaky_lines:#?}");
+        eprintln!(
+            "retries: 6/6 answered 200, {retried} of them after attempts=2 (upstream directly: {direct:?})"
+        );
+        let slow_lines = log_lines_for(&log, "slow");
+        assert!(
+            slow_lines
+                .iter()
+                .any(|l| l.status == 504 && l.has_flag("UT")),
+            "no UT line for slow in {log:#?}"
+        );
+    });
+}
+
+/// An unenrolled pod and the host reach a pod IP directly: the upstream sees their own address,
+/// the agent neither counts a redirect nor logs them. The same request from an enrolled pod goes
+/// through the proxy (the upstream sees the node's address) and is logged.
+#[test]
+fn unenrolled_pod_and_host_are_not_redirected() {
+    if skip() {
+        return;
+    }
+    e2e(|env| {
+        let enrolled = env.add_pod("enrolled");
+        let outsider = env.add_pod("outsider");
+        let target = env.add_pod("target");
+        let server = PeerServer::start(&target, 8080);
+        env.write_config(
+            "pods.yaml",
+            &[
+                pod_yaml(&enrolled, None, true),
+                pod_yaml(&outsider, None, false),
+                pod_yaml(&target, Some("target"), false),
+            ]
+            .concat(),
+        );
+        env.start_agent();
+        let url = format!("http://{}/", server.addr);
+        let before = env.agent().counters();
+        let log_before = env.agent().access_log().len();
+
+        // The unenrolled pod: direct, from its own address.
+        let r = env.curl(&outsider, &url, 5.0);
+        assert_eq!(r.code, 200, "{r:?}");
+        assert_eq!(r.body.trim(), format!("peer={}", outsider.ip), "{r:?}");
+        // The host (not in the topology's cgroup at all): direct too.
+        let r = env.host_curl(&url, 5.0);
+        assert_eq!(r.code, 200, "{r:?}");
+        assert_eq!(
+            r.body.trim(),
+            format!("peer={}", env.topo.host_ip()),
+            "{r:?}"
+        );
+        assert_eq!(
+            server.seen(),
+            vec![IpAddr::V4(outsider.ip), IpAddr::V4(env.topo.host_ip())]
+        );
+
+        let after = env.agent().counters();
+        assert_eq!(
+            after.since(&before, "connect_redirected"),
+            0,
+            "unenrolled/host connects redirected: {after:?}"
+        );
+        // The unenrolled pod's connect was seen (it is under the attached cgroup) and left alone.
+        assert!(after.since(&before, "connect_seen") >= 1, "{after:?}");
+        let log = env.agent().access_log();
+        assert_eq!(
+            log.len(),
+            log_before,
+            "the agent logged direct traffic: {:?}",
+            &log[log_before..]
+        );
+
+        // The enrolled pod, same URL: through the proxy (passthrough to the original
+        // destination), which connects from the node's address on the bridge.
+        let r = env.curl(&enrolled, &url, 5.0);
+        assert_eq!(r.code, 200, "{r:?}");
+        assert_eq!(
+            r.body.trim(),
+            format!("peer={}", env.topo.host_ip()),
+            "{r:?}"
+        );
+        let enrolled_after = env.agent().counters();
+        assert_eq!(
+            enrolled_after.since(&after, "connect_redirected"),
+            1,
+            "{enrolled_after:?}"
+        );
+        let log = env.agent().access_log();
+        assert!(
+            log[log_before..]
+                .iter()
+                .any(|l| l.contains(&server.addr.to_string())),
+            "the enrolled pod's request is not in the access log: {log:#?}"
+        );
+        eprintln!(
+            "peers seen by the upstream: outsider {} and host {} direct; enrolled via the proxy from {}",
+            outsider.ip,
+            env.topo.host_ip(),
+            env.topo.host_ip()
+        );
+    });
+}
+
+/// The proxy's own upstream connections (the agent runs under the attached cgroup, so the connect
+/// programs see them) are not redirected back to the proxy: as many connects are redirected as the
+/// client made, no more. And the pod-to-proxy bytes took the sk_msg fast path.
+#[test]
+fn proxy_connections_not_looped_and_sk_msg_fast_path_taken() {
+    if skip() {
+        return;
+    }
+    e2e(|env| {
+        let client = env.add_pod("client");
+        let web = env.add_pod("web-0");
+        env.fake_service(&web, "web", &[]);
+        env.write_config(
+            "all.yaml",
+            &[
+                pod_yaml(&client, None, true),
+                service_yaml("web"),
+                pod_yaml(&web, Some("web"), false),
+            ]
+            .concat(),
+        );
+        env.start_agent();
+        env.resolve_services(&["web"]);
+        let before = env.agent().counters();
+
+        const N: u64 = 5;
+        for i in 0..N {
+            let r = env.curl(&client, "http://web/", 5.0);
+            assert_eq!(r.code, 200, "request {i}: {r:?}");
+            assert!(r.body.contains("\"name\": \"web\""), "{r:?}");
+        }
+        let after = env.agent().counters();
+        let redirected = after.since(&before, "connect_redirected");
+        let seen = after.since(&before, "connect_seen");
+        let sk_msg = after.since(&before, "sk_msg_redirected");
+        eprintln!(
+            "{N} curls: connect_seen +{seen}, connect_redirected +{redirected}, sk_msg_redirected +{sk_msg}, counters {after:?}"
+        );
+        // One connect per curl redirected; the agent's own connects to web-0 were seen (it is
+        // under the attached cgroup) but not redirected (or the requests would loop and fail).
+        assert_eq!(redirected, N, "{after:?}");
+        assert!(
+            seen > redirected,
+            "the agent's upstream connects were not seen at all: {after:?}"
+        );
+        let log = env.agent().access_log();
+        let lines = log_lines_for(&log, "web");
+        assert_eq!(lines.len() as u64, N, "{log:#?}");
+        assert!(
+            lines.iter().all(|l| l.status == 200 && l.attempts == 1),
+            "{lines:#?}"
+        );
+        // The fast path: the pod's bytes went to the proxy's socket by sk_msg redirect.
+        assert!(sk_msg > 0, "sk_msg fast path not taken: {after:?}");
+        // The proxy learned each redirected connection's original destination.
+        let status = env.agent().status();
+        let lookups = |k: &str| {
+            status
+                .pointer(&format!("/redirect/original_dst/{k}"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        let (map, sockopt, unknown) = (
+            lookups("from_map"),
+            lookups("from_sockopt"),
+            lookups("unknown"),
+        );
+        eprintln!(
+            "original destinations: from_map {map}, from_sockopt {sockopt}, unknown {unknown}"
+        );
+        assert_eq!((map + sockopt, unknown), (N, 0), "{:#}", status["redirect"]);
+    });
+}
+
+/// SIGKILL of the agent fails open: within the 1 s lease plus a margin, an enrolled pod's new
+/// connection reaches its destination directly. A restart on the same pins reuses them and
+/// redirection (and policy) resumes.
+#[test]
+fn sigkill_fails_open_and_restart_reuses_pins() {
+    if skip() {
+        return;
+    }
+    e2e(|env| {
+        let client = env.add_pod("client");
+        let target = env.add_pod("target-0");
+        let server = PeerServer::start(&target, 9090);
+        env.write_config(
+            "all.yaml",
+            &[
+                pod_yaml(&client, None, true),
+                service_yaml("target"),
+                pod_yaml(&target, Some("target"), false),
+                virtual_service_yaml(
+                    "target",
+                    "    fault:\n      abort:\n        httpStatus: 503\n        percentage:\n          value: 100\n",
+                ),
+            ]
+            .concat(),
+        );
+        env.start_agent();
+        env.resolve_services(&["target"]);
+        let direct_url = format!("http://{}/", server.addr);
+        let first = env.agent().status();
+        assert!(
+            first
+                .pointer("/redirect/programs/attached")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty()),
+            "the first run attached nothing: {first:#}"
+        );
+
+        // Redirected: the policy applies by name, and the pod IP is reached through the proxy.
+        let r = env.curl(&client, "http://target/", 5.0);
+        assert_eq!(
+            (r.code, r.body.as_str()),
+            (503, "fault filter abort"),
+            "{r:?}"
+        );
+        let r = env.curl(&client, &direct_url, 5.0);
+        assert_eq!(
+            r.body.trim(),
+            format!("peer={}", env.topo.host_ip()),
+            "{r:?}"
+        );
+
+        // kill -9. There is no kube-proxy here, so a cluster IP leads nowhere without the proxy:
+        // fail-open is shown on a pod IP, which works without any translation.
+        let killed = now();
+        env.agent().kill9();
+        let mut tries = Vec::new();
+        let mut open_after = None;
+        let mut last_error = String::new();
+        for _ in 0..40 {
+            let r = env.curl(&client, &direct_url, 0.5);
+            tries.push(r.exit);
+            last_error = r.stderr.trim().to_owned();
+            if r.code == 200 {
+                assert_eq!(r.body.trim(), format!("peer={}", client.ip), "{r:?}");
+                open_after = Some(killed.elapsed());
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(4) {
+                break;
+            }
+            pause(Duration::from_millis(50));
+        }
+        let open_after = open_after.unwrap_or_else(|| {
+            panic!(
+                "no direct connection within {:?} after SIGKILL (curl exit codes {tries:?}, last: {last_error})",
+                killed.elapsed()
+            )
+        });
+        eprintln!(
+            "fail-open: direct connection {open_after:?} after SIGKILL ({} tries, curl exits {tries:?})",
+            tries.len()
+        );
+        assert!(
+            open_after <= Duration::from_secs(2),
+            "fail-open took {open_after:?}"
+        );
+
+        // Restart on the same pins: reused, and redirection resumes.
+        let agent = env.agent();
+        agent.spawn();
+        let status = agent.status();
+        let programs = |key: &str| -> Vec<String> {
+            status
+                .pointer(&format!("/redirect/programs/{key}"))
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (reused, attached) = (programs("reused"), programs("attached"));
+        assert!(
+            !reused.is_empty() && attached.is_empty(),
+            "the restart did not reuse the pins: reused {reused:?}, attached {attached:?}"
+        );
+        let log = agent.stderr(agent.starts);
+        assert!(
+            log.contains(&format!("reused [{}]", reused.join(", "))),
+            "the restarted agent's log does not say it reused the pins:\n{log}"
+        );
+        eprintln!(
+            "status after restart: {}",
+            status.pointer("/redirect").unwrap_or(&status)
+        );
+        let counters = Counters::from_status(&status);
+        assert!(
+            counters.get("connect_fail_open") >= 1,
+            "fail-open connects not counted: {counters:?}"
+        );
+        let mut resumed = None;
+        for _ in 0..20 {
+            let r = env.curl(&client, "http://target/", 2.0);
+            if r.code == 503 && r.body == "fault filter abort" {
+                resumed = Some(r);
+                break;
+            }
+            pause(Duration::from_millis(100));
+        }
+        assert!(
+            resumed.is_some(),
+            "policy does not apply again after the restart"
+        );
+        let r = env.curl(&client, &direct_url, 5.0);
+        assert_eq!(
+            r.body.trim(),
+            format!("peer={}", env.topo.host_ip()),
+            "{r:?}"
+        );
+    });
+}
+
+/// A test that fails with the agent running and pods serving still leaves nothing behind.
+#[test]
+fn a_failing_test_leaves_nothing_behind() {
+    if skip() {
+        return;
+    }
+    let mut seen = None;
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        e2e(|env| {
+            let client = env.add_pod("client");
+            let web = env.add_pod("web-0");
+            env.fake_service(&web, "web", &[]);
+            env.write_config(
+                "all.yaml",
+                &[
+                    pod_yaml(&client, None, true),
+                    service_yaml("web"),
+                    pod_yaml(&web, Some("web"), false),
+                ]
+                .concat(),
+            );
+            env.start_agent();
+            seen = Some(Footprint {
+                id: env.topo.id().to_owned(),
+                cgroup: env.topo.cgroup().to_path_buf(),
+                pins: env.pins.0.clone(),
+                agent_pids: vec![env.agent().pid()],
+            });
+            assert!(env.pins.0.exists(), "pins were made");
+            panic!("deliberate failure with everything running (expected: this test checks the cleanup)");
+        })
+    }));
+    assert!(outcome.is_err(), "the body's panic is re-raised");
+    let footprint = seen.expect("the body ran");
+    let left = footprint.leftovers();
+    assert!(left.is_empty(), "left behind after a failed test: {left:?}");
+}
