@@ -5,8 +5,9 @@
 //! A redirected connection (one with an original destination) first has its protocol decided
 //! ([`crate::detect`]: the Service port's declared protocol, else the first bytes, else TCP after the
 //! detection timeout); HTTP goes to the handler as above, anything else to the L4 proxy. A connection
-//! whose original destination is this listener itself would loop and is refused. L4 connections are
-//! not waited for by the drain.
+//! whose original destination is this listener itself would loop and is refused. The drain waits for
+//! L4 connections as for HTTP ones, up to its deadline (Envoy also lets TCP proxy connections run
+//! until the drain ends).
 
 use crate::detect::{self, Prefixed, Protocol};
 use crate::handler::{ConnInfo, Handler};
@@ -127,7 +128,11 @@ async fn serve_redirected(
     match protocol {
         Protocol::Http => serve_http(builder, watcher, stream, handler, conn, is_loop).await,
         Protocol::Tcp if is_loop => handler.refuse_loop_tcp(&conn, start),
-        Protocol::Tcp => handler.proxy_tcp(stream, &conn, dst, start).await,
+        Protocol::Tcp => {
+            // Held to the end of the connection: the drain waits for it (up to its deadline).
+            let _draining = watcher;
+            handler.proxy_tcp(stream, &conn, dst, start).await;
+        }
     }
 }
 
