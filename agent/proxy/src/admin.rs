@@ -20,12 +20,18 @@ use tokio::sync::watch;
 /// Changes the agent's log filter; owned by the binary, which owns the subscriber.
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
+/// The redirect's live state for `/status` (mode, proxy address, lease, enrolled pods,
+/// exclusions, eBPF counters), read when asked; owned by the binary, which owns the redirect.
+pub type RedirectStatus = Arc<dyn Fn() -> Value + Send + Sync>;
+
 /// What the admin API serves.
 pub struct AdminState {
     pub handler: Arc<Handler>,
     pub set_log_level: SetLogLevel,
     /// Static facts about the agent (version, listeners, mode) shown by `/status`.
     pub agent: Value,
+    /// `None` in explicit-proxy mode (`--redirect none`): `/status` shows `{"mode": "none"}`.
+    pub redirect: Option<RedirectStatus>,
 }
 
 pub async fn serve_admin(
@@ -117,6 +123,7 @@ async fn admin(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
             "rejections": snapshot.rejections,
             "warnings": snapshot.warnings,
             "access_log_dropped": state.handler.access_log.dropped(),
+            "redirect": state.redirect.as_ref().map_or_else(|| json!({"mode": "none"}), |f| f()),
         })),
         (&Method::GET, "/config_dump") => json_reply(&serde_json::to_value(&**snapshot).unwrap_or(Value::Null)),
         (&Method::GET, "/clusters") => json_reply(&crate::cluster_stats::clusters_json(&current)),

@@ -104,6 +104,8 @@ pub enum Error {
     NoCgroup2,
     #[error("{0} is not an IPv{1} address")]
     Family(std::net::IpAddr, u8),
+    #[error("proxy addresses {0} and {1} differ in port: the programs rewrite to one port")]
+    ProxyPorts(std::net::SocketAddr, std::net::SocketAddr),
     #[error("reading the eBPF object {path}: {reason}")]
     Object { path: PathBuf, reason: String },
 }
@@ -277,7 +279,7 @@ pub fn install(opts: &Options) -> Result<Redirect> {
         pin_program(&mut ebpf, prog_names::SK_MSG, &opts.pin_dir)?;
         report.attached.push(prog_names::SK_MSG);
     }
-    tracing::info!(attached = ?report.attached, reused = ?report.reused, "eBPF redirect installed");
+    tracing::debug!(attached = ?report.attached, reused = ?report.reused, "eBPF redirect installed");
     let maps = Maps::open(&opts.pin_dir)?;
     Ok(Redirect {
         _ebpf: ebpf,

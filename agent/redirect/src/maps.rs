@@ -2,7 +2,7 @@
 //! counters, original destinations). Opened from the pins, so it works the same after a restart.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     time::Duration,
 };
@@ -82,6 +82,18 @@ impl Maps {
         Ok(id)
     }
 
+    /// [`Maps::enroll_cgroup`] by id (the caller has stat'ed the directory).
+    pub fn enroll_cgroup_id(&self, id: u64) -> Result<()> {
+        let value = EnrolledCgroup {
+            flags: EnrolledCgroup::REDIRECT,
+            tag: 0,
+        };
+        self.enrolled
+            .lock()
+            .insert(id, value, 0)
+            .map_err(map_err(names::ENROLLED))
+    }
+
     pub fn release_cgroup_id(&self, id: u64) -> Result<()> {
         match self.enrolled.lock().remove(&id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -93,17 +105,23 @@ impl Maps {
         self.enrolled.lock().keys().filter_map(|k| k.ok()).collect()
     }
 
-    /// Where redirected connections go: the proxy's outbound listener for IPv4 (and optionally
-    /// IPv6) clients; `enabled` false lets every connection through untouched (fail open). Clears
-    /// the lease: nothing is redirected until [`Maps::renew_lease`] says the proxy serves.
+    /// Where redirected connections go: the proxy's outbound listener for IPv4 and/or IPv6
+    /// clients (one port: the programs know one; both given must share it); `enabled` false lets
+    /// every connection through untouched (fail open). Clears the lease: nothing is redirected
+    /// until [`Maps::renew_lease`] says the proxy serves.
     pub fn set_proxy(
         &self,
         v4: Option<SocketAddr>,
-        v6: Option<Ipv6Addr>,
+        v6: Option<SocketAddr>,
         enabled: bool,
     ) -> Result<()> {
         let mut cfg = self.config()?;
         cfg.flags &= ProxyConfig::DEBUG_LOG;
+        if let (Some(a), Some(b)) = (v4, v6) {
+            if a.port() != b.port() {
+                return Err(Error::ProxyPorts(a, b));
+            }
+        }
         if let Some(addr) = v4 {
             let IpAddr::V4(ip) = addr.ip() else {
                 return Err(Error::Family(addr.ip(), 4));
@@ -112,8 +130,12 @@ impl Maps {
             cfg.port = addr.port();
             cfg.flags |= ProxyConfig::HAS_V4;
         }
-        if let Some(ip) = v6 {
+        if let Some(addr) = v6 {
+            let IpAddr::V6(ip) = addr.ip() else {
+                return Err(Error::Family(addr.ip(), 6));
+            };
             cfg.ip6 = ip6_to_be(ip);
+            cfg.port = addr.port();
             cfg.flags |= ProxyConfig::HAS_V6;
         }
         if enabled {
@@ -121,6 +143,16 @@ impl Maps {
         }
         cfg.lease_until_ns = 0;
         self.write_config(cfg)
+    }
+
+    /// The proxy addresses the programs rewrite to (IPv4, IPv6), as the map holds them.
+    pub fn proxy_addrs(&self) -> Result<(Option<SocketAddr>, Option<SocketAddr>)> {
+        let cfg = self.config()?;
+        let v4 = (cfg.flags & ProxyConfig::HAS_V4 != 0)
+            .then(|| SocketAddr::from((sluice_ebpf_common::be_to_ip4(cfg.ip4), cfg.port)));
+        let v6 = (cfg.flags & ProxyConfig::HAS_V6 != 0)
+            .then(|| SocketAddr::from((sluice_ebpf_common::be_to_ip6(cfg.ip6), cfg.port)));
+        Ok((v4, v6))
     }
 
     /// Redirect for `lease` from now (while enabled). The agent calls this periodically while its

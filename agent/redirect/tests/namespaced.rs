@@ -292,7 +292,12 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     // The IPv6 listener shares the IPv4 one's port (the programs know one proxy port).
     let listener6 = TcpListener::bind(SocketAddr::from((host_ip6, proxy.port()))).unwrap();
     listener6.set_nonblocking(true).unwrap();
-    maps.set_proxy(Some(proxy), Some(host_ip6), true).unwrap();
+    maps.set_proxy(
+        Some(proxy),
+        Some(SocketAddr::from((host_ip6, proxy.port()))),
+        true,
+    )
+    .unwrap();
     // The agent renews a short lease while it serves; this test has no agent, so one long lease.
     maps.renew_lease(Duration::from_secs(600)).unwrap();
     let before = maps.counter(Counter::ConnectRedirected).unwrap();

@@ -21,7 +21,7 @@ pub struct Args {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent: the outbound proxy, admin API, metrics and readiness endpoints.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Check Istio and Kubernetes YAML files offline; non-zero exit on any error.
     Validate {
         /// Files or directories.
@@ -58,6 +58,13 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
     },
+    /// Detach the eBPF redirect programs and remove their pins (safe to repeat). Enrolled pods'
+    /// new connections then go straight to their destinations.
+    Uninstall {
+        /// The pin directory `sluice run --redirect ebpf` used.
+        #[arg(long, default_value = sluice_redirect::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -78,7 +85,7 @@ pub enum Output {
 
 pub fn dispatch(args: Args) -> Result<ExitCode> {
     match args.command {
-        Command::Run(run_args) => run::run(run_args).map(|()| ExitCode::SUCCESS),
+        Command::Run(run_args) => run::run(*run_args).map(|()| ExitCode::SUCCESS),
         Command::Validate { paths, strict } => validate(&paths, strict),
         Command::Status(q) => show(&q, "/status", client::print_status),
         Command::Config(q) => show(&q, "/config_dump", client::print_yaml),
@@ -90,6 +97,7 @@ pub fn dispatch(args: Args) -> Result<ExitCode> {
         Command::Logs { admin, count } => {
             client::follow_logs(admin, count).map(|()| ExitCode::SUCCESS)
         }
+        Command::Uninstall { pin_dir } => uninstall(&pin_dir),
         Command::LogLevel { level, admin } => {
             let body = client::request(
                 admin,
@@ -114,6 +122,34 @@ fn show(
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
         Output::Yaml => print!("{}", serde_yaml::to_string(&value)?),
         Output::Table => table(&value)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn uninstall(pin_dir: &std::path::Path) -> Result<ExitCode> {
+    let report = sluice_redirect::uninstall(pin_dir).with_context(|| {
+        format!(
+            "uninstalling the eBPF redirect pinned under {}",
+            pin_dir.display()
+        )
+    })?;
+    if report.is_empty() {
+        println!(
+            "nothing to remove: no eBPF redirect pinned under {}",
+            pin_dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !report.detached.is_empty() {
+        println!("detached: {}", report.detached.join(", "));
+    }
+    println!(
+        "removed {} pin(s) under {}:",
+        report.removed.len(),
+        pin_dir.display()
+    );
+    for p in &report.removed {
+        println!("  {}", p.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -105,6 +105,7 @@ pub fn print_status(v: &Value) -> Result<()> {
         let parts: Vec<String> = l.iter().map(|(k, a)| format!("{k} {}", s(a))).collect();
         println!("listeners:        {}", parts.join(", "));
     }
+    print_redirect(&v["redirect"]);
     for (key, title) in [("rejections", "rejected config"), ("warnings", "warnings")] {
         let list = v[key].as_array().cloned().unwrap_or_default();
         println!("{title}: {}", list.len());
@@ -119,6 +120,87 @@ pub fn print_status(v: &Value) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_redirect(r: &Value) {
+    if r["mode"].as_str() != Some("ebpf") {
+        println!("redirect:         none (clients use the outbound listener explicitly)");
+        return;
+    }
+    let lease = &r["lease"];
+    let lease_text = match lease["state"].as_str() {
+        Some("valid") => format!("valid, {} ms left", s(&lease["remaining_ms"])),
+        Some("expired") => format!(
+            "EXPIRED {} ms ago (failing open)",
+            s(&lease["expired_ms_ago"])
+        ),
+        Some("none") => "never renewed (failing open)".into(),
+        _ => s(&lease["error"]),
+    };
+    println!(
+        "redirect:         ebpf -> {} / {}   {}   lease {} (renewed every {} ms for {} ms)",
+        s(&r["proxy"]["ipv4"]),
+        s(&r["proxy"]["ipv6"]),
+        if r["enabled"].as_bool() == Some(true) {
+            "enabled"
+        } else {
+            "DISABLED (failing open)"
+        },
+        lease_text,
+        s(&lease["renew_every_ms"]),
+        s(&lease["duration_ms"]),
+    );
+    println!(
+        "  pins {}   cgroup {}   object {}",
+        s(&r["pin_dir"]),
+        s(&r["cgroup"]),
+        s(&r["object"])
+    );
+    let list = |v: &Value| {
+        let items: Vec<String> = v.as_array().into_iter().flatten().map(s).collect();
+        if items.is_empty() {
+            "-".to_string()
+        } else {
+            items.join(",")
+        }
+    };
+    println!(
+        "  programs attached: {}   reused: {}",
+        list(&r["programs"]["attached"]),
+        list(&r["programs"]["reused"])
+    );
+    println!(
+        "  excluded ports: {}   excluded CIDRs: {}",
+        list(&r["exclusions"]["ports"]),
+        list(&r["exclusions"]["cidrs"])
+    );
+    let enrolled = r["enrolled"].as_array().cloned().unwrap_or_default();
+    println!("  enrolled pods: {}", enrolled.len());
+    if !enrolled.is_empty() {
+        println!("    {:<32} {:>10}  CGROUP", "POD", "CGROUP ID");
+        for p in &enrolled {
+            println!(
+                "    {:<32} {:>10}  {}",
+                s(&p["pod"]),
+                s(&p["cgroup_id"]),
+                s(&p["cgroup"])
+            );
+        }
+    }
+    for p in r["not_redirected"].as_array().into_iter().flatten() {
+        println!("    not redirected: {}: {}", s(&p["pod"]), s(&p["reason"]));
+    }
+    if let Some(c) = r["counters"].as_object() {
+        let parts: Vec<String> = c.iter().map(|(k, v)| format!("{k}={}", s(v))).collect();
+        println!("  eBPF counters: {}", parts.join(" "));
+    }
+    let o = &r["original_dst"];
+    println!(
+        "  original destinations: {} from the map, {} from SO_ORIGINAL_DST, {} unknown",
+        s(&o["from_map"]),
+        s(&o["from_sockopt"]),
+        s(&o["unknown"])
+    );
 }
 
 pub fn print_clusters(v: &Value) -> Result<()> {

@@ -1,9 +1,10 @@
 //! `sluice`: the node agent (`sluice run`) and the operator's debugging CLI (`status`, `config`,
-//! `clusters`, `policy`, `logs`, `log-level`, `validate`).
+//! `clusters`, `policy`, `logs`, `log-level`, `validate`, `uninstall`).
 #![forbid(unsafe_code)]
 
 mod cli;
 mod client;
+mod ebpf;
 mod run;
 
 use clap::Parser;

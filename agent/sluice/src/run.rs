@@ -1,13 +1,16 @@
 //! `sluice run`: builds the runtime, loads the configuration directory, opens the listeners (outbound
 //! 15001, admin 15000 on localhost, metrics 15020, readiness 15021, as in Istio), reloads on change, and
-//! drains on SIGTERM/SIGINT.
+//! drains on SIGTERM/SIGINT. With `--redirect ebpf` it also installs the eBPF redirect (see
+//! [`crate::ebpf`]), keeps enrollment in step with each reload and fails open on the way out.
 
+use crate::ebpf::{EbpfArgs, EbpfRedirect};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use sluice_config::{BuildOptions, ConfigDir, Severity};
 use sluice_proxy::admin::{self, AdminState};
 use sluice_proxy::{AccessLog, Handler, HandlerOptions, Metrics};
 use std::collections::BTreeSet;
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +57,8 @@ pub struct RunArgs {
     /// How long requests under way may take to finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain: Duration,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,7 +67,7 @@ pub enum Redirect {
     Ebpf,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| c.is_ascii_alphabetic())
         .map(|i| s.split_at(i))
@@ -84,11 +89,19 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (filter, filter_handle) = reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Plain text when captured (tests and log collectors grep it).
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
 
-    if args.redirect == Redirect::Ebpf {
-        bail!("--redirect ebpf: eBPF redirection is not built yet (issue 3); run with --redirect none and send traffic to the outbound listener as an HTTP proxy or with a Host header");
+    if args.redirect == Redirect::None {
+        let stray = args.ebpf.ebpf_only_flags();
+        if !stray.is_empty() {
+            bail!("{}: only meaningful with --redirect ebpf", stray.join(", "));
+        }
     }
     if args.workers == 0 {
         bail!("--workers must be at least 1");
@@ -132,6 +145,18 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
         report(&cfg_reload.problems, &mut reported);
         handler.apply(cfg_reload.snapshot);
     }
+    // The redirect goes in before the listeners open, but redirects nothing until the lease task
+    // (started once the outbound listener is bound) renews its lease.
+    let ebpf = match args.redirect {
+        Redirect::Ebpf => {
+            let ebpf = EbpfRedirect::install(&args.ebpf, args.outbound_addr)?;
+            let snapshot = handler.state().snapshot.clone();
+            let e = ebpf.clone();
+            tokio::task::spawn_blocking(move || e.sync_enrollment(&snapshot)).await?;
+            Some(ebpf)
+        }
+        Redirect::None => None,
+    };
     let (ready_tx, ready_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -151,7 +176,7 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
         set_log_level: set_level,
         agent: serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "redirect": "none",
+            "redirect": match args.redirect { Redirect::None => "none", Redirect::Ebpf => "ebpf" },
             "config_dir": status_dir.as_ref().map(|d| d.display().to_string()),
             "listeners": {
                 "outbound": args.outbound_addr.to_string(),
@@ -160,6 +185,10 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
                 "ready": args.ready_addr.to_string(),
             },
             "workers": args.workers,
+        }),
+        redirect: ebpf.clone().map(|e| {
+            let status: admin::RedirectStatus = Arc::new(move || e.status());
+            status
         }),
     });
     tokio::spawn(admin::serve_admin(
@@ -178,6 +207,7 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
         let handler = handler.clone();
         let mut shutdown = shutdown_rx.clone();
         let every = args.reload_interval;
+        let ebpf = ebpf.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -186,9 +216,14 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
                     _ = tick.tick() => {}
                     _ = shutdown.changed() => return,
                 }
-                // File I/O off the proxy thread.
+                // File I/O (and enrollment's stat and bpf calls) off the proxy thread. Enrollment
+                // runs on every poll, not only on change: a pod's cgroup may appear later.
+                let ebpf = ebpf.clone();
                 let (back, outcome) = match tokio::task::spawn_blocking(move || {
                     let outcome = cfg.reload();
+                    if let Some(ebpf) = &ebpf {
+                        ebpf.sync_enrollment(&outcome.snapshot);
+                    }
                     (cfg, outcome)
                 })
                 .await
@@ -212,21 +247,43 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
         });
     }
 
-    let proxy = tokio::spawn(sluice_proxy::server::serve(
+    let mut proxy = tokio::spawn(sluice_proxy::server::serve(
         outbound,
         handler.clone(),
-        None,
+        ebpf.as_ref().map(|e| e.original_dst()),
         shutdown_rx.clone(),
         args.drain,
     ));
+    // The lease lives as long as this runtime serves: renewed only from here, after the bind.
+    let (lease_stop_tx, lease_stop_rx) = watch::channel(false);
+    let lease = ebpf
+        .clone()
+        .map(|e| tokio::spawn(e.keep_lease(lease_stop_rx)));
     let _ = ready_tx.send(true);
     tracing::info!(outbound = %args.outbound_addr, admin = %args.admin_addr, "sluice is serving");
 
-    wait_for_signal().await;
+    let proxy_ended = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = &mut proxy => true,
+    };
+    if proxy_ended {
+        tracing::error!("the outbound listener stopped unexpectedly; shutting down");
+    }
     tracing::info!("shutting down");
+    // Fail open first: enrolled pods' new connections go straight to their destinations while
+    // the proxy drains what it has.
+    let _ = lease_stop_tx.send(true);
+    if let Some(task) = lease {
+        let _ = task.await;
+    }
+    if let Some(ebpf) = &ebpf {
+        ebpf.stop();
+    }
     let _ = ready_tx.send(false);
     let _ = shutdown_tx.send(true);
-    let _ = proxy.await;
+    if !proxy_ended {
+        let _ = proxy.await;
+    }
     Ok(())
 }
 
