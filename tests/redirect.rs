@@ -606,3 +606,26 @@ async fn loop_guard_refuses_the_proxys_own_listener() {
         "{lines:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_on_an_undeclared_port_is_detected_and_gets_the_routes() {
+    let mut node = Node::start(RedirectOptions::default());
+    let web = node.fake_service("web");
+    // Port name `web` declares nothing: the request line is what makes this HTTP.
+    deploy(&node, "web", "10.96.0.10", 8080, "web", &[web]);
+    node.write(
+        "web-vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: web\n  namespace: default\nspec:\n  hosts:\n  - web\n  http:\n  - fault:\n      abort:\n        httpStatus: 418\n        percentage:\n          value: 100\n    route:\n    - destination:\n        host: web\n",
+    );
+    node.reload();
+    let proxy = node.redirecting_to(dst("10.96.0.10:8080")).await;
+
+    let (status, _) = get(proxy, "10.96.0.10:8080").await;
+    assert_eq!(status, StatusCode::IM_A_TEAPOT);
+    let line = node.lines(1).await.remove(0);
+    assert!(
+        line.contains("\"GET / HTTP/1.1\" 418 FI ")
+            && line.ends_with(" web.default.svc.cluster.local"),
+        "{line}"
+    );
+}
