@@ -25,7 +25,7 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -263,8 +263,8 @@ impl Agent {
         let out = fs::File::create(self.stdout_path(self.starts)).unwrap();
         let err = fs::File::create(self.stderr_path(self.starts)).unwrap();
         // Into the agent's cgroup before exec, so that every socket it makes is in it.
-        let child = Command::new("bash")
-            .arg("-c")
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
             .arg(r#"echo $$ > "$0" && exec "$@""#)
             .arg(&self.cgroup_procs)
             .arg(&bins().sluice)
@@ -272,9 +272,19 @@ impl Agent {
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn sluice run");
+            .stderr(err);
+        // SAFETY: prctl is async-signal-safe and touches only the child being made. If the test
+        // process is killed (no unwinding, no guards), the agent goes with it instead of renewing
+        // its lease forever; the next run sweeps the rest.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn sluice run");
         self.child = Some(child);
         self.wait_ready();
     }
