@@ -59,10 +59,12 @@ impl Default for HandlerOptions {
 #[derive(Clone, Debug)]
 pub struct RedirectOptions {
     /// How long to wait for a client's first bytes when the Service port declares no protocol.
-    /// A client silent that long speaks a server-first protocol and is proxied at L4. Istio's
-    /// `protocolDetectionTimeout` now defaults to 0 (wait forever, so an undeclared server-first
-    /// protocol hangs); Sluice waits 100 ms, Istio's earlier default: a server-first client barely
-    /// notices, and a slow HTTP client that loses the race still works, only without L7 policy.
+    /// A client silent that long speaks a server-first protocol and is proxied at L4. Istio tried
+    /// 100 ms (1.3), found slow HTTP clients silently losing their L7 policy, raised it to 5 s
+    /// (1.6/1.7) and since 1.8 waits forever (0), so an undeclared server-first protocol hangs.
+    /// Sluice waits 5 s: no HTTP client loses its policy to a slow first write, and a server-first
+    /// protocol on an undeclared port still works, after a visible delay that declaring the port
+    /// (`tcp-...` or `appProtocol: tcp`) removes, as Istio documents.
     pub protocol_detection_timeout: Duration,
     /// Connect attempts of an L4 connection before it fails (Envoy's TCP proxy
     /// `max_connect_attempts`, 1 when unset as under Istio); each further attempt avoids the hosts
@@ -73,7 +75,7 @@ pub struct RedirectOptions {
 impl Default for RedirectOptions {
     fn default() -> Self {
         Self {
-            protocol_detection_timeout: Duration::from_millis(100),
+            protocol_detection_timeout: Duration::from_secs(5),
             tcp_max_connect_attempts: 1,
         }
     }
