@@ -1049,6 +1049,41 @@ fn unenrolled_pod_and_host_are_not_redirected() {
             env.topo.host_ip(),
             env.topo.host_ip()
         );
+
+        // Labelling the outsider's Pod ambient enrolls it live: the next config poll (100 ms)
+        // puts its cgroup in the map and its connections go through the proxy.
+        env.write_config(
+            "pods.yaml",
+            &[
+                pod_yaml(&enrolled, None, true),
+                pod_yaml(&outsider, None, true),
+                pod_yaml(&target, Some("target"), false),
+            ]
+            .concat(),
+        );
+        let relabelled = now();
+        let mut via_proxy = None;
+        for _ in 0..30 {
+            let r = env.curl(&outsider, &url, 2.0);
+            if r.body.trim() == format!("peer={}", env.topo.host_ip()) {
+                via_proxy = Some(relabelled.elapsed());
+                break;
+            }
+            assert_eq!(r.body.trim(), format!("peer={}", outsider.ip), "{r:?}");
+            pause(Duration::from_millis(100));
+        }
+        let via_proxy = via_proxy.expect("the relabelled pod is not redirected within ~3 s");
+        eprintln!("live enrollment: redirected {via_proxy:?} after the label changed");
+        let status = env.agent().status();
+        let enrolled_pods: Vec<&str> = status
+            .pointer("/redirect/enrolled")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|p| p["pod"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            enrolled_pods.contains(&"default/outsider"),
+            "status does not list the relabelled pod: {enrolled_pods:?}"
+        );
     });
 }
 
