@@ -192,7 +192,7 @@ impl Handler {
     /// The protocol the Service port at `dst` declares, if `dst` is a cluster IP and port.
     pub(crate) fn declared_protocol(&self, dst: SocketAddr) -> Option<crate::detect::Protocol> {
         let state = self.state.load();
-        let svc = state.snapshot.service_by_vip(dst.ip(), dst.port())?;
+        let svc = state.service_by_vip(dst.ip(), dst.port())?;
         let port = svc.ports.iter().find(|p| p.port == dst.port())?;
         crate::detect::declared(port.app_protocol.as_deref())
     }
@@ -248,7 +248,7 @@ impl Handler {
 
         let (service, port) = match conn.original_dst {
             // Redirected: the original destination decides.
-            Some(dst) => match snapshot.service_by_vip(dst.ip(), dst.port()) {
+            Some(dst) => match state.service_by_vip(dst.ip(), dst.port()) {
                 Some(svc) => (svc, dst.port()),
                 None => {
                     let protocol = if req.version() == http::Version::HTTP_2 {

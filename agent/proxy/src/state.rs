@@ -9,6 +9,7 @@ use sluice_policy::{
 use sluice_resilience::RetryBudget;
 use sluice_upstream::{ClusterHandle, UpstreamProtocol};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,9 @@ pub struct State {
     implicit: HashMap<ClusterKey, Arc<RoutePlan>>,
     /// Istio metric labels per destination service, made once per generation.
     pub(crate) labels: HashMap<String, ServiceLabels>,
+    /// Services by cluster IP and service port, for redirected connections (one hash lookup per
+    /// request instead of a scan of every Service).
+    vips: HashMap<(IpAddr, u16), Arc<Service>>,
 }
 
 /// A service's metric label values, shared by every sample of every request to it.
@@ -93,7 +97,13 @@ impl State {
             plans: HashMap::new(),
             implicit: HashMap::new(),
             labels: HashMap::new(),
+            vips: HashMap::new(),
         }
+    }
+
+    /// The Service whose cluster IP is `ip`, exposing `port`.
+    pub fn service_by_vip(&self, ip: IpAddr, port: u16) -> Option<&Arc<Service>> {
+        self.vips.get(&(ip, port))
     }
 
     /// Builds the next generation from `snapshot`, reusing the live clusters of `prev` so connection
@@ -149,6 +159,7 @@ impl State {
 
         let mut implicit = HashMap::new();
         let mut labels = HashMap::new();
+        let mut vips = HashMap::new();
         for svc in snapshot.services.values() {
             labels.insert(
                 svc.hostname.clone(),
@@ -161,6 +172,10 @@ impl State {
             for port in &svc.ports {
                 let plan = RoutePlan::implicit(svc, port.port);
                 implicit.insert(plan.destinations[0].cluster.clone(), Arc::new(plan));
+                // The first Service by host name wins a shared address, as Snapshot::service_by_vip.
+                for ip in &svc.cluster_ips {
+                    vips.entry((*ip, port.port)).or_insert_with(|| svc.clone());
+                }
             }
         }
 
@@ -170,6 +185,7 @@ impl State {
             plans,
             implicit,
             labels,
+            vips,
         }
     }
 

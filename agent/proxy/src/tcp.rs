@@ -35,7 +35,7 @@ impl Handler {
     {
         let state = self.state();
         let info = RequestInfo::new();
-        let (upstream, service) = match state.snapshot.service_by_vip(dst.ip(), dst.port()) {
+        let (upstream, service) = match state.service_by_vip(dst.ip(), dst.port()) {
             Some(svc) => {
                 let key = ClusterKey {
                     host: svc.hostname.clone(),
