@@ -119,11 +119,13 @@ pub fn sniff(buf: &[u8]) -> Sniff {
 
 /// Reads from `io` until [`sniff`] decides or `timeout` passes; returns the protocol and the bytes
 /// read. No bytes at all before the timeout (a server-first protocol) or the client's EOF is TCP.
+/// A zero `timeout` waits for the client without limit (current Istio's `protocolDetectionTimeout:
+/// 0s`).
 pub async fn detect<IO>(io: &mut IO, timeout: Duration) -> io::Result<(Protocol, Bytes)>
 where
     IO: AsyncRead + Unpin,
 {
-    let deadline = Instant::now() + timeout;
+    let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         match sniff(&buf) {
@@ -131,7 +133,11 @@ where
             Sniff::Tcp => return Ok((Protocol::Tcp, buf.freeze())),
             Sniff::NeedMore => {}
         }
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+        let read = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await,
+            None => Ok(io.read_buf(&mut buf).await),
+        };
+        match read {
             Ok(Ok(0)) | Err(_) => return Ok((Protocol::Tcp, buf.freeze())),
             Ok(Ok(_)) => {}
             Ok(Err(err)) => return Err(err),
@@ -274,5 +280,17 @@ mod tests {
             .unwrap();
         assert_eq!((proto, prefix.len()), (Protocol::Tcp, 0));
         assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_timeout_waits_for_the_client_without_limit() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move { detect(&mut server, Duration::ZERO).await });
+        // An hour of silence (paused time) does not decide anything.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!task.is_finished());
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let (proto, _) = task.await.unwrap().unwrap();
+        assert_eq!(proto, Protocol::Http);
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use sluice_config::{BuildOptions, ConfigDir, Severity};
 use sluice_proxy::admin::{self, AdminState};
-use sluice_proxy::{AccessLog, Handler, HandlerOptions, Metrics};
+use sluice_proxy::{AccessLog, Handler, HandlerOptions, Metrics, RedirectOptions};
 use std::collections::BTreeSet;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -57,6 +57,11 @@ pub struct RunArgs {
     /// How long requests under way may take to finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain: Duration,
+    /// Redirected connections on a Service port that declares no protocol: how long to wait for
+    /// the client's first bytes before treating it as a server-first protocol (plain TCP). `0s`
+    /// waits without limit, as current Istio does.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub protocol_detection_timeout: Duration,
     #[command(flatten)]
     pub ebpf: EbpfArgs,
 }
@@ -126,13 +131,19 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
-    let handler = Arc::new(Handler::new(
-        HandlerOptions {
-            default_namespace: args.namespace.clone(),
-        },
-        AccessLog::new(!args.no_access_log),
-        Metrics::new(),
-    ));
+    let handler = Arc::new(
+        Handler::new(
+            HandlerOptions {
+                default_namespace: args.namespace.clone(),
+            },
+            AccessLog::new(!args.no_access_log),
+            Metrics::new(),
+        )
+        .with_redirect_options(RedirectOptions {
+            protocol_detection_timeout: args.protocol_detection_timeout,
+            ..RedirectOptions::default()
+        }),
+    );
 
     // Configuration first: readiness means "serving with the configuration on disk".
     let mut config = args
