@@ -437,7 +437,18 @@ impl Footprint {
             .unwrap();
         for line in String::from_utf8_lossy(&links.stdout).lines() {
             if let Some(name) = line.split(": ").nth(1) {
-                if name.starts_with(&format!("slc{}", self.id)) {
+                let name = name.split('@').next().unwrap_or(name);
+                // This topology's links are exactly `slc<id>b`, `slc<id>h<n>` and `slc<id>p<n>`
+                // (another topology's id may extend this one's).
+                let ours = name
+                    .strip_prefix(&format!("slc{}", self.id))
+                    .is_some_and(|rest| {
+                        rest == "b"
+                            || rest.len() > 1
+                                && rest.starts_with(['h', 'p'])
+                                && rest[1..].bytes().all(|b| b.is_ascii_digit())
+                    });
+                if ours {
                     left.push(format!("link {name}"));
                 }
             }
@@ -1332,7 +1343,15 @@ fn a_failing_test_leaves_nothing_behind() {
                 pins: env.pins.0.clone(),
                 agent_pids: vec![env.agent().pid()],
             });
-            assert!(env.pins.0.exists(), "pins were made");
+            // The check sees everything while it exists (so an empty list afterwards means
+            // something).
+            let live = seen.as_ref().expect("set").leftovers();
+            for what in ["netns ", "link ", "cgroup ", "pins ", "agent process "] {
+                assert!(
+                    live.iter().any(|l| l.starts_with(what)),
+                    "{what}missing from {live:?}"
+                );
+            }
             panic!("deliberate failure with everything running (expected: this test checks the cleanup)");
         })
     }));
