@@ -17,7 +17,7 @@ mod sys;
 
 use std::{
     fs::File,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -141,6 +141,9 @@ pub struct InstallReport {
     pub attached: Vec<&'static str>,
     /// Programs whose pinned attachment was found and kept.
     pub reused: Vec<&'static str>,
+    /// Pinned attachments that ran another build's program (tag differs): switched to this
+    /// object's program in place (`BPF_LINK_UPDATE`, no moment without a program).
+    pub upgraded: Vec<&'static str>,
     /// Pinned maps from an older layout that were found and replaced (with what differed); the
     /// whole previous installation was detached and removed first.
     pub replaced: Vec<String>,
@@ -260,7 +263,12 @@ pub fn install(opts: &Options) -> Result<Redirect> {
     for name in CGROUP_PROGRAMS {
         let link_pin = opts.pin_dir.join("links").join(name);
         if PinnedLink::from_pin(&link_pin).is_ok() {
-            report.reused.push(name);
+            if upgrade_pinned_link(&mut ebpf, name, &link_pin)? {
+                report.upgraded.push(name);
+            } else {
+                report.reused.push(name);
+            }
+            pin_program(&mut ebpf, name, &opts.pin_dir)?;
             continue;
         }
         let _ = std::fs::remove_file(&link_pin);
@@ -272,8 +280,20 @@ pub fn install(opts: &Options) -> Result<Redirect> {
     // sk_msg is attached to the map itself (no link object): a reused SOCKHASH with the pinned
     // program still has it.
     let sk_msg_pin = opts.pin_dir.join("progs").join(prog_names::SK_MSG);
-    if sockhash_was_pinned && sk_msg_pin.exists() {
-        report.reused.push(prog_names::SK_MSG);
+    let pinned_sk_msg_tag = sockhash_was_pinned
+        .then(|| aya::programs::ProgramInfo::from_pin(&sk_msg_pin).ok())
+        .flatten()
+        .map(|info| info.tag());
+    if let Some(pinned) = pinned_sk_msg_tag {
+        // Attaching to the SOCKHASH replaces its program: sockets added from now on get this
+        // build's; sockets already in the map keep the one they were added with.
+        attach_sk_msg(&mut ebpf)?;
+        if program_tag(&ebpf, prog_names::SK_MSG)? == pinned {
+            report.reused.push(prog_names::SK_MSG);
+        } else {
+            report.upgraded.push(prog_names::SK_MSG);
+        }
+        pin_program(&mut ebpf, prog_names::SK_MSG, &opts.pin_dir)?;
     } else {
         attach_sk_msg(&mut ebpf)?;
         pin_program(&mut ebpf, prog_names::SK_MSG, &opts.pin_dir)?;
@@ -293,12 +313,8 @@ fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> 
     move |source| Error::Program { name, source }
 }
 
-fn attach_cgroup_program(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    cgroup: &File,
-    link_pin: &Path,
-) -> Result<()> {
+/// Loads one cgroup program of the object; returns its descriptor and its attach type.
+fn load_cgroup_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(OwnedFd, u32)> {
     // Attach types (`enum bpf_attach_type`).
     const SOCK_OPS: u32 = 3;
     const INET4_CONNECT: u32 = 10;
@@ -306,16 +322,23 @@ fn attach_cgroup_program(
     const GETSOCKOPT: u32 = 21;
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
     let err = program_error(name);
-    let (fd, attach_type) = match name {
+    let dup = |fd: BorrowedFd<'_>| {
+        fd.try_clone_to_owned().map_err(|source| Error::Io {
+            what: "duplicating the descriptor of program",
+            path: name.into(),
+            source,
+        })
+    };
+    match name {
         prog_names::SOCK_OPS => {
             let p: &mut SockOps = program.try_into().map_err(&err)?;
             p.load().map_err(&err)?;
-            (p.fd().map_err(&err)?.as_fd(), SOCK_OPS)
+            Ok((dup(p.fd().map_err(&err)?.as_fd())?, SOCK_OPS))
         }
         prog_names::GETSOCKOPT => {
             let p: &mut CgroupSockopt = program.try_into().map_err(&err)?;
             p.load().map_err(&err)?;
-            (p.fd().map_err(&err)?.as_fd(), GETSOCKOPT)
+            Ok((dup(p.fd().map_err(&err)?.as_fd())?, GETSOCKOPT))
         }
         _ => {
             let p: &mut CgroupSockAddr = program.try_into().map_err(&err)?;
@@ -325,16 +348,60 @@ fn attach_cgroup_program(
             } else {
                 INET4_CONNECT
             };
-            (p.fd().map_err(&err)?.as_fd(), t)
+            Ok((dup(p.fd().map_err(&err)?.as_fd())?, t))
         }
+    }
+}
+
+/// The tag of a loaded program of the object.
+fn program_tag(ebpf: &Ebpf, name: &'static str) -> Result<u64> {
+    let err = program_error(name);
+    let program = ebpf.program(name).ok_or(Error::MissingProgram(name))?;
+    let info = match program {
+        aya::programs::Program::SockOps(p) => p.info(),
+        aya::programs::Program::CgroupSockopt(p) => p.info(),
+        aya::programs::Program::CgroupSockAddr(p) => p.info(),
+        aya::programs::Program::SkMsg(p) => p.info(),
+        _ => return Err(Error::MissingProgram(name)),
     };
-    sys::link_create_pinned(fd, cgroup.as_fd(), attach_type, 0, link_pin).map_err(|source| {
-        Error::Io {
-            what: "attaching and pinning",
+    Ok(info.map_err(err)?.tag())
+}
+
+/// A pinned link kept on restart: if it runs another build's program (its tag differs from this
+/// object's), swaps in this build's program atomically with `BPF_LINK_UPDATE`. Returns whether it
+/// did.
+fn upgrade_pinned_link(ebpf: &mut Ebpf, name: &'static str, link_pin: &Path) -> Result<bool> {
+    let io = |what: &'static str| {
+        move |source| Error::Io {
+            what,
             path: link_pin.into(),
             source,
         }
-    })
+    };
+    let (prog, _) = load_cgroup_program(ebpf, name)?;
+    let link = sys::obj_get(link_pin).map_err(io("opening pinned link"))?;
+    let running = sys::link_program_tag(link.as_fd()).map_err(io("reading the program of link"))?;
+    if running == program_tag(ebpf, name)? {
+        return Ok(false);
+    }
+    sys::link_update(link.as_fd(), prog.as_fd()).map_err(io("updating the program of link"))?;
+    Ok(true)
+}
+
+fn attach_cgroup_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    link_pin: &Path,
+) -> Result<()> {
+    let (prog, attach_type) = load_cgroup_program(ebpf, name)?;
+    sys::link_create_pinned(prog.as_fd(), cgroup.as_fd(), attach_type, 0, link_pin).map_err(
+        |source| Error::Io {
+            what: "attaching and pinning",
+            path: link_pin.into(),
+            source,
+        },
+    )
 }
 
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use std::{
     ffi::CString,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
 };
 
@@ -149,6 +149,64 @@ pub fn link_create_pinned(
     attr[1] = (ptr >> 32) as u32;
     attr[2] = link.as_raw_fd() as u32;
     bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
+}
+
+/// `BPF_OBJ_GET`: a descriptor for the object pinned at `pin`.
+pub fn obj_get(pin: &Path) -> std::io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut attr = [0u32; 32];
+    let ptr = path.as_ptr() as u64;
+    attr[0] = ptr as u32;
+    attr[1] = (ptr >> 32) as u32;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: a successful BPF_OBJ_GET returns a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (a `bpf_link_info` or `bpf_prog_info` prefix).
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u32]) -> std::io::Result<()> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let mut attr = [0u32; 32];
+    attr[0] = fd.as_raw_fd() as u32;
+    attr[1] = std::mem::size_of_val(info) as u32;
+    let ptr = info.as_mut_ptr() as u64;
+    attr[2] = ptr as u32;
+    attr[3] = (ptr >> 32) as u32;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(())
+}
+
+/// The tag (SHA of the instructions, map references masked) of the program a link runs, as
+/// [`aya::programs::ProgramInfo::tag`] gives it.
+pub fn link_program_tag(link: BorrowedFd<'_>) -> std::io::Result<u64> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    // `struct bpf_link_info`: type, id, prog_id, ...
+    let mut link_info = [0u32; 8];
+    obj_info(link, &mut link_info)?;
+    let mut attr = [0u32; 32];
+    attr[0] = link_info[2];
+    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: a successful BPF_PROG_GET_FD_BY_ID returns a new descriptor that nothing else owns.
+    let prog = unsafe { OwnedFd::from_raw_fd(prog) };
+    // `struct bpf_prog_info`: type, id, tag[8], ...
+    let mut prog_info = [0u32; 8];
+    obj_info(prog.as_fd(), &mut prog_info)?;
+    let mut tag = [0u8; 8];
+    tag[..4].copy_from_slice(&prog_info[2].to_ne_bytes());
+    tag[4..].copy_from_slice(&prog_info[3].to_ne_bytes());
+    Ok(u64::from_be_bytes(tag))
+}
+
+/// `BPF_LINK_UPDATE`: the link runs `prog` from now on, atomically (no moment without a program).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let mut attr = [0u32; 32];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = prog.as_raw_fd() as u32;
+    bpf(BPF_LINK_UPDATE, &mut attr)?;
     Ok(())
 }
 

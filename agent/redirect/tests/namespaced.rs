@@ -656,3 +656,129 @@ fn stale_layout_pins_are_detected_and_replaced_whole() {
     drop(guard);
     assert!(!pins.exists(), "pins removed by the cleanup");
 }
+
+/// `bpf(cmd, attr)` for the test's few raw calls.
+fn bpf_raw(cmd: libc::c_long, attr: &mut [u32; 32]) -> std::io::Result<i32> {
+    // SAFETY: `attr` is a zeroed `union bpf_attr`-sized buffer with the command's fields set;
+    // pointers inside it outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret as i32)
+}
+
+/// Makes the pinned connect4 link run "another build's" program: a two-instruction
+/// `cgroup/connect4` that allows every connect and redirects nothing.
+fn link_runs_an_older_build(link_pin: &Path) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // mov r0, 1; exit
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    let mut attr = [0u32; 32];
+    attr[0] = 18; // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+    attr[1] = insns.len() as u32;
+    let p = insns.as_ptr() as u64;
+    (attr[2], attr[3]) = (p as u32, (p >> 32) as u32);
+    let l = license.as_ptr() as u64;
+    (attr[4], attr[5]) = (l as u32, (l >> 32) as u32);
+    attr[17] = 10; // expected_attach_type BPF_CGROUP_INET4_CONNECT
+    let prog = bpf_raw(5, &mut attr).expect("BPF_PROG_LOAD of the stand-in program");
+    // SAFETY: a new descriptor nothing else owns.
+    let prog = unsafe { OwnedFd::from_raw_fd(prog) };
+    let path = std::ffi::CString::new(link_pin.as_os_str().as_encoded_bytes()).unwrap();
+    let mut attr = [0u32; 32];
+    let p = path.as_ptr() as u64;
+    (attr[0], attr[1]) = (p as u32, (p >> 32) as u32);
+    let link = bpf_raw(7, &mut attr).expect("BPF_OBJ_GET of the pinned link");
+    // SAFETY: a new descriptor nothing else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(link) };
+    let mut attr = [0u32; 32];
+    attr[0] = link.as_raw_fd() as u32;
+    attr[1] = prog.as_raw_fd() as u32;
+    bpf_raw(29, &mut attr).expect("BPF_LINK_UPDATE to the stand-in program");
+}
+
+/// The tag of the program the pinned link runs.
+fn link_tag(link_pin: &Path) -> u64 {
+    let link = aya::programs::links::PinnedLink::from_pin(link_pin).expect("pinned link");
+    let id = aya::programs::links::FdLink::from(link)
+        .info()
+        .expect("link info")
+        .program_id();
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .expect("the link's program is loaded")
+        .tag()
+}
+
+/// An agent upgraded to a build whose programs changed (maps unchanged) swaps its programs into
+/// the pinned links in place, instead of keeping the old build's programs.
+#[test]
+fn a_pinned_link_running_another_builds_program_is_upgraded_in_place() {
+    if let Some(why) = cannot_run() {
+        if std::env::var_os("CI").is_some() {
+            panic!("upgrade test cannot run under CI: {why}");
+        }
+        eprintln!("skipping upgrade test: {why}");
+        return;
+    }
+    let tag = format!("{:x}u", std::process::id() % 0xffff);
+    let root = sluice_redirect::cgroup2_root().expect("cgroup v2 mounted");
+    // Attached to an empty cgroup of its own: nothing on the machine is affected.
+    let cgroup = root.join(format!("sluice-test-{tag}"));
+    let pins = PathBuf::from(format!("/sys/fs/bpf/sluice-test-{tag}"));
+    let mut guard = Cleanup {
+        netns: None,
+        veth: None,
+        cgroup: None,
+        pins: Some(pins.clone()),
+    };
+    std::fs::create_dir(&cgroup).expect("create test cgroup");
+    guard.cgroup = Some(cgroup.clone());
+    let opts = Options {
+        object: object(),
+        cgroup,
+        pin_dir: pins.clone(),
+    };
+    let link_pin = pins.join("links").join("sluice_connect4");
+    let first = install(&opts).expect("first install");
+    assert_eq!(first.report().attached.len(), 5, "{:?}", first.report());
+    drop(first);
+    let ours = link_tag(&link_pin);
+
+    link_runs_an_older_build(&link_pin);
+    assert_ne!(
+        link_tag(&link_pin),
+        ours,
+        "the stand-in program is in the link"
+    );
+
+    let again = install(&opts).expect("install over an older build's program");
+    let report = again.report().clone();
+    assert_eq!(report.upgraded, vec!["sluice_connect4"], "{report:?}");
+    assert_eq!(report.reused.len(), 4, "{report:?}");
+    assert!(report.attached.is_empty(), "{report:?}");
+    assert_eq!(
+        link_tag(&link_pin),
+        ours,
+        "this build's program is back in the link"
+    );
+    drop(again);
+
+    // Nothing to upgrade the next time.
+    let third = install(&opts).expect("third install");
+    assert!(third.report().upgraded.is_empty(), "{:?}", third.report());
+    assert_eq!(third.report().reused.len(), 5, "{:?}", third.report());
+    drop(third);
+    drop(guard);
+    assert!(!pins.exists(), "pins removed by the cleanup");
+}

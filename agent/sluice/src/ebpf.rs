@@ -262,11 +262,12 @@ impl EbpfRedirect {
             );
         }
         tracing::info!(
-            "eBPF redirect installed (cgroup {}, pins {}): attached [{}], reused [{}]",
+            "eBPF redirect installed (cgroup {}, pins {}): attached [{}], reused [{}], upgraded in place [{}]",
             cgroup.display(),
             args.pin_dir.display(),
             report.attached.join(", "),
             report.reused.join(", "),
+            report.upgraded.join(", "),
         );
         let maps = Arc::new(Maps::open(&args.pin_dir)?);
         maps.set_proxy(v4, v6, true)?;
@@ -509,6 +510,7 @@ impl EbpfRedirect {
             "programs": {
                 "attached": self.report.attached,
                 "reused": self.report.reused,
+                "upgraded": self.report.upgraded,
                 "replaced_maps": self.report.replaced,
             },
             "proxy": {
