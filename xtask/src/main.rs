@@ -2,6 +2,7 @@
 //! build, demo).
 
 mod bench;
+mod demo;
 mod ebpf;
 mod tutorial;
 
@@ -22,8 +23,12 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Build the eBPF programs into target/bpf/sluice-ebpf.o (--install: missing prerequisites).
     BuildEbpf(ebpf::BuildEbpfArgs),
-    /// Run the tutorial's demo on this machine.
-    Demo,
+    /// The seed tutorial's steps 3-8 and the blog's experiments in pods with eBPF redirection (as
+    /// root; explicit-proxy mode on loopback otherwise).
+    Demo(demo::DemoArgs),
+    /// The demo's traffic generator, run inside the client pod (prints JSON).
+    #[command(hide = true)]
+    DemoClient(demo::ClientArgs),
     /// Open-loop fixed-rate load generator used by `bench` (prints JSON).
     #[command(hide = true)]
     Loadgen(bench::loadgen::LoadgenArgs),
@@ -36,13 +41,9 @@ fn main() -> anyhow::Result<ExitCode> {
         Cmd::Bench(args) => bench::run(args)?,
         Cmd::Loadgen(args) => bench::loadgen::main(args)?,
         Cmd::BuildEbpf(args) => return ebpf::run(args),
-        Cmd::Demo => return Ok(not_yet("demo")),
+        Cmd::Demo(args) => return demo::run(args),
+        Cmd::DemoClient(args) => return demo::client(args),
         Cmd::Tutorial(args) => return tutorial::run(args),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn not_yet(task: &str) -> ExitCode {
-    eprintln!("xtask {task}: not yet implemented (issue 3)");
-    ExitCode::from(2)
 }

@@ -1,14 +1,18 @@
-//! `cargo xtask tutorial`: the seed tutorial's steps 3-8 on this machine, in explicit-proxy mode.
+//! The seed tutorial's steps 3-8 and the blog's three experiments, on this machine: what
+//! `cargo xtask demo` (pods in network namespaces, eBPF redirection, as root) and `cargo xtask tutorial`
+//! (fake-service processes on loopback, explicit proxy, no root) share.
 //!
-//! Owns the lab (fake-service processes standing in for the tutorial's Deployments, one `sluice run`,
-//! a temp config dir holding the tutorial's YAML verbatim plus one generated EndpointSlice file), the
-//! tutorial's two traffic generators re-implemented in Rust, and the per-step report: the tutorial's
-//! results table next to what Sluice saw (metrics diff, access log, outlier events).
+//! Owns the lab (fake-service instances standing in for the tutorial's Deployments, one `sluice run`, a
+//! temp config dir holding the tutorial's and the blog's YAML verbatim plus generated Pod /
+//! EndpointSlice files), the tutorial's two traffic generators and the blog's fortio runs re-implemented
+//! in Rust, the per-step report (the tutorial's results table next to what Sluice saw: metrics diff,
+//! access log, outlier events) and the direction checks. Where the instances run and how clients reach
+//! the proxy is the [`Net`]: loopback here, pods in [`crate::demo`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
@@ -17,26 +21,29 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-#[derive(clap::Args, Debug)]
+use crate::demo::PodNet;
+
+#[derive(clap::Args, Debug, Clone)]
 pub struct TutorialArgs {
     /// Use the existing target/release binaries.
     #[arg(long)]
-    no_build: bool,
+    pub no_build: bool,
     /// Quick run: no 0.5 s sleep between requests, 20 requests (40 in the outlier and fault steps).
     #[arg(long)]
-    fast: bool,
+    pub fast: bool,
     /// Run only this step (after the setup).
     #[arg(long, value_enum)]
-    step: Option<Step>,
+    pub step: Option<Step>,
     /// Leave everything running afterwards, until Ctrl-C.
     #[arg(long)]
-    keep: bool,
+    pub keep: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -47,9 +54,15 @@ pub enum Step {
     CircuitBreakers,
     OutlierDetection,
     FaultInjection,
+    /// The blog's `timeout: 0.5s` in front of a 2 s endpoint.
+    BlogTimeout,
+    /// The blog's `timeout: 2s` with 3 retries, `perTryTimeout: 0.5s`.
+    BlogRetries,
+    /// The blog's connection-pool breaker under 1, 2 and 3 concurrent clients.
+    BlogCircuitBreaker,
 }
 
-const ALL_STEPS: [Step; 6] = [
+pub const TUTORIAL_STEPS: [Step; 6] = [
     Step::None,
     Step::Timeouts,
     Step::Retries,
@@ -58,9 +71,56 @@ const ALL_STEPS: [Step; 6] = [
     Step::FaultInjection,
 ];
 
+pub const BLOG_STEPS: [Step; 3] = [
+    Step::BlogTimeout,
+    Step::BlogRetries,
+    Step::BlogCircuitBreaker,
+];
+
+/// How a step loads the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Load {
+    /// traffic-generator.yaml: one request after the other.
+    Sequential,
+    /// high-traffic-generator.yaml: `total` requests, at most `concurrency` at once.
+    High,
+    /// `fortio load -c C -n N -qps 0`: C clients, each sending its share of N one after the other.
+    Clients,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Traffic {
+    pub load: Load,
+    pub requests: usize,
+    pub concurrency: usize,
+    pub sleep: Duration,
+}
+
 impl Step {
-    fn number(self) -> u8 {
+    pub fn is_blog(self) -> bool {
+        BLOG_STEPS.contains(&self)
+    }
+
+    fn heading(self) -> String {
+        match self {
+            Step::BlogTimeout => "Blog experiment 1: Request Timeouts (timeout: 0.5s in front of the 2 s `/version` of greeter-service v3)".into(),
+            Step::BlogRetries => "Blog experiment 2: Request Retries (timeout: 2s, retries: attempts: 3, perTryTimeout: 0.5s)".into(),
+            Step::BlogCircuitBreaker => "Blog experiment 3: Circuit Breakers (http1MaxPendingRequests: 1, maxRequestsPerConnection: 1; fortio -c 1/2/3)".into(),
+            s => format!("Step {}: {}", s as u8 + 3, s.title()),
+        }
+    }
+
+    pub fn number(self) -> u8 {
         self as u8 + 3
+    }
+
+    fn short(self) -> String {
+        match self {
+            Step::BlogTimeout => "blog 1".into(),
+            Step::BlogRetries => "blog 2".into(),
+            Step::BlogCircuitBreaker => "blog 3".into(),
+            s => format!("step {}", s.number()),
+        }
     }
 
     fn title(self) -> &'static str {
@@ -71,19 +131,32 @@ impl Step {
             Step::CircuitBreakers => "Implementing Circuit Breakers",
             Step::OutlierDetection => "Implementing Outlier Detection",
             Step::FaultInjection => "Implementing Fault Injection",
+            Step::BlogTimeout => "Request Timeouts",
+            Step::BlogRetries => "Request Retries",
+            Step::BlogCircuitBreaker => "Circuit Breakers",
         }
     }
 
-    /// The policy files in force during the step (examples/tutorial, copied verbatim).
+    /// The policy files in force during the step, relative to examples/ (copied verbatim).
     fn policy_files(self) -> &'static [&'static str] {
         match self {
             Step::None => &[],
-            Step::Timeouts => &["timeout-config.yaml"],
-            Step::Retries => &["retry-config.yaml"],
+            Step::Timeouts => &["tutorial/timeout-config.yaml"],
+            Step::Retries => &["tutorial/retry-config.yaml"],
             // The tutorial applies the breaker on top of the step-5 retries.
-            Step::CircuitBreakers => &["retry-config.yaml", "circuit-breaker.yaml"],
-            Step::OutlierDetection => &["outlier-detection.yaml"],
-            Step::FaultInjection => &["fault-injection.yaml"],
+            Step::CircuitBreakers => &[
+                "tutorial/retry-config.yaml",
+                "tutorial/circuit-breaker.yaml",
+            ],
+            Step::OutlierDetection => &["tutorial/outlier-detection.yaml"],
+            Step::FaultInjection => &["tutorial/fault-injection.yaml"],
+            // The blog applies the v3 subset, then the VirtualService with the timeout.
+            Step::BlogTimeout => &["blog/01-subsets-dr.yaml", "blog/02-timeout-vs.yaml"],
+            Step::BlogRetries => &["blog/01-subsets-dr.yaml", "blog/03-retries-vs.yaml"],
+            Step::BlogCircuitBreaker => &[
+                "blog/05-circuit-breaker-dr.yaml",
+                "blog/06-vs-no-subsets.yaml",
+            ],
         }
     }
 
@@ -91,13 +164,50 @@ impl Step {
         self == Step::CircuitBreakers
     }
 
-    fn requests(self, fast: bool) -> usize {
+    /// (host, port, path) the clients call.
+    pub fn url(self) -> (&'static str, u16, &'static str) {
+        match self {
+            Step::BlogTimeout | Step::BlogRetries => ("greeter-service", 3000, "/version"),
+            Step::BlogCircuitBreaker => ("greeter-service", 3000, "/hello"),
+            _ => ("frontend", 80, "/"),
+        }
+    }
+
+    /// The loads of the step, one report each.
+    fn traffic(self, fast: bool) -> Vec<Traffic> {
+        let seq = |requests: usize, sleep_ms: u64| Traffic {
+            load: Load::Sequential,
+            requests,
+            concurrency: 1,
+            sleep: if fast {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(sleep_ms)
+            },
+        };
+        let clients = |concurrency: usize, requests: usize| Traffic {
+            load: Load::Clients,
+            requests,
+            concurrency,
+            sleep: Duration::ZERO,
+        };
         match (fast, self) {
-            (false, _) => 50,
+            (_, Step::CircuitBreakers) => vec![Traffic {
+                load: Load::High,
+                requests: 200,
+                concurrency: 20,
+                sleep: Duration::ZERO,
+            }],
+            // The blog's loop: `while true; do sleep 1; curl ...; done`.
+            (false, Step::BlogTimeout | Step::BlogRetries) => vec![seq(10, 1000)],
+            (true, Step::BlogTimeout | Step::BlogRetries) => vec![seq(4, 0)],
+            // One client cannot overflow (the baseline), then the blog's two fortio runs.
+            (_, Step::BlogCircuitBreaker) => vec![clients(1, 20), clients(2, 20), clients(3, 50)],
+            (false, _) => vec![seq(50, 500)],
             // The failing instance gets every 4th inventory call: 5 in a row takes 20 requests,
             // and the check needs traffic after the ejection. Faults hit 5-10%: 20 may show none.
-            (true, Step::OutlierDetection | Step::FaultInjection) => 40,
-            (true, _) => 20,
+            (true, Step::OutlierDetection | Step::FaultInjection) => vec![seq(40, 0)],
+            (true, _) => vec![seq(20, 0)],
         }
     }
 
@@ -109,17 +219,20 @@ impl Step {
             Step::CircuitBreakers => "a small percentage succeed, the rest fail fast with \"circuit open\" (503 overflow in Envoy's log)",
             Step::OutlierDetection => "the 90%-failing instance is ejected after 5 consecutive errors, back after 30 s, spends most of its time out",
             Step::FaultInjection => "10% of inventory calls delayed 2 s, 5% of pricing calls answered 500",
+            Step::BlogTimeout => "504 (gateway timeout) responses; the failing call always takes ~500 ms, the timeout set on the service",
+            Step::BlogRetries => "three retries at a 0.5 s interval that eventually fail anyway; the whole request takes 2 s, the route timeout",
+            Step::BlogCircuitBreaker => "2 clients: Code 200: 11 (55 %), Code 503: 9 (45 %); 3 clients: Code 200: 19 (38 %), Code 503: 31 (62 %); the 503s carry flag UO (upstream overflow)",
         }
     }
 }
 
 /// The tutorial's services as fake-service settings (from examples/tutorial/*.yaml).
-struct ServiceDef {
-    name: &'static str,
-    env: &'static [(&'static str, &'static str)],
+pub struct ServiceDef {
+    pub name: &'static str,
+    pub env: &'static [(&'static str, &'static str)],
 }
 
-const SERVICES: [ServiceDef; 4] = [
+pub const SERVICES: [ServiceDef; 4] = [
     ServiceDef {
         name: "frontend",
         env: &[("UPSTREAM_URIS", "http://product")],
@@ -153,55 +266,83 @@ const FAILING_ENV: &[(&str, &str)] = &[
     ("ERROR_CODE", "500"),
 ];
 
+/// The blog's greeter-service v3 `/version`: every call waits 2 s, then answers 200.
+const GREETER_SLOW_ENV: &[(&str, &str)] = &[
+    ("ERROR_RATE", "1"),
+    ("ERROR_TYPE", "delay"),
+    ("ERROR_DELAY", "2s"),
+    ("ERROR_CODE", "200"),
+];
+
+/// The blog deploys greeter-service from files it does not show (code/ch4/*.yaml): the one
+/// generated object besides Pods and EndpointSlices. Port 3000 as the blog calls it.
+pub const GREETER_SERVICE_YAML: &str = "# Generated by cargo xtask: the blog's greeter-service (its YAML is not in the blog).\napiVersion: v1\nkind: Service\nmetadata:\n  name: greeter-service\n  labels:\n    app: greeter-service\nspec:\n  ports:\n  - port: 3000\n    targetPort: 9090\n    name: http\n  selector:\n    app: greeter-service\n";
+
+/// The container port of every fake-service in a pod, as in the Deployments.
+pub const CONTAINER_PORT: u16 = 9090;
+
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `cargo xtask tutorial`: the tutorial's steps on loopback, explicit proxy (`--step` may name a blog
+/// experiment too).
 pub fn run(args: TutorialArgs) -> Result<ExitCode> {
-    println!("explicit-proxy mode: clients send traffic to Sluice as an HTTP proxy; eBPF redirection (issue 3) is not built yet");
-    let root = workspace_root();
-    if !args.no_build {
-        println!("building: cargo build --release -p sluice -p fake-service");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "-p", "sluice", "-p", "fake-service"])
-            .current_dir(&root)
-            .status()
-            .context("running cargo build")?;
-        if !status.success() {
-            bail!("cargo build --release -p sluice -p fake-service failed ({status})");
-        }
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        tokio::select! {
-            r = main_async(args, root) => r,
-            _ = tokio::signal::ctrl_c() => {
-                // Dropping main_async's future drops the lab, which kills what it started.
-                eprintln!("\ninterrupted: stopping the processes this task started");
-                Ok(ExitCode::from(130))
-            }
-        }
-    })
+    let steps = match args.step {
+        Some(s) => vec![s],
+        None => TUTORIAL_STEPS.to_vec(),
+    };
+    crate::demo::run_lab(args, steps, None)
 }
 
-async fn main_async(args: TutorialArgs, root: PathBuf) -> Result<ExitCode> {
-    let mut lab = Lab::start(&root).await.context("setup failed")?;
-    let steps: Vec<Step> = match args.step {
-        Some(s) => vec![s],
-        None => ALL_STEPS.to_vec(),
-    };
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// `cargo build --release -p sluice -p fake-service`.
+pub fn build_release(root: &Path) -> Result<()> {
+    println!("building: cargo build --release -p sluice -p fake-service");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "-p", "sluice", "-p", "fake-service"])
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p sluice -p fake-service failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `steps` on `lab`, prints each report and check; returns the failed checks.
+pub async fn run_steps(lab: &mut Lab, steps: &[Step], args: &TutorialArgs) -> Result<Vec<String>> {
     let mut runs: BTreeMap<Step, StepRun> = BTreeMap::new();
     let mut failed = Vec::new();
-    for step in steps {
-        let run = lab.run_step(step, &args).await?;
-        if let Err(why) = check(step, &run, &runs) {
-            println!("CHECK FAILED (step {} {:?}): {why}", step.number(), step);
-            failed.push(format!("step {}: {why}", step.number()));
-        } else {
-            println!("check passed (step {})", step.number());
-        }
+    let mut summary = Vec::new();
+    for &step in steps {
+        let run = lab.run_step(step, args).await?;
+        let verdict = match check(step, &run, &runs) {
+            Err(why) => {
+                println!("CHECK FAILED ({}): {why}", step.short());
+                failed.push(format!("{}: {why}", step.short()));
+                "FAILED"
+            }
+            Ok(()) => {
+                println!("check passed ({})", step.short());
+                "passed"
+            }
+        };
+        summary.push(run.summary_row(step, verdict));
         runs.insert(step, run);
+    }
+    println!();
+    println!("Summary ({} mode)", lab.mode_name());
+    println!(
+        "  {:<8} {:>5} {:>5} {:>6} {:>8} {:>5} {:>8} {:>8}  Sluice saw",
+        "step", "total", "ok", "errors", "timeouts", "cbo", "time", "slowest"
+    );
+    for row in &summary {
+        println!("  {row}");
     }
     println!();
     if failed.is_empty() {
@@ -212,32 +353,21 @@ async fn main_async(args: TutorialArgs, root: PathBuf) -> Result<ExitCode> {
             println!("  {f}");
         }
     }
-    if args.keep {
-        lab.print_keep();
-        // Stop collecting access-log lines nobody will read.
-        lab.log_rx.close();
-        tokio::signal::ctrl_c().await?;
-    }
-    drop(lab);
-    Ok(if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(failed)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Processes
 
 /// A child process killed (by its own PID) when dropped.
-struct Proc {
+pub struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Result<Proc> {
+    pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Result<Proc> {
         let log = dir.join(format!("{name}.log"));
         let out = fs::File::create(&log)?;
         cmd.stdin(Stdio::null())
@@ -251,17 +381,27 @@ impl Proc {
         })
     }
 
-    fn exited(&mut self) -> Option<String> {
+    pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
-            Ok(Some(st)) => {
-                let log = fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                Some(format!("{} exited ({st}):\n{}", self.name, tail.join("\n")))
-            }
+            Ok(Some(st)) => Some(format!(
+                "{} exited ({st}):\n{}",
+                self.name,
+                log_tail(&self.log)
+            )),
             _ => None,
         }
     }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+pub fn log_tail(log: &Path) -> String {
+    let log = fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(10).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    tail.join("\n")
 }
 
 impl Drop for Proc {
@@ -271,29 +411,66 @@ impl Drop for Proc {
     }
 }
 
-struct Instance {
-    label: String,
-    service: &'static str,
-    addr: SocketAddr,
-    proc: Proc,
+/// Where an instance runs.
+enum Runs {
+    /// A fake-service process on loopback.
+    Local(Proc),
+    /// A fake-service in a pod, started (and ended) by the topology.
+    Pod { pid: u32, netns: String },
 }
 
-struct Lab {
-    // Field order matters for Drop: processes die before the temp dir goes.
+pub struct Instance {
+    /// Pod name, e.g. `inventory-failing`.
+    pub label: String,
+    /// The Service (the pod's `app` label).
+    pub service: &'static str,
+    /// The pod's `version` label.
+    pub version: &'static str,
+    pub addr: SocketAddr,
+    runs: Runs,
+}
+
+/// Where the instances and clients run and how clients reach the proxy.
+pub enum Net {
+    /// fake-service processes on 127.0.0.1, clients send to the outbound listener as an HTTP proxy.
+    Loopback,
+    /// Pods in network namespaces ([`crate::demo`]).
+    Pods(Box<PodNet>),
+}
+
+pub struct Lab {
+    // Dropped by hand in Drop, in this order: sluice, then the net (pods, pins), then the rest.
+    sluice: Option<Proc>,
+    net: Option<Net>,
     instances: Vec<Instance>,
-    sluice: Proc,
     fake_bin: PathBuf,
     sluice_bin: PathBuf,
+    /// Where clients send: the outbound listener (explicit proxy) or unused (eBPF).
     outbound: SocketAddr,
     admin: SocketAddr,
     metrics: SocketAddr,
     ready: SocketAddr,
     examples: PathBuf,
+    /// Policy files (relative to examples/) currently in the config dir.
+    applied: Vec<&'static str>,
     log_rx: mpsc::UnboundedReceiver<(Instant, LogEntry)>,
+    log_tx: mpsc::UnboundedSender<(Instant, LogEntry)>,
     dir: tempfile::TempDir,
 }
 
-fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // The proxy first, so that nothing reconnects while the pods go; then the pods, cgroups
+        // and pins; the temp dir last (a field).
+        self.sluice.take();
+        self.instances.clear();
+        if let Some(Net::Pods(p)) = self.net.take() {
+            p.teardown(&self.sluice_bin);
+        }
+    }
+}
+
+pub fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
     // Hold all listeners at once so the ports differ.
     let ls: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
@@ -304,7 +481,9 @@ fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
 }
 
 impl Lab {
-    async fn start(root: &Path) -> Result<Lab> {
+    /// Builds the lab: config dir, `sluice run`, the tutorial's four services and the blog's
+    /// greeter-service v1-v3. `net` is [`Net::Loopback`] or pods prepared by [`crate::demo`].
+    pub async fn start(root: &Path, mut net: Net) -> Result<Lab> {
         let fake_bin = root.join("target/release/fake-service");
         let sluice_bin = root.join("target/release/sluice");
         for b in [&fake_bin, &sluice_bin] {
@@ -312,16 +491,18 @@ impl Lab {
                 bail!("{} missing: run without --no-build", b.display());
             }
         }
-        let examples = root.join("examples/tutorial");
-        let dir = tempfile::Builder::new()
-            .prefix("sluice-tutorial.")
-            .tempdir()?;
+        let examples = root.join("examples");
+        let dir = tempfile::Builder::new().prefix("sluice-demo.").tempdir()?;
         let cfg = dir.path().join("config");
         let logs = dir.path().join("logs");
         fs::create_dir_all(&cfg)?;
         fs::create_dir_all(&logs)?;
-        let a = free_addrs(8)?;
-        let (outbound, admin, metrics, ready) = (a[0], a[1], a[2], a[3]);
+        let a = free_addrs(4)?;
+        let (admin, metrics, ready) = (a[1], a[2], a[3]);
+        let outbound = match &net {
+            Net::Loopback => a[0],
+            Net::Pods(p) => p.outbound(),
+        };
 
         println!(
             "config dir: {} (process logs in {})",
@@ -330,38 +511,40 @@ impl Lab {
         );
         for s in &SERVICES {
             let f = format!("{}.yaml", s.name);
-            fs::copy(examples.join(&f), cfg.join(&f)).with_context(|| format!("copying {f}"))?;
+            fs::copy(examples.join("tutorial").join(&f), cfg.join(&f))
+                .with_context(|| format!("copying {f}"))?;
         }
+        fs::write(
+            cfg.join("greeter-service.generated.yaml"),
+            GREETER_SERVICE_YAML,
+        )?;
         println!("registry: examples/tutorial/{{frontend,product,pricing,inventory}}.yaml copied verbatim (their Deployments are ignored by Sluice)");
-        println!("          + endpointslices.generated.yaml: the ONLY non-verbatim file, 127.0.0.1:<port> per fake-service (what Kubernetes would derive from the pods)");
-
-        let mut instances = Vec::new();
-        for (i, s) in SERVICES.iter().enumerate() {
-            let label = format!("{}-1", s.name);
-            let addr = a[4 + i];
-            let proc = spawn_fake(&fake_bin, &label, s.name, s.env, addr, outbound, &logs)?;
-            instances.push(Instance {
-                label,
-                service: s.name,
-                addr,
-                proc,
-            });
+        match &net {
+            Net::Loopback => println!("          + endpoints.generated.yaml: 127.0.0.1:<port> per fake-service as EndpointSlice + Pod (what Kubernetes would derive from the Deployments)"),
+            Net::Pods(_) => println!("          + pods.generated.yaml: one Pod object per pod (status.podIP, labels, istio.io/dataplane-mode: ambient, sluice.io/netns and sluice.io/cgroup annotations); endpoints come from the Services' selectors"),
         }
-        write_endpoints(&cfg, &instances)?;
+        println!("          + greeter-service.generated.yaml: the blog's Service (port 3000; the blog does not show its YAML)");
+
         let mut cmd = Command::new(&sluice_bin);
         cmd.arg("run")
             .arg("--config-dir")
             .arg(&cfg)
-            .args(["--redirect", "none", "--no-access-log"])
-            .args(["--outbound-addr", &outbound.to_string()])
             .args(["--admin-addr", &admin.to_string()])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--ready-addr", &ready.to_string()]);
+        match &net {
+            Net::Loopback => {
+                cmd.args(["--redirect", "none", "--no-access-log"])
+                    .args(["--outbound-addr", &outbound.to_string()]);
+            }
+            Net::Pods(p) => p.sluice_args(&mut cmd),
+        }
         let sluice = Proc::spawn("sluice", cmd, &logs)?;
         let (log_tx, log_rx) = mpsc::unbounded_channel();
         let mut lab = Lab {
-            instances,
-            sluice,
+            sluice: Some(sluice),
+            net: None,
+            instances: Vec::new(),
             fake_bin,
             sluice_bin,
             outbound,
@@ -369,20 +552,37 @@ impl Lab {
             metrics,
             ready,
             examples,
+            applied: Vec::new(),
             log_rx,
+            log_tx,
             dir,
         };
-        for i in 0..lab.instances.len() {
-            let (addr, _) = (lab.instances[i].addr, ());
-            wait_listening(&mut lab.instances[i].proc, addr).await?;
-        }
         lab.wait_ready().await?;
-        tokio::spawn(follow_access_log(admin, log_tx));
+        if let Net::Pods(p) = &mut net {
+            // Service names resolve to the cluster IPs Sluice allocated, as cluster DNS would.
+            let dump = admin_json(admin, "/config_dump").await?;
+            p.set_hosts(&cluster_ips(&dump))?;
+        }
+        lab.net = Some(net);
+        tokio::spawn(follow_access_log(admin, lab.log_tx.clone()));
+        for s in &SERVICES {
+            lab.add_instance(&format!("{}-1", s.name), s.name, "v1", s.env)
+                .await?;
+        }
+        lab.write_registry()?;
+        lab.wait_generation_settles(None).await?;
         let st = admin_json(admin, "/status").await?;
         println!(
-            "sluice ready: outbound (HTTP proxy) {outbound}, admin {admin}, metrics {metrics}, generation {}, {} services",
-            st["generation"], st["services"]
+            "sluice ready ({}): admin {admin}, metrics {metrics}, generation {}, {} services",
+            lab.mode_name(),
+            st["generation"],
+            st["services"]
         );
+        if let Some(Net::Pods(p)) = &lab.net {
+            p.describe();
+        } else {
+            println!("  outbound (HTTP proxy) {outbound}");
+        }
         for i in &lab.instances {
             println!(
                 "  {:<12} {}  (fake-service, {})",
@@ -393,13 +593,28 @@ impl Lab {
         Ok(lab)
     }
 
+    pub fn mode_name(&self) -> &'static str {
+        match &self.net {
+            Some(Net::Pods(p)) => p.mode_name(),
+            _ => "explicit proxy, loopback",
+        }
+    }
+
     fn cfg_dir(&self) -> PathBuf {
         self.dir.path().join("config")
     }
 
+    fn logs_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    fn sluice_exited(&mut self) -> Option<String> {
+        self.sluice.as_mut().and_then(Proc::exited)
+    }
+
     async fn wait_ready(&mut self) -> Result<()> {
-        for _ in 0..100 {
-            if let Some(e) = self.sluice.exited() {
+        for _ in 0..150 {
+            if let Some(e) = self.sluice_exited() {
                 bail!("{e}");
             }
             if let Ok((200, _)) = get(
@@ -415,63 +630,109 @@ impl Lab {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!(
-            "sluice not ready on {} after 10 s (log: {})",
+            "sluice not ready on {} after 15 s (log: {})",
             self.ready,
-            self.sluice.log.display()
+            self.logs_dir().join("sluice.log").display()
         )
     }
 
-    /// Applies `files` (verbatim copies) after deleting the other policy files, then waits for
-    /// Sluice to load a new generation and settle.
-    async fn apply(
+    /// Starts one fake-service (a process on loopback, or a new pod) and waits until it listens.
+    async fn add_instance(
         &mut self,
-        files: &[&str],
-        extra_change: impl FnOnce(&Self) -> Result<()>,
-    ) -> Result<u64> {
-        let cfg = self.cfg_dir();
-        let g0 = generation(self.admin).await?;
-        let mut removed = Vec::new();
-        for e in fs::read_dir(&cfg)? {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            let policy = ALL_STEPS
-                .iter()
-                .any(|s| s.policy_files().contains(&name.as_str()));
-            if policy && !files.contains(&name.as_str()) {
-                fs::remove_file(cfg.join(&name))?;
-                removed.push(name);
+        label: &str,
+        service: &'static str,
+        version: &'static str,
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        let logs = self.logs_dir();
+        let mut env: Vec<(&str, &str)> = env.to_vec();
+        env.push(("NAME", service));
+        let (addr, runs) = match self.net.as_mut().expect("started") {
+            Net::Loopback => {
+                let addr = free_addrs(1)?[0];
+                let proxy = format!("http://{}", self.outbound);
+                let listen = addr.to_string();
+                let mut cmd = Command::new(&self.fake_bin);
+                cmd.env_clear()
+                    .env("LISTEN_ADDR", &listen)
+                    .env("HTTP_PROXY", &proxy)
+                    .envs(env.iter().copied());
+                let mut proc = Proc::spawn(label, cmd, &logs)?;
+                for _ in 0..100 {
+                    if let Some(e) = proc.exited() {
+                        bail!("{e}");
+                    }
+                    if TcpStream::connect(addr).await.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (addr, Runs::Local(proc))
             }
-        }
-        let mut added = Vec::new();
-        for f in files {
-            if !cfg.join(f).exists() {
-                fs::copy(self.examples.join(f), cfg.join(f))
-                    .with_context(|| format!("copying {f}"))?;
-                added.push(*f);
+            Net::Pods(p) => {
+                let (ip, pid, netns) = p.start_fake(label, &self.fake_bin, &env, &logs).await?;
+                (
+                    SocketAddr::new(IpAddr::V4(ip), CONTAINER_PORT),
+                    Runs::Pod { pid, netns },
+                )
             }
-        }
-        extra_change(self)?;
-        if !removed.is_empty() {
-            println!("deleted {} (as `kubectl delete -f` would: Istio keeps the OLDEST VirtualService per host if two stay)", removed.join(", "));
-        }
-        if !added.is_empty() {
-            println!(
-                "applied verbatim: {}",
-                added
-                    .iter()
-                    .map(|f| format!("examples/tutorial/{f}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+        };
+        if TcpStream::connect(addr).await.is_err() {
+            bail!(
+                "{label} not listening on {addr} after 5 s (log: {})",
+                logs.join(format!("{label}.log")).display()
             );
         }
-        if removed.is_empty() && added.is_empty() && files.is_empty() {
-            println!("no policy in force");
+        self.instances.push(Instance {
+            label: label.to_owned(),
+            service,
+            version,
+            addr,
+            runs,
+        });
+        Ok(())
+    }
+
+    /// Ends one instance (its process; its pod stays until the end).
+    fn remove_instance(&mut self, label: &str) {
+        if let Some(i) = self.instances.iter().position(|i| i.label == label) {
+            let inst = self.instances.remove(i);
+            if let (Runs::Pod { pid, .. }, Some(Net::Pods(p))) = (&inst.runs, self.net.as_mut()) {
+                p.kill(*pid);
+            }
         }
-        // New generation, then no further change for 3 reload intervals (bounded: 10 s).
+    }
+
+    /// Writes what Kubernetes would hold for the instances: Pod objects (and, on loopback, one
+    /// EndpointSlice per instance since they share 127.0.0.1 and differ by port).
+    fn write_registry(&self) -> Result<()> {
+        let cfg = self.cfg_dir();
+        let (file, yaml) = match &self.net {
+            Some(Net::Pods(p)) => ("pods.generated.yaml", p.pods_yaml(&self.instances)),
+            _ => (
+                "endpoints.generated.yaml",
+                loopback_registry_yaml(&self.instances),
+            ),
+        };
+        // Write then rename, so the reloader never reads half a file.
+        let tmp = cfg.join(".registry.tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, cfg.join(file))?;
+        Ok(())
+    }
+
+    /// Waits for a generation other than `from` (any, when None), then no further change for
+    /// 3 reload intervals (bounded: 10 s).
+    async fn wait_generation_settles(&mut self, from: Option<u64>) -> Result<u64> {
+        let g0 = match from {
+            Some(g) => g,
+            None => generation(self.admin).await?,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = g0;
         let mut stable_since = Instant::now();
         loop {
-            if let Some(e) = self.sluice.exited() {
+            if let Some(e) = self.sluice_exited() {
                 bail!("{e}");
             }
             let g = generation(self.admin).await?;
@@ -479,96 +740,192 @@ impl Lab {
                 last = g;
                 stable_since = Instant::now();
             }
-            let changed = last != g0 || (removed.is_empty() && added.is_empty());
+            let changed = last != g0 || from.is_none();
             if changed && stable_since.elapsed() >= Duration::from_millis(750) {
-                break;
+                return Ok(last);
             }
             if Instant::now() > deadline {
                 bail!("sluice did not load the change within 10 s (generation still {g0})");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let st = admin_json(self.admin, "/status").await?;
-        print_rejections(&st);
-        Ok(last)
     }
 
-    async fn scale_inventory(&mut self) -> Result<()> {
+    /// Applies `files` (verbatim copies) after deleting the other policy files, then waits for
+    /// Sluice to load a new generation and settle.
+    async fn apply(&mut self, files: &[&'static str], registry_changed: bool) -> Result<u64> {
+        let cfg = self.cfg_dir();
+        let g0 = generation(self.admin).await?;
+        let base = |f: &str| f.rsplit('/').next().unwrap_or(f).to_owned();
+        let mut removed = Vec::new();
+        for f in std::mem::take(&mut self.applied) {
+            if files.contains(&f) {
+                self.applied.push(f);
+            } else {
+                fs::remove_file(cfg.join(base(f)))?;
+                removed.push(base(f));
+            }
+        }
+        let mut added = Vec::new();
+        for &f in files {
+            if !self.applied.contains(&f) {
+                fs::copy(self.examples.join(f), cfg.join(base(f)))
+                    .with_context(|| format!("copying {f}"))?;
+                self.applied.push(f);
+                added.push(format!("examples/{f}"));
+            }
+        }
+        if !removed.is_empty() {
+            println!("deleted {} (as `kubectl delete -f` would: Istio keeps the OLDEST VirtualService per host if two stay)", removed.join(", "));
+        }
+        if !added.is_empty() {
+            println!("applied verbatim: {}", added.join(", "));
+        }
+        if files.is_empty() {
+            println!("no policy in force");
+        }
+        let changed = registry_changed || !removed.is_empty() || !added.is_empty();
+        let g = if changed {
+            self.wait_generation_settles(Some(g0)).await?
+        } else {
+            g0
+        };
+        let st = admin_json(self.admin, "/status").await?;
+        print_rejections(&st);
+        Ok(g)
+    }
+
+    /// Step 7: `kubectl scale deployment inventory --replicas=3` and failing-instance-config.yaml.
+    async fn scale_inventory(&mut self) -> Result<bool> {
         if self
             .instances
             .iter()
             .any(|i| i.label == "inventory-failing")
         {
-            return Ok(());
+            return Ok(false);
         }
-        let logs = self.dir.path().join("logs");
-        let addrs = free_addrs(3)?;
         let inv_env = SERVICES[3].env;
-        let plan = [
-            ("inventory-2", inv_env, addrs[0]),
-            ("inventory-3", inv_env, addrs[1]),
-            ("inventory-failing", FAILING_ENV, addrs[2]),
-        ];
-        for (label, env, addr) in plan {
-            let mut proc = spawn_fake(
-                &self.fake_bin,
-                label,
-                "inventory",
-                env,
-                addr,
-                self.outbound,
-                &logs,
-            )?;
-            wait_listening(&mut proc, addr).await?;
-            self.instances.push(Instance {
-                label: label.to_owned(),
-                service: "inventory",
-                addr,
-                proc,
-            });
-        }
+        self.add_instance("inventory-2", "inventory", "v1", inv_env)
+            .await?;
+        self.add_instance("inventory-3", "inventory", "v1", inv_env)
+            .await?;
+        self.add_instance("inventory-failing", "inventory", "failing", FAILING_ENV)
+            .await?;
         println!("scaled inventory to 3 replicas (inventory-2, inventory-3) and started inventory-failing (failing-instance-config.yaml: ERROR_RATE 0.9)");
-        Ok(())
+        Ok(true)
     }
 
-    async fn run_step(&mut self, step: Step, args: &TutorialArgs) -> Result<StepRun> {
-        println!();
-        println!("==== Step {}: {} ====", step.number(), step.title());
-        if step == Step::OutlierDetection {
-            self.scale_inventory().await?;
-        }
-        let scaled = step == Step::OutlierDetection;
-        let generation = self
-            .apply(step.policy_files(), |lab| {
-                if scaled {
-                    write_endpoints(&lab.cfg_dir(), &lab.instances)?;
-                    println!(
-                        "rewrote endpointslices.generated.yaml: inventory now has 4 endpoints"
-                    );
-                }
-                Ok(())
-            })
+    /// The blog's greeter-service: v1 and v2 answer at once, v3 waits 2 s (its `/version`).
+    async fn deploy_greeter(&mut self, step: Step) -> Result<bool> {
+        let mut changed = false;
+        if !self
+            .instances
+            .iter()
+            .any(|i| i.service == "greeter-service")
+        {
+            self.add_instance("greeter-service-v1", "greeter-service", "v1", &[])
+                .await?;
+            self.add_instance("greeter-service-v2", "greeter-service", "v2", &[])
+                .await?;
+            self.add_instance(
+                "greeter-service-v3",
+                "greeter-service",
+                "v3",
+                GREETER_SLOW_ENV,
+            )
             .await?;
+            println!("deployed greeter-service v1, v2 (answer at once) and v3 (every call waits 2 s then answers 200: the blog's v3 `/version`)");
+            changed = true;
+        }
+        if step == Step::BlogCircuitBreaker
+            && self
+                .instances
+                .iter()
+                .any(|i| i.label == "greeter-service-v3")
+        {
+            self.remove_instance("greeter-service-v3");
+            println!("removed greeter-service-v3: the blog's breaker runs call `/hello`, which v3 answers at once; our stand-in delays every path, so v1 and v2 serve this experiment");
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    pub async fn run_step(&mut self, step: Step, args: &TutorialArgs) -> Result<StepRun> {
+        println!();
+        println!("==== {} ====", step.heading());
+        let mut registry_changed = false;
+        if step == Step::OutlierDetection {
+            registry_changed |= self.scale_inventory().await?;
+        }
+        if step.is_blog() {
+            registry_changed |= self.deploy_greeter(step).await?;
+        }
+        if registry_changed {
+            self.write_registry()?;
+            println!(
+                "rewrote the generated registry: {}",
+                self.describe_registry()
+            );
+        }
+        let generation = self.apply(step.policy_files(), registry_changed).await?;
         println!("sluice generation {generation}");
+        let mut parts = Vec::new();
+        for t in step.traffic(args.fast) {
+            parts.push(self.measure(step, t).await?);
+        }
+        let mut run = parts.pop().expect("every step has traffic");
+        run.earlier_parts = parts;
+        if run.earlier_parts.is_empty() {
+            print!("{}", format_results(&run.results, step.high_traffic()));
+            print!("{}", run.sluice_saw());
+        }
+        println!("tutorial says: {}", step.tutorial_says());
+        println!("what happened: {}", run.what_happened(step));
+        Ok(run)
+    }
+
+    fn describe_registry(&self) -> String {
+        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+        for i in &self.instances {
+            *per.entry(i.service).or_default() += 1;
+        }
+        per.iter()
+            .map(|(s, n)| format!("{s} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// One load of a step: the traffic, and what Sluice recorded meanwhile.
+    async fn measure(&mut self, step: Step, t: Traffic) -> Result<StepRun> {
+        let (host, port, path) = step.url();
+        match t.load {
+            Load::Sequential => println!(
+                "traffic generator: {} sequential requests to http://{host}{}{path}, --max-time 5, sleep {:.1} s{}",
+                t.requests,
+                if port == 80 { String::new() } else { format!(":{port}") },
+                t.sleep.as_secs_f64(),
+                if args_fast(t) { " (--fast)" } else { "" }
+            ),
+            Load::High => println!("high-traffic generator: {} requests, {} concurrent, --max-time 5 (high-traffic-generator.yaml)", t.requests, t.concurrency),
+            Load::Clients => println!("fortio load -c {} -qps 0 -n {} http://{host}:{port}{path}", t.concurrency, t.requests),
+        }
         let before = parse_istio_requests(&get_text(self.metrics, "/stats/prometheus").await?);
         while self.log_rx.try_recv().is_ok() {}
         let started = Instant::now();
-        let results = if step.high_traffic() {
-            println!("high-traffic generator: 200 requests, 20 concurrent, --max-time 5 (high-traffic-generator.yaml)");
-            high_traffic(self.outbound, 200, 20).await
-        } else {
-            let n = step.requests(args.fast);
-            let sleep = if args.fast {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(500)
-            };
-            println!(
-                "traffic generator: {n} sequential requests to http://frontend/, --max-time 5, sleep {:.1} s (traffic-generator.yaml{})",
-                sleep.as_secs_f64(),
-                if args.fast { ", --fast" } else { "" }
-            );
-            sequential(self.outbound, n, sleep).await
+        let results = match self.net.as_ref().expect("started") {
+            Net::Loopback => {
+                let target = Target {
+                    connect: self.outbound.to_string(),
+                    uri: format!("http://{host}:{port}{path}").replace(":80/", "/"),
+                    host: if port == 80 {
+                        host.to_owned()
+                    } else {
+                        format!("{host}:{port}")
+                    },
+                };
+                generate(&target, t.load, t.requests, t.concurrency, t.sleep).await
+            }
+            Net::Pods(p) => p.generate(step, t).await?,
         };
         let elapsed = started.elapsed();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -586,6 +943,7 @@ impl Lab {
             .collect();
         let ejections = ejections(&clusters, queried, &labels);
         let run = StepRun {
+            traffic: Some(t),
             results,
             diff: diff_counts(&before, &after),
             log: log
@@ -599,89 +957,141 @@ impl Lab {
                 .find(|i| i.label == "inventory-failing")
                 .map(|i| i.addr.to_string()),
             elapsed,
+            earlier_parts: Vec::new(),
         };
-        print!("{}", format_results(&run.results, step.high_traffic()));
-        print!("{}", run.sluice_saw());
-        println!("tutorial says: {}", step.tutorial_says());
-        println!("what happened: {}", run.what_happened(step));
+        if t.load == Load::Clients {
+            print!("{}", format_fortio(&run.results));
+            print!("{}", run.sluice_saw());
+        }
         Ok(run)
     }
 
-    fn print_keep(&self) {
+    /// Stops collecting access-log lines nobody will read.
+    pub fn stop_log(&mut self) {
+        self.log_rx.close();
+    }
+
+    pub fn print_keep(&self) {
         println!();
-        println!("--keep: everything stays up until Ctrl-C");
         println!(
-            "  proxy:   curl -x http://{} http://frontend/",
-            self.outbound
+            "--keep: everything stays up until Ctrl-C ({})",
+            self.mode_name()
         );
+        match &self.net {
+            Some(Net::Pods(p)) => p.print_keep(),
+            _ => println!(
+                "  proxy:   curl -x http://{} http://frontend/",
+                self.outbound
+            ),
+        }
         println!("  metrics: curl http://{}/stats/prometheus", self.metrics);
-        println!("  config:  {}", self.cfg_dir().display());
+        println!(
+            "  config:  {} (edit or copy examples/ files in; reloaded within a second)",
+            self.cfg_dir().display()
+        );
         for c in ["status", "clusters", "config", "policy inventory", "logs"] {
             println!("  {} {c} --admin {}", self.sluice_bin.display(), self.admin);
         }
         for i in &self.instances {
-            println!("  {:<18} {} pid {}", i.label, i.addr, i.proc.child.id());
+            let runs = match &i.runs {
+                Runs::Local(p) => format!("pid {}", p.id()),
+                Runs::Pod { pid, netns } => format!("pid {pid}, netns {netns}"),
+            };
+            println!("  {:<20} {:<18} {runs}", i.label, i.addr);
         }
     }
 }
 
-fn spawn_fake(
-    bin: &Path,
+fn args_fast(t: Traffic) -> bool {
+    t.load == Load::Sequential && t.sleep.is_zero()
+}
+
+/// Service name -> cluster IPs, from `/config_dump`.
+fn cluster_ips(dump: &Value) -> Vec<(Ipv4Addr, Vec<String>)> {
+    let mut out = Vec::new();
+    for (hostname, s) in dump["services"].as_object().into_iter().flatten() {
+        let name = s["name"].as_str().unwrap_or_default();
+        let ns = s["namespace"].as_str().unwrap_or_default();
+        for ip in s["cluster_ips"].as_array().into_iter().flatten() {
+            if let Some(Ok(ip)) = ip.as_str().map(str::parse::<Ipv4Addr>) {
+                out.push((
+                    ip,
+                    vec![
+                        name.to_owned(),
+                        format!("{name}.{ns}"),
+                        format!("{name}.{ns}.svc"),
+                        hostname.clone(),
+                    ],
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A Pod document for one instance (labels as the Deployment's template), with `extra` lines
+/// appended under metadata (annotations) and the pod IP.
+pub fn pod_yaml(
     label: &str,
-    name: &str,
-    env: &[(&str, &str)],
-    addr: SocketAddr,
-    proxy: SocketAddr,
-    logs: &Path,
-) -> Result<Proc> {
-    let mut cmd = Command::new(bin);
-    cmd.env_clear()
-        .env("NAME", name)
-        .env("LISTEN_ADDR", addr.to_string())
-        .env("HTTP_PROXY", format!("http://{proxy}"))
-        .envs(env.iter().copied());
-    Proc::spawn(label, cmd, logs)
-}
-
-async fn wait_listening(proc: &mut Proc, addr: SocketAddr) -> Result<()> {
-    for _ in 0..100 {
-        if let Some(e) = proc.exited() {
-            bail!("{e}");
-        }
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    app: &str,
+    version: &str,
+    ip: IpAddr,
+    annotations: &[(&str, String)],
+    enrolled: bool,
+) -> String {
+    let mut y = format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {label}\n  labels:\n    app: {app}\n    version: {version}\n"
+    );
+    if enrolled {
+        y.push_str("    istio.io/dataplane-mode: ambient\n");
     }
-    bail!(
-        "{} not listening on {addr} after 5 s (log: {})",
-        proc.name,
-        proc.log.display()
-    )
+    if !annotations.is_empty() {
+        y.push_str("  annotations:\n");
+        for (k, v) in annotations {
+            let _ = writeln!(y, "    {k}: {v}");
+        }
+    }
+    let _ = write!(
+        y,
+        "spec:\n  containers:\n  - name: {app}\n    ports:\n    - containerPort: {CONTAINER_PORT}\nstatus:\n  phase: Running\n  podIP: {ip}\n"
+    );
+    y
 }
 
-/// One EndpointSlice per instance (a slice has one port list, the instances differ by port).
-fn endpoints_yaml(instances: &[(String, String, u16)]) -> String {
-    let mut y = String::from("# Generated by `cargo xtask tutorial`: the only non-verbatim file. Kubernetes derives\n# these from the Deployments' pods; here each pod is a fake-service on 127.0.0.1.\n");
-    for (label, service, port) in instances {
+/// Loopback: one EndpointSlice per instance (a slice has one port list, the instances differ by
+/// port), naming its Pod so subsets see the pod's labels.
+fn loopback_registry_yaml(instances: &[Instance]) -> String {
+    let list: Vec<(String, String, String, u16)> = instances
+        .iter()
+        .map(|i| {
+            (
+                i.label.clone(),
+                i.service.to_owned(),
+                i.version.to_owned(),
+                i.addr.port(),
+            )
+        })
+        .collect();
+    endpoints_yaml(&list)
+}
+
+fn endpoints_yaml(instances: &[(String, String, String, u16)]) -> String {
+    let mut y = String::from("# Generated by cargo xtask: the only non-verbatim file besides greeter-service's Service.\n# Kubernetes derives these from the Deployments' pods; here each pod is a fake-service on 127.0.0.1.\n");
+    for (label, service, version, port) in instances {
         let _ = write!(
             y,
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {label}\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nendpoints:\n- addresses: [\"127.0.0.1\"]\n  targetRef: {{kind: Pod, name: {label}}}\nports:\n- name: http\n  port: {port}\n"
         );
+        y.push_str(&pod_yaml(
+            label,
+            service,
+            version,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            &[],
+            false,
+        ));
     }
     y
-}
-
-fn write_endpoints(cfg: &Path, instances: &[Instance]) -> Result<()> {
-    let list: Vec<(String, String, u16)> = instances
-        .iter()
-        .map(|i| (i.label.clone(), i.service.to_owned(), i.addr.port()))
-        .collect();
-    // Write then rename, so the reloader never reads half a file.
-    let tmp = cfg.join(".endpointslices.tmp");
-    fs::write(&tmp, endpoints_yaml(&list))?;
-    fs::rename(&tmp, cfg.join("endpointslices.generated.yaml"))?;
-    Ok(())
 }
 
 fn print_rejections(st: &Value) {
@@ -693,16 +1103,22 @@ fn print_rejections(st: &Value) {
 // ---------------------------------------------------------------------------------------------
 // HTTP
 
-/// One GET over a fresh connection (as curl does); `uri` absolute for the proxy, origin-form for
-/// admin. The whole exchange, body included, is bounded by `timeout`.
-async fn get(addr: SocketAddr, uri: &str, host: &str, timeout: Duration) -> Result<(u16, Bytes)> {
+/// One GET over a fresh connection (as curl does) to `addr` (`host:port`, resolved like curl does,
+/// through /etc/hosts); `uri` absolute for a proxy, origin-form otherwise. The whole exchange, body
+/// included, is bounded by `timeout`.
+async fn get<A: tokio::net::ToSocketAddrs>(
+    addr: A,
+    uri: &str,
+    host: &str,
+    timeout: Duration,
+) -> Result<(u16, Bytes)> {
     let fut = async {
         let stream = TcpStream::connect(addr).await?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
         let req = http::Request::get(uri)
             .header(http::header::HOST, host)
-            .header(http::header::USER_AGENT, "curl/8 (cargo xtask tutorial)")
+            .header(http::header::USER_AGENT, "curl/8 (cargo xtask demo)")
             .body(Empty::<Bytes>::new())?;
         let resp = send.send_request(req).await?;
         let status = resp.status().as_u16();
@@ -794,21 +1210,25 @@ fn classify_high(code: u16, body: &str) -> Class {
     }
 }
 
-#[derive(Debug, Default, Clone)]
-struct Results {
-    total: usize,
-    ok: usize,
-    errors: usize,
-    timeouts: usize,
-    circuit_open: usize,
-    total_time: Duration,
-    slowest: Duration,
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub total: usize,
+    pub ok: usize,
+    pub errors: usize,
+    pub timeouts: usize,
+    pub circuit_open: usize,
+    pub total_time: Duration,
+    pub slowest: Duration,
+    /// Status code (0: client timeout or transport failure) -> count, as fortio prints them.
+    #[serde(default)]
+    pub codes: BTreeMap<u16, usize>,
 }
 
 impl Results {
-    fn add(&mut self, class: Class, took: Duration) {
+    fn add(&mut self, code: u16, class: Class, took: Duration) {
         self.total += 1;
         self.slowest = self.slowest.max(took);
+        *self.codes.entry(code).or_default() += 1;
         match class {
             Class::Ok => self.ok += 1,
             Class::Timeout => self.timeouts += 1,
@@ -816,12 +1236,31 @@ impl Results {
             Class::Err => self.errors += 1,
         }
     }
+
+    fn count(&self, code: u16) -> usize {
+        self.codes.get(&code).copied().unwrap_or(0)
+    }
+}
+
+/// Where a client sends: `connect` (`host:port`) with request target `uri` and Host `host`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub connect: String,
+    pub uri: String,
+    pub host: String,
 }
 
 /// curl -s --max-time 5: code 000 on timeout or any transport failure.
-async fn one(proxy: SocketAddr) -> (u16, String, Duration) {
+async fn one(target: &Target) -> (u16, String, Duration) {
     let t = Instant::now();
-    match get(proxy, "http://frontend/", "frontend", CLIENT_TIMEOUT).await {
+    match get(
+        target.connect.as_str(),
+        &target.uri,
+        &target.host,
+        CLIENT_TIMEOUT,
+    )
+    .await
+    {
         Ok((code, body)) => (
             code,
             String::from_utf8_lossy(&body).into_owned(),
@@ -831,33 +1270,76 @@ async fn one(proxy: SocketAddr) -> (u16, String, Duration) {
     }
 }
 
-async fn sequential(proxy: SocketAddr, n: usize, sleep: Duration) -> Results {
+/// Runs one load against `target` (in this process: on loopback directly, in a pod through the
+/// hidden `demo-client` subcommand).
+pub async fn generate(
+    target: &Target,
+    load: Load,
+    requests: usize,
+    concurrency: usize,
+    sleep: Duration,
+) -> Results {
+    match load {
+        Load::Sequential => sequential(target, requests, sleep).await,
+        Load::High => high_traffic(target, requests, concurrency).await,
+        Load::Clients => clients(target, requests, concurrency).await,
+    }
+}
+
+async fn sequential(target: &Target, n: usize, sleep: Duration) -> Results {
     let mut r = Results::default();
     let start = Instant::now();
     for _ in 0..n {
-        let (code, _, took) = one(proxy).await;
-        r.add(classify(code), took);
+        let (code, _, took) = one(target).await;
+        r.add(code, classify(code), took);
         tokio::time::sleep(sleep).await;
     }
     r.total_time = start.elapsed();
     r
 }
 
-async fn high_traffic(proxy: SocketAddr, total: usize, concurrency: usize) -> Results {
+async fn high_traffic(target: &Target, total: usize, concurrency: usize) -> Results {
     let mut r = Results::default();
     let start = Instant::now();
     let mut set: tokio::task::JoinSet<(u16, String, Duration)> = tokio::task::JoinSet::new();
     for _ in 0..total {
         if set.len() >= concurrency {
             if let Some(Ok((code, body, took))) = set.join_next().await {
-                r.add(classify_high(code, &body), took);
+                r.add(code, classify_high(code, &body), took);
             }
         }
-        set.spawn(one(proxy));
+        let target = target.clone();
+        set.spawn(async move { one(&target).await });
     }
     while let Some(res) = set.join_next().await {
         if let Ok((code, body, took)) = res {
-            r.add(classify_high(code, &body), took);
+            r.add(code, classify_high(code, &body), took);
+        }
+    }
+    r.total_time = start.elapsed();
+    r
+}
+
+/// fortio's closed loop: `concurrency` clients share `total` requests, each client sending its
+/// next request when the previous one ends.
+async fn clients(target: &Target, total: usize, concurrency: usize) -> Results {
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..concurrency {
+        let n = total / concurrency + usize::from(c < total % concurrency);
+        let target = target.clone();
+        set.spawn(async move {
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                out.push(one(&target).await);
+            }
+            out
+        });
+    }
+    let mut r = Results::default();
+    while let Some(res) = set.join_next().await {
+        for (code, _, took) in res.unwrap_or_default() {
+            r.add(code, classify(code), took);
         }
     }
     r.total_time = start.elapsed();
@@ -893,6 +1375,31 @@ fn format_results(r: &Results, high: bool) -> String {
     }
     let _ = writeln!(s, "  Total time: {:.3}s", r.total_time.as_secs_f64());
     let _ = writeln!(s, "  Slowest request: {:.3}s", r.slowest.as_secs_f64());
+    s
+}
+
+/// fortio's `Code N : count (share %)` lines, plus the slowest request.
+fn format_fortio(r: &Results) -> String {
+    let mut s = String::new();
+    for (code, n) in &r.codes {
+        let code = if *code == 0 {
+            "-1 (client timeout)".to_owned()
+        } else {
+            code.to_string()
+        };
+        let _ = writeln!(
+            s,
+            "  Code {code} : {n} ({:.1} %)",
+            *n as f64 * 100.0 / r.total.max(1) as f64
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  {} requests in {:.3}s, slowest {:.3}s",
+        r.total,
+        r.total_time.as_secs_f64(),
+        r.slowest.as_secs_f64()
+    );
     s
 }
 
@@ -1093,13 +1600,16 @@ fn ejections(
     out
 }
 
-struct StepRun {
+pub struct StepRun {
+    traffic: Option<Traffic>,
     results: Results,
     diff: Counts,
     log: Vec<(Duration, LogEntry)>,
     ejections: Vec<Ejection>,
     failing_addr: Option<String>,
     elapsed: Duration,
+    /// The step's earlier loads (the blog's breaker runs 1, 2, then 3 clients; this is the last).
+    earlier_parts: Vec<StepRun>,
 }
 
 impl StepRun {
@@ -1174,7 +1684,7 @@ impl StepRun {
             }
         );
         let _ = writeln!(s, "  overflows (UO): {}", self.overflows() as u64);
-        let seen = self.count(|svc, _, _| svc == "frontend") as usize;
+        let seen = self.count(|svc, _, _| svc == "frontend" || svc == "greeter-service") as usize;
         if seen < self.results.total {
             let _ = writeln!(
                 s,
@@ -1266,7 +1776,122 @@ impl StepRun {
                     "."
                 },
             ),
+            Step::BlogTimeout => format!(
+                "{base}. As the blog says: 504 x{} with flag UT after {} (the route's 0.5 s timeout), not the endpoint's 2 s.",
+                r.count(504),
+                self.durations("greeter-service"),
+            ),
+            Step::BlogRetries => format!(
+                "{base}. 504 x{} with flag UT after {}, attempts {}. The blog shows three retries at 0.5 s and a 2 s request; Envoy under current Istio does not retry here: `retries` without `retryOn` gets Istio's default conditions (connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes), and a per-try timeout is none of them, so the first try's 0.5 s timeout ends the request. With `retryOn: 5xx` (or gateway-error) the blog's picture appears: 4 tries cut by the 2 s route timeout (tests/direct.rs per_try_timeouts_are_retried_under_5xx_until_the_route_timeout).",
+                r.count(504),
+                self.durations("greeter-service"),
+                self.attempts("greeter-service"),
+            ),
+            Step::BlogCircuitBreaker => {
+                let mut parts: Vec<String> = Vec::new();
+                for p in self.earlier_parts.iter().chain(std::iter::once(self)) {
+                    let c = p.traffic.map_or(0, |t| t.concurrency);
+                    parts.push(format!(
+                        "{c} client(s): 200 x{}, 503 x{} ({} %), UO x{}",
+                        p.results.count(200),
+                        p.results.count(503),
+                        pct(p.results.count(503), p.results.total),
+                        p.overflows() as u64
+                    ));
+                }
+                format!(
+                    "{}. With maxRequestsPerConnection: 1 every request opens a new connection and is pending while it does; a second request pending at that moment exceeds http1MaxPendingRequests: 1 and gets 503 UO at once, so one client never overflows and more clients collide more often. How often they collide depends on how long a connection takes to set up (here: a veth or loopback, well under a millisecond; the blog's cluster: far longer, hence its 45 % and 62 %). The outlier part (consecutiveErrors: 1) never fires: overflows are local, not upstream errors.",
+                    parts.join("; ")
+                )
+            }
         }
+    }
+
+    /// `min-max ms` of the access log's durations for `service`.
+    fn durations(&self, service: &str) -> String {
+        let d: Vec<u64> = self
+            .log
+            .iter()
+            .filter(|(_, e)| e.service == service)
+            .map(|(_, e)| e.duration_ms)
+            .collect();
+        match (d.iter().min(), d.iter().max()) {
+            (Some(a), Some(b)) => format!("{a}-{b} ms"),
+            _ => "? ms (no access-log lines)".into(),
+        }
+    }
+
+    /// Distinct `attempts=` values of the access log for `service`.
+    fn attempts(&self, service: &str) -> String {
+        let mut a: Vec<u32> = self
+            .log
+            .iter()
+            .filter(|(_, e)| e.service == service)
+            .map(|(_, e)| e.attempts)
+            .collect();
+        a.sort_unstable();
+        a.dedup();
+        a.iter().map(u32::to_string).collect::<Vec<_>>().join("/")
+    }
+
+    fn max_attempts(&self, service: &str) -> u32 {
+        self.log
+            .iter()
+            .filter(|(_, e)| e.service == service)
+            .map(|(_, e)| e.attempts)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// One line of the closing summary table.
+    pub fn summary_row(&self, step: Step, verdict: &str) -> String {
+        let r = &self.results;
+        let saw = match step {
+            Step::CircuitBreakers | Step::BlogCircuitBreaker => {
+                let uo: f64 = self
+                    .earlier_parts
+                    .iter()
+                    .map(StepRun::overflows)
+                    .sum::<f64>()
+                    + self.overflows();
+                format!("UO x{}", uo as u64)
+            }
+            Step::OutlierDetection => format!(
+                "{} ejection(s) of inventory-failing",
+                self.ejections
+                    .iter()
+                    .filter(|e| e.label == "inventory-failing" && e.event == "ejected")
+                    .count()
+            ),
+            Step::FaultInjection => format!(
+                "DI x{}, FI x{}",
+                self.count(|_, _, f| f.split(',').any(|x| x == "DI")) as u64,
+                self.count(|_, _, f| f.split(',').any(|x| x == "FI")) as u64
+            ),
+            Step::Retries => format!(
+                "retries {}",
+                self.retries().values().map(|v| v.0).sum::<u64>()
+            ),
+            Step::None => format!(
+                "frontend 500 x{}",
+                self.count(|svc, c, _| svc == "frontend" && c == "500") as u64
+            ),
+            _ => format!(
+                "UT x{}",
+                self.count(|_, _, f| f.split(',').any(|x| x == "UT")) as u64
+            ),
+        };
+        format!(
+            "{:<8} {:>5} {:>5} {:>6} {:>8} {:>5} {:>7.1}s {:>7.2}s  {saw}  [{verdict}]",
+            step.short(),
+            r.total,
+            r.ok,
+            r.errors,
+            r.timeouts,
+            r.circuit_open,
+            r.total_time.as_secs_f64(),
+            r.slowest.as_secs_f64()
+        )
     }
 }
 
@@ -1333,14 +1958,86 @@ fn check(step: Step, run: &StepRun, earlier: &BTreeMap<Step, StepRun>) -> Result
                 Err("fault injection: no DI or FI response flag in Sluice's metrics".into())
             }
         }
+        Step::BlogTimeout => {
+            if r.count(504) != r.total {
+                Err(format!(
+                    "blog timeout: {} of {} responses were 504",
+                    r.count(504),
+                    r.total
+                ))
+            } else if r.slowest >= Duration::from_millis(1500) {
+                Err(format!(
+                    "blog timeout: slowest request {:.2} s, not bounded near the 0.5 s timeout",
+                    r.slowest.as_secs_f64()
+                ))
+            } else if run.count(|s, _, f| s == "greeter-service" && f.split(',').any(|x| x == "UT"))
+                == 0.0
+            {
+                Err("blog timeout: no UT flag in Sluice's metrics".into())
+            } else {
+                Ok(())
+            }
+        }
+        Step::BlogRetries => {
+            // Envoy's behaviour is the reference: bounded by the per-try timeout, not retried.
+            if r.count(504) != r.total {
+                Err(format!(
+                    "blog retries: {} of {} responses were 504",
+                    r.count(504),
+                    r.total
+                ))
+            } else if r.slowest >= Duration::from_millis(1500) {
+                Err(format!("blog retries: slowest request {:.2} s; without retryOn the 0.5 s per-try timeout ends it", r.slowest.as_secs_f64()))
+            } else if run.max_attempts("greeter-service") > 1 {
+                Err("blog retries: per-try timeouts were retried without retryOn (Envoy under Istio does not)".into())
+            } else {
+                Ok(())
+            }
+        }
+        Step::BlogCircuitBreaker => {
+            let parts: Vec<&StepRun> = run
+                .earlier_parts
+                .iter()
+                .chain(std::iter::once(run))
+                .collect();
+            let one = parts
+                .iter()
+                .find(|p| p.traffic.is_some_and(|t| t.concurrency == 1));
+            if let Some(one) = one {
+                if one.overflows() > 0.0 || one.results.ok != one.results.total {
+                    return Err(format!(
+                        "blog breaker: one client overflowed ({} UO, {} of {} OK)",
+                        one.overflows(),
+                        one.results.ok,
+                        one.results.total
+                    ));
+                }
+            }
+            let many: Vec<&&StepRun> = parts
+                .iter()
+                .filter(|p| p.traffic.is_some_and(|t| t.concurrency > 1))
+                .collect();
+            for p in &many {
+                let other = p.results.total - p.results.count(200) - p.results.count(503);
+                if other > 0 {
+                    return Err(format!(
+                        "blog breaker: {other} response(s) neither 200 nor 503"
+                    ));
+                }
+                if p.results.count(503) as f64 != p.overflows() {
+                    return Err(format!(
+                        "blog breaker: {} 503s but {} UO in Sluice's metrics",
+                        p.results.count(503),
+                        p.overflows()
+                    ));
+                }
+            }
+            if many.iter().map(|p| p.overflows()).sum::<f64>() == 0.0 {
+                return Err("blog breaker: no 503 UO with 2 or 3 concurrent clients".into());
+            }
+            Ok(())
+        }
     }
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
 }
 
 #[cfg(test)]
@@ -1367,10 +2064,10 @@ mod tests {
     #[test]
     fn results_table() {
         let mut r = Results::default();
-        r.add(Class::Ok, Duration::from_millis(100));
-        r.add(Class::Err, Duration::from_millis(1500));
-        r.add(Class::Timeout, Duration::from_secs(5));
-        r.add(Class::CircuitOpen, Duration::from_millis(3));
+        r.add(200, Class::Ok, Duration::from_millis(100));
+        r.add(500, Class::Err, Duration::from_millis(1500));
+        r.add(0, Class::Timeout, Duration::from_secs(5));
+        r.add(503, Class::CircuitOpen, Duration::from_millis(3));
         r.total_time = Duration::from_millis(12_345);
         let t = format_results(&r, true);
         assert_eq!(
@@ -1425,12 +2122,21 @@ mod tests {
     #[test]
     fn endpoint_slices_one_per_instance() {
         let y = endpoints_yaml(&[
-            ("inventory-1".into(), "inventory".into(), 4001),
-            ("inventory-failing".into(), "inventory".into(), 4002),
+            ("inventory-1".into(), "inventory".into(), "v1".into(), 4001),
+            (
+                "inventory-failing".into(),
+                "inventory".into(),
+                "failing".into(),
+                4002,
+            ),
         ]);
         assert_eq!(y.matches("kind: EndpointSlice").count(), 2);
         assert!(y.contains("kubernetes.io/service-name: inventory"));
         assert!(y.contains("port: 4002"));
+        // Pods named by the slices' targetRef carry the labels subsets select on.
+        assert_eq!(y.matches("\nkind: Pod\n").count(), 2);
+        assert!(y.contains("targetRef: {kind: Pod, name: inventory-failing}"));
+        assert!(y.contains("    version: failing\n"));
     }
 
     #[test]
@@ -1468,6 +2174,8 @@ mod tests {
     fn outlier_check_counts_requests_started_after_the_ejection() {
         let failing = "127.0.0.1:5";
         let run = StepRun {
+            traffic: None,
+            earlier_parts: Vec::new(),
             results: Results::default(),
             diff: Counts::new(),
             log: vec![
@@ -1502,6 +2210,8 @@ mod tests {
     #[test]
     fn direction_checks() {
         let run = |ok: usize, slowest_ms: u64| StepRun {
+            traffic: None,
+            earlier_parts: Vec::new(),
             results: Results {
                 total: 20,
                 ok,
