@@ -17,6 +17,10 @@
 //! topology and then asserts that no namespace, link, cgroup or pin is left, also when the test
 //! body panicked.
 //!
+//! The `sluice` and `fake-service` binaries are built once per run with this test's profile
+//! (`cargo build -p sluice -p fake-service`, a no-op after `cargo test --workspace`); pins go under
+//! `/sys/fs/bpf/sluice-test-<topology id>`; the first test sweeps what runs killed with SIGKILL left.
+//!
 //! Without root, curl, or `target/bpf/sluice-ebpf.o` the tests say why and return, except under
 //! `CI`, where they fail. Run: `sudo -E cargo test -p sluice-tests --test e2e`.
 
@@ -380,7 +384,6 @@ impl Counters {
     fn from_status(status: &Value) -> Self {
         let counters = status
             .pointer("/redirect/counters")
-            .or_else(|| status.pointer("/agent/redirect/counters"))
             .and_then(Value::as_object)
             .unwrap_or_else(|| {
                 panic!("no redirect counters in `sluice status -o json`: {status:#}")
