@@ -326,6 +326,14 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, by PID: the agent stops redirecting, drains and exits; reaped.
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: kill has no memory preconditions; the PID is our own child's, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().expect("reap sluice run")
+    }
+
     /// The agent's log (stderr) of its `start`-th run.
     fn stderr(&self, start: usize) -> String {
         fs::read_to_string(self.stderr_path(start)).unwrap_or_default()
@@ -1314,6 +1322,179 @@ fn sigkill_fails_open_and_restart_reuses_pins() {
             r.body.trim(),
             format!("peer={}", env.topo.host_ip()),
             "{r:?}"
+        );
+    });
+}
+
+/// A line echo server inside a pod: every line a client sends comes back, on the same connection,
+/// for as long as the client keeps it open (bounded: 20 s of silence ends it).
+struct EchoServer {
+    addr: SocketAddr,
+    peers: mpsc::Receiver<IpAddr>,
+}
+
+impl EchoServer {
+    fn start(pod: &Pod, port: u16) -> EchoServer {
+        let netns = pod.netns_path.clone();
+        let ip = pod.ip;
+        let listener = std::thread::spawn(move || -> std::io::Result<TcpListener> {
+            let ns = fs::File::open(&netns)?;
+            // SAFETY: setns with a valid namespace descriptor changes this thread's network
+            // namespace only; the thread ends after creating the socket.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            TcpListener::bind((ip, port))
+        })
+        .join()
+        .expect("listener thread")
+        .expect("listen inside the pod");
+        let addr = listener.local_addr().unwrap();
+        let (tx, peers) = mpsc::channel();
+        // One connection is all the test makes; the thread ends with it (or with the test).
+        std::thread::spawn(move || {
+            if let Ok((mut stream, peer)) = listener.accept() {
+                let _ = tx.send(peer.ip());
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+                let mut buf = [0u8; 256];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        EchoServer { addr, peers }
+    }
+}
+
+/// A client in a pod holding one TCP connection open: each line written to its stdin is sent and
+/// the echoed line printed.
+struct HeldConnection {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl HeldConnection {
+    fn open(env: &Env, pod: &Pod, dst: SocketAddr) -> HeldConnection {
+        let script = format!(
+            "exec 3<>/dev/tcp/{}/{} || exit 1; while read -r line; do echo \"$line\" >&3; \
+             read -r -t 5 back <&3 || exit 2; echo \"$back\"; done",
+            dst.ip(),
+            dst.port()
+        );
+        let mut child = env
+            .topo
+            .command(pod, "bash")
+            .unwrap()
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the held connection");
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        HeldConnection { child, stdout }
+    }
+
+    /// Sends `line` and returns what came back (empty if the connection is gone).
+    fn round_trip(&mut self, line: &str) -> String {
+        use std::io::BufRead as _;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        if writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .is_err()
+        {
+            return String::new();
+        }
+        let mut back = String::new();
+        let _ = self.stdout.read_line(&mut back);
+        back.trim().to_owned()
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 3 point 5, the restart half: a graceful stop (SIGTERM) lets a request under way in the
+/// proxy finish, stops redirecting at once, and a connection made directly while the agent was
+/// away is not cut when it comes back on the same pins and redirects again.
+#[test]
+fn restart_keeps_requests_under_way_and_established_connections() {
+    if skip() {
+        return;
+    }
+    e2e(|env| {
+        let client = env.add_pod("client");
+        let target = env.add_pod("target-0");
+        let server = PeerServer::start(&target, 9090);
+        let echo = EchoServer::start(&target, 7070);
+        env.write_config(
+            "all.yaml",
+            &[
+                pod_yaml(&client, None, true),
+                service_yaml("target"),
+                pod_yaml(&target, Some("target"), false),
+                virtual_service_yaml(
+                    "target",
+                    "    fault:\n      delay:\n        fixedDelay: 1.5s\n        percentage:\n          value: 100\n",
+                ),
+            ]
+            .concat(),
+        );
+        env.start_agent();
+        env.resolve_services(&["target"]);
+
+        // A request held 1.5 s in the proxy by the fault delay; SIGTERM arrives under way.
+        let mut slow = env.topo.command(&client, "curl").unwrap();
+        let in_flight = std::thread::spawn(move || Reply::run(&mut slow, "http://target/", 10.0));
+        pause(Duration::from_millis(400));
+        let status = env.agent().sigterm();
+        let r = in_flight.join().expect("curl thread");
+        assert!(status.success(), "sluice run exited with {status}");
+        assert_eq!(
+            (r.code, r.body.trim()),
+            (200, format!("peer={}", env.topo.host_ip()).as_str()),
+            "the request under way did not finish through the proxy: {r:?}"
+        );
+        assert!(r.secs >= 1.4, "the fault delay did not apply: {r:?}");
+
+        // Stopped: redirection is off at once (graceful stop ends the lease), so this connection
+        // goes straight to the pod.
+        let mut held = HeldConnection::open(env, &client, echo.addr);
+        assert_eq!(held.round_trip("before"), "before");
+        let peer = echo.peers.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            peer,
+            IpAddr::V4(client.ip),
+            "the held connection went through the proxy"
+        );
+
+        // Back on the same pins: new connections are redirected again...
+        let agent = env.agent();
+        agent.spawn();
+        let mut resumed = None;
+        for _ in 0..20 {
+            let r = env.curl(&client, &format!("http://{}/", server.addr), 3.0);
+            if r.body.trim() == format!("peer={}", env.topo.host_ip()) {
+                resumed = Some(r);
+                break;
+            }
+            pause(Duration::from_millis(100));
+        }
+        assert!(
+            resumed.is_some(),
+            "redirection did not resume after the restart"
+        );
+        // ...and the connection established while the agent was away still carries data.
+        assert_eq!(
+            held.round_trip("after"),
+            "after",
+            "the restart cut an established connection"
         );
     });
 }
