@@ -195,6 +195,25 @@ async fn route_timeout_ends_a_slow_call_with_504_ut() {
     assert!((490..800).contains(&l.duration_ms), "{l:?}");
 }
 
+// A client that gives up while the proxy waits on the upstream: one access-log line with status 0
+// and `DC` (Envoy's downstream connection termination), written when the client went away, not
+// when the upstream would have answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_is_logged_with_status_0_dc() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("slow", &slow("2s")).await;
+    deploy(&mesh, "slow", &[port]);
+    mesh.reload();
+    let mut log = mesh.access_log();
+    let o = mesh.get("http://slow/", Duration::from_millis(300)).await;
+    assert_eq!(o.code(), 0, "the client should have given up: {o:?}");
+    let lines = log.drain().await;
+    let l = only(&lines);
+    assert_eq!(l.status, 0, "{l:?}");
+    assert!(l.has_flag("DC"), "{l:?}");
+    assert!((250..1500).contains(&l.duration_ms), "{l:?}");
+}
+
 const BLOG_RETRIES: &str = "  - route:\n    - destination:\n        host: slow\n    timeout: 2s\n    retries:\n      attempts: 3\n      perTryTimeout: 0.5s\n";
 
 // 4a. The blog's experiment 2 as current Istio runs it: without `retryOn` the default conditions

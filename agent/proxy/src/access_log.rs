@@ -6,7 +6,6 @@
 //! never blocks on a pipe) and to live subscribers (`sluice logs`).
 
 use crate::handler::RequestSummary;
-use http::StatusCode;
 use sluice_core::RequestInfo;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -53,10 +52,11 @@ impl AccessLog {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// One line for a request; `status` 0 when no response was sent (the client went away: `DC`).
     pub(crate) fn log(
         &self,
         req: &RequestSummary,
-        status: StatusCode,
+        status: u16,
         info: &RequestInfo,
         elapsed: Duration,
         service: Option<&sluice_policy::Service>,
@@ -136,7 +136,7 @@ fn write_lines(rx: mpsc::Receiver<String>) {
 
 pub(crate) fn format_line(
     req: &RequestSummary,
-    status: StatusCode,
+    status: u16,
     info: &RequestInfo,
     elapsed: Duration,
     service: Option<&sluice_policy::Service>,
@@ -150,7 +150,7 @@ pub(crate) fn format_line(
         req.method,
         req.path,
         req.version,
-        status.as_u16(),
+        status,
         info.flags(),
         info.attempts(),
         elapsed.as_millis(),
@@ -249,7 +249,7 @@ mod tests {
         };
         let line = format_line(
             &req,
-            StatusCode::SERVICE_UNAVAILABLE,
+            503,
             &info,
             Duration::from_millis(12),
             None,

@@ -92,6 +92,46 @@ pub struct Handler {
 }
 
 /// Where one request goes.
+/// How one request ended, recorded once (metrics and access log) when it is finished or dropped.
+struct Outcome<'a> {
+    handler: &'a Handler,
+    state: Arc<State>,
+    summary: RequestSummary,
+    info: Arc<RequestInfo>,
+    start: Instant,
+    /// `None` before routing (or when routing failed); `Some(None)` for the passthrough cluster.
+    service: Option<Option<Arc<Service>>>,
+    done: bool,
+}
+
+impl Outcome<'_> {
+    fn finish(&mut self, status: u16) {
+        self.done = true;
+        let elapsed = self.start.elapsed();
+        let (labels, service) = match &self.service {
+            Some(Some(svc)) => (self.state.labels.get(&svc.hostname), Some(&**svc)),
+            Some(None) => (Some(&self.handler.passthrough.labels), None),
+            None => (None, None),
+        };
+        self.handler
+            .metrics
+            .record(labels, status, self.info.flags(), elapsed);
+        self.handler
+            .access_log
+            .log(&self.summary, status, &self.info, elapsed, service);
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.info
+                .add_flags(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+            self.finish(0);
+        }
+    }
+}
+
 struct Routed {
     plan: Arc<RoutePlan>,
     upstream: Upstream,
@@ -139,17 +179,27 @@ impl Handler {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let start = Instant::now();
         let state = self.state.load_full();
         let info = Arc::new(RequestInfo::new());
-        let summary = RequestSummary::of(&req);
+        // Logs the request however it ends: with its response, or (dropped by hyper because the
+        // client went away first) with status 0 and `DC`, as Envoy does.
+        let mut outcome = Outcome {
+            handler: self,
+            state: state.clone(),
+            summary: RequestSummary::of(&req),
+            info: info.clone(),
+            start: Instant::now(),
+            service: None,
+            done: false,
+        };
 
-        let (rsp, service) = match self.route(&state, &req, conn) {
+        let rsp = match self.route(&state, &req, conn) {
             Ok(Routed {
                 plan,
                 upstream,
                 service,
             }) => {
+                outcome.service = Some(service);
                 info.set_cluster(upstream.name.clone());
                 let req = prepare_request(req, &info);
                 let stack = ServiceBuilder::new()
@@ -167,25 +217,14 @@ impl Handler {
                     'static,
                     Result<Response<Body>, BoxError>,
                 > = Box::pin(stack.oneshot(req));
-                let rsp = match fut.await {
+                match fut.await {
                     Ok(rsp) => prepare_response(rsp),
                     Err(err) => local_reply(&err, &info),
-                };
-                (rsp, Some(service))
+                }
             }
-            Err(err) => (local_reply(&err, &info), None),
+            Err(err) => local_reply(&err, &info),
         };
-
-        let elapsed = start.elapsed();
-        let (labels, service) = match &service {
-            Some(Some(svc)) => (state.labels.get(&svc.hostname), Some(&**svc)),
-            Some(None) => (Some(&self.passthrough.labels), None),
-            None => (None, None),
-        };
-        self.metrics
-            .record(labels, rsp.status(), info.flags(), elapsed);
-        self.access_log
-            .log(&summary, rsp.status(), &info, elapsed, service);
+        outcome.finish(rsp.status().as_u16());
         rsp
     }
 
@@ -217,9 +256,9 @@ impl Handler {
             .body(sluice_core::full(body))
             .expect("valid local reply");
         self.metrics
-            .record(None, rsp.status(), info.flags(), Duration::ZERO);
+            .record(None, rsp.status().as_u16(), info.flags(), Duration::ZERO);
         self.access_log
-            .log(&summary, rsp.status(), &info, Duration::ZERO, None);
+            .log(&summary, rsp.status().as_u16(), &info, Duration::ZERO, None);
         rsp
     }
 

@@ -3,7 +3,6 @@
 //! names (`envoy_cluster_upstream_rq_pending_overflow{cluster_name=...}`) are added at scrape time.
 
 use crate::state::ServiceLabels;
-use http::StatusCode;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -168,10 +167,11 @@ impl Metrics {
         self.tcp_sent.get_or_create(&labels).inc_by(sent);
     }
 
+    /// One request; `status` 0 when no response was sent (Istio's `response_code="0"`, flag `DC`).
     pub(crate) fn record(
         &self,
         service: Option<&ServiceLabels>,
-        status: StatusCode,
+        status: u16,
         flags: ResponseFlags,
         elapsed: Duration,
     ) {
@@ -187,7 +187,7 @@ impl Metrics {
             destination_service_name: pick(|s| &s.name),
             destination_service_namespace: pick(|s| &s.namespace),
             request_protocol: "http",
-            response_code: status.as_u16(),
+            response_code: status,
             response_flags: FlagsLabel(flags),
         };
         self.duration
@@ -215,21 +215,11 @@ mod tests {
             namespace: Arc::new("default".into()),
         };
         let uo = ResponseFlags::UPSTREAM_OVERFLOW;
-        m.record(
-            Some(&svc),
-            StatusCode::SERVICE_UNAVAILABLE,
-            uo,
-            Duration::from_millis(3),
-        );
-        m.record(
-            Some(&svc),
-            StatusCode::SERVICE_UNAVAILABLE,
-            uo,
-            Duration::from_millis(3),
-        );
+        m.record(Some(&svc), 503, uo, Duration::from_millis(3));
+        m.record(Some(&svc), 503, uo, Duration::from_millis(3));
         m.record(
             None,
-            StatusCode::OK,
+            200,
             ResponseFlags::empty(),
             Duration::from_millis(700),
         );
