@@ -198,6 +198,7 @@ impl PodNet {
         for r in sluice_netns::sweep_stale() {
             println!("removed what an earlier killed run left: {r}");
         }
+        sweep_stale_pins(&root.join("target/release/sluice"));
         let mut topo = Topology::create()?;
         let client = topo.add_pod("client")?;
         Ok(PodNet {
@@ -224,7 +225,7 @@ impl PodNet {
     }
 
     pub fn sluice_args(&self, cmd: &mut Command) {
-        let listen = self.outbound().to_string();
+        cmd.args(["--outbound-addr", &self.outbound().to_string()]);
         if self.mode.ebpf {
             cmd.args(["--redirect", "ebpf"])
                 .arg("--cgroup")
@@ -232,15 +233,23 @@ impl PodNet {
                 .arg("--pin-dir")
                 .arg(&self.pin_dir)
                 .args(["--proxy-ip", &self.topo.host_ip().to_string()])
-                .args(["--listen", &listen])
                 .arg("--ebpf-object")
                 .arg(&self.object);
         } else {
-            cmd.args(["--redirect", "none", "--outbound-addr", &listen]);
+            cmd.args(["--redirect", "none"]);
         }
     }
 
     pub fn set_hosts(&mut self, entries: &[(Ipv4Addr, Vec<String>)]) -> Result<()> {
+        // `ip netns exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts: a person poking the
+        // client pod by hand resolves Service names as the generators do.
+        let dir = Path::new("/etc/netns").join(&self.client.netns);
+        std::fs::create_dir_all(&dir)?;
+        let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for (ip, names) in entries {
+            hosts.push_str(&format!("{ip} {}\n", names.join(" ")));
+        }
+        std::fs::write(dir.join("hosts"), hosts)?;
         self.topo.set_hosts(entries)
     }
 
@@ -386,14 +395,16 @@ impl PodNet {
     }
 
     pub fn print_keep(&self) {
-        let (host, port, _) = Step::None.url();
         let c = &self.client.netns;
         if self.mode.ebpf {
-            println!("  from the client pod (redirected by eBPF): ip netns exec {c} curl -s http://{host}:{port}/");
-            println!("    (/etc/hosts there maps Service names to cluster IPs: use the address, e.g. `sluice config -o json --admin ...` lists them, or nsenter into a running pod)");
+            println!("  from the client pod (its cgroup, so eBPF redirects it; its netns, /etc/hosts maps Service names to cluster IPs):");
+            println!(
+                "    sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {c} curl -s http://frontend/'",
+                self.client.cgroup.display()
+            );
         } else {
             println!(
-                "  from the client pod: ip netns exec {c} curl -s -x http://{} http://{host}/",
+                "  from the client pod: ip netns exec {c} curl -s -x http://{} http://frontend/",
                 self.outbound()
             );
         }
@@ -418,7 +429,54 @@ impl PodNet {
                 Err(e) => eprintln!("sluice uninstall: {e}"),
             }
         }
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.client.netns));
         drop(self.topo);
+    }
+}
+
+/// Uninstalls the pins of demo runs whose process is gone (SIGKILL cannot unwind), and their
+/// /etc/netns entries.
+fn sweep_stale_pins(sluice_bin: &Path) {
+    let stale = |id: &str| {
+        id.split_once('x')
+            .and_then(|(pid, _)| u32::from_str_radix(pid, 16).ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    for e in std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.strip_prefix("sluice-demo-").is_some_and(stale) && sluice_bin.exists() {
+            let ok = Command::new(sluice_bin)
+                .arg("uninstall")
+                .arg("--pin-dir")
+                .arg(e.path())
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                let _ = std::fs::remove_dir(e.path());
+                println!(
+                    "removed what an earlier killed run left: pins {}",
+                    e.path().display()
+                );
+            }
+        }
+    }
+    for e in std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let id = name
+            .strip_prefix(sluice_netns::PREFIX)
+            .and_then(|r| r.split('-').next())
+            .unwrap_or("");
+        if stale(id) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

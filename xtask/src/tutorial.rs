@@ -589,6 +589,17 @@ impl Lab {
                 i.label, i.addr, i.service
             );
         }
+        if st["redirect"]["mode"] == "ebpf" {
+            let r = &st["redirect"];
+            println!(
+                "  eBPF: programs on {} (pins {}), {} pods enrolled, proxy address {}, lease {}",
+                r["cgroup"].as_str().unwrap_or("?"),
+                r["pin_dir"].as_str().unwrap_or("?"),
+                r["enrolled"].as_array().map_or(0, Vec::len),
+                r["proxy"]["ipv4"].as_str().unwrap_or("?"),
+                r["lease"]["state"].as_str().unwrap_or("?")
+            );
+        }
         print_rejections(&st);
         Ok(lab)
     }
@@ -910,6 +921,7 @@ impl Lab {
             Load::Clients => println!("fortio load -c {} -qps 0 -n {} http://{host}:{port}{path}", t.concurrency, t.requests),
         }
         let before = parse_istio_requests(&get_text(self.metrics, "/stats/prometheus").await?);
+        let redirect_before = redirect_counters(self.admin).await;
         while self.log_rx.try_recv().is_ok() {}
         let started = Instant::now();
         let results = match self.net.as_ref().expect("started") {
@@ -936,6 +948,18 @@ impl Lab {
         }
         let clusters = admin_json(self.admin, "/clusters").await?;
         let queried = started.elapsed();
+        let redirect = match (redirect_before, redirect_counters(self.admin).await) {
+            (Some(b), Some(a)) => Some(
+                a.iter()
+                    .filter_map(|(k, v)| {
+                        let d = v.saturating_sub(b.get(k).copied().unwrap_or(0));
+                        (d > 0).then(|| format!("{k} +{d}"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            _ => None,
+        };
         let labels: BTreeMap<String, String> = self
             .instances
             .iter()
@@ -958,6 +982,7 @@ impl Lab {
                 .map(|i| i.addr.to_string()),
             elapsed,
             earlier_parts: Vec::new(),
+            redirect,
         };
         if t.load == Load::Clients {
             print!("{}", format_fortio(&run.results));
@@ -1004,6 +1029,17 @@ impl Lab {
 
 fn args_fast(t: Traffic) -> bool {
     t.load == Load::Sequential && t.sleep.is_zero()
+}
+
+/// The eBPF programs' counters from `/status` (None in explicit-proxy mode).
+async fn redirect_counters(admin: SocketAddr) -> Option<BTreeMap<String, u64>> {
+    let st = admin_json(admin, "/status").await.ok()?;
+    let c = st["redirect"]["counters"].as_object()?;
+    Some(
+        c.iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .collect(),
+    )
 }
 
 /// Service name -> cluster IPs, from `/config_dump`.
@@ -1610,6 +1646,8 @@ pub struct StepRun {
     elapsed: Duration,
     /// The step's earlier loads (the blog's breaker runs 1, 2, then 3 clients; this is the last).
     earlier_parts: Vec<StepRun>,
+    /// eBPF redirect counters that moved during the load (None: explicit proxy).
+    redirect: Option<String>,
 }
 
 impl StepRun {
@@ -1684,6 +1722,13 @@ impl StepRun {
             }
         );
         let _ = writeln!(s, "  overflows (UO): {}", self.overflows() as u64);
+        if let Some(r) = &self.redirect {
+            let _ = writeln!(
+                s,
+                "  eBPF redirect counters: {}",
+                if r.is_empty() { "no change" } else { r }
+            );
+        }
         let seen = self.count(|svc, _, _| svc == "frontend" || svc == "greeter-service") as usize;
         if seen < self.results.total {
             let _ = writeln!(
@@ -2176,6 +2221,7 @@ mod tests {
         let run = StepRun {
             traffic: None,
             earlier_parts: Vec::new(),
+            redirect: None,
             results: Results::default(),
             diff: Counts::new(),
             log: vec![
@@ -2212,6 +2258,7 @@ mod tests {
         let run = |ok: usize, slowest_ms: u64| StepRun {
             traffic: None,
             earlier_parts: Vec::new(),
+            redirect: None,
             results: Results {
                 total: 20,
                 ok,
