@@ -1811,7 +1811,11 @@ impl StepRun {
                 self.count(|_, _, f| f.split(',').any(|x| x == "DI")) as u64,
                 self.count(|_, _, f| f.split(',').any(|x| x == "FI")) as u64,
                 if r.timeouts > 0 {
-                    "; a 2 s injected delay on top of a 3 s slow pricing call adds up to curl's 5 s --max-time: those are the timeouts (000), and since the client hangs up while inventory's delay runs, Sluice does not record those DI requests at all"
+                    if self.count(|_, c, f| c == "0" && f.split(',').any(|x| x == "DC")) > 0.0 {
+                        "; a 2 s injected delay on top of a 3 s slow pricing call adds up to curl's 5 s --max-time: those are the timeouts (000); the client hangs up while inventory's delay runs, and Sluice records those requests as Envoy does, code 0 with flag DC"
+                    } else {
+                        "; a 2 s injected delay on top of a 3 s slow pricing call adds up to curl's 5 s --max-time: those are the timeouts (000), and since the client hangs up while inventory's delay runs, this Sluice did not record those requests (Envoy logs code 0, flag DC)"
+                    }
                 } else {
                     ""
                 },
