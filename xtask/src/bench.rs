@@ -8,9 +8,9 @@
 //! `target/bench/latest.json`.
 
 pub mod loadgen;
-mod parse;
-mod peers;
-mod stats;
+pub(crate) mod parse;
+pub(crate) mod peers;
+pub(crate) mod stats;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -543,14 +543,14 @@ fn num(v: f64) -> String {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask sits in the workspace")
         .to_path_buf()
 }
 
-fn path_str(p: &Path) -> &str {
+pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
 
@@ -653,7 +653,7 @@ fn start_sluice(bin: &Path, d: &Path, up_port: u16, pin: bool, cpu: &str) -> Res
 
 /// `cargo xtask` runs a debug build, too slow to time sub-millisecond latencies with;
 /// the load generator runs from a release build of this crate when one can be made.
-fn release_loadgen(root: &Path) -> Result<PathBuf> {
+pub(crate) fn release_loadgen(root: &Path) -> Result<PathBuf> {
     println!("bench: cargo build --release -p xtask (for the load generator)");
     let ok = Command::new(env!("CARGO"))
         .args(["build", "--release", "-p", "xtask"])
@@ -668,7 +668,7 @@ fn release_loadgen(root: &Path) -> Result<PathBuf> {
     Ok(std::env::current_exe()?)
 }
 
-fn build_sluice(root: &Path) -> std::result::Result<PathBuf, String> {
+pub(crate) fn build_sluice(root: &Path) -> std::result::Result<PathBuf, String> {
     println!("bench: cargo build --release -p sluice");
     let out = Command::new(env!("CARGO"))
         .args(["build", "--release", "-p", "sluice"])
@@ -721,7 +721,7 @@ fn exited(proc: &Proc) -> std::io::Result<Option<String>> {
     Ok(matches!(state, Some("Z" | "X")).then(|| "zombie".to_owned()))
 }
 
-fn probe(addr: SocketAddr) -> std::io::Result<String> {
+pub(crate) fn probe(addr: SocketAddr) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     write!(
@@ -739,15 +739,15 @@ fn probe(addr: SocketAddr) -> std::io::Result<String> {
 
 /// The orchestrator is plain blocking code with no async runtime, so a thread sleep is right.
 #[allow(clippy::disallowed_methods)]
-fn pause(d: Duration) {
+pub(crate) fn pause(d: Duration) {
     std::thread::sleep(d);
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     parse::stat_cpu_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
@@ -755,7 +755,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     parse::status_hwm_kib(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
 
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -764,11 +764,11 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn cpu_count() -> usize {
+pub(crate) fn cpu_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
+pub(crate) fn which(bin: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     // haproxy and nginx live in sbin, which a non-login PATH may lack.
     let found = path
@@ -780,7 +780,7 @@ fn which(bin: &str) -> Option<PathBuf> {
 }
 
 /// `apt-get install -y` whatever is missing; `apt-get update` once if that fails.
-fn install_apt(tools: &[(&str, &str)]) {
+pub(crate) fn install_apt(tools: &[(&str, &str)]) {
     let missing: Vec<&str> = tools
         .iter()
         .filter(|(bin, _)| which(bin).is_none())

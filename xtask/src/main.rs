@@ -2,6 +2,7 @@
 //! build, demo).
 
 mod bench;
+mod bench_redirect;
 mod demo;
 mod ebpf;
 mod tutorial;
@@ -21,6 +22,11 @@ struct Cli {
 enum Cmd {
     /// Compare Sluice with HAProxy and Envoy on loopback (not a test; installs missing tools).
     Bench(bench::BenchArgs),
+    /// eBPF redirect benchmark in throwaway pods: connect() cost, sk_msg vs TCP vs iptables (root).
+    BenchRedirect(bench_redirect::BenchRedirectArgs),
+    /// Connect timer / accept-and-drop listener used by `bench-redirect` inside pods.
+    #[command(hide = true)]
+    RedirectProbe(bench_redirect::ProbeArgs),
     /// Build the eBPF programs into target/bpf/sluice-ebpf.o (--install: missing prerequisites).
     BuildEbpf(ebpf::BuildEbpfArgs),
     /// The seed tutorial's steps 3-8 and the blog's experiments in pods with eBPF redirection (as
@@ -39,6 +45,8 @@ enum Cmd {
 fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Cmd::Bench(args) => bench::run(args)?,
+        Cmd::BenchRedirect(args) => bench_redirect::run(args)?,
+        Cmd::RedirectProbe(args) => bench_redirect::probe_main(args)?,
         Cmd::Loadgen(args) => bench::loadgen::main(args)?,
         Cmd::BuildEbpf(args) => return ebpf::run(args),
         Cmd::Demo(args) => return demo::run(args),
