@@ -113,7 +113,7 @@ fn run_lab_with(
 
 /// Why `sluice run --redirect ebpf` cannot run here, if it cannot (builds the object first).
 fn ebpf_unavailable(root: &Path, no_build: bool) -> Result<Option<String>> {
-    let sluice = root.join("target/release/sluice");
+    let sluice = crate::tutorial::release_dir(root).join("sluice");
     let help = Command::new(&sluice)
         .args(["run", "--help"])
         .output()
@@ -198,7 +198,7 @@ impl PodNet {
         for r in sluice_netns::sweep_stale() {
             println!("removed what an earlier killed run left: {r}");
         }
-        sweep_stale_pins(&root.join("target/release/sluice"));
+        sweep_stale_pins(&crate::tutorial::release_dir(root).join("sluice"));
         let mut topo = Topology::create()?;
         let client = topo.add_pod("client")?;
         Ok(PodNet {

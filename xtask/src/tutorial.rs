@@ -300,6 +300,15 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where `cargo build --release` puts binaries: `$CARGO_TARGET_DIR/release` (relative to `root` if
+/// relative) or `root/target/release`.
+pub fn release_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => root.join(dir).join("release"),
+        None => root.join("target/release"),
+    }
+}
+
 /// `cargo build --release -p sluice -p fake-service`.
 pub fn build_release(root: &Path) -> Result<()> {
     println!("building: cargo build --release -p sluice -p fake-service");
@@ -484,8 +493,8 @@ impl Lab {
     /// Builds the lab: config dir, `sluice run`, the tutorial's four services and the blog's
     /// greeter-service v1-v3. `net` is [`Net::Loopback`] or pods prepared by [`crate::demo`].
     pub async fn start(root: &Path, mut net: Net) -> Result<Lab> {
-        let fake_bin = root.join("target/release/fake-service");
-        let sluice_bin = root.join("target/release/sluice");
+        let fake_bin = release_dir(root).join("fake-service");
+        let sluice_bin = release_dir(root).join("sluice");
         for b in [&fake_bin, &sluice_bin] {
             if !b.exists() {
                 bail!("{} missing: run without --no-build", b.display());
