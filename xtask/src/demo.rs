@@ -190,6 +190,9 @@ pub struct PodNet {
     pin_dir: PathBuf,
     object: PathBuf,
     xtask: PathBuf,
+    /// The agent's cgroup, under the topology's: the programs see the proxy's sockets too, so the
+    /// sk_msg fast path works on both ends, as on a node where they attach to the root cgroup.
+    node_cgroup: PathBuf,
     topo: Topology,
 }
 
@@ -201,9 +204,11 @@ impl PodNet {
         sweep_stale_pins(&crate::tutorial::release_dir(root).join("sluice"));
         let mut topo = Topology::create()?;
         let client = topo.add_pod("client")?;
+        let node_cgroup = topo.node_cgroup()?;
         Ok(PodNet {
             mode,
             client,
+            node_cgroup,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/sluice-demo-{}", topo.id())),
             object: crate::ebpf::object_path(root),
             xtask: std::env::current_exe()?,
@@ -224,9 +229,10 @@ impl PodNet {
         SocketAddr::new(IpAddr::V4(self.topo.host_ip()), OUTBOUND_PORT)
     }
 
-    pub fn sluice_args(&self, cmd: &mut Command) {
+    pub fn sluice_args(&self, cmd: &mut Command) -> Result<()> {
         cmd.args(["--outbound-addr", &self.outbound().to_string()]);
         if self.mode.ebpf {
+            sluice_netns::join_cgroup(cmd, &self.node_cgroup)?;
             cmd.args(["--redirect", "ebpf"])
                 .arg("--cgroup")
                 .arg(self.topo.cgroup())
@@ -238,6 +244,7 @@ impl PodNet {
         } else {
             cmd.args(["--redirect", "none"]);
         }
+        Ok(())
     }
 
     pub fn set_hosts(&mut self, entries: &[(Ipv4Addr, Vec<String>)]) -> Result<()> {

@@ -546,7 +546,7 @@ impl Lab {
                 cmd.args(["--redirect", "none", "--no-access-log"])
                     .args(["--outbound-addr", &outbound.to_string()]);
             }
-            Net::Pods(p) => p.sluice_args(&mut cmd),
+            Net::Pods(p) => p.sluice_args(&mut cmd)?,
         }
         let sluice = Proc::spawn("sluice", cmd, &logs)?;
         let (log_tx, log_rx) = mpsc::unbounded_channel();

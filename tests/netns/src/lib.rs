@@ -79,6 +79,7 @@ pub struct Topology {
     pods: Vec<Pod>,
     children: Vec<Child>,
     hosts: Option<PathBuf>,
+    node_cgroup: Option<PathBuf>,
 }
 
 impl Topology {
@@ -99,6 +100,7 @@ impl Topology {
             pods: Vec::new(),
             children: Vec::new(),
             hosts: None,
+            node_cgroup: None,
         };
         let bridge = topo.link_name("b");
         ip(&["link", "add", &bridge, "type", "bridge"])?;
@@ -191,6 +193,20 @@ impl Topology {
         Ok(self.pods.last().expect("pushed").clone())
     }
 
+    /// A cgroup under [`Topology::cgroup`] for processes of the node itself (host network
+    /// namespace), such as the agent: programs attached to the topology's cgroup then see their
+    /// sockets too, as they see every process on a node where they attach to the root. Made on
+    /// first use, removed with the topology.
+    pub fn node_cgroup(&mut self) -> Result<PathBuf> {
+        if let Some(dir) = &self.node_cgroup {
+            return Ok(dir.clone());
+        }
+        let dir = self.cgroup().join("node");
+        fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        self.node_cgroup = Some(dir.clone());
+        Ok(dir)
+    }
+
     /// Gives every pod's processes this `/etc/hosts` (lines `IP name...`), e.g. Service names to
     /// their cluster IPs. Applies to commands built afterwards.
     pub fn set_hosts(&mut self, entries: &[(Ipv4Addr, Vec<String>)]) -> Result<()> {
@@ -209,25 +225,18 @@ impl Topology {
     /// [`Topology::set_hosts`], the topology's `/etc/hosts`. Start it with [`Topology::spawn`] so
     /// that the topology ends it; `output()`/`status()` are fine for commands that end by themselves.
     pub fn command(&self, pod: &Pod, program: impl AsRef<OsStr>) -> Result<Command> {
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(pod.cgroup.join("cgroup.procs"))
-            .with_context(|| format!("open {}/cgroup.procs", pod.cgroup.display()))?;
+        let mut cmd = Command::new(program);
+        join_cgroup(&mut cmd, &pod.cgroup)?;
         let netns = fs::File::open(&pod.netns_path)
             .with_context(|| format!("open {}", pod.netns_path.display()))?;
         let hosts = match &self.hosts {
             Some(p) => Some(CString::new(p.as_os_str().as_encoded_bytes())?),
             None => None,
         };
-        let mut cmd = Command::new(program);
-        // SAFETY: the closure only makes system calls (write, setns, unshare, mount) on
-        // descriptors and strings prepared before fork, which is async-signal-safe.
+        // SAFETY: the closure only makes system calls (setns, unshare, mount) on descriptors and
+        // strings prepared before fork, which is async-signal-safe. It runs after the cgroup join.
         unsafe {
             cmd.pre_exec(move || {
-                let zero = b"0";
-                if libc::write(procs.as_raw_fd(), zero.as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
                 if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -318,6 +327,9 @@ impl Drop for Topology {
             let _ = ip(&["netns", "del", &pod.netns]);
             remove_cgroup(&pod.cgroup);
         }
+        if let Some(node) = self.node_cgroup.take() {
+            remove_cgroup(&node);
+        }
         if let Some(bridge) = self.bridge.take() {
             let _ = ip(&["link", "del", &bridge]);
         }
@@ -328,6 +340,26 @@ impl Drop for Topology {
             let _ = fs::remove_file(hosts);
         }
     }
+}
+
+/// Makes `cmd`'s process join `cgroup` (v2) before it runs the program, so that every socket it
+/// creates belongs to that cgroup.
+pub fn join_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
+    // SAFETY: the closure only writes to a descriptor opened before fork (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0": the writing process itself.
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Removes what topologies of processes that no longer exist left behind (a run killed with
