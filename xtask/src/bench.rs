@@ -171,7 +171,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             if !status.success() {
                 bail!("neither nginx nor fake-service is available as the upstream");
             }
-            let bin = root.join("target/release/fake-service");
+            let bin = crate::tutorial::release_dir(&root).join("fake-service");
             let mut cmd = pinned(pin, load_cpu, &bin, &[]);
             cmd.env("LISTEN_ADDR", format!("127.0.0.1:{up_port}"))
                 .env("NAME", HOST);
@@ -660,7 +660,7 @@ pub(crate) fn release_loadgen(root: &Path) -> Result<PathBuf> {
         .current_dir(root)
         .status()
         .is_ok_and(|s| s.success());
-    let bin = root.join("target/release/xtask");
+    let bin = crate::tutorial::release_dir(root).join("xtask");
     if ok && bin.is_file() {
         return Ok(bin);
     }
@@ -683,7 +683,7 @@ pub(crate) fn build_sluice(root: &Path) -> std::result::Result<PathBuf, String> 
             .unwrap_or("build failed");
         return Err(format!("cargo build --release -p sluice failed: {first}"));
     }
-    let bin = root.join("target/release/sluice");
+    let bin = crate::tutorial::release_dir(root).join("sluice");
     if bin.exists() {
         Ok(bin)
     } else {

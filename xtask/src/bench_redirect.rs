@@ -290,7 +290,7 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
         if !ok {
             bail!("neither nginx nor fake-service is available as the upstream");
         }
-        Some(root.join("target/release/fake-service"))
+        Some(crate::tutorial::release_dir(&root).join("fake-service"))
     } else {
         None
     };
