@@ -1708,6 +1708,29 @@ impl StepRun {
         ))
     }
 
+    /// How long the failing instance was ejected during the step, and the step's length: from
+    /// Sluice's ejection and un-ejection events; an ejection still running at the end counts up
+    /// to the end.
+    fn failing_time_ejected(&self) -> Option<(Duration, Duration)> {
+        let failing = self.failing_addr.as_deref()?;
+        let mut out = Duration::ZERO;
+        let mut since: Option<Duration> = None;
+        for e in self.ejections.iter().filter(|e| e.host == failing) {
+            match (e.event.as_str(), since) {
+                ("ejected", None) => since = Some(e.at),
+                ("unejected", Some(t)) => {
+                    out += e.at.saturating_sub(t);
+                    since = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(t) = since {
+            out += self.elapsed.saturating_sub(t);
+        }
+        Some((out, self.elapsed))
+    }
+
     fn sluice_saw(&self) -> String {
         let mut s = format!(
             "Sluice saw (istio_requests_total diff over {:.1} s):\n",
@@ -1811,8 +1834,20 @@ impl StepRun {
             ),
             Step::OutlierDetection => {
                 let ej = self.ejections.iter().filter(|e| e.label == "inventory-failing" && e.event == "ejected").count();
+                let share = match self.failing_time_ejected() {
+                    Some((out, total)) if !total.is_zero() => {
+                        let pct = 100.0 * out.as_secs_f64() / total.as_secs_f64();
+                        let verdict = if pct >= 50.0 {
+                            "most of its time, as the tutorial says".to_owned()
+                        } else {
+                            "NOT most of its time as the tutorial says: each ejection lasts baseEjectionTime x its ejection count (30 s, then 60 s, ...), and in between it must collect 5 consecutive errors again from its ~1/4 share of the generator's one inventory call per request; over a longer run the growing ejection time makes its share grow".to_owned()
+                        };
+                        format!(" It was out {:.0} s of the step's {:.0} s ({pct:.0}%): {verdict}.", out.as_secs_f64(), total.as_secs_f64())
+                    }
+                    _ => String::new(),
+                };
                 format!(
-                    "{base}. inventory-failing (ERROR_RATE 0.9 = every int(1/0.9)=1st request, i.e. ALL of them, not 90%) ejected {ej} time(s); the regular replicas fail every 3rd call so they never reach 5 in a row. Spread over 4 endpoints (Istio's default LEAST_REQUEST picks among idle hosts at random) its 5 consecutive failures take ~20 inventory calls on average; as in Envoy the ejection happens at the 5th failure, not at the 10 s `interval` (the tutorial says errors are checked every 10 s), and un-ejection happens at an interval tick after 30 s. Frontend's success rate barely moves: pricing still fails every 2nd call (3 s, then 500) and product answers 500."
+                    "{base}.{share} inventory-failing (ERROR_RATE 0.9 = every int(1/0.9)=1st request, i.e. ALL of them, not 90%) ejected {ej} time(s); the regular replicas fail every 3rd call so they never reach 5 in a row. Spread over 4 endpoints (Istio's default LEAST_REQUEST picks among idle hosts at random) its 5 consecutive failures take ~20 inventory calls on average; as in Envoy the ejection happens at the 5th failure, not at the 10 s `interval` (the tutorial says errors are checked every 10 s), and un-ejection happens at an interval tick after 30 s. Frontend's success rate barely moves: pricing still fails every 2nd call (3 s, then 500) and product answers 500."
                 )
             }
             Step::FaultInjection => format!(
