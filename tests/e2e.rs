@@ -245,6 +245,7 @@ struct Agent {
     starts: usize,
     admin: SocketAddr,
     ready: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl Agent {
@@ -615,6 +616,7 @@ impl Env {
             starts: 0,
             admin,
             ready,
+            metrics,
         };
         agent.spawn();
         self.agent.insert(agent)
@@ -926,6 +928,16 @@ fn enrolled_pod_plain_curl_gets_fault_retry_and_timeout() {
         let r = env.curl(&client, "http://aborted/", 5.0);
         assert_eq!(r.code, 503, "{r:?}");
         assert_eq!(r.body, "fault filter abort", "{r:?}");
+        // The metrics know who asked: the enrolled pod, by its address.
+        let (code, text) = http_get(env.agent().metrics, "/stats/prometheus").expect("metrics");
+        assert_eq!(code, 200);
+        assert!(
+            text.lines().any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("source_workload=\"client\",source_workload_namespace=\"default\"")
+                && l.contains("destination_service_name=\"aborted\"")
+                && l.contains("response_flags=\"FI\"")),
+            "no istio_requests_total sample from the client pod to aborted with FI:\n{text}"
+        );
         // By cluster IP with a Host that names no service: the original destination decides.
         let vip = env.cluster_ip("aborted");
         let mut cmd = env.topo.command(&client, "curl").unwrap();

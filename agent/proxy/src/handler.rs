@@ -91,11 +91,12 @@ pub struct Handler {
     pub(crate) passthrough: Passthrough,
 }
 
-/// Where one request goes.
 /// How one request ended, recorded once (metrics and access log) when it is finished or dropped.
 struct Outcome<'a> {
     handler: &'a Handler,
     state: Arc<State>,
+    /// The client's address (its pod gives the source labels).
+    peer: std::net::IpAddr,
     summary: RequestSummary,
     info: Arc<RequestInfo>,
     start: Instant,
@@ -113,9 +114,10 @@ impl Outcome<'_> {
             Some(None) => (Some(&self.handler.passthrough.labels), None),
             None => (None, None),
         };
+        let source = self.state.source(self.peer);
         self.handler
             .metrics
-            .record(labels, status, self.info.flags(), elapsed);
+            .record(source, labels, status, self.info.flags(), elapsed);
         self.handler
             .access_log
             .log(&self.summary, status, &self.info, elapsed, service);
@@ -132,6 +134,7 @@ impl Drop for Outcome<'_> {
     }
 }
 
+/// Where one request goes.
 struct Routed {
     plan: Arc<RoutePlan>,
     upstream: Upstream,
@@ -186,6 +189,7 @@ impl Handler {
         let mut outcome = Outcome {
             handler: self,
             state: state.clone(),
+            peer: conn.peer.ip(),
             summary: RequestSummary::of(&req),
             info: info.clone(),
             start: Instant::now(),
@@ -255,8 +259,14 @@ impl Handler {
             .header(header::CONTENT_LENGTH, body.len())
             .body(sluice_core::full(body))
             .expect("valid local reply");
-        self.metrics
-            .record(None, rsp.status().as_u16(), info.flags(), Duration::ZERO);
+        let state = self.state();
+        self.metrics.record(
+            state.source(conn.peer.ip()),
+            None,
+            rsp.status().as_u16(),
+            info.flags(),
+            Duration::ZERO,
+        );
         self.access_log
             .log(&summary, rsp.status().as_u16(), &info, Duration::ZERO, None);
         rsp
@@ -304,8 +314,14 @@ impl Handler {
             },
             // Explicit proxy: the authority decides.
             None => {
+                // Short names resolve in the client pod's namespace, as its DNS search path does.
+                let namespace = state
+                    .source(conn.peer.ip())
+                    .map_or(self.opts.default_namespace.as_str(), |s| {
+                        s.namespace.as_str()
+                    });
                 let svc = snapshot
-                    .resolve_host(host, &self.opts.default_namespace)
+                    .resolve_host(host, namespace)
                     .ok_or_else(|| ProxyError::NoCluster(authority.clone()))?;
                 (svc, explicit_port.unwrap_or(80))
             }

@@ -2,7 +2,7 @@
 //! read Sluice as they read Envoy sidecars; cluster circuit-breaker and outlier counters under Envoy's
 //! names (`envoy_cluster_upstream_rq_pending_overflow{cluster_name=...}`) are added at scrape time.
 
-use crate::state::ServiceLabels;
+use crate::state::{ServiceLabels, SourceLabels};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -128,15 +128,23 @@ impl Metrics {
         }
     }
 
-    fn tcp_labels(&self, service: Option<&ServiceLabels>, flags: ResponseFlags) -> TcpLabels {
+    fn tcp_labels(
+        &self,
+        source: Option<&SourceLabels>,
+        service: Option<&ServiceLabels>,
+        flags: ResponseFlags,
+    ) -> TcpLabels {
         let unknown = &self.unknown;
         let pick = |f: fn(&ServiceLabels) -> &Arc<String>| {
             service.map_or_else(|| unknown.clone(), |s| f(s).clone())
         };
+        let from = |f: fn(&SourceLabels) -> &Arc<String>| {
+            source.map_or_else(|| unknown.clone(), |s| f(s).clone())
+        };
         TcpLabels {
             reporter: "source",
-            source_workload: unknown.clone(),
-            source_workload_namespace: unknown.clone(),
+            source_workload: from(|s| &s.workload),
+            source_workload_namespace: from(|s| &s.namespace),
             destination_service: pick(|s| &s.hostname),
             destination_service_name: pick(|s| &s.name),
             destination_service_namespace: pick(|s| &s.namespace),
@@ -146,9 +154,9 @@ impl Metrics {
     }
 
     /// A TCP connection is being proxied (counted before the upstream connect, as Istio does).
-    pub(crate) fn tcp_open(&self, service: Option<&ServiceLabels>) {
+    pub(crate) fn tcp_open(&self, source: Option<&SourceLabels>, service: Option<&ServiceLabels>) {
         self.tcp_opened
-            .get_or_create(&self.tcp_labels(service, ResponseFlags::empty()))
+            .get_or_create(&self.tcp_labels(source, service, ResponseFlags::empty()))
             .inc();
     }
 
@@ -156,12 +164,13 @@ impl Metrics {
     /// connection is open; here long connections show their bytes when they close).
     pub(crate) fn tcp_close(
         &self,
+        source: Option<&SourceLabels>,
         service: Option<&ServiceLabels>,
         flags: ResponseFlags,
         received: u64,
         sent: u64,
     ) {
-        let labels = self.tcp_labels(service, flags);
+        let labels = self.tcp_labels(source, service, flags);
         self.tcp_closed.get_or_create(&labels).inc();
         self.tcp_received.get_or_create(&labels).inc_by(received);
         self.tcp_sent.get_or_create(&labels).inc_by(sent);
@@ -170,6 +179,7 @@ impl Metrics {
     /// One request; `status` 0 when no response was sent (Istio's `response_code="0"`, flag `DC`).
     pub(crate) fn record(
         &self,
+        source: Option<&SourceLabels>,
         service: Option<&ServiceLabels>,
         status: u16,
         flags: ResponseFlags,
@@ -179,10 +189,13 @@ impl Metrics {
         let pick = |f: fn(&ServiceLabels) -> &Arc<String>| {
             service.map_or_else(|| unknown.clone(), |s| f(s).clone())
         };
+        let from = |f: fn(&SourceLabels) -> &Arc<String>| {
+            source.map_or_else(|| unknown.clone(), |s| f(s).clone())
+        };
         let labels = RequestLabels {
             reporter: "source",
-            source_workload: unknown.clone(),
-            source_workload_namespace: unknown.clone(),
+            source_workload: from(|s| &s.workload),
+            source_workload_namespace: from(|s| &s.namespace),
             destination_service: pick(|s| &s.hostname),
             destination_service_name: pick(|s| &s.name),
             destination_service_namespace: pick(|s| &s.namespace),
@@ -215,9 +228,14 @@ mod tests {
             namespace: Arc::new("default".into()),
         };
         let uo = ResponseFlags::UPSTREAM_OVERFLOW;
-        m.record(Some(&svc), 503, uo, Duration::from_millis(3));
-        m.record(Some(&svc), 503, uo, Duration::from_millis(3));
+        m.record(None, Some(&svc), 503, uo, Duration::from_millis(3));
+        m.record(None, Some(&svc), 503, uo, Duration::from_millis(3));
+        let client = SourceLabels {
+            workload: Arc::new("frontend".into()),
+            namespace: Arc::new("shop".into()),
+        };
         m.record(
+            Some(&client),
             None,
             200,
             ResponseFlags::empty(),
@@ -229,6 +247,7 @@ mod tests {
             out.contains("istio_requests_total{reporter=\"source\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",destination_service=\"pricing.default.svc.cluster.local\",destination_service_name=\"pricing\",destination_service_namespace=\"default\",request_protocol=\"http\",response_code=\"503\",response_flags=\"UO\"} 2"),
             "{out}"
         );
+        assert!(out.contains("istio_requests_total{reporter=\"source\",source_workload=\"frontend\",source_workload_namespace=\"shop\",destination_service=\"unknown\""), "{out}");
         assert!(out.contains("response_flags=\"-\"} 1"), "{out}");
         // The 700 ms request is in the 1000 ms bucket and not in the 500 ms one.
         let bucket = |le: &str| {

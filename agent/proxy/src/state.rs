@@ -79,6 +79,36 @@ pub struct State {
     /// Services by cluster IP and service port, for redirected connections (one hash lookup per
     /// request instead of a scan of every Service).
     vips: HashMap<(IpAddr, u16), Arc<Service>>,
+    /// Known pods by IP: who a client is (metrics' `source_workload`, the namespace its short host
+    /// names resolve in).
+    sources: HashMap<IpAddr, SourceLabels>,
+}
+
+/// A client pod's identity as Istio's `source_workload` / `source_workload_namespace` labels.
+#[derive(Clone, Debug)]
+pub(crate) struct SourceLabels {
+    pub workload: Arc<String>,
+    pub namespace: Arc<String>,
+}
+
+impl SourceLabels {
+    /// The workload name of a pod: Istio takes its owner (the Deployment); standalone Pod objects
+    /// carry no owner, so the canonical-name labels stand in (`service.istio.io/canonical-name`,
+    /// `app.kubernetes.io/name`, `app`), else the pod's name.
+    fn of(w: &sluice_policy::Workload) -> Self {
+        let name = [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|k| w.labels.get(*k))
+        .unwrap_or(&w.name);
+        SourceLabels {
+            workload: Arc::new(name.clone()),
+            namespace: Arc::new(w.namespace.clone()),
+        }
+    }
 }
 
 /// A service's metric label values, shared by every sample of every request to it.
@@ -98,7 +128,13 @@ impl State {
             implicit: HashMap::new(),
             labels: HashMap::new(),
             vips: HashMap::new(),
+            sources: HashMap::new(),
         }
+    }
+
+    /// The known pod with address `ip`, if any.
+    pub(crate) fn source(&self, ip: IpAddr) -> Option<&SourceLabels> {
+        self.sources.get(&ip)
     }
 
     /// The Service whose cluster IP is `ip`, exposing `port`.
@@ -179,6 +215,14 @@ impl State {
             }
         }
 
+        let mut sources = HashMap::new();
+        for w in snapshot.workloads.values() {
+            let source = SourceLabels::of(w);
+            for ip in &w.ips {
+                sources.entry(*ip).or_insert_with(|| source.clone());
+            }
+        }
+
         Self {
             snapshot,
             upstreams,
@@ -186,6 +230,7 @@ impl State {
             implicit,
             labels,
             vips,
+            sources,
         }
     }
 

@@ -50,7 +50,8 @@ impl Handler {
             ),
         };
         let labels = self.labels_of(&state, service.as_deref());
-        self.metrics.tcp_open(labels);
+        let source = state.source(conn.peer.ip());
+        self.metrics.tcp_open(source, labels);
 
         let mut client = Counted::new(client);
         match upstream {
@@ -88,7 +89,7 @@ impl Handler {
             sent: client.written,
         };
         self.metrics
-            .tcp_close(labels, info.flags(), summary.received, summary.sent);
+            .tcp_close(source, labels, info.flags(), summary.received, summary.sent);
         self.access_log.log_tcp(
             &summary,
             &info,
@@ -106,8 +107,10 @@ impl Handler {
         );
         let info = RequestInfo::new();
         info.set_cluster(Arc::from(crate::BLACK_HOLE_CLUSTER));
-        self.metrics.tcp_open(None);
-        self.metrics.tcp_close(None, info.flags(), 0, 0);
+        let state = self.state();
+        let source = state.source(conn.peer.ip());
+        self.metrics.tcp_open(source, None);
+        self.metrics.tcp_close(source, None, info.flags(), 0, 0);
         let summary = TcpSummary {
             elapsed: start.elapsed(),
             received: 0,
