@@ -29,7 +29,7 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -768,22 +768,7 @@ struct PeerServer {
 impl PeerServer {
     /// Listens on `pod`'s address, port `port`, inside its network namespace.
     fn start(pod: &Pod, port: u16) -> PeerServer {
-        let netns = pod.netns_path.clone();
-        let ip = pod.ip;
-        // The socket belongs to the namespace it is created in: create it on a thread that
-        // joins the pod's namespace (only that thread does) and ends right after.
-        let listener = std::thread::spawn(move || -> std::io::Result<TcpListener> {
-            let ns = fs::File::open(&netns)?;
-            // SAFETY: setns with a valid namespace descriptor changes this thread's network
-            // namespace only; the thread ends after creating the socket.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            TcpListener::bind((ip, port))
-        })
-        .join()
-        .expect("listener thread")
-        .expect("listen inside the pod");
+        let listener = pod.listen(port).expect("listen inside the pod");
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -1347,20 +1332,7 @@ struct EchoServer {
 
 impl EchoServer {
     fn start(pod: &Pod, port: u16) -> EchoServer {
-        let netns = pod.netns_path.clone();
-        let ip = pod.ip;
-        let listener = std::thread::spawn(move || -> std::io::Result<TcpListener> {
-            let ns = fs::File::open(&netns)?;
-            // SAFETY: setns with a valid namespace descriptor changes this thread's network
-            // namespace only; the thread ends after creating the socket.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            TcpListener::bind((ip, port))
-        })
-        .join()
-        .expect("listener thread")
-        .expect("listen inside the pod");
+        let listener = pod.listen(port).expect("listen inside the pod");
         let addr = listener.local_addr().unwrap();
         let (tx, peers) = mpsc::channel();
         // One connection is all the test makes; the thread ends with it (or with the test).

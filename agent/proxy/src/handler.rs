@@ -94,7 +94,7 @@ pub struct Handler {
 /// How one request ended, recorded once (metrics and access log) when it is finished or dropped.
 struct Outcome<'a> {
     handler: &'a Handler,
-    state: Arc<State>,
+    state: &'a State,
     /// The client's address (its pod gives the source labels).
     peer: std::net::IpAddr,
     summary: RequestSummary,
@@ -188,7 +188,7 @@ impl Handler {
         // client went away first) with status 0 and `DC`, as Envoy does.
         let mut outcome = Outcome {
             handler: self,
-            state: state.clone(),
+            state: &state,
             peer: conn.peer.ip(),
             summary: RequestSummary::of(&req),
             info: info.clone(),

@@ -177,22 +177,20 @@ impl Maps {
 
     /// Turns redirection on or off without forgetting the proxy's address.
     pub fn set_enabled(&self, enabled: bool) -> Result<()> {
-        let mut cfg = self.config()?;
-        cfg.flags = if enabled {
-            cfg.flags | ProxyConfig::ENABLED
-        } else {
-            cfg.flags & !ProxyConfig::ENABLED
-        };
-        self.write_config(cfg)
+        self.set_flag(ProxyConfig::ENABLED, enabled)
     }
 
     /// The programs' aya-log debug lines (one per redirected connect).
     pub fn set_debug_log(&self, on: bool) -> Result<()> {
+        self.set_flag(ProxyConfig::DEBUG_LOG, on)
+    }
+
+    fn set_flag(&self, flag: u16, on: bool) -> Result<()> {
         let mut cfg = self.config()?;
         cfg.flags = if on {
-            cfg.flags | ProxyConfig::DEBUG_LOG
+            cfg.flags | flag
         } else {
-            cfg.flags & !ProxyConfig::DEBUG_LOG
+            cfg.flags & !flag
         };
         self.write_config(cfg)
     }

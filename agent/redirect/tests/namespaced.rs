@@ -552,57 +552,59 @@ fn lease_expiry_fails_open_within_two_seconds_and_renewal_resumes_redirection() 
     );
 }
 
+/// `bpf(cmd, attr)` for the test's few raw calls.
+fn bpf_raw(cmd: libc::c_long, attr: &mut [u32; 32]) -> std::io::Result<i32> {
+    // SAFETY: `attr` is a zeroed `union bpf_attr`-sized buffer with the command's fields set;
+    // pointers inside it outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret as i32)
+}
+
 /// Creates an old-layout `SLUICE_CONFIG` (an array of one 24-byte value, before the lease) and
 /// pins it at `path`, as an older build would have left it.
 fn pin_old_config_map(path: &Path) {
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let bpf = |cmd: libc::c_long, attr: &mut [u32; 32]| -> i64 {
-        // SAFETY: `attr` is a zeroed `union bpf_attr`-sized buffer laid out for `cmd`; the path
-        // it may point to outlives the call.
-        unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                attr.as_mut_ptr(),
-                std::mem::size_of_val(attr) as u32,
-            )
-        }
-    };
     let mut attr = [0u32; 32];
     attr[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, 24, 1]);
-    let fd = bpf(BPF_MAP_CREATE, &mut attr);
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
+    let fd = bpf_raw(BPF_MAP_CREATE, &mut attr).expect("BPF_MAP_CREATE");
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let ptr = c_path.as_ptr() as u64;
     let mut attr = [0u32; 32];
     attr[0] = ptr as u32;
     attr[1] = (ptr >> 32) as u32;
     attr[2] = fd as u32;
-    let ret = bpf(BPF_OBJ_PIN, &mut attr);
-    assert!(ret == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    bpf_raw(BPF_OBJ_PIN, &mut attr).expect("BPF_OBJ_PIN");
     // SAFETY: `fd` is the map descriptor created above and owned by nobody else.
     unsafe { libc::close(fd as i32) };
 }
 
-#[test]
-fn stale_layout_pins_are_detected_and_replaced_whole() {
+/// For tests that only install and inspect: a fresh empty cgroup of their own (nothing on the
+/// machine is affected) and pin directory, both removed by the guard. `None` (after saying why)
+/// when the test cannot run here outside CI.
+fn install_alone(what: &str, suffix: char) -> Option<(Cleanup, Options)> {
     if let Some(why) = cannot_run() {
         if std::env::var_os("CI").is_some() {
-            panic!("stale-layout test cannot run under CI: {why}");
+            panic!("{what} test cannot run under CI: {why}");
         }
-        eprintln!("skipping stale-layout test: {why}");
-        return;
+        eprintln!("skipping {what} test: {why}");
+        return None;
     }
-    let tag = format!("{:x}s", std::process::id() % 0xffff);
-    let root = sluice_redirect::cgroup2_root().expect("cgroup v2 mounted");
-    // Attached to an empty cgroup of its own: nothing on the machine is affected.
-    let cgroup = root.join(format!("sluice-test-{tag}"));
+    let tag = format!("{:x}{suffix}", std::process::id() % 0xffff);
+    let cgroup = sluice_redirect::cgroup2_root()
+        .expect("cgroup v2 mounted")
+        .join(format!("sluice-test-{tag}"));
     let pins = PathBuf::from(format!("/sys/fs/bpf/sluice-test-{tag}"));
     let mut guard = Cleanup {
         netns: None,
@@ -615,8 +617,17 @@ fn stale_layout_pins_are_detected_and_replaced_whole() {
     let opts = Options {
         object: object(),
         cgroup,
-        pin_dir: pins.clone(),
+        pin_dir: pins,
     };
+    Some((guard, opts))
+}
+
+#[test]
+fn stale_layout_pins_are_detected_and_replaced_whole() {
+    let Some((guard, opts)) = install_alone("stale-layout", 's') else {
+        return;
+    };
+    let pins = opts.pin_dir.clone();
     let first = install(&opts).expect("first install");
     assert_eq!(first.report().attached.len(), 5, "{:?}", first.report());
     drop(first);
@@ -655,24 +666,6 @@ fn stale_layout_pins_are_detected_and_replaced_whole() {
     drop(third);
     drop(guard);
     assert!(!pins.exists(), "pins removed by the cleanup");
-}
-
-/// `bpf(cmd, attr)` for the test's few raw calls.
-fn bpf_raw(cmd: libc::c_long, attr: &mut [u32; 32]) -> std::io::Result<i32> {
-    // SAFETY: `attr` is a zeroed `union bpf_attr`-sized buffer with the command's fields set;
-    // pointers inside it outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr) as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(ret as i32)
 }
 
 /// Makes the pinned connect4 link run "another build's" program: a two-instruction
@@ -724,31 +717,10 @@ fn link_tag(link_pin: &Path) -> u64 {
 /// the pinned links in place, instead of keeping the old build's programs.
 #[test]
 fn a_pinned_link_running_another_builds_program_is_upgraded_in_place() {
-    if let Some(why) = cannot_run() {
-        if std::env::var_os("CI").is_some() {
-            panic!("upgrade test cannot run under CI: {why}");
-        }
-        eprintln!("skipping upgrade test: {why}");
+    let Some((guard, opts)) = install_alone("upgrade", 'u') else {
         return;
-    }
-    let tag = format!("{:x}u", std::process::id() % 0xffff);
-    let root = sluice_redirect::cgroup2_root().expect("cgroup v2 mounted");
-    // Attached to an empty cgroup of its own: nothing on the machine is affected.
-    let cgroup = root.join(format!("sluice-test-{tag}"));
-    let pins = PathBuf::from(format!("/sys/fs/bpf/sluice-test-{tag}"));
-    let mut guard = Cleanup {
-        netns: None,
-        veth: None,
-        cgroup: None,
-        pins: Some(pins.clone()),
     };
-    std::fs::create_dir(&cgroup).expect("create test cgroup");
-    guard.cgroup = Some(cgroup.clone());
-    let opts = Options {
-        object: object(),
-        cgroup,
-        pin_dir: pins.clone(),
-    };
+    let pins = opts.pin_dir.clone();
     let link_pin = pins.join("links").join("sluice_connect4");
     let first = install(&opts).expect("first install");
     assert_eq!(first.report().attached.len(), 5, "{:?}", first.report());

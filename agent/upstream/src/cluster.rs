@@ -190,6 +190,26 @@ impl Inner {
         self.config.load_full()
     }
 
+    /// The host for one attempt (HTTP or TCP): the cluster's load balancer over `cfg`'s hosts,
+    /// skipping ejected ones (all of them below outlier detection's `minHealthPercent`: panic
+    /// mode) and the ones in `tried` while another is left. `UH` when there is none.
+    pub(crate) fn pick_host(
+        &self,
+        cfg: &Config,
+        tried: &[SocketAddr],
+    ) -> Result<Arc<Host>, ProxyError> {
+        let panic_threshold = cfg.outlier().map_or(0, |od| od.min_health_percent);
+        self.balancer
+            .pick(
+                &cfg.hosts,
+                cfg.spec.policy.load_balancer,
+                panic_threshold,
+                tried,
+            )
+            .cloned()
+            .ok_or(ProxyError::NoHealthyUpstream)
+    }
+
     pub(crate) fn report(&self, host: &Host, outcome: Outcome) {
         let cfg = self.config.load();
         if let Some(od) = cfg.outlier() {
@@ -411,17 +431,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         Some(info) if info.upstream().is_some() => info.upstreams(),
         _ => Vec::new(),
     };
-    let panic_threshold = cfg.outlier().map_or(0, |od| od.min_health_percent);
-    let host = inner
-        .balancer
-        .pick(
-            &cfg.hosts,
-            cfg.spec.policy.load_balancer,
-            panic_threshold,
-            &tried,
-        )
-        .ok_or(ProxyError::NoHealthyUpstream)?
-        .clone();
+    let host = inner.pick_host(&cfg, &tried)?;
     if let Some(info) = &info {
         info.push_upstream(host.addr);
     }

@@ -57,18 +57,7 @@ impl ClusterHandle {
         let cfg = inner.config();
         let cp = &cfg.spec.policy.connection_pool;
 
-        let tried = info.upstreams();
-        let panic_threshold = cfg.outlier().map_or(0, |od| od.min_health_percent);
-        let host = inner
-            .balancer
-            .pick(
-                &cfg.hosts,
-                cfg.spec.policy.load_balancer,
-                panic_threshold,
-                &tried,
-            )
-            .ok_or(ProxyError::NoHealthyUpstream)?
-            .clone();
+        let host = inner.pick_host(&cfg, &info.upstreams())?;
 
         if !inner.pool.lock().try_reserve_tcp(host.addr) {
             inc(&inner.stats.cx_overflow);

@@ -342,6 +342,26 @@ impl Drop for Topology {
     }
 }
 
+impl Pod {
+    /// A listener on this pod's address, inside its network namespace (the socket belongs to the
+    /// namespace it is created in: a short-lived thread joins the namespace to create it).
+    pub fn listen(&self, port: u16) -> io::Result<std::net::TcpListener> {
+        let netns = self.netns_path.clone();
+        let ip = self.ip;
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&netns)?;
+            // SAFETY: setns with a valid namespace descriptor changes this thread's network
+            // namespace only; the thread ends after creating the socket.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            std::net::TcpListener::bind((ip, port))
+        })
+        .join()
+        .map_err(|_| io::Error::other("listener thread panicked"))?
+    }
+}
+
 /// Makes `cmd`'s process join `cgroup` (v2) before it runs the program, so that every socket it
 /// creates belongs to that cgroup.
 pub fn join_cgroup(cmd: &mut Command, cgroup: &Path) -> Result<()> {
