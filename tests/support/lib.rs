@@ -47,6 +47,7 @@ pub struct Mesh {
     config: ConfigDir,
     pub handler: Arc<Handler>,
     pub proxy: SocketAddr,
+    metrics: Metrics,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -55,10 +56,11 @@ impl Mesh {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = ConfigDir::new(dir.path().to_path_buf(), BuildOptions::default());
+        let metrics = Metrics::new();
         let handler = Arc::new(Handler::new(
             HandlerOptions::default(),
             AccessLog::new(false),
-            Metrics::new(),
+            metrics.clone(),
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let proxy = listener.local_addr().unwrap();
@@ -75,9 +77,17 @@ impl Mesh {
             config,
             handler,
             proxy,
+            metrics,
             shutdown,
             tasks: vec![server],
         }
+    }
+
+    /// The Prometheus exposition of the request metrics.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        self.metrics.encode(&mut out);
+        out
     }
 
     /// Writes `file` into the config directory.
@@ -339,6 +349,8 @@ pub struct LogLine {
     pub authority: String,
     pub upstream: String,
     pub service: String,
+    /// `details=...` (Envoy's response code details) when the line has it.
+    pub details: Option<String>,
 }
 
 impl LogLine {
@@ -355,6 +367,12 @@ impl LogLine {
             .strip_suffix("ms")?
             .parse()
             .ok()?;
+        let details = after_req
+            .split('"')
+            .next()?
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("details="))
+            .map(str::to_owned);
         let quoted: Vec<&str> = after_req.split('"').collect();
         let authority = quoted.get(1)?.to_string();
         let upstream = quoted.get(3)?.to_string();
@@ -367,6 +385,7 @@ impl LogLine {
             authority,
             upstream,
             service,
+            details,
         })
     }
 
@@ -423,5 +442,12 @@ mod tests {
         assert_eq!(l.authority, "pricing");
         assert_eq!(l.upstream, "127.0.0.1:9091");
         assert_eq!(l.service, "pricing.default.svc.cluster.local");
+        assert_eq!(l.details, None);
+        let l = LogLine::parse(
+            "[2026-11-23T14:09:31.694Z] \"GET /health HTTP/1.1\" 200 - attempts=0 duration=0ms details=direct_response \"web\" \"-\" - \"-\" web.default.svc.cluster.local",
+        )
+        .unwrap();
+        assert_eq!(l.details.as_deref(), Some("direct_response"));
+        assert_eq!((l.authority.as_str(), l.upstream.as_str()), ("web", "-"));
     }
 }

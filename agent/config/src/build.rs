@@ -516,6 +516,8 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
                 timeout: r.timeout,
                 retry: r.retry.clone(),
                 fault: r.fault.clone(),
+                direct_response: r.direct_response.clone(),
+                response_headers: r.response_headers.clone(),
             });
         }
         let vh = Arc::new(VirtualHost {

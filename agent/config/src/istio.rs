@@ -85,9 +85,10 @@ pub struct HttpRoute {
     pub timeout: Option<String>,
     pub retries: Option<HttpRetry>,
     pub fault: Option<HttpFaultInjection>,
+    pub direct_response: Option<HttpDirectResponse>,
+    pub headers: Option<Headers>,
     // Unsupported: warned.
     pub redirect: Option<Value>,
-    pub direct_response: Option<Value>,
     pub delegate: Option<Value>,
     pub rewrite: Option<Value>,
     pub mirror: Option<Value>,
@@ -97,7 +98,39 @@ pub struct HttpRoute {
     pub mirror_percent_legacy: Option<Value>,
     pub mirror_percentage: Option<Value>,
     pub cors_policy: Option<Value>,
-    pub headers: Option<Value>,
+}
+
+/// `directResponse`: the proxy answers with `status` and `body` itself.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct HttpDirectResponse {
+    pub status: Option<i64>,
+    pub body: Option<HttpBody>,
+}
+
+/// `directResponse.body`: one of `string` or `bytes` (base64).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct HttpBody {
+    pub string: Option<String>,
+    pub bytes: Option<String>,
+}
+
+/// `headers` of an HTTP route.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Headers {
+    pub response: Option<HeaderOperations>,
+    // Unsupported: warned.
+    pub request: Option<Value>,
+}
+
+/// `set`, `add` and `remove` of one direction's headers.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct HeaderOperations {
+    #[serde(default, deserialize_with = "nullable")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub remove: Vec<String>,
 }
 
 /// Istio's `StringMatch`: one of `exact`, `prefix`, `regex`; `{}` (none) means "present".

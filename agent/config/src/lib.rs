@@ -28,6 +28,7 @@ pub mod istio;
 pub mod k8s;
 pub mod parse;
 mod problem;
+mod response;
 mod store;
 mod vs;
 

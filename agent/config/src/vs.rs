@@ -5,10 +5,11 @@
 use crate::duration::{check_istio_duration, parse_duration};
 use crate::istio::{HttpRetry, StringMatchSpec, VirtualService};
 use crate::problem::Sink;
+use crate::response;
 use crate::{resolve_host, BuildOptions};
 use sluice_policy::{
-    Fault, FaultAbort, FaultDelay, HeaderMatch, QueryMatch, RequestMatch, RetryOn, RetryPolicy,
-    StringMatch,
+    DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, QueryMatch,
+    RequestMatch, RetryOn, RetryPolicy, StringMatch,
 };
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ pub struct RouteDraft {
     pub timeout: Option<Duration>,
     pub retry: RetryPolicy,
     pub fault: Option<Fault>,
+    pub direct_response: Option<DirectResponse>,
+    pub response_headers: Option<HeaderOperations>,
 }
 
 #[derive(Clone, Debug)]
@@ -405,7 +408,6 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
         let field = format!("spec.http[{i}]");
         let unsupported = [
             ("redirect", http.redirect.is_some()),
-            ("directResponse", http.direct_response.is_some()),
             ("delegate", http.delegate.is_some()),
             ("rewrite", http.rewrite.is_some()),
             ("mirror", http.mirror.is_some()),
@@ -414,13 +416,64 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
             ("mirror_percent", http.mirror_percent_legacy.is_some()),
             ("mirrorPercentage", http.mirror_percentage.is_some()),
             ("corsPolicy", http.cors_policy.is_some()),
-            ("headers", http.headers.is_some()),
+            (
+                "headers.request",
+                http.headers.as_ref().is_some_and(|h| h.request.is_some()),
+            ),
         ];
         for (name, present) in unsupported {
             if present {
                 sink.unsupported(format!("{field}.{name}"));
             }
         }
+        let response_headers = http
+            .headers
+            .as_ref()
+            .and_then(|h| h.response.as_ref())
+            .map(|ops| {
+                response::header_operations(sink, &format!("{field}.headers.response"), ops)
+            });
+        let direct_response = http.direct_response.as_ref().and_then(|d| {
+            let df = format!("{field}.directResponse");
+            // Istio's validateHTTPRouteConflict, with its wording.
+            for (present, other, reason) in [
+                (
+                    !http.route.is_empty(),
+                    "route",
+                    "HTTP route cannot contain both route and direct_response",
+                ),
+                (
+                    http.redirect.is_some(),
+                    "redirect",
+                    "HTTP route rule cannot contain both direct_response and redirect",
+                ),
+                (
+                    http.rewrite.is_some(),
+                    "rewrite",
+                    "HTTP route rule cannot contain both rewrite and direct_response",
+                ),
+                // Istio drops a root route's own action for its delegate's routes; Sluice has no
+                // delegation, so the pair is refused rather than half applied.
+                (
+                    http.delegate.is_some(),
+                    "delegate",
+                    "HTTP route cannot contain both delegate and direct_response",
+                ),
+            ] {
+                if present {
+                    sink.error(format!("{field}.{other}"), reason);
+                }
+            }
+            if http.fault.is_some() {
+                sink.warn(
+                    format!("{field}.fault"),
+                    "Istio's webhook rejects this (\"HTTP route cannot contain both fault and \
+                     direct_response\"); Sluice applies the fault first, as Envoy's fault filter \
+                     runs before the router, so the YAML is not portable to Istio",
+                );
+            }
+            response::direct_response(sink, &df, d)
+        });
         let mut matches = Vec::new();
         let mut mesh_matches = 0;
         for (j, m) in http.matches.iter().enumerate() {
@@ -542,15 +595,17 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
             // Istio drops zero-weight destinations when there are others.
             destinations.retain(|d| d.weight > 0);
         }
-        if http.route.is_empty() {
-            if http.redirect.is_none() && http.direct_response.is_none() && http.delegate.is_none()
-            {
+        if http.route.is_empty() && http.direct_response.is_none() {
+            if http.redirect.is_none() && http.delegate.is_none() {
                 sink.error(
                     format!("{field}.route"),
-                    "http route must have a route, redirect, direct response, or delegate",
+                    "HTTP route, redirect or direct_response is required",
                 );
             } else {
-                sink.warn(&field, "route without destinations ignored (its redirect/directResponse/delegate is not supported)");
+                sink.warn(
+                    &field,
+                    "route without destinations ignored (its redirect/delegate is not supported)",
+                );
             }
             continue;
         }
@@ -578,6 +633,8 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
             timeout,
             retry,
             fault,
+            direct_response,
+            response_headers,
         });
     }
     CheckedVs {

@@ -166,3 +166,134 @@ fn unsupported_api_version_is_an_error() {
     let e = the_error("apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata:\n  name: x\nspec: {}\n");
     assert_eq!(e.field, "apiVersion");
 }
+
+/// A VirtualService whose only route is `route` (the `- ` entry under `http:`).
+fn vs_route(route: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: web\nspec:\n  hosts:\n  - web\n  http:\n{route}")
+}
+
+#[test]
+fn direct_response_status_is_required_and_in_range() {
+    let e = the_error(&vs_route("  - directResponse:\n      body: {string: ok}\n"));
+    assert_eq!(e.field, "spec.http[0].directResponse.status");
+    assert!(e.reason.starts_with("required"), "{}", e.reason);
+    for status in ["199", "600", "0"] {
+        let e = the_error(&vs_route(&format!(
+            "  - directResponse:\n      status: {status}\n"
+        )));
+        assert_eq!(e.field, "spec.http[0].directResponse.status");
+        assert_eq!(
+            e.reason,
+            format!("HTTP status {status} is not in range 200-599")
+        );
+    }
+}
+
+#[test]
+fn direct_response_body_is_string_or_bytes() {
+    let e = the_error(&vs_route(
+        "  - directResponse:\n      status: 200\n      body: {string: a, bytes: YQ==}\n",
+    ));
+    assert_eq!(e.field, "spec.http[0].directResponse.body");
+    assert_eq!(e.reason, "only one of string or bytes may be set");
+    let e = the_error(&vs_route(
+        "  - directResponse:\n      status: 200\n      body: {}\n",
+    ));
+    assert_eq!(e.field, "spec.http[0].directResponse.body");
+    assert!(e.reason.starts_with("one of string or bytes is required"));
+    let e = the_error(&vs_route(
+        "  - directResponse:\n      status: 200\n      body: {bytes: \"not base64!\"}\n",
+    ));
+    assert_eq!(e.field, "spec.http[0].directResponse.body.bytes");
+    assert!(e.reason.starts_with("not valid base64: "), "{}", e.reason);
+    assert!(e.to_string().starts_with(
+        "bad.yaml: document 2 (VirtualService default/web): spec.http[0].directResponse.body.bytes: not valid base64"
+    ));
+}
+
+#[test]
+fn direct_response_body_over_one_mib() {
+    let big = "x".repeat(1024 * 1024 + 1);
+    let e = the_error(&vs_route(&format!(
+        "  - directResponse:\n      status: 200\n      body: {{string: {big}}}\n"
+    )));
+    assert_eq!(e.field, "spec.http[0].directResponse.body");
+    assert!(e.reason.contains("must be less than 1MB"), "{}", &e.reason);
+    let large = "x".repeat(200 * 1024);
+    let ps = problems(
+        "large.yaml",
+        &vs_route(&format!(
+            "  - directResponse:\n      status: 200\n      body: {{string: {large}}}\n"
+        )),
+    );
+    assert!(ps.iter().all(|p| !p.is_error()), "{ps:#?}");
+    assert!(ps
+        .iter()
+        .any(|p| p.field == "spec.http[0].directResponse.body"
+            && p.reason.starts_with("large direct_responses may impact")));
+}
+
+#[test]
+fn direct_response_excludes_route_redirect_rewrite_and_delegate() {
+    for (other, yaml, reason) in [
+        (
+            "route",
+            "    route:\n    - destination: {host: web}\n",
+            "HTTP route cannot contain both route and direct_response",
+        ),
+        (
+            "redirect",
+            "    redirect: {uri: /x}\n",
+            "HTTP route rule cannot contain both direct_response and redirect",
+        ),
+        (
+            "rewrite",
+            "    rewrite: {uri: /x}\n",
+            "HTTP route rule cannot contain both rewrite and direct_response",
+        ),
+        (
+            "delegate",
+            "    delegate: {name: other}\n",
+            "HTTP route cannot contain both delegate and direct_response",
+        ),
+    ] {
+        let e = the_error(&vs_route(&format!(
+            "  - directResponse: {{status: 200}}\n{yaml}"
+        )));
+        assert_eq!(e.field, format!("spec.http[0].{other}"));
+        assert_eq!(e.reason, reason);
+    }
+}
+
+#[test]
+fn direct_response_with_a_fault_is_accepted_with_a_warning() {
+    let ps = problems(
+        "f.yaml",
+        &vs_route("  - directResponse: {status: 200}\n    fault:\n      delay: {fixedDelay: 1s, percentage: {value: 100}}\n"),
+    );
+    assert!(ps.iter().all(|p| !p.is_error()), "{ps:#?}");
+    let w = ps.iter().find(|p| p.field == "spec.http[0].fault").unwrap();
+    assert!(w.reason.contains("not portable to Istio"), "{}", w.reason);
+}
+
+#[test]
+fn response_header_names_are_checked() {
+    let e = the_error(&vs_route(
+        "  - directResponse: {status: 200}\n    headers:\n      response:\n        set: {\"x bad\": v}\n",
+    ));
+    assert_eq!(e.field, "spec.http[0].headers.response.set.x bad");
+    assert_eq!(e.reason, "header name x bad is not a valid header name");
+    let e = the_error(&vs_route(
+        "  - directResponse: {status: 200}\n    headers:\n      response:\n        remove: [Host]\n",
+    ));
+    assert_eq!(e.field, "spec.http[0].headers.response.remove[0]");
+    assert!(e.reason.contains("cannot have \":\" prefix or be \"host\""));
+    // Request header manipulation is not implemented: warned, not dropped silently.
+    let ps = problems(
+        "h.yaml",
+        &vs_route("  - directResponse: {status: 200}\n    headers:\n      request:\n        set: {x-a: b}\n"),
+    );
+    assert!(ps.iter().all(|p| !p.is_error()));
+    assert!(ps.iter().any(|p| p.field == "spec.http[0].headers.request"
+        && p.reason == "not supported by Sluice yet; ignored"));
+}

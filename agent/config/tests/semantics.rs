@@ -319,3 +319,39 @@ fn services_without_cluster_ip_get_one_allocated() {
         );
     }
 }
+
+#[test]
+fn direct_response_and_response_headers() {
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [pricing]\n  http:\n  - match: [{uri: {exact: /ok}}]\n    directResponse:\n      status: 200\n      body: {string: ok}\n    headers:\n      response:\n        set: {Content-Type: application/json}\n        add: {x-served-by: sluice}\n        remove: [x-internal]\n  - match: [{uri: {exact: /bin}}]\n    directResponse:\n      status: 503\n      body: {bytes: AAECAw==}\n  - match: [{uri: {exact: /empty}}]\n    directResponse: {status: 204}\n  - route:\n    - destination: {host: pricing, port: {number: 80}}\n    headers:\n      response:\n        set: {x-route: rest}\n";
+    let (s, problems) = snap(&format!("{SVC}{vs}"));
+    // SVC's own warning (a pod without the named port) only.
+    assert!(
+        problems
+            .iter()
+            .all(|p| p.field == "spec.ports[1].targetPort"),
+        "{problems:#?}"
+    );
+    let routes = &s.virtual_hosts[HOST].routes;
+    let ok = routes[0].direct_response.as_ref().unwrap();
+    assert_eq!((ok.status, &ok.body[..]), (200, &b"ok"[..]));
+    assert!(routes[0].destinations.is_empty());
+    let ops = routes[0].response_headers.as_ref().unwrap();
+    assert_eq!(
+        ops.set,
+        vec![("content-type".to_string(), "application/json".to_string())]
+    );
+    assert_eq!(
+        ops.add,
+        vec![("x-served-by".to_string(), "sluice".to_string())]
+    );
+    assert_eq!(ops.remove, vec!["x-internal".to_string()]);
+    let bin = routes[1].direct_response.as_ref().unwrap();
+    assert_eq!((bin.status, &bin.body[..]), (503, &[0u8, 1, 2, 3][..]));
+    let empty = routes[2].direct_response.as_ref().unwrap();
+    assert_eq!((empty.status, empty.body.len()), (204, 0));
+    assert!(routes[3].direct_response.is_none());
+    assert_eq!(
+        routes[3].response_headers.as_ref().unwrap().set,
+        vec![("x-route".to_string(), "rest".to_string())]
+    );
+}

@@ -15,6 +15,9 @@ pub struct RequestInfo {
     /// Endpoints of the attempts so far, in order; the last is the current one.
     upstreams: Mutex<Vec<SocketAddr>>,
     cluster: Mutex<Option<Arc<str>>>,
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` (or, for a connection, its termination details) when the
+    /// proxy itself decided the outcome in a way flags do not say (`direct_response`).
+    details: Mutex<Option<&'static str>>,
 }
 
 impl RequestInfo {
@@ -66,5 +69,14 @@ impl RequestInfo {
 
     pub fn cluster(&self) -> Option<Arc<str>> {
         self.cluster.lock().clone()
+    }
+
+    /// Records why the proxy answered as it did (`direct_response`, `tcp_session_idle_timeout`).
+    pub fn set_details(&self, details: &'static str) {
+        *self.details.lock() = Some(details);
+    }
+
+    pub fn details(&self) -> Option<&'static str> {
+        *self.details.lock()
     }
 }

@@ -13,8 +13,9 @@ pub use self::cluster::{
     TcpKeepalive, TrafficPolicy,
 };
 pub use self::route::{
-    Fault, FaultAbort, FaultDelay, HeaderMatch, QueryMatch, RequestMatch, RetryOn, RetryPolicy,
-    Route, StringMatch, VirtualHost, WeightedDestination, GRPC_STATUS_NAMES,
+    DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, QueryMatch,
+    RequestMatch, RetryOn, RetryPolicy, Route, StringMatch, VirtualHost, WeightedDestination,
+    GRPC_STATUS_NAMES,
 };
 pub use self::snapshot::{Rejection, Service, ServicePort, Snapshot, Workload};
 

@@ -2,6 +2,7 @@
 //! default route), each with its matches, weighted destinations and resilience settings.
 
 use crate::ClusterKey;
+use bytes::Bytes;
 use regex::Regex;
 use serde::{Serialize, Serializer};
 use std::time::Duration;
@@ -32,6 +33,36 @@ pub struct Route {
     /// `fault`. As in Istio, the route keeps its retries and timeout: the fault filter runs before the
     /// router, so an injected fault is never retried or timed out, other requests are.
     pub fault: Option<Fault>,
+    /// `directResponse`: the proxy answers itself (no destinations, no retries, no timeout).
+    pub direct_response: Option<DirectResponse>,
+    /// `headers.response`: applied to every response of the route except injected aborts.
+    pub response_headers: Option<HeaderOperations>,
+}
+
+/// `directResponse`, with its body decoded once at configuration time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DirectResponse {
+    /// 200 to 599.
+    pub status: u16,
+    /// `body.string` or the decoded `body.bytes`; empty without a body.
+    #[serde(serialize_with = "ser_body")]
+    pub body: Bytes,
+}
+
+fn ser_body<S: Serializer>(body: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+    match std::str::from_utf8(body) {
+        Ok(text) => s.serialize_str(text),
+        Err(_) => s.serialize_str(&format!("<{} bytes, not UTF-8>", body.len())),
+    }
+}
+
+/// Header manipulation of one direction, applied as Envoy applies it: `remove`, then `set`
+/// (replacing any value), then `add` (appending). Names are lower case.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HeaderOperations {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
 }
 
 /// A destination with its weight.

@@ -2,8 +2,11 @@
 //! read these: `[start] "METHOD PATH PROTO" STATUS FLAGS attempts=N duration=MSms "authority"
 //! "upstream" cluster "request-id" service`. A connection proxied at L4 gets one line when it closes,
 //! in Envoy's TCP style (`"- - -" 0`, no request) with the bytes received from and sent to the
-//! client after the duration: `received=N sent=M`. Lines go to stdout through a writer thread (the runtime
-//! never blocks on a pipe) and to live subscribers (`sluice logs`).
+//! client after the duration: `received=N sent=M`. When the proxy decided the outcome in a way the
+//! flags do not say, Envoy's response code (or connection termination) details follow as
+//! `details=direct_response` (`details=tcp_session_idle_timeout`) before the quoted fields; other
+//! lines have no such token. Lines go to stdout through a writer thread (the runtime never blocks on
+//! a pipe) and to live subscribers (`sluice logs`).
 
 use crate::handler::RequestSummary;
 use sluice_core::RequestInfo;
@@ -106,13 +109,14 @@ pub(crate) fn format_tcp_line(
     let mut line = String::with_capacity(200);
     let _ = write!(
         line,
-        "[{}] \"- - -\" 0 {} attempts={} duration={}ms received={} sent={} \"-\" \"{}\" {} \"-\" {}",
+        "[{}] \"- - -\" 0 {} attempts={} duration={}ms received={} sent={}{} \"-\" \"{}\" {} \"-\" {}",
         rfc3339(now),
         info.flags(),
         info.attempts(),
         conn.elapsed.as_millis(),
         conn.received,
         conn.sent,
+        Details(info.details()),
         info.upstream()
             .map_or_else(|| "-".to_owned(), |a| a.to_string()),
         info.cluster().as_deref().unwrap_or("-"),
@@ -145,7 +149,7 @@ pub(crate) fn format_line(
     let mut line = String::with_capacity(256);
     let _ = write!(
         line,
-        "[{}] \"{} {} {:?}\" {} {} attempts={} duration={}ms \"{}\" \"{}\" {} \"{}\" {}",
+        "[{}] \"{} {} {:?}\" {} {} attempts={} duration={}ms{} \"{}\" \"{}\" {} \"{}\" {}",
         rfc3339(now),
         req.method,
         req.path,
@@ -154,6 +158,7 @@ pub(crate) fn format_line(
         info.flags(),
         info.attempts(),
         elapsed.as_millis(),
+        Details(info.details()),
         req.authority,
         info.upstream()
             .map_or_else(|| "-".to_owned(), |a| a.to_string()),
@@ -165,6 +170,18 @@ pub(crate) fn format_line(
         service.map_or("-", |s| s.hostname.as_str()),
     );
     line
+}
+
+/// ` details=...` when there are details, nothing otherwise.
+struct Details(Option<&'static str>);
+
+impl std::fmt::Display for Details {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, " details={d}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// `2026-11-23T13:40:00.123Z` without pulling in a calendar crate.
@@ -227,6 +244,32 @@ mod tests {
             line,
             "[1970-01-01T00:00:00.000Z] \"- - -\" 0 UF attempts=1 duration=3ms received=0 sent=0 \"-\" \
              \"10.0.0.7:5432\" outbound|5432||db.default.svc.cluster.local \"-\" db.default.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn direct_response_line_has_its_details() {
+        let info = RequestInfo::new();
+        info.set_details("direct_response");
+        let req = RequestSummary {
+            method: http::Method::GET,
+            path: "/health".into(),
+            version: http::Version::HTTP_11,
+            authority: "web".into(),
+            request_id: None,
+        };
+        let line = format_line(
+            &req,
+            200,
+            &info,
+            Duration::ZERO,
+            None,
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(
+            line,
+            "[1970-01-01T00:00:00.000Z] \"GET /health HTTP/1.1\" 200 - attempts=0 duration=0ms \
+             details=direct_response \"web\" \"-\" - \"-\" -"
         );
     }
 

@@ -14,6 +14,7 @@
 //! the cluster (circuit breakers, load balancing, outlier detection, connection pools).
 
 use crate::access_log::AccessLog;
+use crate::direct::{DirectReply, DirectService, DIRECT_RESPONSE_DETAILS};
 use crate::metrics::Metrics;
 use crate::passthrough::Passthrough;
 use crate::route;
@@ -29,7 +30,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 /// What the listener knows about the client connection.
 #[derive(Clone, Debug)]
@@ -137,9 +138,17 @@ impl Drop for Outcome<'_> {
 /// Where one request goes.
 struct Routed {
     plan: Arc<RoutePlan>,
-    upstream: Upstream,
+    target: Target,
     /// `None` for the passthrough cluster.
     service: Option<Arc<Service>>,
+}
+
+/// What answers a routed request.
+enum Target {
+    /// A cluster's endpoints, through the route's resilience stack.
+    Cluster(Upstream),
+    /// The route's `directResponse`: the proxy itself.
+    Direct(Arc<DirectReply>),
 }
 
 impl Handler {
@@ -200,7 +209,15 @@ impl Handler {
         let rsp = match self.route(&state, &req, conn) {
             Ok(Routed {
                 plan,
-                upstream,
+                target: Target::Direct(reply),
+                service,
+            }) => {
+                outcome.service = Some(service);
+                respond_direct(req, &plan, &reply, &info, &outcome.summary).await
+            }
+            Ok(Routed {
+                plan,
+                target: Target::Cluster(upstream),
                 service,
             }) => {
                 outcome.service = Some(service);
@@ -221,10 +238,18 @@ impl Handler {
                     'static,
                     Result<Response<Body>, BoxError>,
                 > = Box::pin(stack.oneshot(req));
-                match fut.await {
+                let mut rsp = match fut.await {
                     Ok(rsp) => prepare_response(rsp),
                     Err(err) => local_reply(&err, &info),
+                };
+                // The route's header operations apply to what the router answers (upstream
+                // responses and its local replies), not to the fault filter's aborts.
+                if let Some(ops) = &plan.response_headers {
+                    if !info.flags().contains(ResponseFlags::FAULT_INJECTED) {
+                        ops.apply(rsp.headers_mut());
+                    }
                 }
+                rsp
             }
             Err(err) => local_reply(&err, &info),
         };
@@ -307,7 +332,7 @@ impl Handler {
                     };
                     return Ok(Routed {
                         plan: self.passthrough.plan().clone(),
-                        upstream: self.passthrough.upstream(dst, protocol),
+                        target: Target::Cluster(self.passthrough.upstream(dst, protocol)),
                         service: None,
                     });
                 }
@@ -347,6 +372,13 @@ impl Handler {
                     .ok_or_else(|| ProxyError::NoCluster(key.to_string()))?
             }
         };
+        if let Some(reply) = &plan.direct {
+            return Ok(Routed {
+                target: Target::Direct(reply.clone()),
+                plan,
+                service: Some(service.clone()),
+            });
+        }
         let dest = route::pick_destination(&plan.destinations, |total| fastrand::u32(0..total))
             .ok_or(ProxyError::NoRoute)?;
         let upstream = state
@@ -356,7 +388,7 @@ impl Handler {
             .clone();
         Ok(Routed {
             plan,
-            upstream,
+            target: Target::Cluster(upstream),
             service: Some(service.clone()),
         })
     }
@@ -456,6 +488,53 @@ where
     parts.version = http::Version::HTTP_11;
     parts.extensions.insert(info.clone());
     Request::from_parts(parts, sluice_core::boxed(body))
+}
+
+/// A route's `directResponse`: after the route's fault (as Envoy's fault filter runs before the
+/// router), the prebuilt reply; no upstream, no retries, no timeout.
+async fn respond_direct<B>(
+    req: Request<B>,
+    plan: &RoutePlan,
+    reply: &Arc<DirectReply>,
+    info: &Arc<RequestInfo>,
+    summary: &RequestSummary,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let location = if reply.wants_location {
+        HeaderValue::from_str(&format!("http://{}{}", summary.authority, summary.path)).ok()
+    } else {
+        None
+    };
+    let rsp = match &plan.fault {
+        None => reply.respond(location.as_ref()),
+        Some(fault) => {
+            let (mut parts, body) = req.into_parts();
+            parts.extensions.insert(info.clone());
+            let req = Request::from_parts(parts, sluice_core::boxed(body));
+            let direct = DirectService {
+                reply: reply.clone(),
+                location,
+            };
+            // Boxed where created, for the same reason as the upstream stack's future.
+            let fut: futures_util::future::BoxFuture<'static, Result<Response<Body>, BoxError>> =
+                Box::pin(
+                    FaultLayer::new(Some(fault.clone()))
+                        .layer(direct)
+                        .oneshot(req),
+                );
+            match fut.await {
+                Ok(rsp) => rsp,
+                Err(err) => local_reply(&err, info),
+            }
+        }
+    };
+    if !info.flags().contains(ResponseFlags::FAULT_INJECTED) {
+        info.set_details(DIRECT_RESPONSE_DETAILS);
+    }
+    rsp
 }
 
 fn prepare_response(mut rsp: Response<Body>) -> Response<Body> {

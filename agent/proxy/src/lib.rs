@@ -8,6 +8,7 @@ mod access_log;
 pub mod admin;
 mod cluster_stats;
 pub mod detect;
+mod direct;
 mod handler;
 mod metrics;
 mod passthrough;

@@ -41,6 +41,8 @@ impl Passthrough {
                 retry: Arc::new(RetryPolicy::disabled()),
                 per_try_timeout: None,
                 fault: None,
+                direct: None,
+                response_headers: None,
             }),
             labels: ServiceLabels {
                 hostname: name.clone(),

@@ -134,6 +134,8 @@ mod tests {
             timeout: None,
             retry: RetryPolicy::istio_default(),
             fault: None,
+            direct_response: None,
+            response_headers: None,
         }
     }
 

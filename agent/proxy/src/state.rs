@@ -2,6 +2,7 @@
 //! route's resilience plan. Swapped atomically on reload; a request loads it once and keeps it, so a
 //! request finishes under the policy it started with while new requests see the new one.
 
+use crate::direct::{DirectReply, ResponseHeaders};
 use sluice_policy::{
     Cluster, ClusterKey, Fault, RetryPolicy, Route, Service, Snapshot, VirtualHost,
     WeightedDestination,
@@ -31,10 +32,18 @@ pub struct RoutePlan {
     pub retry: Arc<RetryPolicy>,
     pub per_try_timeout: Option<Duration>,
     pub fault: Option<Arc<Fault>>,
+    /// `directResponse`, prebuilt: the proxy answers, no destination is used.
+    pub(crate) direct: Option<Arc<DirectReply>>,
+    /// `headers.response`, applied to the route's responses (already in `direct`'s headers).
+    pub(crate) response_headers: Option<Arc<ResponseHeaders>>,
 }
 
 impl RoutePlan {
     fn compile(route: &Route) -> Self {
+        let response_headers = route
+            .response_headers
+            .as_ref()
+            .map(|ops| Arc::new(ResponseHeaders::compile(ops)));
         Self {
             name: route.name.clone(),
             destinations: route.destinations.clone(),
@@ -42,6 +51,11 @@ impl RoutePlan {
             per_try_timeout: route.retry.per_try_timeout,
             retry: Arc::new(route.retry.clone()),
             fault: route.fault.clone().map(Arc::new),
+            direct: route
+                .direct_response
+                .as_ref()
+                .map(|d| Arc::new(DirectReply::new(d, response_headers.as_deref()))),
+            response_headers,
         }
     }
 
@@ -62,6 +76,8 @@ impl RoutePlan {
             retry: Arc::new(RetryPolicy::istio_default()),
             per_try_timeout: None,
             fault: None,
+            direct: None,
+            response_headers: None,
         }
     }
 }
