@@ -5,7 +5,10 @@
 //! pod gets its own cgroup: attach Sluice's cgroup programs to [`Topology::cgroup`] and only this
 //! topology's pods are affected, so topologies of tests running in parallel do not meet. A [`Pod`] is
 //! a network namespace with a veth pair to the bridge (`eth0`, `10.A.B.n/24`, loopback up) and its
-//! cgroup. [`Topology::command`] builds a [`Command`] that runs inside a pod: the child joins the
+//! cgroup. [`Topology::create_dual_stack`] adds IPv6: a ULA `/64` per topology, `fd00:5c:A:B::/64`
+//! (derived from the IPv4 subnet), with the host at `::1` on the bridge and each pod at `::n` on its
+//! `eth0` ([`Pod::ip6`], [`Topology::host_ip6`]), added without duplicate address detection so the
+//! addresses are usable at once. [`Topology::command`] builds a [`Command`] that runs inside a pod: the child joins the
 //! pod's cgroup, then its network namespace, and (when [`Topology::set_hosts`] was called) sees the
 //! topology's own `/etc/hosts` in a private mount namespace, so `curl http://product/` resolves as in
 //! a cluster.
@@ -21,7 +24,7 @@ use std::{
     ffi::{CString, OsStr},
     fs,
     io::{self, Write as _},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -53,6 +56,21 @@ pub fn cannot_run() -> Option<String> {
     None
 }
 
+/// `Some(reason)` when [`Topology::create_dual_stack`] cannot work here: [`cannot_run`]'s reasons,
+/// or IPv6 is not available (no IPv6 in the kernel, or `net.ipv6.conf.all.disable_ipv6=1`).
+pub fn cannot_run_ipv6() -> Option<String> {
+    if let Some(why) = cannot_run() {
+        return Some(why);
+    }
+    match fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6") {
+        Err(_) => Some("this kernel has no IPv6 (/proc/sys/net/ipv6 is missing)".into()),
+        Ok(v) if v.trim() != "0" => {
+            Some("IPv6 is disabled on this host (net.ipv6.conf.all.disable_ipv6=1)".into())
+        }
+        Ok(_) => None,
+    }
+}
+
 /// One pod: a network namespace on the topology's bridge, and a cgroup.
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -66,6 +84,9 @@ pub struct Pod {
     pub cgroup: PathBuf,
     /// The pod's address on the bridge.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address on the bridge (`fd00:5c:A:B::n/64`) in a dual-stack topology
+    /// ([`Topology::create_dual_stack`]); `None` otherwise.
+    pub ip6: Option<Ipv6Addr>,
     /// The host end of the pod's veth.
     host_link: String,
 }
@@ -75,6 +96,7 @@ pub struct Topology {
     id: String,
     bridge: Option<String>,
     subnet: (u8, u8),
+    ipv6: bool,
     cgroup: Option<PathBuf>,
     pods: Vec<Pod>,
     children: Vec<Child>,
@@ -83,9 +105,24 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Creates the bridge (with the host's address) and the parent cgroup.
+    /// Creates the bridge (with the host's address) and the parent cgroup. IPv4 only.
     pub fn create() -> Result<Self> {
-        if let Some(why) = cannot_run() {
+        Self::build(false)
+    }
+
+    /// As [`Topology::create`], plus IPv6: the bridge also holds [`Topology::host_ip6`] and every
+    /// pod also gets [`Pod::ip6`] (see the crate documentation).
+    pub fn create_dual_stack() -> Result<Self> {
+        Self::build(true)
+    }
+
+    fn build(ipv6: bool) -> Result<Self> {
+        let unavailable = if ipv6 {
+            cannot_run_ipv6()
+        } else {
+            cannot_run()
+        };
+        if let Some(why) = unavailable {
             bail!("cannot build a pod topology: {why}");
         }
         // `<pid>x<n>` in hex: link names stay within 15 bytes (pid_max is 2^22, n wraps at 256).
@@ -96,6 +133,7 @@ impl Topology {
             id,
             bridge: None,
             subnet,
+            ipv6,
             cgroup: None,
             pods: Vec::new(),
             children: Vec::new(),
@@ -112,6 +150,17 @@ impl Topology {
             "dev",
             &bridge,
         ])?;
+        if let Some(host6) = topo.host_ip6() {
+            // nodad: usable at once (nothing else on this bridge can hold the address).
+            ip(&[
+                "addr",
+                "add",
+                &format!("{host6}/64"),
+                "dev",
+                &bridge,
+                "nodad",
+            ])?;
+        }
         ip(&["link", "set", &bridge, "up"])?;
 
         let cgroup = sluice_redirect::cgroup2_root()?.join(format!("{PREFIX}{}", topo.id));
@@ -128,6 +177,17 @@ impl Topology {
     /// The node's address on the bridge (`10.A.B.1`): where pods reach host listeners.
     pub fn host_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.subnet.0, self.subnet.1, 1)
+    }
+
+    /// The node's IPv6 address on the bridge (`fd00:5c:A:B::1`) in a dual-stack topology: where
+    /// pods reach host listeners over IPv6. `None` for [`Topology::create`].
+    pub fn host_ip6(&self) -> Option<Ipv6Addr> {
+        self.ipv6.then(|| self.ip6(1))
+    }
+
+    /// `fd00:5c:A:B::n` for the IPv4 subnet `10.A.B.0/24`.
+    fn ip6(&self, n: u16) -> Ipv6Addr {
+        ip6_in(self.subnet, n)
     }
 
     /// The parent cgroup of every pod: attach the cgroup programs here.
@@ -153,6 +213,7 @@ impl Topology {
         let host_link = self.link_name(&format!("h{index}"));
         let pod_link = self.link_name(&format!("p{index}"));
         let ip_addr = Ipv4Addr::new(10, self.subnet.0, self.subnet.1, index as u8);
+        let ip6 = self.ipv6.then(|| self.ip6(index as u16));
         let cgroup = self.cgroup().join(name);
 
         ip(&["netns", "add", &netns])?;
@@ -163,6 +224,7 @@ impl Topology {
             netns_path: Path::new("/run/netns").join(&netns),
             cgroup: cgroup.clone(),
             ip: ip_addr,
+            ip6,
             host_link: host_link.clone(),
         });
         ip(&[
@@ -187,10 +249,39 @@ impl Topology {
             "dev",
             "eth0",
         ])?;
+        if let Some(ip6) = ip6 {
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         fs::create_dir(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         Ok(self.pods.last().expect("pushed").clone())
+    }
+
+    /// Adds `addr` to `pod`'s `eth0` as one more address of its own (`/32` or `/128`, no duplicate
+    /// address detection), e.g. a Service's cluster IP the pod answers for directly, standing in for
+    /// kube-proxy. Other pods reach it when it lies in the topology's subnet (on-link). It goes with
+    /// the pod's network namespace.
+    pub fn add_address(&self, pod: &Pod, addr: IpAddr) -> Result<()> {
+        let mut args = vec!["-n", &pod.netns, "addr", "add"];
+        let with_len = match addr {
+            IpAddr::V4(a) => format!("{a}/32"),
+            IpAddr::V6(a) => format!("{a}/128"),
+        };
+        args.extend([with_len.as_str(), "dev", "eth0"]);
+        if addr.is_ipv6() {
+            args.push("nodad");
+        }
+        ip(&args)
     }
 
     /// A cgroup under [`Topology::cgroup`] for processes of the node itself (host network
@@ -208,13 +299,18 @@ impl Topology {
     }
 
     /// Gives every pod's processes this `/etc/hosts` (lines `IP name...`), e.g. Service names to
-    /// their cluster IPs. Applies to commands built afterwards.
-    pub fn set_hosts(&mut self, entries: &[(Ipv4Addr, Vec<String>)]) -> Result<()> {
+    /// their cluster IPs (IPv4, IPv6 or both: `Ipv4Addr`, `Ipv6Addr` or `IpAddr`). Applies to
+    /// commands built afterwards.
+    pub fn set_hosts<A: Copy + Into<IpAddr>>(
+        &mut self,
+        entries: &[(A, Vec<String>)],
+    ) -> Result<()> {
         let path = std::env::temp_dir().join(format!("{PREFIX}{}-hosts", self.id));
         let mut file = fs::File::create(&path)?;
         writeln!(file, "127.0.0.1 localhost")?;
         writeln!(file, "::1 localhost")?;
         for (ip, names) in entries {
+            let ip: IpAddr = (*ip).into();
             writeln!(file, "{ip} {}", names.join(" "))?;
         }
         self.hosts = Some(path);
@@ -346,8 +442,13 @@ impl Pod {
     /// A listener on this pod's address, inside its network namespace (the socket belongs to the
     /// namespace it is created in: a short-lived thread joins the namespace to create it).
     pub fn listen(&self, port: u16) -> io::Result<std::net::TcpListener> {
+        self.listen_on(IpAddr::V4(self.ip), port)
+    }
+
+    /// A listener on `ip` (one of this pod's addresses, e.g. [`Pod::ip6`], or `::` for all of
+    /// them, IPv4 included), inside the pod's network namespace, as [`Pod::listen`].
+    pub fn listen_on(&self, ip: IpAddr, port: u16) -> io::Result<std::net::TcpListener> {
         let netns = self.netns_path.clone();
-        let ip = self.ip;
         std::thread::spawn(move || {
             let ns = fs::File::open(&netns)?;
             // SAFETY: setns with a valid namespace descriptor changes this thread's network
@@ -453,12 +554,18 @@ pub fn sweep_stale() -> Vec<String> {
     removed
 }
 
-/// Picks `10.A.B.0/24` (A in 200..=249) that no interface of the host uses.
+/// `fd00:5c:A:B::n`: the IPv6 twin of `10.A.B.n`.
+fn ip6_in(subnet: (u8, u8), n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x5c, subnet.0.into(), subnet.1.into(), 0, 0, 0, n)
+}
+
+/// Picks `10.A.B.0/24` (A in 200..=249) that no interface of the host uses, nor its IPv6 twin
+/// `fd00:5c:A:B::/64`.
 fn free_subnet(id: &str) -> Result<(u8, u8)> {
     let used = Command::new("ip")
-        .args(["-o", "-4", "addr", "show"])
+        .args(["-o", "addr", "show"])
         .output()
-        .context("ip -4 addr show")?;
+        .context("ip addr show")?;
     let used = String::from_utf8_lossy(&used.stdout).into_owned();
     let seed = id
         .bytes()
@@ -466,7 +573,8 @@ fn free_subnet(id: &str) -> Result<(u8, u8)> {
     for i in 0..2500u32 {
         let k = seed.wrapping_add(i.wrapping_mul(7919)) % 12_500;
         let (a, b) = (200 + (k / 250) as u8, 1 + (k % 250) as u8);
-        if !used.contains(&format!(" 10.{a}.{b}.")) {
+        let prefix6 = ip6_in((a, b), 0).to_string(); // `fd00:5c:A:B::`
+        if !used.contains(&format!(" 10.{a}.{b}.")) && !used.contains(&format!(" {prefix6}")) {
             return Ok((a, b));
         }
     }

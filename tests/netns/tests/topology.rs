@@ -1,14 +1,25 @@
 //! Root-only: a topology's pods are in their own network namespace and cgroup, reach the host
-//! over the bridge from their own address, resolve names from the topology's hosts file, and
-//! everything is gone after the topology is dropped. Without root it says why and returns, except
-//! under `CI`, where it fails.
+//! over the bridge from their own address (IPv4, and IPv6 in a dual-stack topology, where pods
+//! also reach each other and the host reaches them), resolve names from the topology's hosts file,
+//! and everything is gone after the topology is dropped. Without root (or IPv6, for the dual-stack
+//! test) it says why and returns, except under `CI`, where it fails.
 
-use std::{io::Read as _, net::TcpListener, path::Path, process::Command, time::Duration};
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
-use sluice_netns::{cannot_run, Topology};
+use sluice_netns::{cannot_run, cannot_run_ipv6, Pod, Topology};
 
 fn skip() -> bool {
-    match cannot_run() {
+    skip_because(cannot_run())
+}
+
+fn skip_because(reason: Option<String>) -> bool {
+    match reason {
         None => false,
         Some(why) if std::env::var_os("CI").is_some() => panic!("cannot run under CI: {why}"),
         Some(why) => {
@@ -28,6 +39,8 @@ fn pods_reach_the_host_from_their_own_address_and_are_removed() {
         let a = topo.add_pod("a").expect("pod a");
         let b = topo.add_pod("b").expect("pod b");
         assert_ne!(a.ip, b.ip);
+        // IPv4 only unless asked for.
+        assert_eq!((a.ip6, topo.host_ip6()), (None, None));
         topo.set_hosts(&[(topo.host_ip(), vec!["node".into(), "node.local".into()])])
             .unwrap();
 
@@ -83,13 +96,18 @@ fn pods_reach_the_host_from_their_own_address_and_are_removed() {
             topo.cgroup().to_path_buf(),
         )
     };
-    for ns in &netns {
+    assert_gone(&netns, &links, &cgroup);
+}
+
+/// Every netns, link and the cgroup of a dropped topology are gone.
+fn assert_gone(netns: &[String], links: &[String], cgroup: &Path) {
+    for ns in netns {
         assert!(
             !Path::new("/run/netns").join(ns).exists(),
             "netns {ns} left behind"
         );
     }
-    for link in &links {
+    for link in links {
         let out = Command::new("ip")
             .args(["link", "show", link])
             .output()
@@ -97,6 +115,154 @@ fn pods_reach_the_host_from_their_own_address_and_are_removed() {
         assert!(!out.status.success(), "link {link} left behind");
     }
     assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
+}
+
+/// `bash -c SCRIPT` in `pod`, which must succeed.
+fn bash_in(topo: &Topology, pod: &Pod, script: &str) -> std::process::Child {
+    let mut cmd = topo.command(pod, "bash").unwrap();
+    cmd.args(["-c", script]);
+    cmd.spawn().unwrap()
+}
+
+/// Accepts one connection on `listener` and reads it to the end (bounded by a 5 s read timeout
+/// and a 5 s accept wait): the peer address and what it sent.
+fn accept_one(listener: &TcpListener) -> (SocketAddr, String) {
+    listener.set_nonblocking(true).unwrap();
+    let mut waited = 0;
+    let (mut stream, peer) = loop {
+        match listener.accept() {
+            Ok(conn) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && waited < 500 => {
+                waited += 1;
+                #[allow(clippy::disallowed_methods)] // plain std test: bounded blocking wait
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("no connection within 5 s: {e}"),
+        }
+    };
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = String::new();
+    stream.read_to_string(&mut got).unwrap();
+    (peer, got)
+}
+
+/// A dual-stack topology: each pod and the host have an IPv6 address on the bridge, usable at once
+/// (not tentative); pods reach the host and each other over IPv6 from their own address, the host
+/// reaches a pod, names resolve to IPv6 from the hosts file; a v6 listener on `::` in a pod also
+/// answers an extra address given to the pod; everything is removed afterwards.
+#[test]
+fn dual_stack_pods_reach_each_other_and_the_host_over_ipv6() {
+    if skip_because(cannot_run_ipv6()) {
+        return;
+    }
+    let (netns, links, cgroup): (Vec<String>, Vec<String>, PathBuf) = {
+        let mut topo = Topology::create_dual_stack().expect("dual-stack topology");
+        let a = topo.add_pod("a").expect("pod a");
+        let b = topo.add_pod("b").expect("pod b");
+        let host6 = topo.host_ip6().expect("host IPv6 address");
+        let (a6, b6) = (a.ip6.expect("pod a IPv6"), b.ip6.expect("pod b IPv6"));
+        assert_ne!(a6, b6);
+        assert!(
+            [host6, a6, b6].iter().all(|ip| ip.segments()[0] == 0xfd00),
+            "not ULA: {host6} {a6} {b6}"
+        );
+        // IPv4 is there as before.
+        assert_ne!(a.ip, b.ip);
+
+        // The addresses are usable at once: no duplicate address detection pending.
+        let out = Command::new("ip")
+            .args(["-n", &a.netns, "-6", "addr", "show", "dev", "eth0"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("{a6}/64")))
+            .unwrap_or_else(|| panic!("{a6} not on eth0: {text}"));
+        assert!(!line.contains("tentative"), "{text}");
+
+        topo.set_hosts(&[
+            (IpAddr::V4(topo.host_ip()), vec!["node".to_string()]),
+            (IpAddr::V6(host6), vec!["node6".to_string()]),
+        ])
+        .unwrap();
+        let out = topo.exec(&b, "getent", &["ahostsv6", "node6"]).unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&host6.to_string()),
+            "{out:?}"
+        );
+
+        // Pod -> host over IPv6, by name: from the pod's own IPv6 address.
+        let listener = TcpListener::bind((host6, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut child = bash_in(
+            &topo,
+            &b,
+            &format!("exec 3<>/dev/tcp/node6/{port} && echo to-host >&3 && exec 3>&-"),
+        );
+        let (peer, got) = accept_one(&listener);
+        assert_eq!((peer.ip(), got.as_str()), (IpAddr::V6(b6), "to-host\n"));
+        assert!(child.wait().unwrap().success());
+
+        // Pod -> pod over IPv6: a listener in pod a on `::` sees pod b's IPv6 address.
+        let listener = a.listen_on("::".parse().unwrap(), 0).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut child = bash_in(
+            &topo,
+            &b,
+            &format!("exec 3<>/dev/tcp/{a6}/{port} && echo to-pod >&3 && exec 3>&-"),
+        );
+        let (peer, got) = accept_one(&listener);
+        assert_eq!((peer.ip(), got.as_str()), (IpAddr::V6(b6), "to-pod\n"));
+        assert!(child.wait().unwrap().success());
+
+        // An extra address of pod a (as a cluster IP a pod answers for in place of kube-proxy),
+        // reached from pod b on the same listener.
+        let extra = std::net::Ipv6Addr::from(u128::from(host6) | 0xffff_0000);
+        topo.add_address(&a, IpAddr::V6(extra)).unwrap();
+        let mut child = bash_in(
+            &topo,
+            &b,
+            &format!("exec 3<>/dev/tcp/{extra}/{port} && echo to-extra >&3 && exec 3>&-"),
+        );
+        let (peer, got) = accept_one(&listener);
+        assert_eq!((peer.ip(), got.as_str()), (IpAddr::V6(b6), "to-extra\n"));
+        assert!(child.wait().unwrap().success());
+
+        // Host -> pod over IPv6: from the host's address on the bridge.
+        let mut stream =
+            TcpStream::connect_timeout(&SocketAddr::from((a6, port)), Duration::from_secs(5))
+                .unwrap();
+        stream.write_all(b"from-host\n").unwrap();
+        drop(stream);
+        let (peer, got) = accept_one(&listener);
+        assert_eq!(
+            (peer.ip(), got.as_str()),
+            (IpAddr::V6(host6), "from-host\n")
+        );
+
+        // IPv4 still works in the same pods.
+        let listener = TcpListener::bind((topo.host_ip(), 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut child = bash_in(
+            &topo,
+            &a,
+            &format!("exec 3<>/dev/tcp/node/{port} && echo v4 >&3 && exec 3>&-"),
+        );
+        let (peer, got) = accept_one(&listener);
+        assert_eq!((peer.ip(), got.as_str()), (IpAddr::V4(a.ip), "v4\n"));
+        assert!(child.wait().unwrap().success());
+
+        (
+            vec![a.netns.clone(), b.netns.clone()],
+            vec![format!("slc{}b", topo.id())],
+            topo.cgroup().to_path_buf(),
+        )
+    };
+    assert_gone(&netns, &links, &cgroup);
 }
 
 /// What a run killed with SIGKILL leaves (named after a PID that no longer exists) is swept; a
