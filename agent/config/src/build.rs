@@ -4,7 +4,7 @@
 //! unknown host or subset is accepted (Istio answers 503 NC at run time).
 
 use crate::dr::{self, CheckedDr, CheckedSubset};
-use crate::k8s::{IntOrString, Pod};
+use crate::k8s::{IntOrString, Pod, ServiceSpec};
 use crate::parse::{Object, Resource};
 use crate::problem::{Problem, Sink};
 use crate::vs::{self, CheckedVs};
@@ -82,6 +82,39 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
         }
     }
     ips
+}
+
+/// Which of a selected pod's addresses become a Service's endpoints, as the EndpointSlice
+/// controller decides: one slice per family of `spec.ipFamilies`, which the API server defaults to
+/// the families of the cluster IPs; a headless Service without `ipFamilies` is single-stack in the
+/// cluster's primary family (a pod's first address), unless its `ipFamilyPolicy` asks for dual
+/// stack. So a single-stack Service over dual-stack pods gets one endpoint per pod, not two.
+fn endpoint_ips(spec: &ServiceSpec, cluster_ips: &[IpAddr], pod: &Pod) -> Vec<IpAddr> {
+    let ips = pod_ips(pod);
+    let named: Vec<bool> = spec
+        .ip_families
+        .iter()
+        .filter_map(|f| match f.as_str() {
+            "IPv4" => Some(true),
+            "IPv6" => Some(false),
+            _ => None,
+        })
+        .collect();
+    let is_v4: Vec<bool> = if !named.is_empty() {
+        named
+    } else if !cluster_ips.is_empty() {
+        cluster_ips.iter().map(IpAddr::is_ipv4).collect()
+    } else if matches!(
+        spec.ip_family_policy.as_deref(),
+        Some("PreferDualStack" | "RequireDualStack")
+    ) {
+        return ips;
+    } else {
+        ips.first().map(IpAddr::is_ipv4).into_iter().collect()
+    };
+    ips.into_iter()
+        .filter(|ip| is_v4.contains(&ip.is_ipv4()))
+        .collect()
 }
 
 /// Converts parsed objects into a snapshot (generation 0). Objects with errors are left out; all
@@ -310,7 +343,7 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
                         warn_at(&mut problems, obj, &format!("spec.ports[{i}].targetPort"), format!("pod {}/{} has no container port named {:?}; it gets no endpoint for this port", ns, pod.metadata.name, p.target_port));
                         continue;
                     };
-                    for ip in pod_ips(pod) {
+                    for ip in endpoint_ips(&svc.spec, &ips, pod) {
                         eps.push(Endpoint {
                             addr: SocketAddr::new(ip, target),
                             pod: Some(format!("{ns}/{}", pod.metadata.name)),

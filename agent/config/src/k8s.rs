@@ -40,6 +40,12 @@ pub struct ServiceSpec {
     pub selector: Option<BTreeMap<String, String>>,
     #[serde(rename = "type", default)]
     pub type_: Option<String>,
+    /// `IPv4`, `IPv6` (the families of the Service's cluster IPs and of its selected endpoints).
+    #[serde(rename = "ipFamilies", default, deserialize_with = "nullable")]
+    pub ip_families: Vec<String>,
+    /// `SingleStack`, `PreferDualStack` or `RequireDualStack`.
+    #[serde(rename = "ipFamilyPolicy", default)]
+    pub ip_family_policy: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
