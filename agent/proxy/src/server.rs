@@ -63,6 +63,9 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        // A listener on `[::]` sees IPv4 clients as IPv4-mapped IPv6 addresses; Pods, logs and
+        // metrics know them by their IPv4 address.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let conn = ConnInfo {
             peer,
             original_dst: original_dst.as_ref().and_then(|o| o.original_dst(&stream)),
