@@ -117,11 +117,17 @@ fn assert_gone(netns: &[String], links: &[String], cgroup: &Path) {
     assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
 }
 
-/// `bash -c SCRIPT` in `pod`, which must succeed.
-fn bash_in(topo: &Topology, pod: &Pod, script: &str) -> std::process::Child {
-    let mut cmd = topo.command(pod, "bash").unwrap();
-    cmd.args(["-c", script]);
-    cmd.spawn().unwrap()
+/// From `pod`, a line sent over TCP to `host` (a name or address) at `listener`'s port: the peer
+/// address the listener saw.
+fn peer_of_line_from(topo: &Topology, pod: &Pod, host: &str, listener: &TcpListener) -> IpAddr {
+    let port = listener.local_addr().unwrap().port();
+    let script = format!("exec 3<>/dev/tcp/{host}/{port} && echo hello >&3 && exec 3>&-");
+    let mut child = topo.command(pod, "bash").unwrap();
+    let mut child = child.args(["-c", &script]).spawn().unwrap();
+    let (peer, got) = accept_one(listener);
+    assert_eq!(got, "hello\n");
+    assert!(child.wait().unwrap().success());
+    peer.ip()
 }
 
 /// Accepts one connection on `listener` and reads it to the end (bounded by a 5 s read timeout
@@ -197,40 +203,21 @@ fn dual_stack_pods_reach_each_other_and_the_host_over_ipv6() {
 
         // Pod -> host over IPv6, by name: from the pod's own IPv6 address.
         let listener = TcpListener::bind((host6, 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mut child = bash_in(
-            &topo,
-            &b,
-            &format!("exec 3<>/dev/tcp/node6/{port} && echo to-host >&3 && exec 3>&-"),
-        );
-        let (peer, got) = accept_one(&listener);
-        assert_eq!((peer.ip(), got.as_str()), (IpAddr::V6(b6), "to-host\n"));
-        assert!(child.wait().unwrap().success());
+        let peer = peer_of_line_from(&topo, &b, "node6", &listener);
+        assert_eq!(peer, IpAddr::V6(b6));
 
         // Pod -> pod over IPv6: a listener in pod a on `::` sees pod b's IPv6 address.
         let listener = a.listen_on("::".parse().unwrap(), 0).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let mut child = bash_in(
-            &topo,
-            &b,
-            &format!("exec 3<>/dev/tcp/{a6}/{port} && echo to-pod >&3 && exec 3>&-"),
-        );
-        let (peer, got) = accept_one(&listener);
-        assert_eq!((peer.ip(), got.as_str()), (IpAddr::V6(b6), "to-pod\n"));
-        assert!(child.wait().unwrap().success());
+        let peer = peer_of_line_from(&topo, &b, &a6.to_string(), &listener);
+        assert_eq!(peer, IpAddr::V6(b6));
 
         // An extra address of pod a (as a cluster IP a pod answers for in place of kube-proxy),
         // reached from pod b on the same listener.
         let extra = std::net::Ipv6Addr::from(u128::from(host6) | 0xffff_0000);
         topo.add_address(&a, IpAddr::V6(extra)).unwrap();
-        let mut child = bash_in(
-            &topo,
-            &b,
-            &format!("exec 3<>/dev/tcp/{extra}/{port} && echo to-extra >&3 && exec 3>&-"),
-        );
-        let (peer, got) = accept_one(&listener);
-        assert_eq!((peer.ip(), got.as_str()), (IpAddr::V6(b6), "to-extra\n"));
-        assert!(child.wait().unwrap().success());
+        let peer = peer_of_line_from(&topo, &b, &extra.to_string(), &listener);
+        assert_eq!(peer, IpAddr::V6(b6));
 
         // Host -> pod over IPv6: from the host's address on the bridge.
         let mut stream =
@@ -246,15 +233,8 @@ fn dual_stack_pods_reach_each_other_and_the_host_over_ipv6() {
 
         // IPv4 still works in the same pods.
         let listener = TcpListener::bind((topo.host_ip(), 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mut child = bash_in(
-            &topo,
-            &a,
-            &format!("exec 3<>/dev/tcp/node/{port} && echo v4 >&3 && exec 3>&-"),
-        );
-        let (peer, got) = accept_one(&listener);
-        assert_eq!((peer.ip(), got.as_str()), (IpAddr::V4(a.ip), "v4\n"));
-        assert!(child.wait().unwrap().success());
+        let peer = peer_of_line_from(&topo, &a, "node", &listener);
+        assert_eq!(peer, IpAddr::V4(a.ip));
 
         (
             vec![a.netns.clone(), b.netns.clone()],
