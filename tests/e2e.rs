@@ -13,7 +13,11 @@
 //! (that is what inserts the proxy's accepted sockets into the SOCKHASH for the sk_msg fast path,
 //! and what makes "the agent's own connections are not redirected" a real check).
 //!
-//! Every test runs inside [`e2e`], which drops the agent (SIGKILL), uninstalls the pins, removes the
+//! The IPv6 tests run inside [`e2e_dual_stack`]: the topology's bridge and pods also carry IPv6
+//! (`fd00:5c:A:B::/64`), the agent listens on `[::]` and is given the host's IPv4 and IPv6 bridge
+//! addresses as `--proxy-ip`, so `connect4` and `connect6` each rewrite to the proxy in their family.
+//!
+//! Every test runs inside [`e2e`] (or [`e2e_dual_stack`]), which drops the agent (SIGKILL), uninstalls the pins, removes the
 //! topology and then asserts that no namespace, link, cgroup or pin is left, also when the test
 //! body panicked.
 //!
@@ -28,7 +32,7 @@ use std::{
     ffi::OsString,
     fs,
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt as _,
     panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
     path::{Path, PathBuf},
@@ -99,7 +103,16 @@ fn cannot_run() -> Option<String> {
 }
 
 fn skip() -> bool {
-    match cannot_run() {
+    skip_because(cannot_run())
+}
+
+/// As [`skip`], for the dual-stack tests: IPv6 must be available too.
+fn skip_ipv6() -> bool {
+    skip_because(cannot_run().or_else(sluice_netns::cannot_run_ipv6))
+}
+
+fn skip_because(reason: Option<String>) -> bool {
+    match reason {
         None => false,
         Some(why) if std::env::var_os("CI").is_some() => panic!("cannot run under CI: {why}"),
         Some(why) => {
@@ -482,9 +495,19 @@ impl Footprint {
 /// Runs `body` in a fresh [`Env`], tears everything down, and asserts nothing is left, also when
 /// `body` panicked (then the panic is re-raised after the check is reported).
 fn e2e(body: impl FnOnce(&mut Env)) {
+    e2e_in(false, body)
+}
+
+/// As [`e2e`], on a dual-stack topology (pods and host also have IPv6 addresses on the bridge);
+/// the agent listens on `[::]` and is given the host's IPv4 and IPv6 addresses as `--proxy-ip`.
+fn e2e_dual_stack(body: impl FnOnce(&mut Env)) {
+    e2e_in(true, body)
+}
+
+fn e2e_in(dual_stack: bool, body: impl FnOnce(&mut Env)) {
     let _ = bins();
     sweep_stale_runs();
-    let mut env = Env::new();
+    let mut env = Env::new(dual_stack);
     let mut footprint = Footprint {
         id: env.topo.id().to_owned(),
         cgroup: env.topo.cgroup().to_path_buf(),
@@ -518,8 +541,12 @@ fn e2e(body: impl FnOnce(&mut Env)) {
 }
 
 impl Env {
-    fn new() -> Env {
-        let topo = Topology::create().expect("topology");
+    fn new(dual_stack: bool) -> Env {
+        let topo = if dual_stack {
+            Topology::create_dual_stack().expect("dual-stack topology")
+        } else {
+            Topology::create().expect("topology")
+        };
         let pins = PinGuard(PathBuf::from(format!(
             "/sys/fs/bpf/sluice-test-{}",
             topo.id()
@@ -574,12 +601,18 @@ impl Env {
     }
 
     /// Starts `sluice run --redirect ebpf` on the config directory, attached to the topology's
-    /// cgroup, pinned under this test's pin directory, listening on the host's bridge address.
+    /// cgroup, pinned under this test's pin directory, listening on the host's bridge address
+    /// (`--proxy-ip` that address). On a dual-stack topology it listens on `[::]` (IPv4 too) and
+    /// `--proxy-ip` is the host's IPv4 and IPv6 bridge addresses, one per family.
     fn start_agent(&mut self) -> &mut Agent {
         fs::create_dir_all(self.config_dir()).unwrap();
         let host = IpAddr::V4(self.topo.host_ip());
+        let (listen_ip, proxy_ips) = match self.topo.host_ip6() {
+            None => (host, host.to_string()),
+            Some(host6) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), format!("{host},{host6}")),
+        };
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let listen = SocketAddr::new(host, free_port(host));
+        let listen = SocketAddr::new(listen_ip, free_port(listen_ip));
         let admin = SocketAddr::new(local, free_port(local));
         let ready = SocketAddr::new(local, free_port(local));
         let metrics = SocketAddr::new(local, free_port(local));
@@ -604,7 +637,7 @@ impl Env {
             "--pin-dir".into(),
             self.pins.0.clone().into(),
             "--proxy-ip".into(),
-            host.to_string().into(),
+            proxy_ips.into(),
             "--ebpf-object".into(),
             ebpf_object().into(),
         ];
@@ -728,8 +761,13 @@ fn service_yaml(name: &str) -> String {
     )
 }
 
-/// A Pod object for a topology pod: its IP, netns and cgroup, `app` label, enrollment label.
+/// A Pod object for a topology pod: its IP(s), netns and cgroup, `app` label, enrollment label.
 fn pod_yaml(pod: &Pod, app: Option<&str>, enrolled: bool) -> String {
+    // A dual-stack pod lists both addresses, IPv4 first (its `podIP`), as the kubelet does.
+    let pod_ips = match pod.ip6 {
+        Some(ip6) => format!("  podIPs:\n  - ip: {}\n  - ip: {ip6}\n", pod.ip),
+        None => String::new(),
+    };
     let mut labels = String::new();
     if let Some(app) = app {
         labels.push_str(&format!("    app: {app}\n"));
@@ -739,7 +777,7 @@ fn pod_yaml(pod: &Pod, app: Option<&str>, enrolled: bool) -> String {
         if enrolled { "ambient" } else { "none" }
     ));
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}  annotations:\n    sluice.io/netns: {netns}\n    sluice.io/cgroup: {cgroup}\nstatus:\n  podIP: {ip}\n---\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}  annotations:\n    sluice.io/netns: {netns}\n    sluice.io/cgroup: {cgroup}\nstatus:\n  podIP: {ip}\n{pod_ips}---\n",
         name = pod.name,
         netns = pod.netns_path.display(),
         cgroup = pod.cgroup.display(),
@@ -751,6 +789,26 @@ fn pod_yaml(pod: &Pod, app: Option<&str>, enrolled: bool) -> String {
 fn virtual_service_yaml(host: &str, policy: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: {host}\n  namespace: default\nspec:\n  hosts: [{host}]\n  http:\n  - route:\n    - destination:\n        host: {host}\n{policy}---\n"
+    )
+}
+
+/// A Service `name` with one IPv6 cluster IP `vip` (`ipFamilies: [IPv6]`, port 80 named `http`)
+/// and no selector, and its EndpointSlice (`addressType: IPv6`) naming `pod`'s IPv6 address, port
+/// 80.
+fn service6_yaml(name: &str, vip: Ipv6Addr, pod: &Pod) -> String {
+    let ep = pod.ip6.expect("a dual-stack pod");
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n  ports:\n  - name: http\n    port: 80\n    targetPort: 80\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-v6\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv6\nendpoints:\n- addresses: [\"{ep}\"]\n  conditions:\n    ready: true\n  targetRef:\n    kind: Pod\n    name: {pod_name}\n    namespace: default\nports:\n- name: http\n  port: 80\n  protocol: TCP\n---\n",
+        pod_name = pod.name,
+    )
+}
+
+/// A VirtualService for `host`: requests with `x-fault: abort` get a 503 fault abort, the rest go
+/// to `host` unchanged.
+fn header_fault_vs_yaml(host: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: {host}\n  namespace: default\nspec:\n  hosts: [{host}]\n  http:\n  - match:\n    - headers:\n        x-fault:\n          exact: abort\n    fault:\n      abort:\n        httpStatus: 503\n        percentage:\n          value: 100\n    route:\n    - destination:\n        host: {host}\n  - route:\n    - destination:\n        host: {host}\n---\n"
     )
 }
 
@@ -768,7 +826,13 @@ struct PeerServer {
 impl PeerServer {
     /// Listens on `pod`'s address, port `port`, inside its network namespace.
     fn start(pod: &Pod, port: u16) -> PeerServer {
-        let listener = pod.listen(port).expect("listen inside the pod");
+        PeerServer::start_on(pod, IpAddr::V4(pod.ip), port)
+    }
+
+    /// Listens on `ip` (`::`: every address of the pod, IPv4 too), port `port`, inside `pod`'s
+    /// network namespace.
+    fn start_on(pod: &Pod, ip: IpAddr, port: u16) -> PeerServer {
+        let listener = pod.listen_on(ip, port).expect("listen inside the pod");
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -795,6 +859,8 @@ fn serve_peers(listener: TcpListener, stop: &AtomicBool, peers: &mpsc::Sender<Ip
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((mut stream, peer)) => {
+                // A listener on `::` sees IPv4 peers as IPv4-mapped addresses.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let _ = peers.send(peer.ip());
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
@@ -837,6 +903,45 @@ fn log_lines_for(lines: &[String], needle: &str) -> Vec<LogLine> {
         .iter()
         .filter(|l| l.contains(needle))
         .filter_map(|l| LogLine::parse(l))
+        .collect()
+}
+
+/// `curl ARGS... URL` inside `pod`.
+fn curl_with(env: &Env, pod: &Pod, args: &[&str], url: &str) -> Reply {
+    let mut cmd = env.topo.command(pod, "curl").unwrap();
+    cmd.args(args);
+    Reply::run(&mut cmd, url, 5.0)
+}
+
+/// Whether `samples` has one from Pod `default/client` to Service `service` with this response
+/// code and flags.
+fn sample_from_client(samples: &[String], service: &str, code: u16, flags: &str) -> bool {
+    samples.iter().any(|l| {
+        l.contains("source_workload=\"client\",source_workload_namespace=\"default\"")
+            && l.contains(&format!("destination_service_name=\"{service}\""))
+            && l.contains(&format!("response_code=\"{code}\""))
+            && l.contains(&format!("response_flags=\"{flags}\""))
+    })
+}
+
+/// `sluice status`'s original-destination lookups: (from the map, by `SO_ORIGINAL_DST`, unknown).
+fn original_dst_lookups(status: &Value) -> (u64, u64, u64) {
+    let n = |k: &str| {
+        status
+            .pointer(&format!("/redirect/original_dst/{k}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    (n("from_map"), n("from_sockopt"), n("unknown"))
+}
+
+/// `istio_requests_total` samples from the agent's Prometheus endpoint.
+fn request_samples(env: &mut Env) -> Vec<String> {
+    let (code, text) = http_get(env.agent().metrics, "/stats/prometheus").expect("metrics");
+    assert_eq!(code, 200);
+    text.lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .map(str::to_owned)
         .collect()
 }
 
@@ -1162,17 +1267,7 @@ fn proxy_connections_not_looped_and_sk_msg_fast_path_taken() {
         assert!(sk_msg > 0, "sk_msg fast path not taken: {after:?}");
         // The proxy learned each redirected connection's original destination.
         let status = env.agent().status();
-        let lookups = |k: &str| {
-            status
-                .pointer(&format!("/redirect/original_dst/{k}"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        };
-        let (map, sockopt, unknown) = (
-            lookups("from_map"),
-            lookups("from_sockopt"),
-            lookups("unknown"),
-        );
+        let (map, sockopt, unknown) = original_dst_lookups(&status);
         eprintln!(
             "original destinations: from_map {map}, from_sockopt {sockopt}, unknown {unknown}"
         );
@@ -1479,6 +1574,282 @@ fn restart_keeps_requests_under_way_and_established_connections() {
             held.round_trip("after"),
             "after",
             "the restart cut an established connection"
+        );
+    });
+}
+
+/// IPv6 end to end: a Service with an IPv6 cluster IP (`ipFamilies: [IPv6]`, an IPv6
+/// EndpointSlice). The upstream pod also owns the cluster IP (standing in for kube-proxy, which
+/// this machine does not run), so a request that is not redirected still reaches it. An unenrolled
+/// pod's `curl -g -H 'x-fault: abort' http://[<cluster IP>]/` reaches the upstream directly from its
+/// own IPv6 address, untouched: 200, no redirect counted, nothing logged. The enrolled pod's
+/// identical request is redirected by `connect6` to the agent's IPv6 address and gets the
+/// VirtualService's fault abort (503 `FI`, logged and counted with the client pod as
+/// `source_workload`); without the header the proxy forwards it over IPv6 to the endpoint from the
+/// node's IPv6 address, by cluster IP and by Service name. The pod-to-proxy bytes take the sk_msg
+/// fast path, and every redirected connection's original (IPv6) destination is recovered.
+#[test]
+fn ipv6_service_policy_for_enrolled_pod_unenrolled_pod_untouched() {
+    if skip_ipv6() {
+        return;
+    }
+    e2e_dual_stack(|env| {
+        let client = env.add_pod("client");
+        let outsider = env.add_pod("outsider");
+        let target = env.add_pod("web6-0");
+        let host6 = env.topo.host_ip6().expect("dual stack");
+        let (client6, outsider6, target6) = (
+            client.ip6.unwrap(),
+            outsider.ip6.unwrap(),
+            target.ip6.unwrap(),
+        );
+        // The cluster IP, in the topology's /64 so that pods reach its owner on-link.
+        let p = host6.segments();
+        let vip = Ipv6Addr::new(p[0], p[1], p[2], p[3], 0, 0, 0x96, 0x10);
+        env.topo
+            .add_address(&target, IpAddr::V6(vip))
+            .expect("cluster IP on the upstream pod");
+        let server = PeerServer::start_on(&target, IpAddr::V6(Ipv6Addr::UNSPECIFIED), 80);
+        env.write_config(
+            "all.yaml",
+            &[
+                pod_yaml(&client, None, true),
+                pod_yaml(&outsider, None, false),
+                pod_yaml(&target, Some("web6"), false),
+                service6_yaml("web6", vip, &target),
+                header_fault_vs_yaml("web6"),
+            ]
+            .concat(),
+        );
+        env.start_agent();
+        let status = env.agent().status();
+        // One redirect target per family, on the one `[::]` listener's port.
+        let proxy = |family: &str| {
+            status
+                .pointer(&format!("/redirect/proxy/{family}"))
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .unwrap_or_else(|| panic!("no {family} proxy address: {:#}", status["redirect"]))
+        };
+        let (proxy4, proxy6) = (proxy("ipv4"), proxy("ipv6"));
+        assert_eq!(
+            (proxy4.ip(), proxy6.ip(), proxy4.port()),
+            (
+                IpAddr::V4(env.topo.host_ip()),
+                IpAddr::V6(host6),
+                proxy6.port()
+            )
+        );
+        let config = env.agent().cli_json("config");
+        assert_eq!(
+            config
+                .pointer("/services/web6.default.svc.cluster.local/cluster_ips/0")
+                .and_then(Value::as_str),
+            Some(vip.to_string().as_str()),
+            "{config:#}"
+        );
+        env.topo
+            .set_hosts(&[(
+                vip,
+                vec![
+                    "web6".to_string(),
+                    "web6.default".to_string(),
+                    "web6.default.svc.cluster.local".to_string(),
+                ],
+            )])
+            .unwrap();
+        let url = format!("http://[{vip}]/");
+        let abort = ["-g", "-H", "x-fault: abort"];
+        let before = env.agent().counters();
+        let log_before = env.agent().access_log().len();
+
+        // Unenrolled: straight to the upstream (which owns the cluster IP), from its own address.
+        let r = curl_with(env, &outsider, &abort, &url);
+        assert_eq!(
+            (r.code, r.body.trim()),
+            (200, format!("peer={outsider6}").as_str()),
+            "the unenrolled pod's request was touched: {r:?}"
+        );
+        assert_eq!(server.seen(), vec![IpAddr::V6(outsider6)]);
+        let after_outsider = env.agent().counters();
+        assert_eq!(
+            after_outsider.since(&before, "connect_redirected"),
+            0,
+            "the unenrolled pod's connect was redirected: {after_outsider:?}"
+        );
+        assert!(
+            after_outsider.since(&before, "connect_seen") >= 1,
+            "connect6 did not see the unenrolled pod's connect: {after_outsider:?}"
+        );
+        assert_eq!(
+            env.agent().access_log().len(),
+            log_before,
+            "the agent logged the unenrolled pod's request"
+        );
+
+        // Enrolled, the identical request: the proxy applies the fault abort.
+        let r = curl_with(env, &client, &abort, &url);
+        assert_eq!(
+            (r.code, r.body.as_str()),
+            (503, "fault filter abort"),
+            "{r:?}"
+        );
+        assert!(
+            server.seen().is_empty(),
+            "the aborted request reached the upstream"
+        );
+        // Without the header: forwarded over IPv6 from the node's IPv6 address, by cluster IP
+        // and by Service name.
+        let r = curl_with(env, &client, &["-g"], &url);
+        assert_eq!(
+            (r.code, r.body.trim()),
+            (200, format!("peer={host6}").as_str()),
+            "{r:?}"
+        );
+        let r = curl_with(env, &client, &[], "http://web6/");
+        assert_eq!(
+            (r.code, r.body.trim()),
+            (200, format!("peer={host6}").as_str()),
+            "{r:?}"
+        );
+        assert_eq!(server.seen(), vec![IpAddr::V6(host6); 2]);
+
+        let after = env.agent().counters();
+        let redirected = after.since(&after_outsider, "connect_redirected");
+        let sk_msg = after.since(&after_outsider, "sk_msg_redirected");
+        let status = env.agent().status();
+        eprintln!(
+            "IPv6: 3 enrolled curls: connect_redirected +{redirected}, sk_msg_redirected +{sk_msg}, connect_seen +{}; original_dst {}; counters {after:?}",
+            after.since(&after_outsider, "connect_seen"),
+            status["redirect"]["original_dst"]
+        );
+        assert_eq!(redirected, 3, "{after:?}");
+        assert!(
+            sk_msg > 0,
+            "sk_msg fast path not taken over IPv6: {after:?}"
+        );
+        let (map, sockopt, unknown) = original_dst_lookups(&status);
+        assert_eq!((map + sockopt, unknown), (3, 0), "{:#}", status["redirect"]);
+
+        // The access log: the abort with FI, the two forwarded ones to the IPv6 endpoint.
+        let log = env.agent().access_log();
+        let lines: Vec<LogLine> = log[log_before..]
+            .iter()
+            .filter_map(|l| LogLine::parse(l))
+            .collect();
+        eprintln!("IPv6 access log:\n{}", log[log_before..].join("\n"));
+        assert_eq!(lines.len(), 3, "{log:#?}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.service == "web6.default.svc.cluster.local"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.status == 503 && l.has_flag("FI")),
+            "no FI line: {lines:#?}"
+        );
+        let upstream = SocketAddr::from((target6, 80)).to_string();
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.status == 200 && l.upstream == upstream)
+                .count(),
+            2,
+            "no 200 lines to {upstream}: {lines:#?}"
+        );
+        // The metrics know the client by its IPv6 address.
+        let samples = request_samples(env);
+        assert!(
+            sample_from_client(&samples, "web6", 503, "FI")
+                && sample_from_client(&samples, "web6", 200, "-"),
+            "no istio_requests_total samples from the client pod (IPv6 {client6}) to web6 with 503 FI and 200:\n{}",
+            samples.join("\n")
+        );
+    });
+}
+
+/// The same dual-stack agent (one listener on `[::]`, a `--proxy-ip` per family) serves IPv4 as
+/// before: an enrolled pod's requests to an IPv4 Service (a selector over dual-stack pods) are
+/// redirected by `connect4`, get the policy, reach the IPv4 endpoint only (a Service without
+/// `ipFamilies` is single-stack IPv4, as in Kubernetes), and are attributed to the client pod
+/// although the listener sees them as IPv4-mapped IPv6 addresses.
+#[test]
+fn dual_stack_agent_serves_ipv4_services_as_before() {
+    if skip_ipv6() {
+        return;
+    }
+    e2e_dual_stack(|env| {
+        let client = env.add_pod("client");
+        let target = env.add_pod("web-0");
+        let server = PeerServer::start_on(&target, IpAddr::V6(Ipv6Addr::UNSPECIFIED), 9090);
+        env.write_config(
+            "all.yaml",
+            &[
+                pod_yaml(&client, None, true),
+                service_yaml("web"),
+                pod_yaml(&target, Some("web"), false),
+                header_fault_vs_yaml("web"),
+            ]
+            .concat(),
+        );
+        env.start_agent();
+        env.resolve_services(&["web"]);
+        let before = env.agent().counters();
+        let r = curl_with(env, &client, &["-H", "x-fault: abort"], "http://web/");
+        assert_eq!(
+            (r.code, r.body.as_str()),
+            (503, "fault filter abort"),
+            "{r:?}"
+        );
+        const N: usize = 4;
+        for _ in 0..N {
+            let r = curl_with(env, &client, &[], "http://web/");
+            assert_eq!(r.code, 200, "{r:?}");
+        }
+        let seen = server.seen();
+        assert_eq!(
+            seen,
+            vec![IpAddr::V4(env.topo.host_ip()); N],
+            "the IPv4 Service's requests went elsewhere than its IPv4 endpoint"
+        );
+        let after = env.agent().counters();
+        assert_eq!(
+            after.since(&before, "connect_redirected"),
+            N as u64 + 1,
+            "{after:?}"
+        );
+        assert!(after.since(&before, "sk_msg_redirected") > 0, "{after:?}");
+        let log = env.agent().access_log();
+        let upstream = SocketAddr::from((target.ip, 9090)).to_string();
+        let lines = log_lines_for(&log, "web");
+        assert!(
+            lines
+                .iter()
+                .filter(|l| l.status == 200)
+                .all(|l| l.upstream == upstream),
+            "{lines:#?}"
+        );
+        // The listener saw IPv4-mapped addresses; the original destinations still come from the
+        // map `sock_ops` keyed by the IPv4 4-tuple.
+        let status = env.agent().status();
+        eprintln!(
+            "IPv4 via the dual-stack listener: original_dst {}",
+            status["redirect"]["original_dst"]
+        );
+        let (map, _, unknown) = original_dst_lookups(&status);
+        assert_eq!(
+            (map, unknown),
+            (N as u64 + 1, 0),
+            "{:#}",
+            status["redirect"]
+        );
+        let samples = request_samples(env);
+        assert!(
+            sample_from_client(&samples, "web", 503, "FI")
+                && sample_from_client(&samples, "web", 200, "-"),
+            "the IPv4 client behind the dual-stack listener is not attributed:\n{}",
+            samples.join("\n")
         );
     });
 }
