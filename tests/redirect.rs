@@ -629,3 +629,151 @@ async fn http_on_an_undeclared_port_is_detected_and_gets_the_routes() {
         "{line}"
     );
 }
+
+/// A Pod at 127.0.0.1 (every test client's address) with `labels`, in namespace default.
+fn client_pod(labels: &str) -> String {
+    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: default\n  labels: {labels}\nstatus:\n  podIP: 127.0.0.1\n")
+}
+
+/// Connects through `proxy` and reads the one-byte greeting that names the backend.
+async fn greeted_by(proxy: SocketAddr) -> u8 {
+    tokio::time::timeout(MAX_TIME, async move {
+        let mut stream = TcpStream::connect(proxy).await.unwrap();
+        let mut b = [0u8; 1];
+        stream.read_exact(&mut b).await.unwrap();
+        b[0]
+    })
+    .await
+    .expect("greeting in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_routes_choose_the_cluster_by_source_and_port() {
+    let mut node = Node::start(RedirectOptions::default());
+    let stable = node.echo(Some(b"S"));
+    let canary = node.echo(Some(b"C"));
+    deploy(&node, "db", "10.96.0.30", 5432, "tcp-db", &[stable]);
+    deploy(&node, "db-canary", "10.96.0.31", 5432, "tcp-db", &[canary]);
+    node.write(
+        "db-vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: db\n  namespace: default\nspec:\n  hosts:\n  - db\n  tcp:\n  - match:\n    - port: 9999\n    route:\n    - destination:\n        host: db-canary\n  - match:\n    - sourceLabels:\n        app: batch\n      port: 5432\n    route:\n    - destination:\n        host: db-canary\n        port:\n          number: 5432\n",
+    );
+    node.reload();
+    let proxy = node.redirecting_to(dst("10.96.0.30:5432")).await;
+
+    // The client is no known pod: no source rule matches, the service's own endpoints answer.
+    assert_eq!(greeted_by(proxy).await, b'S');
+    let line = node.lines(1).await.remove(0);
+    assert!(
+        line.contains(" outbound|5432||db.default.svc.cluster.local "),
+        "{line}"
+    );
+
+    // Now it is a pod labelled app=batch: the second rule sends it to the canary service.
+    node.write("client.yaml", &client_pod("{app: batch}"));
+    node.reload();
+    assert_eq!(greeted_by(proxy).await, b'C');
+    let line = node.lines(1).await.remove(0);
+    assert!(
+        line.contains(&format!(
+            "\"{canary}\" outbound|5432||db-canary.default.svc.cluster.local "
+        )) && line.ends_with(" db.default.svc.cluster.local"),
+        "{line}"
+    );
+
+    // Other labels: no rule, the default cluster again.
+    node.write("client.yaml", &client_pod("{app: web}"));
+    node.reload();
+    assert_eq!(greeted_by(proxy).await, b'S');
+}
+
+/// An echo Service at 10.96.0.11:7000 (declared `tcp`) whose DestinationRule sets
+/// `connectionPool.tcp` to `tcp`, and a listener whose connections were addressed to it.
+async fn echo_with_tcp_pool(tcp: &str) -> (Node, SocketAddr) {
+    let mut node = Node::start(RedirectOptions::default());
+    let echo = node.echo(None);
+    deploy(&node, "echo", "10.96.0.11", 7000, "tcp-echo", &[echo]);
+    node.write(
+        "echo-dr.yaml",
+        &destination_rule("echo", &format!("    connectionPool:\n      tcp: {tcp}\n")),
+    );
+    node.reload();
+    let proxy = node.redirecting_to(dst("10.96.0.11:7000")).await;
+    (node, proxy)
+}
+
+/// `envoy_tcp_<name>` of the echo service's cluster.
+fn echo_tcp_stat(node: &Node, name: &str) -> Option<u64> {
+    let series = format!(
+        "envoy_tcp_{name}{{envoy_tcp_prefix=\"outbound|7000||echo.default.svc.cluster.local\"}}"
+    );
+    metric(&node.metrics(), &series, &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_idle_timeout_closes_a_silent_connection() {
+    let (mut node, proxy) = echo_with_tcp_pool("{idleTimeout: 300ms}").await;
+
+    let start = Instant::now();
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut back = Vec::new();
+    // The echo answers, then nothing moves: the proxy closes both sides at the idle timeout.
+    tokio::time::timeout(MAX_TIME, stream.read_to_end(&mut back))
+        .await
+        .expect("closed by the proxy")
+        .unwrap();
+    let waited = start.elapsed();
+    assert_eq!(back, b"ping");
+    assert!(
+        (Duration::from_millis(300)..Duration::from_millis(2000)).contains(&waited),
+        "{waited:?}"
+    );
+    let line = node.lines(1).await.remove(0);
+    assert!(
+        line.contains("\"- - -\" 0 - attempts=1 ")
+            && line.contains(" details=tcp_session_idle_timeout "),
+        "{line}"
+    );
+    assert_eq!(bytes_of(&line), (4, 4), "{line}");
+    assert_eq!(echo_tcp_stat(&node, "idle_timeout"), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_max_connection_duration_closes_a_busy_connection_with_dt() {
+    let (mut node, proxy) =
+        echo_with_tcp_pool("{idleTimeout: 200ms, maxConnectionDuration: 600ms}").await;
+
+    let start = Instant::now();
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    // A byte every 50 ms keeps it from idling; the duration limit still ends it.
+    let mut echoed = 0;
+    let closed_at = loop {
+        if start.elapsed() > MAX_TIME {
+            panic!("not closed within {MAX_TIME:?}");
+        }
+        if stream.write_all(b"x").await.is_err() {
+            break start.elapsed();
+        }
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break start.elapsed(),
+            Ok(Ok(_)) => {
+                echoed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(_) => {}
+        }
+    };
+    assert!(
+        (Duration::from_millis(600)..Duration::from_millis(2000)).contains(&closed_at),
+        "{closed_at:?}"
+    );
+    assert!(echoed >= 4, "{echoed}");
+    let line = node.lines(1).await.remove(0);
+    assert!(line.contains("\"- - -\" 0 DT attempts=1 "), "{line}");
+    assert_eq!(
+        echo_tcp_stat(&node, "max_downstream_connection_duration"),
+        Some(1)
+    );
+}

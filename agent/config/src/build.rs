@@ -10,7 +10,7 @@ use crate::problem::{Problem, Sink};
 use crate::vs::{self, CheckedVs};
 use crate::BuildOptions;
 use sluice_policy::{
-    Cluster, ClusterKey, Endpoint, Route, Service, ServicePort, Snapshot, VirtualHost,
+    Cluster, ClusterKey, Endpoint, Route, Service, ServicePort, Snapshot, TcpRoute, VirtualHost,
     WeightedDestination, Workload,
 };
 use std::collections::BTreeMap;
@@ -27,7 +27,8 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The per-object result of checking: a converted Istio object, or nothing to convert.
 pub(crate) enum Checked {
     Vs(CheckedVs),
-    Dr(CheckedDr),
+    // Boxed: a DestinationRule's checked policy is several times the size of the rest.
+    Dr(Box<CheckedDr>),
     Other,
 }
 
@@ -35,7 +36,7 @@ pub(crate) fn check(obj: &Object, opts: &BuildOptions) -> (Option<Checked>, Vec<
     let mut sink = Sink::new(&obj.file, obj.document, Some(obj.describe()));
     let checked = match &obj.resource {
         Resource::VirtualService(v) => Checked::Vs(vs::convert(v, &mut sink, opts)),
-        Resource::DestinationRule(d) => Checked::Dr(dr::convert(d, &mut sink, opts)),
+        Resource::DestinationRule(d) => Checked::Dr(Box::new(dr::convert(d, &mut sink, opts))),
         _ => Checked::Other,
     };
     let ok = !sink.has_errors();
@@ -145,7 +146,7 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
         match (checked, &obj.resource) {
             (None, _) => {}
             (Some(Checked::Vs(v)), _) => vss.push((obj, v)),
-            (Some(Checked::Dr(d)), _) => drs.push((obj, d)),
+            (Some(Checked::Dr(d)), _) => drs.push((obj, *d)),
             (Some(Checked::Other), Resource::Namespace(n)) => {
                 namespaces.insert(n.metadata.name.clone(), &n.metadata.labels);
             }
@@ -488,60 +489,11 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
         }
         let mut routes = Vec::new();
         for r in &v.routes {
-            let mut destinations = Vec::new();
-            for d in &r.destinations {
-                let svc = snap.services.get(&d.host);
-                let port = match (d.port, svc) {
-                    (Some(p), _) => p,
-                    (None, Some(s)) if s.ports.len() == 1 => s.ports[0].port,
-                    (None, Some(s)) if !s.ports.is_empty() => {
-                        warn_at(
-                            &mut problems,
-                            obj,
-                            &format!("{}.destination.port", d.field),
-                            format!(
-                                "service {} has several ports; set port.number (using {})",
-                                d.host, s.ports[0].port
-                            ),
-                        );
-                        s.ports[0].port
-                    }
-                    _ => 0,
-                };
-                let key = ClusterKey {
-                    host: d.host.clone(),
-                    port,
-                    subset: d.subset.clone(),
-                };
-                if svc.is_none() {
-                    warn_at(&mut problems, obj, &format!("{}.destination.host", d.field), format!("unknown host {}: no Service in the configuration; requests will get 503 (NC)", d.host));
-                } else if !snap.clusters.contains_key(&key) {
-                    let what = match &d.subset {
-                        Some(s)
-                            if snap.clusters.contains_key(&ClusterKey {
-                                subset: None,
-                                ..key.clone()
-                            }) =>
-                        {
-                            format!(
-                                "unknown subset {s:?} (no DestinationRule for {} defines it)",
-                                d.host
-                            )
-                        }
-                        _ => format!("service {} has no port {port}", d.host),
-                    };
-                    warn_at(
-                        &mut problems,
-                        obj,
-                        &format!("{}.destination", d.field),
-                        format!("{what}; requests will get 503 (NC)"),
-                    );
-                }
-                destinations.push(WeightedDestination {
-                    cluster: key,
-                    weight: d.weight,
-                });
-            }
+            let destinations = r
+                .destinations
+                .iter()
+                .map(|d| bind_destination(&snap, &mut problems, obj, d))
+                .collect();
             routes.push(Route {
                 name: r.name.clone(),
                 matches: r.matches.clone(),
@@ -553,9 +505,22 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
                 response_headers: r.response_headers.clone(),
             });
         }
+        let tcp_routes = v
+            .tcp_routes
+            .iter()
+            .map(|t| TcpRoute {
+                matches: t.matches.clone(),
+                destinations: t
+                    .destinations
+                    .iter()
+                    .map(|d| bind_destination(&snap, &mut problems, obj, d))
+                    .collect(),
+            })
+            .collect();
         let vh = Arc::new(VirtualHost {
             name: format!("{}/{}", v.namespace, v.name),
             routes,
+            tcp_routes,
         });
         for h in &v.hosts {
             if let Some(owner) = owners.get(h) {
@@ -584,6 +549,75 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
         .map(Problem::to_rejection)
         .collect();
     (snap, problems)
+}
+
+/// Binds a route destination to its cluster (`outbound|PORT|SUBSET|HOST`); an unknown host, port
+/// or subset is a warning (Istio answers 503 NC at run time).
+fn bind_destination(
+    snap: &Snapshot,
+    problems: &mut Vec<Problem>,
+    obj: &Object,
+    d: &vs::DestinationDraft,
+) -> WeightedDestination {
+    let svc = snap.services.get(&d.host);
+    let port = match (d.port, svc) {
+        (Some(p), _) => p,
+        (None, Some(s)) if s.ports.len() == 1 => s.ports[0].port,
+        (None, Some(s)) if !s.ports.is_empty() => {
+            warn_at(
+                problems,
+                obj,
+                &format!("{}.destination.port", d.field),
+                format!(
+                    "service {} has several ports; set port.number (using {})",
+                    d.host, s.ports[0].port
+                ),
+            );
+            s.ports[0].port
+        }
+        _ => 0,
+    };
+    let key = ClusterKey {
+        host: d.host.clone(),
+        port,
+        subset: d.subset.clone(),
+    };
+    if svc.is_none() {
+        warn_at(
+            problems,
+            obj,
+            &format!("{}.destination.host", d.field),
+            format!(
+                "unknown host {}: no Service in the configuration; requests will get 503 (NC)",
+                d.host
+            ),
+        );
+    } else if !snap.clusters.contains_key(&key) {
+        let what = match &d.subset {
+            Some(s)
+                if snap.clusters.contains_key(&ClusterKey {
+                    subset: None,
+                    ..key.clone()
+                }) =>
+            {
+                format!(
+                    "unknown subset {s:?} (no DestinationRule for {} defines it)",
+                    d.host
+                )
+            }
+            _ => format!("service {} has no port {port}", d.host),
+        };
+        warn_at(
+            problems,
+            obj,
+            &format!("{}.destination", d.field),
+            format!("{what}; requests will get 503 (NC)"),
+        );
+    }
+    WeightedDestination {
+        cluster: key,
+        weight: d.weight,
+    }
 }
 
 /// The Service CIDR cluster IPs are allocated from in standalone mode (kubeadm's default).

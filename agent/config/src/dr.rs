@@ -131,11 +131,21 @@ fn connection_pool(sink: &mut Sink, f: &str, cp: &ConnectionPoolSpec) -> Connect
                 ),
             });
         }
-        if tcp.max_connection_duration.is_some() {
-            sink.unsupported(format!("{tf}.maxConnectionDuration"));
-        }
-        if tcp.idle_timeout.is_some() {
-            sink.unsupported(format!("{tf}.idleTimeout"));
+        // The L4 proxy's limits (Envoy's TCP proxy `max_downstream_connection_duration` and
+        // `idle_timeout`, as Istio sets them); `idleTimeout: 0s` disables the idle timeout.
+        out.max_connection_duration = duration_field(
+            sink,
+            &format!("{tf}.maxConnectionDuration"),
+            tcp.max_connection_duration.as_deref(),
+            true,
+        );
+        if let Some(d) = duration_field(
+            sink,
+            &format!("{tf}.idleTimeout"),
+            tcp.idle_timeout.as_deref(),
+            false,
+        ) {
+            out.tcp_idle_timeout = (!d.is_zero()).then_some(d);
         }
     }
     if let Some(http) = &cp.http {

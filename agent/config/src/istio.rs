@@ -68,10 +68,43 @@ pub struct VirtualServiceSpec {
     pub gateways: Vec<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub http: Vec<HttpRoute>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub tcp: Vec<TcpRoute>,
     // Unsupported: warned.
     pub tls: Option<Value>,
-    pub tcp: Option<Value>,
     pub export_to: Option<Value>,
+}
+
+/// One `tcp[]` rule: opaque TCP connections to the VirtualService's hosts.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct TcpRoute {
+    #[serde(rename = "match", default, deserialize_with = "nullable")]
+    pub matches: Vec<L4MatchAttributes>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub route: Vec<RouteDestination>,
+}
+
+/// `tcp[].match[]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L4MatchAttributes {
+    #[serde(default, deserialize_with = "nullable")]
+    pub destination_subnets: Vec<String>,
+    pub port: Option<i64>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub gateways: Vec<String>,
+    // Unsupported: warned (deprecated in Istio).
+    pub source_subnet: Option<Value>,
+}
+
+/// `tcp[].route[]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct RouteDestination {
+    pub destination: Option<Destination>,
+    pub weight: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -307,9 +340,8 @@ pub struct TcpSettings {
     pub max_connections: Option<i64>,
     pub connect_timeout: Option<String>,
     pub tcp_keepalive: Option<TcpKeepaliveSpec>,
-    // Unsupported: warned.
-    pub max_connection_duration: Option<Value>,
-    pub idle_timeout: Option<Value>,
+    pub max_connection_duration: Option<String>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

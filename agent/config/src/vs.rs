@@ -3,13 +3,13 @@
 //! stay unresolved here (host, optional port, subset); `build` binds them to clusters.
 
 use crate::duration::{check_istio_duration, parse_duration};
-use crate::istio::{HttpRetry, StringMatchSpec, VirtualService};
+use crate::istio::{Destination, HttpRetry, StringMatchSpec, VirtualService};
 use crate::problem::Sink;
 use crate::response;
 use crate::{resolve_host, BuildOptions};
 use sluice_policy::{
-    DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, QueryMatch,
-    RequestMatch, RetryOn, RetryPolicy, StringMatch,
+    DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, IpNet, L4Match,
+    QueryMatch, RequestMatch, RetryOn, RetryPolicy, StringMatch,
 };
 use std::time::Duration;
 
@@ -24,6 +24,14 @@ pub struct CheckedVs {
     /// Bound to mesh traffic (`gateways` empty or containing `mesh`).
     pub mesh: bool,
     pub routes: Vec<RouteDraft>,
+    pub tcp_routes: Vec<TcpRouteDraft>,
+}
+
+/// A checked `tcp[]` rule, before its destinations are bound to clusters.
+#[derive(Clone, Debug)]
+pub struct TcpRouteDraft {
+    pub matches: Vec<L4Match>,
+    pub destinations: Vec<DestinationDraft>,
 }
 
 #[derive(Clone, Debug)]
@@ -374,6 +382,148 @@ fn convert_fault(
     Some(Fault { delay, abort })
 }
 
+/// `route[]` (HTTP or TCP) at `field`: checked destinations as Istio validates them
+/// (`validateHTTPRouteDestinations`/`validateRouteDestinations`), weights as pilot uses them (a
+/// lone destination gets everything; zero-weight ones are dropped when there are others).
+fn convert_destinations<'a>(
+    sink: &mut Sink,
+    field: &str,
+    items: impl ExactSizeIterator<Item = (Option<&'a Destination>, Option<i64>)>,
+    ns: &str,
+    opts: &BuildOptions,
+) -> Vec<DestinationDraft> {
+    let count = items.len();
+    let mut destinations = Vec::new();
+    let mut total: i64 = 0;
+    for (j, (dest, weight)) in items.enumerate() {
+        let df = format!("{field}[{j}]");
+        let Some(dest) = dest else {
+            sink.error(format!("{df}.destination"), "destination is required");
+            continue;
+        };
+        if dest.host.is_empty() {
+            sink.error(format!("{df}.destination.host"), "host is required");
+            continue;
+        }
+        let weight = weight.unwrap_or(0);
+        if weight < 0 {
+            sink.error(format!("{df}.weight"), format!("weight {weight} < 0"));
+            continue;
+        }
+        total += weight;
+        let port = match dest.port.as_ref().map(|p| p.number.unwrap_or(0)) {
+            None => None,
+            Some(n) if (1..=65535).contains(&n) => Some(n as u16),
+            Some(n) => {
+                sink.error(
+                    format!("{df}.destination.port.number"),
+                    format!("port number {n} must be in the range 1..65535"),
+                );
+                continue;
+            }
+        };
+        destinations.push(DestinationDraft {
+            field: df,
+            host: resolve_host(&dest.host, ns, &opts.cluster_domain),
+            port,
+            subset: dest.subset.clone().filter(|s| !s.is_empty()),
+            weight: weight as u32,
+        });
+    }
+    if count > 1 && total == 0 {
+        sink.error(field, "total destination weight = 0");
+    }
+    if destinations.len() == 1 {
+        destinations[0].weight = 100;
+    } else {
+        // Istio drops zero-weight destinations when there are others.
+        destinations.retain(|d| d.weight > 0);
+    }
+    destinations
+}
+
+/// One `tcp[]` rule as Istio validates it (`validateTCPRoute`, `validateTCPMatch`); `None` when
+/// it does not apply to mesh traffic or has errors.
+fn convert_tcp(
+    sink: &mut Sink,
+    field: &str,
+    tcp: &crate::istio::TcpRoute,
+    ns: &str,
+    opts: &BuildOptions,
+) -> Option<TcpRouteDraft> {
+    let mut matches = Vec::new();
+    for (j, m) in tcp.matches.iter().enumerate() {
+        let mf = format!("{field}.match[{j}]");
+        if m.source_subnet.is_some() {
+            sink.unsupported(format!("{mf}.sourceSubnet"));
+        }
+        let mut lm = L4Match {
+            source_labels: m.source_labels.clone(),
+            ..L4Match::default()
+        };
+        for (k, net) in m.destination_subnets.iter().enumerate() {
+            match IpNet::parse(net) {
+                Ok(net) => lm.destination_subnets.push(net),
+                Err(why) => sink.error(format!("{mf}.destinationSubnets[{k}]"), why),
+            }
+        }
+        // Istio reads port 0 as "any port".
+        match m.port {
+            None | Some(0) => {}
+            Some(p @ 1..=65535) => lm.port = Some(p as u16),
+            Some(p) => sink.error(
+                format!("{mf}.port"),
+                format!("port number {p} must be in the range 1..65535"),
+            ),
+        }
+        if let Some(source_ns) = m.source_namespace.as_deref().filter(|n| !n.is_empty()) {
+            if !is_dns1123_label(source_ns) {
+                sink.error(
+                    format!("{mf}.sourceNamespace"),
+                    format!("sourceNamespace match {source_ns} is invalid"),
+                );
+            }
+            lm.source_namespace = Some(source_ns.to_string());
+        }
+        if m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh") {
+            matches.push(lm);
+        }
+    }
+    if !tcp.matches.is_empty() && matches.is_empty() {
+        sink.warn(
+            format!("{field}.match"),
+            "every match is bound to a gateway other than mesh; route ignored for mesh traffic",
+        );
+        return None;
+    }
+    if tcp.route.is_empty() {
+        sink.error(format!("{field}.route"), "TCP route is required");
+        return None;
+    }
+    let destinations = convert_destinations(
+        sink,
+        &format!("{field}.route"),
+        tcp.route.iter().map(|d| (d.destination.as_ref(), d.weight)),
+        ns,
+        opts,
+    );
+    Some(TcpRouteDraft {
+        matches,
+        destinations,
+    })
+}
+
+/// A Kubernetes namespace name: lower-case alphanumerics and `-`, at most 63, alphanumeric ends.
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
 /// Checks and translates one VirtualService. Errors go to `sink`; the caller drops the object if any.
 pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> CheckedVs {
     let ns = vs.metadata.namespace().to_string();
@@ -395,7 +545,6 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
         .collect();
     let mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
     for (field, present) in [
-        ("spec.tcp", spec.tcp.is_some()),
         ("spec.tls", spec.tls.is_some()),
         ("spec.exportTo", spec.export_to.is_some()),
     ] {
@@ -546,55 +695,20 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
             );
             continue;
         }
-        let mut destinations = Vec::new();
-        let mut total: i64 = 0;
         for (j, d) in http.route.iter().enumerate() {
-            let df = format!("{field}.route[{j}]");
             if d.headers.is_some() {
-                sink.unsupported(format!("{df}.headers"));
+                sink.unsupported(format!("{field}.route[{j}].headers"));
             }
-            let Some(dest) = &d.destination else {
-                sink.error(format!("{df}.destination"), "destination is required");
-                continue;
-            };
-            if dest.host.is_empty() {
-                sink.error(format!("{df}.destination.host"), "host is required");
-                continue;
-            }
-            let weight = d.weight.unwrap_or(0);
-            if weight < 0 {
-                sink.error(format!("{df}.weight"), format!("weight {weight} < 0"));
-                continue;
-            }
-            total += weight;
-            let port = match dest.port.as_ref().map(|p| p.number.unwrap_or(0)) {
-                None => None,
-                Some(n) if (1..=65535).contains(&n) => Some(n as u16),
-                Some(n) => {
-                    sink.error(
-                        format!("{df}.destination.port.number"),
-                        format!("port number {n} must be in the range 1..65535"),
-                    );
-                    continue;
-                }
-            };
-            destinations.push(DestinationDraft {
-                field: df,
-                host: resolve_host(&dest.host, &ns, &opts.cluster_domain),
-                port,
-                subset: dest.subset.clone().filter(|s| !s.is_empty()),
-                weight: weight as u32,
-            });
         }
-        if http.route.len() > 1 && total == 0 {
-            sink.error(format!("{field}.route"), "total destination weight = 0");
-        }
-        if destinations.len() == 1 {
-            destinations[0].weight = 100;
-        } else {
-            // Istio drops zero-weight destinations when there are others.
-            destinations.retain(|d| d.weight > 0);
-        }
+        let destinations = convert_destinations(
+            sink,
+            &format!("{field}.route"),
+            http.route
+                .iter()
+                .map(|d| (d.destination.as_ref(), d.weight)),
+            &ns,
+            opts,
+        );
         if http.route.is_empty() && http.direct_response.is_none() {
             if http.redirect.is_none() && http.delegate.is_none() {
                 sink.error(
@@ -637,7 +751,14 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
             response_headers,
         });
     }
+    let tcp_routes = spec
+        .tcp
+        .iter()
+        .enumerate()
+        .filter_map(|(i, tcp)| convert_tcp(sink, &format!("spec.tcp[{i}]"), tcp, &ns, opts))
+        .collect();
     CheckedVs {
+        tcp_routes,
         namespace: ns,
         name: vs.metadata.name.clone(),
         creation: vs.metadata.creation_timestamp.clone(),

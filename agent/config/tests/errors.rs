@@ -297,3 +297,72 @@ fn response_header_names_are_checked() {
     assert!(ps.iter().any(|p| p.field == "spec.http[0].headers.request"
         && p.reason == "not supported by Sluice yet; ignored"));
 }
+
+/// A VirtualService for `db` whose only TCP rule is `rule` (the `- ` entry under `tcp:`).
+fn vs_tcp(rule: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: db\nspec:\n  hosts:\n  - db\n  tcp:\n{rule}")
+}
+
+#[test]
+fn tcp_route_errors_name_their_field() {
+    let route = "    route:\n    - destination: {host: db}\n";
+    for (rule, field, reason) in [
+        (
+            format!("  - match:\n    - destinationSubnets: [10.0.0.0/40]\n{route}"),
+            "spec.tcp[0].match[0].destinationSubnets[0]",
+            "prefix length \"40\" is not in 0..32",
+        ),
+        (
+            format!("  - match:\n    - destinationSubnets: [db.local]\n{route}"),
+            "spec.tcp[0].match[0].destinationSubnets[0]",
+            "\"db.local\" is not an IP address",
+        ),
+        (
+            format!("  - match:\n    - port: 70000\n{route}"),
+            "spec.tcp[0].match[0].port",
+            "port number 70000 must be in the range 1..65535",
+        ),
+        (
+            format!("  - match:\n    - sourceNamespace: Shop_1\n{route}"),
+            "spec.tcp[0].match[0].sourceNamespace",
+            "sourceNamespace match Shop_1 is invalid",
+        ),
+        (
+            "  - match:\n    - port: 5432\n".to_string(),
+            "spec.tcp[0].route",
+            "TCP route is required",
+        ),
+        (
+            "  - route:\n    - weight: 100\n".to_string(),
+            "spec.tcp[0].route[0].destination",
+            "destination is required",
+        ),
+    ] {
+        let e = the_error(&vs_tcp(&rule));
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            (field, reason),
+            "{rule}"
+        );
+    }
+}
+
+#[test]
+fn tcp_timeouts_are_checked() {
+    let dr = |tcp: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: db\nspec:\n  host: db\n  trafficPolicy:\n    connectionPool:\n      tcp: {{{tcp}}}\n")
+    };
+    let e = the_error(&dr("maxConnectionDuration: 0s"));
+    assert_eq!(
+        e.field,
+        "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration"
+    );
+    assert!(e.reason.contains("at least 1ms"), "{}", e.reason);
+    let e = the_error(&dr("idleTimeout: 5 minutes"));
+    assert_eq!(e.field, "spec.trafficPolicy.connectionPool.tcp.idleTimeout");
+    let ps = problems(
+        "ok.yaml",
+        &dr("idleTimeout: 0s, maxConnectionDuration: 24h"),
+    );
+    assert!(ps.is_empty(), "{ps:#?}");
+}

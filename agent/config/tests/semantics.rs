@@ -355,3 +355,65 @@ fn direct_response_and_response_headers() {
         vec![("x-route".to_string(), "rest".to_string())]
     );
 }
+
+#[test]
+fn tcp_routes_and_tcp_timeouts() {
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [pricing]\n  tcp:\n  - match:\n    - {port: 81, destinationSubnets: [10.96.0.0/12, 10.0.0.1], sourceLabels: {app: batch}, sourceNamespace: shop}\n    - {gateways: [shop/gw]}\n    route:\n    - {destination: {host: pricing, port: {number: 81}, subset: v1}, weight: 80}\n    - {destination: {host: pricing, port: {number: 81}, subset: v2}, weight: 20}\n  - match:\n    - {gateways: [shop/gw]}\n    route:\n    - destination: {host: pricing}\n  - route:\n    - destination: {host: pricing, port: {number: 80}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: pricing\n  trafficPolicy:\n    connectionPool:\n      tcp: {idleTimeout: 30s, maxConnectionDuration: 1h}\n    portLevelSettings:\n    - port: {number: 81}\n      connectionPool:\n        tcp: {idleTimeout: 0s}\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
+    let (s, problems) = snap(&format!("{SVC}{vs}"));
+    // The rule bound only to a gateway is left out, with a warning.
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.field == "spec.tcp[1].match" && p.reason.contains("other than mesh")),
+        "{problems:#?}"
+    );
+    let tcp = &s.virtual_hosts[HOST].tcp_routes;
+    assert_eq!(tcp.len(), 2);
+    // The gateway-only match entry of the first rule is dropped; the mesh one stays.
+    assert_eq!(tcp[0].matches.len(), 1);
+    let m = &tcp[0].matches[0];
+    assert_eq!(m.port, Some(81));
+    assert_eq!(
+        m.destination_subnets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.96.0.0/12", "10.0.0.1/32"]
+    );
+    assert_eq!(
+        m.source_labels.get("app").map(String::as_str),
+        Some("batch")
+    );
+    assert_eq!(m.source_namespace.as_deref(), Some("shop"));
+    let dests: Vec<_> = tcp[0]
+        .destinations
+        .iter()
+        .map(|d| (d.cluster.clone(), d.weight))
+        .collect();
+    assert_eq!(
+        dests,
+        [(key(81, Some("v1")), 80), (key(81, Some("v2")), 20)]
+    );
+    assert!(tcp[1].matches.is_empty());
+    assert_eq!(tcp[1].destinations[0].cluster, key(80, None));
+    // Istio's TCP proxy defaults: 1 h idle, no duration limit; `0s` turns the idle timeout off.
+    let pool = |port, subset| {
+        s.clusters[&key(port, subset)]
+            .policy
+            .connection_pool
+            .clone()
+    };
+    assert_eq!(
+        pool(80, None).tcp_idle_timeout,
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(
+        pool(80, Some("v1")).max_connection_duration,
+        Some(Duration::from_secs(3600))
+    );
+    assert_eq!(pool(81, None).tcp_idle_timeout, None);
+    assert_eq!(pool(81, None).max_connection_duration, None);
+    let default = sluice_policy::ConnectionPool::default();
+    assert_eq!(default.tcp_idle_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(default.max_connection_duration, None);
+}

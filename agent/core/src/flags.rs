@@ -41,6 +41,8 @@ flags! {
     NO_CLUSTER_FOUND = 10, "NC";
     /// Downstream connection termination.
     DOWNSTREAM_CONNECTION_TERMINATION = 11, "DC";
+    /// The connection's maximum duration was reached (TCP proxy `max_downstream_connection_duration`).
+    DURATION_TIMEOUT = 12, "DT";
 }
 
 impl ResponseFlags {

@@ -74,6 +74,14 @@ pub struct ConnectionPool {
     pub connect_timeout: Duration,
     /// `tcp.tcpKeepalive`.
     pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `tcp.idleTimeout`: an L4 connection with no bytes either way that long is closed (Envoy's
+    /// TCP proxy `idle_timeout`; Istio's default 1 h; `None` after `0s`).
+    #[serde(serialize_with = "crate::serde_duration::opt")]
+    pub tcp_idle_timeout: Option<Duration>,
+    /// `tcp.maxConnectionDuration`: an L4 connection is closed this long after it was accepted
+    /// (Envoy's `max_downstream_connection_duration`, flag `DT`).
+    #[serde(serialize_with = "crate::serde_duration::opt")]
+    pub max_connection_duration: Option<Duration>,
     /// `http.http1MaxPendingRequests`: requests that may wait for a connection.
     pub max_pending_requests: u32,
     /// `http.http2MaxRequests`: requests in flight to the cluster.
@@ -100,6 +108,8 @@ impl Default for ConnectionPool {
             max_connections: UNLIMITED,
             connect_timeout: Duration::from_secs(10),
             tcp_keepalive: None,
+            tcp_idle_timeout: Some(Duration::from_secs(3600)),
+            max_connection_duration: None,
             max_pending_requests: UNLIMITED,
             max_requests: UNLIMITED,
             max_requests_per_connection: 0,

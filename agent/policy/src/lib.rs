@@ -13,9 +13,9 @@ pub use self::cluster::{
     TcpKeepalive, TrafficPolicy,
 };
 pub use self::route::{
-    DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, QueryMatch,
-    RequestMatch, RetryOn, RetryPolicy, Route, StringMatch, VirtualHost, WeightedDestination,
-    GRPC_STATUS_NAMES,
+    DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, IpNet, L4Match,
+    QueryMatch, RequestMatch, RetryOn, RetryPolicy, Route, StringMatch, TcpRoute, VirtualHost,
+    WeightedDestination, GRPC_STATUS_NAMES,
 };
 pub use self::snapshot::{Rejection, Service, ServicePort, Snapshot, Workload};
 

@@ -14,6 +14,85 @@ pub struct VirtualHost {
     pub name: String,
     /// Routes in order; the first whose match succeeds wins.
     pub routes: Vec<Route>,
+    /// `tcp[]`, for connections proxied at L4, in order; the first that matches wins, none
+    /// matching leaves the connection on the service port's own cluster.
+    pub tcp_routes: Vec<TcpRoute>,
+}
+
+/// One `tcp[]` entry.
+#[derive(Clone, Debug, Serialize)]
+pub struct TcpRoute {
+    /// Any one of these must match; empty matches every connection.
+    pub matches: Vec<L4Match>,
+    /// Where matching connections go, by weight.
+    pub destinations: Vec<WeightedDestination>,
+}
+
+/// One `tcp[].match[]` entry: every condition given must hold.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct L4Match {
+    /// The original destination's address is in one of these (empty: any).
+    pub destination_subnets: Vec<IpNet>,
+    /// The original destination's port.
+    pub port: Option<u16>,
+    /// The client pod carries all of these labels (an unknown client matches none).
+    pub source_labels: std::collections::BTreeMap<String, String>,
+    /// The client pod's namespace.
+    pub source_namespace: Option<String>,
+}
+
+/// An address with a prefix length (`10.0.0.0/8`, `fd00::/64`; a bare address is a host prefix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Parses `ADDR` or `ADDR/PREFIX` (Istio's `ValidateIPSubnet`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("prefix length {p:?} is not in 0..{max}")),
+            },
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let bits = |a: u128, b: u128, width: u32| {
+            let shift = width - u32::from(self.prefix);
+            shift >= width || (a >> shift) == (b >> shift)
+        };
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => bits(u32::from(net).into(), u32::from(ip).into(), 32),
+            (V6(net), V6(ip)) => bits(u128::from(net), u128::from(ip), 128),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// One `http[]` entry.
@@ -263,3 +342,29 @@ pub const GRPC_STATUS_NAMES: [&str; 17] = [
     "DATA_LOSS",
     "UNAUTHENTICATED",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets() {
+        let net = IpNet::parse("10.96.0.0/12").unwrap();
+        assert!(net.contains("10.96.0.10".parse().unwrap()));
+        assert!(net.contains("10.111.255.255".parse().unwrap()));
+        assert!(!net.contains("10.112.0.0".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        let host = IpNet::parse("10.0.0.1").unwrap();
+        assert_eq!(host.to_string(), "10.0.0.1/32");
+        assert!(host.contains("10.0.0.1".parse().unwrap()));
+        assert!(!host.contains("10.0.0.2".parse().unwrap()));
+        assert!(IpNet::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("192.0.2.1".parse().unwrap()));
+        assert!(IpNet::parse("fd00::/8")
+            .unwrap()
+            .contains("fd12::1".parse().unwrap()));
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("example.com").is_err());
+    }
+}

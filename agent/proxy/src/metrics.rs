@@ -3,12 +3,14 @@
 //! names (`envoy_cluster_upstream_rq_pending_overflow{cluster_name=...}`) are added at scrape time.
 
 use crate::state::{ServiceLabels, SourceLabels};
+use parking_lot::Mutex;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_core::ResponseFlags;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,7 +67,19 @@ pub struct Metrics {
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
+    /// L4 connections closed by `idleTimeout` and by `maxConnectionDuration`, by cluster (rare,
+    /// so a lock is fine); exposed under Envoy's TCP proxy names.
+    tcp_timeouts: Arc<Mutex<BTreeMap<Arc<str>, [u64; 2]>>>,
     unknown: Arc<String>,
+}
+
+/// Why the L4 proxy closed a connection itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TcpTimeout {
+    /// `tcp.idleTimeout` (Envoy: `tcp.<prefix>.idle_timeout`).
+    Idle = 0,
+    /// `tcp.maxConnectionDuration` (Envoy: `tcp.<prefix>.max_downstream_connection_duration`).
+    MaxDuration = 1,
 }
 
 impl Default for Metrics {
@@ -124,8 +138,15 @@ impl Metrics {
             tcp_closed,
             tcp_sent,
             tcp_received,
+            tcp_timeouts: Arc::default(),
             unknown: Arc::new("unknown".to_owned()),
         }
+    }
+
+    /// The L4 proxy closed a connection of `cluster` for `why`.
+    pub(crate) fn tcp_timeout(&self, cluster: &Arc<str>, why: TcpTimeout) {
+        let mut counts = self.tcp_timeouts.lock();
+        counts.entry(cluster.clone()).or_default()[why as usize] += 1;
     }
 
     fn tcp_labels(
@@ -211,7 +232,25 @@ impl Metrics {
 
     /// Prometheus text exposition of the request metrics.
     pub fn encode(&self, out: &mut String) {
+        use std::fmt::Write;
         let _ = prometheus_client::encoding::text::encode_registry(out, &self.registry);
+        let counts = self.tcp_timeouts.lock();
+        if counts.is_empty() {
+            return;
+        }
+        for (i, name) in ["idle_timeout", "max_downstream_connection_duration"]
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(out, "# TYPE envoy_tcp_{name} counter");
+            for (cluster, n) in counts.iter() {
+                let _ = writeln!(
+                    out,
+                    "envoy_tcp_{name}{{envoy_tcp_prefix=\"{cluster}\"}} {}",
+                    n[i]
+                );
+            }
+        }
     }
 }
 
@@ -233,6 +272,15 @@ mod tests {
         let client = SourceLabels {
             workload: Arc::new("frontend".into()),
             namespace: Arc::new("shop".into()),
+            pod: Arc::new(sluice_policy::Workload {
+                name: "frontend-1".into(),
+                namespace: "shop".into(),
+                ips: vec![],
+                labels: Default::default(),
+                enrolled: true,
+                netns: None,
+                cgroup: None,
+            }),
         };
         m.record(
             Some(&client),

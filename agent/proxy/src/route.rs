@@ -3,7 +3,10 @@
 //! `match` entry must hold, any one entry suffices, and the first matching route wins.
 
 use http::Request;
-use sluice_policy::{RequestMatch, Route, StringMatch, VirtualHost, WeightedDestination};
+use sluice_policy::{
+    L4Match, RequestMatch, Route, StringMatch, TcpRoute, VirtualHost, WeightedDestination, Workload,
+};
+use std::net::SocketAddr;
 
 /// The first route of `vhost` that matches `req`, with its index.
 pub fn select<'a, B>(
@@ -95,6 +98,48 @@ pub fn authority_of<B>(req: &Request<B>) -> String {
         .to_owned()
 }
 
+/// The first `tcp[]` rule that matches a connection to `dst` from `source` (the client pod, when
+/// known). Istio's `L4MatchAttributes`: every condition of one match entry must hold, any entry
+/// suffices, no entries match everything.
+pub fn select_tcp<'a>(
+    routes: &'a [TcpRoute],
+    dst: SocketAddr,
+    source: Option<&Workload>,
+) -> Option<&'a TcpRoute> {
+    routes
+        .iter()
+        .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| l4_matches(m, dst, source)))
+}
+
+fn l4_matches(m: &L4Match, dst: SocketAddr, source: Option<&Workload>) -> bool {
+    if m.port.is_some_and(|p| p != dst.port()) {
+        return false;
+    }
+    if !m.destination_subnets.is_empty()
+        && !m.destination_subnets.iter().any(|n| n.contains(dst.ip()))
+    {
+        return false;
+    }
+    if let Some(ns) = &m.source_namespace {
+        if source.is_none_or(|w| &w.namespace != ns) {
+            return false;
+        }
+    }
+    if !m.source_labels.is_empty() {
+        let Some(w) = source else {
+            return false;
+        };
+        if !m
+            .source_labels
+            .iter()
+            .all(|(k, v)| w.labels.get(k) == Some(v))
+        {
+            return false;
+        }
+    }
+    true
+}
+
 /// Picks a destination by weight; `draw` is uniform in `0..total weight`.
 pub fn pick_destination(
     destinations: &[WeightedDestination],
@@ -151,6 +196,7 @@ mod tests {
     fn first_matching_route_wins() {
         let vh = VirtualHost {
             name: "default/reviews".into(),
+            tcp_routes: vec![],
             routes: vec![
                 route(
                     "jason",
@@ -201,6 +247,7 @@ mod tests {
         };
         let vh = VirtualHost {
             name: "t".into(),
+            tcp_routes: vec![],
             routes: vec![route("m", vec![m])],
         };
         let hit = |r: Request<()>| select(&vh, &r, 80).is_some();
@@ -228,6 +275,7 @@ mod tests {
         };
         let vh = VirtualHost {
             name: "t".into(),
+            tcp_routes: vec![],
             routes: vec![route("m", vec![m])],
         };
         let r = req("/cart", &[("host", "shop.example")]);
@@ -235,6 +283,73 @@ mod tests {
         assert!(select(&vh, &r, 80).is_none());
         let r = req("http://shop:8080/CART", &[]);
         assert!(select(&vh, &r, 8080).is_some());
+    }
+
+    #[test]
+    fn tcp_rules_match_port_subnet_and_source() {
+        let key = |subset: &str| ClusterKey {
+            host: "db.default.svc.cluster.local".into(),
+            port: 5432,
+            subset: Some(subset.into()),
+        };
+        let rule = |subset: &str, m: L4Match| TcpRoute {
+            matches: vec![m],
+            destinations: vec![WeightedDestination {
+                cluster: key(subset),
+                weight: 100,
+            }],
+        };
+        let routes = vec![
+            rule(
+                "canary",
+                L4Match {
+                    source_labels: [("app".to_string(), "batch".to_string())].into(),
+                    ..Default::default()
+                },
+            ),
+            rule(
+                "shop",
+                L4Match {
+                    source_namespace: Some("shop".into()),
+                    port: Some(5432),
+                    ..Default::default()
+                },
+            ),
+            rule(
+                "net",
+                L4Match {
+                    destination_subnets: vec![sluice_policy::IpNet::parse("10.96.0.0/16").unwrap()],
+                    ..Default::default()
+                },
+            ),
+        ];
+        let pod = |ns: &str, app: &str| Workload {
+            name: "p".into(),
+            namespace: ns.into(),
+            ips: vec![],
+            labels: [("app".to_string(), app.to_string())].into(),
+            enrolled: true,
+            netns: None,
+            cgroup: None,
+        };
+        let subset = |dst: &str, w: Option<&Workload>| {
+            select_tcp(&routes, dst.parse().unwrap(), w)
+                .map(|r| r.destinations[0].cluster.subset.clone().unwrap())
+        };
+        let batch = pod("default", "batch");
+        let shop = pod("shop", "web");
+        assert_eq!(
+            subset("10.96.0.5:5432", Some(&batch)).as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            subset("10.96.0.5:5432", Some(&shop)).as_deref(),
+            Some("shop")
+        );
+        assert_eq!(subset("10.97.0.5:5433", Some(&shop)), None);
+        // An unknown client matches no source condition, only the subset rule.
+        assert_eq!(subset("10.96.0.5:5432", None).as_deref(), Some("net"));
+        assert_eq!(subset("10.97.0.5:5432", None), None);
     }
 
     #[test]

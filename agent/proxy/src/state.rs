@@ -105,13 +105,15 @@ pub struct State {
 pub(crate) struct SourceLabels {
     pub workload: Arc<String>,
     pub namespace: Arc<String>,
+    /// The pod itself (its labels and namespace feed `tcp[].match` source conditions).
+    pub pod: Arc<sluice_policy::Workload>,
 }
 
 impl SourceLabels {
     /// The workload name of a pod: Istio takes its owner (the Deployment); standalone Pod objects
     /// carry no owner, so the canonical-name labels stand in (`service.istio.io/canonical-name`,
     /// `app.kubernetes.io/name`, `app`), else the pod's name.
-    fn of(w: &sluice_policy::Workload) -> Self {
+    fn of(w: &Arc<sluice_policy::Workload>) -> Self {
         let name = [
             "service.istio.io/canonical-name",
             "app.kubernetes.io/name",
@@ -123,6 +125,7 @@ impl SourceLabels {
         SourceLabels {
             workload: Arc::new(name.clone()),
             namespace: Arc::new(w.namespace.clone()),
+            pod: w.clone(),
         }
     }
 }

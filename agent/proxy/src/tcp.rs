@@ -2,22 +2,36 @@
 //! (a Service cluster IP and port) or the passthrough cluster (any other address), an upstream
 //! connection under the cluster's `connectTimeout`, `maxConnections` and outlier detection (see
 //! `sluice_upstream::ClusterHandle::connect_tcp`), then bytes copied both ways, half-closes
-//! included, until both sides are done. VirtualService `tcp` routes are not applied: the service
-//! port's own cluster is used.
+//! included, until both sides are done.
+//!
+//! The Service's VirtualService `tcp` rules choose the cluster as Istio's do: the first rule whose
+//! match holds (original destination port and subnet, the client pod's labels and namespace) sends
+//! the connection to one of its weighted destinations; no rule matching leaves it on the service
+//! port's own cluster.
+//!
+//! The chosen cluster's `connectionPool.tcp` bounds the connection as Envoy's TCP proxy does under
+//! Istio: `idleTimeout` (default 1 h) closes both sides after that long without a byte either way
+//! (no response flag, as in Envoy; details `tcp_session_idle_timeout`), `maxConnectionDuration`
+//! closes them that long after the connection was accepted (flag `DT`). Both are counted
+//! (`envoy_tcp_idle_timeout`, `envoy_tcp_max_downstream_connection_duration`).
 //!
 //! Each connection ends in one access-log line in Envoy's TCP style and Istio's `istio_tcp_*`
 //! metrics.
 
 use crate::access_log::TcpSummary;
 use crate::handler::{ConnInfo, Handler};
+use crate::metrics::TcpTimeout;
+use crate::route;
 use sluice_core::{ProxyError, RequestInfo, ResponseFlags};
 use sluice_policy::ClusterKey;
 use sluice_upstream::UpstreamProtocol;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -35,14 +49,25 @@ impl Handler {
     {
         let state = self.state();
         let info = RequestInfo::new();
+        let source = state.source(conn.peer.ip());
         let (upstream, service) = match state.service_by_vip(dst.ip(), dst.port()) {
             Some(svc) => {
-                let key = ClusterKey {
-                    host: svc.hostname.clone(),
-                    port: dst.port(),
-                    subset: None,
+                let rule = state.vhost(&svc.hostname).and_then(|(vh, _)| {
+                    route::select_tcp(&vh.tcp_routes, dst, source.map(|s| &*s.pod))
+                });
+                let key = match rule {
+                    Some(rule) => {
+                        route::pick_destination(&rule.destinations, |total| fastrand::u32(0..total))
+                            .map(|d| d.cluster.clone())
+                    }
+                    None => Some(ClusterKey {
+                        host: svc.hostname.clone(),
+                        port: dst.port(),
+                        subset: None,
+                    }),
                 };
-                (state.upstreams.get(&key).cloned(), Some(svc.clone()))
+                let upstream = key.and_then(|k| state.upstreams.get(&k).cloned());
+                (upstream, Some(svc.clone()))
             }
             None => (
                 Some(self.passthrough.upstream(dst, UpstreamProtocol::Http1)),
@@ -50,10 +75,10 @@ impl Handler {
             ),
         };
         let labels = self.labels_of(&state, service.as_deref());
-        let source = state.source(conn.peer.ip());
         self.metrics.tcp_open(source, labels);
 
-        let mut client = Counted::new(client);
+        let meter = Arc::new(Meter::default());
+        let mut client = Counted::new(client, meter.clone(), start);
         match upstream {
             None => info.add_flags(ResponseFlags::NO_CLUSTER_FOUND),
             Some(upstream) => {
@@ -73,20 +98,40 @@ impl Handler {
                         }
                     }
                 };
-                if let Some(mut upstream) = connected {
-                    if let Err(err) =
-                        tokio::io::copy_bidirectional(&mut client, &mut upstream.stream).await
-                    {
-                        tracing::debug!(peer = %conn.peer, %dst, %err, "TCP connection ended with an error");
+                if let Some(mut connected) = connected {
+                    let pool = &upstream.spec.policy.connection_pool;
+                    let limits = Limits {
+                        idle: pool.tcp_idle_timeout,
+                        until: pool.max_connection_duration.map(|d| start + d),
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut client, &mut connected.stream);
+                    match bounded(copy, &meter, start, limits).await {
+                        Ended::Done(Ok(_)) => {}
+                        Ended::Done(Err(err)) => {
+                            tracing::debug!(peer = %conn.peer, %dst, %err, "TCP connection ended with an error");
+                        }
+                        Ended::Idle => {
+                            tracing::debug!(peer = %conn.peer, %dst, cluster = %upstream.name, "TCP connection idle past idleTimeout; closed");
+                            info.set_details("tcp_session_idle_timeout");
+                            self.metrics.tcp_timeout(&upstream.name, TcpTimeout::Idle);
+                        }
+                        Ended::MaxDuration => {
+                            tracing::debug!(peer = %conn.peer, %dst, cluster = %upstream.name, "TCP connection reached maxConnectionDuration; closed");
+                            info.add_flags(ResponseFlags::DURATION_TIMEOUT);
+                            self.metrics
+                                .tcp_timeout(&upstream.name, TcpTimeout::MaxDuration);
+                        }
                     }
+                    // Dropping both streams here closes both sides.
                 }
             }
         }
 
+        drop(client);
         let summary = TcpSummary {
             elapsed: start.elapsed(),
-            received: client.read,
-            sent: client.written,
+            received: meter.read.load(Ordering::Relaxed),
+            sent: meter.written.load(Ordering::Relaxed),
         };
         self.metrics
             .tcp_close(source, labels, info.flags(), summary.received, summary.sent);
@@ -120,20 +165,93 @@ impl Handler {
     }
 }
 
-/// Counts the bytes read from and written to the client.
+/// The idle timeout and the deadline of one L4 connection.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    idle: Option<Duration>,
+    until: Option<Instant>,
+}
+
+/// How the copy of an L4 connection ended.
+enum Ended<T> {
+    /// Both directions finished (or failed).
+    Done(T),
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// The connection's maximum duration passed.
+    MaxDuration,
+}
+
+/// Runs `copy` until it ends or a limit passes. The idle timer is re-armed from the last byte
+/// `meter` saw, so each wake-up either finds activity (and moves the deadline forward) or ends it.
+async fn bounded<F: std::future::Future>(
+    copy: F,
+    meter: &Meter,
+    base: Instant,
+    limits: Limits,
+) -> Ended<F::Output> {
+    tokio::pin!(copy);
+    let idle_at = |meter: &Meter, idle| meter.last_activity(base) + idle;
+    let mut idle_deadline = limits.idle.map(|idle| base + idle);
+    loop {
+        tokio::select! {
+            done = &mut copy => return Ended::Done(done),
+            _ = sleep_until_opt(idle_deadline) => {
+                let (Some(idle), Some(deadline)) = (limits.idle, idle_deadline) else {
+                    continue;
+                };
+                let next = idle_at(meter, idle);
+                if next <= deadline {
+                    return Ended::Idle;
+                }
+                idle_deadline = Some(next);
+            }
+            _ = sleep_until_opt(limits.until) => return Ended::MaxDuration,
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Bytes read from and written to the client, and when the last one moved (nanoseconds after the
+/// connection's start), shared with the timers while the copy holds the connection.
+#[derive(Debug, Default)]
+struct Meter {
+    read: AtomicU64,
+    written: AtomicU64,
+    last_nanos: AtomicU64,
+}
+
+impl Meter {
+    fn last_activity(&self, base: Instant) -> Instant {
+        base + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed))
+    }
+
+    fn moved(&self, counter: &AtomicU64, n: usize, base: Instant) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            let since = base.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+            self.last_nanos.store(since, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts the bytes read from and written to the client into a [`Meter`].
 struct Counted<IO> {
     io: IO,
-    read: u64,
-    written: u64,
+    meter: Arc<Meter>,
+    base: Instant,
 }
 
 impl<IO> Counted<IO> {
-    fn new(io: IO) -> Self {
-        Self {
-            io,
-            read: 0,
-            written: 0,
-        }
+    fn new(io: IO, meter: Arc<Meter>, base: Instant) -> Self {
+        Self { io, meter, base }
     }
 }
 
@@ -145,7 +263,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let n = buf.filled().len() - before;
+        self.meter.moved(&self.meter.read, n, self.base);
         polled
     }
 }
@@ -158,7 +277,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            self.written += n as u64;
+            self.meter.moved(&self.meter.written, n, self.base);
         }
         polled
     }
@@ -180,11 +299,62 @@ mod tests {
     #[tokio::test]
     async fn counts_both_directions() {
         let (a, mut b) = tokio::io::duplex(64);
-        let mut counted = Counted::new(a);
+        let meter = Arc::new(Meter::default());
+        let mut counted = Counted::new(a, meter.clone(), Instant::now());
         b.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         counted.read_exact(&mut buf).await.unwrap();
         counted.write_all(b"hi").await.unwrap();
-        assert_eq!((counted.read, counted.written), (5, 2));
+        let read = meter.read.load(Ordering::Relaxed);
+        assert_eq!((read, meter.written.load(Ordering::Relaxed)), (5, 2));
+    }
+
+    /// A copy that never ends, through a [`Counted`] client: `poke` sends a byte through it.
+    async fn idle_copy(limits: Limits, pokes: &[u64]) -> (Ended<()>, Duration) {
+        let start = Instant::now();
+        let meter = Arc::new(Meter::default());
+        let (client, mut peer) = tokio::io::duplex(64);
+        let mut counted = Counted::new(client, meter.clone(), start);
+        let pokes = pokes.to_vec();
+        tokio::spawn(async move {
+            for at in pokes {
+                tokio::time::sleep_until(start + Duration::from_secs(at)).await;
+                let _ = peer.write_all(b"x").await;
+            }
+            std::future::pending::<()>().await;
+        });
+        let copy = async move {
+            let mut buf = [0u8; 8];
+            while counted.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        };
+        let ended = bounded(copy, &meter, start, limits).await;
+        (ended, start.elapsed())
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn idle_timeout_counts_from_the_last_byte() {
+        let idle = Limits {
+            idle: Some(Duration::from_secs(10)),
+            until: None,
+        };
+        let (ended, at) = idle_copy(idle, &[]).await;
+        assert!(matches!(ended, Ended::Idle));
+        assert_eq!(at, Duration::from_secs(10));
+        // Bytes at 4 s and 13 s: idle from 13 s, closed at 23 s.
+        let (ended, at) = idle_copy(idle, &[4, 13]).await;
+        assert!(matches!(ended, Ended::Idle));
+        assert_eq!(at, Duration::from_secs(23));
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn max_duration_ends_a_busy_connection() {
+        let start = Instant::now();
+        let limits = Limits {
+            idle: Some(Duration::from_secs(10)),
+            until: Some(start + Duration::from_secs(30)),
+        };
+        let (ended, at) = idle_copy(limits, &[5, 10, 15, 20, 25, 29]).await;
+        assert!(matches!(ended, Ended::MaxDuration));
+        assert_eq!(at, Duration::from_secs(30));
     }
 }
