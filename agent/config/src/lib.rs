@@ -19,6 +19,8 @@
 //! * Short hosts with a dot (`pricing.shop`, `pricing.shop.svc`) are completed to
 //!   `pricing.shop.svc.cluster.local`, as Kubernetes DNS would; Istio only completes dot-less names.
 //! * Unsupported Istio fields are warned about and ignored, never silently dropped.
+//! * `fault` with `directResponse` is accepted with a warning (Istio's webhook rejects the pair);
+//!   the proxy applies the fault first, as Envoy's fault filter runs before the router.
 #![forbid(unsafe_code)]
 
 mod build;

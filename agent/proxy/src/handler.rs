@@ -11,7 +11,8 @@
 //!
 //! The stack per attempt, outermost first (Istio's order, which is Envoy's filter chain then router):
 //! fault injection -> route timeout -> retries (with the cluster's retry budget) -> per-try timeout ->
-//! the cluster (circuit breakers, load balancing, outlier detection, connection pools).
+//! the cluster (circuit breakers, load balancing, outlier detection, connection pools). A route with
+//! `directResponse` has only the fault layer, in front of its prebuilt reply (see `direct`).
 
 use crate::access_log::AccessLog;
 use crate::direct::{DirectReply, DirectService, DIRECT_RESPONSE_DETAILS};
