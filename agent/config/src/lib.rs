@@ -19,8 +19,7 @@
 //! * Short hosts with a dot (`pricing.shop`, `pricing.shop.svc`) are completed to
 //!   `pricing.shop.svc.cluster.local`, as Kubernetes DNS would; Istio only completes dot-less names.
 //! * Unsupported Istio fields are warned about and ignored, never silently dropped.
-//! * `fault` with `directResponse` is accepted with a warning (Istio's webhook rejects the pair);
-//!   the proxy applies the fault first, as Envoy's fault filter runs before the router.
+//! * `fault` with `directResponse` is an error, as in Istio's validation.
 #![forbid(unsafe_code)]
 
 mod build;

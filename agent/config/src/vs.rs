@@ -614,11 +614,10 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
                 }
             }
             if http.fault.is_some() {
-                sink.warn(
+                // Istio's validation (validateHTTPRouteConflict) refuses the pair.
+                sink.error(
                     format!("{field}.fault"),
-                    "Istio's webhook rejects this (\"HTTP route cannot contain both fault and \
-                     direct_response\"); Sluice applies the fault first, as Envoy's fault filter \
-                     runs before the router, so the YAML is not portable to Istio",
+                    "HTTP route cannot contain both fault and direct_response",
                 );
             }
             response::direct_response(sink, &df, d)

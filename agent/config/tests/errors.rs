@@ -266,14 +266,15 @@ fn direct_response_excludes_route_redirect_rewrite_and_delegate() {
 }
 
 #[test]
-fn direct_response_with_a_fault_is_accepted_with_a_warning() {
-    let ps = problems(
-        "f.yaml",
-        &vs_route("  - directResponse: {status: 200}\n    fault:\n      delay: {fixedDelay: 1s, percentage: {value: 100}}\n"),
+fn direct_response_with_a_fault_is_refused_as_istio_does() {
+    let e = the_error(&vs_route(
+        "  - directResponse: {status: 200}\n    fault:\n      delay: {fixedDelay: 1s, percentage: {value: 100}}\n",
+    ));
+    assert_eq!(e.field, "spec.http[0].fault");
+    assert_eq!(
+        e.reason,
+        "HTTP route cannot contain both fault and direct_response"
     );
-    assert!(ps.iter().all(|p| !p.is_error()), "{ps:#?}");
-    let w = ps.iter().find(|p| p.field == "spec.http[0].fault").unwrap();
-    assert!(w.reason.contains("not portable to Istio"), "{}", w.reason);
 }
 
 #[test]
