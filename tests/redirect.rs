@@ -97,6 +97,7 @@ impl Node {
             listener,
             self.handler.clone(),
             Some(dst),
+            Default::default(),
             self.shutdown.subscribe(),
             Duration::from_secs(1),
         )));

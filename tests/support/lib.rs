@@ -69,6 +69,7 @@ impl Mesh {
             listener,
             handler.clone(),
             None,
+            Default::default(),
             rx,
             Duration::from_secs(1),
         ));

@@ -31,11 +31,14 @@ pub trait OriginalDst: Send + Sync + 'static {
 
 type Builder = Arc<auto::Builder<TokioExecutor>>;
 
-/// Serves `listener` until `shutdown` turns true, then drains for at most `drain`.
+/// Serves `listener` until `shutdown` turns true, then drains for at most `drain`. Counts each
+/// accepted connection in `accepted` (the redirect lease is renewed only while this loop makes
+/// progress).
 pub async fn serve(
     listener: TcpListener,
     handler: Arc<Handler>,
     original_dst: Option<Arc<dyn OriginalDst>>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -62,6 +65,7 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         // A listener on `[::]` sees IPv4 clients as IPv4-mapped IPv6 addresses; Pods, logs and
         // metrics know them by their IPv4 address.

@@ -30,6 +30,7 @@ use sluice_ebpf_common::{maps as map_names, programs as prog_names, TupleKey};
 
 pub use maps::{Lease, Maps};
 pub use sluice_ebpf_common::{Counter, ProxyConfig};
+pub use sys::accept_queue_len;
 
 /// Where programs, links and maps are pinned.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";

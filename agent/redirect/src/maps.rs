@@ -116,7 +116,7 @@ impl Maps {
         enabled: bool,
     ) -> Result<()> {
         let mut cfg = self.config()?;
-        cfg.flags &= ProxyConfig::DEBUG_LOG;
+        cfg.flags &= ProxyConfig::SETTINGS;
         if let (Some(a), Some(b)) = (v4, v6) {
             if a.port() != b.port() {
                 return Err(Error::ProxyPorts(a, b));
@@ -183,6 +183,18 @@ impl Maps {
     /// The programs' aya-log debug lines (one per redirected connect).
     pub fn set_debug_log(&self, on: bool) -> Result<()> {
         self.set_flag(ProxyConfig::DEBUG_LOG, on)
+    }
+
+    /// The sk_msg fast path: redirected connections' sockets go into the SOCKHASH so data
+    /// between a pod and the proxy skips the TCP stack. Off saves the two SOCKHASH inserts each
+    /// redirected `connect()` makes, for connections too short to gain from it.
+    pub fn set_sockmap(&self, on: bool) -> Result<()> {
+        self.set_flag(ProxyConfig::NO_SOCKMAP, !on)
+    }
+
+    /// Whether new redirected connections get the sk_msg fast path.
+    pub fn sockmap(&self) -> Result<bool> {
+        Ok(self.config()?.flags & ProxyConfig::NO_SOCKMAP == 0)
     }
 
     fn set_flag(&self, flag: u16, on: bool) -> Result<()> {

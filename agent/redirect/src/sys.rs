@@ -1,5 +1,6 @@
 //! The few system calls the loader needs that aya does not make: `RLIMIT_MEMLOCK`, mounting
-//! bpffs, finding mounts.
+//! bpffs, finding mounts; and the accept-queue length of the proxy's listener, which decides
+//! whether the redirect lease is renewed.
 
 use std::{
     ffi::CString,
@@ -25,6 +26,36 @@ pub fn raise_memlock() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Connections waiting in a listening TCP socket's accept queue (`TCP_INFO`: for a listener the
+/// kernel reports the queue length as `tcpi_unacked`).
+pub fn accept_queue_len(listener: BorrowedFd<'_>) -> std::io::Result<u32> {
+    // SAFETY: `tcp_info` is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid and writable for the call; `len` holds `info`'s size.
+    let ret = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // TCP_LISTEN in the kernel's `enum tcp_state` (include/net/tcp_states.h).
+    const TCP_LISTEN: u8 = 10;
+    if info.tcpi_state != TCP_LISTEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a listening TCP socket",
+        ));
+    }
+    Ok(info.tcpi_unacked)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads, so a lease written

@@ -395,6 +395,52 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
         "no stray connection reached the proxy"
     );
 
+    // The fast path off (`--no-sockmap`): still redirected, the original destination still
+    // recovered, but no socket enters the SOCKHASH and no data takes the sk_msg path. The setting
+    // survives a change of the proxy's address.
+    maps.set_sockmap(false).unwrap();
+    maps.set_proxy(
+        Some(proxy),
+        Some(SocketAddr::from((host_ip6, proxy.port()))),
+        true,
+    )
+    .unwrap();
+    maps.renew_lease(Duration::from_secs(600)).unwrap();
+    assert!(!maps.sockmap().unwrap(), "the setting outlives set_proxy");
+    let count = |c: Counter| maps.counter(c).unwrap();
+    let (inserted, sk_msg, saved) = (
+        count(Counter::SockOpsSockhashInserted),
+        count(Counter::SkMsgRedirected),
+        count(Counter::SockOpsTupleSaved),
+    );
+    let client = spawn_client(&cgroup, &ns, original);
+    let Some((stream, peer)) = accept_within(&listener, 250) else {
+        let out = client.wait_with_output().unwrap();
+        panic!(
+            "no sockmap: nothing reached the proxy; client stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    assert_eq!(
+        maps.original_dst(peer, stream.local_addr().unwrap()),
+        Some(original),
+        "no sockmap: original destination"
+    );
+    ping_pong(stream, client, "redirected without the fast path");
+    assert_eq!(count(Counter::SockOpsTupleSaved), saved + 1);
+    assert_eq!(
+        count(Counter::SockOpsSockhashInserted),
+        inserted,
+        "no insert"
+    );
+    assert_eq!(
+        count(Counter::SkMsgRedirected),
+        sk_msg,
+        "no sk_msg redirect"
+    );
+    maps.set_sockmap(true).unwrap();
+    assert!(maps.sockmap().unwrap());
+
     // IPv6: connect6 redirects, SO_ORIGINAL_DST at SOL_IPV6 and the map recover the destination.
     let original6 = SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10), 8080));
     let client = spawn_client(&cgroup, &ns, original6);

@@ -151,10 +151,15 @@ fn print_redirect(r: &Value) {
         s(&lease["duration_ms"]),
     );
     println!(
-        "  pins {}   cgroup {}   object {}",
+        "  pins {}   cgroup {}   object {}   sk_msg fast path {}",
         s(&r["pin_dir"]),
         s(&r["cgroup"]),
-        s(&r["object"])
+        s(&r["object"]),
+        if r["sockmap"].as_bool() == Some(false) {
+            "off"
+        } else {
+            "on"
+        }
     );
     let list = |v: &Value| {
         let items: Vec<String> = v.as_array().into_iter().flatten().map(s).collect();

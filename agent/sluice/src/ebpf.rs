@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use sluice_policy::Snapshot;
 use sluice_proxy::server::OriginalDst;
-use sluice_redirect::{Counter, InstallReport, Lease, Maps, Options, Redirect};
+use sluice_redirect::{Counter, InstallReport, Lease, Maps, Options, ProxyConfig, Redirect};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -51,6 +51,12 @@ pub struct EbpfArgs {
     /// Log one line per redirected connect() from the programs (busy nodes: keep off).
     #[arg(long)]
     pub ebpf_debug_log: bool,
+    /// No sk_msg fast path: redirected connections go pod -> proxy over TCP instead of socket to
+    /// socket. Saves the two SOCKHASH inserts (about 4 us here) each redirected connect() makes;
+    /// costs every request on the connection the TCP stack both ways (`cargo xtask
+    /// bench-redirect` measures both).
+    #[arg(long)]
+    pub no_sockmap: bool,
 }
 
 impl EbpfArgs {
@@ -74,6 +80,9 @@ impl EbpfArgs {
         }
         if self.ebpf_debug_log {
             set.push("--ebpf-debug-log");
+        }
+        if self.no_sockmap {
+            set.push("--no-sockmap");
         }
         set
     }
@@ -200,6 +209,70 @@ pub struct EbpfRedirect {
     lookups: Arc<Lookups>,
 }
 
+/// Whether the outbound listener's accept loop makes progress, from its accept queue and the
+/// count of accepted connections. A runtime that still runs timers while its accept loop is
+/// stuck (a hung task, `accept()` failing with EMFILE) must fail open like a dead proxy.
+pub struct AcceptWatch {
+    /// A second descriptor of the listening socket.
+    listener: socket2::Socket,
+    accepted: Arc<AtomicU64>,
+    /// The last check: (connections waiting, accepted so far).
+    last: Option<(u32, u64)>,
+}
+
+/// What one [`AcceptWatch::check`] saw.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    Ok,
+    /// Connections waited at the last check and still wait, and none was accepted since.
+    Stalled {
+        queued: u32,
+    },
+    /// The queue could not be read (renewal goes on: the runtime serves).
+    Unknown,
+}
+
+impl AcceptWatch {
+    pub fn new(listener: &tokio::net::TcpListener, accepted: Arc<AtomicU64>) -> Result<Self> {
+        let listener = socket2::SockRef::from(listener)
+            .try_clone()
+            .context("duplicating the outbound listener's descriptor")?;
+        Ok(AcceptWatch {
+            listener,
+            accepted,
+            last: None,
+        })
+    }
+
+    /// Called once per renewal period.
+    pub fn check(&mut self) -> Progress {
+        use std::os::fd::AsFd as _;
+        let queued = match sluice_redirect::accept_queue_len(self.listener.as_fd()) {
+            Ok(q) => q,
+            Err(err) => {
+                tracing::debug!(%err, "cannot read the outbound listener's accept queue");
+                self.last = None;
+                return Progress::Unknown;
+            }
+        };
+        let now = (queued, self.accepted.load(Ordering::Relaxed));
+        let progress = stalled(self.last, now);
+        self.last = Some(now);
+        progress
+    }
+}
+
+/// Stalled: connections waited at the previous check and wait now, and the accepted count did
+/// not move in between (a serving loop accepts within microseconds).
+fn stalled(last: Option<(u32, u64)>, now: (u32, u64)) -> Progress {
+    match last {
+        Some((waited, accepted)) if waited > 0 && now.0 > 0 && now.1 == accepted => {
+            Progress::Stalled { queued: now.0 }
+        }
+        _ => Progress::Ok,
+    }
+}
+
 /// Pods as last applied to the enrollment map, and problems already warned about.
 #[derive(Default)]
 struct Enrollment {
@@ -272,6 +345,7 @@ impl EbpfRedirect {
         let maps = Arc::new(Maps::open(&args.pin_dir)?);
         maps.set_proxy(v4, v6, true)?;
         maps.set_debug_log(args.ebpf_debug_log)?;
+        maps.set_sockmap(!args.no_sockmap)?;
         maps.set_excluded_ports(&args.exclude_ports)?;
         let cidrs: Vec<(IpAddr, u8)> = args.exclude_cidrs.iter().map(|c| (c.0, c.1)).collect();
         maps.set_excluded_cidrs(&cidrs)?;
@@ -311,15 +385,41 @@ impl EbpfRedirect {
     }
 
     /// Renews the lease every quarter of it until `shutdown` (run it on the proxy's runtime, once
-    /// the outbound listener is bound): redirection lasts only while this task runs.
-    pub async fn keep_lease(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// the outbound listener is bound): redirection lasts only while this task runs and the
+    /// listener's accept loop makes progress (`watch`).
+    pub async fn keep_lease(
+        self: Arc<Self>,
+        mut watch: AcceptWatch,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut tick = tokio::time::interval(self.renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state: Option<bool> = None; // last renewal's outcome
+        let mut stalled = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
+            }
+            match watch.check() {
+                Progress::Stalled { queued } => {
+                    if !stalled {
+                        tracing::warn!(
+                            queued,
+                            "the outbound listener accepted nothing for {:?} while connections waited: not renewing the redirect lease, so enrolled pods fail open",
+                            self.renew_every
+                        );
+                        stalled = true;
+                    }
+                    continue;
+                }
+                Progress::Ok if stalled => {
+                    tracing::info!(
+                        "the outbound listener accepts again: renewing the redirect lease"
+                    );
+                    stalled = false;
+                }
+                Progress::Ok | Progress::Unknown => {}
             }
             match self.maps.renew_lease(self.lease) {
                 Ok(()) if state != Some(true) => {
@@ -518,6 +618,7 @@ impl EbpfRedirect {
                 "ipv6": v6.map(|a| a.to_string()),
             },
             "enabled": cfg.is_some_and(|c| c.enabled()),
+            "sockmap": cfg.is_some_and(|c| c.flags & ProxyConfig::NO_SOCKMAP == 0),
             "lease": lease,
             "enrolled": enrolled,
             "not_redirected": not_redirected,
@@ -580,6 +681,54 @@ impl OriginalDst for OrigDst {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real listener with a connection the kernel queued: stalled once it waits across two
+    /// checks with nothing accepted; fine again once the loop accepts; a busy loop (queue never
+    /// empty, count moving) is not stalled.
+    #[tokio::test(flavor = "current_thread")]
+    async fn accept_watch_sees_a_stuck_accept_loop_on_a_real_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let mut watch = AcceptWatch::new(&listener, accepted.clone()).unwrap();
+        assert_eq!(watch.check(), Progress::Ok);
+        assert_eq!(watch.check(), Progress::Ok, "nothing waiting");
+
+        // Blocking connects on loopback complete at once: the kernel queues them unaccepted.
+        let c1 = std::net::TcpStream::connect(addr).unwrap();
+        assert_eq!(
+            watch.check(),
+            Progress::Ok,
+            "first sight of a waiting connection"
+        );
+        assert_eq!(watch.check(), Progress::Stalled { queued: 1 });
+        assert_eq!(watch.check(), Progress::Stalled { queued: 1 });
+
+        // A busy loop: it accepts, but the queue is never empty at a check.
+        let _c2 = std::net::TcpStream::connect(addr).unwrap();
+        let (_s1, _) = listener.accept().await.unwrap();
+        accepted.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(
+            watch.check(),
+            Progress::Ok,
+            "accepted one since the last check"
+        );
+
+        let (_s2, _) = listener.accept().await.unwrap();
+        accepted.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(watch.check(), Progress::Ok, "queue drained");
+        assert_eq!(watch.check(), Progress::Ok);
+        drop(c1);
+    }
+
+    #[test]
+    fn accept_queue_of_a_connected_socket_is_an_error() {
+        use std::os::fd::AsFd as _;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(sluice_redirect::accept_queue_len(c.as_fd()).is_err());
+        assert_eq!(sluice_redirect::accept_queue_len(l.as_fd()).unwrap(), 1);
+    }
 
     #[test]
     fn cidrs() {

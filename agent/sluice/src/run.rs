@@ -258,18 +258,27 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
         });
     }
 
+    let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // A second descriptor of the listening socket, to watch its accept queue.
+    let watch = match &ebpf {
+        Some(_) => Some(crate::ebpf::AcceptWatch::new(&outbound, accepted.clone())?),
+        None => None,
+    };
     let mut proxy = tokio::spawn(sluice_proxy::server::serve(
         outbound,
         handler.clone(),
         ebpf.as_ref().map(|e| e.original_dst()),
+        accepted,
         shutdown_rx.clone(),
         args.drain,
     ));
-    // The lease lives as long as this runtime serves: renewed only from here, after the bind.
+    // The lease lives as long as this runtime serves and its accept loop makes progress: renewed
+    // only from here, after the bind.
     let (lease_stop_tx, lease_stop_rx) = watch::channel(false);
     let lease = ebpf
         .clone()
-        .map(|e| tokio::spawn(e.keep_lease(lease_stop_rx)));
+        .zip(watch)
+        .map(|(e, w)| tokio::spawn(e.keep_lease(w, lease_stop_rx)));
     let _ = ready_tx.send(true);
     tracing::info!(outbound = %args.outbound_addr, admin = %args.admin_addr, "sluice is serving");
 

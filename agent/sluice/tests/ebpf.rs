@@ -230,6 +230,7 @@ fn run_with_ebpf_redirect_enrolls_live_fails_open_reuses_pins_and_uninstalls() {
     assert_eq!(v["agent"]["redirect"], "ebpf", "{v:#}");
     assert_eq!(r["mode"], "ebpf");
     assert_eq!(r["enabled"], true);
+    assert_eq!(r["sockmap"], true, "the sk_msg fast path is on by default");
     assert_eq!(r["pin_dir"], pins.display().to_string());
     assert_eq!(r["cgroup"], attach.display().to_string());
     assert_eq!(r["proxy"]["ipv4"], format!("127.0.0.1:{}", ports.outbound));
@@ -351,11 +352,11 @@ fn run_with_ebpf_redirect_enrolls_live_fails_open_reuses_pins_and_uninstalls() {
 
 #[test]
 fn ebpf_flags_without_ebpf_mode_and_a_missing_object_are_explained() {
-    let out = sluice(&["run", "--proxy-ip", "10.0.0.1"]);
+    let out = sluice(&["run", "--proxy-ip", "10.0.0.1", "--no-sockmap"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("--proxy-ip: only meaningful with --redirect ebpf"),
+        err.contains("--proxy-ip, --no-sockmap: only meaningful with --redirect ebpf"),
         "{err}"
     );
 

@@ -180,6 +180,12 @@ impl ProxyConfig {
     pub const HAS_V6: u16 = 4;
     /// Emit aya-log debug lines (kept off on busy nodes).
     pub const DEBUG_LOG: u16 = 8;
+    /// Do not put redirected connections' sockets into the SOCKHASH: no sk_msg fast path, and
+    /// none of its cost in `connect()` (the kernel allocates a psock, a link and an element per
+    /// socket). Clear (the default, also in maps pinned by older builds): fast path on.
+    pub const NO_SOCKMAP: u16 = 16;
+    /// Flags that are settings of the operator, kept when the proxy's address changes.
+    pub const SETTINGS: u16 = Self::DEBUG_LOG | Self::NO_SOCKMAP;
 
     pub fn enabled(&self) -> bool {
         self.flags & Self::ENABLED != 0

@@ -7,7 +7,7 @@
 //!   or an exclusion; nothing at all while redirection is disabled or the agent's lease on it has
 //!   expired: fail open).
 //! - `sock_ops`: on established, re-key the original destination by 4-tuple and put the pod's and
-//!   the proxy's sockets into the SOCKHASH.
+//!   the proxy's sockets into the SOCKHASH (unless the operator turned the fast path off).
 //! - `sk_msg`: redirect `sendmsg` data to the peer socket's ingress queue.
 //! - `cgroup/getsockopt`: answer `SO_ORIGINAL_DST` from the 4-tuple map.
 //!
@@ -382,6 +382,9 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
             return Ok(());
         }
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+    if config().is_none_or(|c| c.flags & ProxyConfig::NO_SOCKMAP != 0) {
+        return Ok(());
     }
     // SAFETY: the kernel passes a valid `bpf_sock_ops` for this program's run.
     let ops = unsafe { &mut *ctx.ops };
