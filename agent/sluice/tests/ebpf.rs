@@ -118,7 +118,14 @@ struct Ports {
     ready: u16,
 }
 
-fn start(cfg: &Path, attach: &Path, pins: &Path, ports: &Ports, log: &Path) -> Child {
+fn start(
+    cfg: &Path,
+    attach: &Path,
+    pins: &Path,
+    ports: &Ports,
+    log: &Path,
+    extra: &[&str],
+) -> Child {
     let addr = |p: u16| format!("127.0.0.1:{p}");
     let log = std::fs::File::create(log).unwrap();
     Command::new(SLUICE)
@@ -137,6 +144,7 @@ fn start(cfg: &Path, attach: &Path, pins: &Path, ports: &Ports, log: &Path) -> C
         .args(["--admin-addr", &addr(ports.admin)])
         .args(["--metrics-addr", &addr(ports.metrics)])
         .args(["--ready-addr", &addr(ports.ready)])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -222,7 +230,7 @@ fn run_with_ebpf_redirect_enrolls_live_fails_open_reuses_pins_and_uninstalls() {
         ready: free_port(),
     };
     let log1 = dir.path().join("agent-1.log");
-    guard.agent = Some(start(&cfg, &attach, &pins, &ports, &log1));
+    guard.agent = Some(start(&cfg, &attach, &pins, &ports, &log1, &[]));
 
     // Serving: status shows the redirect, the lease, the enrolled pod and the exclusions.
     let v = wait_serving(ports.admin, ports.ready);
@@ -298,10 +306,19 @@ fn run_with_ebpf_redirect_enrolls_live_fails_open_reuses_pins_and_uninstalls() {
     );
     assert_eq!(maps.enrolled_cgroups(), vec![pod_id], "enrollment survives");
 
-    // Restart: the pins are reused, not attached twice.
+    // Restart: the pins are reused, not attached twice; this time without the sk_msg fast path.
     let log2 = dir.path().join("agent-2.log");
-    guard.agent = Some(start(&cfg, &attach, &pins, &ports, &log2));
+    guard.agent = Some(start(
+        &cfg,
+        &attach,
+        &pins,
+        &ports,
+        &log2,
+        &["--no-sockmap"],
+    ));
     let v = wait_serving(ports.admin, ports.ready);
+    assert_eq!(v["redirect"]["sockmap"], false, "{v:#}");
+    assert!(!maps.sockmap().unwrap(), "NO_SOCKMAP in the pinned config");
     assert_eq!(
         v["redirect"]["programs"]["reused"]
             .as_array()
