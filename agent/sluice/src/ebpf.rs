@@ -52,7 +52,7 @@ pub struct EbpfArgs {
     #[arg(long)]
     pub ebpf_debug_log: bool,
     /// No sk_msg fast path: redirected connections go pod -> proxy over TCP instead of socket to
-    /// socket. Saves the two SOCKHASH inserts (about 4 us here) each redirected connect() makes;
+    /// socket. Saves the two SOCKHASH inserts (about 3.5 us here) each redirected connect() makes;
     /// costs every request on the connection the TCP stack both ways (`cargo xtask
     /// bench-redirect` measures both).
     #[arg(long)]
