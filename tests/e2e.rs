@@ -46,7 +46,7 @@ use std::{
 };
 
 use serde_json::Value;
-use sluice_netns::{Pod, Topology};
+use sluice_netns::{skip_because, Pod, Topology};
 use sluice_tests::LogLine;
 
 // ---------------------------------------------------------------------------------------------
@@ -109,17 +109,6 @@ fn skip() -> bool {
 /// As [`skip`], for the dual-stack tests: IPv6 must be available too.
 fn skip_ipv6() -> bool {
     skip_because(cannot_run().or_else(sluice_netns::cannot_run_ipv6))
-}
-
-fn skip_because(reason: Option<String>) -> bool {
-    match reason {
-        None => false,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("cannot run under CI: {why}"),
-        Some(why) => {
-            eprintln!("skipped: {why}");
-            true
-        }
-    }
 }
 
 struct Bins {

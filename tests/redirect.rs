@@ -117,13 +117,7 @@ impl Node {
     }
 
     fn cluster(&self, name: &str) -> sluice_upstream::ClusterHandle {
-        let state = self.handler.state();
-        state
-            .upstreams
-            .iter()
-            .find(|(k, _)| k.to_string() == name)
-            .map(|(_, up)| up.handle.clone())
-            .unwrap_or_else(|| panic!("no cluster {name}"))
+        sluice_tests::cluster_of(&self.handler, name)
     }
 
     fn metrics(&self) -> String {

@@ -189,14 +189,19 @@ impl Mesh {
 
     /// Live state of the cluster `outbound|PORT||HOST` (or with a subset).
     pub fn cluster(&self, name: &str) -> sluice_upstream::ClusterHandle {
-        let state = self.handler.state();
-        state
-            .upstreams
-            .iter()
-            .find(|(k, _)| k.to_string() == name)
-            .map(|(_, up)| up.handle.clone())
-            .unwrap_or_else(|| panic!("no cluster {name}"))
+        cluster_of(&self.handler, name)
     }
+}
+
+/// Live state of `handler`'s cluster `outbound|PORT||HOST` (or with a subset); panics if absent.
+pub fn cluster_of(handler: &Handler, name: &str) -> sluice_upstream::ClusterHandle {
+    let state = handler.state();
+    state
+        .upstreams
+        .iter()
+        .find(|(k, _)| k.to_string() == name)
+        .map(|(_, up)| up.handle.clone())
+        .unwrap_or_else(|| panic!("no cluster {name}"))
 }
 
 impl Drop for Mesh {

@@ -429,10 +429,7 @@ fn summarize(
         for (name, _, f) in FIGURES {
             let v = values(target, f);
             let (m, rg) = (stats::median(&v), stats::range(&v));
-            let cell = match (m, rg) {
-                (Some(m), Some((lo, hi))) => format!("{} [{} - {}]", num(m), num(lo), num(hi)),
-                _ => "-".to_owned(),
-            };
+            let cell = stats::median_range_text(m, rg);
             let _ = write!(t, " {cell:>26}");
             per.insert(
                 name.to_owned(),
@@ -468,19 +465,10 @@ fn summarize(
         let direct = values("direct", f);
         if let Some(mid) = stats::median(&direct) {
             for r in results.iter().filter(|r| r.target == "direct") {
-                if let Some(v) = f(r) {
-                    if stats::deviation(v, mid) > 0.20 {
-                        unstable.push(
-                            json!({ "round": r.round, "figure": name, "value": v, "median": mid }),
-                        );
-                        let _ = writeln!(
-                            t,
-                            "UNSTABLE round {}: direct {name} {} vs median {} (> 20%): distrust this round",
-                            r.round,
-                            num(v),
-                            num(mid)
-                        );
-                    }
+                let flagged = f(r).and_then(|v| stats::unstable("direct", name, r.round, v, mid));
+                if let Some((record, line)) = flagged {
+                    unstable.push(record);
+                    let _ = writeln!(t, "{line}");
                 }
             }
         }
@@ -501,7 +489,7 @@ fn summarize(
         let verdict = match value {
             None if not_measured.contains_key("sluice") => "NOT MEASURED",
             None => "MISS (no figure)",
-            Some(v) if meets(v, op, bound) => "PASS",
+            Some(v) if stats::meets(v, op, bound) => "PASS",
             Some(_) => "MISS",
         };
         let shown = value.map_or("-".to_owned(), |v| format!("{v:.2}"));
@@ -525,22 +513,6 @@ fn summarize(
         "runs": results,
     });
     Summary { table: t, json }
-}
-
-fn meets(v: f64, op: &str, bound: f64) -> bool {
-    match op {
-        ">=" => v >= bound,
-        "<=" => v <= bound,
-        _ => v < bound,
-    }
-}
-
-fn num(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
-    }
 }
 
 pub(crate) fn workspace_root() -> PathBuf {

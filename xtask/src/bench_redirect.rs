@@ -1463,10 +1463,7 @@ fn values(runs: &[Run], variant: &str, fig: &str) -> Vec<f64> {
 
 fn cell(v: &[f64]) -> (String, serde_json::Value) {
     let (m, rg) = (stats::median(v), stats::range(v));
-    let text = match (m, rg) {
-        (Some(m), Some((lo, hi))) => format!("{} [{} - {}]", num(m), num(lo), num(hi)),
-        _ => "-".to_owned(),
-    };
+    let text = stats::median_range_text(m, rg);
     (
         text,
         json!({ "median": m, "min": rg.map(|r| r.0), "max": rg.map(|r| r.1), "n": v.len() }),
@@ -1501,7 +1498,7 @@ fn summarize(
     let mut check = |t: &mut String, what: &str, value: Option<f64>, op: &str, bound: f64| {
         let verdict = match value {
             None => "NOT MEASURED",
-            Some(v) if meets(v, op, bound) => "PASS",
+            Some(v) if stats::meets(v, op, bound) => "PASS",
             Some(_) => "MISS",
         };
         let shown = value.map_or("-".to_owned(), |v| format!("{v:.3}"));
@@ -1591,19 +1588,19 @@ fn summarize(
             );
         }
     }
+    let mut json = json!({
+        "rounds": args.rounds,
+        "connects_per_run": args.connects,
+        "pinning": pinning,
+        "connect": connect_json,
+        "connect_added": added_json,
+        "connect_program_run_time": breakdown,
+        "runs": runs,
+    });
     if args.connect_only {
         t.push('\n');
         t.push_str(&connect_checks);
-        let json = json!({
-            "rounds": args.rounds,
-            "connects_per_run": args.connects,
-            "pinning": pinning,
-            "connect": connect_json,
-            "connect_added": added_json,
-            "connect_program_run_time": breakdown,
-            "targets": checks,
-            "runs": runs,
-        });
+        json["targets"] = json!(checks);
         return (t, json);
     }
 
@@ -1650,19 +1647,11 @@ fn summarize(
     for fig in ["throughput", "p50_at_rate"] {
         if let Some(mid) = m("loopback", fig) {
             for r in runs.iter().filter(|r| r.variant == "loopback") {
-                if let Some(&v) = r.figures.get(fig) {
-                    if stats::deviation(v, mid) > 0.20 {
-                        unstable.push(
-                            json!({ "round": r.round, "figure": fig, "value": v, "median": mid }),
-                        );
-                        let _ = writeln!(
-                            t,
-                            "UNSTABLE round {}: loopback {fig} {} vs median {} (> 20%): distrust this round",
-                            r.round,
-                            num(v),
-                            num(mid)
-                        );
-                    }
+                let flagged = (r.figures.get(fig))
+                    .and_then(|&v| stats::unstable("loopback", fig, r.round, v, mid));
+                if let Some((record, line)) = flagged {
+                    unstable.push(record);
+                    let _ = writeln!(t, "{line}");
                 }
             }
         }
@@ -1728,24 +1717,19 @@ fn summarize(
         );
     }
 
-    let json = json!({
-        "rounds": args.rounds,
-        "duration_s": args.duration,
-        "connects_per_run": args.connects,
-        "rate_rps": args.rate,
-        "wrk_connections": args.connections,
-        "pinning": pinning,
-        "upstream": upstream,
-        "not_measured": not_measured,
-        "connect": connect_json,
-        "connect_added": added_json,
-        "connect_program_run_time": breakdown,
-        "requests": l7_json,
-        "ratios": ratios_json,
-        "unstable_rounds": unstable,
-        "targets": checks,
-        "runs": runs,
-    });
+    for (key, value) in [
+        ("duration_s", json!(args.duration)),
+        ("rate_rps", json!(args.rate)),
+        ("wrk_connections", json!(args.connections)),
+        ("upstream", json!(upstream)),
+        ("not_measured", json!(not_measured)),
+        ("requests", json!(l7_json)),
+        ("ratios", json!(ratios_json)),
+        ("unstable_rounds", json!(unstable)),
+        ("targets", json!(checks)),
+    ] {
+        json[key] = value;
+    }
     (t, json)
 }
 
@@ -1803,22 +1787,5 @@ fn request_table(
             per.insert((*name).into(), json!(r));
         }
         t.push('\n');
-    }
-}
-
-fn meets(v: f64, op: &str, bound: f64) -> bool {
-    match op {
-        ">=" => v >= bound,
-        "<=" => v <= bound,
-        ">" => v > bound,
-        _ => v < bound,
-    }
-}
-
-fn num(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
     }
 }

@@ -2,19 +2,16 @@
 //! built once per configuration generation, so a request only clones them) and the route's
 //! `headers.response` operations, which also apply to upstream responses.
 //!
-//! As in Envoy, a direct response is a local reply of the router: the fault filter runs before it
-//! (a delay, then possibly an abort instead), nothing is retried or timed out, no upstream is
-//! involved; the response code details are `direct_response`. A 201 or 3xx direct response carries
+//! As in Envoy, a direct response is a local reply of the router: nothing is retried or timed out,
+//! no upstream is involved; the response code details are `direct_response`. (Istio refuses a
+//! `fault` on such a route, so none runs before it.) A 201 or 3xx direct response carries
 //! `Location` with the request's URL, as Envoy's router adds it.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
-use sluice_core::{Body, BoxError};
+use http::{Response, StatusCode};
+use sluice_core::Body;
 use sluice_policy::{DirectResponse, HeaderOperations};
-use std::future::{ready, Ready};
-use std::sync::Arc;
-use std::task::{Context, Poll};
 
 /// Response details Envoy logs for a direct response.
 pub(crate) const DIRECT_RESPONSE_DETAILS: &str = "direct_response";
@@ -107,27 +104,6 @@ impl DirectReply {
             rsp.headers_mut().insert(header::LOCATION, location.clone());
         }
         rsp
-    }
-}
-
-/// The direct response as the innermost service of a route with a fault.
-#[derive(Clone)]
-pub(crate) struct DirectService {
-    pub(crate) reply: Arc<DirectReply>,
-    pub(crate) location: Option<HeaderValue>,
-}
-
-impl tower_service::Service<Request<Body>> for DirectService {
-    type Response = Response<Body>;
-    type Error = BoxError;
-    type Future = Ready<Result<Response<Body>, BoxError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _req: Request<Body>) -> Self::Future {
-        ready(Ok(self.reply.respond(self.location.as_ref())))
     }
 }
 

@@ -12,10 +12,10 @@
 //! The stack per attempt, outermost first (Istio's order, which is Envoy's filter chain then router):
 //! fault injection -> route timeout -> retries (with the cluster's retry budget) -> per-try timeout ->
 //! the cluster (circuit breakers, load balancing, outlier detection, connection pools). A route with
-//! `directResponse` has only the fault layer, in front of its prebuilt reply (see `direct`).
+//! `directResponse` has none of them: its prebuilt reply is the answer (see `direct`).
 
 use crate::access_log::AccessLog;
-use crate::direct::{DirectReply, DirectService, DIRECT_RESPONSE_DETAILS};
+use crate::direct::{DirectReply, DIRECT_RESPONSE_DETAILS};
 use crate::metrics::Metrics;
 use crate::passthrough::Passthrough;
 use crate::route;
@@ -31,7 +31,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 
 /// What the listener knows about the client connection.
 #[derive(Clone, Debug)]
@@ -214,7 +214,11 @@ impl Handler {
                 service,
             }) => {
                 outcome.service = Some(service);
-                respond_direct(req, &plan, &reply, &info, &outcome.summary).await
+                debug_assert!(
+                    plan.fault.is_none(),
+                    "config refuses fault with directResponse"
+                );
+                respond_direct(&reply, &info, &outcome.summary)
             }
             Ok(Routed {
                 plan,
@@ -491,51 +495,19 @@ where
     Request::from_parts(parts, sluice_core::boxed(body))
 }
 
-/// A route's `directResponse`: after the route's fault (as Envoy's fault filter runs before the
-/// router), the prebuilt reply; no upstream, no retries, no timeout.
-async fn respond_direct<B>(
-    req: Request<B>,
-    plan: &RoutePlan,
-    reply: &Arc<DirectReply>,
-    info: &Arc<RequestInfo>,
+/// A route's `directResponse`: the prebuilt reply; no upstream, no retries, no timeout.
+fn respond_direct(
+    reply: &DirectReply,
+    info: &RequestInfo,
     summary: &RequestSummary,
-) -> Response<Body>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+) -> Response<Body> {
     let location = if reply.wants_location {
         HeaderValue::from_str(&format!("http://{}{}", summary.authority, summary.path)).ok()
     } else {
         None
     };
-    let rsp = match &plan.fault {
-        None => reply.respond(location.as_ref()),
-        Some(fault) => {
-            let (mut parts, body) = req.into_parts();
-            parts.extensions.insert(info.clone());
-            let req = Request::from_parts(parts, sluice_core::boxed(body));
-            let direct = DirectService {
-                reply: reply.clone(),
-                location,
-            };
-            // Boxed where created, for the same reason as the upstream stack's future.
-            let fut: futures_util::future::BoxFuture<'static, Result<Response<Body>, BoxError>> =
-                Box::pin(
-                    FaultLayer::new(Some(fault.clone()))
-                        .layer(direct)
-                        .oneshot(req),
-                );
-            match fut.await {
-                Ok(rsp) => rsp,
-                Err(err) => local_reply(&err, info),
-            }
-        }
-    };
-    if !info.flags().contains(ResponseFlags::FAULT_INJECTED) {
-        info.set_details(DIRECT_RESPONSE_DETAILS);
-    }
-    rsp
+    info.set_details(DIRECT_RESPONSE_DETAILS);
+    reply.respond(location.as_ref())
 }
 
 fn prepare_response(mut rsp: Response<Body>) -> Response<Body> {

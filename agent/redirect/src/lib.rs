@@ -193,6 +193,19 @@ impl Redirect {
     }
 }
 
+/// The pin directory and its `maps`, `links` and `progs` subdirectories.
+fn create_pin_dirs(pin_dir: &Path) -> Result<()> {
+    for sub in ["", "maps", "links", "progs"] {
+        let dir = pin_dir.join(sub);
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 /// Loads the object and attaches whatever is not already attached (a restart reuses the pins,
 /// so established connections keep their state).
 pub fn install(opts: &Options) -> Result<Redirect> {
@@ -201,14 +214,7 @@ pub fn install(opts: &Options) -> Result<Redirect> {
     }
     sys::raise_memlock()?;
     sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
-    for sub in ["", "maps", "links", "progs"] {
-        let dir = opts.pin_dir.join(sub);
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-            what: "creating",
-            path: dir.clone(),
-            source,
-        })?;
-    }
+    create_pin_dirs(&opts.pin_dir)?;
     let map_dir = opts.pin_dir.join("maps");
     let stale = stale_maps(&opts.object, &map_dir)?;
     if !stale.is_empty() {
@@ -218,14 +224,7 @@ pub fn install(opts: &Options) -> Result<Redirect> {
             "pinned eBPF maps are from an older layout: detaching the old programs and replacing every pin (connections redirected before keep working but lose the sk_msg fast path)"
         );
         uninstall(&opts.pin_dir)?;
-        for sub in ["", "maps", "links", "progs"] {
-            let dir = opts.pin_dir.join(sub);
-            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-                what: "creating",
-                path: dir.clone(),
-                source,
-            })?;
-        }
+        create_pin_dirs(&opts.pin_dir)?;
     }
     let sockhash_was_pinned = map_dir.join(map_names::SOCKETS).exists();
 

@@ -64,14 +64,7 @@ impl Maps {
     /// directory) and its descendants.
     pub fn enroll_cgroup(&self, cgroup: &Path) -> Result<u64> {
         let id = cgroup_id(cgroup)?;
-        let value = EnrolledCgroup {
-            flags: EnrolledCgroup::REDIRECT,
-            tag: 0,
-        };
-        self.enrolled
-            .lock()
-            .insert(id, value, 0)
-            .map_err(map_err(names::ENROLLED))?;
+        self.enroll_cgroup_id(id)?;
         Ok(id)
     }
 

@@ -172,27 +172,31 @@ pub fn link_create_pinned(
     let link = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: a successful BPF_LINK_CREATE returns a new descriptor that nothing else owns.
     let link = unsafe { OwnedFd::from_raw_fd(link) };
+    let (path, mut attr) = path_attr(pin)?;
+    attr[2] = link.as_raw_fd() as u32;
+    bpf(BPF_OBJ_PIN, &mut attr)?;
+    drop(path);
+    Ok(())
+}
+
+/// A `union bpf_attr` whose first field (`pathname`) points at `pin`, and the string it points
+/// at (keep it alive until the call).
+fn path_attr(pin: &Path) -> std::io::Result<(CString, [u32; 32])> {
     let path = CString::new(pin.as_os_str().as_encoded_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     let mut attr = [0u32; 32];
     let ptr = path.as_ptr() as u64;
     attr[0] = ptr as u32;
     attr[1] = (ptr >> 32) as u32;
-    attr[2] = link.as_raw_fd() as u32;
-    bpf(BPF_OBJ_PIN, &mut attr)?;
-    Ok(())
+    Ok((path, attr))
 }
 
 /// `BPF_OBJ_GET`: a descriptor for the object pinned at `pin`.
 pub fn obj_get(pin: &Path) -> std::io::Result<OwnedFd> {
     const BPF_OBJ_GET: libc::c_long = 7;
-    let path = CString::new(pin.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let mut attr = [0u32; 32];
-    let ptr = path.as_ptr() as u64;
-    attr[0] = ptr as u32;
-    attr[1] = (ptr >> 32) as u32;
+    let (path, mut attr) = path_attr(pin)?;
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    drop(path);
     // SAFETY: a successful BPF_OBJ_GET returns a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -411,7 +411,6 @@ impl EbpfRedirect {
                         );
                         stalled = true;
                     }
-                    continue;
                 }
                 Progress::Ok if stalled => {
                     tracing::info!(
@@ -421,8 +420,13 @@ impl EbpfRedirect {
                 }
                 Progress::Ok | Progress::Unknown => {}
             }
-            match self.maps.renew_lease(self.lease) {
-                Ok(()) if state != Some(true) => {
+            let renewal = if stalled {
+                None
+            } else {
+                Some(self.maps.renew_lease(self.lease))
+            };
+            match renewal {
+                Some(Ok(())) if state != Some(true) => {
                     tracing::info!(
                         "redirect lease renewed every {:?} for {:?}: enrolled pods are redirected while the proxy serves",
                         self.renew_every,
@@ -430,12 +434,11 @@ impl EbpfRedirect {
                     );
                     state = Some(true);
                 }
-                Ok(()) => {}
-                Err(err) if state != Some(false) => {
+                Some(Err(err)) if state != Some(false) => {
                     tracing::warn!(%err, "cannot renew the redirect lease: enrolled pods fail open until it is renewed");
                     state = Some(false);
                 }
-                Err(_) => {}
+                _ => {}
             }
             self.redirect.lock().flush_logs();
         }

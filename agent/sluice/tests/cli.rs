@@ -4,11 +4,13 @@
 // Synchronous, process-level test with no async runtime: wall-clock polling is what it needs.
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+use common::{free_port, wait_for};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
@@ -89,14 +91,6 @@ impl Drop for Agent {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A minimal upstream: answers `200 ok` to at most 200 connections, then stops.
 fn upstream() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -131,18 +125,6 @@ fn get_via(proxy: SocketAddr, url: &str) -> Option<u16> {
     let mut rsp = String::new();
     s.read_to_string(&mut rsp).ok()?;
     rsp.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Polls `f` every 20 ms until it returns `Some`, for at most `limit`.
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(v) = f() {
-            return Some((v, start.elapsed()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 const REGISTRY: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: pricing, namespace: default}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 80, targetPort: 9090}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: pricing-1, namespace: default, labels: {kubernetes.io/service-name: pricing}}\naddressType: IPv4\nendpoints: [{addresses: [127.0.0.1]}]\nports: [{name: http, port: PORT}]\n";

@@ -10,11 +10,13 @@
 // Synchronous, process-level test with no async runtime: wall-clock polling is what it needs.
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+use common::{free_port, wait_for};
 use serde_json::Value;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
@@ -55,26 +57,6 @@ fn sluice(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run sluice")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls `f` every 20 ms until it returns `Some`, for at most `limit`.
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(v) = f() {
-            return Some((v, start.elapsed()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 /// Removes what the test created: the agent, the pins, the cgroups.

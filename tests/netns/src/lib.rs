@@ -41,6 +41,20 @@ const LINK_PREFIX: &str = "slc";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Whether a test that needs what `reason` says is missing should return early: `false` when
+/// nothing is missing; under `CI` it panics instead (such tests must run there); elsewhere it
+/// prints why and says skip.
+pub fn skip_because(reason: Option<String>) -> bool {
+    match reason {
+        None => false,
+        Some(why) if std::env::var_os("CI").is_some() => panic!("cannot run under CI: {why}"),
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            true
+        }
+    }
+}
+
 /// `Some(reason)` when topologies cannot be built here (not root, no iproute2, no cgroup v2).
 pub fn cannot_run() -> Option<String> {
     // SAFETY: geteuid has no preconditions.

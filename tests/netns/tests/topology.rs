@@ -12,21 +12,10 @@ use std::{
     time::Duration,
 };
 
-use sluice_netns::{cannot_run, cannot_run_ipv6, Pod, Topology};
+use sluice_netns::{cannot_run, cannot_run_ipv6, skip_because, Pod, Topology};
 
 fn skip() -> bool {
     skip_because(cannot_run())
-}
-
-fn skip_because(reason: Option<String>) -> bool {
-    match reason {
-        None => false,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("cannot run under CI: {why}"),
-        Some(why) => {
-            eprintln!("skipped: {why}");
-            true
-        }
-    }
 }
 
 #[test]

@@ -52,6 +52,54 @@ pub fn deviation(x: f64, reference: f64) -> f64 {
     ((x - reference) / reference).abs()
 }
 
+/// Whether `v` meets a target `op bound` (`>=`, `<=`, `>`, else `<`).
+pub fn meets(v: f64, op: &str, bound: f64) -> bool {
+    match op {
+        ">=" => v >= bound,
+        "<=" => v <= bound,
+        ">" => v > bound,
+        _ => v < bound,
+    }
+}
+
+/// A figure for a table: whole numbers from 100 up, two decimals below.
+pub fn num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// `median [min - max]`, or `-` without values.
+pub fn median_range_text(median: Option<f64>, range: Option<(f64, f64)>) -> String {
+    match (median, range) {
+        (Some(m), Some((lo, hi))) => format!("{} [{} - {}]", num(m), num(lo), num(hi)),
+        _ => "-".to_owned(),
+    }
+}
+
+/// A round whose reference figure moved more than 20% from its median: the JSON record and the
+/// line the summary prints; `None` for a steady round.
+pub fn unstable(
+    reference: &str,
+    figure: &str,
+    round: usize,
+    value: f64,
+    median: f64,
+) -> Option<(serde_json::Value, String)> {
+    (deviation(value, median) > 0.20).then(|| {
+        (
+            serde_json::json!({ "round": round, "figure": figure, "value": value, "median": median }),
+            format!(
+                "UNSTABLE round {round}: {reference} {figure} {} vs median {} (> 20%): distrust this round",
+                num(value),
+                num(median)
+            ),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
