@@ -2,6 +2,7 @@
 //! counters, original destinations). Opened from the pins, so it works the same after a restart.
 
 use std::{
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     time::Duration,
@@ -35,6 +36,7 @@ pub struct Maps {
     excluded_v4: Mutex<LpmTrie<MapData, u32, u8>>,
     excluded_v6: Mutex<LpmTrie<MapData, [u32; 4], u8>>,
     orig_by_tuple: HashMap<MapData, TupleKey, OriginalDst>,
+    orig_by_cookie: Mutex<HashMap<MapData, u64, OriginalDst>>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -56,6 +58,7 @@ impl Maps {
             excluded_v4: Mutex::new(typed!(pin_dir, names::EXCLUDED_V4)),
             excluded_v6: Mutex::new(typed!(pin_dir, names::EXCLUDED_V6)),
             orig_by_tuple: typed!(pin_dir, names::ORIG_BY_TUPLE),
+            orig_by_cookie: Mutex::new(typed!(pin_dir, names::ORIG_BY_COOKIE)),
             counters: typed!(pin_dir, names::COUNTERS),
         })
     }
@@ -108,34 +111,35 @@ impl Maps {
         v6: Option<SocketAddr>,
         enabled: bool,
     ) -> Result<()> {
-        let mut cfg = self.config()?;
-        cfg.flags &= ProxyConfig::SETTINGS;
         if let (Some(a), Some(b)) = (v4, v6) {
             if a.port() != b.port() {
                 return Err(Error::ProxyPorts(a, b));
             }
         }
-        if let Some(addr) = v4 {
-            let IpAddr::V4(ip) = addr.ip() else {
-                return Err(Error::Family(addr.ip(), 4));
-            };
-            cfg.ip4 = ip4_to_be(ip);
-            cfg.port = addr.port();
-            cfg.flags |= ProxyConfig::HAS_V4;
-        }
-        if let Some(addr) = v6 {
-            let IpAddr::V6(ip) = addr.ip() else {
-                return Err(Error::Family(addr.ip(), 6));
-            };
-            cfg.ip6 = ip6_to_be(ip);
-            cfg.port = addr.port();
-            cfg.flags |= ProxyConfig::HAS_V6;
-        }
-        if enabled {
-            cfg.flags |= ProxyConfig::ENABLED;
-        }
-        cfg.lease_until_ns = 0;
-        self.write_config(cfg)
+        self.update_config(|cfg| {
+            cfg.flags &= ProxyConfig::SETTINGS;
+            if let Some(addr) = v4 {
+                let IpAddr::V4(ip) = addr.ip() else {
+                    return Err(Error::Family(addr.ip(), 4));
+                };
+                cfg.ip4 = ip4_to_be(ip);
+                cfg.port = addr.port();
+                cfg.flags |= ProxyConfig::HAS_V4;
+            }
+            if let Some(addr) = v6 {
+                let IpAddr::V6(ip) = addr.ip() else {
+                    return Err(Error::Family(addr.ip(), 6));
+                };
+                cfg.ip6 = ip6_to_be(ip);
+                cfg.port = addr.port();
+                cfg.flags |= ProxyConfig::HAS_V6;
+            }
+            if enabled {
+                cfg.flags |= ProxyConfig::ENABLED;
+            }
+            cfg.lease_until_ns = 0;
+            Ok(())
+        })
     }
 
     /// The proxy addresses the programs rewrite to (IPv4, IPv6), as the map holds them.
@@ -152,16 +156,18 @@ impl Maps {
     /// listener serves; when it stops (crash, SIGKILL, hang), connections fail open once the lease
     /// runs out.
     pub fn renew_lease(&self, lease: Duration) -> Result<()> {
-        let mut cfg = self.config()?;
-        cfg.lease_until_ns = monotonic_ns().saturating_add(lease.as_nanos() as u64);
-        self.write_config(cfg)
+        self.update_config(|cfg| {
+            cfg.lease_until_ns = monotonic_ns().saturating_add(lease.as_nanos() as u64);
+            Ok(())
+        })
     }
 
     /// Ends the lease now: new connections fail open at once.
     pub fn end_lease(&self) -> Result<()> {
-        let mut cfg = self.config()?;
-        cfg.lease_until_ns = 0;
-        self.write_config(cfg)
+        self.update_config(|cfg| {
+            cfg.lease_until_ns = 0;
+            Ok(())
+        })
     }
 
     pub fn lease(&self) -> Result<Lease> {
@@ -191,13 +197,14 @@ impl Maps {
     }
 
     fn set_flag(&self, flag: u16, on: bool) -> Result<()> {
-        let mut cfg = self.config()?;
-        cfg.flags = if on {
-            cfg.flags | flag
-        } else {
-            cfg.flags & !flag
-        };
-        self.write_config(cfg)
+        self.update_config(|cfg| {
+            cfg.flags = if on {
+                cfg.flags | flag
+            } else {
+                cfg.flags & !flag
+            };
+            Ok(())
+        })
     }
 
     pub fn config(&self) -> Result<ProxyConfig> {
@@ -207,16 +214,24 @@ impl Maps {
             .map_err(map_err(names::CONFIG))
     }
 
-    fn write_config(&self, cfg: ProxyConfig) -> Result<()> {
-        self.config
-            .lock()
-            .set(0, cfg, 0)
-            .map_err(map_err(names::CONFIG))
+    /// Read, change, write back, all under the map's lock: the lease task renews while a reload
+    /// changes settings, and neither may undo the other.
+    fn update_config(&self, change: impl FnOnce(&mut ProxyConfig) -> Result<()>) -> Result<()> {
+        let mut map = self.config.lock();
+        let mut cfg = map.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        change(&mut cfg)?;
+        map.set(0, cfg, 0).map_err(map_err(names::CONFIG))
     }
 
     /// Replaces the excluded destination ports.
+    ///
+    /// The programs look the map up only while [`ProxyConfig::EXCL_PORTS`] says it holds
+    /// entries: the flag goes on after the entries are in, and off before the last goes.
     pub fn set_excluded_ports(&self, ports: &[u16]) -> Result<()> {
         let mut map = self.excluded_ports.lock();
+        if ports.is_empty() {
+            self.set_flag(ProxyConfig::EXCL_PORTS, false)?;
+        }
         let old: Vec<u16> = map.keys().filter_map(|k| k.ok()).collect();
         for p in old.iter().filter(|p| !ports.contains(p)) {
             let _ = map.remove(p);
@@ -224,6 +239,9 @@ impl Maps {
         for p in ports {
             map.insert(p, 1, 0)
                 .map_err(map_err(names::EXCLUDED_PORTS))?;
+        }
+        if !ports.is_empty() {
+            self.set_flag(ProxyConfig::EXCL_PORTS, true)?;
         }
         Ok(())
     }
@@ -271,13 +289,25 @@ impl Maps {
     }
 
     /// Replaces the excluded destination CIDRs (address, prefix length).
+    ///
+    /// The programs look a map up only while its flag ([`ProxyConfig::EXCL_V4`],
+    /// [`ProxyConfig::EXCL_V6`]) says it holds entries. As before, the old and the new entries
+    /// are not swapped atomically: for an instant neither set is in force.
     pub fn set_excluded_cidrs(&self, cidrs: &[(IpAddr, u8)]) -> Result<()> {
+        let has_v4 = cidrs.iter().any(|(ip, _)| ip.is_ipv4());
+        let has_v6 = cidrs.iter().any(|(ip, _)| ip.is_ipv6());
         let mut v4 = self.excluded_v4.lock();
+        let mut v6 = self.excluded_v6.lock();
+        if !has_v4 {
+            self.set_flag(ProxyConfig::EXCL_V4, false)?;
+        }
+        if !has_v6 {
+            self.set_flag(ProxyConfig::EXCL_V6, false)?;
+        }
         let old: Vec<Key<u32>> = v4.keys().filter_map(|k| k.ok()).collect();
         for k in &old {
             let _ = v4.remove(k);
         }
-        let mut v6 = self.excluded_v6.lock();
         let old: Vec<Key<[u32; 4]>> = v6.keys().filter_map(|k| k.ok()).collect();
         for k in &old {
             let _ = v6.remove(k);
@@ -292,7 +322,42 @@ impl Maps {
                     .map_err(map_err(names::EXCLUDED_V6))?,
             }
         }
+        if has_v4 {
+            self.set_flag(ProxyConfig::EXCL_V4, true)?;
+        }
+        if has_v6 {
+            self.set_flag(ProxyConfig::EXCL_V6, true)?;
+        }
         Ok(())
+    }
+
+    /// Original destinations saved by `connect4/6` whose socket has not reached its established
+    /// callback yet (connects in flight, and connects that failed).
+    pub fn unestablished(&self) -> usize {
+        self.orig_by_cookie
+            .lock()
+            .keys()
+            .filter(|k| k.is_ok())
+            .count()
+    }
+
+    /// One pass of the sweep of `SLUICE_ORIG_COOKIE`: removes the entries that were already
+    /// there at the previous pass (`seen`), and leaves in `seen` the ones that remain. An entry
+    /// lives from a redirected `connect()` to its socket's established callback, so an entry that
+    /// outlives two passes belongs to a connect that failed (refused, timed out, interrupted):
+    /// run the passes further apart than the longest connect (Linux's default SYN retries give
+    /// up after about 127 s). Returns how many entries were removed.
+    pub fn sweep_unestablished(&self, seen: &mut HashSet<u64>) -> usize {
+        let mut map = self.orig_by_cookie.lock();
+        let now: HashSet<u64> = map.keys().filter_map(|k| k.ok()).collect();
+        let mut removed = 0;
+        for cookie in now.intersection(seen) {
+            if map.remove(cookie).is_ok() {
+                removed += 1;
+            }
+        }
+        *seen = now.difference(seen).copied().collect();
+        removed
     }
 
     /// Every counter summed over CPUs.

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_redirect::{install, uninstall, Counter, Options};
+use sluice_redirect::{install, uninstall, Counter, Options, ProxyConfig};
 
 fn object() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bpf/sluice-ebpf.o")
@@ -376,13 +376,22 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
         ping_pong(stream, client, why);
     };
     lands_on(&listener, "enrolled, no exclusion: redirected");
+    // The programs look an exclusion map up only while its flag says it holds entries.
+    let flags = || maps.config().unwrap().flags;
+    let excl = ProxyConfig::EXCL_PORTS | ProxyConfig::EXCL_V4 | ProxyConfig::EXCL_V6;
+    assert_eq!(flags() & excl, 0, "no exclusions, no lookups");
     maps.set_excluded_ports(&[real_addr.port()]).unwrap();
+    assert_eq!(flags() & excl, ProxyConfig::EXCL_PORTS);
     lands_on(&real, "excluded port");
     maps.set_excluded_ports(&[]).unwrap();
+    assert_eq!(flags() & excl, 0);
+    lands_on(&listener, "port exclusion lifted: redirected");
     maps.set_excluded_cidrs(&[(IpAddr::V4(host_ip), 32)])
         .unwrap();
+    assert_eq!(flags() & excl, ProxyConfig::EXCL_V4);
     lands_on(&real, "excluded CIDR");
     maps.set_excluded_cidrs(&[]).unwrap();
+    assert_eq!(flags() & excl, 0);
     maps.set_enabled(false).unwrap();
     lands_on(&real, "redirection disabled (fail open)");
     maps.set_enabled(true).unwrap();
@@ -440,6 +449,39 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     );
     maps.set_sockmap(true).unwrap();
     assert!(maps.sockmap().unwrap());
+
+    // A redirected connect that never establishes (the proxy's port refuses it) leaves its saved
+    // original destination behind; the sweep removes it at its second pass, and only then.
+    let refusing = TcpListener::bind(SocketAddrV4::new(host_ip, 0)).unwrap();
+    let refusing_addr = refusing.local_addr().unwrap();
+    drop(refusing);
+    maps.set_proxy(Some(refusing_addr), None, true).unwrap();
+    maps.renew_lease(Duration::from_secs(600)).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    assert_eq!(
+        maps.sweep_unestablished(&mut seen),
+        0,
+        "nothing pending yet"
+    );
+    let out = spawn_client(&cgroup, &ns, original)
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success(), "the refused connect fails");
+    assert_eq!(maps.unestablished(), 1, "the refused connect's entry");
+    assert_eq!(maps.sweep_unestablished(&mut seen), 0, "first pass: noted");
+    assert_eq!(
+        maps.sweep_unestablished(&mut seen),
+        1,
+        "second pass: removed"
+    );
+    assert_eq!(maps.unestablished(), 0);
+    maps.set_proxy(
+        Some(proxy),
+        Some(SocketAddr::from((host_ip6, proxy.port()))),
+        true,
+    )
+    .unwrap();
+    maps.renew_lease(Duration::from_secs(600)).unwrap();
 
     // IPv6: connect6 redirects, SO_ORIGINAL_DST at SOL_IPV6 and the map recover the destination.
     let original6 = SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10), 8080));

@@ -184,8 +184,17 @@ impl ProxyConfig {
     /// none of its cost in `connect()` (the kernel allocates a psock, a link and an element per
     /// socket). Clear (the default, also in maps pinned by older builds): fast path on.
     pub const NO_SOCKMAP: u16 = 16;
-    /// Flags that are settings of the operator, kept when the proxy's address changes.
-    pub const SETTINGS: u16 = Self::DEBUG_LOG | Self::NO_SOCKMAP;
+    /// `SLUICE_EXCL_PORTS` holds entries: `connect4/6` look the destination port up. Clear, they
+    /// skip the lookup (a hash lookup per redirected `connect()`).
+    pub const EXCL_PORTS: u16 = 32;
+    /// `SLUICE_EXCL_V4` holds entries (an LPM lookup per redirected IPv4 `connect()` otherwise).
+    pub const EXCL_V4: u16 = 64;
+    /// `SLUICE_EXCL_V6` holds entries.
+    pub const EXCL_V6: u16 = 128;
+    /// Flags that are settings of the operator or describe the exclusion maps, kept when the
+    /// proxy's address changes.
+    pub const SETTINGS: u16 =
+        Self::DEBUG_LOG | Self::NO_SOCKMAP | Self::EXCL_PORTS | Self::EXCL_V4 | Self::EXCL_V6;
 
     pub fn enabled(&self) -> bool {
         self.flags & Self::ENABLED != 0

@@ -60,9 +60,13 @@ static EXCLUDED_V4: LpmTrie<u32, u8> =
 static EXCLUDED_V6: LpmTrie<[u32; 4], u8> =
     LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
+/// Original destinations between `connect4/6` and the socket's established callback. A plain
+/// (preallocated) hash, not an LRU: its insert, lookup and delete sit inside every redirected
+/// `connect()` and cost less without the LRU's lists. Connects that never establish leave their
+/// entry behind; the agent sweeps entries that outlive two of its passes (minutes, well past the
+/// longest SYN retry).
 #[map(name = "SLUICE_ORIG_COOKIE")]
-static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> =
-    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+static ORIG_BY_COOKIE: HashMap<u64, OriginalDst> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 #[map(name = "SLUICE_ORIG_TUPLE")]
 static ORIG_BY_TUPLE: LruHashMap<TupleKey, OriginalDst> =
@@ -207,8 +211,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
         || is_loopback4(dst_ip)
         || dst_ip == 0
         || (dst_ip == cfg.ip4 && dst_port == cfg.port)
-        || port_excluded(dst_port)
-        || present(EXCLUDED_V4.get(Key::new(32, dst_ip)));
+        || (cfg.flags & ProxyConfig::EXCL_PORTS != 0 && port_excluded(dst_port))
+        || (cfg.flags & ProxyConfig::EXCL_V4 != 0
+            && present(EXCLUDED_V4.get(Key::new(32, dst_ip))));
     if skip {
         count(Counter::ConnectSkipped);
         return Ok(());
@@ -255,13 +260,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
         (
             cfg.flags & ProxyConfig::HAS_V4 != 0,
             dst[3] == cfg.ip4 && dst_port == cfg.port,
-            present(EXCLUDED_V4.get(Key::new(32, dst[3]))),
+            cfg.flags & ProxyConfig::EXCL_V4 != 0 && present(EXCLUDED_V4.get(Key::new(32, dst[3]))),
         )
     } else {
         (
             cfg.flags & ProxyConfig::HAS_V6 != 0,
             dst == cfg.ip6 && dst_port == cfg.port,
-            present(EXCLUDED_V6.get(Key::new(128, dst))),
+            cfg.flags & ProxyConfig::EXCL_V6 != 0 && present(EXCLUDED_V6.get(Key::new(128, dst))),
         )
     };
     let unspecified = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == 0;
@@ -269,7 +274,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
         || is_loopback6(&dst)
         || unspecified
         || to_proxy
-        || port_excluded(dst_port)
+        || (cfg.flags & ProxyConfig::EXCL_PORTS != 0 && port_excluded(dst_port))
         || cidr_excluded;
     if skip {
         count(Counter::ConnectSkipped);
