@@ -38,6 +38,35 @@ pub struct LoadgenArgs {
     /// Keep-alive connections.
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
+    /// Take turns with other generators: time is cut into `--slot-ms` slots from `--epoch-ns`,
+    /// and this one sends only in slot `--slot` of every `--slots`, at `--rate` within its slots
+    /// (so `--duration` seconds of sending take `--slots` times as long). Generators started
+    /// together against different targets then share the machine's hiccups alike.
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    /// This generator's slot, 0 to `--slots` - 1.
+    #[arg(long, default_value_t = 0)]
+    pub slot: u32,
+    #[arg(long, default_value_t = 100)]
+    pub slot_ms: u64,
+    /// When slot 0 of the first round of slots starts, in CLOCK_MONOTONIC nanoseconds (shared by
+    /// every process on the machine, network namespaces included); default: as soon as the
+    /// connections are up.
+    #[arg(long)]
+    pub epoch_ns: Option<u64>,
+}
+
+/// When request `i` is due, counted from the schedule's start: every `interval` apart, or, when
+/// taking turns, the same within this generator's slots only.
+fn due_offset(i: u64, interval: Duration, args: &LoadgenArgs) -> Duration {
+    if args.slots <= 1 {
+        return interval.mul_f64(i as f64);
+    }
+    let slot = Duration::from_millis(args.slot_ms);
+    let per_slot = (slot.as_nanos() / interval.as_nanos().max(1)).max(1) as u64;
+    let (turn, j) = (i / per_slot, i % per_slot);
+    let slot_index = turn * u64::from(args.slots) + u64::from(args.slot);
+    slot.mul_f64(slot_index as f64) + interval.mul_f64(j as f64)
 }
 
 /// What one fixed-rate run measured; printed as JSON by `cargo xtask loadgen`.
@@ -73,6 +102,14 @@ pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
     if args.rate == 0 || args.connections == 0 {
         bail!("--rate and --connections must be positive");
     }
+    if args.slot >= args.slots.max(1) || args.slot_ms == 0 {
+        bail!(
+            "--slot {} of --slots {} (--slot-ms {}): the slot must be below the count, the length positive",
+            args.slot,
+            args.slots,
+            args.slot_ms
+        );
+    }
     let (idle_tx, mut idle_rx) = mpsc::unbounded_channel::<Sender>();
     for _ in 0..args.connections {
         idle_tx.send(connect(&args).await?).expect("receiver alive");
@@ -80,10 +117,22 @@ pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Option<u64>>();
     let total = args.rate as u64 * args.duration;
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
-    let start = Instant::now();
+    let start = match args.epoch_ns {
+        Some(epoch) => {
+            let now = sluice_redirect::monotonic_ns();
+            if epoch < now {
+                bail!(
+                    "--epoch-ns is {} ms in the past (the connections took too long?)",
+                    (now - epoch) / 1_000_000
+                );
+            }
+            Instant::now() + Duration::from_nanos(epoch - now)
+        }
+        None => Instant::now(),
+    };
 
     for i in 0..total {
-        let due = start + interval.mul_f64(i as f64);
+        let due = start + due_offset(i, interval, &args);
         tokio::time::sleep_until(due).await;
         let now = Instant::now();
         // Lateness within the timer's 1 ms granularity is the generator's; more means
@@ -150,4 +199,40 @@ pub fn main(args: LoadgenArgs) -> Result<()> {
     let report = rt.block_on(run(args))?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(slots: u32, slot: u32) -> LoadgenArgs {
+        LoadgenArgs {
+            target: "127.0.0.1:1".parse().unwrap(),
+            host: String::new(),
+            rate: 1000,
+            duration: 1,
+            connections: 1,
+            slots,
+            slot,
+            slot_ms: 100,
+            epoch_ns: None,
+        }
+    }
+
+    #[test]
+    fn requests_fall_in_their_generators_slots_only() {
+        let ms = Duration::from_millis;
+        let interval = ms(1);
+        // Alone: one request per millisecond.
+        assert_eq!(due_offset(250, interval, &args(1, 0)), ms(250));
+        // Slot 2 of 4, 100 ms each: requests 0-99 in 200-299 ms, 100-199 in 600-699 ms.
+        let a = args(4, 2);
+        assert_eq!(due_offset(0, interval, &a), ms(200));
+        assert_eq!(due_offset(99, interval, &a), ms(299));
+        assert_eq!(due_offset(100, interval, &a), ms(600));
+        for i in 0..1000 {
+            let at = due_offset(i, interval, &a).as_millis() as u64;
+            assert_eq!((at / 100) % 4, 2, "request {i} at {at} ms");
+        }
+    }
 }
