@@ -703,21 +703,25 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
         "sk_msg" | "iptables" => SocketAddr::from((VIP_DIRECT, SVC_PORT)),
         _ => proxy_addr,
     };
-    // Pod -> proxy, the proxy answering: one keep-alive connection, one request at a time.
-    let p2p = |v: &str, cpu: &str, secs: u64| -> Result<bench::parse::WrkReport> {
-        let url = format!("http://{}/", direct_target_of(v));
+    // `wrk -t1 -cC -dSs --latency` from variant `v`'s client to `url` with this Host header.
+    let run_wrk = |v: &str, cpu: &str, conns: u32, secs: u64, url: &str, host: &str| {
         let mut cmd = lab.cmd(&topo, pod_of(v), cpu, &wrk)?;
         cmd.args([
             "-t1",
-            "-c1",
+            &format!("-c{conns}"),
             &format!("-d{secs}s"),
             "--latency",
             "-H",
-            &format!("Host: {DIRECT_HOST}"),
-            &url,
+            &format!("Host: {host}"),
+            url,
         ])
         .stdin(Stdio::null());
-        let out = cmd.output().context("cannot run wrk")?;
+        cmd.output().context("cannot run wrk")
+    };
+    // Pod -> proxy, the proxy answering: one keep-alive connection, one request at a time.
+    let p2p = |v: &str, cpu: &str, secs: u64| -> Result<bench::parse::WrkReport> {
+        let url = format!("http://{}/", direct_target_of(v));
+        let out = run_wrk(v, cpu, 1, secs, &url, DIRECT_HOST)?;
         let text = String::from_utf8_lossy(&out.stdout);
         match parse::wrk(&text) {
             Some(r) if r.requests > 0 && r.errors == 0 => Ok(r),
@@ -796,18 +800,7 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
                 .or(redirect.as_ref().map(Redirect::maps));
             let before = counters(maps);
             let url = format!("http://{}/", target_of(v));
-            let mut cmd = lab.cmd(&topo, pod_of(v), load_cpu, &wrk)?;
-            cmd.args([
-                "-t1",
-                &format!("-c{}", args.connections),
-                &format!("-d{}s", args.duration),
-                "--latency",
-                "-H",
-                &format!("Host: {HOST}"),
-                &url,
-            ])
-            .stdin(Stdio::null());
-            let out = cmd.output().context("cannot run wrk")?;
+            let out = run_wrk(v, load_cpu, args.connections, args.duration, &url, HOST)?;
             let sat = parse::wrk(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default();
             pause(gap);
 

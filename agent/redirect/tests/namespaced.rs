@@ -292,14 +292,17 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     // The IPv6 listener shares the IPv4 one's port (the programs know one proxy port).
     let listener6 = TcpListener::bind(SocketAddr::from((host_ip6, proxy.port()))).unwrap();
     listener6.set_nonblocking(true).unwrap();
-    maps.set_proxy(
-        Some(proxy),
-        Some(SocketAddr::from((host_ip6, proxy.port()))),
-        true,
-    )
-    .unwrap();
     // The agent renews a short lease while it serves; this test has no agent, so one long lease.
-    maps.renew_lease(Duration::from_secs(600)).unwrap();
+    let point_at_proxy = || {
+        maps.set_proxy(
+            Some(proxy),
+            Some(SocketAddr::from((host_ip6, proxy.port()))),
+            true,
+        )
+        .unwrap();
+        maps.renew_lease(Duration::from_secs(600)).unwrap();
+    };
+    point_at_proxy();
     let before = maps.counter(Counter::ConnectRedirected).unwrap();
     maps.enroll_cgroup(&cgroup).unwrap();
 
@@ -408,13 +411,7 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
     // recovered, but no socket enters the SOCKHASH and no data takes the sk_msg path. The setting
     // survives a change of the proxy's address.
     maps.set_sockmap(false).unwrap();
-    maps.set_proxy(
-        Some(proxy),
-        Some(SocketAddr::from((host_ip6, proxy.port()))),
-        true,
-    )
-    .unwrap();
-    maps.renew_lease(Duration::from_secs(600)).unwrap();
+    point_at_proxy();
     assert!(!maps.sockmap().unwrap(), "the setting outlives set_proxy");
     let count = |c: Counter| maps.counter(c).unwrap();
     let (inserted, sk_msg, saved) = (
@@ -475,13 +472,7 @@ fn enrolled_client_reaches_the_proxy_which_recovers_the_original_destination() {
         "second pass: removed"
     );
     assert_eq!(maps.unestablished(), 0);
-    maps.set_proxy(
-        Some(proxy),
-        Some(SocketAddr::from((host_ip6, proxy.port()))),
-        true,
-    )
-    .unwrap();
-    maps.renew_lease(Duration::from_secs(600)).unwrap();
+    point_at_proxy();
 
     // IPv6: connect6 redirects, SO_ORIGINAL_DST at SOL_IPV6 and the map recover the destination.
     let original6 = SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10), 8080));

@@ -175,10 +175,23 @@ fn present<T>(v: Option<&T>) -> bool {
     unsafe { core::ptr::read_volatile(&found) }
 }
 
+// The exclusion maps are looked up only while their flag says they hold entries.
+
 #[inline(always)]
-fn port_excluded(port: u16) -> bool {
+fn port_excluded(cfg: &ProxyConfig, port: u16) -> bool {
     // SAFETY: only the presence of the key is used.
-    present(unsafe { EXCLUDED_PORTS.get(&port) })
+    cfg.flags & ProxyConfig::EXCL_PORTS != 0 && present(unsafe { EXCLUDED_PORTS.get(&port) })
+}
+
+/// `ip`: network order.
+#[inline(always)]
+fn v4_excluded(cfg: &ProxyConfig, ip: u32) -> bool {
+    cfg.flags & ProxyConfig::EXCL_V4 != 0 && present(EXCLUDED_V4.get(Key::new(32, ip)))
+}
+
+#[inline(always)]
+fn v6_excluded(cfg: &ProxyConfig, ip: [u32; 4]) -> bool {
+    cfg.flags & ProxyConfig::EXCL_V6 != 0 && present(EXCLUDED_V6.get(Key::new(128, ip)))
 }
 
 #[inline(always)]
@@ -211,9 +224,8 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
         || is_loopback4(dst_ip)
         || dst_ip == 0
         || (dst_ip == cfg.ip4 && dst_port == cfg.port)
-        || (cfg.flags & ProxyConfig::EXCL_PORTS != 0 && port_excluded(dst_port))
-        || (cfg.flags & ProxyConfig::EXCL_V4 != 0
-            && present(EXCLUDED_V4.get(Key::new(32, dst_ip))));
+        || port_excluded(&cfg, dst_port)
+        || v4_excluded(&cfg, dst_ip);
     if skip {
         count(Counter::ConnectSkipped);
         return Ok(());
@@ -260,13 +272,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
         (
             cfg.flags & ProxyConfig::HAS_V4 != 0,
             dst[3] == cfg.ip4 && dst_port == cfg.port,
-            cfg.flags & ProxyConfig::EXCL_V4 != 0 && present(EXCLUDED_V4.get(Key::new(32, dst[3]))),
+            v4_excluded(&cfg, dst[3]),
         )
     } else {
         (
             cfg.flags & ProxyConfig::HAS_V6 != 0,
             dst == cfg.ip6 && dst_port == cfg.port,
-            cfg.flags & ProxyConfig::EXCL_V6 != 0 && present(EXCLUDED_V6.get(Key::new(128, dst))),
+            v6_excluded(&cfg, dst),
         )
     };
     let unspecified = dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == 0;
@@ -274,7 +286,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
         || is_loopback6(&dst)
         || unspecified
         || to_proxy
-        || (cfg.flags & ProxyConfig::EXCL_PORTS != 0 && port_excluded(dst_port))
+        || port_excluded(&cfg, dst_port)
         || cidr_excluded;
     if skip {
         count(Counter::ConnectSkipped);
