@@ -2,7 +2,6 @@
 //! counters, original destinations). Opened from the pins, so it works the same after a restart.
 
 use std::{
-    collections::HashSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     time::Duration,
@@ -36,7 +35,6 @@ pub struct Maps {
     excluded_v4: Mutex<LpmTrie<MapData, u32, u8>>,
     excluded_v6: Mutex<LpmTrie<MapData, [u32; 4], u8>>,
     orig_by_tuple: HashMap<MapData, TupleKey, OriginalDst>,
-    orig_by_cookie: Mutex<HashMap<MapData, u64, OriginalDst>>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -58,7 +56,6 @@ impl Maps {
             excluded_v4: Mutex::new(typed!(pin_dir, names::EXCLUDED_V4)),
             excluded_v6: Mutex::new(typed!(pin_dir, names::EXCLUDED_V6)),
             orig_by_tuple: typed!(pin_dir, names::ORIG_BY_TUPLE),
-            orig_by_cookie: Mutex::new(typed!(pin_dir, names::ORIG_BY_COOKIE)),
             counters: typed!(pin_dir, names::COUNTERS),
         })
     }
@@ -329,35 +326,6 @@ impl Maps {
             self.set_flag(ProxyConfig::EXCL_V6, true)?;
         }
         Ok(())
-    }
-
-    /// Original destinations saved by `connect4/6` whose socket has not reached its established
-    /// callback yet (connects in flight, and connects that failed).
-    pub fn unestablished(&self) -> usize {
-        self.orig_by_cookie
-            .lock()
-            .keys()
-            .filter(|k| k.is_ok())
-            .count()
-    }
-
-    /// One pass of the sweep of `SLUICE_ORIG_COOKIE`: removes the entries that were already
-    /// there at the previous pass (`seen`), and leaves in `seen` the ones that remain. An entry
-    /// lives from a redirected `connect()` to its socket's established callback, so an entry that
-    /// outlives two passes belongs to a connect that failed (refused, timed out, interrupted):
-    /// run the passes further apart than the longest connect (Linux's default SYN retries give
-    /// up after about 127 s). Returns how many entries were removed.
-    pub fn sweep_unestablished(&self, seen: &mut HashSet<u64>) -> usize {
-        let mut map = self.orig_by_cookie.lock();
-        let now: HashSet<u64> = map.keys().filter_map(|k| k.ok()).collect();
-        let mut removed = 0;
-        for cookie in now.intersection(seen) {
-            if map.remove(cookie).is_ok() {
-                removed += 1;
-            }
-        }
-        *seen = now.difference(seen).copied().collect();
-        removed
     }
 
     /// Every counter summed over CPUs.

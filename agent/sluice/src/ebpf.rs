@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sluice_policy::Snapshot;
 use sluice_proxy::server::OriginalDst;
 use sluice_redirect::{Counter, InstallReport, Lease, Maps, Options, ProxyConfig, Redirect};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -207,14 +207,7 @@ pub struct EbpfRedirect {
     renew_every: Duration,
     enrollment: Mutex<Enrollment>,
     lookups: Arc<Lookups>,
-    /// Entries [`Maps::sweep_unestablished`] removed.
-    swept: AtomicU64,
 }
-
-/// How often the lease task sweeps the original destinations of connects that never
-/// established: entries are removed at the second pass that sees them, so at least this old,
-/// past Linux's longest SYN retry (about 127 s).
-const SWEEP_EVERY: Duration = Duration::from_secs(150);
 
 /// Whether the outbound listener's accept loop makes progress, from its accept queue and the
 /// count of accepted connections. A runtime that still runs timers while its accept loop is
@@ -380,7 +373,6 @@ impl EbpfRedirect {
             renew_every: args.lease / 4,
             enrollment: Mutex::new(Enrollment::default()),
             lookups: Arc::new(Lookups::default()),
-            swept: AtomicU64::new(0),
         }))
     }
 
@@ -402,22 +394,11 @@ impl EbpfRedirect {
     ) {
         let mut tick = tokio::time::interval(self.renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seen = HashSet::new();
         let mut state: Option<bool> = None; // last renewal's outcome
         let mut stalled = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = sweep.tick() => {
-                    let removed = self.maps.sweep_unestablished(&mut seen);
-                    if removed > 0 {
-                        self.swept.fetch_add(removed as u64, Ordering::Relaxed);
-                        tracing::info!(removed, "removed the saved original destinations of redirected connects that never established");
-                    }
-                    continue;
-                }
                 _ = shutdown.changed() => return,
             }
             match watch.check() {
@@ -654,8 +635,6 @@ impl EbpfRedirect {
                 "from_map": self.lookups.map.load(Ordering::Relaxed),
                 "from_sockopt": self.lookups.sockopt.load(Ordering::Relaxed),
                 "unknown": self.lookups.unknown.load(Ordering::Relaxed),
-                "unestablished": self.maps.unestablished(),
-                "swept": self.swept.load(Ordering::Relaxed),
             },
         })
     }

@@ -60,13 +60,9 @@ static EXCLUDED_V4: LpmTrie<u32, u8> =
 static EXCLUDED_V6: LpmTrie<[u32; 4], u8> =
     LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
-/// Original destinations between `connect4/6` and the socket's established callback. A plain
-/// (preallocated) hash, not an LRU: its insert, lookup and delete sit inside every redirected
-/// `connect()` and cost less without the LRU's lists. Connects that never establish leave their
-/// entry behind; the agent sweeps entries that outlive two of its passes (minutes, well past the
-/// longest SYN retry).
 #[map(name = "SLUICE_ORIG_COOKIE")]
-static ORIG_BY_COOKIE: HashMap<u64, OriginalDst> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 #[map(name = "SLUICE_ORIG_TUPLE")]
 static ORIG_BY_TUPLE: LruHashMap<TupleKey, OriginalDst> =
