@@ -3,6 +3,8 @@
 //! lines and cluster state). Everything binds 127.0.0.1:0 and ends when the harness is dropped.
 #![forbid(unsafe_code)]
 
+pub mod bins;
+
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};

@@ -1,0 +1,150 @@
+//! Scripted upstreams for the oracle: each answers its requests with the next step of a script
+//! (status after a delay; the last step repeats) and counts what it received, so the same
+//! sequence can be replayed to Envoy and to Sluice and the attempts each made compared.
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Step {
+    status: u16,
+    delay: Duration,
+}
+
+impl Step {
+    pub fn status(status: u16) -> Self {
+        Self::delayed(status, 0)
+    }
+
+    pub fn delayed(status: u16, delay_ms: u64) -> Self {
+        Self {
+            status,
+            delay: Duration::from_millis(delay_ms),
+        }
+    }
+}
+
+/// What an endpoint does with its requests, in order.
+#[derive(Clone, Debug)]
+pub struct Script {
+    first: Vec<Step>,
+    then: Option<Step>,
+}
+
+impl Script {
+    /// `first` in order, then `then` for every later request.
+    pub fn new(first: Vec<Step>, then: Step) -> Self {
+        Self {
+            first,
+            then: Some(then),
+        }
+    }
+
+    pub fn repeat(step: Step) -> Self {
+        Self::new(Vec::new(), step)
+    }
+
+    /// Nothing listens: connections are refused.
+    pub fn refused() -> Self {
+        Self {
+            first: Vec::new(),
+            then: None,
+        }
+    }
+}
+
+struct State {
+    script: Script,
+    served: usize,
+}
+
+/// One endpoint; stops with the test's runtime.
+pub struct Upstream {
+    port: u16,
+    state: Arc<Mutex<State>>,
+}
+
+impl Upstream {
+    pub async fn start(script: Script) -> Self {
+        let state = Arc::new(Mutex::new(State {
+            script: script.clone(),
+            served: 0,
+        }));
+        if script.then.is_none() {
+            return Self {
+                port: free_port(),
+                state,
+            };
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let port = listener.local_addr().unwrap().port();
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let step = {
+                            let mut s = state.lock();
+                            let step = s
+                                .script
+                                .first
+                                .get(s.served)
+                                .copied()
+                                .or(s.script.then)
+                                .expect("a listening script has a last step");
+                            s.served += 1;
+                            step
+                        };
+                        async move {
+                            tokio::time::sleep(step.delay).await;
+                            let mut rsp =
+                                Response::new(Full::new(Bytes::from_static(b"scripted\n")));
+                            *rsp.status_mut() = StatusCode::from_u16(step.status).unwrap();
+                            Ok::<_, Infallible>(rsp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { port, state }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Requests received since the last reset.
+    pub fn served(&self) -> usize {
+        self.state.lock().served
+    }
+
+    /// Starts the script over (a connection refused stays refused).
+    pub fn reset(&self, script: Script) {
+        let mut s = self.state.lock();
+        s.script = script;
+        s.served = 0;
+    }
+}
