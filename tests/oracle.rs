@@ -98,7 +98,7 @@ struct EnvoyCluster {
 enum Plan {
     /// `n` requests, one after the other.
     Sequential(usize),
-    /// `n` requests at once, each on its own connection.
+    /// `n` requests under way together (started 50 ms apart), each on its own connection.
     Concurrent(usize),
     /// `n` requests abandoned by the client after `after` (connection closed mid-request), then
     /// `then` requests one after the other.
@@ -131,6 +131,8 @@ struct Scenario {
     plan: Plan,
     /// Compare outcomes as counts (concurrency, load balancing order) rather than in order.
     unordered: bool,
+    /// Also compare the Envoy request headers each upstream received (`upstream::RECORDED`).
+    upstream_headers: bool,
     known: Option<Known>,
 }
 
@@ -161,6 +163,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::repeat(Step::status(503))],
             plan: Plan::Sequential(3),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -177,6 +180,7 @@ fn scenarios() -> Vec<Scenario> {
             )],
             plan: Plan::Sequential(2),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -190,6 +194,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::repeat(Step::status(503))],
             plan: Plan::Sequential(2),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -209,6 +214,7 @@ fn scenarios() -> Vec<Scenario> {
             )],
             plan: Plan::Sequential(2),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -223,6 +229,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::repeat(Step::delayed(200, 2000))],
             plan: Plan::Sequential(1),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -242,6 +249,7 @@ fn scenarios() -> Vec<Scenario> {
             )],
             plan: Plan::Sequential(1),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -261,6 +269,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::repeat(Step::delayed(200, 1500))],
             plan: Plan::Sequential(1),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -275,6 +284,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![ok()],
             plan: Plan::Sequential(2),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -289,6 +299,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::repeat(Step::delayed(200, 250))],
             plan: Plan::Sequential(1),
             unordered: false,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -306,6 +317,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::repeat(Step::delayed(200, 600))],
             plan: Plan::Concurrent(4),
             unordered: true,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -324,6 +336,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::repeat(Step::status(503)), ok()],
             plan: Plan::Sequential(8),
             unordered: true,
+            upstream_headers: false,
             known: Some(Known::Open(
                 "maxEjectionPercent defaults to 10: Envoy ejects nothing below 10 hosts, Sluice always allows one ejection",
             )),
@@ -344,6 +357,7 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::repeat(Step::status(503)), ok()],
             plan: Plan::Sequential(8),
             unordered: true,
+            upstream_headers: false,
             known: None,
         },
         Scenario {
@@ -366,6 +380,7 @@ fn scenarios() -> Vec<Scenario> {
                 then: 2,
             },
             unordered: false,
+            upstream_headers: false,
             known: Some(Known::Open(
                 "an attempt abandoned by its client is reported to outlier detection as a gateway error, so the healthy host is ejected (503 UH)",
             )),
@@ -381,8 +396,88 @@ fn scenarios() -> Vec<Scenario> {
             hosts: vec![Script::refused()],
             plan: Plan::Sequential(1),
             unordered: false,
+            upstream_headers: false,
             known: Some(Known::Open(
                 "after exhausted retries Envoy's local reply says 'retried and the latest reset reason: remote connection failure'; Sluice's says 'reset reason: connection failure'",
+            )),
+        },
+        Scenario {
+            // Envoy retries any 5xx under retryOn 5xx, x-envoy-overloaded or not (since 1.15);
+            // only x-envoy-ratelimited is special.
+            name: "overloaded-503-is-retried",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 2, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 2)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::new(
+                vec![Step::status(503).with_headers(&[("x-envoy-overloaded", "true")])],
+                Step::status(200),
+            )],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: false,
+            known: Some(Known::Open(
+                "an upstream 503 carrying x-envoy-overloaded is never retried by Sluice",
+            )),
+        },
+        Scenario {
+            name: "envoy-request-headers-upstream",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    timeout: 2s\n    retries: {attempts: 2, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                timeout: Some("2s"),
+                retry: Some(retry("5xx", 2)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::new(vec![Step::status(503)], Step::status(200))],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            known: Some(Known::Open(
+                "Envoy sends x-envoy-expected-rq-timeout-ms (the time left) upstream when a timeout applies; Sluice does not",
+            )),
+        },
+        Scenario {
+            // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
+            // 5xx eject (maxEjectionPercent 100 lets it happen with 2 hosts).
+            name: "consecutive-errors-is-ignored",
+            istio: "kind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutiveErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                lb_policy: Some("ROUND_ROBIN"),
+                outlier: Some("interval: 1s\nbase_ejection_time: 30s\nmax_ejection_percent: 100\nenforcing_success_rate: 0"),
+                panic_threshold: Some(0),
+                ..Default::default()
+            },
+            hosts: vec![Script::repeat(Step::status(503)), ok()],
+            plan: Plan::Sequential(16),
+            unordered: true,
+            upstream_headers: false,
+            known: Some(Known::Open(
+                "Sluice still reads the deprecated consecutiveErrors as consecutive gateway errors (pre-1.7 Istio)",
+            )),
+        },
+        Scenario {
+            // A host with a dot is not a short name: `{host}.default` is not completed to the
+            // Service, so this VirtualService does not apply to it.
+            name: "dotted-host-is-not-completed",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}.default]\n  http:\n  - route: [{destination: {host: {host}}}]\n    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![ok()],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: false,
+            known: Some(Known::Open(
+                "Sluice completes reviews.default to reviews.default.svc.cluster.local; Istio only completes dot-less names",
             )),
         },
     ]
@@ -403,7 +498,7 @@ fn envoy_config(listen: u16, admin: u16, scenarios: &[Scenario], ports: &[Vec<u1
         let fqdn = format!("{svc}.default.svc.cluster.local");
         let _ = write!(
             vhosts,
-            "          - name: {svc}\n            domains: [\"{svc}\", \"{svc}:80\", \"{svc}.default\", \"{fqdn}\", \"{fqdn}:80\"]\n            routes:\n            - match: {{prefix: /}}\n              route:\n                cluster: \"{}\"\n                timeout: {}\n",
+            "          - name: {svc}\n            domains: [\"{svc}\", \"{svc}:80\", \"{svc}.default\", \"{fqdn}\", \"{fqdn}:80\"]\n            include_request_attempt_count: true\n            routes:\n            - match: {{prefix: /}}\n              route:\n                cluster: \"{}\"\n                timeout: {}\n",
             cluster_name(svc),
             s.route.timeout.unwrap_or("0s"),
         );
@@ -664,6 +759,8 @@ struct Run {
     elapsed: Vec<Duration>,
     /// Requests each endpoint received.
     upstream: Vec<usize>,
+    /// Recorded request headers, per endpoint and request.
+    upstream_headers: Vec<Vec<String>>,
 }
 
 impl Run {
@@ -710,11 +807,19 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
             }
         }
         Plan::Concurrent(n) => {
-            let all = (0..n).map(|_| {
+            // 50 ms apart, so each proxy sees them in the same order and state (connection up,
+            // request active, then queued) rather than racing the first connect.
+            let mut all = Vec::new();
+            for i in 0..n {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 let c = client;
-                tokio::spawn(async move { c.send(request(name), MAX_TIME).await })
-            });
-            for task in all.collect::<Vec<_>>() {
+                all.push(tokio::spawn(async move {
+                    c.send(request(name), MAX_TIME).await
+                }));
+            }
+            for task in all {
                 outcomes.push(task.await.unwrap());
             }
         }
@@ -762,15 +867,16 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
         .enumerate()
         .map(|(i, o)| {
             let flags = answered_flags.get(i).cloned().unwrap_or_else(|| "?".into());
-            let local = flags != "-" && flags != "?";
+            let body = String::from_utf8_lossy(&o.body).trim().to_string();
             Seen {
                 status: o.code(),
                 flags: normalise_flags(&flags),
                 overloaded: o.headers.contains_key("x-envoy-overloaded"),
-                local_body: if local {
-                    String::from_utf8_lossy(&o.body).trim().to_string()
-                } else {
+                // Anything but the scripted upstreams' own body is the proxy's local reply.
+                local_body: if body == upstream::BODY {
                     String::new()
+                } else {
+                    body
                 },
             }
         })
@@ -780,6 +886,7 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
         flags: flags.iter().map(|f| normalise_flags(f)).collect(),
         elapsed: outcomes.iter().map(|o| o.elapsed).collect(),
         upstream: upstreams.iter().map(Upstream::served).collect(),
+        upstream_headers: upstreams.iter().map(Upstream::seen).collect(),
     }
 }
 
@@ -819,6 +926,12 @@ fn differences(s: &Scenario, envoy: &Run, sluice: &Run) -> Vec<String> {
     }
     if eu != lu {
         diffs.push(format!("upstream requests: envoy {eu:?} / sluice {lu:?}"));
+    }
+    if s.upstream_headers && envoy.upstream_headers != sluice.upstream_headers {
+        diffs.push(format!(
+            "headers upstream: envoy {:?} / sluice {:?}",
+            envoy.upstream_headers, sluice.upstream_headers
+        ));
     }
     if !s.unordered {
         for (i, (a, b)) in envoy.elapsed.iter().zip(&sluice.elapsed).enumerate() {

@@ -26,6 +26,7 @@ pub fn free_port() -> u16 {
 pub struct Step {
     status: u16,
     delay: Duration,
+    headers: &'static [(&'static str, &'static str)],
 }
 
 impl Step {
@@ -37,9 +38,21 @@ impl Step {
         Self {
             status,
             delay: Duration::from_millis(delay_ms),
+            headers: &[],
         }
     }
+
+    /// The same answer with these response headers.
+    pub fn with_headers(self, headers: &'static [(&'static str, &'static str)]) -> Self {
+        Self { headers, ..self }
+    }
 }
+
+/// The body of every scripted answer (anything else a client gets is the proxy's own reply).
+pub const BODY: &str = "scripted";
+
+/// Request headers the proxies add for the upstream, recorded per request.
+pub const RECORDED: &[&str] = &["x-envoy-attempt-count", "x-envoy-expected-rq-timeout-ms"];
 
 /// What an endpoint does with its requests, in order.
 #[derive(Clone, Debug)]
@@ -73,6 +86,8 @@ impl Script {
 struct State {
     script: Script,
     served: usize,
+    /// Per request: `name=value` of each [`RECORDED`] header present.
+    seen: Vec<String>,
 }
 
 /// One endpoint; stops with the test's runtime.
@@ -86,6 +101,7 @@ impl Upstream {
         let state = Arc::new(Mutex::new(State {
             script: script.clone(),
             served: 0,
+            seen: Vec::new(),
         }));
         if script.then.is_none() {
             return Self {
@@ -102,9 +118,17 @@ impl Upstream {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = shared.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |_req| {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let recorded: Vec<String> = RECORDED
+                            .iter()
+                            .filter_map(|h| {
+                                let v = req.headers().get(*h)?.to_str().ok()?;
+                                Some(format!("{h}={v}"))
+                            })
+                            .collect();
                         let step = {
                             let mut s = state.lock();
+                            s.seen.push(recorded.join(" "));
                             let step = s
                                 .script
                                 .first
@@ -118,8 +142,11 @@ impl Upstream {
                         async move {
                             tokio::time::sleep(step.delay).await;
                             let mut rsp =
-                                Response::new(Full::new(Bytes::from_static(b"scripted\n")));
+                                Response::new(Full::new(Bytes::from(format!("{BODY}\n"))));
                             *rsp.status_mut() = StatusCode::from_u16(step.status).unwrap();
+                            for (name, value) in step.headers {
+                                rsp.headers_mut().insert(*name, value.parse().unwrap());
+                            }
                             Ok::<_, Infallible>(rsp)
                         }
                     });
@@ -141,10 +168,16 @@ impl Upstream {
         self.state.lock().served
     }
 
+    /// The recorded headers of each request since the last reset.
+    pub fn seen(&self) -> Vec<String> {
+        self.state.lock().seen.clone()
+    }
+
     /// Starts the script over (a connection refused stays refused).
     pub fn reset(&self, script: Script) {
         let mut s = self.state.lock();
         s.script = script;
         s.served = 0;
+        s.seen.clear();
     }
 }
