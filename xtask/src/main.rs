@@ -3,8 +3,10 @@
 
 mod bench;
 mod bench_redirect;
+mod dashboards;
 mod demo;
 mod ebpf;
+mod prometheus;
 mod tutorial;
 
 use std::process::ExitCode;

@@ -9,6 +9,9 @@
 //! access log, outlier events) and the direction checks. Where the instances run and how clients reach
 //! the proxy is the [`Net`]: loopback here, pods in [`crate::demo`].
 
+#[path = "visualize.rs"]
+mod visualize;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
@@ -54,6 +57,9 @@ pub enum Step {
     CircuitBreakers,
     OutlierDetection,
     FaultInjection,
+    /// Continuous traffic while a real Prometheus scrapes Sluice; what Grafana's Istio
+    /// dashboards and Kiali's graph would show, queried from it.
+    Visualization,
     /// The blog's `timeout: 0.5s` in front of a 2 s endpoint.
     BlogTimeout,
     /// The blog's `timeout: 2s` with 3 retries, `perTryTimeout: 0.5s`.
@@ -62,13 +68,14 @@ pub enum Step {
     BlogCircuitBreaker,
 }
 
-pub const TUTORIAL_STEPS: [Step; 6] = [
+pub const TUTORIAL_STEPS: [Step; 7] = [
     Step::None,
     Step::Timeouts,
     Step::Retries,
     Step::CircuitBreakers,
     Step::OutlierDetection,
     Step::FaultInjection,
+    Step::Visualization,
 ];
 
 pub const BLOG_STEPS: [Step; 3] = [
@@ -131,6 +138,7 @@ impl Step {
             Step::CircuitBreakers => "Implementing Circuit Breakers",
             Step::OutlierDetection => "Implementing Outlier Detection",
             Step::FaultInjection => "Implementing Fault Injection",
+            Step::Visualization => "Visualizing Resilience in Action",
             Step::BlogTimeout => "Request Timeouts",
             Step::BlogRetries => "Request Retries",
             Step::BlogCircuitBreaker => "Circuit Breakers",
@@ -150,6 +158,8 @@ impl Step {
             ],
             Step::OutlierDetection => &["tutorial/outlier-detection.yaml"],
             Step::FaultInjection => &["tutorial/fault-injection.yaml"],
+            // The tutorial keeps step 8's faults in force while it looks at the dashboards.
+            Step::Visualization => &["tutorial/fault-injection.yaml"],
             // The blog applies the v3 subset, then the VirtualService with the timeout.
             Step::BlogTimeout => &["blog/01-subsets-dr.yaml", "blog/02-timeout-vs.yaml"],
             Step::BlogRetries => &["blog/01-subsets-dr.yaml", "blog/03-retries-vs.yaml"],
@@ -203,6 +213,10 @@ impl Step {
             (true, Step::BlogTimeout | Step::BlogRetries) => vec![seq(4, 0)],
             // One client cannot overflow (the baseline), then the blog's two fortio runs.
             (_, Step::BlogCircuitBreaker) => vec![clients(1, 20), clients(2, 20), clients(3, 50)],
+            // continuous-traffic.yaml (`sleep 0.5`), long enough for several scrapes.
+            (false, Step::Visualization) => vec![seq(60, 500)],
+            // Each frontend call takes up to 5 s (pricing's slow calls plus step 8's delays).
+            (true, Step::Visualization) => vec![seq(12, 100)],
             (false, _) => vec![seq(50, 500)],
             // The failing instance gets every 4th inventory call: 5 in a row takes 20 requests,
             // and the check needs traffic after the ejection. Faults hit 5-10%: 20 may show none.
@@ -219,6 +233,7 @@ impl Step {
             Step::CircuitBreakers => "a small percentage succeed, the rest fail fast with \"circuit open\" (503 overflow in Envoy's log)",
             Step::OutlierDetection => "the 90%-failing instance is ejected after 5 consecutive errors, back after 30 s, spends most of its time out",
             Step::FaultInjection => "10% of inventory calls delayed 2 s, 5% of pricing calls answered 500",
+            Step::Visualization => "Kiali's graph shows the traffic flow between the services with error rates; Grafana's Istio Service Dashboard shows each service's request volume, error rate and latency",
             Step::BlogTimeout => "504 (gateway timeout) responses; the failing call always takes ~500 ms, the timeout set on the service",
             Step::BlogRetries => "three retries at a 0.5 s interval that eventually fail anyway; the whole request takes 2 s, the route timeout",
             Step::BlogCircuitBreaker => "2 clients: Code 200: 11 (55 %), Code 503: 9 (45 %); 3 clients: Code 200: 19 (38 %), Code 503: 31 (62 %); the 503s carry flag UO (upstream overflow)",
@@ -464,6 +479,8 @@ pub struct Lab {
     applied: Vec<&'static str>,
     log_rx: mpsc::UnboundedReceiver<(Instant, LogEntry)>,
     log_tx: mpsc::UnboundedSender<(Instant, LogEntry)>,
+    /// Scrapes Sluice from the start, for Step 9 (or why it is not running).
+    prometheus: std::result::Result<crate::prometheus::Prometheus, String>,
     dir: tempfile::TempDir,
 }
 
@@ -564,9 +581,21 @@ impl Lab {
             applied: Vec::new(),
             log_rx,
             log_tx,
+            prometheus: Err("not started".into()),
             dir,
         };
         lab.wait_ready().await?;
+        lab.prometheus = visualize::start_prometheus(metrics, &logs).await;
+        match &lab.prometheus {
+            Ok(p) => println!(
+                "prometheus: http://{} scrapes sluice's metrics every {} s (Step 9 reads it)",
+                p.addr,
+                crate::prometheus::SCRAPE_INTERVAL.as_secs()
+            ),
+            Err(why) => {
+                println!("prometheus: not running ({why}); Step 9 will have nothing to show")
+            }
+        }
         if let Net::Pods(p) = &mut net {
             // Service names resolve to the cluster IPs Sluice allocated, as cluster DNS would.
             let dump = admin_json(admin, "/config_dump").await?;
@@ -895,6 +924,9 @@ impl Lab {
         }
         let mut run = parts.pop().expect("every step has traffic");
         run.earlier_parts = parts;
+        if step == Step::Visualization {
+            self.visualize(&mut run).await?;
+        }
         if run.earlier_parts.is_empty() {
             print!("{}", format_results(&run.results, step.high_traffic()));
             print!("{}", run.sluice_saw());
@@ -992,6 +1024,7 @@ impl Lab {
             elapsed,
             earlier_parts: Vec::new(),
             redirect,
+            visual: None,
         };
         if t.load == Load::Clients {
             print!("{}", format_fortio(&run.results));
@@ -1657,6 +1690,8 @@ pub struct StepRun {
     earlier_parts: Vec<StepRun>,
     /// eBPF redirect counters that moved during the load (None: explicit proxy).
     redirect: Option<String>,
+    /// Step 9: what Prometheus, the dashboards and Kiali showed.
+    visual: Option<visualize::Report>,
 }
 
 impl StepRun {
@@ -1814,6 +1849,9 @@ impl StepRun {
             r.slowest.as_secs_f64()
         );
         match step {
+            Step::Visualization => format!(
+                "{base}. The same requests, read back from Prometheus as Grafana and Kiali would (above): step 8's faults are still in force."
+            ),
             Step::None => format!(
                 "{base}. No client timeouts: pricing's delay is 3 s, curl waits 5 s. The image's integer arithmetic (every int(1/0.4)=2nd pricing call waits 3 s then answers 500; every int(1/0.3)=3rd inventory call answers 500) and product answering 500 when either fails leave ~1/3 successful; frontend sees 500 ({} pricing 500s, {} inventory 500s).",
                 svc("pricing", &|c, _| c == "500"),
@@ -1993,6 +2031,7 @@ fn check(step: Step, run: &StepRun, earlier: &BTreeMap<Step, StepRun>) -> Result
     let r = &run.results;
     match step {
         Step::None => Ok(()),
+        Step::Visualization => visualize::check(run),
         Step::Timeouts => {
             let limit = earlier
                 .get(&Step::None)
@@ -2270,6 +2309,7 @@ mod tests {
             traffic: None,
             earlier_parts: Vec::new(),
             redirect: None,
+            visual: None,
             results: Results::default(),
             diff: Counts::new(),
             log: vec![
@@ -2307,6 +2347,7 @@ mod tests {
             traffic: None,
             earlier_parts: Vec::new(),
             redirect: None,
+            visual: None,
             results: Results {
                 total: 20,
                 ok,
