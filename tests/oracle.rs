@@ -458,9 +458,7 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(16),
             unordered: true,
             upstream_headers: false,
-            known: Some(Known::Open(
-                "Sluice still reads the deprecated consecutiveErrors as consecutive gateway errors (pre-1.7 Istio)",
-            )),
+            known: None,
         },
         Scenario {
             // A host with a dot is not a short name: `{host}.default` is not completed to the

@@ -1931,7 +1931,7 @@ impl StepRun {
                     ));
                 }
                 format!(
-                    "{}. With maxRequestsPerConnection: 1 every request opens a new connection and is pending while it does; a second request pending at that moment exceeds http1MaxPendingRequests: 1 and gets 503 UO at once, so one client never overflows and more clients collide more often. How often they collide depends on how long a connection takes to set up (here: a veth or loopback, well under a millisecond; the blog's cluster: far longer, hence its 45 % and 62 %). The outlier part (consecutiveErrors: 1) never fires: overflows are local, not upstream errors.",
+                    "{}. With maxRequestsPerConnection: 1 every request opens a new connection and is pending while it does; a second request pending at that moment exceeds http1MaxPendingRequests: 1 and gets 503 UO at once, so one client never overflows and more clients collide more often. How often they collide depends on how long a connection takes to set up (here: a veth or loopback, well under a millisecond; the blog's cluster: far longer, hence its 45 % and 62 %). The outlier part never fires: its consecutiveErrors: 1 is ignored (as by Istio since 1.7, so Envoy's 5 consecutive 5xx apply), and overflows are local, not upstream errors anyway.",
                     parts.join("; ")
                 )
             }

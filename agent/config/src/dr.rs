@@ -204,16 +204,16 @@ fn connection_pool(sink: &mut Sink, f: &str, cp: &ConnectionPoolSpec) -> Connect
 /// As pilot's `applyOutlierDetection` sets Envoy's detectors.
 fn outlier_detection(sink: &mut Sink, f: &str, od: &OutlierDetectionSpec) -> OutlierDetection {
     let mut out = OutlierDetection::default();
+    // Istio stopped translating the deprecated field in 1.7: Envoy's defaults apply instead
+    // (5 consecutive 5xx eject; gateway errors are counted but do not eject).
     if let Some(n) = od.consecutive_errors {
-        sink.warn(format!("{f}.consecutiveErrors"), "deprecated: it counts gateway errors (502/503/504) only and turns off the 5xx detector; use consecutiveGatewayErrors or consecutive5xxErrors");
         if n < 0 {
             sink.error(
                 format!("{f}.consecutiveErrors"),
                 format!("must be non-negative (got {n})"),
             );
-        } else if n > 0 {
-            out.consecutive_gateway_errors = Some(n as u32);
-            out.consecutive_5xx = None;
+        } else {
+            sink.warn(format!("{f}.consecutiveErrors"), "deprecated and ignored since Istio 1.7: Envoy's defaults apply (5 consecutive 5xx eject a host); set consecutive5xxErrors or consecutiveGatewayErrors instead");
         }
     }
     if let Some(n) = non_negative(

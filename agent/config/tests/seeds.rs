@@ -259,22 +259,29 @@ fn blog_means_what_istio_means() {
     assert_eq!(p.connection_pool.max_requests, 10);
     assert_eq!(p.connection_pool.max_requests_per_connection, 5);
     let od = p.outlier_detection.as_ref().unwrap();
-    // Deprecated consecutiveErrors: gateway errors only, the 5xx detector off.
-    assert_eq!(od.consecutive_gateway_errors, Some(3));
-    assert_eq!(od.consecutive_5xx, None);
+    // The deprecated consecutiveErrors is ignored, as by Istio since 1.7: Envoy's defaults.
+    assert_eq!(od.consecutive_gateway_errors, None);
+    assert_eq!(od.consecutive_5xx, Some(5));
     assert_eq!(od.base_ejection_time, Duration::from_secs(600));
     assert_eq!(od.max_ejection_percent, 10);
     assert!(snap.clusters.contains_key(&key(GREETER, 3000, Some("v1"))));
     assert_eq!(snap.clusters[&key(GREETER, 3000, Some("v2"))].policy, *p);
 
-    let (snap, _) = step(4);
+    let (snap, problems) = step(4);
     let p = &snap.clusters[&key(GREETER, 3000, None)].policy;
     assert_eq!(p.connection_pool.max_pending_requests, 1);
     assert_eq!(p.connection_pool.max_requests_per_connection, 1);
     let od = p.outlier_detection.as_ref().unwrap();
     assert_eq!(
         (od.consecutive_gateway_errors, od.consecutive_5xx),
-        (Some(1), None)
+        (None, Some(5))
+    );
+    // Said as istioctl analyze would: deprecated, and what applies instead.
+    assert!(
+        problems.iter().any(|p| !p.is_error()
+            && p.field.ends_with("outlierDetection.consecutiveErrors")
+            && p.reason.contains("ignored")),
+        "{problems:?}"
     );
     assert_eq!(od.interval, Duration::from_secs(1));
     assert_eq!(od.base_ejection_time, Duration::from_secs(120));

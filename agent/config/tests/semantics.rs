@@ -83,10 +83,10 @@ fn outlier_detection_translation() {
         .outlier_detection
         .clone()
         .unwrap();
-    // consecutive5xxErrors re-enables the 5xx detector that consecutiveErrors turned off.
+    // consecutiveErrors is ignored (Istio 1.7+); consecutive5xxErrors is what counts.
     assert_eq!(
         (od.consecutive_gateway_errors, od.consecutive_5xx),
-        (Some(4), Some(6))
+        (None, Some(6))
     );
     assert_eq!(od.max_ejection_percent, 10, "0 keeps Envoy's default");
     assert_eq!(od.consecutive_local_origin_failures, Some(5));

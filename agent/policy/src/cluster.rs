@@ -146,7 +146,7 @@ pub struct OutlierDetection {
     /// Consecutive 5xx (including locally generated 503s when origins are not split) that eject;
     /// `None` disables this detector.
     pub consecutive_5xx: Option<u32>,
-    /// Consecutive 502/503/504 that eject (also set by the deprecated `consecutiveErrors`).
+    /// Consecutive 502/503/504 that eject.
     pub consecutive_gateway_errors: Option<u32>,
     /// Consecutive local-origin failures (connect failure, timeout, reset) that eject; `Some` also
     /// splits local-origin from external errors, as `split_external_local_origin_errors` does.
