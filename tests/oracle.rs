@@ -337,9 +337,7 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(8),
             unordered: true,
             upstream_headers: false,
-            known: Some(Known::Open(
-                "maxEjectionPercent defaults to 10: Envoy ejects nothing below 10 hosts, Sluice always allows one ejection",
-            )),
+            known: None,
         },
         Scenario {
             name: "outlier-ejects-with-max-ejection-percent-100",

@@ -10,8 +10,6 @@
 //!   local-origin timeout: a 504 when origins are not split, as Envoy's router reports its timeouts.
 //!   An attempt dropped while still waiting for a connection reports nothing (Envoy has no host
 //!   for it yet).
-//! - `maxEjectionPercent` always lets one host be ejected (SPEC.md; Envoy's
-//!   `always_eject_one_host`, which Istio leaves off).
 //! - Retries avoid previously tried hosts by filtering the candidates rather than re-drawing.
 //! - h2c opens another connection to a host past 100 concurrent streams on one.
 //! - Plain TCP connections ([`ClusterHandle::connect_tcp`]) overflow at `maxConnections` at once

@@ -3,9 +3,12 @@
 //! threshold (bounded by `maxEjectionPercent`); ejection time `baseEjectionTime × multiplier` capped at
 //! `maxEjectionTime`; un-ejection and multiplier decay only at `interval` ticks.
 //!
+//! `maxEjectionPercent` is strict, as in Envoy since 1.27: a host is ejected only if
+//! `(ejected + 1) / hosts <= maxEjectionPercent`, so with Istio's default of 10% a service with
+//! fewer than 10 endpoints never ejects one (Envoy's `always_eject_one_host`, which would allow
+//! one, is an option Istio never sets).
+//!
 //! Differences from Envoy, on purpose:
-//! - At least one host may always be ejected, whatever `maxEjectionPercent` says (as SPEC.md asks;
-//!   Envoy does this only with `always_eject_one_host`, which Istio leaves off).
 //! - No ejection-time jitter and no success-rate / failure-percentage detectors (Istio sets neither).
 
 use crate::stats::{inc, Stats};
@@ -118,13 +121,13 @@ impl Default for Detector {
     fn default() -> Self {
         Self {
             state: Mutex::default(),
-            always_eject_one: AtomicBool::new(true),
+            always_eject_one: AtomicBool::new(false),
         }
     }
 }
 
 impl Detector {
-    /// Envoy's `always_eject_one_host`; on by default here (see the module docs).
+    /// Envoy's `always_eject_one_host` (off, as Istio leaves it; see the module docs).
     #[cfg(test)]
     pub(crate) fn set_always_eject_one(&self, on: bool) {
         self.always_eject_one.store(on, Ordering::Relaxed);

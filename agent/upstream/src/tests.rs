@@ -688,7 +688,9 @@ async fn max_ejection_percent_bounds_ejections() {
     // The refused host's counter was reset: it takes another full bout to try again.
     assert_eq!(cluster.hosts()[2].consecutive_5xx, 0);
 
-    // 10% of 3 hosts: 33% per host is over the limit, but one host may always be ejected.
+    // 10% of 3 hosts (Istio's default percentage): one host would be 33%, over the limit, so
+    // nothing is ejected, as in Envoy since 1.27 (`always_eject_one_host` is off; Istio never
+    // sets it). Every overflow is counted.
     let cluster = Cluster::new(
         spec(
             &[addr(0), addr(1), addr(2)],
@@ -699,9 +701,10 @@ async fn max_ejection_percent_bounds_ejections() {
     fail(&cluster, addr(0), 5, 500);
     fail(&cluster, addr(1), 5, 500);
     let ejected: Vec<bool> = cluster.hosts().iter().map(|h| h.ejected).collect();
-    assert_eq!(ejected, [true, false, false]);
+    assert_eq!(ejected, [false, false, false]);
+    assert_eq!(cluster.stats().outlier_detection_ejections_overflow, 2);
 
-    // Envoy's own default (`always_eject_one_host: false`, which Istio does not set): none.
+    // With `always_eject_one_host` (an Envoy option Istio does not expose): the first one goes.
     let cluster = Cluster::new(
         spec(
             &[addr(0), addr(1), addr(2)],
@@ -709,9 +712,11 @@ async fn max_ejection_percent_bounds_ejections() {
         ),
         UpstreamProtocol::Http1,
     );
-    cluster.detector().set_always_eject_one(false);
+    cluster.detector().set_always_eject_one(true);
     fail(&cluster, addr(0), 5, 500);
-    assert!(!cluster.hosts()[0].ejected);
+    fail(&cluster, addr(1), 5, 500);
+    let ejected: Vec<bool> = cluster.hosts().iter().map(|h| h.ejected).collect();
+    assert_eq!(ejected, [true, false, false]);
 }
 
 #[tokio::test(start_paused = true)]
