@@ -583,12 +583,20 @@ fn bind_destination(
         subset: d.subset.clone(),
     };
     if svc.is_none() {
+        // `pricing.shop` is a full name to Istio, not `pricing.shop.svc.cluster.local`.
+        let prefix = format!("{}.", d.host);
+        let hint = snap
+            .services
+            .keys()
+            .find(|h| h.starts_with(&prefix))
+            .map(|h| format!(" (Istio completes only names without a dot: did you mean {h}?)"))
+            .unwrap_or_default();
         warn_at(
             problems,
             obj,
             &format!("{}.destination.host", d.field),
             format!(
-                "unknown host {}: no Service in the configuration; requests will get 503 (NC)",
+                "unknown host {}: no Service in the configuration; requests will get 503 (NC){hint}",
                 d.host
             ),
         );

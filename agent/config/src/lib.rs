@@ -16,8 +16,6 @@
 //! not, otherwise its `Namespace` document's label decides (label name and value configurable).
 //!
 //! # Where Sluice knowingly differs from Istio
-//! * Short hosts with a dot (`pricing.shop`, `pricing.shop.svc`) are completed to
-//!   `pricing.shop.svc.cluster.local`, as Kubernetes DNS would; Istio only completes dot-less names.
 //! * Unsupported Istio fields are warned about and ignored, never silently dropped.
 //! * `fault` with `directResponse` is an error, as in Istio's validation.
 #![forbid(unsafe_code)]
@@ -61,20 +59,15 @@ impl Default for BuildOptions {
     }
 }
 
-/// Qualifies a host written in a resource of `namespace`: `pricing` -> `pricing.NS.svc.DOMAIN`,
-/// `pricing.shop` -> `pricing.shop.svc.DOMAIN`, `pricing.shop.svc` -> `pricing.shop.svc.DOMAIN`;
-/// wildcards and other names are kept as they are (lower-cased).
+/// Qualifies a host written in a resource of `namespace` as Istio does: a name without a dot is a
+/// short name (`pricing` -> `pricing.NS.svc.DOMAIN`); anything with a dot (`pricing.shop`), a
+/// wildcard or an IP address is taken as written (lower-cased).
 pub fn resolve_host(host: &str, namespace: &str, cluster_domain: &str) -> String {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
-    if host.starts_with('*') {
+    if host == "*" || host.contains('.') || host.contains(':') {
         return host;
     }
-    match host.matches('.').count() {
-        0 => format!("{host}.{namespace}.svc.{cluster_domain}"),
-        1 => format!("{host}.svc.{cluster_domain}"),
-        2 if host.ends_with(".svc") => format!("{host}.{cluster_domain}"),
-        _ => host,
-    }
+    format!("{host}.{namespace}.svc.{cluster_domain}")
 }
 
 /// `sluice validate`: parses every file (directories recursively), converts, and runs the
@@ -110,8 +103,9 @@ mod tests {
     fn hosts_resolve_relative_to_the_namespace() {
         let r = |h: &str| resolve_host(h, "default", "cluster.local");
         assert_eq!(r("pricing"), "pricing.default.svc.cluster.local");
-        assert_eq!(r("pricing.shop"), "pricing.shop.svc.cluster.local");
-        assert_eq!(r("pricing.shop.svc"), "pricing.shop.svc.cluster.local");
+        // Only dot-less names are short: Istio takes these as fully qualified.
+        assert_eq!(r("pricing.shop"), "pricing.shop");
+        assert_eq!(r("pricing.shop.svc"), "pricing.shop.svc");
         assert_eq!(
             r("pricing.shop.svc.cluster.local"),
             "pricing.shop.svc.cluster.local"

@@ -417,3 +417,34 @@ fn tcp_routes_and_tcp_timeouts() {
     assert_eq!(default.tcp_idle_timeout, Some(Duration::from_secs(3600)));
     assert_eq!(default.max_connection_duration, None);
 }
+
+#[test]
+fn only_names_without_a_dot_are_short() {
+    // Istio takes `pricing.default` as a full name: this VirtualService binds no Service, and the
+    // warning says what the user probably meant.
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [pricing.default]\n  http:\n  - route: [{destination: {host: pricing.default}}]\n    timeout: 1s\n";
+    let (s, problems) = snap(&format!("{SVC}{vs}"));
+    assert!(
+        !s.virtual_hosts.contains_key(HOST),
+        "{:?}",
+        s.virtual_hosts.keys()
+    );
+    assert!(s.virtual_hosts.contains_key("pricing.default"));
+    let hint = problems
+        .iter()
+        .find(|p| p.field == "spec.http[0].route[0].destination.host")
+        .expect("a warning on the destination");
+    assert!(!hint.is_error());
+    assert!(
+        hint.reason.contains(&format!("did you mean {HOST}?")),
+        "{}",
+        hint.reason
+    );
+
+    // The short name binds as before.
+    let (s, _) = snap(&format!(
+        "{SVC}{}",
+        vs.replace("pricing.default", "pricing")
+    ));
+    assert!(s.virtual_hosts.contains_key(HOST));
+}
