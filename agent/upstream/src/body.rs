@@ -2,7 +2,7 @@
 //! stream, the active-request counts) until the body ends: at end of stream an h1 connection goes
 //! back to idle; if the body is dropped early the connection is closed instead (it is mid-message).
 
-use crate::cluster::InFlight;
+use crate::cluster::Attempt;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -15,12 +15,12 @@ pin_project! {
     pub(crate) struct UpstreamBody {
         #[pin]
         inner: Incoming,
-        flight: InFlight,
+        flight: Attempt,
     }
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: Incoming, mut flight: InFlight) -> Self {
+    pub(crate) fn new(inner: Incoming, mut flight: Attempt) -> Self {
         // An empty body may never be polled (hyper checks `is_end_stream` first): finish now.
         if inner.is_end_stream() {
             flight.finish();

@@ -8,6 +8,7 @@
 //!   Envoy does this only with `always_eject_one_host`, which Istio leaves off).
 //! - No ejection-time jitter and no success-rate / failure-percentage detectors (Istio sets neither).
 
+use crate::outcome::Outcome;
 use crate::stats::{inc, Stats};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -48,20 +49,6 @@ pub enum OutlierEventKind {
     },
     /// Returned to the load-balancing set at an interval tick.
     Unejected,
-}
-
-/// What one attempt tells the detector about its host (Envoy's `Outlier::Result` plus the status).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Response headers arrived with this status.
-    Status(u16),
-    /// The connection could not be made, or the host reset or closed it before headers
-    /// (Envoy reports every upstream reset except overflow as `LOCAL_ORIGIN_CONNECT_FAILED`).
-    ConnectFailed,
-    /// The attempt was abandoned while waiting for headers (`LOCAL_ORIGIN_TIMEOUT`).
-    Timeout,
-    /// A connection is ready for the attempt (`LOCAL_ORIGIN_CONNECT_SUCCESS`).
-    ConnectSuccess,
 }
 
 /// Per-host detector state (Envoy's `DetectorHostMonitorImpl`).
@@ -152,8 +139,10 @@ impl Detector {
     ) {
         // `consecutiveLocalOriginFailures` set = `split_external_local_origin_errors`.
         let split = cfg.consecutive_local_origin_failures.is_some();
-        if outcome == Outcome::ConnectSuccess && !split {
-            return; // Envoy ignores it unsplit; skip the lock on the hot path.
+        if !outcome.reported() || (outcome == Outcome::ConnectSuccess && !split) {
+            // Not the host's doing; or a connect success unsplit, which Envoy ignores (this also
+            // skips the lock on the hot path).
+            return;
         }
         let mut fired: [Option<EjectionType>; 2] = [None, None];
         {
@@ -162,20 +151,19 @@ impl Detector {
                 (Outcome::Status(code), _) => Some(code),
                 // Unsplit, Envoy maps local-origin results to the status it would answer with.
                 (Outcome::ConnectFailed, false) => Some(503),
-                (Outcome::Timeout, false) => Some(504),
-                (Outcome::ConnectSuccess, false) => None,
-                (Outcome::ConnectFailed | Outcome::Timeout, true) => {
+                (Outcome::Timeout(_), false) => Some(504),
+                (Outcome::ConnectSuccess | Outcome::Cancelled | Outcome::NotTheHost, _) => None,
+                (Outcome::ConnectFailed | Outcome::Timeout(_), true) => {
                     m.consecutive_local += 1;
                     if cfg.consecutive_local_origin_failures == Some(m.consecutive_local) {
                         fired[0] = Some(EjectionType::ConsecutiveLocalOriginFailure);
                     }
                     None
                 }
-                (Outcome::ConnectSuccess, true) => {
-                    m.consecutive_local = 0;
-                    None
-                }
             };
+            if outcome == Outcome::ConnectSuccess {
+                m.consecutive_local = 0;
+            }
             if let Some(code) = code {
                 if (500..600).contains(&code) {
                     if matches!(code, 502..=504) {

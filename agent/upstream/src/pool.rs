@@ -18,10 +18,10 @@
 //! One mutex guards the whole cluster's pool; it is never held across an await.
 
 use crate::cluster::{Inner, UpstreamProtocol};
-use crate::stats::inc;
+use crate::stats::{inc, Stats};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice_core::{Body, ProxyError};
+use sluice_core::{Body, Cause, ConnectError, ProxyError};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -478,11 +478,7 @@ pub(crate) async fn acquire(
         match grant {
             Ok(Grant::Conn(leased)) => return Ok(leased),
             Ok(Grant::Slot(_)) => {}
-            Err(_) => {
-                return Err(ProxyError::ConnectionTermination(
-                    "connection pool closed while waiting".into(),
-                ))
-            }
+            Err(_) => return Err(ProxyError::ConnectionTermination(Cause::new(PoolClosed))),
         }
     }
     connect_reserved(inner, host, opts).await
@@ -523,27 +519,17 @@ async fn connect_reserved(
     host: SocketAddr,
     opts: &ConnectOptions,
 ) -> Result<Leased, ProxyError> {
-    let connect_timeout = opts.timeout;
     let mut slot = SlotGuard {
         inner,
         host,
         armed: true,
     };
     inc(&inner.stats.cx_total);
-    let protocol = inner.protocol;
-    let sender = match tokio::time::timeout(connect_timeout, connect(host, protocol, opts)).await {
-        Ok(Ok(sender)) => sender,
-        Ok(Err(err)) => {
+    let sender = match connect(&inner.stats, host, inner.protocol, opts).await {
+        Ok(sender) => sender,
+        Err(err) => {
             inc(&inner.stats.cx_connect_fail);
-            return Err(err);
-        }
-        Err(_) => {
-            inc(&inner.stats.cx_connect_fail);
-            inc(&inner.stats.cx_connect_timeout);
-            return Err(ProxyError::ConnectFailure(format!(
-                "connect to {host} timed out after {connect_timeout:?} (is the pod up, or is a \
-                 NetworkPolicy dropping packets?)"
-            )));
+            return Err(ProxyError::ConnectFailure(err));
         }
     };
     let (sender, driver) = sender;
@@ -594,11 +580,25 @@ impl Driver {
     }
 }
 
-/// Opens a TCP connection to `host` with the cluster's socket options (no timeout here).
-pub(crate) async fn open(host: SocketAddr, opts: &ConnectOptions) -> Result<TcpStream, ProxyError> {
-    let stream = TcpStream::connect(host)
-        .await
-        .map_err(|e| ProxyError::ConnectFailure(format!("connect to {host}: {e}")))?;
+/// Opens a TCP connection to `host` within `connectTimeout`, with the cluster's socket options:
+/// the one connect of both the HTTP pools and the L4 proxy. Counts `upstream_cx_connect_timeout`;
+/// the caller counts the failure (`upstream_cx_connect_fail`) once, whatever step failed.
+pub(crate) async fn connect_tcp(
+    stats: &Stats,
+    host: SocketAddr,
+    opts: &ConnectOptions,
+) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(opts.timeout, TcpStream::connect(host)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => return Err(ConnectError::io(host, err)),
+        Err(_) => {
+            inc(&stats.cx_connect_timeout);
+            return Err(ConnectError::TimedOut {
+                host,
+                after: opts.timeout,
+            });
+        }
+    };
     // Latency over throughput for request/response traffic, as Envoy does.
     let _ = stream.set_nodelay(true);
     if let Some(keepalive) = &opts.keepalive {
@@ -609,15 +609,20 @@ pub(crate) async fn open(host: SocketAddr, opts: &ConnectOptions) -> Result<TcpS
     Ok(stream)
 }
 
+/// A TCP connection, then the HTTP handshake (which does no I/O of its own: hyper sends the h2
+/// preface from the connection's task).
 async fn connect(
+    stats: &Stats,
     host: SocketAddr,
     protocol: UpstreamProtocol,
     opts: &ConnectOptions,
-) -> Result<(Sender, Driver), ProxyError> {
-    let stream = open(host, opts).await?;
+) -> Result<(Sender, Driver), ConnectError> {
+    let stream = connect_tcp(stats, host, opts).await?;
     let io = TokioIo::new(stream);
-    let handshake_err =
-        |e: hyper::Error| ProxyError::ConnectFailure(format!("handshake with {host}: {e}"));
+    let handshake_err = |e: hyper::Error| ConnectError::Handshake {
+        host,
+        source: Cause::new(e),
+    };
     Ok(match protocol {
         UpstreamProtocol::Http1 => {
             let (s, c) = http1::handshake(io).await.map_err(handshake_err)?;
@@ -678,6 +683,11 @@ where
 pub(crate) fn release(inner: &Inner, leased: Leased, reusable: bool) {
     inner.pool.lock().release(leased, reusable);
 }
+
+/// The cluster went away while a request waited for a connection.
+#[derive(Debug, thiserror::Error)]
+#[error("connection pool closed while waiting for a connection")]
+struct PoolClosed;
 
 struct PendingGuard<'a>(&'a Inner);
 
