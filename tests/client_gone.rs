@@ -165,6 +165,56 @@ async fn a_load_generator_stopping_mid_request_does_not_eject_the_host() {
     assert_served(&mesh, "http://slow/", 3).await;
 }
 
+// An h2 client that resets its streams (RST_STREAM CANCEL) while keeping its connection: the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_resetting_its_streams_does_not_eject_the_host() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("slow", &slow_env("300ms")).await;
+    mesh.deploy("slow", &[port]);
+    mesh.write(
+        "dr.yaml",
+        &destination_rule("slow", &traffic_policy(&[EJECT_ON_FIRST_ERROR])),
+    );
+    mesh.reload();
+    let cluster = mesh.cluster(&cluster_name("slow"));
+    let mut log = mesh.access_log();
+
+    let stream = TcpStream::connect(mesh.proxy).await.expect("connect");
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let streams: Vec<_> = (0..8)
+        .map(|_| {
+            let mut tx = tx.clone();
+            tokio::spawn(async move {
+                let req = Request::get("http://slow/")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                tx.send_request(req).await
+            })
+        })
+        .collect();
+    wait_active(&cluster, 8).await;
+    // Dropping the response futures resets the streams; the connection stays up.
+    for s in &streams {
+        s.abort();
+    }
+    wait_idle(&cluster).await;
+    assert!(
+        !conn.is_finished(),
+        "the h2 connection should still be open"
+    );
+
+    assert_abandoned(&log.drain().await, 8);
+    assert_nothing_counted(&cluster);
+    assert_served(&mesh, "http://slow/", 3).await;
+    conn.abort();
+}
+
 // A client that leaves during a retry: the first attempt got a retriable 500 from one host (500 is
 // not a gateway error, so it ejects nothing here), the retry waits on the other, slow host when the
 // client goes. Neither host is ejected and the retry budget is whole again.
