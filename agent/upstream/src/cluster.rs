@@ -462,7 +462,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     loop {
         let leased = match pool::acquire(&inner, host.addr, &opts).await {
             Ok(leased) => leased,
-            Err(err) => return Err(attempt.failed(err).into()),
+            Err(err) => return Err(attempt.ended(err, |e| Event::NoConnection(e)).into()),
         };
         let leased = attempt.leased.insert(leased);
         let ready = match &mut leased.sender {
@@ -479,7 +479,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
                 host: host.addr,
                 connections: stale,
             }));
-            return Err(attempt.failed(err).into());
+            return Err(attempt.ended(err, |e| Event::Failed(e)).into());
         }
     }
     attempt.event(Event::Connected);
@@ -496,7 +496,10 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
             let body = sluice_core::boxed(UpstreamBody::new(body, attempt));
             Ok(Response::from_parts(parts, body))
         }
-        Err(err) => Err(attempt.failed(classify(err)).into()),
+        Err(err) => {
+            let err = classify(err);
+            Err(attempt.ended(err, |e| Event::Failed(e)).into())
+        }
     }
 }
 
@@ -605,7 +608,7 @@ impl Attempt {
         let next = match &event {
             Event::Connected => Phase::AwaitingHeaders,
             Event::Headers(_) => Phase::Streaming,
-            Event::Failed(_) | Event::Dropped { .. } => Phase::Done,
+            Event::NoConnection(_) | Event::Failed(_) | Event::Dropped { .. } => Phase::Done,
         };
         if let Some(host) = &self.host {
             self.inner.report(host, outcome::decide(event));
@@ -615,9 +618,10 @@ impl Attempt {
         }
     }
 
-    /// The attempt failed with `err`: reported as its origin says, and handed back.
-    fn failed(&mut self, err: ProxyError) -> ProxyError {
-        self.event(Event::Failed(&err));
+    /// The attempt ended in the event `how` makes of `err`: reported, resources given back, and
+    /// `err` handed on.
+    fn ended(&mut self, err: ProxyError, how: fn(&ProxyError) -> Event<'_>) -> ProxyError {
+        self.event(how(&err));
         self.end(false);
         err
     }

@@ -36,7 +36,9 @@ pub(crate) enum Event<'a> {
     Connected,
     /// Response headers arrived with this status.
     Headers(u16),
-    /// The attempt failed with `err`.
+    /// No connection could be had from the pool: `err` says why.
+    NoConnection(&'a ProxyError),
+    /// The attempt failed with `err` once it had a connection (or gave up on stale ones).
     Failed(&'a ProxyError),
     /// The attempt's future was dropped in `phase`; `expired` is the proxy timer that dropped it.
     Dropped {
@@ -69,6 +71,12 @@ pub(crate) fn decide(event: Event<'_>) -> Outcome {
     match event {
         Event::Connected => Outcome::ConnectSuccess,
         Event::Headers(code) => Outcome::Status(code),
+        // Only a failed connect is the host's; an overflow, or a pool that went away while the
+        // request waited, is not.
+        Event::NoConnection(err) => match err {
+            ProxyError::ConnectFailure(_) => Outcome::ConnectFailed,
+            _ => Outcome::NotTheHost,
+        },
         Event::Failed(err) => match err.origin() {
             Origin::Upstream => match err {
                 ProxyError::PerTryTimeout(_) => Outcome::Timeout(Deadline::PerTry),
@@ -152,5 +160,12 @@ mod tests {
         }
         let overflow = ProxyError::Overflow(OverflowKind::Pending);
         assert_eq!(decide(Event::Failed(&overflow)), Outcome::NotTheHost);
+        assert_eq!(decide(Event::NoConnection(&overflow)), Outcome::NotTheHost);
+        assert_eq!(
+            decide(Event::NoConnection(&refused)),
+            Outcome::ConnectFailed
+        );
+        let pool_gone = ProxyError::ConnectionTermination(Cause::new("pool closed"));
+        assert_eq!(decide(Event::NoConnection(&pool_gone)), Outcome::NotTheHost);
     }
 }
