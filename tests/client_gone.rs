@@ -11,7 +11,8 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use sluice_tests::yaml::{cluster_name, destination_rule, virtual_service};
 use sluice_tests::{
-    failing_env, join_all, refusing_port, slow_env, wait_until, Abandoning, LogLine, Mesh,
+    failing_env, join_all, refusing_port, slow_env, streaming_upstream, wait_until, Abandoning,
+    LogLine, Mesh,
 };
 use sluice_upstream::ClusterHandle;
 use std::time::Duration;
@@ -483,4 +484,67 @@ async fn an_upstream_that_closes_without_answering_still_ejects_the_host() {
     let cluster = mesh.cluster(&cluster_name("web"));
     assert_eq!(eject_once(&mesh, "http://web/", &cluster).await, 503);
     closer.abort();
+}
+
+// A client that stops reading a long response and leaves: the status was the host's answer, the
+// rest is the client's business.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_download_does_not_eject_the_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut mesh = Mesh::start().await;
+    let (port, upstream) = streaming_upstream(&[b'x'; 1024], true).await;
+    mesh.deploy("web", &[port]);
+    mesh.write(
+        "dr.yaml",
+        &destination_rule("web", &traffic_policy(&[EJECT_ON_FIRST_ERROR])),
+    );
+    mesh.reload();
+    let cluster = mesh.cluster(&cluster_name("web"));
+    let mut log = mesh.access_log();
+
+    for _ in 0..4 {
+        let mut client = TcpStream::connect(mesh.proxy).await.expect("connect");
+        client
+            .write_all(b"GET http://web/ HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .expect("request");
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(MAX_TIME, client.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        drop(client);
+    }
+    wait_idle(&cluster).await;
+    upstream.abort();
+
+    let lines = log.drain().await;
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert_nothing_counted(&cluster);
+}
+
+// An upstream that sends headers and cuts its body short has reset the exchange: Envoy reports it
+// to outlier detection as it reports a reset before headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_cutting_its_body_short_still_ejects_the_host() {
+    let mut mesh = Mesh::start().await;
+    let (port, upstream) = streaming_upstream(b"abc", false).await;
+    mesh.deploy("web", &[port]);
+    mesh.write(
+        "dr.yaml",
+        &destination_rule("web", &traffic_policy(&[EJECT_ON_FIRST_ERROR])),
+    );
+    mesh.reload();
+    let cluster = mesh.cluster(&cluster_name("web"));
+    let o = mesh.get("http://web/", MAX_TIME).await;
+    assert_eq!(o.code(), 0, "the body should have failed: {o:?}");
+    let stats = cluster.stats();
+    assert_eq!(
+        stats.outlier_detection_ejections_enforced_total, 1,
+        "{stats:#?}"
+    );
+    let next = mesh.get("http://web/", MAX_TIME).await;
+    assert_eq!(next.code(), 503, "{next:?}");
+    upstream.abort();
 }

@@ -12,7 +12,7 @@
 //! Without it the tests skip with a printed reason, or fail under `CI=true`.
 
 use sluice_tests::yaml::{cluster_name, destination_rule};
-use sluice_tests::{failing_env, join_all, slow_env, Abandoning, Mesh};
+use sluice_tests::{failing_env, join_all, slow_env, streaming_upstream, Abandoning, Mesh};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -356,4 +356,32 @@ async fn a_503_ejects_on_envoy_and_sluice() {
 
     let mesh = sluice_mesh(&failing_env("503")).await;
     a_503_ejects(Proxy::Sluice(&mesh)).await;
+}
+
+/// A response cut short by the upstream after its headers: what the detector makes of it.
+async fn truncated_body_ejections(proxy: Proxy<'_>) -> u64 {
+    for _ in 0..2 {
+        let _ = status_of(proxy.addr()).await;
+    }
+    proxy.ejections().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_cutting_its_body_short_counts_as_envoy_counts_it() {
+    let Some(bin) = envoy_or_skip() else { return };
+    let (port, task) = streaming_upstream(b"abc", false).await;
+    let envoy = Envoy::start(&bin, port).await;
+    let by_envoy = truncated_body_ejections(Proxy::Envoy(&envoy)).await;
+    drop(envoy);
+
+    let mut mesh = Mesh::start().await;
+    mesh.deploy("slow", &[port]);
+    mesh.write("dr.yaml", &destination_rule("slow", ISTIO_OUTLIER));
+    mesh.reload();
+    let by_sluice = truncated_body_ejections(Proxy::Sluice(&mesh)).await;
+    task.abort();
+    assert_eq!(
+        by_sluice, by_envoy,
+        "ejections: sluice {by_sluice}, envoy {by_envoy}"
+    );
 }

@@ -531,6 +531,40 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
     }
 }
 
+/// A raw HTTP/1.1 upstream on loopback that answers every request with `200`, `content-length:
+/// 1000000` and `body`, then either closes (`keep_writing: false`, a body cut short) or keeps
+/// writing `body` every 10 ms for at most 10 s (a long download). Ends with the returned task.
+pub async fn streaming_upstream(body: &'static [u8], keep_writing: bool) -> (u16, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("local addr").port();
+    let task = tokio::spawn(async move {
+        // Bounded: a handful of requests per test.
+        for _ in 0..32 {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+                if conn.write_all(head).await.is_err() || conn.write_all(body).await.is_err() {
+                    return;
+                }
+                if keep_writing {
+                    for _ in 0..1000 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        if conn.write_all(body).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -553,7 +553,7 @@ fn prepare(req: &mut Request<Body>, protocol: UpstreamProtocol, addr: SocketAddr
 
 /// Maps a failed exchange to the reset reason Envoy would give it, keeping the error as the cause.
 /// A failure of the request body is the client's (it went away mid-upload), not the upstream's.
-fn classify(err: hyper::Error) -> ProxyError {
+pub(crate) fn classify(err: hyper::Error) -> ProxyError {
     if err.is_user() {
         return ProxyError::DownstreamTermination(Cause::new(err));
     }
@@ -620,7 +620,11 @@ impl Attempt {
 
     /// The attempt ended in the event `how` makes of `err`: reported, resources given back, and
     /// `err` handed on.
-    fn ended(&mut self, err: ProxyError, how: fn(&ProxyError) -> Event<'_>) -> ProxyError {
+    pub(crate) fn ended(
+        &mut self,
+        err: ProxyError,
+        how: fn(&ProxyError) -> Event<'_>,
+    ) -> ProxyError {
         self.event(how(&err));
         self.end(false);
         err
@@ -629,11 +633,6 @@ impl Attempt {
     /// The response ended cleanly: the connection may be reused.
     pub(crate) fn finish(&mut self) {
         self.end(true);
-    }
-
-    /// The exchange failed or was cut short: the connection is not reusable.
-    pub(crate) fn abandon(&mut self) {
-        self.end(false);
     }
 
     fn abandon_lease(&mut self) {

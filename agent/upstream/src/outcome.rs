@@ -3,8 +3,10 @@
 //! hears, with Envoy's rules:
 //!
 //! - Upstream outcomes count: the response status, a connect failure, a reset or close by the
-//!   upstream before headers (Envoy's `LOCAL_ORIGIN_CONNECT_FAILED`), and the proxy's own per-try
-//!   or route timer ending an attempt that waits for headers (`LOCAL_ORIGIN_TIMEOUT`).
+//!   upstream before headers or in the middle of the response body (Envoy's router reports every
+//!   upstream reset but overflow as `LOCAL_ORIGIN_CONNECT_FAILED`, response started or not), and
+//!   the proxy's own per-try or route timer ending an attempt that waits for headers
+//!   (`LOCAL_ORIGIN_TIMEOUT`).
 //! - A client that goes away is never the upstream's failure: its attempts are dropped with no timer
 //!   raised (see [`sluice_core::Expiry`]), or fail because its request body did
 //!   ([`sluice_core::Origin::Downstream`]). Envoy reports nothing then: the router resets the
@@ -12,7 +14,7 @@
 //! - Nothing is reported for an attempt that never had a connection (the host was not yet in play,
 //!   as in Envoy, whose upstream request has no host before the pool is ready), nor for the
 //!   proxy's own refusals (overflow: Envoy ignores overflow resets so as not to eject hosts of an
-//!   overloaded cluster), nor after response headers (the status was reported then).
+//!   overloaded cluster), nor for a response body the client stops reading.
 
 use sluice_core::{Deadline, Origin, ProxyError};
 
@@ -38,7 +40,8 @@ pub(crate) enum Event<'a> {
     Headers(u16),
     /// No connection could be had from the pool: `err` says why.
     NoConnection(&'a ProxyError),
-    /// The attempt failed with `err` once it had a connection (or gave up on stale ones).
+    /// The attempt failed with `err` once it had a connection (or gave up on stale ones), before
+    /// or after response headers.
     Failed(&'a ProxyError),
     /// The attempt's future was dropped in `phase`; `expired` is the proxy timer that dropped it.
     Dropped {
