@@ -227,15 +227,17 @@ impl Inner {
         }
         let cfg = self.config.load();
         if let Some(od) = cfg.outlier() {
-            self.detector.report(
-                od,
-                &cfg.name,
-                cfg.hosts.len(),
-                host.addr,
-                &host.outlier,
-                outcome,
-                &self.stats,
-            );
+            let scope = outlier::Scope {
+                cfg: od,
+                cluster: &cfg.name,
+                hosts: cfg.hosts.len(),
+                stats: &self.stats,
+            };
+            let host = outlier::HostRef {
+                addr: host.addr,
+                outlier: &host.outlier,
+            };
+            self.detector.report(&scope, host, outcome);
         }
     }
 

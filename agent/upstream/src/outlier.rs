@@ -86,6 +86,23 @@ pub(crate) fn ejection_time(cfg: &OutlierDetection, multiplier: u32) -> Duration
     cfg.base_ejection_time.saturating_mul(multiplier).min(max)
 }
 
+/// The cluster a report is about: its outlier policy, its name (for logs), its size (what
+/// `maxEjectionPercent` is a share of) and its counters.
+#[derive(Clone, Copy)]
+pub(crate) struct Scope<'a> {
+    pub(crate) cfg: &'a OutlierDetection,
+    pub(crate) cluster: &'a str,
+    pub(crate) hosts: usize,
+    pub(crate) stats: &'a Stats,
+}
+
+/// The host a report is about.
+#[derive(Clone, Copy)]
+pub(crate) struct HostRef<'a> {
+    pub(crate) addr: SocketAddr,
+    pub(crate) outlier: &'a HostOutlier,
+}
+
 #[derive(Debug, Default)]
 struct DetectorState {
     /// Hosts ejected now (Envoy's `ejections_active` gauge).
@@ -126,17 +143,13 @@ impl Detector {
     }
 
     /// Feeds one attempt's outcome to `host`'s counters and ejects it when a threshold is reached.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn report(
-        &self,
-        cfg: &OutlierDetection,
-        cluster: &str,
-        hosts: usize,
-        addr: SocketAddr,
-        host: &HostOutlier,
-        outcome: Outcome,
-        stats: &Stats,
-    ) {
+    /// The cluster's one caller is `Inner::report`.
+    pub(crate) fn report(&self, scope: &Scope<'_>, host: HostRef<'_>, outcome: Outcome) {
+        let cfg = scope.cfg;
+        let HostRef {
+            addr: host_addr,
+            outlier: host,
+        } = host;
         // `consecutiveLocalOriginFailures` set = `split_external_local_origin_errors`.
         let split = cfg.consecutive_local_origin_failures.is_some();
         if !outcome.reported() || (outcome == Outcome::ConnectSuccess && !split) {
@@ -187,22 +200,29 @@ impl Detector {
             }
         }
         for kind in fired.into_iter().flatten() {
-            self.on_consecutive_error(cfg, cluster, hosts, addr, host, kind, stats);
+            self.on_consecutive_error(
+                scope,
+                HostRef {
+                    addr: host_addr,
+                    outlier: host,
+                },
+                kind,
+            );
         }
     }
 
     /// Envoy's `onConsecutiveErrorWorker` + `ejectHost`.
-    #[allow(clippy::too_many_arguments)]
-    fn on_consecutive_error(
-        &self,
-        cfg: &OutlierDetection,
-        cluster: &str,
-        hosts: usize,
-        addr: SocketAddr,
-        host: &HostOutlier,
-        kind: EjectionType,
-        stats: &Stats,
-    ) {
+    fn on_consecutive_error(&self, scope: &Scope<'_>, host: HostRef<'_>, kind: EjectionType) {
+        let Scope {
+            cfg,
+            cluster,
+            hosts,
+            stats,
+        } = *scope;
+        let HostRef {
+            addr,
+            outlier: host,
+        } = host;
         let mut d = self.state.lock();
         let mut m = host.monitor.lock();
         if host.is_ejected() || host.removed.load(Ordering::Relaxed) {
