@@ -112,6 +112,14 @@ async fn clients_that_time_out_do_not_eject_a_slow_host() {
 
     assert_abandoned(&log.drain().await, 8);
     assert_nothing_counted(&cluster);
+    // Counted once each in the request metrics too, as Envoy does: code 0, flag DC.
+    let m = mesh.metrics();
+    let want = "response_code=\"0\",response_flags=\"DC\"} 8";
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("istio_requests_total{") && l.ends_with(want)),
+        "{want}\n{m}"
+    );
     assert_served(&mesh, "http://slow/", 3).await;
 }
 
