@@ -879,31 +879,9 @@ mod tests {
         assert_eq!(c.inner.pool.lock().occupancy(addr).total, 0);
     }
 
-    /// A loopback listener whose accept queue is full: further connects hang (Linux drops their
-    /// SYNs), so only a timeout ends them.
-    fn full_backlog_listener() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        socket
-            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-            .expect("bind");
-        socket.listen(0).expect("listen");
-        let addr = socket
-            .local_addr()
-            .expect("local addr")
-            .as_socket()
-            .expect("inet");
-        let fillers = (0..2)
-            .filter_map(|_| {
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()
-            })
-            .collect();
-        (socket, fillers, addr)
-    }
-
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn connect_timeout_is_the_same_for_http_and_tcp() {
-        let (_listener, _fillers, addr) = full_backlog_listener();
+        let (_listener, _fillers, addr) = crate::tests::full_backlog_listener();
         let c = cluster(addr, |cp| cp.connect_timeout = Duration::from_millis(200));
         let o = opts(&c);
         let started = Instant::now();

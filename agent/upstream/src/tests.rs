@@ -368,12 +368,35 @@ async fn refused_connection_is_connect_failure() {
     assert_eq!(cluster.hosts()[0].consecutive_gateway, 1);
 }
 
+/// A loopback listener whose accept queue is full: further connects hang (Linux drops their
+/// SYNs), so only a timeout ends them.
+pub(crate) fn full_backlog_listener() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    socket.listen(0).expect("listen");
+    let addr = socket
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("inet");
+    let fillers = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()
+        })
+        .collect();
+    (socket, fillers, addr)
+}
+
 #[tokio::test(start_paused = true)]
 async fn connect_timeout_is_connect_failure() {
-    // A listener that never accepts, with a full backlog, or an unroutable address: either way the
-    // connect does not complete and the timeout answers.
+    // Loopback only: an unroutable address may be answered by whatever the machine's network
+    // intercepts it with.
+    let (_listener, _fillers, addr) = full_backlog_listener();
     let cluster = Cluster::new(
-        spec(&[SocketAddr::from(([10, 255, 255, 1], 81))], |c| {
+        spec(&[addr], |c| {
             c.policy.connection_pool.connect_timeout = Duration::from_millis(200);
         }),
         UpstreamProtocol::Http1,
