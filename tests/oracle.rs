@@ -379,9 +379,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             unordered: false,
             upstream_headers: false,
-            known: Some(Known::Open(
-                "an attempt abandoned by its client is reported to outlier detection as a gateway error, so the healthy host is ejected (503 UH)",
-            )),
+            known: None,
         },
         Scenario {
             name: "no-healthy-upstream-connect-failure",

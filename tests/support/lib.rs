@@ -433,6 +433,140 @@ pub fn to_service<'a>(
     lines.iter().filter(move |l| l.service == fqdn)
 }
 
+/// YAML for the Kubernetes and Istio objects the in-process tests deploy (namespace `default`).
+pub mod yaml {
+    /// A Service `name` with port 80 (`http`) targeting 9090.
+    pub fn service(name: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  ports:\n  - name: http\n    port: 80\n    targetPort: 9090\n"
+        )
+    }
+
+    /// A VirtualService for `host` whose `http:` list is `http` (already indented).
+    pub fn virtual_service(host: &str, http: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: {host}\n  namespace: default\nspec:\n  hosts:\n  - {host}\n  http:\n{http}"
+        )
+    }
+
+    /// A DestinationRule for `host` whose spec continues with `spec` (already indented).
+    pub fn destination_rule(host: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {host}\n  namespace: default\nspec:\n  host: {host}\n{spec}"
+        )
+    }
+
+    /// Envoy's name for the cluster of `host`'s port 80.
+    pub fn cluster_name(host: &str) -> String {
+        format!("outbound|80||{host}.default.svc.cluster.local")
+    }
+}
+
+impl Mesh {
+    /// Writes a Service `name` (port 80) with one endpoint per loopback port; call [`Self::reload`].
+    pub fn deploy(&self, name: &str, ports: &[u16]) {
+        self.write(&format!("{name}.yaml"), &yaml::service(name));
+        self.write(
+            &format!("{name}-endpoints.yaml"),
+            &endpoint_slice(name, ports),
+        );
+    }
+}
+
+/// fake-service settings: every call waits `delay`, then answers 200.
+pub fn slow_env(delay: &'static str) -> [(&'static str, &'static str); 4] {
+    [
+        ("ERROR_RATE", "1"),
+        ("ERROR_TYPE", "delay"),
+        ("ERROR_DELAY", delay),
+        ("ERROR_CODE", "200"),
+    ]
+}
+
+/// fake-service settings: every call answers `code` at once.
+pub fn failing_env(code: &'static str) -> [(&'static str, &'static str); 3] {
+    [
+        ("ERROR_RATE", "1"),
+        ("ERROR_TYPE", "http_error"),
+        ("ERROR_CODE", code),
+    ]
+}
+
+/// A client connection with a request under way that the test can walk away from (by dropping
+/// it), as a client does when its own timeout fires or a load generator stops mid-request.
+pub struct Abandoning {
+    _stream: TcpStream,
+}
+
+impl Abandoning {
+    /// Opens a connection to `proxy` and writes `head` (a raw HTTP/1.1 request head, `\r\n\r\n`
+    /// included) and `body`, without reading anything back.
+    pub async fn start(proxy: SocketAddr, head: &str, body: &[u8]) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(proxy).await.expect("connect to proxy");
+        stream.write_all(head.as_bytes()).await.expect("write head");
+        stream.write_all(body).await.expect("write body");
+        Self { _stream: stream }
+    }
+
+    /// `GET url` through the proxy (absolute form, as `curl -x` sends it).
+    pub async fn get(proxy: SocketAddr, url: &str) -> Self {
+        let host = url
+            .strip_prefix("http://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or(url);
+        Self::start(
+            proxy,
+            &format!("GET {url} HTTP/1.1\r\nhost: {host}\r\n\r\n"),
+            b"",
+        )
+        .await
+    }
+}
+
+/// Waits until `cond` holds, checking every 5 ms for at most `limit`; panics with `what` otherwise.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A raw HTTP/1.1 upstream on loopback that answers every request with `200`, `content-length:
+/// 1000000` and `body`, then either closes (`keep_writing: false`, a body cut short) or keeps
+/// writing `body` every 10 ms for at most 10 s (a long download). Ends with the returned task.
+pub async fn streaming_upstream(body: &'static [u8], keep_writing: bool) -> (u16, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("local addr").port();
+    let task = tokio::spawn(async move {
+        // Bounded: a handful of requests per test.
+        for _ in 0..32 {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n";
+                if conn.write_all(head).await.is_err() || conn.write_all(body).await.is_err() {
+                    return;
+                }
+                if keep_writing {
+                    for _ in 0..1000 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        if conn.write_all(body).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

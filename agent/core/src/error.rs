@@ -3,6 +3,9 @@
 
 use crate::{BoxError, ResponseFlags};
 use http::StatusCode;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Which circuit breaker overflowed.
@@ -16,6 +19,86 @@ pub enum OverflowKind {
     Connections,
     /// `maxRetries`: too many retries in flight to the cluster.
     Retries,
+}
+
+/// Where a failure came from. Only upstream failures may ever reach outlier detection; a downstream
+/// failure (the client went away) never does, and a local one (the proxy's own limits and routing)
+/// never reached an upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The upstream host or the network path to it, including the proxy's timers waiting on it.
+    Upstream,
+    /// The client of the proxy.
+    Downstream,
+    /// The proxy itself: circuit breakers, routing, no healthy host.
+    Local,
+}
+
+/// The error behind another (an `io::Error`, a `hyper::Error` carrying an `h2::Error`, ...), shared
+/// so that [`ProxyError`] stays `Clone`. Walking `source()` reaches the original error itself, so
+/// callers can `downcast_ref` it.
+#[derive(Clone, Debug)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl Cause {
+    pub fn new(err: impl Into<BoxError>) -> Self {
+        Self(Arc::from(err.into()))
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// Why a connection to an upstream host could not be made.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connect failed (refused, unreachable, ...).
+    #[error("connect to {host}: {source}")]
+    Io {
+        host: SocketAddr,
+        #[source]
+        source: Cause,
+    },
+    /// `connectTimeout` passed first.
+    #[error(
+        "connect to {host} timed out after {after:?} (is the pod up, or is a NetworkPolicy \
+         dropping packets?)"
+    )]
+    TimedOut { host: SocketAddr, after: Duration },
+    /// The connection was made but the HTTP handshake failed.
+    #[error("handshake with {host}: {source}")]
+    Handshake {
+        host: SocketAddr,
+        #[source]
+        source: Cause,
+    },
+}
+
+impl ConnectError {
+    pub fn io(host: SocketAddr, err: io::Error) -> Self {
+        Self::Io {
+            host,
+            source: Cause::new(err),
+        }
+    }
+
+    /// The host that could not be reached.
+    pub fn host(&self) -> SocketAddr {
+        match self {
+            Self::Io { host, .. } | Self::TimedOut { host, .. } | Self::Handshake { host, .. } => {
+                *host
+            }
+        }
+    }
 }
 
 /// A request ended by the proxy rather than by the upstream's response.
@@ -33,18 +116,26 @@ pub enum ProxyError {
     /// Every endpoint is ejected or there are none.
     #[error("no healthy upstream")]
     NoHealthyUpstream,
-    /// The TCP connect failed or timed out.
+    /// The TCP connect or the HTTP handshake failed or timed out.
     #[error("upstream connect failure: {0}")]
-    ConnectFailure(String),
-    /// The upstream reset the stream (h2 RST_STREAM or TCP RST) before a response.
-    #[error("upstream reset before response: {0}")]
-    RemoteReset(String),
+    ConnectFailure(#[source] ConnectError),
+    /// The upstream reset the stream (h2 RST_STREAM with `reason`, or a TCP RST) before a response.
+    #[error("upstream reset before response: {source}")]
+    RemoteReset {
+        reason: Option<h2::Reason>,
+        #[source]
+        source: Cause,
+    },
     /// The upstream refused the stream (h2 REFUSED_STREAM); always safe to retry.
     #[error("upstream refused stream")]
     RefusedStream,
     /// The upstream connection closed before a response.
     #[error("upstream connection terminated: {0}")]
-    ConnectionTermination(String),
+    ConnectionTermination(#[source] Cause),
+    /// The client went away (its request body failed) before the response: nothing the upstream
+    /// did, and no one is left to answer.
+    #[error("downstream connection terminated: {0}")]
+    DownstreamTermination(#[source] Cause),
     /// No route matched the request.
     #[error("no route matched")]
     NoRoute,
@@ -53,12 +144,38 @@ pub enum ProxyError {
     NoCluster(String),
 }
 
+/// An upstream that closed every connection the pool tried before a request could be sent.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+#[error("{host} closed {connections} connections before a request could be sent")]
+pub struct StaleConnections {
+    pub host: SocketAddr,
+    pub connections: u32,
+}
+
 impl ProxyError {
-    /// The status Envoy answers with.
+    /// Who caused it.
+    pub fn origin(&self) -> Origin {
+        match self {
+            Self::RequestTimeout(_)
+            | Self::PerTryTimeout(_)
+            | Self::ConnectFailure(_)
+            | Self::RemoteReset { .. }
+            | Self::RefusedStream
+            | Self::ConnectionTermination(_) => Origin::Upstream,
+            Self::DownstreamTermination(_) => Origin::Downstream,
+            Self::Overflow(_) | Self::NoHealthyUpstream | Self::NoRoute | Self::NoCluster(_) => {
+                Origin::Local
+            }
+        }
+    }
+
+    /// The status Envoy answers with. For a downstream termination nobody reads it, and the access
+    /// log records 0 (see [`Self::origin`]).
     pub fn status(&self) -> StatusCode {
         match self {
             Self::RequestTimeout(_) | Self::PerTryTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::DownstreamTermination(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -72,8 +189,9 @@ impl ProxyError {
             Self::Overflow(_) => ResponseFlags::UPSTREAM_OVERFLOW,
             Self::NoHealthyUpstream => ResponseFlags::NO_HEALTHY_UPSTREAM,
             Self::ConnectFailure(_) => ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
-            Self::RemoteReset(_) | Self::RefusedStream => ResponseFlags::UPSTREAM_REMOTE_RESET,
+            Self::RemoteReset { .. } | Self::RefusedStream => ResponseFlags::UPSTREAM_REMOTE_RESET,
             Self::ConnectionTermination(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+            Self::DownstreamTermination(_) => ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
             Self::NoRoute => ResponseFlags::NO_ROUTE_FOUND,
             Self::NoCluster(_) => ResponseFlags::NO_CLUSTER_FOUND,
         }
@@ -90,14 +208,13 @@ impl ProxyError {
             Self::ConnectFailure(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
             }
-            Self::RemoteReset(_) | Self::RefusedStream => {
+            Self::RemoteReset { .. } | Self::RefusedStream => {
                 "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
             }
             Self::ConnectionTermination(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
-            Self::NoRoute => "",
-            Self::NoCluster(_) => "",
+            Self::DownstreamTermination(_) | Self::NoRoute | Self::NoCluster(_) => "",
         }
     }
 
@@ -129,5 +246,30 @@ mod tests {
         assert_eq!(found.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(found.flag().to_string(), "UO");
         assert!(found.body().contains("overflow"));
+        assert_eq!(found.origin(), Origin::Local);
+    }
+
+    #[test]
+    fn causes_stay_reachable_and_origins_are_typed() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let host: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let err: BoxError = Box::new(ProxyError::ConnectFailure(ConnectError::io(host, refused)));
+        let pe = ProxyError::find(&err).expect("proxy error");
+        assert_eq!(pe.origin(), Origin::Upstream);
+        let mut cause = std::error::Error::source(pe);
+        let mut kind = None;
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                kind = Some(io.kind());
+            }
+            cause = e.source();
+        }
+        assert_eq!(kind, Some(io::ErrorKind::ConnectionRefused));
+
+        let gone = ProxyError::DownstreamTermination(Cause::new(io::Error::from(
+            io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(gone.origin(), Origin::Downstream);
+        assert_eq!(gone.flag().to_string(), "DC");
     }
 }

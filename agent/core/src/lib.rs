@@ -1,13 +1,16 @@
 //! Types every Sluice crate shares: the boxed body the proxy moves, the errors a proxied request can end
-//! in (each knows its HTTP status, Envoy response flag and body text), and the per-request record that
+//! in (each knows its HTTP status, Envoy response flag, body text and origin: upstream, downstream or
+//! the proxy), the signal a timeout layer raises before it ends an attempt, and the per-request record that
 //! layers fill in for the access log.
 #![forbid(unsafe_code)]
 
 mod error;
+mod expiry;
 mod flags;
 mod info;
 
-pub use self::error::{OverflowKind, ProxyError};
+pub use self::error::{Cause, ConnectError, Origin, OverflowKind, ProxyError, StaleConnections};
+pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
 pub use self::info::RequestInfo;
 

@@ -23,7 +23,7 @@ use crate::state::{RoutePlan, ServiceLabels, State, Upstream};
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use sluice_core::{Body, BoxError, ProxyError, RequestInfo, ResponseFlags};
+use sluice_core::{Body, BoxError, Origin, ProxyError, RequestInfo, ResponseFlags};
 use sluice_policy::{ClusterKey, Service};
 use sluice_resilience::{FaultLayer, RetryLayer, TimeoutLayer};
 use sluice_upstream::UpstreamProtocol;
@@ -207,6 +207,9 @@ impl Handler {
             done: false,
         };
 
+        // The client went away while its request body was read: logged as Envoy logs it (status
+        // 0, `DC`), never as an upstream failure.
+        let mut downstream_gone = false;
         let rsp = match self.route(&state, &req, conn) {
             Ok(Routed {
                 plan,
@@ -245,7 +248,11 @@ impl Handler {
                 > = Box::pin(stack.oneshot(req));
                 let mut rsp = match fut.await {
                     Ok(rsp) => prepare_response(rsp),
-                    Err(err) => local_reply(&err, &info),
+                    Err(err) => {
+                        downstream_gone = ProxyError::find(&err)
+                            .is_some_and(|e| e.origin() == Origin::Downstream);
+                        local_reply(&err, &info)
+                    }
                 };
                 // The route's header operations apply to what the router answers (upstream
                 // responses and its local replies), not to the fault filter's aborts.
@@ -258,7 +265,11 @@ impl Handler {
             }
             Err(err) => local_reply(&err, &info),
         };
-        outcome.finish(rsp.status().as_u16());
+        outcome.finish(if downstream_gone {
+            0
+        } else {
+            rsp.status().as_u16()
+        });
         rsp
     }
 

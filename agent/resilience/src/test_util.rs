@@ -164,3 +164,25 @@ pub async fn call<S: CloneService>(
 pub fn proxy_error(err: &BoxError) -> ProxyError {
     ProxyError::find(err).cloned().expect("a ProxyError")
 }
+
+/// An upstream that refused the connection.
+pub(crate) fn refused() -> ProxyError {
+    let host = "127.0.0.1:9".parse().expect("address");
+    let err = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    ProxyError::ConnectFailure(sluice_core::ConnectError::io(host, err))
+}
+
+/// An upstream that reset the stream.
+pub(crate) fn reset() -> ProxyError {
+    ProxyError::RemoteReset {
+        reason: Some(h2::Reason::INTERNAL_ERROR),
+        source: sluice_core::Cause::new(h2::Error::from(h2::Reason::INTERNAL_ERROR)),
+    }
+}
+
+/// An upstream that closed the connection without answering.
+pub(crate) fn terminated() -> ProxyError {
+    ProxyError::ConnectionTermination(sluice_core::Cause::new(std::io::Error::from(
+        std::io::ErrorKind::UnexpectedEof,
+    )))
+}

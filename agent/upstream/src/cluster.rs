@@ -6,7 +6,8 @@
 
 use crate::balance::{Balancer, Candidate};
 use crate::body::UpstreamBody;
-use crate::outlier::{self, Detector, HostOutlier, Outcome, OutlierEvent};
+use crate::outcome::{self, Event, Outcome, Phase};
+use crate::outlier::{self, Detector, HostOutlier, OutlierEvent};
 use crate::pool::{self, ConnectOptions, Leased, Limits, PoolState, Sender};
 use crate::stats::{inc, ClusterStats, Stats};
 use arc_swap::ArcSwap;
@@ -16,7 +17,10 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use parking_lot::Mutex;
 use serde::Serialize;
-use sluice_core::{Body, BoxError, OverflowKind, ProxyError, RequestInfo};
+use sluice_core::{
+    Body, BoxError, Cause, Deadline, Expiry, OverflowKind, ProxyError, RequestInfo,
+    StaleConnections,
+};
 use sluice_policy::Endpoint;
 use std::collections::{HashMap, HashSet};
 use std::error::Error as _;
@@ -210,18 +214,30 @@ impl Inner {
             .ok_or(ProxyError::NoHealthyUpstream)
     }
 
+    /// The detector's one entry point: `outcome` of an attempt on `host` (see [`crate::outcome`]).
     pub(crate) fn report(&self, host: &Host, outcome: Outcome) {
+        match outcome {
+            Outcome::Timeout(Deadline::PerTry) => inc(&self.stats.rq_per_try_timeout),
+            Outcome::Timeout(Deadline::Route) => inc(&self.stats.rq_timeout),
+            Outcome::Cancelled => inc(&self.stats.rq_cancelled),
+            _ => {}
+        }
+        if !outcome.reported() {
+            return;
+        }
         let cfg = self.config.load();
         if let Some(od) = cfg.outlier() {
-            self.detector.report(
-                od,
-                &cfg.name,
-                cfg.hosts.len(),
-                host.addr,
-                &host.outlier,
-                outcome,
-                &self.stats,
-            );
+            let scope = outlier::Scope {
+                cfg: od,
+                cluster: &cfg.name,
+                hosts: cfg.hosts.len(),
+                stats: &self.stats,
+            };
+            let host = outlier::HostRef {
+                addr: host.addr,
+                outlier: &host.outlier,
+            };
+            self.detector.report(&scope, host, outcome);
         }
     }
 
@@ -402,7 +418,8 @@ impl tower_service::Service<Request<Body>> for ClusterHandle {
     }
 }
 
-/// One attempt.
+/// One attempt. Every event of its life goes through its [`Attempt`] guard, which alone decides
+/// what the outlier detector hears (see [`crate::outcome`]).
 async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<Body>, BoxError> {
     ensure_ticker(&inner);
     let cfg = inner.config.load_full();
@@ -417,12 +434,13 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         return Err(ProxyError::Overflow(OverflowKind::Requests).into());
     }
     inc(&inner.stats.rq_total);
-    let mut flight = InFlight {
+    let mut attempt = Attempt {
         inner: inner.clone(),
         host: None,
         leased: None,
-        awaiting_headers: false,
-        done: false,
+        phase: Phase::Connecting,
+        expiry: req.extensions().get::<Expiry>().cloned(),
+        released: false,
     };
 
     // Host selection.
@@ -437,7 +455,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     }
     host.active.fetch_add(1, Ordering::Relaxed);
     host.total.fetch_add(1, Ordering::Relaxed);
-    flight.host = Some(host.clone());
+    attempt.host = Some(host.clone());
 
     // A connection (h1) or stream (h2). A reused h1 connection may have been closed by the server
     // while idle; that costs another pick from the pool (a few at most), not the attempt.
@@ -446,14 +464,9 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     loop {
         let leased = match pool::acquire(&inner, host.addr, &opts).await {
             Ok(leased) => leased,
-            Err(err) => {
-                if matches!(err, ProxyError::ConnectFailure(_)) {
-                    inner.report(&host, Outcome::ConnectFailed);
-                }
-                return Err(err.into());
-            }
+            Err(err) => return Err(attempt.ended(err, |e| Event::NoConnection(e)).into()),
         };
-        let leased = flight.leased.insert(leased);
+        let leased = attempt.leased.insert(leased);
         let ready = match &mut leased.sender {
             Sender::H1(s) => s.ready().await.is_ok(),
             Sender::H2(s) => !s.is_closed(),
@@ -461,43 +474,33 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         if ready {
             break;
         }
-        flight.abandon_lease();
+        attempt.abandon_lease();
         stale += 1;
         if stale == MAX_STALE_CONNECTIONS {
-            inner.report(&host, Outcome::ConnectFailed);
-            return Err(ProxyError::ConnectionTermination(format!(
-                "{} closed {stale} connections before a request could be sent",
-                host.addr
-            ))
-            .into());
+            let err = ProxyError::ConnectionTermination(Cause::new(StaleConnections {
+                host: host.addr,
+                connections: stale,
+            }));
+            return Err(attempt.ended(err, |e| Event::Failed(e)).into());
         }
     }
-    inner.report(&host, Outcome::ConnectSuccess);
+    attempt.event(Event::Connected);
 
     prepare(&mut req, inner.protocol, host.addr);
-    let sent = match &mut flight.leased.as_mut().expect("leased above").sender {
+    let sent = match &mut attempt.leased.as_mut().expect("leased above").sender {
         Sender::H1(s) => Either::Left(s.send_request(req)),
         Sender::H2(s) => Either::Right(s.send_request(req)),
     };
-    flight.awaiting_headers = true;
-    let result = sent.await;
-    flight.awaiting_headers = false;
-    match result {
+    match sent.await {
         Ok(rsp) => {
-            inner.report(&host, Outcome::Status(rsp.status().as_u16()));
+            attempt.event(Event::Headers(rsp.status().as_u16()));
             let (parts, body) = rsp.into_parts();
-            let body = sluice_core::boxed(UpstreamBody::new(body, flight));
+            let body = sluice_core::boxed(UpstreamBody::new(body, attempt));
             Ok(Response::from_parts(parts, body))
         }
-        Err(err) if err.is_user() => {
-            // The request body failed (the client went away): not the upstream's fault.
-            flight.abandon();
-            Err(err.into())
-        }
         Err(err) => {
-            flight.abandon();
-            inner.report(&host, Outcome::ConnectFailed);
-            Err(classify(&err).into())
+            let err = classify(err);
+            Err(attempt.ended(err, |e| Event::Failed(e)).into())
         }
     }
 }
@@ -550,8 +553,14 @@ fn prepare(req: &mut Request<Body>, protocol: UpstreamProtocol, addr: SocketAddr
     }
 }
 
-/// Maps a failed exchange to the reset reason Envoy would give it.
-fn classify(err: &hyper::Error) -> ProxyError {
+/// Maps a failed exchange to the reset reason Envoy would give it, keeping the error as the cause.
+/// A failure of the request body is the client's (it went away mid-upload), not the upstream's.
+pub(crate) fn classify(err: hyper::Error) -> ProxyError {
+    if err.is_user() {
+        return ProxyError::DownstreamTermination(Cause::new(err));
+    }
+    let mut reason = None;
+    let mut reset = false;
     let mut cause = err.source();
     while let Some(e) = cause {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
@@ -559,39 +568,73 @@ fn classify(err: &hyper::Error) -> ProxyError {
                 return ProxyError::RefusedStream;
             }
             if h2.is_reset() {
-                return ProxyError::RemoteReset(err.to_string());
+                reason = h2.reason();
+                reset = true;
+                break;
             }
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::ConnectionReset {
-                return ProxyError::RemoteReset(err.to_string());
+                reset = true;
+                break;
             }
         }
         cause = e.source();
     }
-    ProxyError::ConnectionTermination(err.to_string())
+    if reset {
+        ProxyError::RemoteReset {
+            reason,
+            source: Cause::new(err),
+        }
+    } else {
+        ProxyError::ConnectionTermination(Cause::new(err))
+    }
 }
 
-/// What one admitted attempt holds until its response ends: its place in `upstream_rq_active`,
-/// its host's active count and its connection. Dropped before response headers, it reports a
-/// local-origin timeout: a per-try or route timeout (or the client leaving) cancelled it.
-pub(crate) struct InFlight {
+/// One admitted attempt: what it holds until its response ends (its place in
+/// `upstream_rq_active`, its host's active count, its connection) and where it is. Every event
+/// goes through [`Attempt::event`]; dropping it is the last event, which tells a proxy timer (the
+/// attempt's [`Expiry`] was raised) from the client going away (it was not).
+pub(crate) struct Attempt {
     inner: Arc<Inner>,
     host: Option<Arc<Host>>,
     leased: Option<Leased>,
-    awaiting_headers: bool,
-    done: bool,
+    phase: Phase,
+    expiry: Option<Expiry>,
+    released: bool,
 }
 
-impl InFlight {
+impl Attempt {
+    /// Reports `event` for the attempt's host, as [`outcome::decide`] says, and moves on.
+    fn event(&mut self, event: Event<'_>) {
+        let next = match &event {
+            Event::Connected => Phase::AwaitingHeaders,
+            Event::Headers(_) => Phase::Streaming,
+            Event::NoConnection(_) | Event::Failed(_) | Event::Dropped { .. } => Phase::Done,
+        };
+        if let Some(host) = &self.host {
+            self.inner.report(host, outcome::decide(event));
+        }
+        if self.phase != Phase::Done {
+            self.phase = next;
+        }
+    }
+
+    /// The attempt ended in the event `how` makes of `err`: reported, resources given back, and
+    /// `err` handed on.
+    pub(crate) fn ended(
+        &mut self,
+        err: ProxyError,
+        how: fn(&ProxyError) -> Event<'_>,
+    ) -> ProxyError {
+        self.event(how(&err));
+        self.end(false);
+        err
+    }
+
     /// The response ended cleanly: the connection may be reused.
     pub(crate) fn finish(&mut self) {
         self.end(true);
-    }
-
-    /// The exchange failed or was cut short: the connection is not reusable.
-    pub(crate) fn abandon(&mut self) {
-        self.end(false);
     }
 
     fn abandon_lease(&mut self) {
@@ -600,8 +643,9 @@ impl InFlight {
         }
     }
 
+    /// Gives back everything the attempt holds, once.
     fn end(&mut self, reusable: bool) {
-        if std::mem::replace(&mut self.done, true) {
+        if std::mem::replace(&mut self.released, true) {
             return;
         }
         if let Some(leased) = self.leased.take() {
@@ -614,13 +658,12 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Attempt {
     fn drop(&mut self) {
-        if self.awaiting_headers {
-            inc(&self.inner.stats.rq_timeout);
-            if let Some(host) = &self.host {
-                self.inner.report(host, Outcome::Timeout);
-            }
+        if self.phase != Phase::Done {
+            let expired = self.expiry.as_ref().and_then(Expiry::fired);
+            let phase = self.phase;
+            self.event(Event::Dropped { phase, expired });
         }
         self.end(false);
     }

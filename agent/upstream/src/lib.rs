@@ -5,11 +5,12 @@
 //! would see behind Envoy.
 //!
 //! Where this crate decides something Envoy leaves to its surroundings, or differs on purpose:
-//! - An attempt whose future is dropped while it waits for response headers (a per-try or route
-//!   timeout in the layers above, or the client leaving) is reported to the outlier detector as a
-//!   local-origin timeout: a 504 when origins are not split, as Envoy's router reports its timeouts.
-//!   An attempt dropped while still waiting for a connection reports nothing (Envoy has no host
-//!   for it yet).
+//! - What an attempt tells the outlier detector is decided in one place (`outcome`). An attempt
+//!   that a per-try or route timeout ends while it waits for response headers is a local-origin
+//!   timeout (a 504 when origins are not split, as Envoy's router reports its timeouts); the timeout
+//!   layers say so through the attempt's `sluice_core::Expiry`. An attempt dropped with no timer
+//!   raised was abandoned by the client and reports nothing, as in Envoy; nor does one dropped
+//!   while still waiting for a connection (Envoy has no host for it yet).
 //! - Retries avoid previously tried hosts by filtering the candidates rather than re-drawing.
 //! - h2c opens another connection to a host past 100 concurrent streams on one.
 //! - Plain TCP connections ([`ClusterHandle::connect_tcp`]) overflow at `maxConnections` at once
@@ -19,6 +20,7 @@
 mod balance;
 mod body;
 mod cluster;
+mod outcome;
 mod outlier;
 mod pool;
 mod stats;

@@ -11,6 +11,7 @@
 //! Differences from Envoy, on purpose:
 //! - No ejection-time jitter and no success-rate / failure-percentage detectors (Istio sets neither).
 
+use crate::outcome::Outcome;
 use crate::stats::{inc, Stats};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -53,20 +54,6 @@ pub enum OutlierEventKind {
     Unejected,
 }
 
-/// What one attempt tells the detector about its host (Envoy's `Outlier::Result` plus the status).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Response headers arrived with this status.
-    Status(u16),
-    /// The connection could not be made, or the host reset or closed it before headers
-    /// (Envoy reports every upstream reset except overflow as `LOCAL_ORIGIN_CONNECT_FAILED`).
-    ConnectFailed,
-    /// The attempt was abandoned while waiting for headers (`LOCAL_ORIGIN_TIMEOUT`).
-    Timeout,
-    /// A connection is ready for the attempt (`LOCAL_ORIGIN_CONNECT_SUCCESS`).
-    ConnectSuccess,
-}
-
 /// Per-host detector state (Envoy's `DetectorHostMonitorImpl`).
 #[derive(Debug, Default)]
 pub(crate) struct Monitor {
@@ -100,6 +87,23 @@ impl HostOutlier {
 pub(crate) fn ejection_time(cfg: &OutlierDetection, multiplier: u32) -> Duration {
     let max = cfg.max_ejection_time.max(cfg.base_ejection_time);
     cfg.base_ejection_time.saturating_mul(multiplier).min(max)
+}
+
+/// The cluster a report is about: its outlier policy, its name (for logs), its size (what
+/// `maxEjectionPercent` is a share of) and its counters.
+#[derive(Clone, Copy)]
+pub(crate) struct Scope<'a> {
+    pub(crate) cfg: &'a OutlierDetection,
+    pub(crate) cluster: &'a str,
+    pub(crate) hosts: usize,
+    pub(crate) stats: &'a Stats,
+}
+
+/// The host a report is about.
+#[derive(Clone, Copy)]
+pub(crate) struct HostRef<'a> {
+    pub(crate) addr: SocketAddr,
+    pub(crate) outlier: &'a HostOutlier,
 }
 
 #[derive(Debug, Default)]
@@ -142,21 +146,19 @@ impl Detector {
     }
 
     /// Feeds one attempt's outcome to `host`'s counters and ejects it when a threshold is reached.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn report(
-        &self,
-        cfg: &OutlierDetection,
-        cluster: &str,
-        hosts: usize,
-        addr: SocketAddr,
-        host: &HostOutlier,
-        outcome: Outcome,
-        stats: &Stats,
-    ) {
+    /// The cluster's one caller is `Inner::report`.
+    pub(crate) fn report(&self, scope: &Scope<'_>, host: HostRef<'_>, outcome: Outcome) {
+        let cfg = scope.cfg;
+        let HostRef {
+            addr: host_addr,
+            outlier: host,
+        } = host;
         // `consecutiveLocalOriginFailures` set = `split_external_local_origin_errors`.
         let split = cfg.consecutive_local_origin_failures.is_some();
-        if outcome == Outcome::ConnectSuccess && !split {
-            return; // Envoy ignores it unsplit; skip the lock on the hot path.
+        if !outcome.reported() || (outcome == Outcome::ConnectSuccess && !split) {
+            // Not the host's doing; or a connect success unsplit, which Envoy ignores (this also
+            // skips the lock on the hot path).
+            return;
         }
         let mut fired: [Option<EjectionType>; 2] = [None, None];
         {
@@ -165,20 +167,19 @@ impl Detector {
                 (Outcome::Status(code), _) => Some(code),
                 // Unsplit, Envoy maps local-origin results to the status it would answer with.
                 (Outcome::ConnectFailed, false) => Some(503),
-                (Outcome::Timeout, false) => Some(504),
-                (Outcome::ConnectSuccess, false) => None,
-                (Outcome::ConnectFailed | Outcome::Timeout, true) => {
+                (Outcome::Timeout(_), false) => Some(504),
+                (Outcome::ConnectSuccess | Outcome::Cancelled | Outcome::NotTheHost, _) => None,
+                (Outcome::ConnectFailed | Outcome::Timeout(_), true) => {
                     m.consecutive_local += 1;
                     if cfg.consecutive_local_origin_failures == Some(m.consecutive_local) {
                         fired[0] = Some(EjectionType::ConsecutiveLocalOriginFailure);
                     }
                     None
                 }
-                (Outcome::ConnectSuccess, true) => {
-                    m.consecutive_local = 0;
-                    None
-                }
             };
+            if outcome == Outcome::ConnectSuccess {
+                m.consecutive_local = 0;
+            }
             if let Some(code) = code {
                 if (500..600).contains(&code) {
                     if matches!(code, 502..=504) {
@@ -202,22 +203,29 @@ impl Detector {
             }
         }
         for kind in fired.into_iter().flatten() {
-            self.on_consecutive_error(cfg, cluster, hosts, addr, host, kind, stats);
+            self.on_consecutive_error(
+                scope,
+                HostRef {
+                    addr: host_addr,
+                    outlier: host,
+                },
+                kind,
+            );
         }
     }
 
     /// Envoy's `onConsecutiveErrorWorker` + `ejectHost`.
-    #[allow(clippy::too_many_arguments)]
-    fn on_consecutive_error(
-        &self,
-        cfg: &OutlierDetection,
-        cluster: &str,
-        hosts: usize,
-        addr: SocketAddr,
-        host: &HostOutlier,
-        kind: EjectionType,
-        stats: &Stats,
-    ) {
+    fn on_consecutive_error(&self, scope: &Scope<'_>, host: HostRef<'_>, kind: EjectionType) {
+        let Scope {
+            cfg,
+            cluster,
+            hosts,
+            stats,
+        } = *scope;
+        let HostRef {
+            addr,
+            outlier: host,
+        } = host;
         let mut d = self.state.lock();
         let mut m = host.monitor.lock();
         if host.is_ejected() || host.removed.load(Ordering::Relaxed) {

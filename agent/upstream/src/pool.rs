@@ -18,10 +18,10 @@
 //! One mutex guards the whole cluster's pool; it is never held across an await.
 
 use crate::cluster::{Inner, UpstreamProtocol};
-use crate::stats::inc;
+use crate::stats::{inc, Stats};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice_core::{Body, ProxyError};
+use sluice_core::{Body, Cause, ConnectError, ProxyError};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -478,11 +478,7 @@ pub(crate) async fn acquire(
         match grant {
             Ok(Grant::Conn(leased)) => return Ok(leased),
             Ok(Grant::Slot(_)) => {}
-            Err(_) => {
-                return Err(ProxyError::ConnectionTermination(
-                    "connection pool closed while waiting".into(),
-                ))
-            }
+            Err(_) => return Err(ProxyError::ConnectionTermination(Cause::new(PoolClosed))),
         }
     }
     connect_reserved(inner, host, opts).await
@@ -523,27 +519,17 @@ async fn connect_reserved(
     host: SocketAddr,
     opts: &ConnectOptions,
 ) -> Result<Leased, ProxyError> {
-    let connect_timeout = opts.timeout;
     let mut slot = SlotGuard {
         inner,
         host,
         armed: true,
     };
     inc(&inner.stats.cx_total);
-    let protocol = inner.protocol;
-    let sender = match tokio::time::timeout(connect_timeout, connect(host, protocol, opts)).await {
-        Ok(Ok(sender)) => sender,
-        Ok(Err(err)) => {
+    let sender = match connect(&inner.stats, host, inner.protocol, opts).await {
+        Ok(sender) => sender,
+        Err(err) => {
             inc(&inner.stats.cx_connect_fail);
-            return Err(err);
-        }
-        Err(_) => {
-            inc(&inner.stats.cx_connect_fail);
-            inc(&inner.stats.cx_connect_timeout);
-            return Err(ProxyError::ConnectFailure(format!(
-                "connect to {host} timed out after {connect_timeout:?} (is the pod up, or is a \
-                 NetworkPolicy dropping packets?)"
-            )));
+            return Err(ProxyError::ConnectFailure(err));
         }
     };
     let (sender, driver) = sender;
@@ -594,11 +580,25 @@ impl Driver {
     }
 }
 
-/// Opens a TCP connection to `host` with the cluster's socket options (no timeout here).
-pub(crate) async fn open(host: SocketAddr, opts: &ConnectOptions) -> Result<TcpStream, ProxyError> {
-    let stream = TcpStream::connect(host)
-        .await
-        .map_err(|e| ProxyError::ConnectFailure(format!("connect to {host}: {e}")))?;
+/// Opens a TCP connection to `host` within `connectTimeout`, with the cluster's socket options:
+/// the one connect of both the HTTP pools and the L4 proxy. Counts `upstream_cx_connect_timeout`;
+/// the caller counts the failure (`upstream_cx_connect_fail`) once, whatever step failed.
+pub(crate) async fn connect_tcp(
+    stats: &Stats,
+    host: SocketAddr,
+    opts: &ConnectOptions,
+) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(opts.timeout, TcpStream::connect(host)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => return Err(ConnectError::io(host, err)),
+        Err(_) => {
+            inc(&stats.cx_connect_timeout);
+            return Err(ConnectError::TimedOut {
+                host,
+                after: opts.timeout,
+            });
+        }
+    };
     // Latency over throughput for request/response traffic, as Envoy does.
     let _ = stream.set_nodelay(true);
     if let Some(keepalive) = &opts.keepalive {
@@ -609,15 +609,20 @@ pub(crate) async fn open(host: SocketAddr, opts: &ConnectOptions) -> Result<TcpS
     Ok(stream)
 }
 
+/// A TCP connection, then the HTTP handshake (which does no I/O of its own: hyper sends the h2
+/// preface from the connection's task).
 async fn connect(
+    stats: &Stats,
     host: SocketAddr,
     protocol: UpstreamProtocol,
     opts: &ConnectOptions,
-) -> Result<(Sender, Driver), ProxyError> {
-    let stream = open(host, opts).await?;
+) -> Result<(Sender, Driver), ConnectError> {
+    let stream = connect_tcp(stats, host, opts).await?;
     let io = TokioIo::new(stream);
-    let handshake_err =
-        |e: hyper::Error| ProxyError::ConnectFailure(format!("handshake with {host}: {e}"));
+    let handshake_err = |e: hyper::Error| ConnectError::Handshake {
+        host,
+        source: Cause::new(e),
+    };
     Ok(match protocol {
         UpstreamProtocol::Http1 => {
             let (s, c) = http1::handshake(io).await.map_err(handshake_err)?;
@@ -679,6 +684,11 @@ pub(crate) fn release(inner: &Inner, leased: Leased, reusable: bool) {
     inner.pool.lock().release(leased, reusable);
 }
 
+/// The cluster went away while a request waited for a connection.
+#[derive(Debug, thiserror::Error)]
+#[error("connection pool closed while waiting for a connection")]
+struct PoolClosed;
+
 struct PendingGuard<'a>(&'a Inner);
 
 impl Drop for PendingGuard<'_> {
@@ -727,5 +737,168 @@ impl Drop for SlotGuard<'_> {
             st.unreserve(self.host);
             st.dispatch();
         }
+    }
+}
+
+/// The pool's state machine on paused time, with real loopback sockets: a listener that never
+/// accepts still completes connects (the kernel's backlog does), which is all a pool needs to lease
+/// h1 connections without any request being sent.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cluster, ClusterHandle};
+    use futures_util::FutureExt;
+    use sluice_policy::{ClusterKey, Endpoint};
+
+    async fn backlog_listener() -> (tokio::net::TcpListener, SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (listener, addr)
+    }
+
+    fn cluster(
+        addr: SocketAddr,
+        edit: impl FnOnce(&mut sluice_policy::ConnectionPool),
+    ) -> ClusterHandle {
+        let mut spec = sluice_policy::Cluster {
+            key: ClusterKey {
+                host: "pool.default.svc.cluster.local".into(),
+                port: 80,
+                subset: None,
+            },
+            endpoints: vec![Endpoint {
+                addr,
+                pod: None,
+                labels: Default::default(),
+            }],
+            policy: Default::default(),
+        };
+        edit(&mut spec.policy.connection_pool);
+        Cluster::new(Arc::new(spec), UpstreamProtocol::Http1)
+    }
+
+    fn opts(c: &ClusterHandle) -> ConnectOptions {
+        ConnectOptions::of(&c.inner.config().spec.policy.connection_pool)
+    }
+
+    /// Pending requests and connections, cluster-wide.
+    fn counts(c: &ClusterHandle) -> (u32, u32, usize) {
+        let st = c.inner.pool.lock();
+        (st.pending, st.cx, st.waiters.len())
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn waiters_are_served_in_order_and_overflow_past_the_limit() {
+        let (_listener, addr) = backlog_listener().await;
+        let c = cluster(addr, |cp| {
+            cp.max_connections = 1;
+            cp.max_pending_requests = 2;
+        });
+        let o = opts(&c);
+        let first = acquire(&c.inner, addr, &o).await.expect("a connection");
+        let mut second = Box::pin(acquire(&c.inner, addr, &o));
+        let mut third = Box::pin(acquire(&c.inner, addr, &o));
+        assert!(second.as_mut().now_or_never().is_none());
+        assert!(third.as_mut().now_or_never().is_none());
+        assert_eq!(counts(&c), (2, 1, 2));
+        // A fourth would be the third pending request: overflow at once, nothing queued.
+        let fourth = acquire(&c.inner, addr, &o).now_or_never().expect("at once");
+        assert!(matches!(
+            fourth,
+            Err(ProxyError::Overflow(sluice_core::OverflowKind::Pending))
+        ));
+        assert_eq!(c.stats().upstream_rq_pending_overflow, 1);
+
+        // The freed connection goes to the oldest waiter, not to the newest.
+        let id = first.id;
+        release(&c.inner, first, true);
+        assert!(third.as_mut().now_or_never().is_none());
+        let second = second.now_or_never().expect("granted").expect("leased");
+        assert_eq!(second.id, id, "the same keep-alive connection");
+        assert_eq!(counts(&c), (1, 1, 1));
+
+        // The last waiter gives up (its client left): it leaves the queue and its pending place.
+        drop(third);
+        assert_eq!(counts(&c), (0, 1, 0));
+        release(&c.inner, second, false);
+        tokio::task::yield_now().await;
+        assert_eq!(c.stats().upstream_rq_pending_active, 0);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_waiter_dropped_after_its_grant_gives_the_connection_back() {
+        let (_listener, addr) = backlog_listener().await;
+        let c = cluster(addr, |cp| cp.max_connections = 1);
+        let o = opts(&c);
+        let first = acquire(&c.inner, addr, &o).await.expect("a connection");
+        let mut waiter = Box::pin(acquire(&c.inner, addr, &o));
+        assert!(waiter.as_mut().now_or_never().is_none());
+        // The connection is handed to the waiter, which goes away before it looks.
+        release(&c.inner, first, true);
+        drop(waiter);
+        assert_eq!(counts(&c), (0, 1, 0));
+        let occupancy = c.inner.pool.lock().occupancy(addr);
+        assert_eq!((occupancy.total, occupancy.idle), (1, 1));
+        // The next request reuses it: no new connection.
+        let again = acquire(&c.inner, addr, &o).now_or_never().expect("at once");
+        assert!(again.is_ok());
+        assert_eq!(c.stats().upstream_cx_total, 1);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_request_dropped_while_connecting_frees_its_slot() {
+        let (_listener, addr) = backlog_listener().await;
+        let c = cluster(addr, |cp| cp.max_connections = 1);
+        let o = opts(&c);
+        // Polled once: the slot is reserved and the connect under way.
+        let mut connecting = Box::pin(acquire(&c.inner, addr, &o));
+        let _ = connecting.as_mut().now_or_never();
+        assert_eq!(counts(&c), (1, 1, 0));
+        drop(connecting);
+        assert_eq!(counts(&c), (0, 0, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn idle_connections_close_after_the_idle_timeout_and_not_before() {
+        let (_listener, addr) = backlog_listener().await;
+        let c = cluster(addr, |cp| cp.idle_timeout = Some(Duration::from_secs(60)));
+        let o = opts(&c);
+        let leased = acquire(&c.inner, addr, &o).await.expect("a connection");
+        // Busy for longer than the idle timeout: busy time does not count.
+        tokio::time::sleep(Duration::from_secs(90)).await;
+        assert_eq!(counts(&c).1, 1);
+        release(&c.inner, leased, true);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(counts(&c).1, 1, "idle 59 s of 60");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The connection's task saw its deadline and closed it.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(counts(&c).1, 0);
+        assert_eq!(c.inner.pool.lock().occupancy(addr).total, 0);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn connect_timeout_is_the_same_for_http_and_tcp() {
+        let (_listener, _fillers, addr) = crate::tests::full_backlog_listener();
+        let c = cluster(addr, |cp| cp.connect_timeout = Duration::from_millis(200));
+        let o = opts(&c);
+        let started = Instant::now();
+        let Err(http) = acquire(&c.inner, addr, &o).await else {
+            panic!("connected through a full backlog");
+        };
+        let tcp = connect_tcp(&c.inner.stats, addr, &o)
+            .await
+            .expect_err("timed out");
+        assert_eq!(started.elapsed(), Duration::from_millis(400));
+        assert!(matches!(
+            http,
+            ProxyError::ConnectFailure(ConnectError::TimedOut { after, .. }) if after == Duration::from_millis(200)
+        ));
+        assert!(matches!(tcp, ConnectError::TimedOut { host, .. } if host == addr));
+        let stats = c.stats();
+        assert_eq!(stats.upstream_cx_connect_timeout, 2);
+        assert_eq!(counts(&c), (0, 0, 0));
     }
 }

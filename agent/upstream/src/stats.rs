@@ -12,6 +12,8 @@ pub(crate) struct Stats {
     pub(crate) rq_pending_total: AtomicU64,
     pub(crate) rq_pending_overflow: AtomicU64,
     pub(crate) rq_timeout: AtomicU64,
+    pub(crate) rq_per_try_timeout: AtomicU64,
+    pub(crate) rq_cancelled: AtomicU64,
     pub(crate) cx_total: AtomicU64,
     pub(crate) cx_connect_fail: AtomicU64,
     pub(crate) cx_connect_timeout: AtomicU64,
@@ -40,9 +42,14 @@ pub struct ClusterStats {
     pub upstream_rq_pending_total: u64,
     /// Requests refused by `http1MaxPendingRequests` or `http2MaxRequests` (Envoy counts both here).
     pub upstream_rq_pending_overflow: u64,
-    /// Attempts abandoned while waiting for response headers (per-try or route timeout, or the client
-    /// went away); each is reported to the outlier detector as a local-origin timeout.
+    /// Attempts the route timeout ended while they waited for response headers; each is reported to
+    /// the outlier detector as a local-origin timeout.
     pub upstream_rq_timeout: u64,
+    /// Attempts their per-try timeout ended, reported the same way.
+    pub upstream_rq_per_try_timeout: u64,
+    /// Attempts abandoned because the client went away, waiting for a connection or for response
+    /// headers (Envoy counts only the former here). Never reported to the outlier detector.
+    pub upstream_rq_cancelled: u64,
     pub upstream_cx_active: u64,
     pub upstream_cx_total: u64,
     pub upstream_cx_connect_fail: u64,
@@ -68,6 +75,8 @@ impl Stats {
             upstream_rq_pending_total: get(&self.rq_pending_total),
             upstream_rq_pending_overflow: get(&self.rq_pending_overflow),
             upstream_rq_timeout: get(&self.rq_timeout),
+            upstream_rq_per_try_timeout: get(&self.rq_per_try_timeout),
+            upstream_rq_cancelled: get(&self.rq_cancelled),
             upstream_cx_total: get(&self.cx_total),
             upstream_cx_connect_fail: get(&self.cx_connect_fail),
             upstream_cx_connect_timeout: get(&self.cx_connect_timeout),

@@ -5,13 +5,15 @@
 //!   once (`upstream_cx_overflow`, flag `UO`). TCP and HTTP connections share the one limit.
 //! - A host is picked by the cluster's load balancer, skipping ejected hosts and the hosts earlier
 //!   attempts of the same connection tried (Envoy's TCP proxy re-picks to avoid the failed host).
-//! - The connect runs under `connectTimeout`; its outcome feeds the outlier detector as a
-//!   local-origin connect success or failure (unsplit, a failure counts as a 503, as in Envoy).
+//! - The connect runs under `connectTimeout` (the pools' own connect); its outcome feeds the outlier
+//!   detector as a local-origin connect success or failure (unsplit, a failure counts as a 503, as
+//!   in Envoy). A client that leaves while its connect is under way drops the attempt: its slot is
+//!   freed and nothing is reported.
 //! - The connection keeps its slot, and its host's active count (what LEAST_REQUEST compares), until
 //!   the [`TcpConnection`] is dropped.
 
 use crate::cluster::{ensure_ticker, Host, Inner};
-use crate::outlier::Outcome;
+use crate::outcome::{self, Event};
 use crate::pool::{self, ConnectOptions};
 use crate::stats::inc;
 use crate::ClusterHandle;
@@ -74,21 +76,9 @@ impl ClusterHandle {
         inc(&inner.stats.cx_total);
 
         let opts = ConnectOptions::of(cp);
-        let timeout = opts.timeout;
-        let result = match tokio::time::timeout(timeout, pool::open(host.addr, &opts)).await {
-            Ok(result) => result,
-            Err(_) => {
-                inc(&inner.stats.cx_connect_timeout);
-                Err(ProxyError::ConnectFailure(format!(
-                    "connect to {} timed out after {timeout:?} (is the pod up, or is a \
-                     NetworkPolicy dropping packets?)",
-                    host.addr
-                )))
-            }
-        };
-        match result {
+        match pool::connect_tcp(&inner.stats, host.addr, &opts).await {
             Ok(stream) => {
-                inner.report(&host, Outcome::ConnectSuccess);
+                inner.report(&host, outcome::decide(Event::Connected));
                 inner.pool.lock().tcp_connected(host.addr);
                 slot.connected = true;
                 Ok(TcpConnection {
@@ -99,7 +89,8 @@ impl ClusterHandle {
             }
             Err(err) => {
                 inc(&inner.stats.cx_connect_fail);
-                inner.report(&host, Outcome::ConnectFailed);
+                let err = ProxyError::ConnectFailure(err);
+                inner.report(&host, outcome::decide(Event::Failed(&err)));
                 Err(err)
             }
         }

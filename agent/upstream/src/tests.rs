@@ -1,7 +1,8 @@
 //! Tests of the whole cluster runtime: real loopback TCP against small hyper servers started here,
 //! and paused tokio time for the outlier detector.
 
-use crate::outlier::{ejection_time, Outcome, OutlierEventKind};
+use crate::outcome::Outcome;
+use crate::outlier::{ejection_time, OutlierEventKind};
 use crate::{Cluster, ClusterHandle, UpstreamProtocol};
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -10,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice_core::{Body, BoxError, OverflowKind, ProxyError, RequestInfo};
+use sluice_core::{Body, BoxError, Deadline, Expiry, OverflowKind, ProxyError, RequestInfo};
 use sluice_policy::{ClusterKey, Endpoint, LoadBalancer, OutlierDetection};
 use std::convert::Infallible;
 use std::future::Future;
@@ -367,12 +368,35 @@ async fn refused_connection_is_connect_failure() {
     assert_eq!(cluster.hosts()[0].consecutive_gateway, 1);
 }
 
+/// A loopback listener whose accept queue is full: further connects hang (Linux drops their
+/// SYNs), so only a timeout ends them.
+pub(crate) fn full_backlog_listener() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    socket.listen(0).expect("listen");
+    let addr = socket
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("inet");
+    let fillers = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()
+        })
+        .collect();
+    (socket, fillers, addr)
+}
+
 #[tokio::test(start_paused = true)]
 async fn connect_timeout_is_connect_failure() {
-    // A listener that never accepts, with a full backlog, or an unroutable address: either way the
-    // connect does not complete and the timeout answers.
+    // Loopback only: an unroutable address may be answered by whatever the machine's network
+    // intercepts it with.
+    let (_listener, _fillers, addr) = full_backlog_listener();
     let cluster = Cluster::new(
-        spec(&[SocketAddr::from(([10, 255, 255, 1], 81))], |c| {
+        spec(&[addr], |c| {
             c.policy.connection_pool.connect_timeout = Duration::from_millis(200);
         }),
         UpstreamProtocol::Http1,
@@ -650,7 +674,7 @@ async fn gateway_errors_and_local_origin_failures() {
     // successful connect resets it.
     cluster.report_for_test(addr(1), Outcome::ConnectFailed);
     cluster.report_for_test(addr(1), Outcome::ConnectSuccess);
-    cluster.report_for_test(addr(1), Outcome::Timeout);
+    cluster.report_for_test(addr(1), Outcome::Timeout(Deadline::PerTry));
     assert!(!cluster.hosts()[1].ejected);
     assert_eq!(cluster.hosts()[1].consecutive_gateway, 0);
     cluster.report_for_test(addr(1), Outcome::ConnectFailed);
@@ -741,27 +765,93 @@ async fn all_ejected_is_no_healthy_upstream_unless_in_panic() {
     call_ok(&cluster).await;
 }
 
+/// A request carrying `expiry`, as the timeout layers above the cluster pass it.
+fn request_with(expiry: &Expiry) -> Request<Body> {
+    let mut req = request(&Arc::new(RequestInfo::new()));
+    req.extensions_mut().insert(expiry.clone());
+    req
+}
+
+// An attempt a proxy timer ends while it waits for headers is a local-origin timeout.
 #[tokio::test(start_paused = true)]
-async fn dropped_attempt_counts_as_local_origin_timeout() {
+async fn an_attempt_ended_by_a_proxy_timer_counts_as_local_origin_timeout() {
     let gate = Arc::new(Semaphore::new(0));
     let server = gated_server(gate.clone()).await;
     let cluster = Cluster::new(
         spec(&[server.addr], outlier(|_| {})),
         UpstreamProtocol::Http1,
     );
-    let waited = tokio::time::timeout(Duration::from_secs(1), call(&cluster)).await;
-    assert!(waited.is_err());
+    for deadline in [Deadline::PerTry, Deadline::Route] {
+        let expiry = Expiry::new();
+        let mut fut = Box::pin(cluster.clone().call(request_with(&expiry)));
+        let waited = tokio::time::timeout(Duration::from_secs(1), fut.as_mut()).await;
+        assert!(waited.is_err());
+        // As the timeout layer does: raise the flag, then drop the attempt.
+        expiry.fire(deadline);
+        drop(fut);
+    }
     let h = &cluster.hosts()[0];
     // Unsplit: a timeout is a 504, so both the 5xx and the gateway counters move.
     assert_eq!(
         (h.consecutive_5xx, h.consecutive_gateway, h.active_requests),
-        (1, 1, 0)
+        (2, 2, 0)
     );
     let stats = cluster.stats();
     assert_eq!(
-        (stats.upstream_rq_timeout, stats.upstream_rq_active),
-        (1, 0)
+        (
+            stats.upstream_rq_per_try_timeout,
+            stats.upstream_rq_timeout,
+            stats.upstream_rq_cancelled,
+            stats.upstream_rq_active
+        ),
+        (1, 1, 0, 0)
     );
+}
+
+// An attempt dropped with no timer raised was abandoned by the client: nothing is reported, and
+// everything it held is free at once.
+#[tokio::test(start_paused = true)]
+async fn an_attempt_the_client_abandons_reports_nothing() {
+    let gate = Arc::new(Semaphore::new(0));
+    let server = gated_server(gate.clone()).await;
+    let cluster = Cluster::new(
+        spec(&[server.addr], |c| {
+            outlier(|od| od.consecutive_5xx = Some(1))(c);
+            c.policy.connection_pool.max_connections = 1;
+        }),
+        UpstreamProtocol::Http1,
+    );
+    // One attempt on the only connection, one waiting for it; a route timer that has not fired.
+    let route = Expiry::new();
+    let on_conn = Box::pin(cluster.clone().call(request_with(&route)));
+    let waiting = Box::pin(cluster.clone().call(request_with(&route.child())));
+    let both = futures_util::future::select(on_conn, waiting);
+    assert!(tokio::time::timeout(Duration::from_secs(1), both)
+        .await
+        .is_err());
+    let h = &cluster.hosts()[0];
+    assert_eq!(
+        (h.consecutive_5xx, h.consecutive_gateway, h.ejected),
+        (0, 0, false)
+    );
+    let stats = cluster.stats();
+    assert_eq!(
+        (
+            stats.upstream_rq_cancelled,
+            stats.upstream_rq_timeout,
+            stats.upstream_rq_active,
+            stats.upstream_rq_pending_active
+        ),
+        (2, 0, 0, 0)
+    );
+    assert_eq!(h.active_requests, 0);
+    // The abandoned h1 connection was mid-message: it closes and frees its slot.
+    eventually("the abandoned connection closes", || {
+        cluster.stats().upstream_cx_active == 0
+    })
+    .await;
+    gate.add_permits(1);
+    call_ok(&cluster).await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -158,12 +158,14 @@ impl On {
         match err {
             ProxyError::ConnectFailure(_) => self.any(Self::CONNECT_FAILURE | Self::ANY_RESET),
             ProxyError::RefusedStream => self.any(Self::REFUSED_STREAM | Self::ANY_RESET),
-            ProxyError::RemoteReset(_)
+            ProxyError::RemoteReset { .. }
             | ProxyError::ConnectionTermination(_)
             | ProxyError::PerTryTimeout(_) => self.any(Self::ANY_RESET),
             ProxyError::Overflow(_)
             | ProxyError::NoHealthyUpstream
             | ProxyError::RequestTimeout(_)
+            // The client is gone: nobody is waiting for a retry.
+            | ProxyError::DownstreamTermination(_)
             | ProxyError::NoRoute
             | ProxyError::NoCluster(_) => false,
         }
@@ -264,10 +266,10 @@ mod tests {
     #[test]
     fn error_conditions() {
         let e = |err: ProxyError| -> BoxError { err.into() };
-        let connect = e(ProxyError::ConnectFailure("refused".into()));
+        let connect = e(crate::test_util::refused());
         let refused = e(ProxyError::RefusedStream);
-        let reset = e(ProxyError::RemoteReset("rst".into()));
-        let term = e(ProxyError::ConnectionTermination("eof".into()));
+        let reset = e(crate::test_util::reset());
+        let term = e(crate::test_util::terminated());
         let per_try = e(ProxyError::PerTryTimeout(std::time::Duration::from_secs(1)));
 
         for name in ["5xx", "gateway-error", "reset"] {
@@ -290,6 +292,7 @@ mod tests {
             ProxyError::RequestTimeout(std::time::Duration::from_secs(1)),
             ProxyError::NoRoute,
             ProxyError::NoCluster("x".into()),
+            ProxyError::DownstreamTermination(sluice_core::Cause::new("client gone")),
         ] {
             assert!(!all.error(&e(never.clone())), "{never}");
         }
@@ -307,12 +310,12 @@ mod tests {
         };
         assert!(classify(&policy.retry_on, Ok(&unavailable)));
         assert!(!classify(&policy.retry_on, Ok(&status(503))));
-        let connect: BoxError = ProxyError::ConnectFailure("refused".into()).into();
+        let connect: BoxError = crate::test_util::refused().into();
         assert!(classify::<sluice_core::Body>(
             &policy.retry_on,
             Err(&connect)
         ));
-        let reset: BoxError = ProxyError::RemoteReset("rst".into()).into();
+        let reset: BoxError = crate::test_util::reset().into();
         assert!(!classify::<sluice_core::Body>(
             &policy.retry_on,
             Err(&reset)

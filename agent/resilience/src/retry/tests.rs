@@ -113,18 +113,17 @@ async fn connect_failure_only_retries_connect_failures() {
     assert_eq!(calls.len(), 1);
 
     let (backend, calls) = crate::test_util::backend(vec![
-        Step::Fail(ProxyError::ConnectFailure("refused".into())),
+        Step::Fail(crate::test_util::refused()),
         Step::Status(200),
     ]);
     let mut svc = layer("connect-failure", 2).layer(backend);
     assert_eq!(call(&mut svc, get().0).await.unwrap().status(), 200);
     assert_eq!(calls.len(), 2);
 
-    let (backend, calls) =
-        crate::test_util::backend(vec![Step::Fail(ProxyError::RemoteReset("rst".into()))]);
+    let (backend, calls) = crate::test_util::backend(vec![Step::Fail(crate::test_util::reset())]);
     let mut svc = layer("connect-failure", 2).layer(backend);
     let err = call(&mut svc, get().0).await.unwrap_err();
-    assert!(matches!(proxy_error(&err), ProxyError::RemoteReset(_)));
+    assert!(matches!(proxy_error(&err), ProxyError::RemoteReset { .. }));
     assert_eq!(calls.len(), 1);
 }
 
@@ -517,4 +516,33 @@ async fn whole_stack_runs_on_a_spawned_task() {
     });
     assert_eq!(handle.await.unwrap().unwrap(), 200);
     assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+// A client that leaves during the back-off or during the retry gives its budget slot back at once.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_client_leaving_mid_retry_gives_back_its_budget_slot() {
+    let budget = Arc::new(RetryBudget::new(1));
+    for (steps, leave_after) in [
+        // Leaves during the back-off (at most 25 ms for the first retry; the 503 comes at once).
+        (vec![Step::Status(503), Step::Status(200)], Duration::ZERO),
+        // Leaves while the retry waits on a slow upstream.
+        (vec![Step::Status(503), Step::Slow(ms(1000), 200)], ms(500)),
+    ] {
+        let (backend, calls) = crate::test_util::backend(steps);
+        let mut svc = RetryLayer::new(policy("5xx", 1), budget.clone())
+            .rng_seed(2024)
+            .layer(backend);
+        let mut fut = Box::pin(call(&mut svc, get().0));
+        // Poll until the first attempt has failed and the retry holds its slot.
+        let _ = futures_util::FutureExt::now_or_never(fut.as_mut());
+        assert_eq!(budget.active(), 1);
+        if !leave_after.is_zero() {
+            let left = tokio::time::timeout(leave_after, fut.as_mut()).await;
+            assert!(left.is_err());
+            assert_eq!(calls.len(), 2, "the retry was under way");
+        }
+        drop(fut);
+        assert_eq!(budget.active(), 0);
+        assert_eq!(budget.overflows(), 0);
+    }
 }

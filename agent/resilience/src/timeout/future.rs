@@ -7,7 +7,7 @@ use http::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
-use sluice_core::{Body, BoxError, ProxyError, RequestInfo, ResponseFlags};
+use sluice_core::{Body, BoxError, Deadline, Expiry, ProxyError, RequestInfo, ResponseFlags};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,6 +26,8 @@ pin_project! {
         timeout: Duration,
         scope: Scope,
         info: Option<Arc<RequestInfo>>,
+        // Raised when the timer fires, before the inner future is dropped.
+        expiry: Option<Expiry>,
     }
 }
 
@@ -37,6 +39,7 @@ impl<F> ResponseFuture<F> {
             timeout: Duration::ZERO,
             scope: Scope::PerTry,
             info: None,
+            expiry: None,
         }
     }
 
@@ -45,6 +48,7 @@ impl<F> ResponseFuture<F> {
         timeout: Duration,
         scope: Scope,
         info: Option<Arc<RequestInfo>>,
+        expiry: Expiry,
     ) -> Self {
         Self {
             inner,
@@ -52,6 +56,7 @@ impl<F> ResponseFuture<F> {
             timeout,
             scope,
             info,
+            expiry: Some(expiry),
         }
     }
 
@@ -77,6 +82,7 @@ where
                 // The deadline first: at a tie with a per-try timer below, the route timeout wins, as
                 // Envoy ignores per-try timeouts that are not shorter than the route timeout.
                 if sleep.as_mut().poll(cx).is_ready() {
+                    fire(this.expiry.as_ref(), Deadline::Route);
                     return Poll::Ready(Err(request_timeout(*this.timeout, this.info.as_deref())));
                 }
                 let rsp = ready!(this.inner.poll(cx))?;
@@ -92,6 +98,7 @@ where
                         sleep: sleep_until(deadline),
                         timeout,
                         info,
+                        expiry: this.expiry.take(),
                         expired: false,
                     }
                     .boxed_unsync()
@@ -102,9 +109,16 @@ where
                     return Poll::Ready(out);
                 }
                 ready!(sleep.poll(cx));
+                fire(this.expiry.as_ref(), Deadline::PerTry);
                 Poll::Ready(Err(ProxyError::PerTryTimeout(*this.timeout).into()))
             }
         }
+    }
+}
+
+fn fire(expiry: Option<&Expiry>, deadline: Deadline) {
+    if let Some(expiry) = expiry {
+        expiry.fire(deadline);
     }
 }
 
@@ -125,6 +139,7 @@ pin_project! {
         sleep: Sleep,
         timeout: Duration,
         info: Option<Arc<RequestInfo>>,
+        expiry: Option<Expiry>,
         expired: bool,
     }
 }
@@ -146,6 +161,7 @@ impl HttpBody for TimeoutBody {
         }
         ready!(this.sleep.poll(cx));
         *this.expired = true;
+        fire(this.expiry.as_ref(), Deadline::Route);
         Poll::Ready(Some(Err(request_timeout(
             *this.timeout,
             this.info.as_deref(),

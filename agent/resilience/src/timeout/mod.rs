@@ -7,6 +7,10 @@
 //! - per-try: bounds one attempt until its response headers (Envoy ignores the per-try timer once the
 //!   response has started). Fails with [`ProxyError::PerTryTimeout`], which the retry layer may retry.
 //!
+//! Before a timer ends the attempt below it, it raises the attempt's [`Expiry`] (a request
+//! extension), so the cluster reports the attempt to outlier detection as a timeout; an attempt
+//! dropped with no timer raised was abandoned by the client, which is reported nowhere.
+//!
 //! `x-envoy-upstream-rq-timeout-ms` / `x-envoy-upstream-rq-per-try-timeout-ms` override the configured
 //! value for one request (0 = none) and are consumed here. Envoy ignores a per-try timeout that is not
 //! shorter than the route timeout; here both timers then fire together and the route layer checks its
@@ -17,7 +21,7 @@ mod future;
 pub use self::future::ResponseFuture;
 
 use http::{header::HeaderName, HeaderMap, Request, Response};
-use sluice_core::{Body, BoxError, RequestInfo};
+use sluice_core::{Body, BoxError, Expiry, RequestInfo};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -126,7 +130,13 @@ where
                     // A per-try timeout that is retried leaves no flag; the final error carries `UT`.
                     Scope::PerTry => None,
                 };
-                ResponseFuture::new(self.inner.call(req), timeout, self.scope, info)
+                // Tells the attempts below that this timer, not the client, ended them.
+                let expiry = match req.extensions().get::<Expiry>() {
+                    Some(outer) => outer.child(),
+                    None => Expiry::new(),
+                };
+                req.extensions_mut().insert(expiry.clone());
+                ResponseFuture::new(self.inner.call(req), timeout, self.scope, info, expiry)
             }
         }
     }

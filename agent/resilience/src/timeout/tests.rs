@@ -160,3 +160,56 @@ async fn route_timeout_wins_a_tie_with_per_try() {
     let err = call(&mut svc, req).await.unwrap_err();
     assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
 }
+
+/// Each attempt's [`Expiry`], as the backend saw it.
+type SeenExpiries = Arc<parking_lot::Mutex<Vec<Option<Expiry>>>>;
+
+/// A backend that records each attempt's [`Expiry`] and never answers within the test.
+fn expiry_recorder() -> (
+    impl Service<Request<Body>, Response = Response<Body>, Error = BoxError, Future: Send> + Clone,
+    SeenExpiries,
+) {
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let svc = tower::service_fn(move |req: Request<Body>| {
+        record
+            .lock()
+            .push(req.extensions().get::<Expiry>().cloned());
+        async {
+            tokio::time::sleep(secs(60.0)).await;
+            Ok::<_, BoxError>(Response::new(sluice_core::empty()))
+        }
+    });
+    (svc, seen)
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_timer_marks_the_attempt_it_ends_and_a_caller_leaving_does_not() {
+    use sluice_core::Deadline;
+    let (backend, seen) = expiry_recorder();
+    let svc = TimeoutLayer::route(Some(secs(2.0)))
+        .layer(TimeoutLayer::per_try(Some(secs(1.0))).layer(backend.clone()));
+
+    // The per-try timer ends the attempt.
+    let err = svc.clone().oneshot(get().0).await.unwrap_err();
+    assert!(matches!(proxy_error(&err), ProxyError::PerTryTimeout(_)));
+    assert_eq!(
+        seen.lock()[0].as_ref().unwrap().fired(),
+        Some(Deadline::PerTry)
+    );
+
+    // The caller (the client) goes away before either timer: nothing is marked.
+    let left = tokio::time::timeout(secs(0.5), svc.clone().oneshot(get().0)).await;
+    assert!(left.is_err());
+    assert_eq!(seen.lock()[1].as_ref().unwrap().fired(), None);
+
+    // The route timer ends an attempt under a longer per-try timer.
+    let svc = TimeoutLayer::route(Some(secs(2.0)))
+        .layer(TimeoutLayer::per_try(Some(secs(5.0))).layer(backend));
+    let err = svc.oneshot(get().0).await.unwrap_err();
+    assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
+    assert_eq!(
+        seen.lock()[2].as_ref().unwrap().fired(),
+        Some(Deadline::Route)
+    );
+}
