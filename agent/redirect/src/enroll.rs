@@ -426,7 +426,11 @@ impl Enrollment {
         }
         let owned = self.owned_ids();
         // Read again: the loop above released what it found deleted or recreated.
-        let in_map: BTreeSet<u64> = self.map.ids().map(|v| v.into_iter().collect()).unwrap_or_default();
+        let in_map: BTreeSet<u64> = self
+            .map
+            .ids()
+            .map(|v| v.into_iter().collect())
+            .unwrap_or_default();
         for id in in_map.difference(&owned) {
             match self.map.remove(*id) {
                 Ok(()) => self.count(
@@ -760,7 +764,10 @@ mod tests {
             cpu.push(e.status().last_reconcile_cpu_us.unwrap());
         }
         cpu.sort_unstable();
-        println!("reconciliation of 500 pods (in-memory map): median {} us CPU, runs {cpu:?}", cpu[2]);
+        println!(
+            "reconciliation of 500 pods (in-memory map): median {} us CPU, runs {cpu:?}",
+            cpu[2]
+        );
         assert!(cpu[2] < 50_000, "{cpu:?} us");
     }
 }
