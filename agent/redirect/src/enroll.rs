@@ -579,7 +579,9 @@ impl Enroller {
             }
             Err(e) => {
                 let msg = format!("checking the eBPF installation: {e}");
-                tracing::warn!("{msg}");
+                if st.status().error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!("{msg}");
+                }
                 st.set_error(Some(msg));
                 0
             }

@@ -262,15 +262,22 @@ impl Redirect {
             }
             let want = program_tag(&self.ebpf, name)?;
             let running =
-                sys::link_program_tag(link.as_fd()).map_err(io("reading the program of link"))?;
-            if running != want {
+                sys::link_program_tag(link.as_fd(), &self.pin_dir.join("progs").join(name))
+                    .map_err(io("reading the program of link"))?;
+            if running != Some(want) {
                 let (prog, _) = load_cgroup_program(&mut self.ebpf, name)?;
                 sys::link_update(link.as_fd(), prog.as_fd())
                     .map_err(io("updating the program of link"))?;
+                pin_program(&mut self.ebpf, name, &self.pin_dir)?;
+                let running = running.map_or("unknown (not the pinned program)".to_string(), |t| {
+                    format!("{t:016x}")
+                });
                 done.push(Repair {
                     kind: "program_replaced",
                     what: name,
-                    detail: format!("link ran program tag {running:016x}, this build's is {want:016x}: swapped back"),
+                    detail: format!(
+                        "link ran program tag {running}, this build's is {want:016x}: swapped back"
+                    ),
                 });
             }
         }
@@ -384,12 +391,14 @@ pub fn install(opts: &Options) -> Result<Redirect> {
     for name in CGROUP_PROGRAMS {
         let link_pin = opts.pin_dir.join("links").join(name);
         if PinnedLink::from_pin(&link_pin).is_ok() {
-            if upgrade_pinned_link(&mut ebpf, name, &link_pin)? {
+            // The pinned program stays the one the link runs: reused, it is the earlier
+            // process's (same tag); upgraded, this build's.
+            if upgrade_pinned_link(&mut ebpf, name, &link_pin, &opts.pin_dir)? {
                 report.upgraded.push(name);
+                pin_program(&mut ebpf, name, &opts.pin_dir)?;
             } else {
                 report.reused.push(name);
             }
-            pin_program(&mut ebpf, name, &opts.pin_dir)?;
             continue;
         }
         let _ = std::fs::remove_file(&link_pin);
@@ -509,7 +518,12 @@ fn program_tag(ebpf: &Ebpf, name: &'static str) -> Result<u64> {
 /// A pinned link kept on restart: if it runs another build's program (its tag differs from this
 /// object's), swaps in this build's program atomically with `BPF_LINK_UPDATE`. Returns whether it
 /// did.
-fn upgrade_pinned_link(ebpf: &mut Ebpf, name: &'static str, link_pin: &Path) -> Result<bool> {
+fn upgrade_pinned_link(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    link_pin: &Path,
+    pin_dir: &Path,
+) -> Result<bool> {
     let io = |what: &'static str| {
         move |source| Error::Io {
             what,
@@ -519,8 +533,9 @@ fn upgrade_pinned_link(ebpf: &mut Ebpf, name: &'static str, link_pin: &Path) -> 
     };
     let (prog, _) = load_cgroup_program(ebpf, name)?;
     let link = sys::obj_get(link_pin).map_err(io("opening pinned link"))?;
-    let running = sys::link_program_tag(link.as_fd()).map_err(io("reading the program of link"))?;
-    if running == program_tag(ebpf, name)? {
+    let running = sys::link_program_tag(link.as_fd(), &pin_dir.join("progs").join(name))
+        .map_err(io("reading the program of link"))?;
+    if running == Some(program_tag(ebpf, name)?) {
         return Ok(false);
     }
     sys::link_update(link.as_fd(), prog.as_fd()).map_err(io("updating the program of link"))?;

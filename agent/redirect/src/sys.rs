@@ -243,24 +243,26 @@ fn obj_info(fd: BorrowedFd<'_>, info: &mut [u32]) -> std::io::Result<()> {
 }
 
 /// The tag (SHA of the instructions, map references masked) of the program a link runs, as
-/// [`aya::programs::ProgramInfo::tag`] gives it.
-pub fn link_program_tag(link: BorrowedFd<'_>) -> std::io::Result<u64> {
-    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-    // `struct bpf_link_info`: type, id, prog_id, ...
-    let mut link_info = [0u32; 8];
-    obj_info(link, &mut link_info)?;
-    let mut attr = [0u32; 32];
-    attr[0] = link_info[2];
-    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
-    // SAFETY: a successful BPF_PROG_GET_FD_BY_ID returns a new descriptor that nothing else owns.
-    let prog = unsafe { OwnedFd::from_raw_fd(prog) };
+/// [`aya::programs::ProgramInfo::tag`] gives it, when that program is the one pinned at
+/// `prog_pin` (`None` otherwise). Read through the pin because `BPF_PROG_GET_FD_BY_ID` needs
+/// CAP_SYS_ADMIN, which the agent does without.
+pub fn link_program_tag(link: BorrowedFd<'_>, prog_pin: &Path) -> std::io::Result<Option<u64>> {
+    let info = link_info(link)?;
+    let prog = match obj_get(prog_pin) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     // `struct bpf_prog_info`: type, id, tag[8], ...
     let mut prog_info = [0u32; 8];
     obj_info(prog.as_fd(), &mut prog_info)?;
+    if prog_info[1] != info.prog_id {
+        return Ok(None);
+    }
     let mut tag = [0u8; 8];
     tag[..4].copy_from_slice(&prog_info[2].to_ne_bytes());
     tag[4..].copy_from_slice(&prog_info[3].to_ne_bytes());
-    Ok(u64::from_be_bytes(tag))
+    Ok(Some(u64::from_be_bytes(tag)))
 }
 
 /// What [`link_info`] reads of a cgroup link.
