@@ -7,7 +7,8 @@
 //! 20); a deleted and recreated pod cgroup is enrolled again under its new id; a deleted map pin
 //! and a detached link are repaired and counted; a hostNetwork pod and an unenrolled pod are
 //! untouched; 500 more pods are reconciled within the CPU budget. Everything the test creates is
-//! removed by a guard, also when it fails.
+//! removed by a guard, also when it fails. The agent runs with only CAP_BPF, CAP_NET_ADMIN and
+//! CAP_PERFMON (`setpriv --bounding-set`), the set the README lists.
 //!
 //! The pod processes stay in the host's network namespace (the redirect decision is the
 //! cgroup's, and the proxy address is loopback): `tests/e2e.rs` covers traffic from pods in
@@ -311,7 +312,14 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
     let log = dir.path().join("agent.log");
     let a = |p: u16| format!("127.0.0.1:{p}");
     guard.agent = Some(
-        Command::new(SLUICE)
+        // Least privilege: the capabilities the DaemonSet grants and nothing else.
+        Command::new("setpriv")
+            .args([
+                "--inh-caps=-all",
+                "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+                "--",
+            ])
+            .arg(SLUICE)
             .args(["run", "--no-access-log", "--redirect", "ebpf"])
             .args(["--config-dir", cfg.to_str().unwrap()])
             .args([
