@@ -279,9 +279,20 @@ impl Resolver {
         self.kubepods = find_kubepods_dirs(&self.root);
     }
 
-    /// Where `pod`'s pod-level cgroup is. Reads directories only (no rescan: see
-    /// [`Resolver::rescan`]).
+    /// Where `pod`'s pod-level cgroup is, by every means but `/proc` (see
+    /// [`Resolver::resolve_with`]).
     pub fn resolve(&self, pod: &PodCgroupQuery) -> Resolution {
+        self.resolve_with(pod, Some(&self.container_index()))
+    }
+
+    /// Where `pod`'s pod-level cgroup is: the annotation, else kubelet's name for it (a few
+    /// `stat`s), else, given `containers`, the parent of one of its containers' directories.
+    /// Reads directories only (no rescan: see [`Resolver::rescan`]).
+    pub fn resolve_with(
+        &self,
+        pod: &PodCgroupQuery,
+        containers: Option<&ContainerIndex>,
+    ) -> Resolution {
         if let Some(dir) = &pod.explicit {
             let path = if dir.is_relative() {
                 self.root.join(dir)
@@ -312,7 +323,7 @@ impl Resolver {
                 by: Found::Kubelet,
             };
         }
-        if let Some(path) = self.by_container_id(&pod.container_ids) {
+        if let Some(path) = containers.and_then(|c| c.pod_of(&pod.container_ids)) {
             return Resolution::Found {
                 path,
                 by: Found::ContainerId,
@@ -348,33 +359,25 @@ impl Resolver {
             .collect()
     }
 
-    /// The parent of a directory named for one of the containers, searched under each kubepods
-    /// directory down to the container level (kubepods/qos/pod/container).
-    fn by_container_id(&self, ids: &[String]) -> Option<PathBuf> {
-        let names: Vec<String> = ids
-            .iter()
-            .filter_map(|s| container_id(s))
-            .flat_map(container_dir_names)
-            .collect();
-        if names.is_empty() {
-            return None;
-        }
+    /// Every directory down to the container level under each kubepods directory
+    /// (kubepods/qos/pod/container), by name, with its parent: read once per pass for all the
+    /// pods that kubelet's names did not find.
+    pub fn container_index(&self) -> ContainerIndex {
+        let mut parents = std::collections::HashMap::new();
         for k in &self.kubepods {
             let mut level = vec![k.path.clone()];
             for _ in 0..3 {
                 let mut next = Vec::new();
                 for dir in &level {
                     for (path, name) in subdirs(dir) {
-                        if names.contains(&name) {
-                            return Some(dir.clone());
-                        }
+                        parents.entry(name).or_insert_with(|| dir.clone());
                         next.push(path);
                     }
                 }
                 level = next;
             }
         }
-        None
+        ContainerIndex { parents }
     }
 
     /// Maps a path from `/proc/<pid>/cgroup` (relative to the reader's cgroup namespace, maybe
@@ -407,6 +410,24 @@ impl Resolver {
             }
         }
         None
+    }
+}
+
+/// Directory names under the kubepods directories with their parents
+/// ([`Resolver::container_index`]).
+#[derive(Debug, Default)]
+pub struct ContainerIndex {
+    parents: std::collections::HashMap<String, PathBuf>,
+}
+
+impl ContainerIndex {
+    /// The pod-level directory holding one of these containers (`containerd://<id>`, ...).
+    pub fn pod_of(&self, container_ids: &[String]) -> Option<PathBuf> {
+        container_ids
+            .iter()
+            .filter_map(|s| container_id(s))
+            .flat_map(container_dir_names)
+            .find_map(|name| self.parents.get(&name).cloned())
     }
 }
 

@@ -209,7 +209,7 @@ impl Enrollment {
             });
         }
         if std::mem::take(&mut self.first_sync) {
-            self.enroll_pending();
+            self.enroll_pending(true);
             let owned: BTreeSet<u64> = self.owned_ids();
             if let Ok(ids) = self.map.ids() {
                 for id in ids.into_iter().filter(|id| !owned.contains(id)) {
@@ -220,7 +220,7 @@ impl Enrollment {
             }
             return;
         }
-        self.enroll_pending();
+        self.enroll_pending(false);
     }
 
     fn owned_ids(&self) -> BTreeSet<u64> {
@@ -246,15 +246,23 @@ impl Enrollment {
     }
 
     /// Pods wanted, not blocked and not enrolled: resolves and enrolls each that can be found.
-    /// Returns how many were enrolled.
-    pub fn enroll_pending(&mut self) -> usize {
-        if self.resolver.kubepods_dirs().is_empty() && self.pending().next().is_some() {
+    /// Returns how many were enrolled. `deep` also looks for pods by their containers' IDs (a
+    /// walk of the kubepods trees, once for all of them); otherwise only kubelet's names for them
+    /// are tried (a few `stat`s per pod: what runs each time a watched directory changes).
+    pub fn enroll_pending(&mut self, deep: bool) -> usize {
+        if self.pending().next().is_none() {
+            return 0;
+        }
+        if self.resolver.kubepods_dirs().is_empty() {
             self.resolver.rescan();
         }
+        let containers = deep.then(|| self.resolver.container_index());
         let keys: Vec<String> = self.pending().map(str::to_string).collect();
         let mut enrolled = 0;
         for key in keys {
-            let resolution = self.resolver.resolve(&self.pods[&key].want.query);
+            let resolution = self
+                .resolver
+                .resolve_with(&self.pods[&key].want.query, containers.as_ref());
             enrolled += usize::from(self.apply_resolution(&key, resolution));
         }
         enrolled
@@ -441,7 +449,7 @@ impl Enrollment {
                 Err(e) => self.error = Some(e.to_string()),
             }
         }
-        self.enroll_pending();
+        self.enroll_pending(true);
         self.proc_fallback();
         self.reconciliations += 1;
         let cpu = thread_cpu_time().saturating_sub(started);
@@ -610,7 +618,7 @@ impl Enroller {
                 watched = dirs;
             }
             // Whatever appeared before the watches were in place.
-            self.state.lock().enroll_pending();
+            self.state.lock().enroll_pending(false);
             let now = tokio::time::Instant::now();
             if now >= next {
                 self.reconcile();
@@ -698,7 +706,7 @@ mod tests {
             [t.path().join("kubepods.slice/kubepods-besteffort.slice")].into()
         );
         std::fs::create_dir_all(pod_dir(t.path(), 2)).unwrap();
-        assert_eq!(e.enroll_pending(), 1);
+        assert_eq!(e.enroll_pending(false), 1);
         assert!(e.status().pods[1].enroll_delay_ms.is_some());
         assert!(e.watch_dirs().is_empty());
         // Unenrolled: released.

@@ -108,25 +108,43 @@ fn ctr(n: usize) -> String {
     format!("{n:064x}")
 }
 
+/// A Pod as the API server would show it for a running pod (uid, qosClass, phase, podIP, the
+/// container's containerd ID), without any Sluice annotation.
 struct PodSpec {
     name: String,
     n: usize,
     qos: &'static str,
+    /// More `spec` lines.
     extra: &'static str,
+    /// More labels (after `app`).
     label: &'static str,
+    phase: &'static str,
+}
+
+fn pod(name: &str, n: usize, qos: &'static str) -> PodSpec {
+    PodSpec {
+        name: name.into(),
+        n,
+        qos,
+        extra: "",
+        label: "",
+        phase: "Running",
+    }
 }
 
 fn pod_yaml(p: &PodSpec) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n  uid: {}\n  labels: {{app: {}{}}}\nspec:\n  containers: [{{name: app}}]\n{}status:\n  phase: Running\n  qosClass: {}\n  podIP: 10.251.{}.{}\n---\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n  uid: {}\n  labels: {{app: {}{}}}\nspec:\n  containers: [{{name: app}}]\n{}status:\n  phase: {}\n  qosClass: {}\n  podIP: 10.251.{}.{}\n  containerStatuses: [{{name: app, containerID: 'containerd://{}'}}]\n---\n",
         p.name,
         uid(p.n),
         p.name,
         p.label,
         p.extra,
+        p.phase,
         p.qos,
         p.n / 250,
         p.n % 250 + 1,
+        ctr(p.n),
     )
 }
 
@@ -243,61 +261,42 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         mk(&format!("{bulk}/pod{}", uid(n)));
     }
 
+    // A pod sandbox named in no way kubelet's rules give: found from its container's ID.
+    let odd_pod = mk(&format!("{sd}/sandbox-6.slice"));
+    let odd_ctr = mk(&format!(
+        "{sd}/sandbox-6.slice/cri-containerd-{}.scope",
+        ctr(6)
+    ));
+    let pending_ctr = mk(&format!(
+        "{sd}/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope",
+        us(7),
+        ctr(7)
+    ));
+
     let mut pods = vec![
+        pod("systemd", 1, "Burstable"),
+        pod("cgroupfs", 2, "Guaranteed"),
+        pod("kind", 3, "BestEffort"),
         PodSpec {
-            name: "systemd".into(),
-            n: 1,
-            qos: "Burstable",
-            extra: "",
-            label: "",
-        },
-        PodSpec {
-            name: "cgroupfs".into(),
-            n: 2,
-            qos: "Guaranteed",
-            extra: "",
-            label: "",
-        },
-        PodSpec {
-            name: "kind".into(),
-            n: 3,
-            qos: "BestEffort",
-            extra: "",
-            label: "",
-        },
-        PodSpec {
-            name: "hostnet".into(),
-            n: 4,
-            qos: "Burstable",
             extra: "  hostNetwork: true\n",
-            label: "",
+            ..pod("hostnet", 4, "Burstable")
         },
         PodSpec {
-            name: "unenrolled".into(),
-            n: 5,
-            qos: "Burstable",
-            extra: "",
             label: ", istio.io/dataplane-mode: none",
+            ..pod("unenrolled", 5, "Burstable")
+        },
+        pod("oddname", 6, "Burstable"),
+        PodSpec {
+            phase: "Pending",
+            ..pod("pending", 7, "Burstable")
         },
     ];
     // Pods whose cgroups appear later (systemd driver, Burstable), and 500 more that exist.
     for i in 0..20 {
-        pods.push(PodSpec {
-            name: format!("late{i}"),
-            n: 100 + i,
-            qos: "Burstable",
-            extra: "",
-            label: "",
-        });
+        pods.push(pod(&format!("late{i}"), 100 + i, "Burstable"));
     }
     for n in 1000..1500 {
-        pods.push(PodSpec {
-            name: format!("bulk{n}"),
-            n,
-            qos: "Burstable",
-            extra: "",
-            label: "",
-        });
+        pods.push(pod(&format!("bulk{n}"), n, "Burstable"));
     }
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config");
@@ -311,16 +310,19 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
     let (outbound, admin, metrics, ready) = (free_port(), free_port(), free_port(), free_port());
     let log = dir.path().join("agent.log");
     let a = |p: u16| format!("127.0.0.1:{p}");
-    guard.agent = Some(
-        // Least privilege: the capabilities the DaemonSet grants and nothing else.
-        Command::new("setpriv")
-            .args([
-                "--inh-caps=-all",
-                "--bounding-set=-all,+bpf,+net_admin,+perfmon",
-                "--",
-            ])
-            .arg(SLUICE)
-            .args(["run", "--no-access-log", "--redirect", "ebpf"])
+    // Least privilege: the capabilities the DaemonSet grants and nothing else.
+    let setpriv = |cmd: &mut Command| {
+        cmd.args([
+            "--inh-caps=-all",
+            "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+            "--",
+            SLUICE,
+        ]);
+    };
+    let start_agent = |log: &Path| {
+        let mut cmd = Command::new("setpriv");
+        setpriv(&mut cmd);
+        cmd.args(["run", "--no-access-log", "--redirect", "ebpf"])
             .args(["--config-dir", cfg.to_str().unwrap()])
             .args([
                 "--cgroup",
@@ -334,19 +336,20 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
             .args(["--outbound-addr", &a(outbound), "--admin-addr", &a(admin)])
             .args(["--metrics-addr", &a(metrics), "--ready-addr", &a(ready)])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
-            .unwrap(),
-    );
+            .unwrap()
+    };
+    guard.agent = Some(start_agent(&log));
     let (v, _) = wait_for(Duration::from_secs(20), || {
         let v = status(admin)?;
         (v["redirect"]["lease"]["state"] == "valid"
-            && v["redirect"]["enrolled"].as_array()?.len() == 503)
+            && v["redirect"]["enrolled"].as_array()?.len() == 504)
             .then_some(v)
     })
     .unwrap_or_else(|| {
         panic!(
-            "agent never enrolled the 503 present pods: {}",
+            "agent never enrolled the 504 present pods: {}",
             std::fs::read_to_string(&log).unwrap()
         )
     });
@@ -364,7 +367,12 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
             "{p:#}"
         );
     }
-    assert!(pod_entry(&v, "hostnet").is_none() && pod_entry(&v, "unenrolled").is_none());
+    let odd = pod_entry(&v, "oddname").expect("oddname not enrolled");
+    assert_eq!(odd["found_by"], "container-id", "{odd:#}");
+    assert_eq!(odd["cgroup"], odd_pod.display().to_string(), "{odd:#}");
+    for pod in ["hostnet", "unenrolled", "pending"] {
+        assert!(pod_entry(&v, pod).is_none(), "{pod} enrolled");
+    }
     let not: Vec<&Value> = v["redirect"]["not_redirected"]
         .as_array()
         .unwrap()
@@ -376,13 +384,30 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         "{not:?}"
     );
     assert!(
+        not.iter()
+            .any(|p| p["pod"] == "default/pending"
+                && p["reason"].as_str().unwrap().contains("Pending")),
+        "{not:?}"
+    );
+    assert!(
         !not.iter().any(|p| p["pod"] == "default/unenrolled"),
         "unenrolled pods are not wanted at all"
     );
 
-    // Containers' connect()s: redirected for the three pods, not for the other two.
+    let table = Command::new(SLUICE)
+        .args(["status", "--admin", &a(admin)])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("FOUND BY") && table.contains("kubelet-name"),
+        "{table}"
+    );
+    assert!(table.contains("reconciliations"), "{table}");
+
+    // Containers' connect()s: redirected for the enrolled pods, not for the others.
     let maps = Maps::open(&pins).unwrap();
-    for ctr_dir in [&systemd_ctr, &cgroupfs_ctr, &kind_ctr] {
+    for ctr_dir in [&systemd_ctr, &cgroupfs_ctr, &kind_ctr, &odd_ctr] {
         assert_eq!(
             redirects_from(&maps, ctr_dir),
             1,
@@ -399,6 +424,11 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         redirects_from(&maps, &unenrolled_ctr),
         0,
         "unenrolled pod redirected"
+    );
+    assert_eq!(
+        redirects_from(&maps, &pending_ctr),
+        0,
+        "pod not Running redirected"
     );
     // A container started later in an enrolled pod: covered by the pod-level cgroup.
     let second = mk(&format!(
@@ -439,7 +469,7 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
     );
     assert!(median < Duration::from_millis(100), "{delays:?}");
 
-    // Reconciling 503 + 20 pods: the agent's CPU per pass (its own thread's time).
+    // Reconciling 504 + 20 pods: the agent's CPU per pass (its own thread's time).
     let mut cpu = Vec::new();
     let mut seen = 0;
     wait_for(Duration::from_secs(10), || {
@@ -454,7 +484,7 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
     .expect("reconciliations did not run");
     cpu.sort_unstable();
     println!(
-        "reconciliation of 523 enrolled pods: median {} us of agent CPU (passes {cpu:?})",
+        "reconciliation of 524 enrolled pods: median {} us of agent CPU (passes {cpu:?})",
         cpu[3]
     );
     assert!(cpu[3] < 50_000, "{cpu:?}");
@@ -513,10 +543,58 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         1,
         "repaired link redirects"
     );
+    // A deleted link pin: the link goes with it (nothing else holds it); attached again.
+    std::fs::remove_file(pins.join("links/sluice_connect6")).unwrap();
+    wait_for(Duration::from_secs(5), || {
+        (repairs(&status(admin)?, "link_missing") >= 1).then_some(())
+    })
+    .expect("deleted link pin never repaired");
+    assert!(pins.join("links/sluice_connect6").exists());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("eBPF installation repaired"), "{text}");
     assert!(text.contains("enrollment repaired"), "{text}");
+
+    // Restart on the pins with the same capabilities: everything reused, pods still enrolled
+    // and redirected, nothing to repair.
+    let mut agent = guard.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let log2 = dir.path().join("agent-2.log");
+    guard.agent = Some(start_agent(&log2));
+    let (v, _) = wait_for(Duration::from_secs(20), || {
+        let v = status(admin)?;
+        (v["redirect"]["lease"]["state"] == "valid"
+            && v["redirect"]["enrolled"].as_array()?.len() == 524
+            && v["redirect"]["enrollment"]["reconciliations"].as_u64()? >= 2)
+            .then_some(v)
+    })
+    .unwrap_or_else(|| panic!("restart: {}", std::fs::read_to_string(&log2).unwrap()));
+    let r = &v["redirect"];
+    assert_eq!(
+        r["programs"]["reused"].as_array().unwrap().len(),
+        5,
+        "{r:#}"
+    );
+    assert_eq!(r["enrollment"]["repairs"], serde_json::json!({}), "{r:#}");
+    assert_eq!(redirects_from(&maps, &systemd_ctr), 1, "after restart");
     drop(maps);
+
+    // Uninstall with the same capabilities.
+    let mut agent = guard.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let mut cmd = Command::new("setpriv");
+    setpriv(&mut cmd);
+    let out = cmd
+        .args(["uninstall", "--pin-dir", pins.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.exists(), "uninstall left pins");
     drop(guard);
     assert!(!top.exists() && !pins.exists(), "left behind");
 }
