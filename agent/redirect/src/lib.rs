@@ -723,6 +723,43 @@ pub fn detach_link(pin: &Path) -> Result<()> {
     sys::link_detach(link.as_fd()).map_err(io("detaching link"))
 }
 
+/// One pinned program's run-time statistics (kept by the kernel while
+/// [`enable_run_stats`]'s descriptor is open).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunStats {
+    pub program: &'static str,
+    /// Total time spent running it.
+    pub run_time: std::time::Duration,
+    pub runs: u64,
+}
+
+/// Turns on the kernel's run-time accounting of BPF programs (`BPF_ENABLE_STATS`) until the
+/// returned descriptor is closed: how `connect4`'s cost per `connect()` is measured.
+pub fn enable_run_stats() -> Result<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| Error::Io {
+        what: "BPF_ENABLE_STATS",
+        path: PathBuf::new(),
+        source: e.io_error,
+    })
+}
+
+/// The run-time statistics of the pinned programs (the ones the links run).
+pub fn run_stats(pin_dir: &Path) -> Result<Vec<RunStats>> {
+    CGROUP_PROGRAMS
+        .iter()
+        .chain([&prog_names::SK_MSG])
+        .map(|name| {
+            let info = aya::programs::ProgramInfo::from_pin(pin_dir.join("progs").join(name))
+                .map_err(program_error(name))?;
+            Ok(RunStats {
+                program: name,
+                run_time: info.run_time(),
+                runs: info.run_count(),
+            })
+        })
+        .collect()
+}
+
 /// Whether an installation's pins exist.
 pub fn is_installed(pin_dir: &Path) -> bool {
     CGROUP_PROGRAMS
