@@ -224,6 +224,8 @@ impl Redirect {
                     })?;
                     let _ = std::fs::remove_file(&link_pin);
                     attach_cgroup_program(&mut self.ebpf, name, &cgroup, &link_pin)?;
+                    // The pinned program is the one the link runs.
+                    pin_program(&mut self.ebpf, name, &self.pin_dir)?;
                     done.push(Repair {
                         kind: "link_missing",
                         what: name,
@@ -250,6 +252,8 @@ impl Redirect {
                 })?;
                 std::fs::remove_file(&link_pin).map_err(io("removing pin"))?;
                 attach_cgroup_program(&mut self.ebpf, name, &cgroup, &link_pin)?;
+                // The pinned program is the one the link runs.
+                pin_program(&mut self.ebpf, name, &self.pin_dir)?;
                 done.push(Repair {
                     kind: "link_detached",
                     what: name,
