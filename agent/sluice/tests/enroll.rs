@@ -10,16 +10,19 @@
 //! removed by a guard, also when it fails. The agent runs with only CAP_BPF, CAP_NET_ADMIN and
 //! CAP_PERFMON (`setpriv --bounding-set`), the set the README lists.
 //!
-//! The pod processes stay in the host's network namespace (the redirect decision is the
-//! cgroup's, and the proxy address is loopback): `tests/e2e.rs` covers traffic from pods in
-//! their own namespaces.
+//! Pods are `sluice-netns` pods (a network namespace on a bridge) whose processes run in the
+//! container cgroups of those trees; the hostNetwork pod's process stays in the host's network
+//! namespace. Redirected `connect()`s reach the agent's outbound listener on the bridge address;
+//! the others reach a listener of the test there directly.
 // Synchronous, process-level test with no async runtime: wall-clock polling is what it needs.
 #![allow(clippy::disallowed_methods)]
 
 mod common;
 use common::{free_port, wait_for};
 use serde_json::Value;
+use sluice_netns::{Pod, Topology};
 use sluice_redirect::{Counter, Maps};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,11 +56,12 @@ fn cannot_run() -> Option<String> {
     None
 }
 
-/// The agent, the pins and every cgroup the test made (removed deepest first).
+/// The agent, the pins and the kubelet-shaped trees the test made under the topology's cgroup
+/// (removed deepest first, before the topology removes its own).
 struct Cleanup {
     agent: Option<Child>,
     pins: PathBuf,
-    top: PathBuf,
+    trees: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup {
@@ -69,7 +73,9 @@ impl Drop for Cleanup {
         if let Err(e) = sluice_redirect::uninstall(&self.pins) {
             eprintln!("cleanup: uninstall {}: {e}", self.pins.display());
         }
-        remove_tree(&self.top);
+        for tree in &self.trees {
+            remove_tree(tree);
+        }
     }
 }
 
@@ -148,28 +154,49 @@ fn pod_yaml(p: &PodSpec) -> String {
     )
 }
 
-/// Connects from a process in `cgroup` to an address nothing answers on this machine; returns
-/// how many of the programs' redirects that added (the proxy, on loopback, accepts a redirected
-/// one at once).
-fn redirects_from(maps: &Maps, cgroup: &Path) -> u64 {
-    redirects_from_n(maps, cgroup, 1)
+/// Where the test's pods connect to: a listener of the test on the bridge address (accepting
+/// and dropping), reached directly unless the connect() is redirected to the agent.
+struct Target {
+    topo: Topology,
+    dst: SocketAddr,
 }
 
-/// [`redirects_from`], `n` connect()s in a row from one process.
-fn redirects_from_n(maps: &Maps, cgroup: &Path, n: usize) -> u64 {
-    let before = maps.counter(Counter::ConnectRedirected).unwrap();
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec timeout 5 bash -c 'for i in $(seq {n}); do exec 3<>/dev/tcp/198.51.100.7/80 || exit 1; exec 3>&-; done'",
-        cgroup.display()
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("run sh");
-    maps.counter(Counter::ConnectRedirected).unwrap() - before
+impl Target {
+    /// `n` connect()s in a row from one process in `cgroup`, in `pod`'s network namespace (or
+    /// the host's); returns how many the programs redirected.
+    fn redirects(&self, maps: &Maps, pod: Option<&Pod>, cgroup: &Path, n: usize) -> u64 {
+        let before = maps.counter(Counter::ConnectRedirected).unwrap();
+        let script = format!(
+            "for i in $(seq {n}); do exec 3<>/dev/tcp/{}/{} || exit 1; exec 3>&-; done",
+            self.dst.ip(),
+            self.dst.port()
+        );
+        let mut cmd = match pod {
+            Some(pod) => {
+                let mut in_ctr = pod.clone();
+                in_ctr.cgroup = cgroup.to_path_buf();
+                self.topo.command(&in_ctr, "timeout").unwrap()
+            }
+            None => {
+                let mut cmd = Command::new("timeout");
+                sluice_netns::join_cgroup(&mut cmd, cgroup).unwrap();
+                cmd
+            }
+        };
+        let status = cmd
+            .args(["5", "bash", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run bash");
+        assert!(
+            status.success(),
+            "connects from {} failed: {status}",
+            cgroup.display()
+        );
+        maps.counter(Counter::ConnectRedirected).unwrap() - before
+    }
 }
 
 fn status(admin: u16) -> Option<Value> {
@@ -207,29 +234,36 @@ fn repairs(v: &Value, kind: &str) -> u64 {
 
 #[test]
 fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
-    if let Some(why) = cannot_run() {
-        if std::env::var_os("CI").is_some() {
-            panic!("enrollment root test cannot run under CI: {why}");
-        }
-        eprintln!("skipping enrollment root test: {why}");
+    if sluice_netns::skip_because(cannot_run().or_else(sluice_netns::cannot_run)) {
         return;
     }
-    let tag = format!("{:x}", std::process::id() % 0xffff);
-    let top = sluice_redirect::cgroup2_root()
-        .unwrap()
-        .join(format!("sluice-enrolltest-{tag}"));
-    let pins = PathBuf::from(format!("/sys/fs/bpf/sluice-enrolltest-{tag}"));
+    // The topology (bridge, network namespaces, its cgroup) goes last: declared first.
+    let mut topo = Topology::create().expect("topology");
+    let top = topo.cgroup().to_path_buf();
+    let pins = PathBuf::from(format!("/sys/fs/bpf/sluice-enrolltest-{}", topo.id()));
     let mut guard = Cleanup {
         agent: None,
         pins: pins.clone(),
-        top: top.clone(),
+        trees: ["kubepods.slice", "kubepods", "system.slice"]
+            .iter()
+            .map(|t| top.join(t))
+            .collect(),
     };
     let mk = |rel: &str| {
         let p = top.join(rel);
         std::fs::create_dir_all(&p).unwrap();
         p
     };
-    std::fs::create_dir(&top).unwrap();
+    // One network-namespace pod per Pod object but the hostNetwork one.
+    let mut netns_pod = |name: &str| Some(topo.add_pod(name).expect("pod"));
+    let (systemd, cgroupfs, kindpod) = (netns_pod("sd"), netns_pod("cgfs"), netns_pod("kind"));
+    let (unenrolled, odd, pending) = (netns_pod("unenr"), netns_pod("odd"), netns_pod("pend"));
+    let listener = std::net::TcpListener::bind((topo.host_ip(), 0)).unwrap();
+    let dst = listener.local_addr().unwrap();
+    // Accepts and drops until the process ends (a blocked accept() cannot be interrupted).
+    std::thread::spawn(move || listener.incoming().for_each(drop));
+    let host_ip = topo.host_ip();
+    let node = Target { topo, dst };
 
     // Three layouts under one root, as three nodes would have them.
     let sd = "kubepods.slice/kubepods-burstable.slice";
@@ -328,6 +362,7 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         let mut cmd = Command::new("setpriv");
         setpriv(&mut cmd);
         cmd.args(["run", "--no-access-log", "--redirect", "ebpf"])
+            .args(["--outbound-addr", &format!("{host_ip}:{outbound}")])
             .args(["--config-dir", cfg.to_str().unwrap()])
             .args([
                 "--cgroup",
@@ -338,7 +373,7 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
             .args(["--pin-dir", pins.to_str().unwrap()])
             .args(["--ebpf-object", object().to_str().unwrap()])
             .args(["--reconcile-interval", "300ms"])
-            .args(["--outbound-addr", &a(outbound), "--admin-addr", &a(admin)])
+            .args(["--admin-addr", &a(admin)])
             .args(["--metrics-addr", &a(metrics), "--ready-addr", &a(ready)])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
@@ -372,9 +407,13 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
             "{p:#}"
         );
     }
-    let odd = pod_entry(&v, "oddname").expect("oddname not enrolled");
-    assert_eq!(odd["found_by"], "container-id", "{odd:#}");
-    assert_eq!(odd["cgroup"], odd_pod.display().to_string(), "{odd:#}");
+    let odd_entry = pod_entry(&v, "oddname").expect("oddname not enrolled");
+    assert_eq!(odd_entry["found_by"], "container-id", "{odd_entry:#}");
+    assert_eq!(
+        odd_entry["cgroup"],
+        odd_pod.display().to_string(),
+        "{odd_entry:#}"
+    );
     for pod in ["hostnet", "unenrolled", "pending"] {
         assert!(pod_entry(&v, pod).is_none(), "{pod} enrolled");
     }
@@ -412,26 +451,31 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
 
     // Containers' connect()s: redirected for the enrolled pods, not for the others.
     let maps = Maps::open(&pins).unwrap();
-    for ctr_dir in [&systemd_ctr, &cgroupfs_ctr, &kind_ctr, &odd_ctr] {
+    for (pod, ctr_dir) in [
+        (&systemd, &systemd_ctr),
+        (&cgroupfs, &cgroupfs_ctr),
+        (&kindpod, &kind_ctr),
+        (&odd, &odd_ctr),
+    ] {
         assert_eq!(
-            redirects_from(&maps, ctr_dir),
+            node.redirects(&maps, pod.as_ref(), ctr_dir, 1),
             1,
             "from {}",
             ctr_dir.display()
         );
     }
     assert_eq!(
-        redirects_from(&maps, &hostnet_ctr),
+        node.redirects(&maps, None, &hostnet_ctr, 1),
         0,
         "hostNetwork pod redirected"
     );
     assert_eq!(
-        redirects_from(&maps, &unenrolled_ctr),
+        node.redirects(&maps, unenrolled.as_ref(), &unenrolled_ctr, 1),
         0,
         "unenrolled pod redirected"
     );
     assert_eq!(
-        redirects_from(&maps, &pending_ctr),
+        node.redirects(&maps, pending.as_ref(), &pending_ctr, 1),
         0,
         "pod not Running redirected"
     );
@@ -442,7 +486,7 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         ctr(11)
     ));
     assert_eq!(
-        redirects_from(&maps, &second),
+        node.redirects(&maps, systemd.as_ref(), &second, 1),
         1,
         "second container not redirected"
     );
@@ -452,23 +496,38 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
     // path's two SOCKHASH inserts are made there), over 200 connect()s from a systemd-driver pod
     // and from the kind pod, whose container is 8 levels below the root (8 lookups).
     let stats = sluice_redirect::enable_run_stats().expect("BPF_ENABLE_STATS");
-    for (what, ctr_dir) in [("systemd pod", &systemd_ctr), ("kind pod", &kind_ctr)] {
+    for (what, pod, ctr_dir, redirected) in [
+        ("systemd pod", &systemd, &systemd_ctr, 200),
+        ("kind pod", &kindpod, &kind_ctr, 200),
+        // Every ancestor looked up, none enrolled: the most lookups a decision makes here.
+        ("unenrolled pod", &unenrolled, &unenrolled_ctr, 0),
+    ] {
         let take = || {
             let all = sluice_redirect::run_stats(&pins).unwrap();
             let get = |p: &str| all.iter().find(|s| s.program == p).copied().unwrap();
             (get("sluice_connect4"), get("sluice_sock_ops"))
         };
         let (c0, s0) = take();
-        let redirected = redirects_from_n(&maps, ctr_dir, 200);
+        assert_eq!(
+            node.redirects(&maps, pod.as_ref(), ctr_dir, 200),
+            redirected,
+            "{what}"
+        );
         let (c1, s1) = take();
-        assert_eq!(redirected, 200, "{what}");
         let runs = c1.runs - c0.runs;
         let connect_ns = (c1.run_time - c0.run_time).as_nanos() as f64 / runs as f64;
-        let sock_ops_ns = (s1.run_time - s0.run_time).as_nanos() as f64 / redirected as f64;
+        let sock_ops = if redirected > 0 {
+            let ns = (s1.run_time - s0.run_time).as_nanos() as f64 / redirected as f64;
+            format!(
+                "; sock_ops (tuple save + SOCKHASH inserts) {:.2} us per redirected connect()",
+                ns / 1e3
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{what}: connect4 {:.2} us per connect() ({runs} runs); sock_ops (tuple save + SOCKHASH inserts) {:.2} us per redirected connect()",
-            connect_ns / 1e3,
-            sock_ops_ns / 1e3
+            "{what}: connect4 {:.2} us per connect() ({runs} runs){sock_ops}",
+            connect_ns / 1e3
         );
         assert!(
             connect_ns < 2_000.0,
@@ -546,7 +605,10 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         !maps.enrolled_cgroups().contains(&old),
         "old id still enrolled"
     );
-    assert_eq!(redirects_from(&maps, &cgroupfs_ctr), 1);
+    assert_eq!(
+        node.redirects(&maps, cgroupfs.as_ref(), &cgroupfs_ctr, 1),
+        1
+    );
 
     // A deleted map pin: pinned again (the same map: the programs' one).
     std::fs::remove_file(pins.join("maps/SLUICE_ENROLLED")).unwrap();
@@ -565,7 +627,7 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
     // A detached link: attached again; the pod is redirected again.
     sluice_redirect::detach_link(&pins.join("links/sluice_connect4")).unwrap();
     assert_eq!(
-        redirects_from(&maps, &systemd_ctr),
+        node.redirects(&maps, systemd.as_ref(), &systemd_ctr, 1),
         0,
         "detached: not redirected"
     );
@@ -574,7 +636,7 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
     })
     .expect("detached link never repaired");
     assert_eq!(
-        redirects_from(&maps, &systemd_ctr),
+        node.redirects(&maps, systemd.as_ref(), &systemd_ctr, 1),
         1,
         "repaired link redirects"
     );
@@ -611,7 +673,11 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         "{r:#}"
     );
     assert_eq!(r["enrollment"]["repairs"], serde_json::json!({}), "{r:#}");
-    assert_eq!(redirects_from(&maps, &systemd_ctr), 1, "after restart");
+    assert_eq!(
+        node.redirects(&maps, systemd.as_ref(), &systemd_ctr, 1),
+        1,
+        "after restart"
+    );
     drop(maps);
 
     // Uninstall with the same capabilities.
@@ -631,5 +697,6 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
     );
     assert!(!pins.exists(), "uninstall left pins");
     drop(guard);
+    drop(node);
     assert!(!top.exists() && !pins.exists(), "left behind");
 }
