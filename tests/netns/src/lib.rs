@@ -658,7 +658,6 @@ fn ip(args: &[&str]) -> Result<()> {
 
 /// Ends whatever is still in `cgroup` (only a topology's own cgroups are passed here) and removes
 /// it, waiting a bounded time for the processes to go.
-#[allow(clippy::disallowed_methods)] // plain std code without a runtime: a bounded blocking wait
 /// Removes a cgroup and everything below it, deepest first.
 fn remove_cgroup_tree(cgroup: &Path) {
     if let Ok(children) = fs::read_dir(cgroup) {
@@ -669,6 +668,7 @@ fn remove_cgroup_tree(cgroup: &Path) {
     remove_cgroup(cgroup);
 }
 
+#[allow(clippy::disallowed_methods)] // plain std code without a runtime: a bounded blocking wait
 fn remove_cgroup(cgroup: &Path) {
     if !cgroup.exists() {
         return;
