@@ -60,6 +60,15 @@ impl DesiredPod {
     }
 }
 
+/// Whether two versions of a Pod put its cgroup in the same place and both may be redirected
+/// (they may differ in container IDs, which only help to find a pod not found yet).
+fn same_place(a: &DesiredPod, b: &DesiredPod) -> bool {
+    a.blocked == b.blocked
+        && a.query.uid == b.query.uid
+        && a.query.qos == b.query.qos
+        && a.query.explicit == b.query.explicit
+}
+
 /// A pod's cgroup as enrolled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Enrolled {
@@ -186,6 +195,15 @@ impl Enrollment {
     pub fn sync(&mut self, desired: Vec<DesiredPod>) {
         let desired: BTreeMap<String, DesiredPod> =
             desired.into_iter().map(|d| (d.key.clone(), d)).collect();
+        // A Pod whose container IDs changed (a container started or restarted) keeps its cgroup:
+        // releasing it to look again would let its connect()s through for a moment.
+        for (key, entry) in &mut self.pods {
+            if let Some(want) = desired.get(key) {
+                if want != &entry.want && same_place(want, &entry.want) {
+                    entry.want = want.clone();
+                }
+            }
+        }
         let gone: Vec<String> = self
             .pods
             .iter()
@@ -711,6 +729,50 @@ mod tests {
         assert!(e.watch_dirs().is_empty());
         // Unenrolled: released.
         e.sync(vec![want(2)]);
+        assert_eq!(map.ids().unwrap(), vec![ino(&pod_dir(t.path(), 2))]);
+    }
+
+    /// A container restart changes the Pod's container IDs: the enrolled cgroup stays in the map
+    /// throughout (the map is never without it), while a changed uid moves the pod.
+    #[test]
+    fn a_pod_update_that_keeps_its_cgroup_keeps_it_enrolled() {
+        /// Fails the test if the id is ever removed.
+        struct NoRemove(SetMap, u64);
+        impl EnrollMap for NoRemove {
+            fn ids(&self) -> crate::Result<Vec<u64>> {
+                self.0.ids()
+            }
+            fn insert(&self, id: u64) -> crate::Result<()> {
+                self.0.insert(id)
+            }
+            fn remove(&self, id: u64) -> crate::Result<()> {
+                assert_ne!(id, self.1, "the pod's cgroup was released");
+                self.0.remove(id)
+            }
+        }
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(pod_dir(t.path(), 1)).unwrap();
+        std::fs::create_dir_all(pod_dir(t.path(), 2)).unwrap();
+        let map = Arc::new(NoRemove(SetMap::default(), ino(&pod_dir(t.path(), 1))));
+        let mut e = Enrollment::new(map.clone(), t.path());
+        e.sync(vec![want(1)]);
+        let mut restarted = want(1);
+        restarted.query.container_ids = vec![format!("containerd://{:064x}", 7)];
+        e.sync(vec![restarted.clone()]);
+        assert_eq!(map.0.ids().unwrap(), vec![map.1]);
+        assert_eq!(e.status().pods[0].cgroup_id, Some(map.1));
+        // A different uid is another place: the pod moves to pod 2's cgroup.
+        let moved = DesiredPod {
+            query: PodCgroupQuery {
+                uid: Some(uid(2)),
+                ..restarted.query
+            },
+            ..restarted
+        };
+        let map = Arc::new(SetMap::default());
+        let mut e = Enrollment::new(map.clone(), t.path());
+        e.sync(vec![want(1)]);
+        e.sync(vec![moved]);
         assert_eq!(map.ids().unwrap(), vec![ino(&pod_dir(t.path(), 2))]);
     }
 
