@@ -517,8 +517,11 @@ impl Enrollment {
         }
     }
 
-    pub fn set_error(&mut self, error: Option<String>) {
-        self.error = error;
+    /// The CPU time of the whole last pass (the caller's checks included).
+    pub fn set_last_reconcile_cpu(&mut self, cpu: Duration) {
+        if let Some((_, d)) = &mut self.last_reconcile {
+            *d = cpu;
+        }
     }
 
     pub fn status(&self) -> EnrollmentStatus {
@@ -564,6 +567,8 @@ pub fn thread_cpu_time() -> Duration {
 pub struct Enroller {
     redirect: Mutex<Redirect>,
     state: Mutex<Enrollment>,
+    /// The last failure of the installation's check, until one succeeds.
+    install_error: Mutex<Option<String>>,
     every: Duration,
     wake: DirWatch,
 }
@@ -583,6 +588,7 @@ impl Enroller {
         Ok(Arc::new(Enroller {
             redirect: Mutex::new(redirect),
             state: Mutex::new(Enrollment::new(maps, cgroup_root)),
+            install_error: Mutex::new(None),
             every,
             wake,
         }))
@@ -596,27 +602,37 @@ impl Enroller {
 
     /// One reconciliation of the installation and the enrollment; returns the repairs.
     pub fn reconcile(&self) -> usize {
+        let started = thread_cpu_time();
         let install = self.redirect.lock().repair();
+        let mut install_error = self.install_error.lock();
         let mut st = self.state.lock();
         let n = match install {
             Ok(r) => {
                 st.record_install_repairs(&r);
+                *install_error = None;
                 r.len()
             }
             Err(e) => {
                 let msg = format!("checking the eBPF installation: {e}");
-                if st.status().error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!("{msg}");
+                if install_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!("{msg} (checked again every {:?})", self.every);
                 }
-                st.set_error(Some(msg));
+                *install_error = Some(msg);
                 0
             }
         };
-        n + st.reconcile()
+        let n = n + st.reconcile();
+        // The whole pass, the installation's checks included.
+        st.set_last_reconcile_cpu(thread_cpu_time().saturating_sub(started));
+        n
     }
 
     pub fn status(&self) -> EnrollmentStatus {
-        self.state.lock().status()
+        let mut status = self.state.lock().status();
+        if let Some(e) = self.install_error.lock().clone() {
+            status.error = Some(e);
+        }
+        status
     }
 
     /// Forwards the programs' log lines.
