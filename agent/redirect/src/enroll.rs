@@ -644,12 +644,11 @@ impl Enroller {
     /// reconciliation), enrolls what appeared, reconciles when due.
     pub fn run(self: Arc<Self>, stop: Arc<AtomicBool>) {
         let mut next = tokio::time::Instant::now() + self.every;
-        let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
         while !stop.load(Ordering::Relaxed) {
             let dirs = self.state.lock().watch_dirs();
-            if dirs != watched {
+            // Against what is watched now: the kernel drops the watch of a removed directory.
+            if dirs != self.wake.watched() {
                 self.wake.set(&dirs);
-                watched = dirs;
             }
             // Whatever appeared before the watches were in place.
             self.state.lock().enroll_pending(false);

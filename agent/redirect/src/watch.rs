@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use inotify::{Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use parking_lot::Mutex;
 
 pub struct DirWatch {
@@ -90,11 +90,23 @@ impl DirWatch {
             let mut buf = [0u8; 4096];
             while (&self.wake_rx).read(&mut buf).is_ok_and(|n| n > 0) {}
             let mut guard = self.inotify.lock();
-            while guard
-                .0
-                .read_events(&mut buf)
-                .is_ok_and(|mut e| e.next().is_some())
-            {}
+            let (inotify, watched) = &mut *guard;
+            // A watched directory that went away takes its watch with it (IN_IGNORED): forget
+            // it, so that the directory is watched again if it comes back.
+            let mut gone = Vec::new();
+            while let Ok(events) = inotify.read_events(&mut buf) {
+                let mut any = false;
+                for e in events {
+                    any = true;
+                    if e.mask.contains(EventMask::IGNORED) {
+                        gone.push(e.wd.clone());
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+            watched.retain(|_, wd| !gone.contains(wd));
         }
         ready
     }
@@ -115,6 +127,16 @@ mod tests {
         assert!(w.wait(Duration::from_secs(5)));
         assert!(!w.wait(Duration::from_millis(10)), "events were consumed");
         w.wake();
+        assert!(w.wait(Duration::from_secs(5)));
+        // A watched directory removed and made again is watched again.
+        let sub = t.path().join("pod1");
+        w.set(&[sub.clone()].into());
+        std::fs::remove_dir(&sub).unwrap();
+        assert!(w.wait(Duration::from_secs(5)), "IN_IGNORED");
+        assert!(w.watched().is_empty(), "the kernel dropped the watch");
+        std::fs::create_dir(&sub).unwrap();
+        w.set(&[sub.clone()].into());
+        std::fs::create_dir(sub.join("c")).unwrap();
         assert!(w.wait(Duration::from_secs(5)));
         // Unwatched: a new directory no longer ends the wait.
         w.set(&BTreeSet::new());
