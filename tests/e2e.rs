@@ -1,8 +1,10 @@
-//! Root-only end-to-end tests in real network namespaces (issue 3, point 6).
+//! Root-only end-to-end tests in real network namespaces.
 //!
 //! Each test builds its own [`Topology`] (a bridge on the host, pods as network namespaces with a
 //! veth and their own cgroup), writes a config directory with Kubernetes `Service`s and `Pod`s (the
-//! pods' netns and cgroup in the `sluice.io/*` annotations) and Istio `VirtualService`s, and runs
+//! pods' netns and cgroup in the `sluice.io/*` annotations; kubelet-shaped pods, whose cgroups are
+//! where kubelet puts them under the topology's cgroup, by `metadata.uid` and `status.qosClass`
+//! alone, the agent's `--cgroup-root` being the topology's cgroup) and Istio `VirtualService`s, and runs
 //! the real `sluice run --redirect ebpf` as a child process attached to the topology's cgroup with
 //! its own pin directory, so tests run in parallel without meeting. Pods run the real
 //! `fake-service`; clients are plain `curl` inside a pod resolving Service names to their cluster
@@ -46,7 +48,7 @@ use std::{
 };
 
 use serde_json::Value;
-use sluice_netns::{skip_because, Pod, Topology};
+use sluice_netns::{skip_because, CgroupDriver, Pod, Topology};
 use sluice_tests::LogLine;
 
 // ---------------------------------------------------------------------------------------------
@@ -568,6 +570,14 @@ impl Env {
         self.topo.add_pod(name).expect("add pod")
     }
 
+    /// A pod whose cgroups kubelet would have made ([`Topology::add_kubelet_pod`]): its Pod
+    /// object carries no `sluice.io/cgroup`, the agent finds it from the uid.
+    fn add_kubelet_pod(&mut self, name: &str, driver: CgroupDriver) -> Pod {
+        self.topo
+            .add_kubelet_pod(name, driver)
+            .expect("add kubelet pod")
+    }
+
     /// Runs `fake-service` (NAME=`name`) in `pod` on port 9090 and waits until it accepts.
     fn fake_service(&mut self, pod: &Pod, name: &str, env: &[(&str, &str)]) {
         let mut cmd = self.topo.command(pod, &bins().fake_service).unwrap();
@@ -622,6 +632,8 @@ impl Env {
             "--metrics-addr".into(),
             metrics.to_string().into(),
             "--cgroup".into(),
+            self.topo.cgroup().into(),
+            "--cgroup-root".into(),
             self.topo.cgroup().into(),
             "--pin-dir".into(),
             self.pins.0.clone().into(),
@@ -750,7 +762,9 @@ fn service_yaml(name: &str) -> String {
     )
 }
 
-/// A Pod object for a topology pod: its IP(s), netns and cgroup, `app` label, enrollment label.
+/// A Pod object for a topology pod: its IP(s), netns and cgroup, `app` label, enrollment label. A
+/// kubelet-shaped pod's says where its cgroup is as the API server would: `metadata.uid` and
+/// `status.qosClass`, no `sluice.io/cgroup`.
 fn pod_yaml(pod: &Pod, app: Option<&str>, enrolled: bool) -> String {
     // A dual-stack pod lists both addresses, IPv4 first (its `podIP`), as the kubelet does.
     let pod_ips = match pod.ip6 {
@@ -765,11 +779,22 @@ fn pod_yaml(pod: &Pod, app: Option<&str>, enrolled: bool) -> String {
         "    istio.io/dataplane-mode: {}\n",
         if enrolled { "ambient" } else { "none" }
     ));
+    let (uid, cgroup, status) = match &pod.uid {
+        Some(uid) => (
+            format!("  uid: {uid}\n"),
+            String::new(),
+            "  phase: Running\n  qosClass: BestEffort\n",
+        ),
+        None => (
+            String::new(),
+            format!("    sluice.io/cgroup: {}\n", pod.cgroup.display()),
+            "",
+        ),
+    };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}  annotations:\n    sluice.io/netns: {netns}\n    sluice.io/cgroup: {cgroup}\nstatus:\n  podIP: {ip}\n{pod_ips}---\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n{uid}  labels:\n{labels}  annotations:\n    sluice.io/netns: {netns}\n{cgroup}status:\n{status}  podIP: {ip}\n{pod_ips}---\n",
         name = pod.name,
         netns = pod.netns_path.display(),
-        cgroup = pod.cgroup.display(),
         ip = pod.ip,
     )
 }
@@ -939,14 +964,15 @@ fn request_samples(env: &mut Env) -> Vec<String> {
 
 /// An enrolled pod's plain `curl http://<service>/` (the name resolves to the Service's cluster IP,
 /// which nothing on this machine serves) reaches the node proxy and gets the service's
-/// VirtualService applied: a fault abort, a retry that saves requests, a route timeout.
+/// VirtualService applied: a fault abort, a retry that saves requests, a route timeout. The client
+/// is a kubelet-shaped pod (systemd driver) whose Pod object has no `sluice.io/cgroup`.
 #[test]
 fn enrolled_pod_plain_curl_gets_fault_retry_and_timeout() {
     if skip() {
         return;
     }
     e2e(|env| {
-        let client = env.add_pod("client");
+        let client = env.add_kubelet_pod("client", CgroupDriver::Systemd);
         let aborted = env.add_pod("aborted-0");
         let flaky = env.add_pod("flaky-0");
         let slow = env.add_pod("slow-0");
@@ -1076,15 +1102,16 @@ fn enrolled_pod_plain_curl_gets_fault_retry_and_timeout() {
 
 /// An unenrolled pod and the host reach a pod IP directly: the upstream sees their own address,
 /// the agent neither counts a redirect nor logs them. The same request from an enrolled pod goes
-/// through the proxy (the upstream sees the node's address) and is logged.
+/// through the proxy (the upstream sees the node's address) and is logged. Both pods are
+/// kubelet-shaped (cgroupfs and systemd drivers), found by their uid.
 #[test]
 fn unenrolled_pod_and_host_are_not_redirected() {
     if skip() {
         return;
     }
     e2e(|env| {
-        let enrolled = env.add_pod("enrolled");
-        let outsider = env.add_pod("outsider");
+        let enrolled = env.add_kubelet_pod("enrolled", CgroupDriver::Cgroupfs);
+        let outsider = env.add_kubelet_pod("outsider", CgroupDriver::Systemd);
         let target = env.add_pod("target");
         let server = PeerServer::start(&target, 8080);
         env.write_config(

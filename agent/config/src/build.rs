@@ -199,6 +199,17 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
                 enrolled,
                 netns: annotation(NETNS_ANNOTATION),
                 cgroup: annotation(CGROUP_ANNOTATION),
+                uid: pod.uid().map(str::to_string),
+                qos_class: pod.status.qos_class.clone(),
+                host_network: pod.spec.host_network.unwrap_or(false),
+                phase: pod.status.phase.clone(),
+                container_ids: pod
+                    .status
+                    .container_statuses
+                    .iter()
+                    .filter_map(|c| c.container_id.clone())
+                    .filter(|id| !id.is_empty())
+                    .collect(),
             }),
         );
     }

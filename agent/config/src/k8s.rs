@@ -124,6 +124,9 @@ pub struct PodSpec {
     #[serde(default, deserialize_with = "nullable")]
     pub containers: Vec<Container>,
     pub node_name: Option<String>,
+    /// The pod uses the node's network namespace: never redirected.
+    #[serde(default)]
+    pub host_network: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -148,6 +151,31 @@ pub struct PodStatus {
     #[serde(rename = "podIPs", default, deserialize_with = "nullable")]
     pub pod_ips: Vec<PodIp>,
     pub phase: Option<String>,
+    /// `Guaranteed`, `Burstable` or `BestEffort`: where kubelet puts the pod's cgroup.
+    #[serde(rename = "qosClass", default)]
+    pub qos_class: Option<String>,
+    #[serde(rename = "containerStatuses", default, deserialize_with = "nullable")]
+    pub container_statuses: Vec<ContainerStatus>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ContainerStatus {
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: String,
+    /// `containerd://<id>`, `cri-o://<id>`, `docker://<id>`; absent until the container starts.
+    #[serde(rename = "containerID", default)]
+    pub container_id: Option<String>,
+}
+
+impl Pod {
+    /// `metadata.uid` (kept with the metadata Sluice does not otherwise read).
+    pub fn uid(&self) -> Option<&str> {
+        self.metadata
+            .other
+            .get("uid")
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty())
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -30,7 +30,7 @@ pub struct ServicePort {
 }
 
 /// A pod known to the registry (its labels select subsets; its enrollment is decided from labels).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Workload {
     pub name: String,
     pub namespace: String,
@@ -40,8 +40,38 @@ pub struct Workload {
     pub enrolled: bool,
     /// Where its network namespace is (standalone mode convention), if given.
     pub netns: Option<PathBuf>,
-    /// Its cgroup v2 directory, if given.
+    /// Its cgroup v2 directory, if given (`sluice.io/cgroup`: overrides finding it from `uid`).
     pub cgroup: Option<PathBuf>,
+    /// `metadata.uid`: names its cgroup (kubelet's pod-level cgroup is `pod<uid>`).
+    pub uid: Option<String>,
+    /// `status.qosClass` (`Guaranteed`, `Burstable`, `BestEffort`): the level its cgroup is under.
+    pub qos_class: Option<String>,
+    /// `spec.hostNetwork`: the node's network namespace; never redirected.
+    pub host_network: bool,
+    /// `status.phase` (`Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`), if given.
+    pub phase: Option<String>,
+    /// `status.containerStatuses[].containerID` (`containerd://<id>`), those that are set.
+    pub container_ids: Vec<String>,
+}
+
+impl Workload {
+    /// Why this pod's connections must not be redirected even when it is enrolled: it shares the
+    /// node's network namespace, has finished or not started, or has no address yet. A Pod
+    /// without `status.phase` (hand-written standalone YAML) counts as running.
+    pub fn not_redirectable(&self) -> Option<&'static str> {
+        if self.host_network {
+            return Some("hostNetwork pod (shares the node's network namespace)");
+        }
+        match self.phase.as_deref() {
+            None | Some("Running") => {}
+            Some("Pending") => return Some("not running yet (phase Pending)"),
+            Some(_) => return Some("not running (phase is not Running)"),
+        }
+        if self.ips.is_empty() {
+            return Some("no pod IP yet");
+        }
+        None
+    }
 }
 
 /// A configuration object that was not accepted, with where and why.

@@ -280,6 +280,7 @@ mod tests {
                 enrolled: true,
                 netns: None,
                 cgroup: None,
+                ..Default::default()
             }),
         };
         m.record(

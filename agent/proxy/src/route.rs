@@ -331,6 +331,7 @@ mod tests {
             enrolled: true,
             netns: None,
             cgroup: None,
+            ..Default::default()
         };
         let subset = |dst: &str, w: Option<&Workload>| {
             select_tcp(&routes, dst.parse().unwrap(), w)

@@ -12,8 +12,13 @@
 //! (programs included: old programs would keep reading the old maps) with a warning.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod cgroup;
+pub mod enroll;
+pub mod lease;
 mod maps;
+pub mod origdst;
 mod sys;
+pub mod watch;
 
 use std::{
     fs::File,
@@ -168,11 +173,27 @@ impl UninstallReport {
 /// The loaded programs (kept for their log buffer) and the pinned maps.
 pub struct Redirect {
     // Dropping the `Ebpf` unloads only this process's references: the pinned links keep the
-    // programs attached.
-    _ebpf: Ebpf,
+    // programs attached. Kept also to repair the installation (re-attach, re-pin).
+    ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     maps: Maps,
     report: InstallReport,
+    /// Our maps as installed (`SLUICE_*`), kept to re-pin them.
+    pinned_maps: Vec<(&'static str, MapData)>,
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+}
+
+/// One thing [`Redirect::repair`] found different in the kernel from what this installation
+/// put there, and put back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repair {
+    /// Short and stable, for counting: `link_missing`, `link_detached`, `program_replaced`,
+    /// `map_pin_missing`, `map_pin_replaced`.
+    pub kind: &'static str,
+    /// The program or map.
+    pub what: &'static str,
+    pub detail: String,
 }
 
 impl Redirect {
@@ -182,6 +203,117 @@ impl Redirect {
 
     pub fn report(&self) -> &InstallReport {
         &self.report
+    }
+
+    /// Compares what the kernel holds with this installation and puts back what drifted: each
+    /// cgroup program's pinned link exists, is still attached to the attach cgroup and runs this
+    /// build's program (by tag); each map's pin is the map the programs use. Errors that stop a
+    /// repair are returned with what was repaired before them in the log.
+    pub fn repair(&mut self) -> Result<Vec<Repair>> {
+        let mut done = Vec::new();
+        let cgroup_id = cgroup_id(&self.cgroup)?;
+        for name in CGROUP_PROGRAMS {
+            let link_pin = self.pin_dir.join("links").join(name);
+            let link = match sys::obj_get(&link_pin) {
+                Ok(link) => link,
+                Err(e) => {
+                    let cgroup = File::open(&self.cgroup).map_err(|source| Error::Io {
+                        what: "opening cgroup",
+                        path: self.cgroup.clone(),
+                        source,
+                    })?;
+                    let _ = std::fs::remove_file(&link_pin);
+                    attach_cgroup_program(&mut self.ebpf, name, &cgroup, &link_pin)?;
+                    // The pinned program is the one the link runs.
+                    pin_program(&mut self.ebpf, name, &self.pin_dir)?;
+                    done.push(Repair {
+                        kind: "link_missing",
+                        what: name,
+                        detail: format!(
+                            "pinned link {} unusable ({e}): attached again",
+                            link_pin.display()
+                        ),
+                    });
+                    continue;
+                }
+            };
+            let io = |what: &'static str| {
+                let path = link_pin.clone();
+                move |source| Error::Io { what, path, source }
+            };
+            let info = sys::link_info(link.as_fd()).map_err(io("reading link"))?;
+            if info.cgroup_id != cgroup_id {
+                // Detached (BPF_LINK_DETACH, or its cgroup is gone): a link cannot be
+                // re-attached, so a new one replaces its pin.
+                let cgroup = File::open(&self.cgroup).map_err(|source| Error::Io {
+                    what: "opening cgroup",
+                    path: self.cgroup.clone(),
+                    source,
+                })?;
+                std::fs::remove_file(&link_pin).map_err(io("removing pin"))?;
+                attach_cgroup_program(&mut self.ebpf, name, &cgroup, &link_pin)?;
+                // The pinned program is the one the link runs.
+                pin_program(&mut self.ebpf, name, &self.pin_dir)?;
+                done.push(Repair {
+                    kind: "link_detached",
+                    what: name,
+                    detail: format!(
+                        "link attached to cgroup id {} instead of {cgroup_id}: attached again",
+                        info.cgroup_id
+                    ),
+                });
+                continue;
+            }
+            let want = program_tag(&self.ebpf, name)?;
+            let running =
+                sys::link_program_tag(link.as_fd(), &self.pin_dir.join("progs").join(name))
+                    .map_err(io("reading the program of link"))?;
+            if running != Some(want) {
+                let (prog, _) = load_cgroup_program(&mut self.ebpf, name)?;
+                sys::link_update(link.as_fd(), prog.as_fd())
+                    .map_err(io("updating the program of link"))?;
+                pin_program(&mut self.ebpf, name, &self.pin_dir)?;
+                let running = running.map_or("unknown (not the pinned program)".to_string(), |t| {
+                    format!("{t:016x}")
+                });
+                done.push(Repair {
+                    kind: "program_replaced",
+                    what: name,
+                    detail: format!(
+                        "link ran program tag {running}, this build's is {want:016x}: swapped back"
+                    ),
+                });
+            }
+        }
+        for (name, data) in &self.pinned_maps {
+            let name = *name;
+            let pin = self.pin_dir.join("maps").join(name);
+            let ours = data.info().map_err(map_err(name))?;
+            let pinned = aya::maps::MapInfo::from_pin(&pin).ok().map(|i| i.id());
+            if pinned == Some(ours.id()) {
+                continue;
+            }
+            let kind = if pinned.is_none() {
+                "map_pin_missing"
+            } else {
+                "map_pin_replaced"
+            };
+            let _ = std::fs::remove_file(&pin);
+            data.pin(&pin).map_err(|source| Error::Pin {
+                path: pin.clone(),
+                source,
+            })?;
+            done.push(Repair {
+                kind,
+                what: name,
+                detail: format!(
+                    "{} did not hold the programs' map (id {}): pinned again",
+                    pin.display(),
+                    ours.id()
+                ),
+            });
+        }
+        Ok(done)
     }
 
     /// Forwards the programs' aya-log lines (enabled with [`ProxyConfig::DEBUG_LOG`]) to the `log`
@@ -263,12 +395,14 @@ pub fn install(opts: &Options) -> Result<Redirect> {
     for name in CGROUP_PROGRAMS {
         let link_pin = opts.pin_dir.join("links").join(name);
         if PinnedLink::from_pin(&link_pin).is_ok() {
-            if upgrade_pinned_link(&mut ebpf, name, &link_pin)? {
+            // The pinned program stays the one the link runs: reused, it is the earlier
+            // process's (same tag); upgraded, this build's.
+            if upgrade_pinned_link(&mut ebpf, name, &link_pin, &opts.pin_dir)? {
                 report.upgraded.push(name);
+                pin_program(&mut ebpf, name, &opts.pin_dir)?;
             } else {
                 report.reused.push(name);
             }
-            pin_program(&mut ebpf, name, &opts.pin_dir)?;
             continue;
         }
         let _ = std::fs::remove_file(&link_pin);
@@ -301,11 +435,24 @@ pub fn install(opts: &Options) -> Result<Redirect> {
     }
     tracing::debug!(attached = ?report.attached, reused = ?report.reused, "eBPF redirect installed");
     let maps = Maps::open(&opts.pin_dir)?;
+    let mut pinned_maps = Vec::new();
+    for name in ALL_MAPS
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("SLUICE_"))
+    {
+        let data =
+            MapData::from_pin(opts.pin_dir.join("maps").join(name)).map_err(map_err(name))?;
+        pinned_maps.push((name, data));
+    }
     Ok(Redirect {
-        _ebpf: ebpf,
+        ebpf,
         logger,
         maps,
         report,
+        pinned_maps,
+        cgroup: opts.cgroup.clone(),
+        pin_dir: opts.pin_dir.clone(),
     })
 }
 
@@ -322,6 +469,11 @@ fn load_cgroup_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(OwnedFd, 
     const GETSOCKOPT: u32 = 21;
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
     let err = program_error(name);
+    // Loaded once per process; repairs re-attach the loaded program.
+    let loaded = |r: std::result::Result<(), aya::programs::ProgramError>| match r {
+        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
+        Err(e) => Err(err(e)),
+    };
     let dup = |fd: BorrowedFd<'_>| {
         fd.try_clone_to_owned().map_err(|source| Error::Io {
             what: "duplicating the descriptor of program",
@@ -332,17 +484,17 @@ fn load_cgroup_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(OwnedFd, 
     match name {
         prog_names::SOCK_OPS => {
             let p: &mut SockOps = program.try_into().map_err(&err)?;
-            p.load().map_err(&err)?;
+            loaded(p.load())?;
             Ok((dup(p.fd().map_err(&err)?.as_fd())?, SOCK_OPS))
         }
         prog_names::GETSOCKOPT => {
             let p: &mut CgroupSockopt = program.try_into().map_err(&err)?;
-            p.load().map_err(&err)?;
+            loaded(p.load())?;
             Ok((dup(p.fd().map_err(&err)?.as_fd())?, GETSOCKOPT))
         }
         _ => {
             let p: &mut CgroupSockAddr = program.try_into().map_err(&err)?;
-            p.load().map_err(&err)?;
+            loaded(p.load())?;
             let t = if name == prog_names::CONNECT6 {
                 INET6_CONNECT
             } else {
@@ -370,7 +522,12 @@ fn program_tag(ebpf: &Ebpf, name: &'static str) -> Result<u64> {
 /// A pinned link kept on restart: if it runs another build's program (its tag differs from this
 /// object's), swaps in this build's program atomically with `BPF_LINK_UPDATE`. Returns whether it
 /// did.
-fn upgrade_pinned_link(ebpf: &mut Ebpf, name: &'static str, link_pin: &Path) -> Result<bool> {
+fn upgrade_pinned_link(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    link_pin: &Path,
+    pin_dir: &Path,
+) -> Result<bool> {
     let io = |what: &'static str| {
         move |source| Error::Io {
             what,
@@ -380,8 +537,9 @@ fn upgrade_pinned_link(ebpf: &mut Ebpf, name: &'static str, link_pin: &Path) -> 
     };
     let (prog, _) = load_cgroup_program(ebpf, name)?;
     let link = sys::obj_get(link_pin).map_err(io("opening pinned link"))?;
-    let running = sys::link_program_tag(link.as_fd()).map_err(io("reading the program of link"))?;
-    if running == program_tag(ebpf, name)? {
+    let running = sys::link_program_tag(link.as_fd(), &pin_dir.join("progs").join(name))
+        .map_err(io("reading the program of link"))?;
+    if running == Some(program_tag(ebpf, name)?) {
         return Ok(false);
     }
     sys::link_update(link.as_fd(), prog.as_fd()).map_err(io("updating the program of link"))?;
@@ -553,6 +711,57 @@ pub fn uninstall(pin_dir: &Path) -> Result<UninstallReport> {
     }
     let _ = std::fs::remove_dir(pin_dir);
     Ok(report)
+}
+
+/// Detaches the link pinned at `pin` and leaves the pin in place, as `bpftool link detach` does:
+/// the drift [`Redirect::repair`] finds as `link_detached`.
+pub fn detach_link(pin: &Path) -> Result<()> {
+    let io = |what: &'static str| {
+        move |source| Error::Io {
+            what,
+            path: pin.into(),
+            source,
+        }
+    };
+    let link = sys::obj_get(pin).map_err(io("opening pinned link"))?;
+    sys::link_detach(link.as_fd()).map_err(io("detaching link"))
+}
+
+/// One pinned program's run-time statistics (kept by the kernel while
+/// [`enable_run_stats`]'s descriptor is open).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunStats {
+    pub program: &'static str,
+    /// Total time spent running it.
+    pub run_time: std::time::Duration,
+    pub runs: u64,
+}
+
+/// Turns on the kernel's run-time accounting of BPF programs (`BPF_ENABLE_STATS`) until the
+/// returned descriptor is closed: how `connect4`'s cost per `connect()` is measured.
+pub fn enable_run_stats() -> Result<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| Error::Io {
+        what: "BPF_ENABLE_STATS",
+        path: PathBuf::new(),
+        source: e.io_error,
+    })
+}
+
+/// The run-time statistics of the pinned programs (the ones the links run).
+pub fn run_stats(pin_dir: &Path) -> Result<Vec<RunStats>> {
+    CGROUP_PROGRAMS
+        .iter()
+        .chain([&prog_names::SK_MSG])
+        .map(|name| {
+            let info = aya::programs::ProgramInfo::from_pin(pin_dir.join("progs").join(name))
+                .map_err(program_error(name))?;
+            Ok(RunStats {
+                program: name,
+                run_time: info.run_time(),
+                runs: info.run_count(),
+            })
+        })
+        .collect()
 }
 
 /// Whether an installation's pins exist.

@@ -72,6 +72,34 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// CPU time of the calling thread, in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Whether any of `fds` became readable within `timeout` (`poll(2)`; EINTR counts as ready, so
+/// the caller looks again).
+pub fn poll_readable(fds: &[RawFd], timeout: std::time::Duration) -> bool {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the call's duration.
+    let ret = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    ret != 0
+}
+
 /// Mounts bpffs at `at` unless one is mounted there.
 pub fn ensure_bpffs(at: &Path) -> Result<()> {
     if mounts()
@@ -215,24 +243,55 @@ fn obj_info(fd: BorrowedFd<'_>, info: &mut [u32]) -> std::io::Result<()> {
 }
 
 /// The tag (SHA of the instructions, map references masked) of the program a link runs, as
-/// [`aya::programs::ProgramInfo::tag`] gives it.
-pub fn link_program_tag(link: BorrowedFd<'_>) -> std::io::Result<u64> {
-    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-    // `struct bpf_link_info`: type, id, prog_id, ...
-    let mut link_info = [0u32; 8];
-    obj_info(link, &mut link_info)?;
-    let mut attr = [0u32; 32];
-    attr[0] = link_info[2];
-    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
-    // SAFETY: a successful BPF_PROG_GET_FD_BY_ID returns a new descriptor that nothing else owns.
-    let prog = unsafe { OwnedFd::from_raw_fd(prog) };
+/// [`aya::programs::ProgramInfo::tag`] gives it, when that program is the one pinned at
+/// `prog_pin` (`None` otherwise). Read through the pin because `BPF_PROG_GET_FD_BY_ID` needs
+/// CAP_SYS_ADMIN, which the agent does without.
+pub fn link_program_tag(link: BorrowedFd<'_>, prog_pin: &Path) -> std::io::Result<Option<u64>> {
+    let info = link_info(link)?;
+    let prog = match obj_get(prog_pin) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     // `struct bpf_prog_info`: type, id, tag[8], ...
     let mut prog_info = [0u32; 8];
     obj_info(prog.as_fd(), &mut prog_info)?;
+    if prog_info[1] != info.prog_id {
+        return Ok(None);
+    }
     let mut tag = [0u8; 8];
     tag[..4].copy_from_slice(&prog_info[2].to_ne_bytes());
     tag[4..].copy_from_slice(&prog_info[3].to_ne_bytes());
-    Ok(u64::from_be_bytes(tag))
+    Ok(Some(u64::from_be_bytes(tag)))
+}
+
+/// What [`link_info`] reads of a cgroup link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub prog_id: u32,
+    /// The cgroup it is attached to; 0 once detached (`BPF_LINK_DETACH`, or the cgroup died).
+    pub cgroup_id: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` of a cgroup link.
+pub fn link_info(link: BorrowedFd<'_>) -> std::io::Result<LinkInfo> {
+    // `struct bpf_link_info`: type, id, prog_id, then (8-aligned) the `cgroup` union member:
+    // cgroup_id (u64), attach_type.
+    let mut info = [0u32; 8];
+    obj_info(link, &mut info)?;
+    Ok(LinkInfo {
+        prog_id: info[2],
+        cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32),
+    })
+}
+
+/// `BPF_LINK_DETACH`: the link stays (and its pin) but no longer runs its program.
+pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let mut attr = [0u32; 32];
+    attr[0] = link.as_raw_fd() as u32;
+    bpf(BPF_LINK_DETACH, &mut attr)?;
+    Ok(())
 }
 
 /// `BPF_LINK_UPDATE`: the link runs `prog` from now on, atomically (no moment without a program).

@@ -766,9 +766,11 @@ fn link_tag(link_pin: &Path) -> u64 {
 }
 
 /// An agent upgraded to a build whose programs changed (maps unchanged) swaps its programs into
-/// the pinned links in place, instead of keeping the old build's programs.
+/// the pinned links in place, instead of keeping the old build's programs; while it runs,
+/// `Redirect::repair` puts back another program swapped into a link, a detached link, a deleted
+/// link pin and a deleted map pin, each reported once.
 #[test]
-fn a_pinned_link_running_another_builds_program_is_upgraded_in_place() {
+fn a_pinned_link_running_another_builds_program_is_upgraded_in_place_and_drift_repaired() {
     let Some((guard, opts)) = install_alone("upgrade", 'u') else {
         return;
     };
@@ -799,9 +801,35 @@ fn a_pinned_link_running_another_builds_program_is_upgraded_in_place() {
     drop(again);
 
     // Nothing to upgrade the next time.
-    let third = install(&opts).expect("third install");
+    let mut third = install(&opts).expect("third install");
     assert!(third.report().upgraded.is_empty(), "{:?}", third.report());
     assert_eq!(third.report().reused.len(), 5, "{:?}", third.report());
+
+    // While running: repair() finds each kind of drift in the kernel and puts it back, once.
+    assert_eq!(third.repair().unwrap(), vec![], "nothing drifted");
+    link_runs_an_older_build(&link_pin);
+    sluice_redirect::detach_link(&pins.join("links/sluice_connect6")).unwrap();
+    std::fs::remove_file(pins.join("links/sluice_getsockopt")).unwrap();
+    std::fs::remove_file(pins.join("maps/SLUICE_COUNTERS")).unwrap();
+    let repairs: Vec<(&str, &str)> = third
+        .repair()
+        .unwrap()
+        .iter()
+        .map(|r| (r.kind, r.what))
+        .collect();
+    assert_eq!(
+        repairs,
+        vec![
+            ("program_replaced", "sluice_connect4"),
+            ("link_detached", "sluice_connect6"),
+            ("link_missing", "sluice_getsockopt"),
+            ("map_pin_missing", "SLUICE_COUNTERS"),
+        ]
+    );
+    assert_eq!(link_tag(&link_pin), ours, "this build's program is back");
+    assert!(pins.join("links/sluice_getsockopt").exists());
+    assert!(pins.join("maps/SLUICE_COUNTERS").exists());
+    assert_eq!(third.repair().unwrap(), vec![], "repaired for good");
     drop(third);
     drop(guard);
     assert!(!pins.exists(), "pins removed by the cleanup");

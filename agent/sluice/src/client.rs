@@ -182,15 +182,53 @@ fn print_redirect(r: &Value) {
     let enrolled = r["enrolled"].as_array().cloned().unwrap_or_default();
     println!("  enrolled pods: {}", enrolled.len());
     if !enrolled.is_empty() {
-        println!("    {:<32} {:>10}  CGROUP", "POD", "CGROUP ID");
+        // Ages from the agent's wall-clock stamps.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let ago = |v: &Value| {
+            v.as_u64().map_or("-".to_string(), |t| {
+                format!("{:.1}s", now_ms.saturating_sub(t) as f64 / 1000.0)
+            })
+        };
+        println!(
+            "    {:<32} {:>10} {:>9} {:>9} {:<12} CGROUP",
+            "POD", "CGROUP ID", "ENROLLED", "VERIFIED", "FOUND BY"
+        );
         for p in &enrolled {
             println!(
-                "    {:<32} {:>10}  {}",
+                "    {:<32} {:>10} {:>9} {:>9} {:<12} {}",
                 s(&p["pod"]),
                 s(&p["cgroup_id"]),
+                ago(&p["enrolled_since_unix_ms"]),
+                ago(&p["last_verified_unix_ms"]),
+                s(&p["found_by"]),
                 s(&p["cgroup"])
             );
         }
+    }
+    let e = &r["enrollment"];
+    if e.is_object() {
+        let repairs: Vec<String> = e["repairs"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", s(v)))
+            .collect();
+        println!(
+            "  cgroup root {}   reconciliations {} (last took {} us CPU)   repairs: {}",
+            s(&e["cgroup_root"]),
+            s(&e["reconciliations"]),
+            s(&e["last_reconcile_cpu_us"]),
+            if repairs.is_empty() {
+                "none".to_string()
+            } else {
+                repairs.join(" ")
+            }
+        );
+    }
+    if let Some(err) = r["enrollment_error"].as_str() {
+        println!("  enrollment error: {err}");
     }
     for p in r["not_redirected"].as_array().into_iter().flatten() {
         println!("    not redirected: {}: {}", s(&p["pod"]), s(&p["reason"]));

@@ -4,15 +4,15 @@
 //! question, and reports all of it for `/status`.
 
 use anyhow::{bail, Context, Result};
-use parking_lot::Mutex;
 use serde_json::{json, Value};
 use sluice_policy::Snapshot;
 use sluice_proxy::server::OriginalDst;
-use sluice_redirect::{Counter, InstallReport, Lease, Maps, Options, ProxyConfig, Redirect};
-use std::collections::{BTreeMap, BTreeSet};
+use sluice_redirect::enroll::{DesiredPod, Enroller};
+use sluice_redirect::origdst::OriginalDstLookup;
+use sluice_redirect::{Counter, InstallReport, Lease, Maps, Options, ProxyConfig};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -30,6 +30,15 @@ pub struct EbpfArgs {
     /// [default: the cgroup v2 hierarchy's root].
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// cgroup v2 directory under which enrolled pods' cgroups are looked for (kubelet's
+    /// `kubepods` tree, found at any depth; relative `sluice.io/cgroup` annotations are under it)
+    /// [default: the cgroup v2 hierarchy's root].
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// How often enrollment and the installation are checked against the kernel (pinned maps
+    /// and links, program tags, cgroup ids) and repaired.
+    #[arg(long, default_value = "5s", value_parser = crate::run::parse_duration)]
+    pub reconcile_interval: Duration,
     /// bpffs directory for pinned programs, links and maps (reused on restart).
     #[arg(long, default_value = sluice_redirect::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
@@ -68,6 +77,9 @@ impl EbpfArgs {
         }
         if self.cgroup.is_some() {
             set.push("--cgroup");
+        }
+        if self.cgroup_root.is_some() {
+            set.push("--cgroup-root");
         }
         if !self.proxy_ip.is_empty() {
             set.push("--proxy-ip");
@@ -194,102 +206,20 @@ fn proxy_addrs(
     Ok((v4, v6))
 }
 
+pub use sluice_redirect::lease::AcceptWatch;
+
 /// The installed redirect, shared by the lease task, the reload loop, the proxy and `/status`.
 pub struct EbpfRedirect {
     maps: Arc<Maps>,
-    /// Kept for the programs' aya-log lines.
-    redirect: Mutex<Redirect>,
+    enroller: Arc<Enroller>,
+    /// Ends the enroller's thread.
+    enroller_stop: Arc<AtomicBool>,
     object: PathBuf,
     cgroup: PathBuf,
     pin_dir: PathBuf,
     report: InstallReport,
     lease: Duration,
-    renew_every: Duration,
-    enrollment: Mutex<Enrollment>,
-    lookups: Arc<Lookups>,
-}
-
-/// Whether the outbound listener's accept loop makes progress, from its accept queue and the
-/// count of accepted connections. A runtime that still runs timers while its accept loop is
-/// stuck (a hung task, `accept()` failing with EMFILE) must fail open like a dead proxy.
-pub struct AcceptWatch {
-    /// A second descriptor of the listening socket.
-    listener: socket2::Socket,
-    accepted: Arc<AtomicU64>,
-    /// The last check: (connections waiting, accepted so far).
-    last: Option<(u32, u64)>,
-}
-
-/// What one [`AcceptWatch::check`] saw.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Progress {
-    Ok,
-    /// Connections waited at the last check and still wait, and none was accepted since.
-    Stalled {
-        queued: u32,
-    },
-    /// The queue could not be read (renewal goes on: the runtime serves).
-    Unknown,
-}
-
-impl AcceptWatch {
-    pub fn new(listener: &tokio::net::TcpListener, accepted: Arc<AtomicU64>) -> Result<Self> {
-        let listener = socket2::SockRef::from(listener)
-            .try_clone()
-            .context("duplicating the outbound listener's descriptor")?;
-        Ok(AcceptWatch {
-            listener,
-            accepted,
-            last: None,
-        })
-    }
-
-    /// Called once per renewal period.
-    pub fn check(&mut self) -> Progress {
-        use std::os::fd::AsFd as _;
-        let queued = match sluice_redirect::accept_queue_len(self.listener.as_fd()) {
-            Ok(q) => q,
-            Err(err) => {
-                tracing::debug!(%err, "cannot read the outbound listener's accept queue");
-                self.last = None;
-                return Progress::Unknown;
-            }
-        };
-        let now = (queued, self.accepted.load(Ordering::Relaxed));
-        let progress = stalled(self.last, now);
-        self.last = Some(now);
-        progress
-    }
-}
-
-/// Stalled: connections waited at the previous check and wait now, and the accepted count did
-/// not move in between (a serving loop accepts within microseconds).
-fn stalled(last: Option<(u32, u64)>, now: (u32, u64)) -> Progress {
-    match last {
-        Some((waited, accepted)) if waited > 0 && now.0 > 0 && now.1 == accepted => {
-            Progress::Stalled { queued: now.0 }
-        }
-        _ => Progress::Ok,
-    }
-}
-
-/// Pods as last applied to the enrollment map, and problems already warned about.
-#[derive(Default)]
-struct Enrollment {
-    /// `namespace/name` -> (cgroup directory, cgroup id).
-    pods: BTreeMap<String, (PathBuf, u64)>,
-    /// `namespace/name` -> why an enrolled pod is not redirected.
-    problems: BTreeMap<String, String>,
-    /// The last map error, logged once.
-    error: Option<String>,
-}
-
-/// How the proxy learned accepted connections' original destinations.
-#[derive(Default)]
-struct Lookups {
-    map: AtomicU64,
-    sockopt: AtomicU64,
-    unknown: AtomicU64,
+    lookup: OriginalDstLookup,
 }
 
 impl EbpfRedirect {
@@ -310,6 +240,19 @@ impl EbpfRedirect {
             None => sluice_redirect::cgroup2_root()
                 .context("--redirect ebpf needs a cgroup v2 hierarchy (or pass --cgroup DIR)")?,
         };
+        let cgroup_root = match &args.cgroup_root {
+            Some(c) if !c.is_dir() => bail!("--cgroup-root {}: not a directory", c.display()),
+            Some(c) => c.clone(),
+            None => sluice_redirect::cgroup2_root().context(
+                "--redirect ebpf needs a cgroup v2 hierarchy (or pass --cgroup-root DIR)",
+            )?,
+        };
+        if args.reconcile_interval < Duration::from_millis(100) {
+            bail!(
+                "--reconcile-interval {:?}: at least 100ms",
+                args.reconcile_interval
+            );
+        }
         if args.lease < Duration::from_millis(100) {
             bail!("--lease {:?}: at least 100ms", args.lease);
         }
@@ -362,91 +305,61 @@ impl EbpfRedirect {
                 .join(", "),
             cidr_list.join(", "),
         );
+        let enroller = Enroller::new(
+            redirect,
+            maps.clone(),
+            cgroup_root.clone(),
+            args.reconcile_interval,
+        )?;
+        let enroller_stop = Arc::new(AtomicBool::new(false));
+        let (e, stop) = (enroller.clone(), enroller_stop.clone());
+        std::thread::Builder::new()
+            .name("sluice-enroll".into())
+            .spawn(move || e.run(stop))
+            .context("starting the enrollment thread")?;
+        tracing::info!(
+            "enrolled pods' cgroups are looked for under {} (reconciled every {:?})",
+            cgroup_root.display(),
+            args.reconcile_interval
+        );
         Ok(Arc::new(EbpfRedirect {
+            lookup: OriginalDstLookup::new(maps.clone()),
             maps,
-            redirect: Mutex::new(redirect),
+            enroller,
+            enroller_stop,
             object,
             cgroup,
             pin_dir: args.pin_dir.clone(),
             report,
             lease: args.lease,
-            renew_every: args.lease / 4,
-            enrollment: Mutex::new(Enrollment::default()),
-            lookups: Arc::new(Lookups::default()),
         }))
     }
 
     /// The proxy's original-destination lookup.
     pub fn original_dst(&self) -> Arc<dyn OriginalDst> {
-        Arc::new(OrigDst {
-            maps: self.maps.clone(),
-            lookups: self.lookups.clone(),
-        })
+        Arc::new(OrigDst(self.lookup.clone()))
     }
 
     /// Renews the lease every quarter of it until `shutdown` (run it on the proxy's runtime, once
     /// the outbound listener is bound): redirection lasts only while this task runs and the
     /// listener's accept loop makes progress (`watch`).
-    pub async fn keep_lease(
-        self: Arc<Self>,
-        mut watch: AcceptWatch,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut tick = tokio::time::interval(self.renew_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut state: Option<bool> = None; // last renewal's outcome
-        let mut stalled = false;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            match watch.check() {
-                Progress::Stalled { queued } => {
-                    if !stalled {
-                        tracing::warn!(
-                            queued,
-                            "the outbound listener accepted nothing for {:?} while connections waited: not renewing the redirect lease, so enrolled pods fail open",
-                            self.renew_every
-                        );
-                        stalled = true;
-                    }
-                }
-                Progress::Ok if stalled => {
-                    tracing::info!(
-                        "the outbound listener accepts again: renewing the redirect lease"
-                    );
-                    stalled = false;
-                }
-                Progress::Ok | Progress::Unknown => {}
-            }
-            let renewal = if stalled {
-                None
-            } else {
-                Some(self.maps.renew_lease(self.lease))
-            };
-            match renewal {
-                Some(Ok(())) if state != Some(true) => {
-                    tracing::info!(
-                        "redirect lease renewed every {:?} for {:?}: enrolled pods are redirected while the proxy serves",
-                        self.renew_every,
-                        self.lease
-                    );
-                    state = Some(true);
-                }
-                Some(Err(err)) if state != Some(false) => {
-                    tracing::warn!(%err, "cannot renew the redirect lease: enrolled pods fail open until it is renewed");
-                    state = Some(false);
-                }
-                _ => {}
-            }
-            self.redirect.lock().flush_logs();
-        }
+    pub async fn keep_lease(self: Arc<Self>, watch: AcceptWatch, shutdown: watch::Receiver<bool>) {
+        let enroller = self.enroller.clone();
+        sluice_redirect::lease::keep_lease(
+            self.maps.clone(),
+            self.lease,
+            watch,
+            shutdown,
+            move || enroller.flush_logs(),
+        )
+        .await
     }
 
     /// Graceful stop: turns redirection off first, so new connections go to their original
     /// destinations while the proxy drains.
     pub fn stop(&self) {
+        self.enroller_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         match self
             .maps
             .set_enabled(false)
@@ -459,107 +372,11 @@ impl EbpfRedirect {
         }
     }
 
-    /// Brings the enrollment map in step with `snapshot`'s enrolled Pods that name a cgroup
-    /// (`sluice.io/cgroup`): enrolls new ones, releases the rest, including cgroups a previous run
-    /// left enrolled. Blocking (stat and bpf calls): run it off the proxy's thread. Cheap enough
-    /// to run on every config poll, which also catches a pod's cgroup directory appearing late.
+    /// Hands the snapshot's enrolled Pods to the enroller (blocking: stat and bpf calls; run it
+    /// off the proxy's thread). Pods whose cgroup is not there yet are enrolled by the enroller's
+    /// thread as soon as it appears.
     pub fn sync_enrollment(&self, snapshot: &Snapshot) {
-        let root = sluice_redirect::cgroup2_root().ok();
-        let mut want: BTreeMap<String, (PathBuf, u64)> = BTreeMap::new();
-        let mut problems: BTreeMap<String, String> = BTreeMap::new();
-        for (key, w) in &snapshot.workloads {
-            if !w.enrolled {
-                continue;
-            }
-            let Some(dir) = &w.cgroup else {
-                problems.insert(
-                    key.clone(),
-                    format!("no {} annotation", sluice_config::CGROUP_ANNOTATION),
-                );
-                continue;
-            };
-            // Relative paths are relative to the cgroup v2 mount.
-            let dir = match (&root, dir.is_relative()) {
-                (Some(root), true) => root.join(dir),
-                _ => dir.clone(),
-            };
-            match sluice_redirect::cgroup_id(&dir) {
-                Ok(id) if dir.is_dir() => {
-                    want.insert(key.clone(), (dir, id));
-                }
-                _ => {
-                    problems.insert(
-                        key.clone(),
-                        format!(
-                            "{} {} does not exist",
-                            sluice_config::CGROUP_ANNOTATION,
-                            dir.display()
-                        ),
-                    );
-                }
-            }
-        }
-
-        let mut st = self.enrollment.lock();
-        for (pod, why) in &problems {
-            if st.problems.get(pod) != Some(why) {
-                tracing::warn!(
-                    "pod {pod} is enrolled but its connections are not redirected: {why}"
-                );
-            }
-        }
-        st.problems = problems;
-
-        let in_map: BTreeSet<u64> = self.maps.enrolled_cgroups().into_iter().collect();
-        let want_ids: BTreeSet<u64> = want.values().map(|(_, id)| *id).collect();
-        let mut error = None;
-        for id in in_map.difference(&want_ids) {
-            let who = st
-                .pods
-                .iter()
-                .find(|(_, (_, known))| known == id)
-                .map(|(pod, (dir, _))| (pod.clone(), dir.clone()));
-            match self.maps.release_cgroup_id(*id) {
-                Ok(()) => match who {
-                    Some((pod, dir)) => {
-                        tracing::info!("released pod {pod}: cgroup {} (id {id})", dir.display())
-                    }
-                    None => {
-                        tracing::info!("released cgroup id {id} left enrolled by a previous run")
-                    }
-                },
-                Err(err) => error = Some(err.to_string()),
-            }
-        }
-        for (pod, (dir, id)) in &want {
-            if in_map.contains(id) {
-                if !st.pods.contains_key(pod) {
-                    tracing::info!(
-                        "enrolled pod {pod}: cgroup {} (id {id}), already in the pinned map",
-                        dir.display()
-                    );
-                }
-                continue;
-            }
-            match self.maps.enroll_cgroup_id(*id) {
-                Ok(()) => {
-                    tracing::info!("enrolled pod {pod}: cgroup {} (id {id})", dir.display())
-                }
-                Err(err) => error = Some(err.to_string()),
-            }
-        }
-        if let Some(err) = &error {
-            if st.error.as_ref() != Some(err) {
-                tracing::warn!("updating the enrollment map: {err} (retried on the next poll)");
-            }
-        }
-        st.error = error;
-        // What the map holds now, by pod (a failed update is retried next time).
-        let now: BTreeSet<u64> = self.maps.enrolled_cgroups().into_iter().collect();
-        st.pods = want
-            .into_iter()
-            .filter(|(_, (_, id))| now.contains(id))
-            .collect();
+        self.enroller.sync(DesiredPod::from_snapshot(snapshot));
     }
 
     /// `/status`'s `redirect` object.
@@ -578,20 +395,20 @@ impl EbpfRedirect {
         };
         let mut lease = lease;
         lease["duration_ms"] = json!(self.lease.as_millis() as u64);
-        lease["renew_every_ms"] = json!(self.renew_every.as_millis() as u64);
-        let st = self.enrollment.lock();
+        lease["renew_every_ms"] = json!((self.lease / 4).as_millis() as u64);
+        let st = self.enroller.status();
         let enrolled: Vec<Value> = st
             .pods
             .iter()
-            .map(|(pod, (dir, id))| json!({"pod": pod, "cgroup": dir.display().to_string(), "cgroup_id": id}))
+            .filter(|p| p.cgroup_id.is_some())
+            .map(|p| json!(p))
             .collect();
         let not_redirected: Vec<Value> = st
-            .problems
+            .pods
             .iter()
-            .map(|(pod, why)| json!({"pod": pod, "reason": why}))
+            .filter(|p| p.cgroup_id.is_none())
+            .map(|p| json!({"pod": p.pod, "reason": p.problem}))
             .collect();
-        let map_error = st.error.clone();
-        drop(st);
         let counters: serde_json::Map<String, Value> = match self.maps.counters() {
             Ok(list) => list
                 .into_iter()
@@ -625,113 +442,36 @@ impl EbpfRedirect {
             "lease": lease,
             "enrolled": enrolled,
             "not_redirected": not_redirected,
-            "enrollment_error": map_error,
+            "enrollment_error": st.error,
+            "enrollment": {
+                "cgroup_root": st.cgroup_root,
+                "repairs": st.repairs,
+                "reconciliations": st.reconciliations,
+                "last_reconcile_unix_ms": st.last_reconcile_unix_ms,
+                "last_reconcile_cpu_us": st.last_reconcile_cpu_us,
+            },
             "exclusions": {
                 "ports": self.maps.excluded_ports(),
                 "cidrs": cidrs,
             },
             "counters": counters,
-            "original_dst": {
-                "from_map": self.lookups.map.load(Ordering::Relaxed),
-                "from_sockopt": self.lookups.sockopt.load(Ordering::Relaxed),
-                "unknown": self.lookups.unknown.load(Ordering::Relaxed),
-            },
+            "original_dst": self.lookup.counts(),
         })
     }
 }
 
-/// The proxy's side of redirection: the 4-tuple map first (filled by `sock_ops` for redirected
-/// pods; the `cgroup/getsockopt` program only answers processes inside the attached cgroup, which
-/// the agent usually is not), then `getsockopt(SO_ORIGINAL_DST)` on the accepted socket, which also
-/// covers iptables `REDIRECT`.
-struct OrigDst {
-    maps: Arc<Maps>,
-    lookups: Arc<Lookups>,
-}
+/// The library's lookup as the proxy's [`OriginalDst`].
+struct OrigDst(OriginalDstLookup);
 
 impl OriginalDst for OrigDst {
     fn original_dst(&self, stream: &TcpStream) -> Option<SocketAddr> {
-        let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
-            return None;
-        };
-        if let Some(dst) = self.maps.original_dst(peer, local) {
-            self.lookups.map.fetch_add(1, Ordering::Relaxed);
-            return Some(dst);
-        }
-        let sock = socket2::SockRef::from(stream);
-        let v4_conn = local.is_ipv4() || peer.ip().to_canonical().is_ipv4();
-        let found = if v4_conn {
-            sock.original_dst_v4().or_else(|_| sock.original_dst_v6())
-        } else {
-            sock.original_dst_v6()
-        };
-        let dst = found
-            .ok()
-            .and_then(|a| a.as_socket())
-            .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
-            // Not NATed: conntrack reports the socket's own address.
-            .filter(|a| {
-                *a != local && *a != SocketAddr::new(local.ip().to_canonical(), local.port())
-            });
-        match dst {
-            Some(_) => self.lookups.sockopt.fetch_add(1, Ordering::Relaxed),
-            None => self.lookups.unknown.fetch_add(1, Ordering::Relaxed),
-        };
-        dst
+        self.0.lookup(stream)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A real listener with a connection the kernel queued: stalled once it waits across two
-    /// checks with nothing accepted; fine again once the loop accepts; a busy loop (queue never
-    /// empty, count moving) is not stalled.
-    #[tokio::test(flavor = "current_thread")]
-    async fn accept_watch_sees_a_stuck_accept_loop_on_a_real_listener() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let mut watch = AcceptWatch::new(&listener, accepted.clone()).unwrap();
-        assert_eq!(watch.check(), Progress::Ok);
-        assert_eq!(watch.check(), Progress::Ok, "nothing waiting");
-
-        // Blocking connects on loopback complete at once: the kernel queues them unaccepted.
-        let c1 = std::net::TcpStream::connect(addr).unwrap();
-        assert_eq!(
-            watch.check(),
-            Progress::Ok,
-            "first sight of a waiting connection"
-        );
-        assert_eq!(watch.check(), Progress::Stalled { queued: 1 });
-        assert_eq!(watch.check(), Progress::Stalled { queued: 1 });
-
-        // A busy loop: it accepts, but the queue is never empty at a check.
-        let _c2 = std::net::TcpStream::connect(addr).unwrap();
-        let (_s1, _) = listener.accept().await.unwrap();
-        accepted.fetch_add(1, Ordering::Relaxed);
-        assert_eq!(
-            watch.check(),
-            Progress::Ok,
-            "accepted one since the last check"
-        );
-
-        let (_s2, _) = listener.accept().await.unwrap();
-        accepted.fetch_add(1, Ordering::Relaxed);
-        assert_eq!(watch.check(), Progress::Ok, "queue drained");
-        assert_eq!(watch.check(), Progress::Ok);
-        drop(c1);
-    }
-
-    #[test]
-    fn accept_queue_of_a_connected_socket_is_an_error() {
-        use std::os::fd::AsFd as _;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        assert!(sluice_redirect::accept_queue_len(c.as_fd()).is_err());
-        assert_eq!(sluice_redirect::accept_queue_len(l.as_fd()).unwrap(), 1);
-    }
 
     #[test]
     fn cidrs() {

@@ -13,6 +13,11 @@
 //! topology's own `/etc/hosts` in a private mount namespace, so `curl http://product/` resolves as in
 //! a cluster.
 //!
+//! [`Topology::add_kubelet_pod`] lays a pod's cgroups out as kubelet does (a BestEffort pod, either
+//! cgroup driver, its process in a container cgroup below the pod-level one) under the topology's
+//! cgroup, and gives it a `metadata.uid`, so the agent can find it from a Pod object without the
+//! `sluice.io/cgroup` annotation (`--cgroup-root` the topology's cgroup).
+//!
 //! Dropping the topology ends the processes it started (by PID) and anything else left in its
 //! cgroups, then removes the veths, network namespaces, bridge and cgroups, also when the holder
 //! panicked. Names carry the creating process's PID and a counter; [`sweep_stale`] removes what a
@@ -94,8 +99,11 @@ pub struct Pod {
     pub netns: String,
     /// `/run/netns/<netns>`, what the `sluice.io/netns` annotation names.
     pub netns_path: PathBuf,
-    /// The pod's cgroup v2 directory, what the `sluice.io/cgroup` annotation names.
+    /// The pod's cgroup v2 directory, where its processes run (what the `sluice.io/cgroup`
+    /// annotation names); for a kubelet-shaped pod its container's cgroup.
     pub cgroup: PathBuf,
+    /// A kubelet-shaped pod's `metadata.uid` ([`Topology::add_kubelet_pod`]).
+    pub uid: Option<String>,
     /// The pod's address on the bridge.
     pub ip: Ipv4Addr,
     /// The pod's IPv6 address on the bridge (`fd00:5c:A:B::n/64`) in a dual-stack topology
@@ -103,6 +111,13 @@ pub struct Pod {
     pub ip6: Option<Ipv6Addr>,
     /// The host end of the pod's veth.
     host_link: String,
+}
+
+/// kubelet's cgroup driver: how [`Topology::add_kubelet_pod`] names a pod's cgroups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    Systemd,
+    Cgroupfs,
 }
 
 /// A bridge, a parent cgroup and the pods on them. See the crate documentation.
@@ -237,6 +252,7 @@ impl Topology {
             netns: netns.clone(),
             netns_path: Path::new("/run/netns").join(&netns),
             cgroup: cgroup.clone(),
+            uid: None,
             ip: ip_addr,
             ip6,
             host_link: host_link.clone(),
@@ -279,6 +295,35 @@ impl Topology {
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         fs::create_dir(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         Ok(self.pods.last().expect("pushed").clone())
+    }
+
+    /// Adds a pod as [`Topology::add_pod`] does, with its cgroups where kubelet puts a BestEffort
+    /// pod's under the topology's cgroup (the node's cgroup root in this picture), with `driver`'s
+    /// names: systemd `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid
+    /// with _>.slice/cri-containerd-<id>.scope`, cgroupfs `kubepods/besteffort/pod<uid>/<id>`.
+    /// Its processes run in the container cgroup ([`Pod::cgroup`]); [`Pod::uid`] is the uid to
+    /// put in its Pod object (with `status.qosClass: BestEffort`).
+    pub fn add_kubelet_pod(&mut self, name: &str, driver: CgroupDriver) -> Result<Pod> {
+        static UIDS: AtomicU32 = AtomicU32::new(0);
+        let n = UIDS.fetch_add(1, Ordering::Relaxed);
+        let uid = format!("{:08x}-5c1c-4e00-8000-{n:012x}", std::process::id());
+        let container = format!("{:032x}{n:032x}", std::process::id());
+        let rel = match driver {
+            CgroupDriver::Systemd => format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container}.scope",
+                uid.replace('-', "_")
+            ),
+            CgroupDriver::Cgroupfs => format!("kubepods/besteffort/pod{uid}/{container}"),
+        };
+        let mut pod = self.add_pod(name)?;
+        // The flat cgroup add_pod made is not used.
+        remove_cgroup(&pod.cgroup);
+        pod.cgroup = self.cgroup().join(rel);
+        pod.uid = Some(uid);
+        *self.pods.last_mut().expect("added") = pod.clone();
+        fs::create_dir_all(&pod.cgroup)
+            .with_context(|| format!("mkdir {}", pod.cgroup.display()))?;
+        Ok(pod)
     }
 
     /// Adds `addr` to `pod`'s `eth0` as one more address of its own (`/32` or `/128`, no duplicate
@@ -437,6 +482,12 @@ impl Drop for Topology {
             let _ = ip(&["netns", "del", &pod.netns]);
             remove_cgroup(&pod.cgroup);
         }
+        // kubelet-shaped pods' levels (and anything a test made below them).
+        if let Some(cgroup) = &self.cgroup {
+            for tree in ["kubepods.slice", "kubepods"] {
+                remove_cgroup_tree(&cgroup.join(tree));
+            }
+        }
         if let Some(node) = self.node_cgroup.take() {
             remove_cgroup(&node);
         }
@@ -537,12 +588,7 @@ pub fn sweep_stale() -> Vec<String> {
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if name.strip_prefix(PREFIX).is_some_and(stale) {
-                    if let Ok(pods) = fs::read_dir(entry.path()) {
-                        for pod in pods.flatten().filter(|p| p.path().is_dir()) {
-                            remove_cgroup(&pod.path());
-                        }
-                    }
-                    remove_cgroup(&entry.path());
+                    remove_cgroup_tree(&entry.path());
                     if !entry.path().exists() {
                         removed.push(format!("cgroup {}", entry.path().display()));
                     }
@@ -612,6 +658,16 @@ fn ip(args: &[&str]) -> Result<()> {
 
 /// Ends whatever is still in `cgroup` (only a topology's own cgroups are passed here) and removes
 /// it, waiting a bounded time for the processes to go.
+/// Removes a cgroup and everything below it, deepest first.
+fn remove_cgroup_tree(cgroup: &Path) {
+    if let Ok(children) = fs::read_dir(cgroup) {
+        for child in children.flatten().filter(|c| c.path().is_dir()) {
+            remove_cgroup_tree(&child.path());
+        }
+    }
+    remove_cgroup(cgroup);
+}
+
 #[allow(clippy::disallowed_methods)] // plain std code without a runtime: a bounded blocking wait
 fn remove_cgroup(cgroup: &Path) {
     if !cgroup.exists() {

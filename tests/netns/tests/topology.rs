@@ -264,3 +264,78 @@ fn sweep_removes_only_what_dead_runs_left() {
         .unwrap();
     assert!(out.status.success(), "a live topology's bridge was swept");
 }
+
+/// Kubelet-shaped pods: their processes run in a container cgroup below a pod-level cgroup named
+/// as kubelet names a BestEffort pod's (either driver), which the agent's resolver finds from the
+/// uid alone; dropping the topology removes those levels too, with a process still running.
+#[test]
+fn kubelet_shaped_pods_run_in_container_cgroups_under_kubelets_names() {
+    if skip() {
+        return;
+    }
+    use sluice_netns::CgroupDriver;
+    use sluice_redirect::cgroup::{PodCgroupQuery, QosClass, Resolution, Resolver};
+    let (netns, cgroup) = {
+        let mut topo = Topology::create().expect("topology");
+        let sd = topo
+            .add_kubelet_pod("sd", CgroupDriver::Systemd)
+            .expect("systemd pod");
+        let fs = topo
+            .add_kubelet_pod("fs", CgroupDriver::Cgroupfs)
+            .expect("cgroupfs pod");
+        let (sd_uid, fs_uid) = (sd.uid.clone().unwrap(), fs.uid.clone().unwrap());
+        assert_ne!(sd_uid, fs_uid);
+        let rel = |p: &Pod| p.cgroup.strip_prefix(topo.cgroup()).unwrap().to_path_buf();
+        let sd_rel = rel(&sd).display().to_string();
+        assert!(
+            sd_rel.starts_with(&format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-",
+                sd_uid.replace('-', "_")
+            )) && sd_rel.ends_with(".scope"),
+            "{sd_rel}"
+        );
+        assert!(
+            rel(&fs)
+                .display()
+                .to_string()
+                .starts_with(&format!("kubepods/besteffort/pod{fs_uid}/")),
+            "{}",
+            rel(&fs).display()
+        );
+        assert!(!topo.cgroup().join("sd").exists(), "no flat cgroup as well");
+
+        // The resolver finds each pod-level cgroup from the uid and QoS class.
+        let resolver = Resolver::new(topo.cgroup());
+        for (pod, uid) in [(&sd, &sd_uid), (&fs, &fs_uid)] {
+            let q = PodCgroupQuery {
+                uid: Some(uid.clone()),
+                qos: Some(QosClass::BestEffort),
+                ..Default::default()
+            };
+            match resolver.resolve(&q) {
+                Resolution::Found { path, .. } => {
+                    assert_eq!(Some(path.as_path()), pod.cgroup.parent())
+                }
+                other => panic!("{}: {other:?}", pod.name),
+            }
+        }
+
+        // The pod's process is in its container cgroup.
+        let out = topo.exec(&sd, "cat", &["/proc/self/cgroup"]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("0::") && l.ends_with(&sd_rel)),
+            "{sd_rel} not in {text}"
+        );
+        let mut sleeper = topo.command(&fs, "sleep").unwrap();
+        sleeper.arg("600");
+        let pid = topo.spawn(&mut sleeper).unwrap();
+        assert!(topo.running(pid));
+        (
+            vec![sd.netns.clone(), fs.netns.clone()],
+            topo.cgroup().to_path_buf(),
+        )
+    };
+    assert_gone(&netns, &[], &cgroup);
+}
