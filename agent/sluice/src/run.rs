@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// Proxy worker threads; 1 runs everything on one thread (lowest overhead).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Kubernetes cluster domain: every short host name is completed with it
+    /// (`pricing` -> `pricing.NAMESPACE.svc.DOMAIN`).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = sluice_policy::DEFAULT_CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
     /// Namespace short host names resolve in for clients that are not known pods.
     #[arg(long, default_value = "default")]
     pub namespace: String,
@@ -146,10 +150,15 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
     );
 
     // Configuration first: readiness means "serving with the configuration on disk".
-    let mut config = args
-        .config_dir
-        .clone()
-        .map(|dir| ConfigDir::new(dir, BuildOptions::default()));
+    let mut config = args.config_dir.clone().map(|dir| {
+        ConfigDir::new(
+            dir,
+            BuildOptions {
+                cluster_domain: args.cluster_domain.clone(),
+                ..BuildOptions::default()
+            },
+        )
+    });
     let mut reported = BTreeSet::new();
     if let Some(cfg) = config.as_mut() {
         let cfg_reload = cfg.reload();
