@@ -131,6 +131,10 @@ pub fn parse_api_object(value: &serde_json::Value) -> ParsedFile {
             .and_then(|m| m.get("resourceVersion"))
             .and_then(|v| v.as_str())
             .map(str::to_string),
+        uid: meta
+            .and_then(|m| m.get("uid"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
     };
     // JSON is YAML: one parser, so API objects get exactly the field paths and messages files get.
     match serde_json::to_string_pretty(value) {

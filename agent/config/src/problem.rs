@@ -22,12 +22,14 @@ pub enum Origin {
     /// Standalone mode: a file (as given, or relative to the config directory) and the 1-based
     /// index of the document in it (0: the file as a whole).
     File { path: String, document: usize },
-    /// Kubernetes mode: an object read from the API server.
+    /// Kubernetes mode: an object read from the API server (its uid lets an Event about it show
+    /// in `kubectl describe`).
     Api {
         kind: String,
         namespace: String,
         name: String,
         resource_version: Option<String>,
+        uid: Option<String>,
     },
 }
 
@@ -272,6 +274,7 @@ mod tests {
             namespace: "shop".into(),
             name: "pricing".into(),
             resource_version: Some("42".into()),
+            uid: None,
         };
         let mut sink = Sink::new(&origin, Some("VirtualService shop/pricing".into()));
         sink.error("spec.http[0].timeout", "negative");

@@ -354,6 +354,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: "pricing".into(),
                 resource_version: Some("3".into()),
+                uid: None,
             }
         );
         assert_eq!(err.field, "spec.http[0].timeout");
