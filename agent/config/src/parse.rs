@@ -137,13 +137,20 @@ pub fn parse_api_object(value: &serde_json::Value) -> ParsedFile {
             .map(str::to_string),
     };
     // JSON is YAML: one parser, so API objects get exactly the field paths and messages files get.
-    match serde_json::to_string_pretty(value) {
+    match serde_json::to_string(value) {
         Ok(json) => {
             let mut parsed = parse_text(&origin, &json);
             // Lines of a JSON rendering mean nothing to the object's author: drop them.
-            let re = regex::Regex::new(r" \(line \d+, column \d+\)| at line \d+ column \d+")
-                .expect("valid regex");
-            for p in &mut parsed.problems {
+            static LINES: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+            let re = LINES.get_or_init(|| {
+                regex::Regex::new(r" \(line \d+, column \d+\)| at line \d+ column \d+")
+                    .expect("valid regex")
+            });
+            for p in parsed
+                .problems
+                .iter_mut()
+                .filter(|p| p.reason.contains("line "))
+            {
                 p.reason = re.replace_all(&p.reason, "").into_owned();
             }
             parsed
