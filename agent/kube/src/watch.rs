@@ -217,21 +217,31 @@ where
 {
     let stream = stream.default_backoff();
     futures_util::pin_mut!(stream);
-    let mut listed: Vec<Update> = Vec::new();
+    // A (re)list is converted in one go off the runtime: thousands of objects at start-up.
+    let mut listed: Vec<Value> = Vec::new();
     let mut synced = false;
     while let Some(item) = stream.next().await {
         match item {
             Ok(watcher::Event::Init) => listed.clear(),
-            Ok(watcher::Event::InitApply(o)) => listed.extend(updates(to_json(o))),
+            Ok(watcher::Event::InitApply(o)) => listed.push(to_json(o)),
             Ok(watcher::Event::InitDone) => {
                 tracing::debug!(
                     kind = sink.kind.kind,
                     objects = listed.len(),
                     "complete list"
                 );
+                let values = std::mem::take(&mut listed);
+                let converted = tokio::task::spawn_blocking(move || {
+                    values.into_iter().flat_map(updates).collect::<Vec<_>>()
+                })
+                .await;
+                let Ok(converted) = converted else {
+                    // Only when the runtime shuts down.
+                    return;
+                };
                 sink.send(Event::Resync {
                     kind: sink.kind.kind.to_string(),
-                    updates: std::mem::take(&mut listed),
+                    updates: converted,
                 });
                 if !synced {
                     synced = true;
