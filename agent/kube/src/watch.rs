@@ -310,11 +310,21 @@ async fn istio_version(client: &Client, sink: &Sink) -> String {
                 tokio::time::sleep(ISTIO_RECHECK).await;
             }
             Err(err) => {
-                let status = match &err {
-                    kube::Error::Api(s) => Some(&**s),
-                    _ => None,
-                };
-                sink.failed("get", &format!("API discovery failed: {err}"), status);
+                // Discovery is a non-resource URL: a 403 here names the URL, not a resource.
+                let message = format!("API discovery (GET /apis) failed: {err}");
+                sink.status
+                    .update_kind(sink.index, |k| k.last_error = Some(message.clone()));
+                if let kube::Error::Api(s) = &err {
+                    if s.code == 403 {
+                        sink.status.forbid(Forbidden {
+                            verb: "get".into(),
+                            group: String::new(),
+                            resource: "/apis (nonResourceURL; granted by system:discovery)".into(),
+                            message: s.message.clone(),
+                        });
+                    }
+                }
+                tracing::warn!(kind = sink.kind.kind, "{message}; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
