@@ -29,6 +29,8 @@ use tokio::sync::mpsc::UnboundedSender;
 /// The Istio group and the versions Sluice reads, most preferred first.
 pub const ISTIO_GROUP: &str = "networking.istio.io";
 pub const ISTIO_VERSIONS: &[&str] = &["v1", "v1beta1", "v1alpha3"];
+/// How a refused discovery request shows in `forbidden` (it is a URL, not a resource).
+const DISCOVERY: &str = "/apis (nonResourceURL; granted by system:discovery)";
 /// How often discovery is asked again while the Istio group is not served.
 const ISTIO_RECHECK: Duration = Duration::from_secs(30);
 
@@ -278,6 +280,7 @@ async fn istio_version(client: &Client, sink: &Sink) -> String {
     loop {
         match client.list_api_groups().await {
             Ok(list) => {
+                sink.status.allow("", DISCOVERY, &["get"]);
                 let served: Vec<String> = list
                     .groups
                     .iter()
@@ -319,7 +322,7 @@ async fn istio_version(client: &Client, sink: &Sink) -> String {
                         sink.status.forbid(Forbidden {
                             verb: "get".into(),
                             group: String::new(),
-                            resource: "/apis (nonResourceURL; granted by system:discovery)".into(),
+                            resource: DISCOVERY.into(),
                             message: s.message.clone(),
                         });
                     }
