@@ -232,3 +232,30 @@ fn run_store(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rbac_rules_cover_exactly_what_is_requested() {
+        // Every watched kind: list, then watch.
+        for kind in watch::kinds() {
+            let rule = RBAC_RULES
+                .iter()
+                .find(|r| r.group == kind.group && r.resource == kind.resource)
+                .unwrap_or_else(|| panic!("no rule for {}", kind.kind));
+            assert_eq!(rule.verbs, ["list", "watch"], "{}", kind.kind);
+        }
+        // And the Events of rejected objects: created, then patched when they recur.
+        let events = RBAC_RULES
+            .iter()
+            .find(|r| r.resource == "events")
+            .expect("events");
+        assert_eq!(
+            (events.group, events.verbs),
+            ("events.k8s.io", &["create", "patch"][..])
+        );
+        assert_eq!(RBAC_RULES.len(), watch::kinds().len() + 1, "nothing else");
+    }
+}
