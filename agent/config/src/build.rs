@@ -25,6 +25,7 @@ pub const CGROUP_ANNOTATION: &str = "sluice.io/cgroup";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The per-object result of checking: a converted Istio object, or nothing to convert.
+#[derive(Clone, Debug)]
 pub(crate) enum Checked {
     Vs(CheckedVs),
     // Boxed: a DestinationRule's checked policy is several times the size of the rest.
@@ -33,7 +34,7 @@ pub(crate) enum Checked {
 }
 
 pub(crate) fn check(obj: &Object, opts: &BuildOptions) -> (Option<Checked>, Vec<Problem>) {
-    let mut sink = Sink::new(&obj.file, obj.document, Some(obj.describe()));
+    let mut sink = Sink::new(&obj.origin, Some(obj.describe()));
     let checked = match &obj.resource {
         Resource::VirtualService(v) => Checked::Vs(vs::convert(v, &mut sink, opts)),
         Resource::DestinationRule(d) => Checked::Dr(Box::new(dr::convert(d, &mut sink, opts))),
@@ -61,7 +62,7 @@ fn istio_order(
 }
 
 fn warn_at(problems: &mut Vec<Problem>, obj: &Object, field: &str, reason: String) {
-    let mut sink = Sink::new(&obj.file, obj.document, Some(obj.describe()));
+    let mut sink = Sink::new(&obj.origin, Some(obj.describe()));
     sink.warn(field, reason);
     problems.extend(sink.problems);
 }
@@ -122,12 +123,7 @@ fn endpoint_ips(spec: &ServiceSpec, cluster_ips: &[IpAddr], pod: &Pod) -> Vec<Ip
 /// problems found are returned (and also recorded in the snapshot).
 pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>) {
     let mut problems = Vec::new();
-    let mut vss: Vec<(&Object, CheckedVs)> = Vec::new();
-    let mut drs: Vec<(&Object, CheckedDr)> = Vec::new();
-    let mut namespaces: BTreeMap<String, &BTreeMap<String, String>> = BTreeMap::new();
-    let mut pods: BTreeMap<(String, String), (&Object, &Pod)> = BTreeMap::new();
-    let mut services = Vec::new();
-    let mut slices = Vec::new();
+    let mut accepted = Vec::new();
     let mut seen = BTreeMap::new();
     for obj in objects {
         let id = obj.id();
@@ -140,10 +136,31 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
             );
             continue;
         }
-        seen.insert(id, format!("{} document {}", obj.file, obj.document));
+        seen.insert(id, obj.origin.clone());
         let (checked, found) = check(obj, opts);
         problems.extend(found);
-        match (checked, &obj.resource) {
+        if let Some(checked) = checked {
+            accepted.push((obj, checked));
+        }
+    }
+    assemble(accepted, problems, opts)
+}
+
+/// Builds a snapshot from objects already checked one by one (each exactly once, by [`check`]),
+/// adding the cross-object problems to `problems`.
+pub(crate) fn assemble<'a>(
+    accepted: impl IntoIterator<Item = (&'a Object, Checked)>,
+    mut problems: Vec<Problem>,
+    opts: &BuildOptions,
+) -> (Snapshot, Vec<Problem>) {
+    let mut vss: Vec<(&Object, CheckedVs)> = Vec::new();
+    let mut drs: Vec<(&Object, CheckedDr)> = Vec::new();
+    let mut namespaces: BTreeMap<String, &BTreeMap<String, String>> = BTreeMap::new();
+    let mut pods: BTreeMap<(String, String), (&Object, &Pod)> = BTreeMap::new();
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for (obj, checked) in accepted {
+        match (Some(checked), &obj.resource) {
             (None, _) => {}
             (Some(Checked::Vs(v)), _) => vss.push((obj, v)),
             (Some(Checked::Dr(d)), _) => drs.push((obj, *d)),
@@ -161,7 +178,10 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
             (Some(Checked::Other), _) => {}
         }
     }
-    let mut snap = Snapshot::default();
+    let mut snap = Snapshot {
+        cluster_domain: opts.cluster_domain.clone(),
+        ..Snapshot::default()
+    };
 
     // Workloads and enrollment: the pod's own label wins (`none` opts out), else its namespace's.
     for (obj, pod) in pods.values() {
@@ -216,6 +236,17 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
 
     // Services and their endpoints per service port.
     let allocated = allocate_cluster_ips(&services);
+    // Indexed once: a cluster has as many slices as Services, and each Service looks up its own.
+    let mut slices_by_service: BTreeMap<(&str, &str), Vec<_>> = BTreeMap::new();
+    for entry in &slices {
+        let (_, s) = entry;
+        if let Some(service) = s.metadata.labels.get(SERVICE_NAME_LABEL) {
+            slices_by_service
+                .entry((s.metadata.namespace(), service.as_str()))
+                .or_default()
+                .push(entry);
+        }
+    }
     let mut endpoints_by_port: BTreeMap<(String, u16), Vec<Endpoint>> = BTreeMap::new();
     for (obj, svc) in &services {
         let ns = svc.metadata.namespace();
@@ -245,13 +276,9 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
             }
         }
         let mut ports = Vec::new();
-        let my_slices: Vec<_> = slices
-            .iter()
-            .filter(|(_, s)| {
-                s.metadata.namespace() == ns
-                    && s.metadata.labels.get(SERVICE_NAME_LABEL) == Some(&svc.metadata.name)
-            })
-            .collect();
+        let my_slices: &[_] = slices_by_service
+            .get(&(ns, svc.metadata.name.as_str()))
+            .map_or(&[], Vec::as_slice);
         for (i, p) in svc.spec.ports.iter().enumerate() {
             let Ok(port) = u16::try_from(p.port) else {
                 warn_at(
@@ -280,7 +307,7 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
             let mut eps = Vec::new();
             if !my_slices.is_empty() {
                 let want = name.clone().unwrap_or_default();
-                for (_, slice) in &my_slices {
+                for (_, slice) in my_slices {
                     let Some(sp) = slice
                         .ports
                         .iter()
