@@ -84,3 +84,20 @@ fn host_network_pending_and_addressless_pods_are_not_redirected() {
     assert_eq!(plain.not_redirectable(), None);
     assert_eq!(plain.uid.as_deref(), Some("u-1"));
 }
+
+#[test]
+fn a_pod_from_the_api_server_as_json_carries_the_same_fields() {
+    // Kubernetes mode reads objects as the watch delivers them (JSON, built-in lists without
+    // `kind`, which the watcher restores): the same Workload must come out as from the file.
+    let mut json: serde_json::Value = serde_yaml::from_str(POD).unwrap();
+    json["metadata"]["resourceVersion"] = "99".into();
+    let parsed = sluice_config::parse_api_object(&json);
+    assert!(
+        parsed.problems.iter().all(|p| !p.is_error()),
+        "{:#?}",
+        parsed.problems
+    );
+    let (snap, _) = build(&parsed.objects, &BuildOptions::default());
+    let from_api = (**snap.workloads.values().next().expect("one pod")).clone();
+    assert_eq!(from_api, workload(POD));
+}
