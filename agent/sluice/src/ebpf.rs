@@ -48,14 +48,14 @@ pub struct EbpfArgs {
     #[arg(long, value_delimiter = ',')]
     pub proxy_ip: Vec<IpAddr>,
     /// Destination ports never redirected (comma-separated).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "SLUICE_EXCLUDE_PORTS", value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
     /// Destination CIDRs never redirected (comma-separated, e.g. 10.0.0.0/8,fd00::/8).
-    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+    #[arg(long, env = "SLUICE_EXCLUDE_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     pub exclude_cidrs: Vec<Cidr>,
     /// How long redirection outlives the agent's last renewal: a stopped or killed proxy fails
     /// open after at most this (renewed every quarter of it).
-    #[arg(long, default_value = "1s", value_parser = crate::run::parse_duration)]
+    #[arg(long, env = "SLUICE_LEASE", default_value = "1s", value_parser = crate::run::parse_duration)]
     pub lease: Duration,
     /// Log one line per redirected connect() from the programs (busy nodes: keep off).
     #[arg(long)]

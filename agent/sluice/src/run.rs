@@ -52,7 +52,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:15021")]
     pub ready_addr: SocketAddr,
     /// Proxy worker threads; 1 runs everything on one thread (lowest overhead).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "SLUICE_WORKERS", default_value_t = 1)]
     pub workers: usize,
     /// Kubernetes cluster domain: every short host name is completed with it
     /// (`pricing` -> `pricing.NAMESPACE.svc.DOMAIN`).
@@ -71,7 +71,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub reload_interval: Duration,
     /// How long requests under way may take to finish on shutdown.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "SLUICE_DRAIN", default_value = "5s", value_parser = parse_duration)]
     pub drain: Duration,
     /// Redirected connections on a Service port that declares no protocol: how long to wait for
     /// the client's first bytes before treating it as a server-first protocol (plain TCP). `0s`

@@ -117,3 +117,45 @@ fn the_daemonset_reads_the_configmap_it_ships_with() {
         serde_yaml::from_str::<Value>("[ALL]").unwrap()
     );
 }
+
+#[test]
+fn the_cluster_role_grants_exactly_what_the_watchers_and_event_recorder_use() {
+    use std::collections::BTreeSet;
+    let role = load("clusterrole.yaml");
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_sequence().expect("rules") {
+        let list = |field: &str| -> Vec<String> {
+            rule[field]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("clusterrole.yaml: a rule without {field}"))
+                .iter()
+                .map(|v| v.as_str().expect("strings").to_string())
+                .collect()
+        };
+        for group in list("apiGroups") {
+            for resource in list("resources") {
+                for verb in list("verbs") {
+                    granted.insert((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    let used: BTreeSet<(String, String, String)> = sluice_kube::RBAC_RULES
+        .iter()
+        .flat_map(|r| {
+            r.verbs
+                .iter()
+                .map(|v| (r.group.to_string(), r.resource.to_string(), v.to_string()))
+        })
+        .collect();
+    assert_eq!(
+        granted.difference(&used).collect::<Vec<_>>(),
+        Vec::<&(String, String, String)>::new(),
+        "clusterrole.yaml grants more than the code uses"
+    );
+    assert_eq!(
+        used.difference(&granted).collect::<Vec<_>>(),
+        Vec::<&(String, String, String)>::new(),
+        "the code uses permissions clusterrole.yaml does not grant"
+    );
+}
