@@ -352,9 +352,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     t.namespace.as_deref(),
                     t.name.as_deref().unwrap_or_default(),
                 ))
-            } else if metadata_only && !matches!(verb, "get" | "list" | "watch") {
-                error_response(&ApiError::not_acceptable(&accept))
-            } else if accept.contains("as=Table") {
+            } else if (metadata_only && !matches!(verb, "get" | "list" | "watch"))
+                || accept.contains("as=Table")
+            {
                 error_response(&ApiError::not_acceptable(&accept))
             } else {
                 let content_type = req
