@@ -236,6 +236,9 @@ impl Agent {
             .args(["--ready-addr", &ready.to_string()])
             .env_remove("RUST_LOG")
             .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("NODE_NAME")
+            .env_remove("SLUICE_CONFIG_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log"));
