@@ -25,6 +25,7 @@ pub const CGROUP_ANNOTATION: &str = "sluice.io/cgroup";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The per-object result of checking: a converted Istio object, or nothing to convert.
+#[derive(Clone, Debug)]
 pub(crate) enum Checked {
     Vs(CheckedVs),
     // Boxed: a DestinationRule's checked policy is several times the size of the rest.
@@ -33,7 +34,7 @@ pub(crate) enum Checked {
 }
 
 pub(crate) fn check(obj: &Object, opts: &BuildOptions) -> (Option<Checked>, Vec<Problem>) {
-    let mut sink = Sink::new(&obj.file, obj.document, Some(obj.describe()));
+    let mut sink = Sink::new(&obj.origin, Some(obj.describe()));
     let checked = match &obj.resource {
         Resource::VirtualService(v) => Checked::Vs(vs::convert(v, &mut sink, opts)),
         Resource::DestinationRule(d) => Checked::Dr(Box::new(dr::convert(d, &mut sink, opts))),
@@ -61,7 +62,7 @@ fn istio_order(
 }
 
 fn warn_at(problems: &mut Vec<Problem>, obj: &Object, field: &str, reason: String) {
-    let mut sink = Sink::new(&obj.file, obj.document, Some(obj.describe()));
+    let mut sink = Sink::new(&obj.origin, Some(obj.describe()));
     sink.warn(field, reason);
     problems.extend(sink.problems);
 }
@@ -122,12 +123,7 @@ fn endpoint_ips(spec: &ServiceSpec, cluster_ips: &[IpAddr], pod: &Pod) -> Vec<Ip
 /// problems found are returned (and also recorded in the snapshot).
 pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>) {
     let mut problems = Vec::new();
-    let mut vss: Vec<(&Object, CheckedVs)> = Vec::new();
-    let mut drs: Vec<(&Object, CheckedDr)> = Vec::new();
-    let mut namespaces: BTreeMap<String, &BTreeMap<String, String>> = BTreeMap::new();
-    let mut pods: BTreeMap<(String, String), (&Object, &Pod)> = BTreeMap::new();
-    let mut services = Vec::new();
-    let mut slices = Vec::new();
+    let mut accepted = Vec::new();
     let mut seen = BTreeMap::new();
     for obj in objects {
         let id = obj.id();
@@ -140,10 +136,31 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
             );
             continue;
         }
-        seen.insert(id, format!("{} document {}", obj.file, obj.document));
+        seen.insert(id, obj.origin.clone());
         let (checked, found) = check(obj, opts);
         problems.extend(found);
-        match (checked, &obj.resource) {
+        if let Some(checked) = checked {
+            accepted.push((obj, checked));
+        }
+    }
+    assemble(accepted, problems, opts)
+}
+
+/// Builds a snapshot from objects already checked one by one (each exactly once, by [`check`]),
+/// adding the cross-object problems to `problems`.
+pub(crate) fn assemble<'a>(
+    accepted: impl IntoIterator<Item = (&'a Object, Checked)>,
+    mut problems: Vec<Problem>,
+    opts: &BuildOptions,
+) -> (Snapshot, Vec<Problem>) {
+    let mut vss: Vec<(&Object, CheckedVs)> = Vec::new();
+    let mut drs: Vec<(&Object, CheckedDr)> = Vec::new();
+    let mut namespaces: BTreeMap<String, &BTreeMap<String, String>> = BTreeMap::new();
+    let mut pods: BTreeMap<(String, String), (&Object, &Pod)> = BTreeMap::new();
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for (obj, checked) in accepted {
+        match (Some(checked), &obj.resource) {
             (None, _) => {}
             (Some(Checked::Vs(v)), _) => vss.push((obj, v)),
             (Some(Checked::Dr(d)), _) => drs.push((obj, *d)),
@@ -161,7 +178,10 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
             (Some(Checked::Other), _) => {}
         }
     }
-    let mut snap = Snapshot::default();
+    let mut snap = Snapshot {
+        cluster_domain: opts.cluster_domain.clone(),
+        ..Snapshot::default()
+    };
 
     // Workloads and enrollment: the pod's own label wins (`none` opts out), else its namespace's.
     for (obj, pod) in pods.values() {

@@ -5,7 +5,9 @@
 //!   line and column, unknown Istio fields as warnings with their full path.
 //! * [`build()`]: objects -> snapshot, following Istio's translation (see `vs`, `dr`, `build`).
 //! * [`validate_paths`]: what `sluice validate FILE|DIR...` runs.
-//! * [`ConfigDir`]: the standalone-mode store, with "last good" semantics per object.
+//! * [`Store`]: the object store both modes feed with [`Event`]s (last good version per object,
+//!   each version checked once, a new generation only on effective change).
+//! * [`DirSource`] / [`ConfigDir`]: the standalone-mode source (a watched directory of YAML).
 //!
 //! # Standalone-mode conventions
 //! Pods in standalone mode are plain `Pod` documents. Besides labels and `status.podIP(s)`, Sluice
@@ -23,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 mod build;
+mod dir;
 mod dr;
 pub mod duration;
 pub mod istio;
@@ -34,9 +37,12 @@ mod store;
 mod vs;
 
 pub use build::{build, check_object, CGROUP_ANNOTATION, NETNS_ANNOTATION};
-pub use parse::{collect_files, parse_path, parse_str, Object, ObjectId, ParsedFile, Resource};
-pub use problem::{Problem, Severity};
-pub use store::{ConfigDir, Reload};
+pub use dir::{ConfigDir, DirSource};
+pub use parse::{
+    collect_files, parse_api_object, parse_path, parse_str, Object, ObjectId, ParsedFile, Resource,
+};
+pub use problem::{Origin, Problem, Severity};
+pub use store::{Event, Reload, Store, Update};
 
 use std::path::PathBuf;
 
@@ -54,7 +60,7 @@ pub struct BuildOptions {
 impl Default for BuildOptions {
     fn default() -> Self {
         Self {
-            cluster_domain: sluice_policy::CLUSTER_DOMAIN.to_string(),
+            cluster_domain: sluice_policy::DEFAULT_CLUSTER_DOMAIN.to_string(),
             enrollment_label: "istio.io/dataplane-mode".to_string(),
             enrollment_value: "ambient".to_string(),
         }

@@ -5,7 +5,7 @@
 
 use crate::istio::{DestinationRule, VirtualService};
 use crate::k8s::{EndpointSlice, Namespace, Pod, Service};
-use crate::problem::{Problem, Severity, Sink};
+use crate::problem::{Origin, Problem, Severity, Sink};
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 use std::fmt::Write as _;
@@ -21,9 +21,7 @@ pub const ISTIO_API_VERSIONS: &[&str] = &[
 /// A typed configuration object and where it came from.
 #[derive(Clone, Debug)]
 pub struct Object {
-    pub file: String,
-    /// 1-based index of the document in its file.
-    pub document: usize,
+    pub origin: Origin,
     pub resource: Resource,
 }
 
@@ -107,14 +105,62 @@ pub struct ParsedFile {
     pub objects: Vec<Object>,
     /// Errors and warnings, with locations.
     pub problems: Vec<Problem>,
-    /// Documents of a known kind that did not parse: their identity when it could be read.
-    pub failed: Vec<Option<ObjectId>>,
+    /// Documents of a known kind that did not parse: their origin, and their identity when it
+    /// could be read.
+    pub failed: Vec<(Origin, Option<ObjectId>)>,
     /// The file is not valid YAML (or could not be read): nothing in it can be trusted.
     pub unreadable: bool,
 }
 
 /// Parses the text of one file (`file` is how problems name it).
 pub fn parse_str(file: &str, text: &str) -> ParsedFile {
+    parse_text(&Origin::file(file, 0), text)
+}
+
+/// Parses one object read from the Kubernetes API (a JSON object with `apiVersion` and `kind`),
+/// through the same types and checks as files; problems name `Kind namespace/name` and its
+/// resourceVersion.
+pub fn parse_api_object(value: &serde_json::Value) -> ParsedFile {
+    let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let meta = value.get("metadata");
+    let origin = Origin::Api {
+        kind: text(value.get("kind")),
+        namespace: text(meta.and_then(|m| m.get("namespace"))),
+        name: text(meta.and_then(|m| m.get("name"))),
+        resource_version: meta
+            .and_then(|m| m.get("resourceVersion"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+        uid: meta
+            .and_then(|m| m.get("uid"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+    };
+    // JSON is YAML: one parser, so API objects get exactly the field paths and messages files get.
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => {
+            let mut parsed = parse_text(&origin, &json);
+            // Lines of a JSON rendering mean nothing to the object's author: drop them.
+            let re = regex::Regex::new(r" \(line \d+, column \d+\)| at line \d+ column \d+")
+                .expect("valid regex");
+            for p in &mut parsed.problems {
+                p.reason = re.replace_all(&p.reason, "").into_owned();
+            }
+            parsed
+        }
+        Err(e) => {
+            let mut sink = Sink::new(&origin, None);
+            sink.error("", format!("cannot serialize: {e}"));
+            ParsedFile {
+                problems: sink.problems,
+                unreadable: true,
+                ..ParsedFile::default()
+            }
+        }
+    }
+}
+
+fn parse_text(origin: &Origin, text: &str) -> ParsedFile {
     let mut out = ParsedFile::default();
     let mut index = 0;
     for (start_line, chunk) in split_documents(text) {
@@ -125,7 +171,7 @@ pub fn parse_str(file: &str, text: &str) -> ParsedFile {
             continue;
         }
         index += 1;
-        parse_document(file, index, start_line, chunk, &mut out);
+        parse_document(&origin.with_document(index), start_line, chunk, &mut out);
     }
     out
 }
@@ -142,7 +188,8 @@ pub fn parse_path(path: &Path, file: &str) -> ParsedFile {
 }
 
 fn unreadable(file: &str, reason: String) -> ParsedFile {
-    let mut sink = Sink::new(file, 0, None);
+    let origin = Origin::file(file, 0);
+    let mut sink = Sink::new(&origin, None);
     sink.error("", reason);
     ParsedFile {
         problems: sink.problems,
@@ -173,8 +220,8 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     docs
 }
 
-fn parse_document(file: &str, index: usize, start_line: usize, chunk: &str, out: &mut ParsedFile) {
-    let mut sink = Sink::new(file, index, None);
+fn parse_document(origin: &Origin, start_line: usize, chunk: &str, out: &mut ParsedFile) {
+    let mut sink = Sink::new(origin, None);
     let value: Value = match serde_yaml::from_str(chunk) {
         Ok(v) => v,
         Err(e) => {
@@ -228,7 +275,7 @@ fn parse_document(file: &str, index: usize, start_line: usize, chunk: &str, out:
         if let Some(items) = map.get("items").and_then(Value::as_sequence) {
             for item in items {
                 if let Ok(text) = serde_yaml::to_string(item) {
-                    parse_document(file, index, start_line, &text, out);
+                    parse_document(origin, start_line, &text, out);
                 }
             }
         }
@@ -250,7 +297,7 @@ fn parse_document(file: &str, index: usize, start_line: usize, chunk: &str, out:
         _ => false,
     };
     if !known {
-        tracing::debug!(file, document = index, %kind, %api_version, "skipping a kind Sluice does not read");
+        tracing::debug!(source = %origin.source(), document = origin.document(), %kind, %api_version, "skipping a kind Sluice does not read");
         return;
     }
     sink.object = Some(id.to_string());
@@ -304,11 +351,12 @@ fn parse_document(file: &str, index: usize, start_line: usize, chunk: &str, out:
     }
     match resource {
         Some(resource) if !sink.has_errors() => out.objects.push(Object {
-            file: file.to_string(),
-            document: index,
+            origin: origin.clone(),
             resource,
         }),
-        _ => out.failed.push((!id.name.is_empty()).then_some(id)),
+        _ => out
+            .failed
+            .push((origin.clone(), (!id.name.is_empty()).then_some(id))),
     }
     out.problems.extend(sink.problems);
 }
@@ -438,6 +486,7 @@ fn walk_dir(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, problems: &mut V
         Err(e) => {
             problems.push(Problem {
                 severity: Severity::Error,
+                origin: Origin::file(dir.display().to_string(), 0),
                 file: dir.display().to_string(),
                 document: 0,
                 object: None,
@@ -486,7 +535,7 @@ mod tests {
         let parsed = parse_str("a.yaml", text);
         assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
         assert_eq!(parsed.objects.len(), 1);
-        assert_eq!(parsed.objects[0].document, 1);
+        assert_eq!(parsed.objects[0].origin, Origin::file("a.yaml", 1));
         assert_eq!(parsed.objects[0].describe(), "Namespace shop");
     }
 

@@ -1,5 +1,6 @@
-//! Problems found in configuration: where (file, document, object, field path) and why. Errors reject
-//! an object (its last good version stays in force); warnings are reported and change nothing.
+//! Problems found in configuration: where (the [`Origin`]: a file and document, or an API object
+//! and its resourceVersion; the object; the field path) and why. Errors reject an object (its last
+//! good version stays in force); warnings are reported and change nothing.
 
 use serde::Serialize;
 use sluice_policy::Rejection;
@@ -14,13 +15,102 @@ pub enum Severity {
     Warning,
 }
 
+/// Where a configuration object came from: what error messages name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Origin {
+    /// Standalone mode: a file (as given, or relative to the config directory) and the 1-based
+    /// index of the document in it (0: the file as a whole).
+    File { path: String, document: usize },
+    /// Kubernetes mode: an object read from the API server (its uid lets an Event about it show
+    /// in `kubectl describe`).
+    Api {
+        kind: String,
+        namespace: String,
+        name: String,
+        resource_version: Option<String>,
+        uid: Option<String>,
+    },
+}
+
+impl Origin {
+    pub fn file(path: impl Into<String>, document: usize) -> Self {
+        Origin::File {
+            path: path.into(),
+            document,
+        }
+    }
+
+    /// What a person looks for: the file path, or `Kind namespace/name`.
+    pub fn source(&self) -> String {
+        match self {
+            Origin::File { path, .. } => path.clone(),
+            Origin::Api {
+                kind,
+                namespace,
+                name,
+                ..
+            } if namespace.is_empty() => format!("{kind} {name}"),
+            Origin::Api {
+                kind,
+                namespace,
+                name,
+                ..
+            } => format!("{kind} {namespace}/{name}"),
+        }
+    }
+
+    /// The document index in a file; 0 for API objects.
+    pub fn document(&self) -> usize {
+        match self {
+            Origin::File { document, .. } => *document,
+            Origin::Api { .. } => 0,
+        }
+    }
+
+    pub fn resource_version(&self) -> Option<&str> {
+        match self {
+            Origin::File { .. } => None,
+            Origin::Api {
+                resource_version, ..
+            } => resource_version.as_deref(),
+        }
+    }
+
+    /// The same origin for another document of the same file.
+    pub(crate) fn with_document(&self, index: usize) -> Self {
+        match self {
+            Origin::File { path, .. } => Origin::file(path.clone(), index),
+            api => api.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source())?;
+        match self {
+            Origin::File { document, .. } if *document > 0 => write!(f, " document {document}"),
+            Origin::File { .. } => Ok(()),
+            Origin::Api {
+                resource_version: Some(rv),
+                ..
+            } => write!(f, " (resourceVersion {rv})"),
+            Origin::Api { .. } => Ok(()),
+        }
+    }
+}
+
 /// One problem with a configuration document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Problem {
     pub severity: Severity,
-    /// The file, as given (or relative to the config directory).
+    pub origin: Origin,
+    /// `origin.source()`: the file, or `Kind namespace/name` (kept as a field: it is what
+    /// standalone users and their tests match on).
     pub file: String,
-    /// 1-based index of the document in the file (0 when the problem is about the whole file).
+    /// `origin.document()`: 1-based index of the document in the file (0 when the problem is about
+    /// the whole file, or about an API object).
     pub document: usize,
     /// `VirtualService default/pricing`, when the document got far enough to have a name.
     pub object: Option<String>,
@@ -43,6 +133,7 @@ impl Problem {
         };
         Rejection {
             source: self.file.clone(),
+            resource_version: self.origin.resource_version().map(str::to_string),
             object,
             field: self.field.clone(),
             reason: self.reason.clone(),
@@ -65,12 +156,15 @@ impl From<Problem> for Rejection {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.file)?;
+        if let Some(rv) = self.origin.resource_version() {
+            write!(f, " (resourceVersion {rv})")?;
+        }
         if self.document > 0 {
             write!(f, ": document {}", self.document)?;
             if let Some(object) = &self.object {
                 write!(f, " ({object})")?;
             }
-        } else if let Some(object) = &self.object {
+        } else if let Some(object) = self.object.as_ref().filter(|o| **o != self.file) {
             write!(f, ": {object}")?;
         }
         if !self.field.is_empty() {
@@ -83,17 +177,15 @@ impl fmt::Display for Problem {
 /// Where problems of one document go: the location is filled in once, callers give field and reason.
 #[derive(Debug)]
 pub(crate) struct Sink<'a> {
-    pub file: &'a str,
-    pub document: usize,
+    pub origin: &'a Origin,
     pub object: Option<String>,
     pub problems: Vec<Problem>,
 }
 
 impl<'a> Sink<'a> {
-    pub fn new(file: &'a str, document: usize, object: Option<String>) -> Self {
+    pub fn new(origin: &'a Origin, object: Option<String>) -> Self {
         Self {
-            file,
-            document,
+            origin,
             object,
             problems: Vec::new(),
         }
@@ -107,8 +199,9 @@ impl<'a> Sink<'a> {
     ) {
         self.problems.push(Problem {
             severity,
-            file: self.file.to_string(),
-            document: self.document,
+            origin: self.origin.clone(),
+            file: self.origin.source(),
+            document: self.origin.document(),
             object: self.object.clone(),
             field: field.into(),
             reason: reason.into(),
@@ -141,6 +234,7 @@ mod tests {
     fn display_names_everything() {
         let p = Problem {
             severity: Severity::Error,
+            origin: Origin::file("timeouts.yaml", 2),
             file: "timeouts.yaml".into(),
             document: 2,
             object: Some("VirtualService default/inventory".into()),
@@ -162,6 +256,7 @@ mod tests {
     fn documents_without_a_name() {
         let p = Problem {
             severity: Severity::Warning,
+            origin: Origin::file("a.yaml", 1),
             file: "a.yaml".into(),
             document: 1,
             object: None,
@@ -170,5 +265,26 @@ mod tests {
         };
         assert_eq!(p.to_string(), "a.yaml: document 1: spec.x: unknown field");
         assert_eq!(p.to_rejection().object, "document 1");
+    }
+
+    #[test]
+    fn api_objects_are_named_with_their_resource_version() {
+        let origin = Origin::Api {
+            kind: "VirtualService".into(),
+            namespace: "shop".into(),
+            name: "pricing".into(),
+            resource_version: Some("42".into()),
+            uid: None,
+        };
+        let mut sink = Sink::new(&origin, Some("VirtualService shop/pricing".into()));
+        sink.error("spec.http[0].timeout", "negative");
+        let p = &sink.problems[0];
+        assert_eq!(
+            p.to_string(),
+            "VirtualService shop/pricing (resourceVersion 42): spec.http[0].timeout: negative"
+        );
+        let r = p.to_rejection();
+        assert_eq!(r.source, "VirtualService shop/pricing");
+        assert_eq!(r.resource_version.as_deref(), Some("42"));
     }
 }

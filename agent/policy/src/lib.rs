@@ -19,5 +19,6 @@ pub use self::route::{
 };
 pub use self::snapshot::{Rejection, Service, ServicePort, Snapshot, Workload};
 
-/// The cluster domain Kubernetes service host names end with.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The Kubernetes cluster domain when none is configured (`--cluster-domain`); the one in force is
+/// [`Snapshot::cluster_domain`].
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";

@@ -2,7 +2,7 @@
 //! problems found while building it. The proxy holds an `Arc<Snapshot>` per request, so a reload never
 //! changes the policy of a request already under way.
 
-use crate::{Cluster, ClusterKey, VirtualHost, CLUSTER_DOMAIN};
+use crate::{Cluster, ClusterKey, VirtualHost, DEFAULT_CLUSTER_DOMAIN};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -47,8 +47,11 @@ pub struct Workload {
 /// A configuration object that was not accepted, with where and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Rejection {
-    /// File path (standalone) or `kind/namespace/name` (Kubernetes).
+    /// File path (standalone) or `Kind namespace/name` (Kubernetes).
     pub source: String,
+    /// The rejected version of an API object (Kubernetes mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
     /// `Kind namespace/name` of the document, or its index in the file when it has none.
     pub object: String,
     /// Field path, e.g. `spec.http[0].retries.perTryTimeout`.
@@ -57,10 +60,12 @@ pub struct Rejection {
 }
 
 /// A complete, checked configuration.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
     /// Increases by one for every accepted change.
     pub generation: u64,
+    /// The Kubernetes cluster domain short names are completed with (`cluster.local`).
+    pub cluster_domain: String,
     /// Services by host name.
     pub services: BTreeMap<String, Arc<Service>>,
     /// Routing by exact destination host name (from VirtualServices bound to the mesh).
@@ -76,6 +81,22 @@ pub struct Snapshot {
     pub rejections: Vec<Rejection>,
     /// Non-fatal problems (unknown fields, ignored VirtualServices, ...).
     pub warnings: Vec<Rejection>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_string(),
+            services: BTreeMap::new(),
+            virtual_hosts: BTreeMap::new(),
+            wildcard_hosts: Vec::new(),
+            clusters: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+            rejections: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -95,10 +116,11 @@ impl Snapshot {
             return Some(svc);
         }
         let dots = host.matches('.').count();
+        let domain = &self.cluster_domain;
         let candidate = match dots {
-            0 => format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}"),
-            1 => format!("{host}.svc.{CLUSTER_DOMAIN}"),
-            2 if host.ends_with(".svc") => format!("{host}.{CLUSTER_DOMAIN}"),
+            0 => format!("{host}.{namespace}.svc.{domain}"),
+            1 => format!("{host}.svc.{domain}"),
+            2 if host.ends_with(".svc") => format!("{host}.{domain}"),
             _ => return None,
         };
         self.services.get(&candidate)
@@ -191,6 +213,30 @@ mod tests {
         );
         assert_eq!(ns("pricing", "other"), None);
         assert_eq!(ns("example.com", "default"), None);
+    }
+
+    #[test]
+    fn resolves_in_the_snapshots_cluster_domain() {
+        let mut snap = Snapshot {
+            cluster_domain: "corp.example".into(),
+            ..Snapshot::default()
+        };
+        let hostname = "pricing.shop.svc.corp.example".to_string();
+        snap.services.insert(
+            hostname.clone(),
+            Arc::new(Service {
+                name: "pricing".into(),
+                namespace: "shop".into(),
+                hostname,
+                cluster_ips: vec![],
+                ports: vec![],
+            }),
+        );
+        assert!(snap.resolve_host("pricing", "shop").is_some());
+        assert!(snap.resolve_host("pricing.shop.svc", "x").is_some());
+        assert!(snap
+            .resolve_host("pricing.shop.svc.cluster.local", "x")
+            .is_none());
     }
 
     #[test]

@@ -24,14 +24,21 @@ pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// exclusions, eBPF counters), read when asked; owned by the binary, which owns the redirect.
 pub type RedirectStatus = Arc<dyn Fn() -> Value + Send + Sync>;
 
+/// Kubernetes mode's sync state for `/status` (`kubernetes`), read when asked; `None` in
+/// standalone mode.
+pub type KubernetesStatus = Arc<dyn Fn() -> Value + Send + Sync>;
+
 /// What the admin API serves.
 pub struct AdminState {
     pub handler: Arc<Handler>,
     pub set_log_level: SetLogLevel,
-    /// Static facts about the agent (version, listeners, mode) shown by `/status`.
+    /// The agent's own configuration (version, mode, node, listeners, flags), shown by `/status`
+    /// and `/config_dump` under `agent`.
     pub agent: Value,
     /// `None` in explicit-proxy mode (`--redirect none`): `/status` shows `{"mode": "none"}`.
     pub redirect: Option<RedirectStatus>,
+    /// `None` in standalone mode: `/status` shows `"kubernetes": null`.
+    pub kubernetes: Option<KubernetesStatus>,
 }
 
 pub async fn serve_admin(
@@ -124,8 +131,16 @@ async fn admin(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
             "warnings": snapshot.warnings,
             "access_log_dropped": state.handler.access_log.dropped(),
             "redirect": state.redirect.as_ref().map_or_else(|| json!({"mode": "none"}), |f| f()),
+            "kubernetes": state.kubernetes.as_ref().map(|f| f()),
         })),
-        (&Method::GET, "/config_dump") => json_reply(&serde_json::to_value(&**snapshot).unwrap_or(Value::Null)),
+        (&Method::GET, "/config_dump") => {
+            // The snapshot's fields at the top (scripts point into them), plus the agent's own.
+            let mut dump = serde_json::to_value(&**snapshot).unwrap_or(Value::Null);
+            if let Some(map) = dump.as_object_mut() {
+                map.insert("agent".into(), state.agent.clone());
+            }
+            json_reply(&dump)
+        }
         (&Method::GET, "/clusters") => json_reply(&crate::cluster_stats::clusters_json(&current)),
         (&Method::GET, "/policy") => {
             let Some(service) = param("service") else {

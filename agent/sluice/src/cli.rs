@@ -30,6 +30,9 @@ pub enum Command {
         /// Exit non-zero on warnings too.
         #[arg(long)]
         strict: bool,
+        /// Kubernetes cluster domain short host names are completed with.
+        #[arg(long, default_value = sluice_policy::DEFAULT_CLUSTER_DOMAIN)]
+        cluster_domain: String,
     },
     /// What the agent runs: config generation, rejected config, clusters, listeners.
     Status(Query),
@@ -86,7 +89,11 @@ pub enum Output {
 pub fn dispatch(args: Args) -> Result<ExitCode> {
     match args.command {
         Command::Run(run_args) => run::run(*run_args).map(|()| ExitCode::SUCCESS),
-        Command::Validate { paths, strict } => validate(&paths, strict),
+        Command::Validate {
+            paths,
+            strict,
+            cluster_domain,
+        } => validate(&paths, strict, cluster_domain),
         Command::Status(q) => show(&q, "/status", client::print_status),
         Command::Config(q) => show(&q, "/config_dump", client::print_yaml),
         Command::Clusters(q) => show(&q, "/clusters", client::print_clusters),
@@ -154,13 +161,17 @@ fn uninstall(pin_dir: &std::path::Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn validate(paths: &[PathBuf], strict: bool) -> Result<ExitCode> {
+fn validate(paths: &[PathBuf], strict: bool, cluster_domain: String) -> Result<ExitCode> {
     for p in paths {
         if !p.exists() {
             bail!("{}: no such file or directory", p.display());
         }
     }
-    let problems = sluice_config::validate_paths(paths, &sluice_config::BuildOptions::default());
+    let opts = sluice_config::BuildOptions {
+        cluster_domain,
+        ..sluice_config::BuildOptions::default()
+    };
+    let problems = sluice_config::validate_paths(paths, &opts);
     let mut errors = 0;
     let mut warnings = 0;
     for p in &problems {

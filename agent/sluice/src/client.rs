@@ -92,7 +92,16 @@ pub fn print_status(v: &Value) -> Result<()> {
         s(&agent["version"]),
         s(&agent["redirect"])
     );
-    println!("config dir:       {}", s(&agent["config_dir"]));
+    match agent["mode"].as_str() {
+        Some("kubernetes") => println!(
+            "mode:             kubernetes (node {}, kubeconfig {}, cluster domain {})",
+            s(&agent["node_name"]),
+            agent["kubeconfig"].as_str().unwrap_or("in-cluster"),
+            s(&agent["cluster_domain"])
+        ),
+        _ => println!("config dir:       {}", s(&agent["config_dir"])),
+    }
+    print_kubernetes(&v["kubernetes"]);
     println!("generation:       {}", s(&v["generation"]));
     println!(
         "services:         {}   clusters: {}   routes (VirtualServices): {}   pods: {}",
@@ -110,8 +119,12 @@ pub fn print_status(v: &Value) -> Result<()> {
         let list = v[key].as_array().cloned().unwrap_or_default();
         println!("{title}: {}", list.len());
         for r in list {
+            let rv = r["resource_version"]
+                .as_str()
+                .map(|v| format!(" (resourceVersion {v})"))
+                .unwrap_or_default();
             println!(
-                "  {}: {} {}: {}",
+                "  {}{rv}: {} {}: {}",
                 s(&r["source"]),
                 s(&r["object"]),
                 s(&r["field"]),
@@ -120,6 +133,49 @@ pub fn print_status(v: &Value) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Kubernetes mode: sync per kind and refused permissions.
+fn print_kubernetes(k: &Value) {
+    if k.is_null() {
+        return;
+    }
+    let synced = k["synced"].as_bool() == Some(true);
+    println!(
+        "kubernetes:       {}",
+        if synced {
+            "synced"
+        } else {
+            "NOT SYNCED (not ready; the previous state stays in force)"
+        }
+    );
+    for kind in k["kinds"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} {:<32} {:<9} {:>6} objects{}",
+            s(&kind["kind"]),
+            s(&kind["api_version"]),
+            if kind["synced"].as_bool() == Some(true) {
+                "synced"
+            } else {
+                "listing"
+            },
+            s(&kind["objects"]),
+            kind["last_error"]
+                .as_str()
+                .map(|e| format!("   last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for f in k["forbidden"].as_array().into_iter().flatten() {
+        let group = f["group"].as_str().unwrap_or("");
+        println!(
+            "  FORBIDDEN: {} {} (apiGroup {:?}): add it to the agent's ClusterRole ({})",
+            s(&f["verb"]),
+            s(&f["resource"]),
+            group,
+            s(&f["message"])
+        );
+    }
 }
 
 fn print_redirect(r: &Value) {

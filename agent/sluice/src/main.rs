@@ -2,10 +2,12 @@
 //! `clusters`, `policy`, `logs`, `log-level`, `validate`, `uninstall`).
 #![forbid(unsafe_code)]
 
+mod agent;
 mod cli;
 mod client;
 mod ebpf;
 mod run;
+mod source;
 
 use clap::Parser;
 

@@ -1,15 +1,16 @@
-//! `sluice run`: builds the runtime, loads the configuration directory, opens the listeners (outbound
-//! 15001, admin 15000 on localhost, metrics 15020, readiness 15021, as in Istio), reloads on change, and
+//! `sluice run`: wiring only. Resolves the agent's configuration ([`crate::agent`]), starts the
+//! configuration source ([`crate::source`]: a directory, or the Kubernetes API), opens the listeners
+//! (outbound 15001, admin 15000 on localhost, metrics 15020, readiness 15021, as in Istio), and
 //! drains on SIGTERM/SIGINT. With `--redirect ebpf` it also installs the eBPF redirect (see
-//! [`crate::ebpf`]), keeps enrollment in step with each reload and fails open on the way out.
+//! [`crate::ebpf`]), whose enrollment follows each snapshot, and fails open on the way out.
 
+use crate::agent::{AgentConfig, Env};
 use crate::ebpf::{EbpfArgs, EbpfRedirect};
+use crate::source::Source;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use sluice_config::{BuildOptions, ConfigDir, Severity};
 use sluice_proxy::admin::{self, AdminState};
 use sluice_proxy::{AccessLog, Handler, HandlerOptions, Metrics, RedirectOptions};
-use std::collections::BTreeSet;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,6 +25,17 @@ pub struct RunArgs {
     /// Directory of Istio and Kubernetes YAML (standalone mode); watched for changes.
     #[arg(long, env = "SLUICE_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
+    /// Kubernetes mode, with this kubeconfig. Without it, `KUBECONFIG` or the in-cluster
+    /// environment (`KUBERNETES_SERVICE_HOST`, as in a pod) also select Kubernetes mode when no
+    /// --config-dir is given.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (Kubernetes mode: only its Pods are watched).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Cluster name for telemetry (Istio's `--clusterID`).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
     /// How client traffic reaches the proxy: `none` (explicit proxy / Host header) or `ebpf`.
     #[arg(long, value_enum, default_value_t = Redirect::None)]
     pub redirect: Redirect,
@@ -42,6 +54,10 @@ pub struct RunArgs {
     /// Proxy worker threads; 1 runs everything on one thread (lowest overhead).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Kubernetes cluster domain: every short host name is completed with it
+    /// (`pricing` -> `pricing.NAMESPACE.svc.DOMAIN`).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = sluice_policy::DEFAULT_CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
     /// Namespace short host names resolve in for clients that are not known pods.
     #[arg(long, default_value = "default")]
     pub namespace: String,
@@ -111,6 +127,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    let config = AgentConfig::new(&args, &Env::from_process())?;
 
     let rt = if args.workers == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -127,43 +144,35 @@ pub fn run(args: RunArgs) -> Result<()> {
             EnvFilter::try_new(level).map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
         filter_handle.reload(filter).map_err(|e| e.to_string())
     });
-    rt.block_on(serve(args, set_level))
+    rt.block_on(serve(args, config, set_level))
 }
 
-async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
+async fn serve(args: RunArgs, config: AgentConfig, set_level: admin::SetLogLevel) -> Result<()> {
     let handler = Arc::new(
         Handler::new(
             HandlerOptions {
-                default_namespace: args.namespace.clone(),
+                default_namespace: config.namespace.clone(),
             },
-            AccessLog::new(!args.no_access_log),
+            AccessLog::new(config.access_log),
             Metrics::new(),
         )
         .with_redirect_options(RedirectOptions {
-            protocol_detection_timeout: args.protocol_detection_timeout,
+            protocol_detection_timeout: config.protocol_detection_timeout,
             ..RedirectOptions::default()
         }),
     );
-
-    // Configuration first: readiness means "serving with the configuration on disk".
-    let mut config = args
-        .config_dir
-        .clone()
-        .map(|dir| ConfigDir::new(dir, BuildOptions::default()));
-    let mut reported = BTreeSet::new();
-    if let Some(cfg) = config.as_mut() {
-        let cfg_reload = cfg.reload();
-        report(&cfg_reload.problems, &mut reported);
-        handler.apply(cfg_reload.snapshot);
-    }
+    // The configuration source first: standalone mode serves what is on disk from the start.
+    let source = Source::start(&config, &handler).await?;
     // The redirect goes in before the listeners open, but redirects nothing until the lease task
     // (started once the outbound listener is bound) renews its lease.
     let ebpf = match args.redirect {
         Redirect::Ebpf => {
             let ebpf = EbpfRedirect::install(&args.ebpf, args.outbound_addr)?;
-            let snapshot = handler.state().snapshot.clone();
-            let e = ebpf.clone();
-            tokio::task::spawn_blocking(move || e.sync_enrollment(&snapshot)).await?;
+            if source.is_complete() {
+                let snapshot = handler.state().snapshot.clone();
+                let e = ebpf.clone();
+                tokio::task::spawn_blocking(move || e.sync_enrollment(&snapshot)).await?;
+            }
             Some(ebpf)
         }
         Redirect::None => None,
@@ -181,26 +190,15 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
     let metrics_l = bind(args.metrics_addr, "metrics").await?;
     let ready_l = bind(args.ready_addr, "ready").await?;
 
-    let status_dir = args.config_dir.clone();
     let admin_state = Arc::new(AdminState {
         handler: handler.clone(),
         set_log_level: set_level,
-        agent: serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "redirect": match args.redirect { Redirect::None => "none", Redirect::Ebpf => "ebpf" },
-            "config_dir": status_dir.as_ref().map(|d| d.display().to_string()),
-            "listeners": {
-                "outbound": args.outbound_addr.to_string(),
-                "admin": args.admin_addr.to_string(),
-                "metrics": args.metrics_addr.to_string(),
-                "ready": args.ready_addr.to_string(),
-            },
-            "workers": args.workers,
-        }),
+        agent: serde_json::to_value(&config)?,
         redirect: ebpf.clone().map(|e| {
             let status: admin::RedirectStatus = Arc::new(move || e.status());
             status
         }),
+        kubernetes: source.kubernetes_status(),
     });
     tokio::spawn(admin::serve_admin(
         admin_l,
@@ -213,50 +211,12 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(admin::serve_ready(ready_l, ready_rx, shutdown_rx.clone()));
-
-    if let Some(mut cfg) = config {
-        let handler = handler.clone();
-        let mut shutdown = shutdown_rx.clone();
-        let every = args.reload_interval;
-        let ebpf = ebpf.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = shutdown.changed() => return,
-                }
-                // File I/O (and enrollment's stat and bpf calls) off the proxy thread. Enrollment
-                // runs on every poll, not only on change: a pod's cgroup may appear later.
-                let ebpf = ebpf.clone();
-                let (back, outcome) = match tokio::task::spawn_blocking(move || {
-                    let outcome = cfg.reload();
-                    if let Some(ebpf) = &ebpf {
-                        ebpf.sync_enrollment(&outcome.snapshot);
-                    }
-                    (cfg, outcome)
-                })
-                .await
-                {
-                    Ok(r) => r,
-                    Err(err) => {
-                        tracing::error!(%err, "config reload task failed; reloading stops");
-                        return;
-                    }
-                };
-                cfg = back;
-                report(&outcome.problems, &mut reported);
-                if outcome.changed {
-                    tracing::info!(
-                        generation = outcome.snapshot.generation,
-                        "configuration applied"
-                    );
-                    handler.apply(outcome.snapshot);
-                }
-            }
-        });
-    }
+    let mut config_ready = source.spawn(
+        handler.clone(),
+        ebpf.clone(),
+        config.reload_interval,
+        shutdown_rx.clone(),
+    );
 
     let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // A second descriptor of the listening socket, to watch its accept queue.
@@ -279,7 +239,13 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
         .clone()
         .zip(watch)
         .map(|(e, w)| tokio::spawn(e.keep_lease(w, lease_stop_rx)));
-    let _ = ready_tx.send(true);
+    // Ready once serving and the configuration is complete (Kubernetes: every kind listed).
+    tokio::spawn(async move {
+        if config_ready.wait_for(|r| *r).await.is_ok() {
+            let _ = ready_tx.send(true);
+        }
+        ready_tx.closed().await;
+    });
     tracing::info!(outbound = %args.outbound_addr, admin = %args.admin_addr, "sluice is serving");
 
     let proxy_ended = tokio::select! {
@@ -299,30 +265,11 @@ async fn serve(args: RunArgs, set_level: admin::SetLogLevel) -> Result<()> {
     if let Some(ebpf) = &ebpf {
         ebpf.stop();
     }
-    let _ = ready_tx.send(false);
     let _ = shutdown_tx.send(true);
     if !proxy_ended {
         let _ = proxy.await;
     }
     Ok(())
-}
-
-/// Logs each problem once, when it first appears (the directory is rescanned every 250 ms).
-fn report(problems: &[sluice_config::Problem], reported: &mut BTreeSet<String>) {
-    let now: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
-    for p in problems {
-        let line = p.to_string();
-        if reported.contains(&line) {
-            continue;
-        }
-        match p.severity {
-            Severity::Error => {
-                tracing::error!("rejected config, last good version stays in force: {line}")
-            }
-            Severity::Warning => tracing::warn!("{line}"),
-        }
-    }
-    *reported = now;
 }
 
 async fn wait_for_signal() {
