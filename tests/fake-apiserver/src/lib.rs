@@ -273,6 +273,7 @@ pub(crate) struct Shared {
     pub outage: watch::Sender<bool>,
     /// The user named in `Forbidden` messages (the fake does no authentication).
     pub user: String,
+    pub started: tokio::time::Instant,
 }
 
 impl Shared {
@@ -309,6 +310,7 @@ impl FakeApiServer {
             kill_conns: watch::channel(0).0,
             outage: watch::channel(false).0,
             user: "system:serviceaccount:sluice-system:sluice".into(),
+            started: tokio::time::Instant::now(),
         });
         let accept = tokio::spawn(server::accept_loop(shared.clone(), listener, addr));
         Ok(Self {
@@ -400,6 +402,11 @@ impl FakeApiServer {
             .into_iter()
             .map(|v| (*v).clone())
             .collect()
+    }
+
+    /// Time since the fake started (the clock of [`RequestRecord::received`]).
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
     }
 
     /// The current global resourceVersion.

@@ -37,6 +37,9 @@ pub struct RequestRecord {
     pub status: u16,
     /// Whether the client asked for the metadata-only (`PartialObjectMetadata`) form.
     pub metadata_only: bool,
+    /// When it arrived and when its answer (a watch: its headers) was ready, since the fake started.
+    pub received: Duration,
+    pub answered: Duration,
 }
 
 impl RequestRecord {
@@ -281,6 +284,7 @@ fn render(obj: &Value, rt: &ResourceType, version: &str, metadata_only: bool) ->
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let received = shared.started.elapsed();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
@@ -308,6 +312,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         verb: "discovery".into(),
         status: 200,
         metadata_only,
+        received,
+        answered: received,
     };
     let response = match route(&path, port) {
         Route::Discovery(doc) if method == Method::GET => json_response(200, &doc),
@@ -386,6 +392,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
     };
     record.status = response.status().as_u16();
+    record.answered = shared.started.elapsed();
     shared.requests.lock().push(record);
     Ok(response)
 }
