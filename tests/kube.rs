@@ -796,21 +796,39 @@ async fn readiness_waits_for_every_kinds_first_list() {
         Duration::from_secs(2),
     );
     let mut agent = Agent::spawn(&cluster);
-    eventually(
-        "the ready port answers",
-        Duration::from_secs(10),
-        || async { agent.ready_code().await.is_some() },
-    )
-    .await;
+    // Poll readiness; note (on the fake's clock) the last 503 and the first 200.
+    let (mut last_503, mut first_200) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while first_200.is_none() {
+        agent.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "never ready:\n{}",
+            agent.stderr()
+        );
+        match agent.ready_code().await {
+            Some(503) => last_503 = Some(cluster.fake.uptime()),
+            Some(200) => first_200 = Some(cluster.fake.uptime()),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let slices = cluster
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.verb == "list" && r.path.ends_with("/endpointslices"))
+        .expect("EndpointSlices listed");
+    let last_503 = last_503.expect("readiness answered 503 while the list was held");
     assert!(
-        agent.started.elapsed() < Duration::from_millis(1800),
-        "took too long to check before the list"
+        last_503 >= slices.received + Duration::from_millis(500),
+        "503 seen until {last_503:?}, the held list came at {:?}",
+        slices.received
     );
-    assert_eq!(agent.ready_code().await, Some(503));
-    let took = agent.wait_ready(Duration::from_secs(10)).await;
     assert!(
-        took >= Duration::from_secs(2),
-        "ready after {took:?}, before the slow list answered"
+        first_200.unwrap() >= slices.answered,
+        "ready at {first_200:?}, before the held list was answered at {:?}",
+        slices.answered
     );
     let status = agent.status().await;
     assert!(
