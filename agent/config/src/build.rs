@@ -225,6 +225,17 @@ pub(crate) fn assemble<'a>(
 
     // Services and their endpoints per service port.
     let allocated = allocate_cluster_ips(&services);
+    // Indexed once: a cluster has as many slices as Services, and each Service looks up its own.
+    let mut slices_by_service: BTreeMap<(&str, &str), Vec<_>> = BTreeMap::new();
+    for entry in &slices {
+        let (_, s) = entry;
+        if let Some(service) = s.metadata.labels.get(SERVICE_NAME_LABEL) {
+            slices_by_service
+                .entry((s.metadata.namespace(), service.as_str()))
+                .or_default()
+                .push(entry);
+        }
+    }
     let mut endpoints_by_port: BTreeMap<(String, u16), Vec<Endpoint>> = BTreeMap::new();
     for (obj, svc) in &services {
         let ns = svc.metadata.namespace();
@@ -254,13 +265,9 @@ pub(crate) fn assemble<'a>(
             }
         }
         let mut ports = Vec::new();
-        let my_slices: Vec<_> = slices
-            .iter()
-            .filter(|(_, s)| {
-                s.metadata.namespace() == ns
-                    && s.metadata.labels.get(SERVICE_NAME_LABEL) == Some(&svc.metadata.name)
-            })
-            .collect();
+        let my_slices: &[_] = slices_by_service
+            .get(&(ns, svc.metadata.name.as_str()))
+            .map_or(&[], Vec::as_slice);
         for (i, p) in svc.spec.ports.iter().enumerate() {
             let Ok(port) = u16::try_from(p.port) else {
                 warn_at(
@@ -289,7 +296,7 @@ pub(crate) fn assemble<'a>(
             let mut eps = Vec::new();
             if !my_slices.is_empty() {
                 let want = name.clone().unwrap_or_default();
-                for (_, slice) in &my_slices {
+                for (_, slice) in my_slices {
                     let Some(sp) = slice
                         .ports
                         .iter()

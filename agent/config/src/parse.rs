@@ -7,6 +7,7 @@ use crate::istio::{DestinationRule, VirtualService};
 use crate::k8s::{EndpointSlice, Namespace, Pod, Service};
 use crate::problem::{Origin, Problem, Severity, Sink};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_yaml::Value;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -136,14 +137,24 @@ pub fn parse_api_object(value: &serde_json::Value) -> ParsedFile {
             .and_then(|v| v.as_str())
             .map(str::to_string),
     };
+    if let Some(parsed) = parse_built_in(&origin, value) {
+        return parsed;
+    }
     // JSON is YAML: one parser, so API objects get exactly the field paths and messages files get.
-    match serde_json::to_string_pretty(value) {
+    match serde_json::to_string(value) {
         Ok(json) => {
             let mut parsed = parse_text(&origin, &json);
             // Lines of a JSON rendering mean nothing to the object's author: drop them.
-            let re = regex::Regex::new(r" \(line \d+, column \d+\)| at line \d+ column \d+")
-                .expect("valid regex");
-            for p in &mut parsed.problems {
+            static LINES: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+            let re = LINES.get_or_init(|| {
+                regex::Regex::new(r" \(line \d+, column \d+\)| at line \d+ column \d+")
+                    .expect("valid regex")
+            });
+            for p in parsed
+                .problems
+                .iter_mut()
+                .filter(|p| p.reason.contains("line "))
+            {
                 p.reason = re.replace_all(&p.reason, "").into_owned();
             }
             parsed
@@ -158,6 +169,39 @@ pub fn parse_api_object(value: &serde_json::Value) -> ParsedFile {
             }
         }
     }
+}
+
+/// The fast path for the bulk of a cluster (Services, EndpointSlices, Pods, Namespaces, which the
+/// API server has already validated against their schema): straight from the JSON value. `None`
+/// when it is not one of them or does not deserialize, so the general path reports the problem
+/// with its field path.
+fn parse_built_in(origin: &Origin, value: &serde_json::Value) -> Option<ParsedFile> {
+    let api_version = value.get("apiVersion")?.as_str()?;
+    let kind = value.get("kind")?.as_str()?;
+    let named = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    if !named {
+        return None;
+    }
+    let resource = match (api_version, kind) {
+        ("v1", "Service") => Resource::Service(Deserialize::deserialize(value).ok()?),
+        ("v1", "Pod") => Resource::Pod(Deserialize::deserialize(value).ok()?),
+        ("v1", "Namespace") => Resource::Namespace(Deserialize::deserialize(value).ok()?),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            Resource::EndpointSlice(Deserialize::deserialize(value).ok()?)
+        }
+        _ => return None,
+    };
+    Some(ParsedFile {
+        objects: vec![Object {
+            origin: origin.clone(),
+            resource,
+        }],
+        ..ParsedFile::default()
+    })
 }
 
 fn parse_text(origin: &Origin, text: &str) -> ParsedFile {

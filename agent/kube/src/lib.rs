@@ -127,8 +127,9 @@ pub struct Options {
 pub struct Kubernetes {
     /// Every published snapshot (the first once every kind is listed).
     pub snapshots: tokio_watch::Receiver<Arc<Snapshot>>,
-    /// True once every kind's first complete list is in a published snapshot; it stays true
-    /// through later outages (the last good state keeps serving).
+    /// True once every kind's first complete list is in the store; set just before that
+    /// snapshot is published, so it is true for whoever receives it. It stays true through later
+    /// outages (the last good state keeps serving).
     pub ready: tokio_watch::Receiver<bool>,
     /// For `sluice status`.
     pub status: StatusHandle,
@@ -170,14 +171,14 @@ impl Kubernetes {
             status.clone(),
             problems_rx,
         ));
-        tokio::spawn(run_store(
-            Store::new(opts.build),
-            rx,
-            status.clone(),
-            snap_tx,
-            ready_tx,
-            problems_tx,
-        ));
+        // Checking objects and building snapshots is CPU work (tens of ms at a thousand
+        // Services): on its own thread, never on the proxy's runtime.
+        let store_status = status.clone();
+        let store = Store::new(opts.build);
+        std::thread::Builder::new()
+            .name("sluice-store".into())
+            .spawn(move || run_store(store, rx, store_status, snap_tx, ready_tx, problems_tx))
+            .expect("spawn the store thread");
         Self {
             snapshots,
             ready,
@@ -187,8 +188,8 @@ impl Kubernetes {
 }
 
 /// Applies events in batches (everything queued, then one commit) and publishes snapshots once
-/// every kind has been listed.
-async fn run_store(
+/// every kind has been listed. Ends when every watcher has gone (the runtime shut down).
+fn run_store(
     mut store: Store,
     mut rx: mpsc::UnboundedReceiver<Message>,
     status: StatusHandle,
@@ -198,7 +199,7 @@ async fn run_store(
 ) {
     let kinds = status.kinds();
     let mut synced = vec![false; kinds.len()];
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(message) = next {
             match message {
@@ -214,7 +215,14 @@ async fn run_store(
         }
         let reload = store.commit();
         status.set_objects(|kind| store.count(kind));
-        if reload.changed || !*ready.borrow() {
+        let first = !*ready.borrow();
+        if first {
+            // Before the snapshot: whoever sees the first snapshot also sees that it is complete.
+            status.set_synced();
+            tracing::info!("every kind listed from the API server");
+            let _ = ready.send(true);
+        }
+        if reload.changed || first {
             tracing::debug!(
                 generation = reload.snapshot.generation,
                 "publishing a Kubernetes snapshot"
@@ -222,10 +230,32 @@ async fn run_store(
             let _ = snapshots.send(reload.snapshot);
             let _ = problems.send(reload.problems);
         }
-        if !*ready.borrow() {
-            status.set_synced();
-            tracing::info!("every kind listed from the API server: ready");
-            let _ = ready.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rbac_rules_cover_exactly_what_is_requested() {
+        // Every watched kind: list, then watch.
+        for kind in watch::kinds() {
+            let rule = RBAC_RULES
+                .iter()
+                .find(|r| r.group == kind.group && r.resource == kind.resource)
+                .unwrap_or_else(|| panic!("no rule for {}", kind.kind));
+            assert_eq!(rule.verbs, ["list", "watch"], "{}", kind.kind);
         }
+        // And the Events of rejected objects: created, then patched when they recur.
+        let events = RBAC_RULES
+            .iter()
+            .find(|r| r.resource == "events")
+            .expect("events");
+        assert_eq!(
+            (events.group, events.verbs),
+            ("events.k8s.io", &["create", "patch"][..])
+        );
+        assert_eq!(RBAC_RULES.len(), watch::kinds().len() + 1, "nothing else");
     }
 }

@@ -9,7 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Where the configuration comes from.
+/// Where the configuration comes from; flattened into [`AgentConfig`], so `sluice status` reads
+/// `agent.mode` and `agent.config_dir` (standalone) or `agent.node_name` (Kubernetes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Mode {
@@ -56,8 +57,6 @@ pub struct AgentConfig {
     pub version: String,
     #[serde(flatten)]
     pub mode: Mode,
-    /// Kept at the top level as before the modes existed (`sluice status` prints it).
-    pub config_dir: Option<PathBuf>,
     pub cluster_domain: String,
     pub redirect: &'static str,
     pub listeners: Listeners,
@@ -147,7 +146,6 @@ impl AgentConfig {
         });
         Ok(Self {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            config_dir: args.config_dir.clone(),
             mode,
             cluster_domain: args.cluster_domain.clone(),
             redirect: match args.redirect {

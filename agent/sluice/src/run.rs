@@ -30,7 +30,7 @@ pub struct RunArgs {
     /// --config-dir is given.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// This node's name (Kubernetes mode: only its Pods are watched).
+    /// This node's name (Kubernetes mode: only its Pods are watched) [default: NODE_NAME].
     #[arg(long)]
     pub node_name: Option<String>,
     /// Cluster name for telemetry (Istio's `--clusterID`).

@@ -85,9 +85,12 @@ impl Source {
         every: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) -> watch::Receiver<bool> {
-        let ready = match &self {
-            Source::Dir(_) => watch::channel(true).1,
-            Source::Kube(k) => k.ready.clone(),
+        // Ready once a complete state is in the proxy (Kubernetes: every kind listed, and that
+        // snapshot applied).
+        let (ready_tx, ready) = watch::channel(matches!(self, Source::Dir(_)));
+        let kube_ready = match &self {
+            Source::Kube(k) => Some(k.ready.clone()),
+            Source::Dir(_) => None,
         };
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -159,6 +162,10 @@ impl Source {
                     }
                     tracing::info!(generation = snapshot.generation, "configuration applied");
                     handler.apply(snapshot);
+                    if !*ready_tx.borrow() && kube_ready.as_ref().is_some_and(|r| *r.borrow()) {
+                        tracing::info!("ready: every kind listed and applied");
+                        let _ = ready_tx.send(true);
+                    }
                 }
             }
         });

@@ -176,6 +176,27 @@ fn run_reloads_within_a_second_keeps_last_good_and_drains_on_sigterm() {
     assert!(ready_code.is_some(), "agent never became ready");
     assert_eq!(get_via(proxy, "http://pricing/"), Some(200));
 
+    // `sluice config`: the snapshot's fields at the top, the agent's own configuration under
+    // `agent`; `sluice status` has no Kubernetes section in standalone mode.
+    let admin = addr(ports[1]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&sluice(&["config", "-o", "json", "--admin", &admin]).stdout)
+            .expect("sluice config -o json");
+    assert_eq!(config["agent"]["mode"], "standalone", "{config:#}");
+    assert_eq!(config["agent"]["cluster_domain"], "cluster.local");
+    assert_eq!(
+        config["agent"]["config_dir"].as_str(),
+        dir.path().to_str(),
+        "{config:#}"
+    );
+    assert!(config
+        .pointer("/services/pricing.default.svc.cluster.local/cluster_ips/0")
+        .is_some());
+    let status: serde_json::Value =
+        serde_json::from_slice(&sluice(&["status", "-o", "json", "--admin", &admin]).stdout)
+            .expect("sluice status -o json");
+    assert!(status["kubernetes"].is_null(), "{status:#}");
+
     // A new VirtualService takes effect within a second, without restart.
     write(dir.path(), "vs.yaml", &abort_vs(418));
     let (_, took) = wait_for(Duration::from_secs(3), || {
@@ -190,7 +211,6 @@ fn run_reloads_within_a_second_keeps_last_good_and_drains_on_sigterm() {
         "vs.yaml",
         &abort_vs(418).replace("httpStatus: 418", "httpStatus: 418\n        percent: nope"),
     );
-    let admin = addr(ports[1]);
     let rejected = wait_for(Duration::from_secs(3), || {
         let out = sluice(&["status", "-o", "json", "--admin", &admin]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -216,4 +236,43 @@ fn run_reloads_within_a_second_keeps_last_good_and_drains_on_sigterm() {
     let exited = wait_for(Duration::from_secs(8), || agent.0.try_wait().ok().flatten());
     let (status, _) = exited.expect("agent did not exit after SIGTERM");
     assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn run_takes_exactly_one_mode_and_kubernetes_mode_needs_the_node() {
+    let run = |args: &[&str]| {
+        Command::new(SLUICE)
+            .arg("run")
+            .args(args)
+            .env_remove("NODE_NAME")
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .expect("run sluice")
+    };
+    let out = run(&[
+        "--config-dir",
+        "/nonexistent",
+        "--kubeconfig",
+        "/nonexistent",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("exclude each other"), "{stderr}");
+
+    let out = run(&["--kubeconfig", "/nonexistent"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--node-name"), "{stderr}");
+
+    // With the node, a kubeconfig that cannot be read is named.
+    let out = run(&[
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+        "--node-name",
+        "n1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/kubeconfig"), "{stderr}");
 }
