@@ -715,3 +715,34 @@ async fn events_posted_by_kube_rs_recorder_are_stored_and_listable() {
     assert_eq!(listed.items.len(), 1);
     assert_eq!(fake.events().len(), 2);
 }
+
+#[tokio::test]
+async fn streaming_lists_end_their_initial_events_with_the_marked_bookmark() {
+    let fake = FakeApiServer::start().await.unwrap();
+    for i in 0..3 {
+        fake.create(pod("default", &format!("p{i}"), "node-a", json!({})))
+            .unwrap();
+    }
+    let (client, _dir) = client(&fake).await;
+    let pods = reflect(
+        Api::<Pod>::all(client),
+        watcher::Config::default().streaming_lists(),
+    );
+    tokio::time::timeout(Duration::from_secs(5), pods.store.wait_until_ready())
+        .await
+        .expect("ready")
+        .unwrap();
+    assert_eq!(names(&pods.store), ["p0", "p1", "p2"]);
+    // No list at all: the watch's initial events stood in for it.
+    let reqs = fake.requests();
+    assert!(reqs.iter().all(|r| r.verb != "list"), "{reqs:#?}");
+    assert!(reqs
+        .iter()
+        .any(|r| r.param("sendInitialEvents").as_deref() == Some("true")));
+    fake.create(pod("default", "p3", "node-a", json!({})))
+        .unwrap();
+    eventually("p3", Duration::from_secs(5), || {
+        names(&pods.store).len() == 4
+    })
+    .await;
+}
