@@ -61,6 +61,8 @@ fn sluice_bin() -> &'static Path {
 fn sluice_release_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        // One cargo build at a time from this process: the other tests' binary first.
+        sluice_bin();
         let dir = profile_dir().parent().expect("target dir").join("release");
         build_sluice("release", &dir)
     })
