@@ -1,0 +1,984 @@
+//! Kubernetes mode end to end: the real `sluice run --kubeconfig PATH --node-name node-a
+//! --redirect none` process against the fake API server (`tests/fake-apiserver`) holding the
+//! tutorial's Services and Istio objects (converted from `examples/tutorial/` YAML), EndpointSlices
+//! pointing at real `fake-service` upstreams on loopback, and Pods of this node and another.
+//! Clients reach the agent's outbound listener as an explicit HTTP proxy.
+//!
+//! Shown: a VirtualService created, changed and deleted through the API changes what the proxy
+//! answers within a second of the write (the figure is printed); a Namespace relabel changes a pod's
+//! enrollment; another node's Pods are never fetched; a relist after 410 keeps the state and makes
+//! no new generation; an outage keeps the last good state serving; a 403 is reported naming verb,
+//! group and resource; readiness waits for every kind's first list; a rejected VirtualService gets a
+//! `SluiceRejected` Event while its last good version keeps working; start-up against 1,000
+//! Services, 5,000 endpoints and 500 VirtualServices (time and RSS printed).
+//!
+//! Builds `sluice` itself (`cargo build -p sluice`, a no-op after `cargo test --workspace`). No root.
+//! Run: `cargo test -p sluice-tests --test kube`.
+// A process-level test: wall-clock time is what it measures.
+#![allow(clippy::disallowed_methods)]
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sluice_fake_apiserver::FakeApiServer;
+use sluice_tests::{tutorial_yaml, Client, Outcome};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const NODE: &str = "node-a";
+
+/// The directory cargo puts this test's binaries in (`target/debug`, `target/release`...).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/kube-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// `sluice` from this workspace, built once with this test's profile (an integration test of
+/// another package does not get it built).
+fn sluice_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = profile_dir();
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        build_sluice(&profile, &dir)
+    })
+}
+
+/// `sluice` built with the release profile (what `cargo xtask demo` builds too), for timing.
+fn sluice_release_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // One cargo build at a time from this process: the other tests' binary first.
+        sluice_bin();
+        let dir = profile_dir().parent().expect("target dir").join("release");
+        build_sluice("release", &dir)
+    })
+}
+
+fn build_sluice(profile: &str, dir: &Path) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["build", "--quiet", "--profile", profile, "-p", "sluice"])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running cargo build -p sluice");
+    assert!(
+        out.status.success(),
+        "cargo build --profile {profile} -p sluice: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = dir.join("sluice");
+    assert!(bin.is_file(), "{} was not built", bin.display());
+    bin
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Every document of a tutorial file as JSON, keeping only the kinds a cluster would hold that the
+/// agent reads (the Deployments are what `fake-service` instances stand in for).
+fn tutorial_objects(file: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(&tutorial_yaml(file))
+        .map(|doc| Value::deserialize(doc).expect("tutorial YAML"))
+        .filter(|v| {
+            matches!(
+                v["kind"].as_str(),
+                Some("Service" | "VirtualService" | "DestinationRule")
+            )
+        })
+        .map(|mut v| {
+            v["metadata"]["namespace"] = "default".into();
+            v
+        })
+        .collect()
+}
+
+/// The tutorial VirtualService `name` from `file`.
+fn tutorial_vs(file: &str, name: &str) -> Value {
+    tutorial_objects(file)
+        .into_iter()
+        .find(|v| v["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("{file} has no {name}"))
+}
+
+fn endpoint_slice(service: &str, ports: &[(String, u16)]) -> Value {
+    let endpoints: Vec<Value> = ports
+        .iter()
+        .map(|(ip, _)| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-x1"), "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4", "endpoints": endpoints,
+           "ports": [{"name": "http", "port": ports[0].1, "protocol": "TCP"}]})
+}
+
+fn pod(namespace: &str, name: &str, node: &str, ip: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": namespace, "labels": labels},
+           "spec": {"nodeName": node, "containers": [{"name": "app", "image": "fake-service"}]},
+           "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "qosClass": "BestEffort"}})
+}
+
+/// The fake cluster: API server, the tutorial's pricing and inventory behind real `fake-service`
+/// instances, a client pod on this node (namespace `shop`), and one on another node.
+struct Cluster {
+    fake: FakeApiServer,
+    dir: tempfile::TempDir,
+    upstreams: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in &self.upstreams {
+            t.abort();
+        }
+    }
+}
+
+async fn fake_service(name: &str) -> (u16, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().unwrap().port();
+    let name = name.to_string();
+    let cfg =
+        fake_service::Config::from_lookup(|k| (k == "NAME").then(|| name.clone())).expect("config");
+    (
+        port,
+        tokio::spawn(async move {
+            let _ = fake_service::serve(cfg, listener).await;
+        }),
+    )
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let fake = FakeApiServer::start().await.expect("fake API server");
+        let dir = tempfile::tempdir().expect("tempdir");
+        fake.write_kubeconfig(&dir.path().join("kubeconfig"))
+            .unwrap();
+        let mut upstreams = Vec::new();
+        for name in ["pricing", "inventory"] {
+            let (port, task) = fake_service(name).await;
+            upstreams.push(task);
+            for obj in tutorial_objects(&format!("{name}.yaml")) {
+                fake.create(obj).unwrap();
+            }
+            fake.create(endpoint_slice(name, &[("127.0.0.1".into(), port)]))
+                .unwrap();
+            fake.create(pod(
+                "default",
+                &format!("{name}-0"),
+                NODE,
+                "10.244.0.10",
+                json!({"app": name, "version": "v1"}),
+            ))
+            .unwrap();
+        }
+        fake.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}))
+            .unwrap();
+        fake.create(pod(
+            "shop",
+            "client",
+            NODE,
+            "10.244.0.20",
+            json!({"app": "client"}),
+        ))
+        .unwrap();
+        fake.create(pod(
+            "shop",
+            "elsewhere",
+            "node-b",
+            "10.244.1.20",
+            json!({"app": "client"}),
+        ))
+        .unwrap();
+        Self {
+            fake,
+            dir,
+            upstreams,
+        }
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+}
+
+/// `sluice run` in Kubernetes mode, killed by PID when dropped.
+struct Agent {
+    child: Child,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    ready: SocketAddr,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl Agent {
+    fn spawn(cluster: &Cluster) -> Self {
+        Self::spawn_with(cluster, sluice_bin())
+    }
+
+    fn spawn_with(cluster: &Cluster, bin: &Path) -> Self {
+        let (outbound, admin, metrics, ready) =
+            (free_addr(), free_addr(), free_addr(), free_addr());
+        let log = cluster
+            .dir
+            .path()
+            .join(format!("agent-{}.log", admin.port()));
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .arg("--kubeconfig")
+            .arg(cluster.kubeconfig())
+            .args(["--node-name", NODE, "--redirect", "none", "--no-access-log"])
+            .args(["--outbound-addr", &outbound.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(["--ready-addr", &ready.to_string()])
+            .env_remove("RUST_LOG")
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("NODE_NAME")
+            .env_remove("SLUICE_CONFIG_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"));
+        // SAFETY: prctl is async-signal-safe and touches only the child being made; if this test
+        // process dies without unwinding, the agent goes with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let started = Instant::now();
+        let child = cmd.spawn().expect("spawn sluice run");
+        Self {
+            child,
+            outbound,
+            admin,
+            ready,
+            log,
+            started,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("sluice run exited with {status}:\n{}", self.stderr());
+        }
+    }
+
+    /// `/healthz/ready`'s status code, `None` while nothing answers.
+    async fn ready_code(&self) -> Option<u16> {
+        http_get(self.ready, "/healthz/ready").await.map(|(c, _)| c)
+    }
+
+    /// Waits until ready; the time since spawn.
+    async fn wait_ready(&mut self, within: Duration) -> Duration {
+        let deadline = Instant::now() + within;
+        loop {
+            self.assert_running();
+            if self.ready_code().await == Some(200) {
+                return self.started.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready after {within:?}; status: {}\n{}",
+                self.status_raw().await.unwrap_or_default(),
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn status_raw(&self) -> Option<String> {
+        http_get(self.admin, "/status").await.map(|(_, b)| b)
+    }
+
+    /// `sluice status -o json`, as an operator runs it.
+    async fn status(&self) -> Value {
+        let out = tokio::process::Command::new(sluice_bin())
+            .args(["status", "-o", "json", "--admin", &self.admin.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("sluice status");
+        assert!(
+            out.status.success(),
+            "sluice status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("sluice status -o json prints JSON")
+    }
+
+    async fn config_dump(&self) -> Value {
+        let (code, body) = http_get(self.admin, "/config_dump")
+            .await
+            .expect("admin answers");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("config_dump is JSON")
+    }
+
+    async fn generation(&self) -> u64 {
+        self.status().await["generation"]
+            .as_u64()
+            .expect("generation")
+    }
+
+    fn client(&self) -> Client {
+        Client {
+            proxy: self.outbound,
+        }
+    }
+
+    /// Resident and peak memory from `/proc/PID/status`, in KiB.
+    fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SIGKILL by PID, then reap.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-shot `GET` (HTTP/1.0, connection closed by the server): status and body.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn get(client: &Client, url: &str) -> Outcome {
+    client.get(url, Duration::from_secs(3)).await
+}
+
+/// Sends requests back to back until one answers as `wanted` says: the time from `since` to the
+/// sending of that first request and to its answer (the change took effect in between, or before).
+/// Panics after `within`.
+async fn first_seen(
+    client: &Client,
+    url: &str,
+    since: Instant,
+    within: Duration,
+    wanted: impl Fn(&Outcome) -> bool,
+) -> (Duration, Duration) {
+    loop {
+        let sent = Instant::now();
+        let outcome = get(client, url).await;
+        if wanted(&outcome) {
+            return (sent - since, since.elapsed());
+        }
+        assert!(
+            since.elapsed() < within,
+            "{url}: not seen within {within:?}; last answer {} {:?}",
+            outcome.code(),
+            outcome.body
+        );
+    }
+}
+
+fn is_fault_abort(o: &Outcome, code: u16) -> bool {
+    o.code() == code && String::from_utf8_lossy(&o.body).contains("fault filter abort")
+}
+
+/// The tutorial's `pricing-fault` with its abort made certain (100%) and `http_status` as given.
+fn pricing_abort(http_status: u16) -> Value {
+    let mut vs = tutorial_vs("fault-injection.yaml", "pricing-fault");
+    vs["spec"]["http"][0]["fault"]["abort"] =
+        json!({"percentage": {"value": 100}, "httpStatus": http_status});
+    vs
+}
+
+/// Polls `check` (async) every 50 ms until it holds or `within` passes.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn started() -> (Cluster, Agent) {
+    let cluster = Cluster::start().await;
+    let mut agent = Agent::spawn(&cluster);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    (cluster, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_service_changes_reach_the_proxy_within_a_second() {
+    let (cluster, agent) = started().await;
+    let client = agent.client();
+    let url = "http://pricing/";
+    assert_eq!(get(&client, url).await.code(), 200, "{}", agent.stderr());
+
+    let t0 = Instant::now();
+    cluster.fake.create(pricing_abort(500)).unwrap();
+    let created = first_seen(&client, url, t0, Duration::from_secs(5), |o| {
+        is_fault_abort(o, 500)
+    })
+    .await;
+
+    let t1 = Instant::now();
+    cluster.fake.apply(pricing_abort(418)).unwrap();
+    let changed = first_seen(&client, url, t1, Duration::from_secs(5), |o| {
+        is_fault_abort(o, 418)
+    })
+    .await;
+
+    let t2 = Instant::now();
+    cluster
+        .fake
+        .delete("VirtualService/default/pricing-fault")
+        .unwrap();
+    let deleted = first_seen(&client, url, t2, Duration::from_secs(5), |o| {
+        o.code() == 200
+    })
+    .await;
+
+    for (what, (sent, answered)) in [
+        ("create", created),
+        ("change", changed),
+        ("delete", deleted),
+    ] {
+        println!("{what}: the first request seeing it was sent {sent:?} after the write, answered after {answered:?}");
+        assert!(
+            answered < Duration::from_secs(1),
+            "{what} took {answered:?}"
+        );
+    }
+    // The other service never changed.
+    assert_eq!(get(&client, "http://inventory/").await.code(), 200);
+}
+
+/// The `enrolled` of workload `name` in `/config_dump`, if the agent knows it.
+async fn enrolled(agent: &Agent, name: &str) -> Option<bool> {
+    let dump = agent.config_dump().await;
+    let workloads = dump["workloads"]
+        .as_object()?
+        .values()
+        .cloned()
+        .collect::<Vec<_>>();
+    workloads
+        .iter()
+        .find(|w| w["name"] == name)
+        .and_then(|w| w["enrolled"].as_bool())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_relabel_changes_the_pods_enrollment() {
+    let (cluster, agent) = started().await;
+    assert_eq!(
+        enrolled(&agent, "client").await,
+        Some(false),
+        "{:#}",
+        agent.config_dump().await["workloads"]
+    );
+
+    let mut ns = cluster.fake.get("Namespace/shop").unwrap();
+    ns["metadata"]["labels"]["istio.io/dataplane-mode"] = "ambient".into();
+    cluster.fake.replace(ns).unwrap();
+    eventually("client enrolled", Duration::from_secs(2), || async {
+        enrolled(&agent, "client").await == Some(true)
+    })
+    .await;
+
+    let mut ns = cluster.fake.get("Namespace/shop").unwrap();
+    ns["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("istio.io/dataplane-mode");
+    cluster.fake.replace(ns).unwrap();
+    eventually("client released", Duration::from_secs(2), || async {
+        enrolled(&agent, "client").await == Some(false)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_nodes_pods_are_never_fetched() {
+    let (cluster, agent) = started().await;
+    // A pod of another node created while the agent watches is not sent to it either.
+    cluster
+        .fake
+        .create(pod(
+            "shop",
+            "elsewhere-2",
+            "node-b",
+            "10.244.1.21",
+            json!({}),
+        ))
+        .unwrap();
+    cluster
+        .fake
+        .create(pod("shop", "client-2", NODE, "10.244.0.21", json!({})))
+        .unwrap();
+    eventually("client-2 known", Duration::from_secs(2), || async {
+        enrolled(&agent, "client-2").await.is_some()
+    })
+    .await;
+    let pods: Vec<_> = cluster
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/pods"))
+        .collect();
+    assert!(
+        pods.iter().any(|r| r.verb == "list") && pods.iter().any(|r| r.verb == "watch"),
+        "{pods:#?}"
+    );
+    for r in &pods {
+        assert!(matches!(r.verb.as_str(), "list" | "watch"), "{r:?}");
+        assert!(
+            r.query.contains("fieldSelector=spec.nodeName%3Dnode-a"),
+            "{r:?}"
+        );
+    }
+    let dump = agent.config_dump().await;
+    let names: Vec<&str> = dump["workloads"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("elsewhere")),
+        "{names:?}"
+    );
+    assert!(!agent.status().await.to_string().contains("elsewhere"));
+}
+
+/// Requests `url` back to back on a task until told to stop; every answer's code.
+fn steady_load(
+    client: Client,
+    url: &'static str,
+) -> (tokio::sync::watch::Sender<bool>, JoinHandle<Vec<u16>>) {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut codes = Vec::new();
+        while !*stopped.borrow_and_update() && codes.len() < 100_000 {
+            codes.push(get(&client, url).await.code());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        codes
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_after_410_keeps_the_state_and_makes_no_new_generation() {
+    let (cluster, agent) = started().await;
+    let fake = &cluster.fake;
+    fake.create(pricing_abort(500)).unwrap();
+    first_seen(
+        &agent.client(),
+        "http://pricing/",
+        Instant::now(),
+        Duration::from_secs(5),
+        |o| is_fault_abort(o, 500),
+    )
+    .await;
+    let generation = agent.generation().await;
+    let (lists, expired) = (fake.stats().lists, fake.stats().expired);
+
+    let (stop, load) = steady_load(agent.client(), "http://pricing/");
+    // Hold every re-watch while the global version moves on (an object the agent does not watch)
+    // and the history is compacted: each watch resumes from an expired version, gets 410 and relists.
+    for (group, resource) in [
+        ("", "pods"),
+        ("", "namespaces"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("networking.istio.io", "virtualservices"),
+        ("networking.istio.io", "destinationrules"),
+    ] {
+        fake.delay("watch", group, resource, Duration::from_millis(500));
+    }
+    fake.drop_watches();
+    fake.create(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "unrelated", "namespace": "default"}}))
+        .unwrap();
+    fake.compact();
+    eventually("every kind relisted", Duration::from_secs(10), || async {
+        fake.stats().expired >= expired + 6 && fake.stats().lists >= lists + 6
+    })
+    .await;
+    // Settle: watches open again after the relists.
+    eventually("watches open again", Duration::from_secs(5), || async {
+        fake.stats().watches_open >= 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop.send(true);
+    let codes = load.await.unwrap();
+    assert!(codes.len() > 20, "{} requests", codes.len());
+    assert!(
+        codes.iter().all(|c| *c == 500),
+        "every request kept the policy: {codes:?}"
+    );
+    assert_eq!(
+        agent.generation().await,
+        generation,
+        "a relist of unchanged objects is not a change"
+    );
+    let status = agent.status().await;
+    assert_eq!(status["kubernetes"]["synced"], true, "{status:#}");
+    // And the watches work after it.
+    fake.delete("VirtualService/default/pricing-fault").unwrap();
+    first_seen(
+        &agent.client(),
+        "http://pricing/",
+        Instant::now(),
+        Duration::from_secs(2),
+        |o| o.code() == 200,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_keeps_serving_the_last_good_state() {
+    let (cluster, agent) = started().await;
+    let fake = &cluster.fake;
+    fake.create(pricing_abort(500)).unwrap();
+    first_seen(
+        &agent.client(),
+        "http://pricing/",
+        Instant::now(),
+        Duration::from_secs(5),
+        |o| is_fault_abort(o, 500),
+    )
+    .await;
+
+    let (stop, load) = steady_load(agent.client(), "http://pricing/");
+    fake.set_outage(true);
+    eventually("the outage noticed", Duration::from_secs(10), || async {
+        let s = agent.status().await;
+        s["kubernetes"]["kinds"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| !k["last_error"].is_null()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop.send(true);
+    let codes = load.await.unwrap();
+    assert!(
+        codes.len() > 20 && codes.iter().all(|c| *c == 500),
+        "{codes:?}"
+    );
+    assert_eq!(get(&agent.client(), "http://inventory/").await.code(), 200);
+    assert_eq!(
+        agent.ready_code().await,
+        Some(200),
+        "an outage does not make the node's proxy unready"
+    );
+
+    // Back: a change made after the outage arrives (within kube's back-off).
+    fake.set_outage(false);
+    fake.delete("VirtualService/default/pricing-fault").unwrap();
+    first_seen(
+        &agent.client(),
+        "http://pricing/",
+        Instant::now(),
+        Duration::from_secs(40),
+        |o| o.code() == 200,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_is_reported_naming_verb_group_and_resource_and_readiness_waits() {
+    let cluster = Cluster::start().await;
+    cluster
+        .fake
+        .forbid("list", "networking.istio.io", "destinationrules");
+    let mut agent = Agent::spawn(&cluster);
+    eventually("the 403 in status", Duration::from_secs(10), || async {
+        http_get(agent.admin, "/status")
+            .await
+            .is_some_and(|(_, b)| b.contains("destinationrules"))
+    })
+    .await;
+    let status = agent.status().await;
+    let forbidden = status["kubernetes"]["forbidden"]
+        .as_array()
+        .expect("forbidden list");
+    let entry = forbidden
+        .iter()
+        .find(|f| f["resource"] == "destinationrules")
+        .unwrap_or_else(|| panic!("{status:#}"));
+    assert_eq!(
+        (entry["verb"].as_str(), entry["group"].as_str()),
+        (Some("list"), Some("networking.istio.io"))
+    );
+    assert!(
+        entry["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot list resource \"destinationrules\""),
+        "{entry}"
+    );
+    assert_eq!(status["kubernetes"]["synced"], false);
+    // Not ready while one kind has never been listed.
+    assert_eq!(agent.ready_code().await, Some(503));
+    cluster
+        .fake
+        .allow("list", "networking.istio.io", "destinationrules");
+    agent.wait_ready(Duration::from_secs(40)).await;
+    assert_eq!(agent.status().await["kubernetes"]["synced"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_every_kinds_first_list() {
+    let cluster = Cluster::start().await;
+    cluster.fake.delay(
+        "list",
+        "discovery.k8s.io",
+        "endpointslices",
+        Duration::from_secs(2),
+    );
+    let mut agent = Agent::spawn(&cluster);
+    // Poll readiness; note (on the fake's clock) the last 503 and the first 200.
+    let (mut last_503, mut first_200) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while first_200.is_none() {
+        agent.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "never ready:\n{}",
+            agent.stderr()
+        );
+        match agent.ready_code().await {
+            Some(503) => last_503 = Some(cluster.fake.uptime()),
+            Some(200) => first_200 = Some(cluster.fake.uptime()),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let slices = cluster
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.verb == "list" && r.path.ends_with("/endpointslices"))
+        .expect("EndpointSlices listed");
+    let last_503 = last_503.expect("readiness answered 503 while the list was held");
+    assert!(
+        last_503 >= slices.received + Duration::from_millis(500),
+        "503 seen until {last_503:?}, the held list came at {:?}",
+        slices.received
+    );
+    assert!(
+        first_200.unwrap() >= slices.answered,
+        "ready at {first_200:?}, before the held list was answered at {:?}",
+        slices.answered
+    );
+    let status = agent.status().await;
+    assert!(
+        status["kubernetes"]["kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["synced"] == true),
+        "{status:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_virtual_service_gets_an_event_and_the_last_good_version_keeps_working() {
+    let (cluster, agent) = started().await;
+    let fake = &cluster.fake;
+    fake.create(pricing_abort(500)).unwrap();
+    first_seen(
+        &agent.client(),
+        "http://pricing/",
+        Instant::now(),
+        Duration::from_secs(5),
+        |o| is_fault_abort(o, 500),
+    )
+    .await;
+
+    let mut bad = pricing_abort(418);
+    bad["spec"]["http"][0]["timeout"] = "5 s".into();
+    let written = fake.apply(bad).unwrap();
+    eventually("a SluiceRejected event", Duration::from_secs(5), || async {
+        fake.events()
+            .iter()
+            .any(|e| e["reason"] == "SluiceRejected")
+    })
+    .await;
+    let event = fake
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "SluiceRejected")
+        .unwrap();
+    let regarding = event
+        .get("regarding")
+        .or_else(|| event.get("involvedObject"))
+        .expect("the object");
+    assert_eq!(
+        (regarding["kind"].as_str(), regarding["name"].as_str()),
+        (Some("VirtualService"), Some("pricing-fault")),
+        "{event:#}"
+    );
+    let note = event
+        .get("note")
+        .or_else(|| event.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert!(note.contains("spec.http[0].timeout"), "{event:#}");
+
+    // The last good version (abort 500) still answers, not the rejected one (418).
+    for _ in 0..20 {
+        assert!(is_fault_abort(
+            &get(&agent.client(), "http://pricing/").await,
+            500
+        ));
+    }
+    let status = agent.status().await;
+    let rejection = status["rejections"]
+        .as_array()
+        .and_then(|r| {
+            r.iter().find(|r| {
+                r["source"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("VirtualService default/pricing-fault"))
+            })
+        })
+        .unwrap_or_else(|| panic!("{status:#}"));
+    assert!(
+        rejection.to_string().contains("spec.http[0].timeout"),
+        "{rejection}"
+    );
+    println!(
+        "rejection: {rejection} (written at resourceVersion {})",
+        written["metadata"]["resourceVersion"]
+    );
+
+    // Fixing it clears the rejection.
+    fake.apply(pricing_abort(418)).unwrap();
+    first_seen(
+        &agent.client(),
+        "http://pricing/",
+        Instant::now(),
+        Duration::from_secs(2),
+        |o| is_fault_abort(o, 418),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_up_against_a_large_cluster_in_under_two_seconds() {
+    let cluster = Cluster::start().await;
+    let fake = &cluster.fake;
+    for i in 0..1000 {
+        let name = format!("svc-{i:04}");
+        fake.create(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}], "selector": {"app": name}}}))
+            .unwrap();
+        let endpoints: Vec<(String, u16)> = (0..5)
+            .map(|j| (format!("10.{}.{}.{}", 1 + i / 250, i % 250, 1 + j), 8080))
+            .collect();
+        fake.create(endpoint_slice(&name, &endpoints)).unwrap();
+        if i < 500 {
+            fake.create(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"hosts": [name], "http": [{"timeout": "3s", "retries": {"attempts": 2, "perTryTimeout": "1s"},
+                    "route": [{"destination": {"host": name}}]}]}}))
+                .unwrap();
+        }
+    }
+    let spawned = cluster.fake.uptime();
+    // Optimized, as on a node: a debug build's start-up says little about the agent's.
+    let mut agent = Agent::spawn_with(&cluster, sluice_release_bin());
+    let took = agent.wait_ready(Duration::from_secs(30)).await;
+    let (rss, peak) = agent.memory_kib();
+    println!(
+        "1,000 Services, 5,000 endpoints, 500 VirtualServices: ready in {took:?}; \
+         RSS {rss} KiB (peak {peak} KiB)"
+    );
+    // What the agent asked for and when (since its spawn; how long the fake took to answer).
+    let timeline: String = cluster
+        .fake
+        .requests()
+        .iter()
+        .map(|r| {
+            format!(
+                "{:>8.1?} {:>8.1?} {} {} {}?{}\n",
+                r.received.saturating_sub(spawned),
+                r.answered.saturating_sub(r.received),
+                r.status,
+                r.verb,
+                r.path,
+                r.query
+            )
+        })
+        .collect();
+    let status = agent.status().await;
+    assert!(status["services"].as_u64().unwrap() >= 1000, "{status:#}");
+    assert_eq!(get(&agent.client(), "http://pricing/").await.code(), 200);
+    assert!(
+        took < Duration::from_secs(2),
+        "ready after {took:?}; requests:\n{timeline}"
+    );
+}
