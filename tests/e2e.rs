@@ -67,19 +67,12 @@ fn now() -> std::time::Instant {
 // ---------------------------------------------------------------------------------------------
 // What the tests need from the machine, and the binaries under test.
 
-/// The target directory's profile directory (`target/debug`) this test binary was built into.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/e2e-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary under target/<profile>/deps")
-        .to_path_buf()
-}
-
 /// `target/bpf/sluice-ebpf.o`, built by `cargo xtask build-ebpf`.
 fn ebpf_object() -> PathBuf {
-    let target = profile_dir().parent().expect("target dir").to_path_buf();
+    let target = sluice_tests::bins::profile_dir()
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
     let beside = target.join("bpf/sluice-ebpf.o");
     if beside.is_file() {
         return beside;
@@ -111,45 +104,6 @@ fn skip() -> bool {
 /// As [`skip`], for the dual-stack tests: IPv6 must be available too.
 fn skip_ipv6() -> bool {
     skip_because(cannot_run().or_else(sluice_netns::cannot_run_ipv6))
-}
-
-struct Bins {
-    sluice: PathBuf,
-    fake_service: PathBuf,
-}
-
-/// `sluice` and `fake-service` from this workspace, built with this test's profile (binaries of
-/// other packages are not built for an integration test, so build them once, up to date).
-fn bins() -> &'static Bins {
-    static BINS: OnceLock<Bins> = OnceLock::new();
-    BINS.get_or_init(|| {
-        let dir = profile_dir();
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(&cargo)
-            .args(["build", "--quiet", "--profile", &profile])
-            .args(["-p", "sluice", "-p", "fake-service"])
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-            .stdin(Stdio::null())
-            .output()
-            .expect("running cargo build for the sluice and fake-service binaries");
-        assert!(
-            out.status.success(),
-            "cargo build -p sluice -p fake-service: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bins = Bins {
-            sluice: dir.join("sluice"),
-            fake_service: dir.join("fake-service"),
-        };
-        for b in [&bins.sluice, &bins.fake_service] {
-            assert!(b.is_file(), "{} was not built", b.display());
-        }
-        bins
-    })
 }
 
 /// Removes what earlier runs killed with SIGKILL (no unwinding, no guards) left: their topologies
@@ -214,7 +168,7 @@ impl Drop for PinGuard {
         if !self.0.exists() {
             return;
         }
-        match Command::new(&bins().sluice)
+        match Command::new(&sluice_tests::bins::bins().sluice)
             .args(["uninstall", "--pin-dir"])
             .arg(&self.0)
             .stdin(Stdio::null())
@@ -276,7 +230,7 @@ impl Agent {
         cmd.arg("-c")
             .arg(r#"echo $$ > "$0" && exec "$@""#)
             .arg(&self.cgroup_procs)
-            .arg(&bins().sluice)
+            .arg(&sluice_tests::bins::bins().sluice)
             .args(&self.args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -360,7 +314,7 @@ impl Agent {
 
     /// `sluice <what> -o json --admin ADDR`, as an operator would run it.
     fn cli_json(&self, what: &str) -> Value {
-        let out = Command::new(&bins().sluice)
+        let out = Command::new(&sluice_tests::bins::bins().sluice)
             .args([what, "-o", "json", "--admin", &self.admin.to_string()])
             .stdin(Stdio::null())
             .output()
@@ -496,7 +450,7 @@ fn e2e_dual_stack(body: impl FnOnce(&mut Env)) {
 }
 
 fn e2e_in(dual_stack: bool, body: impl FnOnce(&mut Env)) {
-    let _ = bins();
+    let _ = sluice_tests::bins::bins();
     sweep_stale_runs();
     let mut env = Env::new(dual_stack);
     let mut footprint = Footprint {
@@ -580,7 +534,10 @@ impl Env {
 
     /// Runs `fake-service` (NAME=`name`) in `pod` on port 9090 and waits until it accepts.
     fn fake_service(&mut self, pod: &Pod, name: &str, env: &[(&str, &str)]) {
-        let mut cmd = self.topo.command(pod, &bins().fake_service).unwrap();
+        let mut cmd = self
+            .topo
+            .command(pod, &sluice_tests::bins::bins().fake_service)
+            .unwrap();
         cmd.env("NAME", name)
             .env("LISTEN_ADDR", "0.0.0.0:9090")
             .envs(env.iter().copied())

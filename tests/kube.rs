@@ -25,66 +25,12 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 const NODE: &str = "node-a";
-
-/// The directory cargo puts this test's binaries in (`target/debug`, `target/release`...).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/kube-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf()
-}
-
-/// `sluice` from this workspace, built once with this test's profile (an integration test of
-/// another package does not get it built).
-fn sluice_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = profile_dir();
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
-        };
-        build_sluice(&profile, &dir)
-    })
-}
-
-/// `sluice` built with the release profile (what `cargo xtask demo` builds too), for timing.
-fn sluice_release_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // One cargo build at a time from this process: the other tests' binary first.
-        sluice_bin();
-        let dir = profile_dir().parent().expect("target dir").join("release");
-        build_sluice("release", &dir)
-    })
-}
-
-fn build_sluice(profile: &str, dir: &Path) -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
-        .args(["build", "--quiet", "--profile", profile, "-p", "sluice"])
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .stdin(Stdio::null())
-        .output()
-        .expect("running cargo build -p sluice");
-    assert!(
-        out.status.success(),
-        "cargo build --profile {profile} -p sluice: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bin = dir.join("sluice");
-    assert!(bin.is_file(), "{} was not built", bin.display());
-    bin
-}
 
 fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -234,7 +180,7 @@ struct Agent {
 
 impl Agent {
     fn spawn(cluster: &Cluster) -> Self {
-        Self::spawn_with(cluster, sluice_bin())
+        Self::spawn_with(cluster, sluice_tests::bins::sluice())
     }
 
     fn spawn_with(cluster: &Cluster, bin: &Path) -> Self {
@@ -322,7 +268,7 @@ impl Agent {
 
     /// `sluice status -o json`, as an operator runs it.
     async fn status(&self) -> Value {
-        let out = tokio::process::Command::new(sluice_bin())
+        let out = tokio::process::Command::new(sluice_tests::bins::sluice())
             .args(["status", "-o", "json", "--admin", &self.admin.to_string()])
             .stdin(Stdio::null())
             .output()
@@ -950,7 +896,7 @@ async fn starts_up_against_a_large_cluster_in_under_two_seconds() {
     }
     let spawned = cluster.fake.uptime();
     // Optimized, as on a node: a debug build's start-up says little about the agent's.
-    let mut agent = Agent::spawn_with(&cluster, sluice_release_bin());
+    let mut agent = Agent::spawn_with(&cluster, &sluice_tests::bins::release_bins().sluice);
     let took = agent.wait_ready(Duration::from_secs(30)).await;
     let (rss, peak) = agent.memory_kib();
     println!(
