@@ -529,13 +529,14 @@ fn prepare_response(mut rsp: Response<Body>) -> Response<Body> {
 /// The response Envoy sends when the proxy itself ends the request.
 fn local_reply(err: &BoxError, info: &RequestInfo) -> Response<Body> {
     let (status, flag, body) = match ProxyError::find(err) {
-        Some(pe) => (pe.status(), pe.flag(), pe.body()),
+        // Envoy says "retried and the latest reset reason" once an earlier attempt was made.
+        Some(pe) => (pe.status(), pe.flag(), pe.body(info.attempts() > 1)),
         None => {
             tracing::debug!(error = %err, "request failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
-                "upstream connect error or disconnect/reset before headers",
+                "upstream connect error or disconnect/reset before headers".into(),
             )
         }
     };
@@ -547,7 +548,7 @@ fn local_reply(err: &BoxError, info: &RequestInfo) -> Response<Body> {
     if flag.contains(ResponseFlags::UPSTREAM_OVERFLOW) {
         rsp = rsp.header(X_ENVOY_OVERLOADED, "true");
     }
-    rsp.body(sluice_core::full(body))
+    rsp.body(sluice_core::full(body.into_owned()))
         .expect("valid local reply")
 }
 
