@@ -11,6 +11,12 @@
 //! extension), so the cluster reports the attempt to outlier detection as a timeout; an attempt
 //! dropped with no timer raised was abandoned by the client, which is reported nowhere.
 //!
+//! Every attempt carries `x-envoy-expected-rq-timeout-ms` when a timeout applies, as Envoy's
+//! `FilterUtility::setTimeoutHeaders` writes it: the per-try timeout if one is set (and shorter than
+//! the route timeout), else the route timeout, never more than what is left of the route timeout
+//! (at least 1 ms). The route layer leaves its clock in the request's extensions for the per-try
+//! layer, which is below the retry layer and so sees every attempt.
+//!
 //! `x-envoy-upstream-rq-timeout-ms` / `x-envoy-upstream-rq-per-try-timeout-ms` override the configured
 //! value for one request (0 = none) and are consumed here. Envoy ignores a per-try timeout that is not
 //! shorter than the route timeout; here both timers then fire together and the route layer checks its
@@ -20,11 +26,12 @@ mod future;
 
 pub use self::future::ResponseFuture;
 
-use http::{header::HeaderName, HeaderMap, Request, Response};
+use http::{header::HeaderName, HeaderMap, HeaderValue, Request, Response};
 use sluice_core::{Body, BoxError, Expiry, RequestInfo};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -34,6 +41,44 @@ pub const UPSTREAM_RQ_TIMEOUT_MS: HeaderName =
 /// Overrides the per-try timeout for one request, in milliseconds; 0 disables it.
 pub const UPSTREAM_RQ_PER_TRY_TIMEOUT_MS: HeaderName =
     HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+
+/// Sent upstream with each attempt: the milliseconds the attempt is expected to have.
+pub const EXPECTED_RQ_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+
+/// The route timeout of a request and when it started, for the attempts' expected timeout.
+#[derive(Clone, Copy, Debug)]
+struct RouteClock {
+    start: Instant,
+    timeout: Duration,
+}
+
+/// `x-envoy-expected-rq-timeout-ms` for an attempt with this per-try timeout under this route
+/// clock, as Envoy computes it (whole milliseconds; a per-try timeout not shorter than the route
+/// timeout is ignored; once the route time is used up, 1).
+fn expected_timeout_ms(per_try: Option<Duration>, route: Option<RouteClock>) -> Option<u64> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let global = route.map_or(0, |r| ms(r.timeout));
+    let mut expected = per_try.map_or(0, ms);
+    if global != 0 && expected >= global {
+        expected = 0;
+    }
+    if expected == 0 {
+        expected = global;
+    }
+    if expected == 0 {
+        return None;
+    }
+    if let Some(route) = route.filter(|_| global != 0) {
+        let elapsed = ms(route.start.elapsed());
+        expected = if elapsed >= global {
+            1
+        } else {
+            expected.min(global - elapsed)
+        };
+    }
+    Some(expected)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Scope {
@@ -122,7 +167,30 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        match self.effective(req.headers_mut()) {
+        let timeout = self.effective(req.headers_mut());
+        match self.scope {
+            Scope::Route => {
+                if let Some(timeout) = timeout {
+                    req.extensions_mut().insert(RouteClock {
+                        start: Instant::now(),
+                        timeout,
+                    });
+                }
+            }
+            Scope::PerTry => {
+                let route = req.extensions().get::<RouteClock>().copied();
+                match expected_timeout_ms(timeout, route) {
+                    Some(ms) => {
+                        req.headers_mut()
+                            .insert(EXPECTED_RQ_TIMEOUT_MS, HeaderValue::from(ms));
+                    }
+                    None => {
+                        req.headers_mut().remove(EXPECTED_RQ_TIMEOUT_MS);
+                    }
+                }
+            }
+        }
+        match timeout {
             None => ResponseFuture::passthrough(self.inner.call(req)),
             Some(timeout) => {
                 let info = match self.scope {

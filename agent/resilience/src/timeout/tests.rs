@@ -213,3 +213,72 @@ async fn a_timer_marks_the_attempt_it_ends_and_a_caller_leaving_does_not() {
         Some(Deadline::Route)
     );
 }
+
+/// The header the per-try layer writes for an attempt `wait` seconds into the route clock.
+async fn expected_header(route: Option<f64>, per_try: Option<f64>, wait: f64) -> Option<String> {
+    let (backend, calls) = crate::test_util::backend(vec![Step::Status(200)]);
+    let mut svc = TimeoutLayer::per_try(per_try.map(secs)).layer(backend);
+    let (mut req, _) = get();
+    if let Some(route) = route {
+        req.extensions_mut().insert(RouteClock {
+            start: Instant::now(),
+            timeout: secs(route),
+        });
+    }
+    tokio::time::advance(secs(wait)).await;
+    call(&mut svc, req).await.unwrap();
+    calls
+        .get(0)
+        .headers
+        .get(EXPECTED_RQ_TIMEOUT_MS)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn expected_timeout_header_is_envoys() {
+    // No timeout: no header.
+    assert_eq!(expected_header(None, None, 0.0).await, None);
+    // The route timeout, less what has passed (here a retry 0.3 s later).
+    assert_eq!(
+        expected_header(Some(2.0), None, 0.0).await.as_deref(),
+        Some("2000")
+    );
+    assert_eq!(
+        expected_header(Some(2.0), None, 0.3).await.as_deref(),
+        Some("1700")
+    );
+    // Used up: 1, not 0 (which would mean no timeout).
+    assert_eq!(
+        expected_header(Some(2.0), None, 2.5).await.as_deref(),
+        Some("1")
+    );
+    // The per-try timeout when shorter; bounded by what is left of the route's.
+    assert_eq!(
+        expected_header(Some(2.0), Some(0.5), 0.0).await.as_deref(),
+        Some("500")
+    );
+    assert_eq!(
+        expected_header(Some(2.0), Some(0.5), 1.8).await.as_deref(),
+        Some("200")
+    );
+    // A per-try timeout not shorter than the route's is ignored.
+    assert_eq!(
+        expected_header(Some(1.0), Some(3.0), 0.0).await.as_deref(),
+        Some("1000")
+    );
+    // Only a per-try timeout.
+    assert_eq!(
+        expected_header(None, Some(0.25), 0.0).await.as_deref(),
+        Some("250")
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_layer_starts_the_clock_for_the_attempts() {
+    let (backend, calls) = crate::test_util::backend(vec![Step::Status(200)]);
+    let mut svc =
+        TimeoutLayer::route(Some(secs(3.0))).layer(TimeoutLayer::per_try(None).layer(backend));
+    let (req, _) = get();
+    call(&mut svc, req).await.unwrap();
+    assert_eq!(calls.get(0).headers[EXPECTED_RQ_TIMEOUT_MS], "3000");
+}
