@@ -569,6 +569,40 @@ fn scenarios() -> Vec<Scenario> {
             known: None,
         },
         Scenario {
+            // Envoy keeps up to 1 MiB (the connection buffer limit) of a request for retries.
+            name: "large-post-is-retried",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 2, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 2)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::new(vec![Step::status(503)], Step::status(200))],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upload: Upload::Bytes(200_000),
+            known: None,
+        },
+        Scenario {
+            // Beyond the buffer the retry state is abandoned: the 503 is the answer.
+            name: "post-beyond-retry-buffer-is-not-retried",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 2, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 2)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::new(vec![Step::status(503)], Step::status(200))],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upload: Upload::Bytes(1_500_000),
+            known: None,
+        },
+        Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
             // 5xx eject (maxEjectionPercent 100 lets it happen with 2 hosts).
             name: "consecutive-errors-is-ignored",

@@ -68,7 +68,7 @@ impl RetryLayer {
         }
     }
 
-    /// How much of a request body is kept for replay (default 64 KiB); larger requests are sent once.
+    /// How much of a request body is kept for replay (default 1 MiB, as Envoy); larger requests are sent once.
     pub fn max_replay_bytes(mut self, max: usize) -> Self {
         self.max_replay_bytes = max;
         self
