@@ -603,6 +603,51 @@ fn scenarios() -> Vec<Scenario> {
             known: None,
         },
         Scenario {
+            // The route timeout starts when the request is complete: a slow upload is not the
+            // upstream's time.
+            name: "route-timeout-starts-after-upload",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    timeout: 0.5s\n",
+            route: EnvoyRoute {
+                timeout: Some("0.5s"),
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![ok()],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upload: Upload::Slow {
+                bytes: 6000,
+                chunks: 6,
+                over: Duration::from_millis(600),
+            },
+            known: None,
+        },
+        Scenario {
+            // ...and then bounds the upstream as usual.
+            name: "route-timeout-after-upload-expires",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    timeout: 0.5s\n",
+            route: EnvoyRoute {
+                timeout: Some("0.5s"),
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::repeat(Step::delayed(200, 800))],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upload: Upload::Slow {
+                bytes: 6000,
+                chunks: 6,
+                over: Duration::from_millis(600),
+            },
+            known: None,
+        },
+        Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
             // 5xx eject (maxEjectionPercent 100 lets it happen with 2 hosts).
             name: "consecutive-errors-is-ignored",

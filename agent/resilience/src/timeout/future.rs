@@ -13,16 +13,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::time::{sleep, sleep_until, Sleep};
+use tokio::sync::oneshot;
+use tokio::time::{sleep, sleep_until, Instant, Sleep};
 
 pin_project! {
     /// Response future of [`Timeout`](super::Timeout).
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        // `None` when no timeout applies: no timer is registered at all.
+        // `None` when no timeout applies (no timer is registered at all), and for the route
+        // timeout until the request body has ended.
         #[pin]
         sleep: Option<Sleep>,
+        // The route timeout of a request with a body: when the body ends, the timer starts.
+        start: Option<oneshot::Receiver<Instant>>,
         timeout: Duration,
         scope: Scope,
         info: Option<Arc<RequestInfo>>,
@@ -36,6 +40,7 @@ impl<F> ResponseFuture<F> {
         Self {
             inner,
             sleep: None,
+            start: None,
             timeout: Duration::ZERO,
             scope: Scope::PerTry,
             info: None,
@@ -43,16 +48,19 @@ impl<F> ResponseFuture<F> {
         }
     }
 
+    /// A timer of `timeout` that starts now or, with `start`, when `start` says so.
     pub(crate) fn new(
         inner: F,
         timeout: Duration,
         scope: Scope,
         info: Option<Arc<RequestInfo>>,
         expiry: Expiry,
+        start: Option<oneshot::Receiver<Instant>>,
     ) -> Self {
         Self {
             inner,
-            sleep: Some(sleep(timeout)),
+            sleep: start.is_none().then(|| sleep(timeout)),
+            start,
             timeout,
             scope,
             info,
@@ -62,8 +70,22 @@ impl<F> ResponseFuture<F> {
 
     #[cfg(test)]
     pub(crate) fn is_passthrough(&self) -> bool {
-        self.sleep.is_none()
+        self.sleep.is_none() && self.start.is_none()
     }
+}
+
+/// Whether the request body has ended (`Some(at)`), will not (`None`: it failed or was dropped
+/// unfinished, so the route timer never starts, as in Envoy), or not yet (`Pending`).
+fn poll_start(
+    start: &mut Option<oneshot::Receiver<Instant>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Instant>> {
+    let Some(rx) = start.as_mut() else {
+        return Poll::Ready(None);
+    };
+    let at = ready!(Pin::new(rx).poll(cx)).ok();
+    *start = None;
+    Poll::Ready(at)
 }
 
 impl<F> Future for ResponseFuture<F>
@@ -73,9 +95,37 @@ where
     type Output = Result<Response<Body>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Some(mut sleep) = this.sleep.as_pin_mut() else {
-            return this.inner.poll(cx);
+        let mut this = self.project();
+        if this.start.is_some() {
+            if let Poll::Ready(at) = poll_start(this.start, cx) {
+                if let Some(at) = at {
+                    this.sleep.set(Some(sleep_until(at + *this.timeout)));
+                }
+            }
+        }
+        let Some(mut sleep) = this.sleep.as_mut().as_pin_mut() else {
+            if this.start.is_none() {
+                return this.inner.poll(cx);
+            }
+            // The upstream answered before the request body ended: the route timer starts with
+            // the body's end and bounds the response body from then on.
+            let rsp = ready!(this.inner.poll(cx))?;
+            if rsp.body().is_end_stream() {
+                return Poll::Ready(Ok(rsp));
+            }
+            let timeout = *this.timeout;
+            let body = TimeoutBody {
+                inner: Body::new(http_body_util::Empty::new().map_err(|never| match never {})),
+                sleep: None,
+                start: this.start.take(),
+                timeout,
+                info: this.info.take(),
+                expiry: this.expiry.take(),
+                expired: false,
+            };
+            return Poll::Ready(Ok(
+                rsp.map(|inner| TimeoutBody { inner, ..body }.boxed_unsync())
+            ));
         };
         match this.scope {
             Scope::Route => {
@@ -95,7 +145,8 @@ where
                 Poll::Ready(Ok(rsp.map(|body| {
                     TimeoutBody {
                         inner: body,
-                        sleep: sleep_until(deadline),
+                        sleep: Some(Box::pin(sleep_until(deadline))),
+                        start: None,
                         timeout,
                         info,
                         expiry: this.expiry.take(),
@@ -135,8 +186,9 @@ pin_project! {
     struct TimeoutBody {
         #[pin]
         inner: Body,
-        #[pin]
-        sleep: Sleep,
+        // `None` until the request body has ended (`start`), or for good if it never does.
+        sleep: Option<Pin<Box<Sleep>>>,
+        start: Option<oneshot::Receiver<Instant>>,
         timeout: Duration,
         info: Option<Arc<RequestInfo>>,
         expiry: Option<Expiry>,
@@ -156,10 +208,18 @@ impl HttpBody for TimeoutBody {
         if *this.expired {
             return Poll::Ready(None);
         }
+        if this.start.is_some() {
+            if let Poll::Ready(Some(at)) = poll_start(this.start, cx) {
+                *this.sleep = Some(Box::pin(sleep_until(at + *this.timeout)));
+            }
+        }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(frame);
         }
-        ready!(this.sleep.poll(cx));
+        let Some(sleep) = this.sleep.as_mut() else {
+            return Poll::Pending;
+        };
+        ready!(sleep.as_mut().poll(cx));
         *this.expired = true;
         fire(this.expiry.as_ref(), Deadline::Route);
         Poll::Ready(Some(Err(request_timeout(
@@ -174,5 +234,63 @@ impl HttpBody for TimeoutBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// The request body under a route timeout: says when it has ended, which starts the timer.
+    pub(crate) struct EndSignal {
+        #[pin]
+        inner: Body,
+        done: Option<oneshot::Sender<Instant>>,
+    }
+}
+
+impl EndSignal {
+    pub(crate) fn new(inner: Body) -> (Self, oneshot::Receiver<Instant>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                inner,
+                done: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+impl HttpBody for EndSignal {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            // A failed body never completes: dropping the sender says so.
+            Some(Err(_)) => drop(this.done.take()),
+            // Readers stop at `is_end_stream` (a body of known length) or at `None`.
+            None => signal(this.done),
+            Some(Ok(_)) if this.inner.is_end_stream() => signal(this.done),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn signal(done: &mut Option<oneshot::Sender<Instant>>) {
+    if let Some(tx) = done.take() {
+        let _ = tx.send(Instant::now());
     }
 }

@@ -2,7 +2,8 @@
 //! `onResponseTimeout`, `UpstreamRequest::onPerTryTimeout`):
 //!
 //! - route: bounds the whole request, every retry and back-off included, until the response body has
-//!   ended. Before response headers it fails with [`ProxyError::RequestTimeout`]; afterwards the
+//!   ended. It starts when the downstream request is complete: at once without a body, else when
+//!   the request body has ended (never, if it fails or is abandoned unfinished). Before response headers it fails with [`ProxyError::RequestTimeout`]; afterwards the
 //!   response body yields that error, so the client sees a reset. Flag `UT`.
 //! - per-try: bounds one attempt until its response headers (Envoy ignores the per-try timer once the
 //!   response has started). Fails with [`ProxyError::PerTryTimeout`], which the retry layer may retry.
@@ -24,7 +25,9 @@
 
 mod future;
 
+use self::future::EndSignal;
 pub use self::future::ResponseFuture;
+use http_body::Body as _;
 
 use http::{header::HeaderName, HeaderMap, HeaderValue, Request, Response};
 use sluice_core::{Body, BoxError, Expiry, RequestInfo};
@@ -204,7 +207,25 @@ where
                     None => Expiry::new(),
                 };
                 req.extensions_mut().insert(expiry.clone());
-                ResponseFuture::new(self.inner.call(req), timeout, self.scope, info, expiry)
+                // Envoy starts the route timer when the downstream request is complete: at once
+                // for a request without a body, else when its body has ended (a slow upload is
+                // not the upstream's time). The per-try timer starts with the attempt.
+                let start = if self.scope == Scope::Route && !req.body().is_end_stream() {
+                    let (parts, body) = req.into_parts();
+                    let (body, start) = EndSignal::new(body);
+                    req = Request::from_parts(parts, Body::new(body));
+                    Some(start)
+                } else {
+                    None
+                };
+                ResponseFuture::new(
+                    self.inner.call(req),
+                    timeout,
+                    self.scope,
+                    info,
+                    expiry,
+                    start,
+                )
             }
         }
     }

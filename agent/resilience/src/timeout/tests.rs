@@ -282,3 +282,66 @@ async fn route_layer_starts_the_clock_for_the_attempts() {
     call(&mut svc, req).await.unwrap();
     assert_eq!(calls.get(0).headers[EXPECTED_RQ_TIMEOUT_MS], "3000");
 }
+
+/// A request body of two chunks, the second `after` later.
+fn slow_upload(after: Duration) -> Body {
+    let stream = futures_util::stream::unfold(0u8, move |n| async move {
+        match n {
+            0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from("a"))), 1)),
+            1 => {
+                tokio::time::sleep(after).await;
+                Some((Ok(Frame::data(Bytes::from("b"))), 2))
+            }
+            _ => None,
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_timeout_starts_when_the_request_body_has_ended() {
+    // A 1 s upload under a 0.5 s timeout, answered at once: no timeout.
+    let (backend, calls) = crate::test_util::backend(vec![Step::Status(200)]);
+    let mut svc = TimeoutLayer::route(Some(secs(0.5))).layer(backend);
+    let (req, info) = crate::test_util::with_body(slow_upload(secs(1.0)));
+    let rsp = call(&mut svc, req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(calls.get(0).body, "ab");
+    assert!(info.flags().is_empty());
+
+    // The same upload answered 0.7 s after it ended: the timeout, 0.5 s after the body's end.
+    let (backend, _) = crate::test_util::backend(vec![Step::Slow(secs(0.7), 200)]);
+    let mut svc = TimeoutLayer::route(Some(secs(0.5))).layer(backend);
+    let (req, info) = crate::test_util::with_body(slow_upload(secs(1.0)));
+    let start = Instant::now();
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(1.5));
+    assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
+    assert!(info
+        .flags()
+        .contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_timeout_never_starts_for_a_body_that_never_ends() {
+    // The upstream answers before reading the body; the client never finishes it. Envoy's timer
+    // waits for the request to complete, so the response body is not cut.
+    let svc = tower::service_fn(|_req: Request<Body>| async move {
+        let stream = futures_util::stream::unfold(0u8, |n| async move {
+            match n {
+                0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from("a"))), 1)),
+                1 => {
+                    tokio::time::sleep(secs(2.0)).await;
+                    Some((Ok(Frame::data(Bytes::from("b"))), 2))
+                }
+                _ => None,
+            }
+        });
+        Ok::<_, BoxError>(Response::new(StreamBody::new(stream).boxed_unsync()))
+    });
+    let mut svc = TimeoutLayer::route(Some(secs(0.5))).layer(svc);
+    let (req, _) = crate::test_util::with_body(slow_upload(secs(10.0)));
+    let rsp = call(&mut svc, req).await.unwrap();
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ab");
+}
