@@ -145,7 +145,8 @@ enum Known {
 struct Scenario {
     /// Also the Service name (`<name>.default.svc.cluster.local`).
     name: &'static str,
-    /// The Istio YAML as a user writes it; `{host}` is the Service name.
+    /// The Istio YAML as a user writes it (documents separated by `---`, each starting with its
+    /// `kind` line); `{host}` is the Service name.
     istio: &'static str,
     route: EnvoyRoute,
     cluster: EnvoyCluster,
@@ -648,6 +649,30 @@ fn scenarios() -> Vec<Scenario> {
             known: None,
         },
         Scenario {
+            // The per-try timer starts when the attempt has a connection: requests queued behind
+            // one connection (each served in 250 ms) get their full 0.3 s once it is theirs.
+            name: "per-try-timeout-excludes-pool-wait",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 1, perTryTimeout: 0.3s, retryOn: connect-failure}\n---\nkind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry {
+                    per_try_timeout: Some("0.3s"),
+                    ..retry("connect-failure", 1)
+                }),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                max_connections: Some(1),
+                ..Default::default()
+            },
+            hosts: vec![Script::repeat(Step::delayed(200, 250))],
+            plan: Plan::Concurrent(3),
+            unordered: true,
+            upstream_headers: false,
+            request_headers: &[],
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
             // 5xx eject (maxEjectionPercent 100 lets it happen with 2 hosts).
             name: "consecutive-errors-is-ignored",
@@ -819,10 +844,10 @@ fn sluice_yaml(s: &Scenario, ports: &[u16]) -> String {
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: default}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n{}",
         endpoint_slice(svc, ports)
     );
-    if !s.istio.is_empty() {
-        let kind_line = s.istio.lines().next().unwrap();
-        let body = s.istio.replace("{host}", svc);
-        let rest = body.split_once('\n').unwrap().1;
+    // One or more documents, each starting with its `kind` line.
+    for doc in s.istio.split("---\n").filter(|d| !d.is_empty()) {
+        let body = doc.replace("{host}", svc);
+        let (kind_line, rest) = body.split_once('\n').unwrap();
         let _ = write!(
             yaml,
             "---\napiVersion: networking.istio.io/v1\n{kind_line}\nmetadata: {{name: {svc}, namespace: default}}\n{rest}"

@@ -218,7 +218,11 @@ impl ProxyError {
     pub fn body(&self, retried: bool) -> std::borrow::Cow<'static, str> {
         const PREFIX: &str = "upstream connect error or disconnect/reset before headers. ";
         if let Some(reason) = self.reset_reason() {
-            let latest = if retried { "retried and the latest " } else { "" };
+            let latest = if retried {
+                "retried and the latest "
+            } else {
+                ""
+            };
             return format!("{PREFIX}{latest}reset reason: {reason}").into();
         }
         match self {
@@ -293,7 +297,9 @@ mod tests {
             host,
             after: Duration::from_secs(1),
         });
-        assert!(timed_out.body(false).ends_with("reset reason: connection timeout"));
+        assert!(timed_out
+            .body(false)
+            .ends_with("reset reason: connection timeout"));
 
         let gone = ProxyError::DownstreamTermination(Cause::new(io::Error::from(
             io::ErrorKind::ConnectionReset,

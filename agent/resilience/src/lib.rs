@@ -31,9 +31,9 @@
 //! cost one header lookup (no timer) when neither is set.
 //!
 //! Where Sluice differs from Envoy:
-//! - The per-try timer starts when the layer is called for the attempt; Envoy starts it when the
-//!   attempt has a connection and the downstream request is complete. They agree for requests
-//!   without a body on a ready connection.
+//! - The per-try timer starts when the attempt has a connection; Envoy starts it when the attempt
+//!   has a connection and the downstream request is complete. They agree for requests without a
+//!   body, and for uploads that end before a connection is ready.
 //! - The retry conditions `envoy-ratelimited`, `retriable-headers`, `reset-before-request` and
 //!   `http3-post-connect-failure`, rate-limit reset headers and hedging are not implemented.
 //! - A retry whose body is still held by the previous attempt (the upstream connection has not let

@@ -18,8 +18,8 @@ use http::{HeaderValue, Request, Response, Uri, Version};
 use parking_lot::Mutex;
 use serde::Serialize;
 use sluice_core::{
-    Body, BoxError, Cause, Deadline, Expiry, OverflowKind, ProxyError, RequestInfo,
-    StaleConnections,
+    Body, BoxError, Cause, ConnectionReady, Deadline, Expiry, OverflowKind, ProxyError,
+    RequestInfo, StaleConnections,
 };
 use sluice_policy::Endpoint;
 use std::collections::{HashMap, HashSet};
@@ -424,6 +424,11 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     ensure_ticker(&inner);
     let cfg = inner.config.load_full();
     let cp = &cfg.spec.policy.connection_pool;
+    // The per-try timer waits for the connection this attempt gets, as Envoy's does.
+    let connection_ready = req.extensions().get::<ConnectionReady>().cloned();
+    if let Some(ready) = &connection_ready {
+        ready.claim();
+    }
 
     // Circuit breaker on requests in flight (`http2MaxRequests`).
     let active = inner.stats.rq_active.fetch_add(1, Ordering::Relaxed);
@@ -485,6 +490,9 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         }
     }
     attempt.event(Event::Connected);
+    if let Some(ready) = &connection_ready {
+        ready.fire();
+    }
 
     prepare(&mut req, inner.protocol, host.addr);
     let sent = match &mut attempt.leased.as_mut().expect("leased above").sender {

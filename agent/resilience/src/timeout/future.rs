@@ -7,7 +7,9 @@ use http::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
-use sluice_core::{Body, BoxError, Deadline, Expiry, ProxyError, RequestInfo, ResponseFlags};
+use sluice_core::{
+    Body, BoxError, ConnectionReady, Deadline, Expiry, ProxyError, RequestInfo, ResponseFlags,
+};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,8 +27,8 @@ pin_project! {
         // timeout until the request body has ended.
         #[pin]
         sleep: Option<Sleep>,
-        // The route timeout of a request with a body: when the body ends, the timer starts.
-        start: Option<oneshot::Receiver<Instant>>,
+        // What starts the timer when it does not start at once.
+        start: Option<Start>,
         timeout: Duration,
         scope: Scope,
         info: Option<Arc<RequestInfo>>,
@@ -55,7 +57,7 @@ impl<F> ResponseFuture<F> {
         scope: Scope,
         info: Option<Arc<RequestInfo>>,
         expiry: Expiry,
-        start: Option<oneshot::Receiver<Instant>>,
+        start: Option<Start>,
     ) -> Self {
         Self {
             inner,
@@ -74,16 +76,25 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-/// Whether the request body has ended (`Some(at)`), will not (`None`: it failed or was dropped
-/// unfinished, so the route timer never starts, as in Envoy), or not yet (`Pending`).
-fn poll_start(
-    start: &mut Option<oneshot::Receiver<Instant>>,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Instant>> {
-    let Some(rx) = start.as_mut() else {
-        return Poll::Ready(None);
+/// What a timer that does not start at once waits for.
+pub(crate) enum Start {
+    /// The route timer: the end of the request body.
+    BodyEnd(oneshot::Receiver<Instant>),
+    /// The per-try timer: a connection for the attempt.
+    Connection(ConnectionReady),
+}
+
+/// Whether the timer starts (`Some(at)`), never will (`None`: the request body failed or was
+/// dropped unfinished, so the route timer never starts, as in Envoy), or not yet (`Pending`).
+fn poll_start(start: &mut Option<Start>, cx: &mut Context<'_>) -> Poll<Option<Instant>> {
+    let at = match start.as_mut() {
+        None => return Poll::Ready(None),
+        Some(Start::BodyEnd(rx)) => ready!(Pin::new(rx).poll(cx)).ok(),
+        Some(Start::Connection(ready)) => {
+            ready!(ready.poll_ready(cx));
+            Some(Instant::now())
+        }
     };
-    let at = ready!(Pin::new(rx).poll(cx)).ok();
     *start = None;
     Poll::Ready(at)
 }
@@ -96,26 +107,38 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        if this.sleep.is_none() && this.start.is_none() {
+            return this.inner.poll(cx);
+        }
+        if *this.scope == Scope::PerTry {
+            // The attempt first: the cluster claims the connection signal when first polled.
+            if let Poll::Ready(out) = this.inner.poll(cx) {
+                return Poll::Ready(out);
+            }
+            if this.sleep.is_none() {
+                let at = ready!(poll_start(this.start, cx)).unwrap_or_else(Instant::now);
+                this.sleep.set(Some(sleep_until(at + *this.timeout)));
+            }
+            let sleep = this.sleep.as_pin_mut().expect("set above");
+            ready!(sleep.poll(cx));
+            fire(this.expiry.as_ref(), Deadline::PerTry);
+            return Poll::Ready(Err(ProxyError::PerTryTimeout(*this.timeout).into()));
+        }
         if this.start.is_some() {
-            if let Poll::Ready(at) = poll_start(this.start, cx) {
-                if let Some(at) = at {
-                    this.sleep.set(Some(sleep_until(at + *this.timeout)));
-                }
+            if let Poll::Ready(Some(at)) = poll_start(this.start, cx) {
+                this.sleep.set(Some(sleep_until(at + *this.timeout)));
             }
         }
         let Some(mut sleep) = this.sleep.as_mut().as_pin_mut() else {
-            if this.start.is_none() {
-                return this.inner.poll(cx);
-            }
             // The upstream answered before the request body ended: the route timer starts with
             // the body's end and bounds the response body from then on.
             let rsp = ready!(this.inner.poll(cx))?;
-            if rsp.body().is_end_stream() {
+            if rsp.body().is_end_stream() || this.start.is_none() {
                 return Poll::Ready(Ok(rsp));
             }
             let timeout = *this.timeout;
             let body = TimeoutBody {
-                inner: Body::new(http_body_util::Empty::new().map_err(|never| match never {})),
+                inner: sluice_core::empty(),
                 sleep: None,
                 start: this.start.take(),
                 timeout,
@@ -127,43 +150,31 @@ where
                 rsp.map(|inner| TimeoutBody { inner, ..body }.boxed_unsync())
             ));
         };
-        match this.scope {
-            Scope::Route => {
-                // The deadline first: at a tie with a per-try timer below, the route timeout wins, as
-                // Envoy ignores per-try timeouts that are not shorter than the route timeout.
-                if sleep.as_mut().poll(cx).is_ready() {
-                    fire(this.expiry.as_ref(), Deadline::Route);
-                    return Poll::Ready(Err(request_timeout(*this.timeout, this.info.as_deref())));
-                }
-                let rsp = ready!(this.inner.poll(cx))?;
-                if rsp.body().is_end_stream() {
-                    return Poll::Ready(Ok(rsp));
-                }
-                let deadline = sleep.deadline();
-                let timeout = *this.timeout;
-                let info = this.info.take();
-                Poll::Ready(Ok(rsp.map(|body| {
-                    TimeoutBody {
-                        inner: body,
-                        sleep: Some(Box::pin(sleep_until(deadline))),
-                        start: None,
-                        timeout,
-                        info,
-                        expiry: this.expiry.take(),
-                        expired: false,
-                    }
-                    .boxed_unsync()
-                })))
-            }
-            Scope::PerTry => {
-                if let Poll::Ready(out) = this.inner.poll(cx) {
-                    return Poll::Ready(out);
-                }
-                ready!(sleep.poll(cx));
-                fire(this.expiry.as_ref(), Deadline::PerTry);
-                Poll::Ready(Err(ProxyError::PerTryTimeout(*this.timeout).into()))
-            }
+        // The deadline first: at a tie with a per-try timer below, the route timeout wins, as
+        // Envoy ignores per-try timeouts that are not shorter than the route timeout.
+        if sleep.as_mut().poll(cx).is_ready() {
+            fire(this.expiry.as_ref(), Deadline::Route);
+            return Poll::Ready(Err(request_timeout(*this.timeout, this.info.as_deref())));
         }
+        let rsp = ready!(this.inner.poll(cx))?;
+        if rsp.body().is_end_stream() {
+            return Poll::Ready(Ok(rsp));
+        }
+        let deadline = sleep.deadline();
+        let timeout = *this.timeout;
+        let info = this.info.take();
+        Poll::Ready(Ok(rsp.map(|body| {
+            TimeoutBody {
+                inner: body,
+                sleep: Some(Box::pin(sleep_until(deadline))),
+                start: None,
+                timeout,
+                info,
+                expiry: this.expiry.take(),
+                expired: false,
+            }
+            .boxed_unsync()
+        })))
     }
 }
 
@@ -188,7 +199,7 @@ pin_project! {
         inner: Body,
         // `None` until the request body has ended (`start`), or for good if it never does.
         sleep: Option<Pin<Box<Sleep>>>,
-        start: Option<oneshot::Receiver<Instant>>,
+        start: Option<Start>,
         timeout: Duration,
         info: Option<Arc<RequestInfo>>,
         expiry: Option<Expiry>,

@@ -5,8 +5,9 @@
 //!   ended. It starts when the downstream request is complete: at once without a body, else when
 //!   the request body has ended (never, if it fails or is abandoned unfinished). Before response headers it fails with [`ProxyError::RequestTimeout`]; afterwards the
 //!   response body yields that error, so the client sees a reset. Flag `UT`.
-//! - per-try: bounds one attempt until its response headers (Envoy ignores the per-try timer once the
-//!   response has started). Fails with [`ProxyError::PerTryTimeout`], which the retry layer may retry.
+//! - per-try: bounds one attempt from the moment it has a connection (the cluster fires the attempt's
+//!   [`ConnectionReady`]; a service that does not claim it gets the timer at once) until its response
+//!   headers (Envoy ignores the per-try timer once the response has started). Fails with [`ProxyError::PerTryTimeout`], which the retry layer may retry.
 //!
 //! Before a timer ends the attempt below it, it raises the attempt's [`Expiry`] (a request
 //! extension), so the cluster reports the attempt to outlier detection as a timeout; an attempt
@@ -25,12 +26,12 @@
 
 mod future;
 
-use self::future::EndSignal;
 pub use self::future::ResponseFuture;
+use self::future::{EndSignal, Start};
 use http_body::Body as _;
 
 use http::{header::HeaderName, HeaderMap, HeaderValue, Request, Response};
-use sluice_core::{Body, BoxError, Expiry, RequestInfo};
+use sluice_core::{Body, BoxError, ConnectionReady, Expiry, RequestInfo};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -209,14 +210,21 @@ where
                 req.extensions_mut().insert(expiry.clone());
                 // Envoy starts the route timer when the downstream request is complete: at once
                 // for a request without a body, else when its body has ended (a slow upload is
-                // not the upstream's time). The per-try timer starts with the attempt.
-                let start = if self.scope == Scope::Route && !req.body().is_end_stream() {
-                    let (parts, body) = req.into_parts();
-                    let (body, start) = EndSignal::new(body);
-                    req = Request::from_parts(parts, Body::new(body));
-                    Some(start)
-                } else {
-                    None
+                // not the upstream's time). The per-try timer starts when the attempt has a
+                // connection (waiting in the pool and connecting are not the attempt's time).
+                let start = match self.scope {
+                    Scope::Route if !req.body().is_end_stream() => {
+                        let (parts, body) = req.into_parts();
+                        let (body, start) = EndSignal::new(body);
+                        req = Request::from_parts(parts, Body::new(body));
+                        Some(Start::BodyEnd(start))
+                    }
+                    Scope::Route => None,
+                    Scope::PerTry => {
+                        let ready = ConnectionReady::new();
+                        req.extensions_mut().insert(ready.clone());
+                        Some(Start::Connection(ready))
+                    }
                 };
                 ResponseFuture::new(
                     self.inner.call(req),

@@ -345,3 +345,37 @@ async fn route_timeout_never_starts_for_a_body_that_never_ends() {
     let body = rsp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "ab");
 }
+
+/// A cluster double: claims the attempt's connection signal, waits `queued` for a connection,
+/// fires it, then answers after `serve`.
+fn queued_backend(queued: Duration, serve: Duration) -> impl CloneService {
+    tower::service_fn(move |req: Request<Body>| {
+        let ready = req.extensions().get::<ConnectionReady>().cloned();
+        async move {
+            let ready = ready.expect("the per-try layer sends a connection signal");
+            ready.claim();
+            tokio::time::sleep(queued).await;
+            ready.fire();
+            tokio::time::sleep(serve).await;
+            Ok::<_, BoxError>(crate::test_util::status(200))
+        }
+    })
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn per_try_timeout_starts_with_the_connection() {
+    // 1 s queued for a connection, then 0.4 s: inside a 0.5 s per-try timeout.
+    let mut svc =
+        TimeoutLayer::per_try(Some(secs(0.5))).layer(queued_backend(secs(1.0), secs(0.4)));
+    let (req, _) = get();
+    assert_eq!(call(&mut svc, req).await.unwrap().status(), 200);
+
+    // 1 s queued, then 0.6 s: the timeout, 0.5 s after the connection.
+    let mut svc =
+        TimeoutLayer::per_try(Some(secs(0.5))).layer(queued_backend(secs(1.0), secs(0.6)));
+    let (req, _) = get();
+    let start = Instant::now();
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(1.5));
+    assert!(matches!(proxy_error(&err), ProxyError::PerTryTimeout(_)));
+}
