@@ -673,6 +673,28 @@ fn scenarios() -> Vec<Scenario> {
             known: None,
         },
         Scenario {
+            // http2MaxRequests counts requests on a connection: requests waiting for the one
+            // connection are pending requests, not overflow.
+            name: "max-requests-excludes-pending",
+            istio: "kind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http2MaxRequests: 1}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                max_connections: Some(1),
+                max_requests: Some(1),
+                ..Default::default()
+            },
+            hosts: vec![Script::repeat(Step::delayed(200, 200))],
+            plan: Plan::Concurrent(3),
+            unordered: true,
+            upstream_headers: false,
+            request_headers: &[],
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
             // 5xx eject (maxEjectionPercent 100 lets it happen with 2 hosts).
             name: "consecutive-errors-is-ignored",

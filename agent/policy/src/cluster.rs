@@ -84,7 +84,7 @@ pub struct ConnectionPool {
     pub max_connection_duration: Option<Duration>,
     /// `http.http1MaxPendingRequests`: requests that may wait for a connection.
     pub max_pending_requests: u32,
-    /// `http.http2MaxRequests`: requests in flight to the cluster.
+    /// `http.http2MaxRequests`: requests on a connection to the cluster (waiting ones are pending).
     pub max_requests: u32,
     /// `http.maxRequestsPerConnection`; 0 means unlimited.
     pub max_requests_per_connection: u32,

@@ -430,14 +430,6 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         ready.claim();
     }
 
-    // Circuit breaker on requests in flight (`http2MaxRequests`).
-    let active = inner.stats.rq_active.fetch_add(1, Ordering::Relaxed);
-    if active >= u64::from(cp.max_requests) {
-        inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
-        // Envoy counts this overflow under the pending-overflow counter too.
-        inc(&inner.stats.rq_pending_overflow);
-        return Err(ProxyError::Overflow(OverflowKind::Requests).into());
-    }
     inc(&inner.stats.rq_total);
     let mut attempt = Attempt {
         inner: inner.clone(),
@@ -446,6 +438,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         phase: Phase::Connecting,
         expiry: req.extensions().get::<Expiry>().cloned(),
         released: false,
+        active: false,
     };
 
     // Host selection.
@@ -489,6 +482,22 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
             return Err(attempt.ended(err, |e| Event::Failed(e)).into());
         }
     }
+    // Circuit breaker on requests on a connection (`http2MaxRequests`): checked, as Envoy's
+    // `attachStreamToClient` does, when the attempt has its connection; while it waited for one it
+    // counted against `http1MaxPendingRequests` only. An overflow here gives the unused connection
+    // back to the pool.
+    let active = inner.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+    if active >= u64::from(cp.max_requests) {
+        inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        // Envoy counts this overflow under the pending-overflow counter too.
+        inc(&inner.stats.rq_pending_overflow);
+        if let Some(leased) = attempt.leased.take() {
+            pool::release(&inner, leased, true);
+        }
+        let err = ProxyError::Overflow(OverflowKind::Requests);
+        return Err(attempt.ended(err, |e| Event::NoConnection(e)).into());
+    }
+    attempt.active = true;
     attempt.event(Event::Connected);
     if let Some(ready) = &connection_ready {
         ready.fire();
@@ -610,6 +619,8 @@ pub(crate) struct Attempt {
     phase: Phase,
     expiry: Option<Expiry>,
     released: bool,
+    /// Counted in `upstream_rq_active` (from the moment it had a connection).
+    active: bool,
 }
 
 impl Attempt {
@@ -662,7 +673,9 @@ impl Attempt {
         if let Some(host) = &self.host {
             host.active.fetch_sub(1, Ordering::Relaxed);
         }
-        self.inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        if self.active {
+            self.inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -332,16 +332,57 @@ async fn max_requests_overflows_at_once() {
         server.hits.load(Ordering::SeqCst) == 1
     })
     .await;
-    let err = call(&cluster).now_or_never().unwrap().unwrap_err();
+    // A second connection is made for it; on it, the request is one too many.
+    let err = tokio::time::timeout(Duration::from_secs(5), call(&cluster))
+        .await
+        .expect("overflow answered")
+        .unwrap_err();
     assert!(matches!(
         proxy_error(&err),
         ProxyError::Overflow(OverflowKind::Requests)
     ));
+    assert_eq!(server.hits.load(Ordering::SeqCst), 1, "never sent");
     gate.add_permits(1);
     first.await.unwrap();
     // Admission is back once the first response ended.
     gate.add_permits(1);
     call_ok(&cluster).await;
+}
+
+#[tokio::test]
+async fn requests_waiting_for_a_connection_do_not_count_against_max_requests() {
+    // One connection, one request on it at a time: the second request waits in the pool
+    // (`http1MaxPendingRequests`), not overflowing `http2MaxRequests` as Envoy's pool does not.
+    let gate = Arc::new(Semaphore::new(0));
+    let server = gated_server(gate.clone()).await;
+    let cluster = Cluster::new(
+        spec(&[server.addr], |c| {
+            c.policy.connection_pool.max_connections = 1;
+            c.policy.connection_pool.max_requests = 1;
+        }),
+        UpstreamProtocol::Http1,
+    );
+    let first = tokio::spawn({
+        let c = cluster.clone();
+        async move { call_ok(&c).await }
+    });
+    eventually("first request at the server", || {
+        server.hits.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let second = tokio::spawn({
+        let c = cluster.clone();
+        async move { call_ok(&c).await }
+    });
+    eventually("second request pending", || {
+        let stats = cluster.stats();
+        stats.upstream_rq_pending_active == 1 && stats.upstream_rq_active == 1
+    })
+    .await;
+    gate.add_permits(2);
+    first.await.unwrap();
+    second.await.unwrap();
+    assert_eq!(cluster.stats().upstream_rq_pending_overflow, 0);
 }
 
 #[tokio::test]
