@@ -95,6 +95,9 @@ struct EnvoyCluster {
     max_retries: Option<u32>,
     /// `outlier_detection` fields as YAML lines (istiod adds `enforcing_success_rate: 0`).
     outlier: Option<&'static str>,
+    /// `common_http_protocol_options` fields (one YAML line each), as istiod writes them into the
+    /// cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
+    http_options: Option<&'static str>,
     /// `common_lb_config.healthy_panic_threshold` (`minHealthPercent`, 0 when outlier detection is
     /// configured without it).
     panic_threshold: Option<u32>,
@@ -105,6 +108,8 @@ struct EnvoyCluster {
 enum Plan {
     /// `n` requests, one after the other.
     Sequential(usize),
+    /// `n` requests one after the other, each started `gap` after the previous one ended.
+    Spaced { n: usize, gap: Duration },
     /// `n` requests under way together (started 50 ms apart), each on its own connection.
     Concurrent(usize),
     /// `n` requests abandoned by the client after `after` (connection closed mid-request), then
@@ -158,6 +163,8 @@ struct Scenario {
     /// Also compare the Envoy request headers each upstream received (`upstream::RECORDED`) and
     /// the size of the request bodies.
     upstream_headers: bool,
+    /// Also compare the connections each upstream accepted (connection reuse and lifetime).
+    upstream_connections: bool,
     /// Request headers every request carries, in order (a name may repeat).
     request_headers: &'static [(&'static str, &'static str)],
     /// The request body (a POST when there is one).
@@ -194,6 +201,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -213,6 +221,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -229,6 +238,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -251,6 +261,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -268,6 +279,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -290,6 +302,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -312,6 +325,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -329,6 +343,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -347,6 +362,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -367,6 +383,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: true,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -388,6 +405,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: true,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -409,6 +427,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: true,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -434,6 +453,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -450,6 +470,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -471,6 +492,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -488,6 +510,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: true,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -509,6 +532,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: true,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -530,6 +554,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -548,6 +573,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[("x-tier", "silver"), ("x-tier", "gold")],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -566,6 +592,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[("x-tier", "silver"), ("x-tier", "gold")],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -583,6 +610,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: true,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::Bytes(200_000),
             known: None,
         },
@@ -600,6 +628,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: true,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::Bytes(1_500_000),
             known: None,
         },
@@ -619,6 +648,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: true,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::Slow {
                 bytes: 6000,
                 chunks: 6,
@@ -641,6 +671,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: true,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::Slow {
                 bytes: 6000,
                 chunks: 6,
@@ -669,6 +700,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: true,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -690,6 +722,57 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Concurrent(3),
             unordered: true,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // Istio writes tcp.idleTimeout into the cluster's HTTP idle_timeout when
+            // http.idleTimeout is unset: a connection idle 0.5 s is gone at 0.2 s.
+            name: "tcp-idle-timeout-closes-http-connections",
+            istio: "kind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool:\n      tcp: {idleTimeout: 0.2s}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                http_options: Some("idle_timeout: 0.2s"),
+                ..Default::default()
+            },
+            hosts: vec![ok()],
+            plan: Plan::Spaced {
+                n: 3,
+                gap: Duration::from_millis(500),
+            },
+            unordered: false,
+            upstream_headers: false,
+            upstream_connections: true,
+            request_headers: &[],
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // ...and tcp.maxConnectionDuration into its max_connection_duration: requests 0.25 s
+            // apart share a connection for 0.4 s, then a new one is made.
+            name: "max-connection-duration-bounds-http-connections",
+            istio: "kind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnectionDuration: 0.4s}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                http_options: Some("max_connection_duration: 0.4s"),
+                ..Default::default()
+            },
+            hosts: vec![ok()],
+            plan: Plan::Spaced {
+                n: 4,
+                gap: Duration::from_millis(250),
+            },
+            unordered: false,
+            upstream_headers: false,
+            upstream_connections: true,
             request_headers: &[],
             upload: Upload::None,
             known: None,
@@ -714,6 +797,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: true,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -732,6 +816,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: false,
             upstream_headers: false,
             request_headers: &[],
+            upstream_connections: false,
             upload: Upload::None,
             known: None,
         },
@@ -804,6 +889,12 @@ fn envoy_config(listen: u16, admin: u16, scenarios: &[Scenario], ports: &[Vec<u1
             clusters.push_str("    outlier_detection:\n");
             for line in od.lines() {
                 let _ = writeln!(clusters, "      {line}");
+            }
+        }
+        if let Some(opts) = c.http_options {
+            clusters.push_str("    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http_protocol_options: {}}\n        common_http_protocol_options:\n");
+            for line in opts.lines() {
+                let _ = writeln!(clusters, "          {line}");
             }
         }
         if let Some(p) = c.panic_threshold {
@@ -1022,6 +1113,8 @@ struct Run {
     upstream: Vec<usize>,
     /// Recorded request headers, per endpoint and request.
     upstream_headers: Vec<Vec<String>>,
+    /// Connections each endpoint accepted.
+    connections: Vec<usize>,
 }
 
 impl Run {
@@ -1042,7 +1135,10 @@ impl Run {
             )
         }));
         let flags = counts(self.flags.iter().cloned());
-        format!("{statuses}; flags {flags}; upstream {:?}", self.upstream)
+        format!(
+            "{statuses}; flags {flags}; upstream {:?}; connections {:?}",
+            self.upstream, self.connections
+        )
     }
 }
 
@@ -1153,6 +1249,14 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
                 outcomes.push(send(addr, &s, MAX_TIME).await);
             }
         }
+        Plan::Spaced { n, gap } => {
+            for i in 0..n {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                outcomes.push(send(addr, &s, MAX_TIME).await);
+            }
+        }
         Plan::Concurrent(n) => {
             // 50 ms apart, so each proxy sees them in the same order and state (connection up,
             // request active, then queued) rather than racing the first connect.
@@ -1233,6 +1337,7 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
         elapsed: outcomes.iter().map(|o| o.elapsed).collect(),
         upstream: upstreams.iter().map(Upstream::served).collect(),
         upstream_headers: upstreams.iter().map(Upstream::seen).collect(),
+        connections: upstreams.iter().map(Upstream::connections).collect(),
     }
 }
 
@@ -1307,6 +1412,12 @@ fn differences(s: &Scenario, envoy: &Run, sluice: &Run) -> Vec<String> {
         diffs.push(format!(
             "headers upstream: envoy {:?} / sluice {:?}",
             envoy.upstream_headers, sluice.upstream_headers
+        ));
+    }
+    if s.upstream_connections && envoy.connections != sluice.connections {
+        diffs.push(format!(
+            "upstream connections: envoy {:?} / sluice {:?}",
+            envoy.connections, sluice.connections
         ));
     }
     if !s.unordered {

@@ -85,6 +85,8 @@ impl Script {
 struct State {
     script: Script,
     served: usize,
+    /// Connections accepted since the last reset.
+    connections: usize,
     /// Per request: `name=value` of each [`RECORDED`] header present, and `body=<bytes>` when the
     /// request had a body.
     seen: Vec<String>,
@@ -101,6 +103,7 @@ impl Upstream {
         let state = Arc::new(Mutex::new(State {
             script: script.clone(),
             served: 0,
+            connections: 0,
             seen: Vec::new(),
         }));
         if script.then.is_none() {
@@ -116,6 +119,7 @@ impl Upstream {
         let shared = state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                shared.lock().connections += 1;
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -178,6 +182,11 @@ impl Upstream {
         self.state.lock().served
     }
 
+    /// Connections accepted since the last reset.
+    pub fn connections(&self) -> usize {
+        self.state.lock().connections
+    }
+
     /// The recorded headers of each request since the last reset.
     pub fn seen(&self) -> Vec<String> {
         self.state.lock().seen.clone()
@@ -188,6 +197,7 @@ impl Upstream {
         let mut s = self.state.lock();
         s.script = script;
         s.served = 0;
+        s.connections = 0;
         s.seen.clear();
     }
 }

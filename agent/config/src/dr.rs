@@ -132,7 +132,10 @@ fn connection_pool(sink: &mut Sink, f: &str, cp: &ConnectionPoolSpec) -> Connect
             });
         }
         // The L4 proxy's limits (Envoy's TCP proxy `max_downstream_connection_duration` and
-        // `idle_timeout`, as Istio sets them); `idleTimeout: 0s` disables the idle timeout.
+        // `idle_timeout`, as Istio sets them); `idleTimeout: 0s` disables the idle timeout. Istio
+        // also writes both into the cluster's HTTP protocol options (`max_connection_duration`,
+        // and `idle_timeout` when `http.idleTimeout` is unset), so they bound upstream HTTP
+        // connections as well.
         out.max_connection_duration = duration_field(
             sink,
             &format!("{tf}.maxConnectionDuration"),
@@ -146,6 +149,8 @@ fn connection_pool(sink: &mut Sink, f: &str, cp: &ConnectionPoolSpec) -> Connect
             false,
         ) {
             out.tcp_idle_timeout = (!d.is_zero()).then_some(d);
+            // Istio applies it to HTTP connections too unless `http.idleTimeout` is set (below).
+            out.idle_timeout = out.tcp_idle_timeout;
         }
     }
     if let Some(http) = &cp.http {

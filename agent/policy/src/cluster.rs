@@ -75,11 +75,13 @@ pub struct ConnectionPool {
     /// `tcp.tcpKeepalive`.
     pub tcp_keepalive: Option<TcpKeepalive>,
     /// `tcp.idleTimeout`: an L4 connection with no bytes either way that long is closed (Envoy's
-    /// TCP proxy `idle_timeout`; Istio's default 1 h; `None` after `0s`).
+    /// TCP proxy `idle_timeout`; Istio's default 1 h; `None` after `0s`). Also the HTTP
+    /// `idle_timeout` below when `http.idleTimeout` is unset.
     #[serde(serialize_with = "crate::serde_duration::opt")]
     pub tcp_idle_timeout: Option<Duration>,
     /// `tcp.maxConnectionDuration`: an L4 connection is closed this long after it was accepted
-    /// (Envoy's `max_downstream_connection_duration`, flag `DT`).
+    /// (Envoy's `max_downstream_connection_duration`, flag `DT`); an upstream HTTP connection
+    /// drains this long after it was made (the cluster's `max_connection_duration`).
     #[serde(serialize_with = "crate::serde_duration::opt")]
     pub max_connection_duration: Option<Duration>,
     /// `http.http1MaxPendingRequests`: requests that may wait for a connection.
@@ -90,7 +92,7 @@ pub struct ConnectionPool {
     pub max_requests_per_connection: u32,
     /// `http.maxRetries`: retries in flight to the cluster.
     pub max_retries: u32,
-    /// `http.idleTimeout` of upstream connections (Istio default 1 h).
+    /// `http.idleTimeout` of upstream connections, else `tcp.idleTimeout` (Istio default 1 h).
     #[serde(serialize_with = "crate::serde_duration::opt")]
     pub idle_timeout: Option<Duration>,
     /// `http.h2UpgradePolicy`.

@@ -190,6 +190,15 @@ impl Inner {
         self.config.load().spec.policy.connection_pool.idle_timeout
     }
 
+    pub(crate) fn max_connection_duration(&self) -> Option<Duration> {
+        self.config
+            .load()
+            .spec
+            .policy
+            .connection_pool
+            .max_connection_duration
+    }
+
     pub(crate) fn config(&self) -> Arc<Config> {
         self.config.load_full()
     }

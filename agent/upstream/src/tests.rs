@@ -472,6 +472,43 @@ async fn idle_timeout_closes_connections() {
 }
 
 #[tokio::test]
+async fn max_connection_duration_drains_busy_and_closes_idle_connections() {
+    let gate = Arc::new(Semaphore::new(0));
+    let server = gated_server(gate.clone()).await;
+    let cluster = Cluster::new(
+        spec(&[server.addr], |c| {
+            c.policy.connection_pool.max_connection_duration = Some(Duration::from_millis(100));
+        }),
+        UpstreamProtocol::Http1,
+    );
+    // A request still under way when the connection reaches its age finishes on it...
+    let first = tokio::spawn({
+        let c = cluster.clone();
+        async move { call_ok(&c).await }
+    });
+    eventually("first request at the server", || {
+        server.hits.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gate.add_permits(1);
+    first.await.unwrap();
+    // ...and the connection then closes rather than going back to idle.
+    eventually("expired connection closed", || {
+        cluster.stats().upstream_cx_active == 0 && server.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    // An idle connection closes at its age.
+    gate.add_permits(1);
+    call_ok(&cluster).await;
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    eventually("idle connection closed at its age", || {
+        cluster.stats().upstream_cx_active == 0 && server.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn h2c_end_to_end_multiplexes_one_connection() {
     let gate = Arc::new(Semaphore::new(0));
     let server = serve(true, {
