@@ -14,7 +14,7 @@ mod ready;
 pub use self::error::{Cause, ConnectError, Origin, OverflowKind, ProxyError, StaleConnections};
 pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
-pub use self::info::RequestInfo;
+pub use self::info::{RequestInfo, RetryAnyHost};
 pub use self::ready::ConnectionReady;
 
 use bytes::Bytes;

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use sluice_core::{
     Body, BoxError, Cause, ConnectionReady, Deadline, Expiry, OverflowKind, ProxyError,
-    RequestInfo, StaleConnections,
+    RequestInfo, RetryAnyHost, StaleConnections,
 };
 use sluice_policy::Endpoint;
 use std::collections::{HashMap, HashSet};
@@ -452,8 +452,9 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
 
     // Host selection.
     let info = req.extensions().get::<Arc<RequestInfo>>().cloned();
+    let any_host = req.extensions().get::<RetryAnyHost>().is_some();
     let tried = match &info {
-        Some(info) if info.upstream().is_some() => info.upstreams(),
+        Some(info) if info.upstream().is_some() && !any_host => info.upstreams(),
         _ => Vec::new(),
     };
     let host = inner.pick_host(&cfg, &tried)?;

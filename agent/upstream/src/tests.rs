@@ -509,6 +509,32 @@ async fn max_connection_duration_drains_busy_and_closes_idle_connections() {
 }
 
 #[tokio::test]
+async fn a_retry_avoids_tried_hosts_unless_any_host_is_allowed() {
+    let (a, b) = (ok_server(false).await, ok_server(false).await);
+    // Round robin over two hosts: after a request to one, the other is next in line. A retry
+    // whose earlier attempt went to that next host gets it only when any host is allowed.
+    for any_host in [false, true] {
+        let cluster = Cluster::new(spec(&[a.addr, b.addr], |_| {}), UpstreamProtocol::Http1);
+        let info = Arc::new(RequestInfo::new());
+        let rsp = cluster.clone().call(request(&info)).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let first = info.upstream().unwrap();
+        let next = if first == a.addr { b.addr } else { a.addr };
+
+        let info = Arc::new(RequestInfo::new());
+        info.push_upstream(next);
+        let mut req = request(&info);
+        if any_host {
+            req.extensions_mut().insert(sluice_core::RetryAnyHost);
+        }
+        let rsp = cluster.clone().call(req).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let expected = if any_host { next } else { first };
+        assert_eq!(info.upstream(), Some(expected), "any host: {any_host}");
+    }
+}
+
+#[tokio::test]
 async fn h2c_end_to_end_multiplexes_one_connection() {
     let gate = Arc::new(Semaphore::new(0));
     let server = serve(true, {
