@@ -95,6 +95,8 @@ struct EnvoyCluster {
     max_retries: Option<u32>,
     /// `outlier_detection` fields as YAML lines (istiod adds `enforcing_success_rate: 0`).
     outlier: Option<&'static str>,
+    /// The threshold's `retry_budget` (YAML flow mapping), which replaces `max_retries`.
+    retry_budget: Option<&'static str>,
     /// `common_http_protocol_options` fields (one YAML line each), as istiod writes them into the
     /// cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
     http_options: Option<&'static str>,
@@ -778,6 +780,28 @@ fn scenarios() -> Vec<Scenario> {
             known: None,
         },
         Scenario {
+            // retryBudget replaces maxRetries: with no share of the load and a floor of 1, one
+            // retry may be in flight; the others' 503s are answered with UO.
+            name: "retry-budget-limits-concurrent-retries",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 1, retryOn: 5xx}\n---\nkind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    retryBudget: {percent: 0, minRetryConcurrency: 1}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 1)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                retry_budget: Some("{budget_percent: {value: 0}, min_retry_concurrency: 1}"),
+                ..Default::default()
+            },
+            hosts: vec![Script::repeat(Step::delayed(503, 300))],
+            plan: Plan::Concurrent(3),
+            unordered: true,
+            upstream_headers: false,
+            upstream_connections: false,
+            request_headers: &[],
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
             // 5xx eject (maxEjectionPercent 100 lets it happen with 2 hosts).
             name: "consecutive-errors-is-ignored",
@@ -877,13 +901,17 @@ fn envoy_config(listen: u16, admin: u16, scenarios: &[Scenario], ports: &[Vec<u1
         let unlimited = u32::MAX;
         let _ = write!(
             clusters,
-            "  - name: \"{name}\"\n    type: STATIC\n    connect_timeout: 10s\n    lb_policy: {lb}\n    circuit_breakers:\n      thresholds:\n      - max_connections: {mc}\n        max_pending_requests: {mp}\n        max_requests: {mr}\n        max_retries: {mrt}\n        track_remaining: true\n",
+            "  - name: \"{name}\"\n    type: STATIC\n    connect_timeout: 10s\n    lb_policy: {lb}\n    circuit_breakers:\n      thresholds:\n      - max_connections: {mc}\n        max_pending_requests: {mp}\n        max_requests: {mr}\n        max_retries: {mrt}\n        track_remaining: true\n{rb}",
             name = cluster_name(svc),
             lb = c.lb_policy.unwrap_or("LEAST_REQUEST"),
             mc = c.max_connections.unwrap_or(unlimited),
             mp = c.max_pending_requests.unwrap_or(unlimited),
             mr = c.max_requests.unwrap_or(unlimited),
             mrt = c.max_retries.unwrap_or(unlimited),
+            rb = c
+                .retry_budget
+                .map(|b| format!("        retry_budget: {b}\n"))
+                .unwrap_or_default(),
         );
         if let Some(od) = c.outlier {
             clusters.push_str("    outlier_detection:\n");

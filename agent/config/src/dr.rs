@@ -11,7 +11,8 @@ use crate::problem::Sink;
 use crate::vs::duration_field;
 use crate::{resolve_host, BuildOptions};
 use sluice_policy::{
-    ConnectionPool, H2UpgradePolicy, LoadBalancer, OutlierDetection, TcpKeepalive, TrafficPolicy,
+    ConnectionPool, H2UpgradePolicy, LoadBalancer, OutlierDetection, RetryBudgetPolicy,
+    TcpKeepalive, TrafficPolicy,
 };
 use std::collections::BTreeMap;
 
@@ -29,6 +30,7 @@ impl Sections {
             connection_pool: self.connection_pool.unwrap_or_default(),
             outlier_detection: self.outlier_detection,
             load_balancer: self.load_balancer.unwrap_or_default(),
+            retry_budget: None,
         }
     }
 }
@@ -39,6 +41,8 @@ pub struct Layer {
     pub sections: Sections,
     /// `portLevelSettings` by port number (first entry for a port wins, as in Istio).
     pub ports: BTreeMap<u16, Sections>,
+    /// `retryBudget` (there is no port-level one).
+    pub retry_budget: Option<RetryBudgetPolicy>,
 }
 
 #[derive(Clone, Debug)]
@@ -83,7 +87,12 @@ pub fn effective(top: Option<&Layer>, subset: Option<&Layer>, port: u16) -> Traf
             },
         },
     };
-    merged.into_policy()
+    let mut policy = merged.into_policy();
+    // A subset's retry budget replaces the top-level one (`MergeSubsetTrafficPolicy`).
+    policy.retry_budget = subset
+        .and_then(|s| s.retry_budget)
+        .or_else(|| top.and_then(|t| t.retry_budget));
+    policy
 }
 
 fn non_negative(sink: &mut Sink, field: &str, v: Option<i64>) -> Option<u32> {
@@ -339,6 +348,53 @@ fn sections(
     }
 }
 
+/// `retryBudget`, as istiod's `applyRetryBudget` renders it: `percent` (0-100) defaults to 0.2
+/// (what istiod writes, although its comment says 20%), `minRetryConcurrency` to 3 when unset or 0.
+fn retry_budget(sink: &mut Sink, f: &str, v: &serde_yaml::Value) -> Option<RetryBudgetPolicy> {
+    let Some(map) = v.as_mapping() else {
+        sink.error(f, "must be an object with percent and minRetryConcurrency");
+        return None;
+    };
+    let mut out = RetryBudgetPolicy {
+        percent: 0.2,
+        min_retry_concurrency: 3,
+    };
+    let mut ok = true;
+    for (key, value) in map {
+        match key.as_str() {
+            Some("percent") => match value.as_f64() {
+                Some(p) if (0.0..=100.0).contains(&p) => out.percent = p,
+                _ => {
+                    sink.error(
+                        format!("{f}.percent"),
+                        format!("must be a number from 0 to 100 (got {value:?})"),
+                    );
+                    ok = false;
+                }
+            },
+            Some("minRetryConcurrency") => match value.as_u64().map(u32::try_from) {
+                Some(Ok(0)) => {}
+                Some(Ok(n)) => out.min_retry_concurrency = n,
+                _ => {
+                    sink.error(
+                        format!("{f}.minRetryConcurrency"),
+                        format!("must be a non-negative 32-bit integer (got {value:?})"),
+                    );
+                    ok = false;
+                }
+            },
+            _ => {
+                sink.error(
+                    format!("{f}.{}", key.as_str().unwrap_or("?")),
+                    "unknown field (retryBudget has percent and minRetryConcurrency)",
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
 fn layer(sink: &mut Sink, f: &str, tp: &TrafficPolicySpec) -> Layer {
     let mut out = Layer {
         sections: sections(
@@ -349,12 +405,15 @@ fn layer(sink: &mut Sink, f: &str, tp: &TrafficPolicySpec) -> Layer {
             tp.load_balancer.as_ref(),
         ),
         ports: BTreeMap::new(),
+        retry_budget: tp
+            .retry_budget
+            .as_ref()
+            .and_then(|v| retry_budget(sink, &format!("{f}.retryBudget"), v)),
     };
     for (name, present) in [
         ("tls", tp.tls.is_some()),
         ("tunnel", tp.tunnel.is_some()),
         ("proxyProtocol", tp.proxy_protocol.is_some()),
-        ("retryBudget", tp.retry_budget.is_some()),
     ] {
         if present {
             sink.unsupported(format!("{f}.{name}"));

@@ -61,7 +61,20 @@ mod traffic {
         /// `None` when no `outlierDetection` is configured (Envoy then ejects nothing).
         pub outlier_detection: Option<OutlierDetection>,
         pub load_balancer: LoadBalancer,
+        /// `retryBudget`: when set, it bounds retries in flight instead of `maxRetries`.
+        pub retry_budget: Option<RetryBudgetPolicy>,
     }
+}
+
+/// `trafficPolicy.retryBudget`, as istiod writes it into Envoy's `retry_budget` circuit breaker:
+/// retries in flight to the cluster may be `percent` % of its active and pending requests, but
+/// never fewer than `min_retry_concurrency`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RetryBudgetPolicy {
+    /// Envoy's `budget_percent` (0-100). istiod writes 0.2 when `percent` is unset.
+    pub percent: f64,
+    /// Envoy's `min_retry_concurrency`; istiod writes 3 when it is unset or 0.
+    pub min_retry_concurrency: u32,
 }
 
 /// `connectionPool.tcp` and `connectionPool.http`, with Istio's defaults.

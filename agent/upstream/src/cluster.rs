@@ -401,6 +401,13 @@ impl ClusterHandle {
         stats
     }
 
+    /// Requests on a connection plus requests waiting for one: what Envoy's retry budget is a
+    /// share of.
+    pub fn requests_active_and_pending(&self) -> u64 {
+        let pending = u64::from(self.inner.pool.lock().pending());
+        self.inner.stats.rq_active.load(Ordering::Relaxed) + pending
+    }
+
     /// The last 64 ejections and un-ejections, oldest first.
     pub fn outlier_events(&self) -> Vec<OutlierEvent> {
         self.inner.detector.events()
