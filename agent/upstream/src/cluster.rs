@@ -150,11 +150,14 @@ pub(crate) struct Host {
     outlier: HostOutlier,
     pub(crate) active: AtomicU32,
     pub(crate) total: AtomicU64,
+    /// When the host joined the cluster (Envoy's `creationTime`, what `warmup` counts from).
+    added: tokio::time::Instant,
 }
 
 impl Host {
     fn new(ep: &Endpoint) -> Self {
         Self {
+            added: tokio::time::Instant::now(),
             addr: ep.addr,
             pod: Mutex::new(ep.pod.clone()),
             outlier: HostOutlier::default(),
@@ -173,6 +176,9 @@ impl Candidate for Arc<Host> {
     }
     fn active_requests(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
+    }
+    fn age(&self) -> Duration {
+        self.added.elapsed()
     }
 }
 
@@ -213,11 +219,12 @@ impl Inner {
     ) -> Result<Arc<Host>, ProxyError> {
         let panic_threshold = cfg.outlier().map_or(0, |od| od.min_health_percent);
         self.balancer
-            .pick(
+            .pick_warming(
                 &cfg.hosts,
                 cfg.spec.policy.load_balancer,
                 panic_threshold,
                 tried,
+                cfg.spec.policy.warmup.as_ref(),
             )
             .cloned()
             .ok_or(ProxyError::NoHealthyUpstream)
