@@ -378,6 +378,7 @@ fn scenarios() -> Vec<Scenario> {
             cluster: EnvoyCluster {
                 max_connections: Some(1),
                 max_pending_requests: Some(1),
+                http_options: Some("max_requests_per_connection: 1"),
                 ..Default::default()
             },
             hosts: vec![Script::repeat(Step::delayed(200, 600))],
@@ -385,7 +386,7 @@ fn scenarios() -> Vec<Scenario> {
             unordered: true,
             upstream_headers: false,
             request_headers: &[],
-            upstream_connections: false,
+            upstream_connections: true,
             upload: Upload::None,
             known: None,
         },
