@@ -19,10 +19,14 @@
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::Empty;
-use sluice_tests::{endpoint_slice, Client, Outcome};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use sluice_tests::{endpoint_slice, Outcome};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::future::Future as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +56,9 @@ struct EnvoyRoute {
     retry: Option<EnvoyRetry>,
     /// Fault filter per-route config (`abort`, `delay`), as YAML lines under it.
     fault: Option<&'static str>,
+    /// The route match's `headers` (a YAML flow list); without them the route matches every
+    /// request.
+    match_headers: Option<&'static str>,
 }
 
 #[derive(Clone, Debug)]
@@ -88,16 +95,23 @@ struct EnvoyCluster {
     max_retries: Option<u32>,
     /// `outlier_detection` fields as YAML lines (istiod adds `enforcing_success_rate: 0`).
     outlier: Option<&'static str>,
+    /// The threshold's `retry_budget` (YAML flow mapping), which replaces `max_retries`.
+    retry_budget: Option<&'static str>,
+    /// `common_http_protocol_options` fields (one YAML line each), as istiod writes them into the
+    /// cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
+    http_options: Option<&'static str>,
     /// `common_lb_config.healthy_panic_threshold` (`minHealthPercent`, 0 when outlier detection is
     /// configured without it).
     panic_threshold: Option<u32>,
 }
 
 /// What a scenario's client does.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Plan {
     /// `n` requests, one after the other.
     Sequential(usize),
+    /// `n` requests one after the other, each started `gap` after the previous one ended.
+    Spaced { n: usize, gap: Duration },
     /// `n` requests under way together (started 50 ms apart), each on its own connection.
     Concurrent(usize),
     /// `n` requests abandoned by the client after `after` (connection closed mid-request), then
@@ -109,6 +123,20 @@ enum Plan {
     },
 }
 
+/// A request body.
+#[derive(Clone, Copy, Debug)]
+enum Upload {
+    None,
+    /// This many bytes at once.
+    Bytes(usize),
+    /// This many bytes in `chunks` equal chunks, spread over `over` (the last chunk sent then).
+    Slow {
+        bytes: usize,
+        chunks: u32,
+        over: Duration,
+    },
+}
+
 /// Why Sluice may differ from Envoy in a scenario.
 #[derive(Clone, Copy, Debug)]
 enum Known {
@@ -116,13 +144,16 @@ enum Known {
     #[allow(dead_code)]
     Intended(&'static str),
     /// A known difference not fixed yet.
+    #[allow(dead_code)]
     Open(&'static str),
 }
 
+#[derive(Clone, Debug)]
 struct Scenario {
     /// Also the Service name (`<name>.default.svc.cluster.local`).
     name: &'static str,
-    /// The Istio YAML as a user writes it; `{host}` is the Service name.
+    /// The Istio YAML as a user writes it (documents separated by `---`, each starting with its
+    /// `kind` line); `{host}` is the Service name.
     istio: &'static str,
     route: EnvoyRoute,
     cluster: EnvoyCluster,
@@ -131,8 +162,15 @@ struct Scenario {
     plan: Plan,
     /// Compare outcomes as counts (concurrency, load balancing order) rather than in order.
     unordered: bool,
-    /// Also compare the Envoy request headers each upstream received (`upstream::RECORDED`).
+    /// Also compare the Envoy request headers each upstream received (`upstream::RECORDED`) and
+    /// the size of the request bodies.
     upstream_headers: bool,
+    /// Also compare the connections each upstream accepted (connection reuse and lifetime).
+    upstream_connections: bool,
+    /// Request headers every request carries, in order (a name may repeat).
+    request_headers: &'static [(&'static str, &'static str)],
+    /// The request body (a POST when there is one).
+    upload: Upload,
     known: Option<Known>,
 }
 
@@ -164,6 +202,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(3),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -181,6 +222,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(2),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -195,6 +239,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(2),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -215,6 +262,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(2),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -230,6 +280,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(1),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -250,6 +303,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(1),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -270,6 +326,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(1),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -285,6 +344,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(2),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -294,12 +356,16 @@ fn scenarios() -> Vec<Scenario> {
                 timeout: Some("0.4s"),
                 retry: Some(EnvoyRetry::istio_default()),
                 fault: Some("delay: {fixed_delay: 0.3s, percentage: {numerator: 1000000, denominator: MILLION}}"),
+                ..Default::default()
             },
             cluster: EnvoyCluster::default(),
             hosts: vec![Script::repeat(Step::delayed(200, 250))],
             plan: Plan::Sequential(1),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -312,12 +378,16 @@ fn scenarios() -> Vec<Scenario> {
             cluster: EnvoyCluster {
                 max_connections: Some(1),
                 max_pending_requests: Some(1),
+                http_options: Some("max_requests_per_connection: 1"),
                 ..Default::default()
             },
             hosts: vec![Script::repeat(Step::delayed(200, 600))],
             plan: Plan::Concurrent(4),
             unordered: true,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: true,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -337,6 +407,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(8),
             unordered: true,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -356,6 +429,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(8),
             unordered: true,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -379,6 +455,9 @@ fn scenarios() -> Vec<Scenario> {
             },
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -393,9 +472,10 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(1),
             unordered: false,
             upstream_headers: false,
-            known: Some(Known::Open(
-                "after exhausted retries Envoy's local reply says 'retried and the latest reset reason: remote connection failure'; Sluice's says 'reset reason: connection failure'",
-            )),
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
         },
         Scenario {
             // Envoy retries any 5xx under retryOn 5xx, x-envoy-overloaded or not (since 1.15);
@@ -414,9 +494,10 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(1),
             unordered: false,
             upstream_headers: false,
-            known: Some(Known::Open(
-                "an upstream 503 carrying x-envoy-overloaded is never retried by Sluice",
-            )),
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
         },
         Scenario {
             name: "envoy-request-headers-upstream",
@@ -431,9 +512,295 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(1),
             unordered: false,
             upstream_headers: true,
-            known: Some(Known::Open(
-                "Envoy sends x-envoy-expected-rq-timeout-ms (the time left) upstream when a timeout applies; Sluice does not",
-            )),
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // The per-try timeout is what each attempt expects, bounded by the route's time left.
+            name: "expected-timeout-is-per-try",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    timeout: 2s\n    retries: {attempts: 2, perTryTimeout: 0.5s, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                timeout: Some("2s"),
+                retry: Some(EnvoyRetry {
+                    per_try_timeout: Some("0.5s"),
+                    ..retry("5xx", 2)
+                }),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::new(vec![Step::status(503)], Step::status(200))],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // Forwarded responses carry x-envoy-upstream-service-time (compared in every
+            // scenario); here after a retry, and never on a local reply.
+            name: "upstream-service-time-header",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 1, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 1)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::new(
+                vec![Step::status(503), Step::status(200), Step::status(503), Step::status(503)],
+                Step::status(200),
+            )],
+            plan: Plan::Sequential(2),
+            unordered: false,
+            upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // Envoy 1.40 matches a repeated request header on any of its values...
+            name: "repeated-header-matches-any-value",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - match: [{headers: {x-tier: {exact: gold}}}]\n    route: [{destination: {host: {host}}}]\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                match_headers: Some("[{name: x-tier, string_match: {exact: gold}}]"),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![ok()],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: false,
+            request_headers: &[("x-tier", "silver"), ("x-tier", "gold")],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // ...and not on the values joined with commas.
+            name: "repeated-header-is-not-joined",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - match: [{headers: {x-tier: {exact: \"silver,gold\"}}}]\n    route: [{destination: {host: {host}}}]\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                match_headers: Some("[{name: x-tier, string_match: {exact: \"silver,gold\"}}]"),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![ok()],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: false,
+            request_headers: &[("x-tier", "silver"), ("x-tier", "gold")],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // Envoy keeps up to 1 MiB (the connection buffer limit) of a request for retries.
+            name: "large-post-is-retried",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 2, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 2)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::new(vec![Step::status(503)], Step::status(200))],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::Bytes(200_000),
+            known: None,
+        },
+        Scenario {
+            // Beyond the buffer the retry state is abandoned: the 503 is the answer.
+            name: "post-beyond-retry-buffer-is-not-retried",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 2, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 2)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::new(vec![Step::status(503)], Step::status(200))],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::Bytes(1_500_000),
+            known: None,
+        },
+        Scenario {
+            // The route timeout starts when the request is complete: a slow upload is not the
+            // upstream's time.
+            name: "route-timeout-starts-after-upload",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    timeout: 0.5s\n",
+            route: EnvoyRoute {
+                timeout: Some("0.5s"),
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![ok()],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::Slow {
+                bytes: 6000,
+                chunks: 6,
+                over: Duration::from_millis(600),
+            },
+            known: None,
+        },
+        Scenario {
+            // ...and then bounds the upstream as usual.
+            name: "route-timeout-after-upload-expires",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    timeout: 0.5s\n",
+            route: EnvoyRoute {
+                timeout: Some("0.5s"),
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![Script::repeat(Step::delayed(200, 800))],
+            plan: Plan::Sequential(1),
+            unordered: false,
+            upstream_headers: true,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::Slow {
+                bytes: 6000,
+                chunks: 6,
+                over: Duration::from_millis(600),
+            },
+            known: None,
+        },
+        Scenario {
+            // The per-try timer starts when the attempt has a connection: requests queued behind
+            // one connection (each served in 250 ms) get their full 0.3 s once it is theirs.
+            name: "per-try-timeout-excludes-pool-wait",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 1, perTryTimeout: 0.3s, retryOn: connect-failure}\n---\nkind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry {
+                    per_try_timeout: Some("0.3s"),
+                    ..retry("connect-failure", 1)
+                }),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                max_connections: Some(1),
+                ..Default::default()
+            },
+            hosts: vec![Script::repeat(Step::delayed(200, 250))],
+            plan: Plan::Concurrent(3),
+            unordered: true,
+            upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // http2MaxRequests counts requests on a connection: requests waiting for the one
+            // connection are pending requests, not overflow.
+            name: "max-requests-excludes-pending",
+            istio: "kind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http2MaxRequests: 1}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                max_connections: Some(1),
+                max_requests: Some(1),
+                ..Default::default()
+            },
+            hosts: vec![Script::repeat(Step::delayed(200, 200))],
+            plan: Plan::Concurrent(3),
+            unordered: true,
+            upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // Istio writes tcp.idleTimeout into the cluster's HTTP idle_timeout when
+            // http.idleTimeout is unset: a connection idle 0.5 s is gone at 0.2 s.
+            name: "tcp-idle-timeout-closes-http-connections",
+            istio: "kind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool:\n      tcp: {idleTimeout: 0.2s}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                http_options: Some("idle_timeout: 0.2s"),
+                ..Default::default()
+            },
+            hosts: vec![ok()],
+            plan: Plan::Spaced {
+                n: 3,
+                gap: Duration::from_millis(500),
+            },
+            unordered: false,
+            upstream_headers: false,
+            upstream_connections: true,
+            request_headers: &[],
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // ...and tcp.maxConnectionDuration into its max_connection_duration: requests 0.25 s
+            // apart share a connection for 0.4 s, then a new one is made.
+            name: "max-connection-duration-bounds-http-connections",
+            istio: "kind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnectionDuration: 0.4s}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                http_options: Some("max_connection_duration: 0.4s"),
+                ..Default::default()
+            },
+            hosts: vec![ok()],
+            plan: Plan::Spaced {
+                n: 4,
+                gap: Duration::from_millis(250),
+            },
+            unordered: false,
+            upstream_headers: false,
+            upstream_connections: true,
+            request_headers: &[],
+            upload: Upload::None,
+            known: None,
+        },
+        Scenario {
+            // retryBudget replaces maxRetries: with no share of the load and a floor of 1, one
+            // retry may be in flight; the others' 503s are answered with UO.
+            name: "retry-budget-limits-concurrent-retries",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 1, retryOn: 5xx}\n---\nkind: DestinationRule\nspec:\n  host: {host}\n  trafficPolicy:\n    retryBudget: {percent: 0, minRetryConcurrency: 1}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 1)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster {
+                retry_budget: Some("{budget_percent: {value: 0}, min_retry_concurrency: 1}"),
+                ..Default::default()
+            },
+            hosts: vec![Script::repeat(Step::delayed(503, 300))],
+            plan: Plan::Concurrent(3),
+            unordered: true,
+            upstream_headers: false,
+            upstream_connections: false,
+            request_headers: &[],
+            upload: Upload::None,
+            known: None,
         },
         Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
@@ -454,6 +821,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(16),
             unordered: true,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
         Scenario {
@@ -470,6 +840,9 @@ fn scenarios() -> Vec<Scenario> {
             plan: Plan::Sequential(1),
             unordered: false,
             upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
             known: None,
         },
     ]
@@ -490,7 +863,11 @@ fn envoy_config(listen: u16, admin: u16, scenarios: &[Scenario], ports: &[Vec<u1
         let fqdn = format!("{svc}.default.svc.cluster.local");
         let _ = write!(
             vhosts,
-            "          - name: {svc}\n            domains: [\"{svc}\", \"{svc}:80\", \"{svc}.default\", \"{fqdn}\", \"{fqdn}:80\"]\n            include_request_attempt_count: true\n            routes:\n            - match: {{prefix: /}}\n              route:\n                cluster: \"{}\"\n                timeout: {}\n",
+            "          - name: {svc}\n            domains: [\"{svc}\", \"{svc}:80\", \"{svc}.default\", \"{fqdn}\", \"{fqdn}:80\"]\n            include_request_attempt_count: true\n            routes:\n            - match: {{prefix: /{}}}\n              route:\n                cluster: \"{}\"\n                timeout: {}\n",
+            s.route
+                .match_headers
+                .map(|h| format!(", headers: {h}"))
+                .unwrap_or_default(),
             cluster_name(svc),
             s.route.timeout.unwrap_or("0s"),
         );
@@ -525,18 +902,28 @@ fn envoy_config(listen: u16, admin: u16, scenarios: &[Scenario], ports: &[Vec<u1
         let unlimited = u32::MAX;
         let _ = write!(
             clusters,
-            "  - name: \"{name}\"\n    type: STATIC\n    connect_timeout: 10s\n    lb_policy: {lb}\n    circuit_breakers:\n      thresholds:\n      - max_connections: {mc}\n        max_pending_requests: {mp}\n        max_requests: {mr}\n        max_retries: {mrt}\n        track_remaining: true\n",
+            "  - name: \"{name}\"\n    type: STATIC\n    connect_timeout: 10s\n    lb_policy: {lb}\n    circuit_breakers:\n      thresholds:\n      - max_connections: {mc}\n        max_pending_requests: {mp}\n        max_requests: {mr}\n        max_retries: {mrt}\n        track_remaining: true\n{rb}",
             name = cluster_name(svc),
             lb = c.lb_policy.unwrap_or("LEAST_REQUEST"),
             mc = c.max_connections.unwrap_or(unlimited),
             mp = c.max_pending_requests.unwrap_or(unlimited),
             mr = c.max_requests.unwrap_or(unlimited),
             mrt = c.max_retries.unwrap_or(unlimited),
+            rb = c
+                .retry_budget
+                .map(|b| format!("        retry_budget: {b}\n"))
+                .unwrap_or_default(),
         );
         if let Some(od) = c.outlier {
             clusters.push_str("    outlier_detection:\n");
             for line in od.lines() {
                 let _ = writeln!(clusters, "      {line}");
+            }
+        }
+        if let Some(opts) = c.http_options {
+            clusters.push_str("    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http_protocol_options: {}}\n        common_http_protocol_options:\n");
+            for line in opts.lines() {
+                let _ = writeln!(clusters, "          {line}");
             }
         }
         if let Some(p) = c.panic_threshold {
@@ -599,10 +986,10 @@ fn sluice_yaml(s: &Scenario, ports: &[u16]) -> String {
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: default}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n{}",
         endpoint_slice(svc, ports)
     );
-    if !s.istio.is_empty() {
-        let kind_line = s.istio.lines().next().unwrap();
-        let body = s.istio.replace("{host}", svc);
-        let rest = body.split_once('\n').unwrap().1;
+    // One or more documents, each starting with its `kind` line.
+    for doc in s.istio.split("---\n").filter(|d| !d.is_empty()) {
+        let body = doc.replace("{host}", svc);
+        let (kind_line, rest) = body.split_once('\n').unwrap();
         let _ = write!(
             yaml,
             "---\napiVersion: networking.istio.io/v1\n{kind_line}\nmetadata: {{name: {svc}, namespace: default}}\n{rest}"
@@ -741,6 +1128,8 @@ struct Seen {
     overloaded: bool,
     /// The local reply's body (Envoy's text), empty for upstream responses.
     local_body: String,
+    /// `x-envoy-upstream-service-time` was on the response.
+    service_time: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -753,6 +1142,8 @@ struct Run {
     upstream: Vec<usize>,
     /// Recorded request headers, per endpoint and request.
     upstream_headers: Vec<Vec<String>>,
+    /// Connections each endpoint accepted.
+    connections: Vec<usize>,
 }
 
 impl Run {
@@ -773,29 +1164,126 @@ impl Run {
             )
         }));
         let flags = counts(self.flags.iter().cloned());
-        format!("{statuses}; flags {flags}; upstream {:?}", self.upstream)
+        format!(
+            "{statuses}; flags {flags}; upstream {:?}; connections {:?}",
+            self.upstream, self.connections
+        )
     }
 }
 
-fn request(host: &str) -> Request<Empty<Bytes>> {
-    Request::get("/")
-        .header("host", host)
-        .body(Empty::new())
-        .unwrap()
+/// A request body sent in `left` chunks, `gap` apart.
+struct SlowBody {
+    chunk: Bytes,
+    left: u32,
+    gap: Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl hyper::body::Body for SlowBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let gap = self.gap;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+        std::task::ready!(sleep.as_mut().poll(cx));
+        self.sleep = None;
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+}
+
+/// One request as the scenario sends it, on a fresh HTTP/1.1 connection.
+async fn send(proxy: SocketAddr, s: &Scenario, max_time: Duration) -> Outcome {
+    let mut req = match s.upload {
+        Upload::None => Request::get("/"),
+        Upload::Bytes(_) | Upload::Slow { .. } => Request::post("/"),
+    }
+    .header("host", s.name);
+    for (name, value) in s.request_headers {
+        req = req.header(*name, *value);
+    }
+    let body: UnsyncBoxBody<Bytes, std::convert::Infallible> = match s.upload {
+        Upload::None => Empty::new().boxed_unsync(),
+        Upload::Bytes(n) => Full::new(Bytes::from(vec![b'x'; n])).boxed_unsync(),
+        Upload::Slow {
+            bytes,
+            chunks,
+            over,
+        } => {
+            req = req.header("content-length", bytes);
+            SlowBody {
+                chunk: Bytes::from(vec![b'x'; bytes / chunks as usize]),
+                left: chunks,
+                gap: over / chunks,
+                sleep: None,
+            }
+            .boxed_unsync()
+        }
+    };
+    let req = req.body(body).unwrap();
+    let start = Instant::now();
+    let exchange = async move {
+        let stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let rsp = tx.send_request(req).await.ok()?;
+        let (parts, body) = rsp.into_parts();
+        let body = body.collect().await.ok()?.to_bytes();
+        Some((parts, body))
+    };
+    let result = tokio::time::timeout(max_time, exchange).await;
+    let elapsed = start.elapsed();
+    match result {
+        Ok(Some((parts, body))) => Outcome {
+            status: Some(parts.status),
+            headers: parts.headers,
+            body,
+            elapsed,
+        },
+        _ => Outcome {
+            status: None,
+            headers: Default::default(),
+            body: Bytes::new(),
+            elapsed,
+        },
+    }
 }
 
 async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
     for (u, script) in upstreams.iter().zip(&s.hosts) {
         u.reset(script.clone());
     }
-    let client = Client { proxy: proxy.addr };
-    let name: &'static str = s.name;
+    let addr = proxy.addr;
+    let s = Arc::new(s.clone());
     let log_from = proxy.line_count();
     let mut outcomes: Vec<Outcome> = Vec::new();
     match s.plan {
         Plan::Sequential(n) => {
             for _ in 0..n {
-                outcomes.push(client.send(request(s.name), MAX_TIME).await);
+                outcomes.push(send(addr, &s, MAX_TIME).await);
+            }
+        }
+        Plan::Spaced { n, gap } => {
+            for i in 0..n {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                outcomes.push(send(addr, &s, MAX_TIME).await);
             }
         }
         Plan::Concurrent(n) => {
@@ -806,10 +1294,8 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
                 if i > 0 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                let c = client;
-                all.push(tokio::spawn(async move {
-                    c.send(request(name), MAX_TIME).await
-                }));
+                let s = s.clone();
+                all.push(tokio::spawn(async move { send(addr, &s, MAX_TIME).await }));
             }
             for task in all {
                 outcomes.push(task.await.unwrap());
@@ -817,8 +1303,8 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
         }
         Plan::Abandon { n, after, then } => {
             let gone = (0..n).map(|_| {
-                let c = client;
-                tokio::spawn(async move { c.send(request(name), after).await })
+                let s = s.clone();
+                tokio::spawn(async move { send(addr, &s, after).await })
             });
             for task in gone.collect::<Vec<_>>() {
                 let o = task.await.unwrap();
@@ -832,7 +1318,7 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
             // attempts, so whatever they are counted as has happened.
             tokio::time::sleep(Duration::from_millis(500)).await;
             for _ in 0..then {
-                outcomes.push(client.send(request(s.name), MAX_TIME).await);
+                outcomes.push(send(addr, &s, MAX_TIME).await);
             }
         }
     }
@@ -864,6 +1350,7 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
                 status: o.code(),
                 flags: normalise_flags(&flags),
                 overloaded: o.headers.contains_key("x-envoy-overloaded"),
+                service_time: o.headers.contains_key("x-envoy-upstream-service-time"),
                 // Anything but the scripted upstreams' own body is the proxy's local reply.
                 local_body: if body == upstream::BODY {
                     String::new()
@@ -879,6 +1366,7 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
         elapsed: outcomes.iter().map(|o| o.elapsed).collect(),
         upstream: upstreams.iter().map(Upstream::served).collect(),
         upstream_headers: upstreams.iter().map(Upstream::seen).collect(),
+        connections: upstreams.iter().map(Upstream::connections).collect(),
     }
 }
 
@@ -887,6 +1375,34 @@ fn normalise_flags(flags: &str) -> String {
     let mut f: Vec<&str> = flags.split(',').collect();
     f.sort_unstable();
     f.join(",")
+}
+
+/// Whether the recorded upstream requests agree: the same headers and bodies, the expected timeout
+/// (time left, so timing-dependent) within [`TIME_SLACK`].
+fn same_upstream_headers(envoy: &[Vec<String>], sluice: &[Vec<String>]) -> bool {
+    let same_request = |a: &String, b: &String| {
+        let (a, b): (Vec<&str>, Vec<&str>) = (a.split(' ').collect(), b.split(' ').collect());
+        a.len() == b.len()
+            && a.iter().zip(&b).all(|(x, y)| {
+                match (
+                    x.strip_prefix("x-envoy-expected-rq-timeout-ms="),
+                    y.strip_prefix("x-envoy-expected-rq-timeout-ms="),
+                ) {
+                    (Some(x), Some(y)) => match (x.parse::<u64>(), y.parse::<u64>()) {
+                        (Ok(x), Ok(y)) => {
+                            x.abs_diff(y) <= u64::try_from(TIME_SLACK.as_millis()).unwrap()
+                        }
+                        _ => false,
+                    },
+                    _ => x == y,
+                }
+            })
+    };
+    envoy.len() == sluice.len()
+        && envoy
+            .iter()
+            .zip(sluice)
+            .all(|(a, b)| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same_request(x, y)))
 }
 
 /// Where two runs of the same scenario disagree (empty when they agree).
@@ -919,10 +1435,18 @@ fn differences(s: &Scenario, envoy: &Run, sluice: &Run) -> Vec<String> {
     if eu != lu {
         diffs.push(format!("upstream requests: envoy {eu:?} / sluice {lu:?}"));
     }
-    if s.upstream_headers && envoy.upstream_headers != sluice.upstream_headers {
+    if s.upstream_headers
+        && !same_upstream_headers(&envoy.upstream_headers, &sluice.upstream_headers)
+    {
         diffs.push(format!(
             "headers upstream: envoy {:?} / sluice {:?}",
             envoy.upstream_headers, sluice.upstream_headers
+        ));
+    }
+    if s.upstream_connections && envoy.connections != sluice.connections {
+        diffs.push(format!(
+            "upstream connections: envoy {:?} / sluice {:?}",
+            envoy.connections, sluice.connections
         ));
     }
     if !s.unordered {

@@ -4,11 +4,10 @@
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -86,7 +85,10 @@ impl Script {
 struct State {
     script: Script,
     served: usize,
-    /// Per request: `name=value` of each [`RECORDED`] header present.
+    /// Connections accepted since the last reset.
+    connections: usize,
+    /// Per request: `name=value` of each [`RECORDED`] header present, and `body=<bytes>` when the
+    /// request had a body.
     seen: Vec<String>,
 }
 
@@ -101,6 +103,7 @@ impl Upstream {
         let state = Arc::new(Mutex::new(State {
             script: script.clone(),
             served: 0,
+            connections: 0,
             seen: Vec::new(),
         }));
         if script.then.is_none() {
@@ -116,30 +119,41 @@ impl Upstream {
         let shared = state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                shared.lock().connections += 1;
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let recorded: Vec<String> = RECORDED
+                        let mut recorded: Vec<String> = RECORDED
                             .iter()
                             .filter_map(|h| {
                                 let v = req.headers().get(*h)?.to_str().ok()?;
                                 Some(format!("{h}={v}"))
                             })
                             .collect();
-                        let step = {
-                            let mut s = state.lock();
-                            s.seen.push(recorded.join(" "));
-                            let step = s
-                                .script
-                                .first
-                                .get(s.served)
-                                .copied()
-                                .or(s.script.then)
-                                .expect("a listening script has a last step");
-                            s.served += 1;
-                            step
-                        };
+                        let state = state.clone();
                         async move {
+                            // The whole request first, as an application reads it; its size is
+                            // part of what the upstream saw.
+                            let len = match req.into_body().collect().await {
+                                Ok(body) => body.to_bytes().len(),
+                                Err(_) => return Err("request body failed"),
+                            };
+                            if len > 0 {
+                                recorded.push(format!("body={len}"));
+                            }
+                            let step = {
+                                let mut s = state.lock();
+                                s.seen.push(recorded.join(" "));
+                                let step = s
+                                    .script
+                                    .first
+                                    .get(s.served)
+                                    .copied()
+                                    .or(s.script.then)
+                                    .expect("a listening script has a last step");
+                                s.served += 1;
+                                step
+                            };
                             tokio::time::sleep(step.delay).await;
                             let mut rsp =
                                 Response::new(Full::new(Bytes::from(format!("{BODY}\n"))));
@@ -147,7 +161,7 @@ impl Upstream {
                             for (name, value) in step.headers {
                                 rsp.headers_mut().insert(*name, value.parse().unwrap());
                             }
-                            Ok::<_, Infallible>(rsp)
+                            Ok::<_, &'static str>(rsp)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -168,6 +182,11 @@ impl Upstream {
         self.state.lock().served
     }
 
+    /// Connections accepted since the last reset.
+    pub fn connections(&self) -> usize {
+        self.state.lock().connections
+    }
+
     /// The recorded headers of each request since the last reset.
     pub fn seen(&self) -> Vec<String> {
         self.state.lock().seen.clone()
@@ -178,6 +197,7 @@ impl Upstream {
         let mut s = self.state.lock();
         s.script = script;
         s.served = 0;
+        s.connections = 0;
         s.seen.clear();
     }
 }

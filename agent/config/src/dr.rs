@@ -11,16 +11,19 @@ use crate::problem::Sink;
 use crate::vs::duration_field;
 use crate::{resolve_host, BuildOptions};
 use sluice_policy::{
-    ConnectionPool, H2UpgradePolicy, LoadBalancer, OutlierDetection, TcpKeepalive, TrafficPolicy,
+    ConnectionPool, H2UpgradePolicy, LoadBalancer, OutlierDetection, RetryBudgetPolicy,
+    TcpKeepalive, TrafficPolicy, Warmup,
 };
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// The sections of one `trafficPolicy` (or port-level entry); `None` = not given.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sections {
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
-    pub load_balancer: Option<LoadBalancer>,
+    /// `simple`, and `warmup` where it applies.
+    pub load_balancer: Option<(LoadBalancer, Option<Warmup>)>,
 }
 
 impl Sections {
@@ -28,7 +31,9 @@ impl Sections {
         TrafficPolicy {
             connection_pool: self.connection_pool.unwrap_or_default(),
             outlier_detection: self.outlier_detection,
-            load_balancer: self.load_balancer.unwrap_or_default(),
+            load_balancer: self.load_balancer.map(|l| l.0).unwrap_or_default(),
+            retry_budget: None,
+            warmup: self.load_balancer.and_then(|l| l.1),
         }
     }
 }
@@ -39,6 +44,8 @@ pub struct Layer {
     pub sections: Sections,
     /// `portLevelSettings` by port number (first entry for a port wins, as in Istio).
     pub ports: BTreeMap<u16, Sections>,
+    /// `retryBudget` (there is no port-level one).
+    pub retry_budget: Option<RetryBudgetPolicy>,
 }
 
 #[derive(Clone, Debug)]
@@ -83,7 +90,12 @@ pub fn effective(top: Option<&Layer>, subset: Option<&Layer>, port: u16) -> Traf
             },
         },
     };
-    merged.into_policy()
+    let mut policy = merged.into_policy();
+    // A subset's retry budget replaces the top-level one (`MergeSubsetTrafficPolicy`).
+    policy.retry_budget = subset
+        .and_then(|s| s.retry_budget)
+        .or_else(|| top.and_then(|t| t.retry_budget));
+    policy
 }
 
 fn non_negative(sink: &mut Sink, field: &str, v: Option<i64>) -> Option<u32> {
@@ -132,7 +144,10 @@ fn connection_pool(sink: &mut Sink, f: &str, cp: &ConnectionPoolSpec) -> Connect
             });
         }
         // The L4 proxy's limits (Envoy's TCP proxy `max_downstream_connection_duration` and
-        // `idle_timeout`, as Istio sets them); `idleTimeout: 0s` disables the idle timeout.
+        // `idle_timeout`, as Istio sets them); `idleTimeout: 0s` disables the idle timeout. Istio
+        // also writes both into the cluster's HTTP protocol options (`max_connection_duration`,
+        // and `idle_timeout` when `http.idleTimeout` is unset), so they bound upstream HTTP
+        // connections as well.
         out.max_connection_duration = duration_field(
             sink,
             &format!("{tf}.maxConnectionDuration"),
@@ -146,6 +161,8 @@ fn connection_pool(sink: &mut Sink, f: &str, cp: &ConnectionPoolSpec) -> Connect
             false,
         ) {
             out.tcp_idle_timeout = (!d.is_zero()).then_some(d);
+            // Istio applies it to HTTP connections too unless `http.idleTimeout` is set (below).
+            out.idle_timeout = out.tcp_idle_timeout;
         }
     }
     if let Some(http) = &cp.http {
@@ -286,18 +303,122 @@ fn outlier_detection(sink: &mut Sink, f: &str, od: &OutlierDetectionSpec) -> Out
     out
 }
 
-fn load_balancer(sink: &mut Sink, f: &str, lb: &LoadBalancerSpec) -> LoadBalancer {
+fn load_balancer(
+    sink: &mut Sink,
+    f: &str,
+    lb: &LoadBalancerSpec,
+) -> (LoadBalancer, Option<Warmup>) {
     for (name, present) in [
         ("consistentHash", lb.consistent_hash.is_some()),
         ("localityLbSetting", lb.locality_lb_setting.is_some()),
         ("zoneAwareLbSetting", lb.zone_aware_lb_setting.is_some()),
-        ("warmupDurationSecs", lb.warmup_duration_secs.is_some()),
-        ("warmup", lb.warmup.is_some()),
     ] {
         if present {
             sink.unsupported(format!("{f}.{name}"));
         }
     }
+    let simple = simple_lb(sink, f, lb);
+    let warmup = match (&lb.warmup, &lb.warmup_duration_secs) {
+        (Some(w), _) => warmup(sink, &format!("{f}.warmup"), w),
+        (None, Some(secs)) => {
+            let field = format!("{f}.warmupDurationSecs");
+            match secs.as_str() {
+                Some(text) => duration_field(sink, &field, Some(text), true).map(|window| Warmup {
+                    window,
+                    minimum_percent: 10.0,
+                    aggression: 1.0,
+                }),
+                None => {
+                    sink.error(field, "must be a duration such as 60s");
+                    None
+                }
+            }
+        }
+        (None, None) => None,
+    };
+    // istiod writes `slow_start_config` only for ROUND_ROBIN and LEAST_REQUEST.
+    let warmup = warmup.filter(|_| {
+        matches!(
+            simple,
+            LoadBalancer::RoundRobin | LoadBalancer::LeastRequest
+        )
+    });
+    (simple, warmup)
+}
+
+/// `warmup`, validated as Istio does: `duration` (at least 1 ms) is required, `minimumPercent`
+/// is 0-100 (default 10), `aggression` at least 0 (default 1).
+fn warmup(sink: &mut Sink, f: &str, v: &serde_yaml::Value) -> Option<Warmup> {
+    let Some(map) = v.as_mapping() else {
+        sink.error(
+            f,
+            "must be an object with duration, minimumPercent and aggression",
+        );
+        return None;
+    };
+    let mut window = None;
+    let mut out = Warmup {
+        window: Duration::ZERO,
+        minimum_percent: 10.0,
+        aggression: 1.0,
+    };
+    let mut ok = true;
+    for (key, value) in map {
+        let name = key.as_str().unwrap_or("?");
+        let field = format!("{f}.{name}");
+        match name {
+            "duration" => match value.as_str() {
+                Some(text) => window = duration_field(sink, &field, Some(text), true),
+                None => {
+                    sink.error(
+                        field,
+                        format!("must be a duration such as 60s (got {value:?})"),
+                    );
+                    ok = false;
+                }
+            },
+            "minimumPercent" => match value.as_f64() {
+                Some(p) if (0.0..=100.0).contains(&p) => out.minimum_percent = p,
+                _ => {
+                    sink.error(
+                        field,
+                        format!("must be a number from 0 to 100 (got {value:?})"),
+                    );
+                    ok = false;
+                }
+            },
+            "aggression" => match value.as_f64() {
+                Some(a) if a >= 0.0 => out.aggression = a,
+                _ => {
+                    sink.error(field, format!("must be a number >= 0 (got {value:?})"));
+                    ok = false;
+                }
+            },
+            _ => {
+                sink.error(
+                    field,
+                    "unknown field (warmup has duration, minimumPercent and aggression)",
+                );
+                ok = false;
+            }
+        }
+    }
+    match window {
+        Some(w) if ok => {
+            out.window = w;
+            Some(out)
+        }
+        Some(_) => None,
+        None => {
+            if !map.contains_key("duration") {
+                sink.error(format!("{f}.duration"), "is required");
+            }
+            None
+        }
+    }
+}
+
+fn simple_lb(sink: &mut Sink, f: &str, lb: &LoadBalancerSpec) -> LoadBalancer {
     match lb.simple.as_deref() {
         None | Some("UNSPECIFIED") | Some("LEAST_REQUEST") => LoadBalancer::LeastRequest,
         Some("LEAST_CONN") => {
@@ -334,6 +455,53 @@ fn sections(
     }
 }
 
+/// `retryBudget`, as istiod's `applyRetryBudget` renders it: `percent` (0-100) defaults to 0.2
+/// (what istiod writes, although its comment says 20%), `minRetryConcurrency` to 3 when unset or 0.
+fn retry_budget(sink: &mut Sink, f: &str, v: &serde_yaml::Value) -> Option<RetryBudgetPolicy> {
+    let Some(map) = v.as_mapping() else {
+        sink.error(f, "must be an object with percent and minRetryConcurrency");
+        return None;
+    };
+    let mut out = RetryBudgetPolicy {
+        percent: 0.2,
+        min_retry_concurrency: 3,
+    };
+    let mut ok = true;
+    for (key, value) in map {
+        match key.as_str() {
+            Some("percent") => match value.as_f64() {
+                Some(p) if (0.0..=100.0).contains(&p) => out.percent = p,
+                _ => {
+                    sink.error(
+                        format!("{f}.percent"),
+                        format!("must be a number from 0 to 100 (got {value:?})"),
+                    );
+                    ok = false;
+                }
+            },
+            Some("minRetryConcurrency") => match value.as_u64().map(u32::try_from) {
+                Some(Ok(0)) => {}
+                Some(Ok(n)) => out.min_retry_concurrency = n,
+                _ => {
+                    sink.error(
+                        format!("{f}.minRetryConcurrency"),
+                        format!("must be a non-negative 32-bit integer (got {value:?})"),
+                    );
+                    ok = false;
+                }
+            },
+            _ => {
+                sink.error(
+                    format!("{f}.{}", key.as_str().unwrap_or("?")),
+                    "unknown field (retryBudget has percent and minRetryConcurrency)",
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
 fn layer(sink: &mut Sink, f: &str, tp: &TrafficPolicySpec) -> Layer {
     let mut out = Layer {
         sections: sections(
@@ -344,12 +512,15 @@ fn layer(sink: &mut Sink, f: &str, tp: &TrafficPolicySpec) -> Layer {
             tp.load_balancer.as_ref(),
         ),
         ports: BTreeMap::new(),
+        retry_budget: tp
+            .retry_budget
+            .as_ref()
+            .and_then(|v| retry_budget(sink, &format!("{f}.retryBudget"), v)),
     };
     for (name, present) in [
         ("tls", tp.tls.is_some()),
         ("tunnel", tp.tunnel.is_some()),
         ("proxyProtocol", tp.proxy_protocol.is_some()),
-        ("retryBudget", tp.retry_budget.is_some()),
     ] {
         if present {
             sink.unsupported(format!("{f}.{name}"));
@@ -427,5 +598,70 @@ pub fn convert(dr: &DestinationRule, sink: &mut Sink, opts: &BuildOptions) -> Ch
         host: resolve_host(&spec.host, &ns, &opts.cluster_domain),
         policy,
         subsets,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> ((LoadBalancer, Option<Warmup>), Vec<String>) {
+        let spec: LoadBalancerSpec = serde_yaml::from_str(yaml).unwrap();
+        let mut sink = Sink::new("t.yaml", 0, None);
+        let out = load_balancer(&mut sink, "spec.trafficPolicy.loadBalancer", &spec);
+        let errors = sink
+            .problems
+            .iter()
+            .filter(|p| p.is_error())
+            .map(|p| format!("{p}"))
+            .collect();
+        (out, errors)
+    }
+
+    #[test]
+    fn warmup_is_translated_with_istios_defaults() {
+        let ((lb, w), errors) = parse("{simple: ROUND_ROBIN, warmup: {duration: 30s}}");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(lb, LoadBalancer::RoundRobin);
+        let w = w.unwrap();
+        assert_eq!(w.window, Duration::from_secs(30));
+        assert_eq!((w.minimum_percent, w.aggression), (10.0, 1.0));
+        let ((_, w), _) = parse("{warmup: {duration: 1s, minimumPercent: 5, aggression: 2}}");
+        assert_eq!(
+            w.map(|w| (w.minimum_percent, w.aggression)),
+            Some((5.0, 2.0))
+        );
+        // The deprecated field.
+        let ((_, w), _) = parse("{simple: LEAST_REQUEST, warmupDurationSecs: 60s}");
+        assert_eq!(w.map(|w| w.window), Some(Duration::from_secs(60)));
+        // Not for RANDOM.
+        let ((_, w), errors) = parse("{simple: RANDOM, warmup: {duration: 30s}}");
+        assert!(w.is_none() && errors.is_empty());
+    }
+
+    #[test]
+    fn bad_warmup_names_the_field() {
+        for (yaml, field) in [
+            (
+                "{warmup: {minimumPercent: 5}}",
+                "loadBalancer.warmup.duration",
+            ),
+            ("{warmup: {duration: 0s}}", "loadBalancer.warmup.duration"),
+            (
+                "{warmup: {duration: 1s, minimumPercent: 101}}",
+                "loadBalancer.warmup.minimumPercent",
+            ),
+            (
+                "{warmup: {duration: 1s, aggression: -1}}",
+                "loadBalancer.warmup.aggression",
+            ),
+        ] {
+            let ((_, w), errors) = parse(yaml);
+            assert!(w.is_none(), "{yaml}");
+            assert!(
+                errors.iter().any(|e| e.contains(field)),
+                "{yaml}: {errors:?}"
+            );
+        }
     }
 }

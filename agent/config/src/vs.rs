@@ -264,6 +264,8 @@ pub(crate) fn convert_retry(sink: &mut Sink, field: &str, r: Option<&HttpRetry>)
     policy.num_retries = u32::try_from(attempts).unwrap_or(u32::MAX);
     policy.per_try_timeout = per_try;
     policy.retry_remote_localities = r.retry_remote_localities.unwrap_or(false);
+    // Istio adds the `previous_hosts` predicate unless this says `false`.
+    policy.avoid_previous_hosts = r.retry_ignore_previous_hosts.unwrap_or(true);
     if let Some(base) = duration_field(
         sink,
         &format!("{field}.backoff"),
@@ -764,5 +766,25 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
         hosts,
         mesh,
         routes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_ignore_previous_hosts_false_drops_the_predicate() {
+        let mut sink = Sink::new("t.yaml", 0, None);
+        let retry = |ignore: Option<bool>| HttpRetry {
+            attempts: Some(2),
+            retry_ignore_previous_hosts: ignore,
+            ..Default::default()
+        };
+        let f = "spec.http[0].retries";
+        assert!(convert_retry(&mut sink, f, Some(&retry(None))).avoid_previous_hosts);
+        assert!(convert_retry(&mut sink, f, Some(&retry(Some(true)))).avoid_previous_hosts);
+        assert!(!convert_retry(&mut sink, f, Some(&retry(Some(false)))).avoid_previous_hosts);
+        assert!(sink.problems.is_empty(), "{:?}", sink.problems);
     }
 }

@@ -197,24 +197,38 @@ impl ProxyError {
         }
     }
 
+    /// The stream reset reason Envoy names in its local reply (`resetReasonToString`), for the
+    /// failures that reach the upstream connection pool or codec.
+    pub fn reset_reason(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Overflow(_) => "overflow",
+            Self::ConnectFailure(ConnectError::TimedOut { .. }) => "connection timeout",
+            // A refused or failed connect is the peer's doing; Envoy keeps "local connection
+            // failure" for sockets it could not even create.
+            Self::ConnectFailure(_) => "remote connection failure",
+            Self::RemoteReset { .. } | Self::RefusedStream => "remote reset",
+            Self::ConnectionTermination(_) => "connection termination",
+            _ => return None,
+        })
+    }
+
     /// The body text Envoy sends (clients and the tutorial's scripts grep for `overflow`).
-    pub fn body(&self) -> &'static str {
+    /// `retried`: earlier attempts were made, so Envoy's text says the reason is the latest one
+    /// ("retried and the latest reset reason: ...").
+    pub fn body(&self, retried: bool) -> std::borrow::Cow<'static, str> {
+        const PREFIX: &str = "upstream connect error or disconnect/reset before headers. ";
+        if let Some(reason) = self.reset_reason() {
+            let latest = if retried {
+                "retried and the latest "
+            } else {
+                ""
+            };
+            return format!("{PREFIX}{latest}reset reason: {reason}").into();
+        }
         match self {
-            Self::RequestTimeout(_) | Self::PerTryTimeout(_) => "upstream request timeout",
-            Self::Overflow(_) => {
-                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
-            }
-            Self::NoHealthyUpstream => "no healthy upstream",
-            Self::ConnectFailure(_) => {
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
-            }
-            Self::RemoteReset { .. } | Self::RefusedStream => {
-                "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
-            }
-            Self::ConnectionTermination(_) => {
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
-            }
-            Self::DownstreamTermination(_) | Self::NoRoute | Self::NoCluster(_) => "",
+            Self::RequestTimeout(_) | Self::PerTryTimeout(_) => "upstream request timeout".into(),
+            Self::NoHealthyUpstream => "no healthy upstream".into(),
+            _ => "".into(),
         }
     }
 
@@ -245,7 +259,10 @@ mod tests {
         let found = ProxyError::find(&err).expect("cause");
         assert_eq!(found.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(found.flag().to_string(), "UO");
-        assert!(found.body().contains("overflow"));
+        assert_eq!(
+            found.body(false),
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        );
         assert_eq!(found.origin(), Origin::Local);
     }
 
@@ -265,6 +282,24 @@ mod tests {
             cause = e.source();
         }
         assert_eq!(kind, Some(io::ErrorKind::ConnectionRefused));
+        // Envoy 1.40's text for a refused connect, alone and after retries.
+        assert_eq!(
+            pe.body(false),
+            "upstream connect error or disconnect/reset before headers. reset reason: remote \
+             connection failure"
+        );
+        assert_eq!(
+            pe.body(true),
+            "upstream connect error or disconnect/reset before headers. retried and the latest \
+             reset reason: remote connection failure"
+        );
+        let timed_out = ProxyError::ConnectFailure(ConnectError::TimedOut {
+            host,
+            after: Duration::from_secs(1),
+        });
+        assert!(timed_out
+            .body(false)
+            .ends_with("reset reason: connection timeout"));
 
         let gone = ProxyError::DownstreamTermination(Cause::new(io::Error::from(
             io::ErrorKind::ConnectionReset,

@@ -80,3 +80,8 @@ impl RequestInfo {
         *self.details.lock()
     }
 }
+
+/// In a retried request's extensions when its route keeps Envoy's `previous_hosts` retry predicate
+/// out (`retryIgnorePreviousHosts: false`): a retry may pick any host, tried ones included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryAnyHost;

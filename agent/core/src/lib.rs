@@ -1,6 +1,7 @@
 //! Types every Sluice crate shares: the boxed body the proxy moves, the errors a proxied request can end
 //! in (each knows its HTTP status, Envoy response flag, body text and origin: upstream, downstream or
-//! the proxy), the signal a timeout layer raises before it ends an attempt, and the per-request record that
+//! the proxy), the signal a timeout layer raises before it ends an attempt, the one the cluster sends when an
+//! attempt has a connection, and the per-request record that
 //! layers fill in for the access log.
 #![forbid(unsafe_code)]
 
@@ -8,11 +9,13 @@ mod error;
 mod expiry;
 mod flags;
 mod info;
+mod ready;
 
 pub use self::error::{Cause, ConnectError, Origin, OverflowKind, ProxyError, StaleConnections};
 pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
-pub use self::info::RequestInfo;
+pub use self::info::{RequestInfo, RetryAnyHost};
+pub use self::ready::ConnectionReady;
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};

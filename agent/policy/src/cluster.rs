@@ -61,7 +61,22 @@ mod traffic {
         /// `None` when no `outlierDetection` is configured (Envoy then ejects nothing).
         pub outlier_detection: Option<OutlierDetection>,
         pub load_balancer: LoadBalancer,
+        /// `retryBudget`: when set, it bounds retries in flight instead of `maxRetries`.
+        pub retry_budget: Option<RetryBudgetPolicy>,
+        /// `loadBalancer.warmup` (or `warmupDurationSecs`), for ROUND_ROBIN and LEAST_REQUEST.
+        pub warmup: Option<Warmup>,
     }
+}
+
+/// `trafficPolicy.retryBudget`, as istiod writes it into Envoy's `retry_budget` circuit breaker:
+/// retries in flight to the cluster may be `percent` % of its active and pending requests, but
+/// never fewer than `min_retry_concurrency`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RetryBudgetPolicy {
+    /// Envoy's `budget_percent` (0-100). istiod writes 0.2 when `percent` is unset.
+    pub percent: f64,
+    /// Envoy's `min_retry_concurrency`; istiod writes 3 when it is unset or 0.
+    pub min_retry_concurrency: u32,
 }
 
 /// `connectionPool.tcp` and `connectionPool.http`, with Istio's defaults.
@@ -75,22 +90,24 @@ pub struct ConnectionPool {
     /// `tcp.tcpKeepalive`.
     pub tcp_keepalive: Option<TcpKeepalive>,
     /// `tcp.idleTimeout`: an L4 connection with no bytes either way that long is closed (Envoy's
-    /// TCP proxy `idle_timeout`; Istio's default 1 h; `None` after `0s`).
+    /// TCP proxy `idle_timeout`; Istio's default 1 h; `None` after `0s`). Also the HTTP
+    /// `idle_timeout` below when `http.idleTimeout` is unset.
     #[serde(serialize_with = "crate::serde_duration::opt")]
     pub tcp_idle_timeout: Option<Duration>,
     /// `tcp.maxConnectionDuration`: an L4 connection is closed this long after it was accepted
-    /// (Envoy's `max_downstream_connection_duration`, flag `DT`).
+    /// (Envoy's `max_downstream_connection_duration`, flag `DT`); an upstream HTTP connection
+    /// drains this long after it was made (the cluster's `max_connection_duration`).
     #[serde(serialize_with = "crate::serde_duration::opt")]
     pub max_connection_duration: Option<Duration>,
     /// `http.http1MaxPendingRequests`: requests that may wait for a connection.
     pub max_pending_requests: u32,
-    /// `http.http2MaxRequests`: requests in flight to the cluster.
+    /// `http.http2MaxRequests`: requests on a connection to the cluster (waiting ones are pending).
     pub max_requests: u32,
     /// `http.maxRequestsPerConnection`; 0 means unlimited.
     pub max_requests_per_connection: u32,
     /// `http.maxRetries`: retries in flight to the cluster.
     pub max_retries: u32,
-    /// `http.idleTimeout` of upstream connections (Istio default 1 h).
+    /// `http.idleTimeout` of upstream connections, else `tcp.idleTimeout` (Istio default 1 h).
     #[serde(serialize_with = "crate::serde_duration::opt")]
     pub idle_timeout: Option<Duration>,
     /// `http.h2UpgradePolicy`.
@@ -181,7 +198,43 @@ impl Default for OutlierDetection {
     }
 }
 
-/// `loadBalancer.simple` (and `warmup`).
+/// `loadBalancer.warmup`: Envoy's `slow_start_config`. A host younger than `window` takes a share
+/// of the traffic that grows with its age.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Warmup {
+    #[serde(serialize_with = "crate::serde_duration::one")]
+    pub window: Duration,
+    /// `minimumPercent` (default 10): the least share a warming host gets, in percent.
+    pub minimum_percent: f64,
+    /// `aggression` (default 1): how fast the share grows; Envoy treats 0 as 1.
+    pub aggression: f64,
+}
+
+impl Warmup {
+    /// The factor Envoy's `applySlowStartFactor` multiplies a host's weight by at `age`:
+    /// `max(minimumPercent / 100, (max(age, 1 ms) / window) ^ (1 / aggression))` inside the
+    /// window, 1 after it.
+    pub fn factor(&self, age: Duration) -> f64 {
+        if age >= self.window {
+            return 1.0;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let t = ms(age).floor().max(1.0) / ms(self.window);
+        let aggression = if self.aggression > 0.0 {
+            self.aggression
+        } else {
+            1.0
+        };
+        let scaled = if aggression == 1.0 || t == 1.0 {
+            t
+        } else {
+            t.powf(1.0 / aggression)
+        };
+        scaled.max(self.minimum_percent / 100.0)
+    }
+}
+
+/// `loadBalancer.simple`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum LoadBalancer {
     /// Istio's default is LEAST_REQUEST.
@@ -191,4 +244,29 @@ pub enum LoadBalancer {
     Random,
     /// Forward to the original destination address, no load balancing.
     Passthrough,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_factor_is_envoys_slow_start() {
+        let w = |minimum_percent, aggression| Warmup {
+            window: Duration::from_secs(10),
+            minimum_percent,
+            aggression,
+        };
+        let at = |s: f64| Duration::from_secs_f64(s);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(w(10.0, 1.0).factor(at(0.0)), 0.1));
+        assert!(close(w(10.0, 1.0).factor(at(5.0)), 0.5));
+        assert!(close(w(10.0, 1.0).factor(at(10.0)), 1.0));
+        // Aggression 2: the square root of the time share.
+        assert!(close(w(10.0, 2.0).factor(at(2.5)), 0.5));
+        // No floor: at least 1 ms of age counts.
+        assert!(close(w(0.0, 1.0).factor(at(0.0)), 0.0001));
+        // Aggression 0 is taken as 1, as Envoy does.
+        assert!(close(w(0.0, 0.0).factor(at(5.0)), 0.5));
+    }
 }

@@ -10,7 +10,7 @@ mod snapshot;
 
 pub use self::cluster::{
     Cluster, ClusterKey, ConnectionPool, Endpoint, H2UpgradePolicy, LoadBalancer, OutlierDetection,
-    TcpKeepalive, TrafficPolicy,
+    RetryBudgetPolicy, TcpKeepalive, TrafficPolicy, Warmup,
 };
 pub use self::route::{
     DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, IpNet, L4Match,

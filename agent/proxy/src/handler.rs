@@ -246,8 +246,20 @@ impl Handler {
                     'static,
                     Result<Response<Body>, BoxError>,
                 > = Box::pin(stack.oneshot(req));
+                let sent = Instant::now();
                 let mut rsp = match fut.await {
-                    Ok(rsp) => prepare_response(rsp),
+                    Ok(rsp) => {
+                        let mut rsp = prepare_response(rsp);
+                        // Envoy's router stamps the responses it forwards (not its local replies
+                        // nor the fault filter's aborts) with the time the upstream took, retries
+                        // included.
+                        if !info.flags().contains(ResponseFlags::FAULT_INJECTED) {
+                            let ms = u64::try_from(sent.elapsed().as_millis()).unwrap_or(u64::MAX);
+                            rsp.headers_mut()
+                                .insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(ms));
+                        }
+                        rsp
+                    }
                     Err(err) => {
                         downstream_gone = ProxyError::find(&err)
                             .is_some_and(|e| e.origin() == Origin::Downstream);
@@ -436,6 +448,8 @@ impl RequestSummary {
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
 
 /// Headers that describe one hop and are not forwarded (RFC 9110 7.6.1).
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -529,13 +543,14 @@ fn prepare_response(mut rsp: Response<Body>) -> Response<Body> {
 /// The response Envoy sends when the proxy itself ends the request.
 fn local_reply(err: &BoxError, info: &RequestInfo) -> Response<Body> {
     let (status, flag, body) = match ProxyError::find(err) {
-        Some(pe) => (pe.status(), pe.flag(), pe.body()),
+        // Envoy says "retried and the latest reset reason" once an earlier attempt was made.
+        Some(pe) => (pe.status(), pe.flag(), pe.body(info.attempts() > 1)),
         None => {
             tracing::debug!(error = %err, "request failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
-                "upstream connect error or disconnect/reset before headers",
+                "upstream connect error or disconnect/reset before headers".into(),
             )
         }
     };
@@ -547,7 +562,7 @@ fn local_reply(err: &BoxError, info: &RequestInfo) -> Response<Body> {
     if flag.contains(ResponseFlags::UPSTREAM_OVERFLOW) {
         rsp = rsp.header(X_ENVOY_OVERLOADED, "true");
     }
-    rsp.body(sluice_core::full(body))
+    rsp.body(sluice_core::full(body.into_owned()))
         .expect("valid local reply")
 }
 

@@ -176,24 +176,24 @@ impl State {
                         handle: up.handle.clone(),
                         retry_budget: if up.spec.policy.connection_pool.max_retries
                             == spec.policy.connection_pool.max_retries
+                            && up.spec.policy.retry_budget == spec.policy.retry_budget
                         {
                             up.retry_budget.clone()
                         } else {
-                            Arc::new(RetryBudget::new(spec.policy.connection_pool.max_retries))
+                            retry_budget(spec, &up.handle)
                         },
                     }
                 }
-                None => Upstream {
-                    name: Arc::from(key.to_string()),
-                    spec: spec.clone(),
-                    handle: sluice_upstream::Cluster::new(
-                        spec.clone(),
-                        protocol_of(&snapshot, key),
-                    ),
-                    retry_budget: Arc::new(RetryBudget::new(
-                        spec.policy.connection_pool.max_retries,
-                    )),
-                },
+                None => {
+                    let handle =
+                        sluice_upstream::Cluster::new(spec.clone(), protocol_of(&snapshot, key));
+                    Upstream {
+                        name: Arc::from(key.to_string()),
+                        spec: spec.clone(),
+                        retry_budget: retry_budget(spec, &handle),
+                        handle,
+                    }
+                }
             };
             upstreams.insert(key.clone(), upstream);
         }
@@ -285,4 +285,20 @@ fn protocol_of(snapshot: &Snapshot, key: &ClusterKey) -> UpstreamProtocol {
     } else {
         UpstreamProtocol::Http1
     }
+}
+
+/// The cluster's retry limit: its `retryBudget` (a share of its active and pending requests) when
+/// the DestinationRule has one, else `maxRetries`, as Envoy's circuit breakers choose.
+fn retry_budget(spec: &sluice_policy::Cluster, handle: &ClusterHandle) -> Arc<RetryBudget> {
+    Arc::new(match spec.policy.retry_budget {
+        None => RetryBudget::new(spec.policy.connection_pool.max_retries),
+        Some(b) => {
+            let handle = handle.clone();
+            RetryBudget::with_budget(
+                b.percent,
+                b.min_retry_concurrency,
+                Arc::new(move || handle.requests_active_and_pending()),
+            )
+        }
+    })
 }

@@ -31,15 +31,13 @@
 //! cost one header lookup (no timer) when neither is set.
 //!
 //! Where Sluice differs from Envoy:
-//! - Both timers start when the layer is called, i.e. once the request headers are in; Envoy starts
-//!   the route timer when the downstream request has ended and the per-try timer when the attempt's
-//!   request has been sent. They agree for requests without a body.
-//! - `x-envoy-expected-rq-timeout-ms` is not added to upstream requests.
+//! - The per-try timer starts when the attempt has a connection; Envoy starts it when the attempt
+//!   has a connection and the downstream request is complete. They agree for requests without a
+//!   body, and for uploads that end before a connection is ready.
 //! - The retry conditions `envoy-ratelimited`, `retriable-headers`, `reset-before-request` and
 //!   `http3-post-connect-failure`, rate-limit reset headers and hedging are not implemented.
 //! - A retry whose body is still held by the previous attempt (the upstream connection has not let
 //!   go of it) waits for it to be released; linkerd2-proxy's `ReplayBody` panics there instead.
-//! - The replay buffer defaults to 64 KiB; Envoy's default per-request buffer is 1 MiB.
 //! - A gRPC fault abort is always a trailers-only gRPC response, whatever the request's content type.
 #![forbid(unsafe_code)]
 

@@ -5,16 +5,26 @@
 //! when an untried one is eligible). Policies, with equal weights, as Envoy implements them:
 //! ROUND_ROBIN cycles from a random start, LEAST_REQUEST takes the less loaded of two random picks
 //! (power of two choices), RANDOM picks uniformly. Selection allocates nothing.
+//!
+//! `warmup` (Envoy's slow start, ROUND_ROBIN and LEAST_REQUEST only): while eligible hosts of
+//! different ages are inside the window, hosts are weighted by [`Warmup::factor`] of their age (LEAST_REQUEST
+//! also divides by active requests + 1, as Envoy's weighted least request does) and one is drawn in
+//! proportion to its weight. Envoy's EDF scheduler gives the same shares in a deterministic order.
 
-use sluice_policy::LoadBalancer;
+use sluice_policy::{LoadBalancer, Warmup};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// What the balancer needs to know about a host.
 pub(crate) trait Candidate {
     fn addr(&self) -> SocketAddr;
     fn ejected(&self) -> bool;
     fn active_requests(&self) -> u32;
+    /// Time since the host joined the cluster.
+    fn age(&self) -> Duration {
+        Duration::MAX
+    }
 }
 
 /// The balancer's own state (the round-robin cursor).
@@ -35,12 +45,25 @@ impl Default for Balancer {
 impl Balancer {
     /// Picks a host, or `None` when no host may take the request (no endpoints, or all ejected and
     /// no panic).
+    #[cfg(test)]
     pub(crate) fn pick<'h, H: Candidate>(
         &self,
         hosts: &'h [H],
         policy: LoadBalancer,
         panic_threshold: u32,
         tried: &[SocketAddr],
+    ) -> Option<&'h H> {
+        self.pick_warming(hosts, policy, panic_threshold, tried, None)
+    }
+
+    /// [`Self::pick`] under the cluster's `warmup`.
+    pub(crate) fn pick_warming<'h, H: Candidate>(
+        &self,
+        hosts: &'h [H],
+        policy: LoadBalancer,
+        panic_threshold: u32,
+        tried: &[SocketAddr],
+        warmup: Option<&Warmup>,
     ) -> Option<&'h H> {
         if hosts.is_empty() {
             return None;
@@ -65,6 +88,38 @@ impl Balancer {
             return None;
         }
         let nth = |i: usize| hosts.iter().filter(ok).nth(i);
+        if let Some(w) = warmup.filter(|_| {
+            matches!(
+                policy,
+                LoadBalancer::RoundRobin | LoadBalancer::LeastRequest
+            )
+        }) {
+            // Equal factors (every host as young, or none young) weigh nothing: Envoy's
+            // scheduler then keeps the unweighted order, and so does this.
+            let mut factors = hosts.iter().filter(ok).map(|h| w.factor(h.age()));
+            let first = factors.next().unwrap_or(1.0);
+            if factors.any(|f| (f - first).abs() > 1e-9) {
+                let weight = |h: &H| {
+                    let f = w.factor(h.age());
+                    match policy {
+                        LoadBalancer::LeastRequest => f / (f64::from(h.active_requests()) + 1.0),
+                        _ => f,
+                    }
+                };
+                let total: f64 = hosts.iter().filter(ok).map(weight).sum();
+                let mut x = fastrand::f64() * total;
+                let mut last = None;
+                for h in hosts.iter().filter(ok) {
+                    let wt = weight(h);
+                    if x < wt {
+                        return Some(h);
+                    }
+                    x -= wt;
+                    last = Some(h);
+                }
+                return last;
+            }
+        }
         match policy {
             LoadBalancer::RoundRobin => nth(self.rr.fetch_add(1, Ordering::Relaxed) % count),
             LoadBalancer::Random | LoadBalancer::Passthrough => nth(fastrand::usize(..count)),
@@ -234,5 +289,109 @@ mod tests {
         // All ejected but panic on: still served.
         hs[3].1 = true;
         assert!(lb.pick(&hs, LoadBalancer::RoundRobin, 1, &[]).is_some());
+    }
+}
+
+#[cfg(test)]
+mod warmup_tests {
+    use super::*;
+
+    struct Aged(SocketAddr, Duration);
+
+    impl Candidate for Aged {
+        fn addr(&self) -> SocketAddr {
+            self.0
+        }
+        fn ejected(&self) -> bool {
+            false
+        }
+        fn active_requests(&self) -> u32 {
+            0
+        }
+        fn age(&self) -> Duration {
+            self.1
+        }
+    }
+
+    fn share_of_new_host(policy: LoadBalancer, warmup: Option<&Warmup>) -> usize {
+        let hs = [
+            Aged(
+                SocketAddr::from(([10, 0, 0, 1], 80)),
+                Duration::from_secs(3600),
+            ),
+            Aged(
+                SocketAddr::from(([10, 0, 0, 2], 80)),
+                Duration::from_secs(1),
+            ),
+        ];
+        let lb = Balancer::default();
+        (0..4000)
+            .filter(|_| lb.pick_warming(&hs, policy, 0, &[], warmup).unwrap().0 == hs[1].0)
+            .count()
+    }
+
+    #[test]
+    fn a_warming_host_gets_its_factor_of_the_traffic() {
+        let w = Warmup {
+            window: Duration::from_secs(10),
+            minimum_percent: 10.0,
+            aggression: 1.0,
+        };
+        // 1 s into a 10 s window: factor 0.1 against 1, so about 1/11 of the picks (364/4000).
+        for policy in [LoadBalancer::RoundRobin, LoadBalancer::LeastRequest] {
+            let n = share_of_new_host(policy, Some(&w));
+            assert!((200..550).contains(&n), "{policy:?}: {n}/4000");
+        }
+        // RANDOM has no slow start; nor does a cluster without warmup.
+        let n = share_of_new_host(LoadBalancer::Random, Some(&w));
+        assert!((1700..2300).contains(&n), "random: {n}/4000");
+        let n = share_of_new_host(LoadBalancer::RoundRobin, None);
+        assert_eq!(n, 2000, "round robin alternates");
+    }
+}
+
+#[cfg(test)]
+mod warmup_equal_tests {
+    use super::*;
+
+    struct Young(SocketAddr);
+
+    impl Candidate for Young {
+        fn addr(&self) -> SocketAddr {
+            self.0
+        }
+        fn ejected(&self) -> bool {
+            false
+        }
+        fn active_requests(&self) -> u32 {
+            0
+        }
+        fn age(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+    }
+
+    #[test]
+    fn hosts_warming_together_keep_round_robin_order() {
+        let hs = [
+            Young(SocketAddr::from(([10, 0, 0, 1], 80))),
+            Young(SocketAddr::from(([10, 0, 0, 2], 80))),
+        ];
+        let w = Warmup {
+            window: Duration::from_secs(10),
+            minimum_percent: 10.0,
+            aggression: 1.0,
+        };
+        let lb = Balancer::default();
+        let picks: Vec<SocketAddr> = (0..6)
+            .map(|_| {
+                lb.pick_warming(&hs, LoadBalancer::RoundRobin, 0, &[], Some(&w))
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        for pair in picks.windows(2) {
+            assert_ne!(pair[0], pair[1], "{picks:?}");
+        }
     }
 }

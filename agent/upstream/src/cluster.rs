@@ -18,8 +18,8 @@ use http::{HeaderValue, Request, Response, Uri, Version};
 use parking_lot::Mutex;
 use serde::Serialize;
 use sluice_core::{
-    Body, BoxError, Cause, Deadline, Expiry, OverflowKind, ProxyError, RequestInfo,
-    StaleConnections,
+    Body, BoxError, Cause, ConnectionReady, Deadline, Expiry, OverflowKind, ProxyError,
+    RequestInfo, RetryAnyHost, StaleConnections,
 };
 use sluice_policy::Endpoint;
 use std::collections::{HashMap, HashSet};
@@ -150,11 +150,14 @@ pub(crate) struct Host {
     outlier: HostOutlier,
     pub(crate) active: AtomicU32,
     pub(crate) total: AtomicU64,
+    /// When the host joined the cluster (Envoy's `creationTime`, what `warmup` counts from).
+    added: tokio::time::Instant,
 }
 
 impl Host {
     fn new(ep: &Endpoint) -> Self {
         Self {
+            added: tokio::time::Instant::now(),
             addr: ep.addr,
             pod: Mutex::new(ep.pod.clone()),
             outlier: HostOutlier::default(),
@@ -174,6 +177,9 @@ impl Candidate for Arc<Host> {
     fn active_requests(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }
+    fn age(&self) -> Duration {
+        self.added.elapsed()
+    }
 }
 
 fn limits_of(spec: &sluice_policy::Cluster) -> Limits {
@@ -190,6 +196,15 @@ impl Inner {
         self.config.load().spec.policy.connection_pool.idle_timeout
     }
 
+    pub(crate) fn max_connection_duration(&self) -> Option<Duration> {
+        self.config
+            .load()
+            .spec
+            .policy
+            .connection_pool
+            .max_connection_duration
+    }
+
     pub(crate) fn config(&self) -> Arc<Config> {
         self.config.load_full()
     }
@@ -204,11 +219,12 @@ impl Inner {
     ) -> Result<Arc<Host>, ProxyError> {
         let panic_threshold = cfg.outlier().map_or(0, |od| od.min_health_percent);
         self.balancer
-            .pick(
+            .pick_warming(
                 &cfg.hosts,
                 cfg.spec.policy.load_balancer,
                 panic_threshold,
                 tried,
+                cfg.spec.policy.warmup.as_ref(),
             )
             .cloned()
             .ok_or(ProxyError::NoHealthyUpstream)
@@ -392,6 +408,13 @@ impl ClusterHandle {
         stats
     }
 
+    /// Requests on a connection plus requests waiting for one: what Envoy's retry budget is a
+    /// share of.
+    pub fn requests_active_and_pending(&self) -> u64 {
+        let pending = u64::from(self.inner.pool.lock().pending());
+        self.inner.stats.rq_active.load(Ordering::Relaxed) + pending
+    }
+
     /// The last 64 ejections and un-ejections, oldest first.
     pub fn outlier_events(&self) -> Vec<OutlierEvent> {
         self.inner.detector.events()
@@ -424,15 +447,12 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     ensure_ticker(&inner);
     let cfg = inner.config.load_full();
     let cp = &cfg.spec.policy.connection_pool;
-
-    // Circuit breaker on requests in flight (`http2MaxRequests`).
-    let active = inner.stats.rq_active.fetch_add(1, Ordering::Relaxed);
-    if active >= u64::from(cp.max_requests) {
-        inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
-        // Envoy counts this overflow under the pending-overflow counter too.
-        inc(&inner.stats.rq_pending_overflow);
-        return Err(ProxyError::Overflow(OverflowKind::Requests).into());
+    // The per-try timer waits for the connection this attempt gets, as Envoy's does.
+    let connection_ready = req.extensions().get::<ConnectionReady>().cloned();
+    if let Some(ready) = &connection_ready {
+        ready.claim();
     }
+
     inc(&inner.stats.rq_total);
     let mut attempt = Attempt {
         inner: inner.clone(),
@@ -441,12 +461,14 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         phase: Phase::Connecting,
         expiry: req.extensions().get::<Expiry>().cloned(),
         released: false,
+        active: false,
     };
 
     // Host selection.
     let info = req.extensions().get::<Arc<RequestInfo>>().cloned();
+    let any_host = req.extensions().get::<RetryAnyHost>().is_some();
     let tried = match &info {
-        Some(info) if info.upstream().is_some() => info.upstreams(),
+        Some(info) if info.upstream().is_some() && !any_host => info.upstreams(),
         _ => Vec::new(),
     };
     let host = inner.pick_host(&cfg, &tried)?;
@@ -484,7 +506,26 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
             return Err(attempt.ended(err, |e| Event::Failed(e)).into());
         }
     }
+    // Circuit breaker on requests on a connection (`http2MaxRequests`): checked, as Envoy's
+    // `attachStreamToClient` does, when the attempt has its connection; while it waited for one it
+    // counted against `http1MaxPendingRequests` only. An overflow here gives the unused connection
+    // back to the pool.
+    let active = inner.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+    if active >= u64::from(cp.max_requests) {
+        inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        // Envoy counts this overflow under the pending-overflow counter too.
+        inc(&inner.stats.rq_pending_overflow);
+        if let Some(leased) = attempt.leased.take() {
+            pool::release(&inner, leased, true);
+        }
+        let err = ProxyError::Overflow(OverflowKind::Requests);
+        return Err(attempt.ended(err, |e| Event::NoConnection(e)).into());
+    }
+    attempt.active = true;
     attempt.event(Event::Connected);
+    if let Some(ready) = &connection_ready {
+        ready.fire();
+    }
 
     prepare(&mut req, inner.protocol, host.addr);
     let sent = match &mut attempt.leased.as_mut().expect("leased above").sender {
@@ -602,6 +643,8 @@ pub(crate) struct Attempt {
     phase: Phase,
     expiry: Option<Expiry>,
     released: bool,
+    /// Counted in `upstream_rq_active` (from the moment it had a connection).
+    active: bool,
 }
 
 impl Attempt {
@@ -654,7 +697,9 @@ impl Attempt {
         if let Some(host) = &self.host {
             host.active.fetch_sub(1, Ordering::Relaxed);
         }
-        self.inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        if self.active {
+            self.inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -4,6 +4,10 @@
 //! the outlier detector (`outlierDetection`), all with Envoy's semantics so Istio users see what they
 //! would see behind Envoy.
 //!
+//! As in Envoy's connection pool, `http2MaxRequests` counts requests that are on a connection
+//! (checked when an attempt gets one, an overflow then being `UO`); requests waiting for a
+//! connection count against `http1MaxPendingRequests` only.
+//!
 //! Where this crate decides something Envoy leaves to its surroundings, or differs on purpose:
 //! - What an attempt tells the outlier detector is decided in one place (`outcome`). An attempt
 //!   that a per-try or route timeout ends while it waits for response headers is a local-origin

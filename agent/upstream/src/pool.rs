@@ -13,7 +13,8 @@
 //!   so newcomers cannot overtake the queue. A waiter whose future is dropped leaves the queue and
 //!   gives back anything it was handed.
 //! - `maxRequestsPerConnection` drains a connection after that many requests; `idleTimeout` closes
-//!   connections idle that long (checked by the connection's own task, not by a per-request timer).
+//!   connections idle that long (checked by the connection's own task, not by a per-request timer);
+//!   `maxConnectionDuration` drains a connection that long after it was made.
 //!
 //! One mutex guards the whole cluster's pool; it is never held across an await.
 
@@ -68,8 +69,11 @@ struct Conn {
     h2: Option<http2::SendRequest<Body>>,
     streams: u32,
     served: u32,
-    /// No new requests (max requests per connection reached, or the host was removed).
+    /// No new requests (max requests per connection reached, the host was removed, or the
+    /// connection outlived `maxConnectionDuration`).
     draining: bool,
+    /// Outlived `maxConnectionDuration`: closes once its requests are done.
+    expired: bool,
     idle_since: Option<Instant>,
     /// Tells the connection's task to close it.
     close: Arc<Notify>,
@@ -280,7 +284,7 @@ impl PoolState {
                     conn.streams -= 1;
                     conn.served -= 1;
                     // Undo only the drain that this grant's request caused.
-                    conn.draining = retired || (max > 0 && conn.served >= max);
+                    conn.draining = conn.expired || retired || (max > 0 && conn.served >= max);
                     if let Sender::H1(s) = leased.sender {
                         conn.h1 = Some(s);
                     }
@@ -346,6 +350,19 @@ impl PoolState {
         }
         self.forget_if_empty(host);
         self.dispatch();
+    }
+
+    /// The connection reached `maxConnectionDuration`: no new requests; closed now if idle, else
+    /// when its last request is done (Envoy drains it the same way).
+    fn expire(&mut self, host: SocketAddr, id: u64) {
+        let Some(conn) = self.conn_mut(host, id) else {
+            return;
+        };
+        conn.expired = true;
+        conn.draining = true;
+        if conn.streams == 0 {
+            conn.shut();
+        }
     }
 
     /// When the connection's idle deadline is; `Err` when it expired and was taken out of use.
@@ -553,6 +570,7 @@ async fn connect_reserved(
             served: 1,
             draining: max == 1,
             idle_since: None,
+            expired: false,
             close: close.clone(),
         });
         // Other waiters for this host may share a new h2 connection.
@@ -638,7 +656,7 @@ async fn connect(
 }
 
 /// Runs one connection until it closes, is told to close, or idles past `idleTimeout`; then frees
-/// its slot.
+/// its slot. At `maxConnectionDuration` it drains.
 fn drive<F>(conn: F, inner: Weak<Inner>, host: SocketAddr, id: u64, close: Arc<Notify>)
 where
     F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
@@ -646,6 +664,10 @@ where
     let first_deadline = inner
         .upgrade()
         .and_then(|i| i.idle_timeout())
+        .map(|t| Instant::now() + t);
+    let mut max_age = inner
+        .upgrade()
+        .and_then(|i| i.max_connection_duration())
         .map(|t| Instant::now() + t);
     tokio::spawn(async move {
         {
@@ -660,6 +682,12 @@ where
                         break;
                     }
                     () = close.notified() => break,
+                    () = tokio::time::sleep_until(max_age.unwrap_or_else(Instant::now)), if max_age.is_some() => {
+                        max_age = None;
+                        let Some(inner) = inner.upgrade() else { break };
+                        // Closes it now if idle (`close` is notified), else when its requests end.
+                        inner.pool.lock().expire(host, id);
+                    }
                     () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                         let Some(inner) = inner.upgrade() else { break };
                         let timeout = inner.idle_timeout();

@@ -332,16 +332,57 @@ async fn max_requests_overflows_at_once() {
         server.hits.load(Ordering::SeqCst) == 1
     })
     .await;
-    let err = call(&cluster).now_or_never().unwrap().unwrap_err();
+    // A second connection is made for it; on it, the request is one too many.
+    let err = tokio::time::timeout(Duration::from_secs(5), call(&cluster))
+        .await
+        .expect("overflow answered")
+        .unwrap_err();
     assert!(matches!(
         proxy_error(&err),
         ProxyError::Overflow(OverflowKind::Requests)
     ));
+    assert_eq!(server.hits.load(Ordering::SeqCst), 1, "never sent");
     gate.add_permits(1);
     first.await.unwrap();
     // Admission is back once the first response ended.
     gate.add_permits(1);
     call_ok(&cluster).await;
+}
+
+#[tokio::test]
+async fn requests_waiting_for_a_connection_do_not_count_against_max_requests() {
+    // One connection, one request on it at a time: the second request waits in the pool
+    // (`http1MaxPendingRequests`), not overflowing `http2MaxRequests` as Envoy's pool does not.
+    let gate = Arc::new(Semaphore::new(0));
+    let server = gated_server(gate.clone()).await;
+    let cluster = Cluster::new(
+        spec(&[server.addr], |c| {
+            c.policy.connection_pool.max_connections = 1;
+            c.policy.connection_pool.max_requests = 1;
+        }),
+        UpstreamProtocol::Http1,
+    );
+    let first = tokio::spawn({
+        let c = cluster.clone();
+        async move { call_ok(&c).await }
+    });
+    eventually("first request at the server", || {
+        server.hits.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let second = tokio::spawn({
+        let c = cluster.clone();
+        async move { call_ok(&c).await }
+    });
+    eventually("second request pending", || {
+        let stats = cluster.stats();
+        stats.upstream_rq_pending_active == 1 && stats.upstream_rq_active == 1
+    })
+    .await;
+    gate.add_permits(2);
+    first.await.unwrap();
+    second.await.unwrap();
+    assert_eq!(cluster.stats().upstream_rq_pending_overflow, 0);
 }
 
 #[tokio::test]
@@ -428,6 +469,69 @@ async fn idle_timeout_closes_connections() {
     .await;
     call_ok(&cluster).await;
     assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn max_connection_duration_drains_busy_and_closes_idle_connections() {
+    let gate = Arc::new(Semaphore::new(0));
+    let server = gated_server(gate.clone()).await;
+    let cluster = Cluster::new(
+        spec(&[server.addr], |c| {
+            c.policy.connection_pool.max_connection_duration = Some(Duration::from_millis(100));
+        }),
+        UpstreamProtocol::Http1,
+    );
+    // A request still under way when the connection reaches its age finishes on it...
+    let first = tokio::spawn({
+        let c = cluster.clone();
+        async move { call_ok(&c).await }
+    });
+    eventually("first request at the server", || {
+        server.hits.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gate.add_permits(1);
+    first.await.unwrap();
+    // ...and the connection then closes rather than going back to idle.
+    eventually("expired connection closed", || {
+        cluster.stats().upstream_cx_active == 0 && server.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    // An idle connection closes at its age.
+    gate.add_permits(1);
+    call_ok(&cluster).await;
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    eventually("idle connection closed at its age", || {
+        cluster.stats().upstream_cx_active == 0 && server.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_retry_avoids_tried_hosts_unless_any_host_is_allowed() {
+    let (a, b) = (ok_server(false).await, ok_server(false).await);
+    // Round robin over two hosts: after a request to one, the other is next in line. A retry
+    // whose earlier attempt went to that next host gets it only when any host is allowed.
+    for any_host in [false, true] {
+        let cluster = Cluster::new(spec(&[a.addr, b.addr], |_| {}), UpstreamProtocol::Http1);
+        let info = Arc::new(RequestInfo::new());
+        let rsp = cluster.clone().call(request(&info)).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let first = info.upstream().unwrap();
+        let next = if first == a.addr { b.addr } else { a.addr };
+
+        let info = Arc::new(RequestInfo::new());
+        info.push_upstream(next);
+        let mut req = request(&info);
+        if any_host {
+            req.extensions_mut().insert(sluice_core::RetryAnyHost);
+        }
+        let rsp = cluster.clone().call(req).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let expected = if any_host { next } else { first };
+        assert_eq!(info.upstream(), Some(expected), "any host: {any_host}");
+    }
 }
 
 #[tokio::test]

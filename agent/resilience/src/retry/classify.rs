@@ -4,7 +4,9 @@
 //! Responses: `5xx` any 5xx; `gateway-error` 502/503/504; `retriable-4xx` 409;
 //! `retriable-status-codes` the listed codes; the gRPC conditions by the `grpc-status` of the response
 //! headers (a trailers-only response; statuses in trailers are never retried). A response carrying
-//! `x-envoy-overloaded` or `x-envoy-ratelimited` is never retried.
+//! `x-envoy-ratelimited` (an upstream Envoy's rate limit) is never retried; one carrying
+//! `x-envoy-overloaded` is judged like any other (Envoy stopped special-casing it in 1.15: an
+//! upstream's overload is exactly what a retry to another host is for).
 //!
 //! Errors (Envoy's stream reset reasons): overflow is never retried; a connect failure under
 //! `connect-failure`; a refused stream under `refused-stream`; and any reset (connect failure, refused
@@ -17,7 +19,6 @@ use http::{header::HeaderName, HeaderMap, Response, StatusCode};
 use sluice_core::{BoxError, ProxyError};
 use sluice_policy::RetryOn;
 
-const OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 const RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
@@ -115,8 +116,7 @@ impl On {
     /// Whether a response with these `status` and `headers` is retriable; `codes` are the
     /// `retriable-status-codes`.
     pub fn response(self, status: StatusCode, headers: &HeaderMap, codes: &[&[u16]]) -> bool {
-        if self.is_empty() || headers.contains_key(OVERLOADED) || headers.contains_key(RATELIMITED)
-        {
+        if self.is_empty() || headers.contains_key(RATELIMITED) {
             return false;
         }
         let code = status.as_u16();
@@ -233,12 +233,15 @@ mod tests {
     }
 
     #[test]
-    fn overloaded_or_ratelimited_is_never_retried() {
-        for header in ["x-envoy-overloaded", "x-envoy-ratelimited"] {
-            let (s, mut h) = rsp(503);
-            h.insert(header, "true".parse().unwrap());
-            assert!(!on("5xx,gateway-error").response(s, &h, &[&[503]]));
-        }
+    fn ratelimited_is_never_retried_overloaded_is() {
+        let (s, mut h) = rsp(503);
+        h.insert("x-envoy-ratelimited", "true".parse().unwrap());
+        assert!(!on("5xx,gateway-error").response(s, &h, &[&[503]]));
+        let (s, mut h) = rsp(503);
+        h.insert("x-envoy-overloaded", "true".parse().unwrap());
+        assert!(on("5xx").response(s, &h, &[]));
+        assert!(on("gateway-error").response(s, &h, &[]));
+        assert!(on("retriable-status-codes").response(s, &h, &[&[503]]));
     }
 
     #[test]

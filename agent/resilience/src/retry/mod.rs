@@ -9,7 +9,8 @@
 //!   per-try [`TimeoutLayer`](crate::TimeoutLayer) below.
 //! - Every attempt carries `x-envoy-attempt-count` (Istio sets `include_request_attempt_count`) and
 //!   counts in [`RequestInfo::add_attempt`]; each attempt gets a copy of the request's extensions, so
-//!   the balancer sees the same `Arc<RequestInfo>` and can avoid hosts already tried.
+//!   the balancer sees the same `Arc<RequestInfo>` and can avoid hosts already tried, unless the
+//!   route has `retryIgnorePreviousHosts: false` ([`RetryAnyHost`] in the extensions).
 //! - A retriable outcome is retried after the jittered [`Backoff`] if retries remain (else flag `URX`)
 //!   and the cluster's [`RetryBudget`] has room (else flag `UO` and an overflow count); the retriable
 //!   response is dropped, which resets its stream. A request whose body outgrew the replay buffer is
@@ -29,7 +30,7 @@ use crate::backoff::Backoff;
 use crate::replay::{ReplayBody, DEFAULT_MAX_BYTES};
 use http::{header::HeaderName, HeaderMap, HeaderValue, Request, Response};
 use http_body::Body as _;
-use sluice_core::{Body, BoxError, RequestInfo};
+use sluice_core::{Body, BoxError, RequestInfo, RetryAnyHost};
 use sluice_policy::RetryPolicy;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -68,7 +69,7 @@ impl RetryLayer {
         }
     }
 
-    /// How much of a request body is kept for replay (default 64 KiB); larger requests are sent once.
+    /// How much of a request body is kept for replay (default 1 MiB, as Envoy); larger requests are sent once.
     pub fn max_replay_bytes(mut self, max: usize) -> Self {
         self.max_replay_bytes = max;
         self
@@ -189,6 +190,9 @@ where
             let handle = first.clone();
             (Body::new(first), Replay::Body(handle))
         };
+        if !self.policy.avoid_previous_hosts {
+            parts.extensions.insert(RetryAnyHost);
+        }
         let rng = match self.seed {
             Some(seed) => fastrand::Rng::with_seed(seed),
             None => fastrand::Rng::new(),

@@ -362,16 +362,28 @@ async fn max_retries_zero_still_flags_urx() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn overloaded_response_is_not_retried() {
+async fn ratelimited_response_is_not_retried() {
     let (backend, calls) = crate::test_util::backend(vec![Step::Headers(
         503,
-        vec![("x-envoy-overloaded", "true")],
+        vec![("x-envoy-ratelimited", "true")],
     )]);
     let mut svc = layer("5xx", 2).layer(backend);
     let (req, info) = get();
     assert_eq!(call(&mut svc, req).await.unwrap().status(), 503);
     assert_eq!(calls.len(), 1);
     assert!(info.flags().is_empty());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn overloaded_upstream_response_is_retried() {
+    let (backend, calls) = crate::test_util::backend(vec![
+        Step::Headers(503, vec![("x-envoy-overloaded", "true")]),
+        Step::Status(200),
+    ]);
+    let mut svc = layer("5xx", 2).layer(backend);
+    let (req, _info) = get();
+    assert_eq!(call(&mut svc, req).await.unwrap().status(), 200);
+    assert_eq!(calls.len(), 2);
 }
 
 fn chunked(parts: &[&'static str]) -> Body {

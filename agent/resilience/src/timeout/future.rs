@@ -7,22 +7,28 @@ use http::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
-use sluice_core::{Body, BoxError, Deadline, Expiry, ProxyError, RequestInfo, ResponseFlags};
+use sluice_core::{
+    Body, BoxError, ConnectionReady, Deadline, Expiry, ProxyError, RequestInfo, ResponseFlags,
+};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::time::{sleep, sleep_until, Sleep};
+use tokio::sync::oneshot;
+use tokio::time::{sleep, sleep_until, Instant, Sleep};
 
 pin_project! {
     /// Response future of [`Timeout`](super::Timeout).
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        // `None` when no timeout applies: no timer is registered at all.
+        // `None` when no timeout applies (no timer is registered at all), and for the route
+        // timeout until the request body has ended.
         #[pin]
         sleep: Option<Sleep>,
+        // What starts the timer when it does not start at once.
+        start: Option<Start>,
         timeout: Duration,
         scope: Scope,
         info: Option<Arc<RequestInfo>>,
@@ -36,6 +42,7 @@ impl<F> ResponseFuture<F> {
         Self {
             inner,
             sleep: None,
+            start: None,
             timeout: Duration::ZERO,
             scope: Scope::PerTry,
             info: None,
@@ -43,16 +50,19 @@ impl<F> ResponseFuture<F> {
         }
     }
 
+    /// A timer of `timeout` that starts now or, with `start`, when `start` says so.
     pub(crate) fn new(
         inner: F,
         timeout: Duration,
         scope: Scope,
         info: Option<Arc<RequestInfo>>,
         expiry: Expiry,
+        start: Option<Start>,
     ) -> Self {
         Self {
             inner,
-            sleep: Some(sleep(timeout)),
+            sleep: start.is_none().then(|| sleep(timeout)),
+            start,
             timeout,
             scope,
             info,
@@ -62,8 +72,31 @@ impl<F> ResponseFuture<F> {
 
     #[cfg(test)]
     pub(crate) fn is_passthrough(&self) -> bool {
-        self.sleep.is_none()
+        self.sleep.is_none() && self.start.is_none()
     }
+}
+
+/// What a timer that does not start at once waits for.
+pub(crate) enum Start {
+    /// The route timer: the end of the request body.
+    BodyEnd(oneshot::Receiver<Instant>),
+    /// The per-try timer: a connection for the attempt.
+    Connection(ConnectionReady),
+}
+
+/// Whether the timer starts (`Some(at)`), never will (`None`: the request body failed or was
+/// dropped unfinished, so the route timer never starts, as in Envoy), or not yet (`Pending`).
+fn poll_start(start: &mut Option<Start>, cx: &mut Context<'_>) -> Poll<Option<Instant>> {
+    let at = match start.as_mut() {
+        None => return Poll::Ready(None),
+        Some(Start::BodyEnd(rx)) => ready!(Pin::new(rx).poll(cx)).ok(),
+        Some(Start::Connection(ready)) => {
+            ready!(ready.poll_ready(cx));
+            Some(Instant::now())
+        }
+    };
+    *start = None;
+    Poll::Ready(at)
 }
 
 impl<F> Future for ResponseFuture<F>
@@ -73,46 +106,75 @@ where
     type Output = Result<Response<Body>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Some(mut sleep) = this.sleep.as_pin_mut() else {
+        let mut this = self.project();
+        if this.sleep.is_none() && this.start.is_none() {
             return this.inner.poll(cx);
-        };
-        match this.scope {
-            Scope::Route => {
-                // The deadline first: at a tie with a per-try timer below, the route timeout wins, as
-                // Envoy ignores per-try timeouts that are not shorter than the route timeout.
-                if sleep.as_mut().poll(cx).is_ready() {
-                    fire(this.expiry.as_ref(), Deadline::Route);
-                    return Poll::Ready(Err(request_timeout(*this.timeout, this.info.as_deref())));
-                }
-                let rsp = ready!(this.inner.poll(cx))?;
-                if rsp.body().is_end_stream() {
-                    return Poll::Ready(Ok(rsp));
-                }
-                let deadline = sleep.deadline();
-                let timeout = *this.timeout;
-                let info = this.info.take();
-                Poll::Ready(Ok(rsp.map(|body| {
-                    TimeoutBody {
-                        inner: body,
-                        sleep: sleep_until(deadline),
-                        timeout,
-                        info,
-                        expiry: this.expiry.take(),
-                        expired: false,
-                    }
-                    .boxed_unsync()
-                })))
+        }
+        if *this.scope == Scope::PerTry {
+            // The attempt first: the cluster claims the connection signal when first polled.
+            if let Poll::Ready(out) = this.inner.poll(cx) {
+                return Poll::Ready(out);
             }
-            Scope::PerTry => {
-                if let Poll::Ready(out) = this.inner.poll(cx) {
-                    return Poll::Ready(out);
-                }
-                ready!(sleep.poll(cx));
-                fire(this.expiry.as_ref(), Deadline::PerTry);
-                Poll::Ready(Err(ProxyError::PerTryTimeout(*this.timeout).into()))
+            if this.sleep.is_none() {
+                let at = ready!(poll_start(this.start, cx)).unwrap_or_else(Instant::now);
+                this.sleep.set(Some(sleep_until(at + *this.timeout)));
+            }
+            let sleep = this.sleep.as_pin_mut().expect("set above");
+            ready!(sleep.poll(cx));
+            fire(this.expiry.as_ref(), Deadline::PerTry);
+            return Poll::Ready(Err(ProxyError::PerTryTimeout(*this.timeout).into()));
+        }
+        if this.start.is_some() {
+            if let Poll::Ready(Some(at)) = poll_start(this.start, cx) {
+                this.sleep.set(Some(sleep_until(at + *this.timeout)));
             }
         }
+        let Some(mut sleep) = this.sleep.as_mut().as_pin_mut() else {
+            // The upstream answered before the request body ended: the route timer starts with
+            // the body's end and bounds the response body from then on.
+            let rsp = ready!(this.inner.poll(cx))?;
+            if rsp.body().is_end_stream() || this.start.is_none() {
+                return Poll::Ready(Ok(rsp));
+            }
+            let timeout = *this.timeout;
+            let body = TimeoutBody {
+                inner: sluice_core::empty(),
+                sleep: None,
+                start: this.start.take(),
+                timeout,
+                info: this.info.take(),
+                expiry: this.expiry.take(),
+                expired: false,
+            };
+            return Poll::Ready(Ok(
+                rsp.map(|inner| TimeoutBody { inner, ..body }.boxed_unsync())
+            ));
+        };
+        // The deadline first: at a tie with a per-try timer below, the route timeout wins, as
+        // Envoy ignores per-try timeouts that are not shorter than the route timeout.
+        if sleep.as_mut().poll(cx).is_ready() {
+            fire(this.expiry.as_ref(), Deadline::Route);
+            return Poll::Ready(Err(request_timeout(*this.timeout, this.info.as_deref())));
+        }
+        let rsp = ready!(this.inner.poll(cx))?;
+        if rsp.body().is_end_stream() {
+            return Poll::Ready(Ok(rsp));
+        }
+        let deadline = sleep.deadline();
+        let timeout = *this.timeout;
+        let info = this.info.take();
+        Poll::Ready(Ok(rsp.map(|body| {
+            TimeoutBody {
+                inner: body,
+                sleep: Some(Box::pin(sleep_until(deadline))),
+                start: None,
+                timeout,
+                info,
+                expiry: this.expiry.take(),
+                expired: false,
+            }
+            .boxed_unsync()
+        })))
     }
 }
 
@@ -135,8 +197,9 @@ pin_project! {
     struct TimeoutBody {
         #[pin]
         inner: Body,
-        #[pin]
-        sleep: Sleep,
+        // `None` until the request body has ended (`start`), or for good if it never does.
+        sleep: Option<Pin<Box<Sleep>>>,
+        start: Option<Start>,
         timeout: Duration,
         info: Option<Arc<RequestInfo>>,
         expiry: Option<Expiry>,
@@ -156,10 +219,18 @@ impl HttpBody for TimeoutBody {
         if *this.expired {
             return Poll::Ready(None);
         }
+        if this.start.is_some() {
+            if let Poll::Ready(Some(at)) = poll_start(this.start, cx) {
+                *this.sleep = Some(Box::pin(sleep_until(at + *this.timeout)));
+            }
+        }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(frame);
         }
-        ready!(this.sleep.poll(cx));
+        let Some(sleep) = this.sleep.as_mut() else {
+            return Poll::Pending;
+        };
+        ready!(sleep.as_mut().poll(cx));
         *this.expired = true;
         fire(this.expiry.as_ref(), Deadline::Route);
         Poll::Ready(Some(Err(request_timeout(
@@ -174,5 +245,63 @@ impl HttpBody for TimeoutBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// The request body under a route timeout: says when it has ended, which starts the timer.
+    pub(crate) struct EndSignal {
+        #[pin]
+        inner: Body,
+        done: Option<oneshot::Sender<Instant>>,
+    }
+}
+
+impl EndSignal {
+    pub(crate) fn new(inner: Body) -> (Self, oneshot::Receiver<Instant>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                inner,
+                done: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+impl HttpBody for EndSignal {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            // A failed body never completes: dropping the sender says so.
+            Some(Err(_)) => drop(this.done.take()),
+            // Readers stop at `is_end_stream` (a body of known length) or at `None`.
+            None => signal(this.done),
+            Some(Ok(_)) if this.inner.is_end_stream() => signal(this.done),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn signal(done: &mut Option<oneshot::Sender<Instant>>) {
+    if let Some(tx) = done.take() {
+        let _ = tx.send(Instant::now());
     }
 }

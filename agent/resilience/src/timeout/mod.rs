@@ -2,14 +2,22 @@
 //! `onResponseTimeout`, `UpstreamRequest::onPerTryTimeout`):
 //!
 //! - route: bounds the whole request, every retry and back-off included, until the response body has
-//!   ended. Before response headers it fails with [`ProxyError::RequestTimeout`]; afterwards the
+//!   ended. It starts when the downstream request is complete: at once without a body, else when
+//!   the request body has ended (never, if it fails or is abandoned unfinished). Before response headers it fails with [`ProxyError::RequestTimeout`]; afterwards the
 //!   response body yields that error, so the client sees a reset. Flag `UT`.
-//! - per-try: bounds one attempt until its response headers (Envoy ignores the per-try timer once the
-//!   response has started). Fails with [`ProxyError::PerTryTimeout`], which the retry layer may retry.
+//! - per-try: bounds one attempt from the moment it has a connection (the cluster fires the attempt's
+//!   [`ConnectionReady`]; a service that does not claim it gets the timer at once) until its response
+//!   headers (Envoy ignores the per-try timer once the response has started). Fails with [`ProxyError::PerTryTimeout`], which the retry layer may retry.
 //!
 //! Before a timer ends the attempt below it, it raises the attempt's [`Expiry`] (a request
 //! extension), so the cluster reports the attempt to outlier detection as a timeout; an attempt
 //! dropped with no timer raised was abandoned by the client, which is reported nowhere.
+//!
+//! Every attempt carries `x-envoy-expected-rq-timeout-ms` when a timeout applies, as Envoy's
+//! `FilterUtility::setTimeoutHeaders` writes it: the per-try timeout if one is set (and shorter than
+//! the route timeout), else the route timeout, never more than what is left of the route timeout
+//! (at least 1 ms). The route layer leaves its clock in the request's extensions for the per-try
+//! layer, which is below the retry layer and so sees every attempt.
 //!
 //! `x-envoy-upstream-rq-timeout-ms` / `x-envoy-upstream-rq-per-try-timeout-ms` override the configured
 //! value for one request (0 = none) and are consumed here. Envoy ignores a per-try timeout that is not
@@ -19,12 +27,15 @@
 mod future;
 
 pub use self::future::ResponseFuture;
+use self::future::{EndSignal, Start};
+use http_body::Body as _;
 
-use http::{header::HeaderName, HeaderMap, Request, Response};
-use sluice_core::{Body, BoxError, Expiry, RequestInfo};
+use http::{header::HeaderName, HeaderMap, HeaderValue, Request, Response};
+use sluice_core::{Body, BoxError, ConnectionReady, Expiry, RequestInfo};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -34,6 +45,44 @@ pub const UPSTREAM_RQ_TIMEOUT_MS: HeaderName =
 /// Overrides the per-try timeout for one request, in milliseconds; 0 disables it.
 pub const UPSTREAM_RQ_PER_TRY_TIMEOUT_MS: HeaderName =
     HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+
+/// Sent upstream with each attempt: the milliseconds the attempt is expected to have.
+pub const EXPECTED_RQ_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+
+/// The route timeout of a request and when it started, for the attempts' expected timeout.
+#[derive(Clone, Copy, Debug)]
+struct RouteClock {
+    start: Instant,
+    timeout: Duration,
+}
+
+/// `x-envoy-expected-rq-timeout-ms` for an attempt with this per-try timeout under this route
+/// clock, as Envoy computes it (whole milliseconds; a per-try timeout not shorter than the route
+/// timeout is ignored; once the route time is used up, 1).
+fn expected_timeout_ms(per_try: Option<Duration>, route: Option<RouteClock>) -> Option<u64> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let global = route.map_or(0, |r| ms(r.timeout));
+    let mut expected = per_try.map_or(0, ms);
+    if global != 0 && expected >= global {
+        expected = 0;
+    }
+    if expected == 0 {
+        expected = global;
+    }
+    if expected == 0 {
+        return None;
+    }
+    if let Some(route) = route.filter(|_| global != 0) {
+        let elapsed = ms(route.start.elapsed());
+        expected = if elapsed >= global {
+            1
+        } else {
+            expected.min(global - elapsed)
+        };
+    }
+    Some(expected)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Scope {
@@ -122,7 +171,30 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        match self.effective(req.headers_mut()) {
+        let timeout = self.effective(req.headers_mut());
+        match self.scope {
+            Scope::Route => {
+                if let Some(timeout) = timeout {
+                    req.extensions_mut().insert(RouteClock {
+                        start: Instant::now(),
+                        timeout,
+                    });
+                }
+            }
+            Scope::PerTry => {
+                let route = req.extensions().get::<RouteClock>().copied();
+                match expected_timeout_ms(timeout, route) {
+                    Some(ms) => {
+                        req.headers_mut()
+                            .insert(EXPECTED_RQ_TIMEOUT_MS, HeaderValue::from(ms));
+                    }
+                    None => {
+                        req.headers_mut().remove(EXPECTED_RQ_TIMEOUT_MS);
+                    }
+                }
+            }
+        }
+        match timeout {
             None => ResponseFuture::passthrough(self.inner.call(req)),
             Some(timeout) => {
                 let info = match self.scope {
@@ -136,7 +208,32 @@ where
                     None => Expiry::new(),
                 };
                 req.extensions_mut().insert(expiry.clone());
-                ResponseFuture::new(self.inner.call(req), timeout, self.scope, info, expiry)
+                // Envoy starts the route timer when the downstream request is complete: at once
+                // for a request without a body, else when its body has ended (a slow upload is
+                // not the upstream's time). The per-try timer starts when the attempt has a
+                // connection (waiting in the pool and connecting are not the attempt's time).
+                let start = match self.scope {
+                    Scope::Route if !req.body().is_end_stream() => {
+                        let (parts, body) = req.into_parts();
+                        let (body, start) = EndSignal::new(body);
+                        req = Request::from_parts(parts, Body::new(body));
+                        Some(Start::BodyEnd(start))
+                    }
+                    Scope::Route => None,
+                    Scope::PerTry => {
+                        let ready = ConnectionReady::new();
+                        req.extensions_mut().insert(ready.clone());
+                        Some(Start::Connection(ready))
+                    }
+                };
+                ResponseFuture::new(
+                    self.inner.call(req),
+                    timeout,
+                    self.scope,
+                    info,
+                    expiry,
+                    start,
+                )
             }
         }
     }

@@ -213,3 +213,169 @@ async fn a_timer_marks_the_attempt_it_ends_and_a_caller_leaving_does_not() {
         Some(Deadline::Route)
     );
 }
+
+/// The header the per-try layer writes for an attempt `wait` seconds into the route clock.
+async fn expected_header(route: Option<f64>, per_try: Option<f64>, wait: f64) -> Option<String> {
+    let (backend, calls) = crate::test_util::backend(vec![Step::Status(200)]);
+    let mut svc = TimeoutLayer::per_try(per_try.map(secs)).layer(backend);
+    let (mut req, _) = get();
+    if let Some(route) = route {
+        req.extensions_mut().insert(RouteClock {
+            start: Instant::now(),
+            timeout: secs(route),
+        });
+    }
+    tokio::time::advance(secs(wait)).await;
+    call(&mut svc, req).await.unwrap();
+    calls
+        .get(0)
+        .headers
+        .get(EXPECTED_RQ_TIMEOUT_MS)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn expected_timeout_header_is_envoys() {
+    // No timeout: no header.
+    assert_eq!(expected_header(None, None, 0.0).await, None);
+    // The route timeout, less what has passed (here a retry 0.3 s later).
+    assert_eq!(
+        expected_header(Some(2.0), None, 0.0).await.as_deref(),
+        Some("2000")
+    );
+    assert_eq!(
+        expected_header(Some(2.0), None, 0.3).await.as_deref(),
+        Some("1700")
+    );
+    // Used up: 1, not 0 (which would mean no timeout).
+    assert_eq!(
+        expected_header(Some(2.0), None, 2.5).await.as_deref(),
+        Some("1")
+    );
+    // The per-try timeout when shorter; bounded by what is left of the route's.
+    assert_eq!(
+        expected_header(Some(2.0), Some(0.5), 0.0).await.as_deref(),
+        Some("500")
+    );
+    assert_eq!(
+        expected_header(Some(2.0), Some(0.5), 1.8).await.as_deref(),
+        Some("200")
+    );
+    // A per-try timeout not shorter than the route's is ignored.
+    assert_eq!(
+        expected_header(Some(1.0), Some(3.0), 0.0).await.as_deref(),
+        Some("1000")
+    );
+    // Only a per-try timeout.
+    assert_eq!(
+        expected_header(None, Some(0.25), 0.0).await.as_deref(),
+        Some("250")
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_layer_starts_the_clock_for_the_attempts() {
+    let (backend, calls) = crate::test_util::backend(vec![Step::Status(200)]);
+    let mut svc =
+        TimeoutLayer::route(Some(secs(3.0))).layer(TimeoutLayer::per_try(None).layer(backend));
+    let (req, _) = get();
+    call(&mut svc, req).await.unwrap();
+    assert_eq!(calls.get(0).headers[EXPECTED_RQ_TIMEOUT_MS], "3000");
+}
+
+/// A request body of two chunks, the second `after` later.
+fn slow_upload(after: Duration) -> Body {
+    let stream = futures_util::stream::unfold(0u8, move |n| async move {
+        match n {
+            0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from("a"))), 1)),
+            1 => {
+                tokio::time::sleep(after).await;
+                Some((Ok(Frame::data(Bytes::from("b"))), 2))
+            }
+            _ => None,
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_timeout_starts_when_the_request_body_has_ended() {
+    // A 1 s upload under a 0.5 s timeout, answered at once: no timeout.
+    let (backend, calls) = crate::test_util::backend(vec![Step::Status(200)]);
+    let mut svc = TimeoutLayer::route(Some(secs(0.5))).layer(backend);
+    let (req, info) = crate::test_util::with_body(slow_upload(secs(1.0)));
+    let rsp = call(&mut svc, req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(calls.get(0).body, "ab");
+    assert!(info.flags().is_empty());
+
+    // The same upload answered 0.7 s after it ended: the timeout, 0.5 s after the body's end.
+    let (backend, _) = crate::test_util::backend(vec![Step::Slow(secs(0.7), 200)]);
+    let mut svc = TimeoutLayer::route(Some(secs(0.5))).layer(backend);
+    let (req, info) = crate::test_util::with_body(slow_upload(secs(1.0)));
+    let start = Instant::now();
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(1.5));
+    assert!(matches!(proxy_error(&err), ProxyError::RequestTimeout(_)));
+    assert!(info
+        .flags()
+        .contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn route_timeout_never_starts_for_a_body_that_never_ends() {
+    // The upstream answers before reading the body; the client never finishes it. Envoy's timer
+    // waits for the request to complete, so the response body is not cut.
+    let svc = tower::service_fn(|_req: Request<Body>| async move {
+        let stream = futures_util::stream::unfold(0u8, |n| async move {
+            match n {
+                0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from("a"))), 1)),
+                1 => {
+                    tokio::time::sleep(secs(2.0)).await;
+                    Some((Ok(Frame::data(Bytes::from("b"))), 2))
+                }
+                _ => None,
+            }
+        });
+        Ok::<_, BoxError>(Response::new(StreamBody::new(stream).boxed_unsync()))
+    });
+    let mut svc = TimeoutLayer::route(Some(secs(0.5))).layer(svc);
+    let (req, _) = crate::test_util::with_body(slow_upload(secs(10.0)));
+    let rsp = call(&mut svc, req).await.unwrap();
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ab");
+}
+
+/// A cluster double: claims the attempt's connection signal, waits `queued` for a connection,
+/// fires it, then answers after `serve`.
+fn queued_backend(queued: Duration, serve: Duration) -> impl CloneService {
+    tower::service_fn(move |req: Request<Body>| {
+        let ready = req.extensions().get::<ConnectionReady>().cloned();
+        async move {
+            let ready = ready.expect("the per-try layer sends a connection signal");
+            ready.claim();
+            tokio::time::sleep(queued).await;
+            ready.fire();
+            tokio::time::sleep(serve).await;
+            Ok::<_, BoxError>(crate::test_util::status(200))
+        }
+    })
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn per_try_timeout_starts_with_the_connection() {
+    // 1 s queued for a connection, then 0.4 s: inside a 0.5 s per-try timeout.
+    let mut svc =
+        TimeoutLayer::per_try(Some(secs(0.5))).layer(queued_backend(secs(1.0), secs(0.4)));
+    let (req, _) = get();
+    assert_eq!(call(&mut svc, req).await.unwrap().status(), 200);
+
+    // 1 s queued, then 0.6 s: the timeout, 0.5 s after the connection.
+    let mut svc =
+        TimeoutLayer::per_try(Some(secs(0.5))).layer(queued_backend(secs(1.0), secs(0.6)));
+    let (req, _) = get();
+    let start = Instant::now();
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert_eq!(start.elapsed(), secs(1.5));
+    assert!(matches!(proxy_error(&err), ProxyError::PerTryTimeout(_)));
+}
