@@ -607,7 +607,8 @@ mod tests {
 
     fn parse(yaml: &str) -> ((LoadBalancer, Option<Warmup>), Vec<String>) {
         let spec: LoadBalancerSpec = serde_yaml::from_str(yaml).unwrap();
-        let mut sink = Sink::new("t.yaml", 0, None);
+        let origin = crate::problem::Origin::file("t.yaml", 0);
+        let mut sink = Sink::new(&origin, None);
         let out = load_balancer(&mut sink, "spec.trafficPolicy.loadBalancer", &spec);
         let errors = sink
             .problems

@@ -775,7 +775,8 @@ mod tests {
 
     #[test]
     fn retry_ignore_previous_hosts_false_drops_the_predicate() {
-        let mut sink = Sink::new("t.yaml", 0, None);
+        let origin = crate::problem::Origin::file("t.yaml", 0);
+        let mut sink = Sink::new(&origin, None);
         let retry = |ignore: Option<bool>| HttpRetry {
             attempts: Some(2),
             retry_ignore_previous_hosts: ignore,
