@@ -1140,3 +1140,35 @@ async fn response_headers_apply_to_upstream_responses() {
         "{o:?}"
     );
 }
+
+// A `match` with `sourceLabels`/`sourceNamespace` applies only to clients it fits: the client is
+// known by its Pod (here the Pod whose IP the test's connections come from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_label_matches_apply_to_the_pods_they_fit() {
+    let mut mesh = Mesh::start().await;
+    let port = mesh.fake_service("pricing", &[]).await;
+    deploy(&mesh, "pricing", &[port]);
+    mesh.write(
+        "vs.yaml",
+        &virtual_service(
+            "pricing",
+            "  - match: [{sourceLabels: {app: batch}}]\n    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n    route: [{destination: {host: pricing}}]\n  - route: [{destination: {host: pricing}}]\n",
+        ),
+    );
+    let client = |app: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: default\n  labels: {{app: {app}}}\nstatus:\n  podIP: 127.0.0.1\n")
+    };
+    mesh.write("client.yaml", &client("batch"));
+    mesh.reload();
+    assert_eq!(mesh.get("http://pricing/", MAX_TIME).await.code(), 418);
+
+    // Relabelled: the first route's only match no longer fits, so the route is skipped.
+    mesh.write("client.yaml", &client("web"));
+    mesh.reload();
+    assert_eq!(mesh.get("http://pricing/", MAX_TIME).await.code(), 200);
+
+    // An unknown client fits no source condition either.
+    mesh.remove("client.yaml");
+    mesh.reload();
+    assert_eq!(mesh.get("http://pricing/", MAX_TIME).await.code(), 200);
+}

@@ -193,9 +193,12 @@ pub struct HttpMatchRequest {
     /// Per-match gateway binding: a match whose list lacks `mesh` does not apply to mesh traffic.
     #[serde(default, deserialize_with = "nullable")]
     pub gateways: Vec<String>,
+    /// The client workload's labels must include these (the client is known by its Pod).
+    #[serde(default, deserialize_with = "nullable")]
+    pub source_labels: BTreeMap<String, String>,
+    /// The client workload's namespace.
+    pub source_namespace: Option<String>,
     // Unsupported: warned.
-    pub source_labels: Option<Value>,
-    pub source_namespace: Option<Value>,
     pub stat_prefix: Option<Value>,
 }
 

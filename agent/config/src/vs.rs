@@ -628,16 +628,22 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
         let mut mesh_matches = 0;
         for (j, m) in http.matches.iter().enumerate() {
             let mf = format!("{field}.match[{j}]");
-            for (name, present) in [
-                ("sourceLabels", m.source_labels.is_some()),
-                ("sourceNamespace", m.source_namespace.is_some()),
-                ("statPrefix", m.stat_prefix.is_some()),
-            ] {
-                if present {
-                    sink.unsupported(format!("{mf}.{name}"));
-                }
+            if m.stat_prefix.is_some() {
+                sink.unsupported(format!("{mf}.statPrefix"));
             }
-            let mut rm = RequestMatch::default();
+            let mut rm = RequestMatch {
+                source_labels: m.source_labels.clone(),
+                ..RequestMatch::default()
+            };
+            if let Some(source_ns) = m.source_namespace.as_deref().filter(|n| !n.is_empty()) {
+                if !is_dns1123_label(source_ns) {
+                    sink.error(
+                        format!("{mf}.sourceNamespace"),
+                        format!("sourceNamespace match {source_ns} is invalid"),
+                    );
+                }
+                rm.source_namespace = Some(source_ns.to_string());
+            }
             let one = |sink: &mut Sink, name: &str, spec: &Option<StringMatchSpec>| {
                 spec.as_ref()
                     .and_then(|s| match string_match(sink, &format!("{mf}.{name}"), s)? {

@@ -448,3 +448,28 @@ fn only_names_without_a_dot_are_short() {
     ));
     assert!(s.virtual_hosts.contains_key(HOST));
 }
+
+#[test]
+fn source_labels_and_namespace_are_kept_for_the_proxy_to_match() {
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [pricing]\n  http:\n  - match: [{sourceLabels: {app: batch}, sourceNamespace: shop}]\n    route: [{destination: {host: pricing}}]\n    timeout: 1s\n  - route: [{destination: {host: pricing}}]\n";
+    let (s, problems) = snap(&format!("{SVC}{vs}"));
+    assert!(
+        !problems.iter().any(|p| p.field.contains("source")),
+        "no longer unsupported: {problems:?}"
+    );
+    let m = &s.virtual_hosts[HOST].routes[0].matches[0];
+    assert_eq!(
+        m.source_labels.get("app").map(String::as_str),
+        Some("batch")
+    );
+    assert_eq!(m.source_namespace.as_deref(), Some("shop"));
+
+    let bad = vs.replace("sourceNamespace: shop", "sourceNamespace: Shop_1");
+    let parsed = parse_str("t.yaml", &format!("{SVC}{bad}"));
+    let (_, problems) = build(&parsed.objects, &BuildOptions::default());
+    let err = problems
+        .iter()
+        .find(|p| p.is_error())
+        .expect("an invalid namespace is an error");
+    assert_eq!(err.field, "spec.http[0].match[0].sourceNamespace");
+}

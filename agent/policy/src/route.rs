@@ -164,6 +164,10 @@ pub struct RequestMatch {
     pub query_params: Vec<QueryMatch>,
     pub port: Option<u16>,
     pub ignore_uri_case: bool,
+    /// `sourceLabels`: the client pod's labels must include these.
+    pub source_labels: std::collections::BTreeMap<String, String>,
+    /// `sourceNamespace`: the client pod's namespace.
+    pub source_namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -385,7 +385,8 @@ impl Handler {
 
         let plan = match state.vhost(&service.hostname) {
             Some((vh, plans)) => {
-                let (idx, _) = route::select(vh, req, port).ok_or(ProxyError::NoRoute)?;
+                let source = state.source(conn.peer.ip()).map(|s| &*s.pod);
+                let (idx, _) = route::select(vh, req, port, source).ok_or(ProxyError::NoRoute)?;
                 plans[idx].clone()
             }
             None => {

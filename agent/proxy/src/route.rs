@@ -8,20 +8,41 @@ use sluice_policy::{
 };
 use std::net::SocketAddr;
 
-/// The first route of `vhost` that matches `req`, with its index.
+/// The first route of `vhost` that matches `req` from `source` (the client pod, when known), with
+/// its index. A match with `sourceLabels`/`sourceNamespace` that the client does not fit is
+/// dropped, as istiod drops it from the client's sidecar: a route whose matches all drop is
+/// skipped, never taken as a catch-all.
 pub fn select<'a, B>(
     vhost: &'a VirtualHost,
     req: &Request<B>,
     port: u16,
+    source: Option<&Workload>,
 ) -> Option<(usize, &'a Route)> {
     vhost.routes.iter().enumerate().find(|(_, route)| {
-        route.matches.is_empty() || route.matches.iter().any(|m| matches(m, req, port))
+        route.matches.is_empty() || route.matches.iter().any(|m| matches(m, req, port, source))
     })
 }
 
-fn matches<B>(m: &RequestMatch, req: &Request<B>, port: u16) -> bool {
+fn matches<B>(m: &RequestMatch, req: &Request<B>, port: u16, source: Option<&Workload>) -> bool {
     if let Some(p) = m.port {
         if p != port {
+            return false;
+        }
+    }
+    if let Some(ns) = &m.source_namespace {
+        if source.is_none_or(|w| &w.namespace != ns) {
+            return false;
+        }
+    }
+    if !m.source_labels.is_empty() {
+        let Some(w) = source else {
+            return false;
+        };
+        if !m
+            .source_labels
+            .iter()
+            .all(|(k, v)| w.labels.get(k) == Some(v))
+        {
             return false;
         }
     }
@@ -218,7 +239,7 @@ mod tests {
                 route("rest", vec![]),
             ],
         };
-        let name = |r: &Request<()>| select(&vh, r, 80).map(|(_, r)| r.name.clone());
+        let name = |r: &Request<()>| select(&vh, r, 80, None).map(|(_, r)| r.name.clone());
         assert_eq!(
             name(&req("/api/x", &[("end-user", "jason")])).as_deref(),
             Some("jason")
@@ -228,6 +249,53 @@ mod tests {
             Some("api")
         );
         assert_eq!(name(&req("/other", &[])).as_deref(), Some("rest"));
+    }
+
+    #[test]
+    fn source_matches_that_do_not_fit_the_client_are_dropped() {
+        let vh = VirtualHost {
+            name: "t".into(),
+            tcp_routes: vec![],
+            routes: vec![
+                route(
+                    "batch",
+                    vec![RequestMatch {
+                        source_labels: [("app".to_string(), "batch".to_string())].into(),
+                        ..Default::default()
+                    }],
+                ),
+                route(
+                    "shop-api",
+                    vec![RequestMatch {
+                        source_namespace: Some("shop".into()),
+                        uri: Some(StringMatch::Prefix("/api".into())),
+                        ..Default::default()
+                    }],
+                ),
+                route("rest", vec![]),
+            ],
+        };
+        let pod = |ns: &str, app: &str| Workload {
+            name: "p".into(),
+            namespace: ns.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            ..Default::default()
+        };
+        let name = |path: &str, w: Option<&Workload>| {
+            select(&vh, &req(path, &[]), 80, w).map(|(_, r)| r.name.clone())
+        };
+        let batch = pod("default", "batch");
+        let shop = pod("shop", "web");
+        assert_eq!(name("/", Some(&batch)).as_deref(), Some("batch"));
+        assert_eq!(name("/api/x", Some(&shop)).as_deref(), Some("shop-api"));
+        // A client that fits no source condition skips those routes (they are not catch-alls),
+        // and so does a client that is not a known pod.
+        assert_eq!(
+            name("/api/x", Some(&pod("default", "web"))).as_deref(),
+            Some("rest")
+        );
+        assert_eq!(name("/api/x", None).as_deref(), Some("rest"));
+        assert_eq!(name("/", Some(&shop)).as_deref(), Some("rest"));
     }
 
     #[test]
@@ -250,7 +318,7 @@ mod tests {
             tcp_routes: vec![],
             routes: vec![route("m", vec![m])],
         };
-        let hit = |r: Request<()>| select(&vh, &r, 80).is_some();
+        let hit = |r: Request<()>| select(&vh, &r, 80, None).is_some();
         assert!(hit(req("/v2/items?debug=1", &[])));
         assert!(
             !hit(req("/v2/items/x?debug=1", &[])),
@@ -279,10 +347,10 @@ mod tests {
             routes: vec![route("m", vec![m])],
         };
         let r = req("/cart", &[("host", "shop.example")]);
-        assert!(select(&vh, &r, 8080).is_some());
-        assert!(select(&vh, &r, 80).is_none());
+        assert!(select(&vh, &r, 8080, None).is_some());
+        assert!(select(&vh, &r, 80, None).is_none());
         let r = req("http://shop:8080/CART", &[]);
-        assert!(select(&vh, &r, 8080).is_some());
+        assert!(select(&vh, &r, 8080, None).is_some());
     }
 
     #[test]
