@@ -1212,7 +1212,6 @@ async fn send(proxy: SocketAddr, s: &Scenario, max_time: Duration) -> Outcome {
         }
     };
     let req = req.body(body).unwrap();
-    let start = Instant::now();
     let exchange = async move {
         let stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
         let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -1224,22 +1223,7 @@ async fn send(proxy: SocketAddr, s: &Scenario, max_time: Duration) -> Outcome {
         let body = body.collect().await.ok()?.to_bytes();
         Some((parts, body))
     };
-    let result = tokio::time::timeout(max_time, exchange).await;
-    let elapsed = start.elapsed();
-    match result {
-        Ok(Some((parts, body))) => Outcome {
-            status: Some(parts.status),
-            headers: parts.headers,
-            body,
-            elapsed,
-        },
-        _ => Outcome {
-            status: None,
-            headers: Default::default(),
-            body: Bytes::new(),
-            elapsed,
-        },
-    }
+    sluice_tests::timed(max_time, exchange).await
 }
 
 async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {

@@ -159,35 +159,7 @@ impl Mesh {
     }
 
     pub async fn send(&self, req: Request<Empty<Bytes>>, max_time: Duration) -> Outcome {
-        let start = Instant::now();
-        let proxy = self.proxy;
-        let result = tokio::time::timeout(max_time, async move {
-            let stream = TcpStream::connect(proxy).await.ok()?;
-            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .ok()?;
-            tokio::spawn(conn);
-            let rsp = tx.send_request(req).await.ok()?;
-            let (parts, body) = rsp.into_parts();
-            let body = body.collect().await.ok()?.to_bytes();
-            Some((parts, body))
-        })
-        .await;
-        let elapsed = start.elapsed();
-        match result {
-            Ok(Some((parts, body))) => Outcome {
-                status: Some(parts.status),
-                headers: parts.headers,
-                body,
-                elapsed,
-            },
-            _ => Outcome {
-                status: None,
-                headers: Default::default(),
-                body: Bytes::new(),
-                elapsed,
-            },
-        }
+        self.client().send(req, max_time).await
     }
 
     /// Live state of the cluster `outbound|PORT||HOST` (or with a subset).
@@ -282,7 +254,9 @@ impl Client {
     }
 }
 
-async fn timed(
+/// Runs one client exchange under `max_time` and says what the client saw (no status when it
+/// failed or timed out).
+pub async fn timed(
     max_time: Duration,
     exchange: impl std::future::Future<Output = Option<(http::response::Parts, Bytes)>>,
 ) -> Outcome {

@@ -347,6 +347,9 @@ impl Handler {
         let snapshot = &state.snapshot;
         let authority = route::authority_of(req);
         let (host, explicit_port) = split_authority(&authority);
+        // The client pod (by peer address): its namespace completes short names, its labels and
+        // namespace decide `sourceLabels`/`sourceNamespace` matches.
+        let source = state.source(conn.peer.ip());
 
         let (service, port) = match conn.original_dst {
             // Redirected: the original destination decides.
@@ -368,11 +371,9 @@ impl Handler {
             // Explicit proxy: the authority decides.
             None => {
                 // Short names resolve in the client pod's namespace, as its DNS search path does.
-                let namespace = state
-                    .source(conn.peer.ip())
-                    .map_or(self.opts.default_namespace.as_str(), |s| {
-                        s.namespace.as_str()
-                    });
+                let namespace = source.map_or(self.opts.default_namespace.as_str(), |s| {
+                    s.namespace.as_str()
+                });
                 let svc = snapshot
                     .resolve_host(host, namespace)
                     .ok_or_else(|| ProxyError::NoCluster(authority.clone()))?;
@@ -385,8 +386,8 @@ impl Handler {
 
         let plan = match state.vhost(&service.hostname) {
             Some((vh, plans)) => {
-                let source = state.source(conn.peer.ip()).map(|s| &*s.pod);
-                let (idx, _) = route::select(vh, req, port, source).ok_or(ProxyError::NoRoute)?;
+                let (idx, _) = route::select(vh, req, port, source.map(|s| &*s.pod))
+                    .ok_or(ProxyError::NoRoute)?;
                 plans[idx].clone()
             }
             None => {
