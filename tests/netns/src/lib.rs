@@ -170,7 +170,14 @@ impl Topology {
             node_cgroup: None,
         };
         let bridge = topo.link_name("b");
-        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        // A bridge without an address of its own takes the lowest MAC among its ports, so adding
+        // a pod can change it; pods that cached the old one (recent traffic keeps the entry
+        // REACHABLE for up to 45 s) then send to a MAC the host drops as not its own, and their
+        // connections to the node stall until ARP re-resolves (seen as a demo request hanging
+        // for 5 s right after new pods were added). A fixed address keeps it stable, as CNI
+        // bridge plugins set one for the same reason.
+        let mac = topo.bridge_mac();
+        ip(&["link", "add", &bridge, "address", &mac, "type", "bridge"])?;
         topo.bridge = Some(bridge.clone());
         ip(&[
             "addr",
@@ -201,6 +208,12 @@ impl Topology {
     /// The unique part of every name this topology creates.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The bridge's MAC address, fixed for the topology's life: `02:5c:A:B:00:01` (locally
+    /// administered, from the subnet).
+    pub fn bridge_mac(&self) -> String {
+        format!("02:5c:{:02x}:{:02x}:00:01", self.subnet.0, self.subnet.1)
     }
 
     /// The node's address on the bridge (`10.A.B.1`): where pods reach host listeners.

@@ -88,6 +88,57 @@ fn pods_reach_the_host_from_their_own_address_and_are_removed() {
     assert_gone(&netns, &links, &cgroup);
 }
 
+/// Adding pods never changes the bridge's MAC address: a pod that talked to the node before
+/// other pods were added still reaches it at once, on a new connection, with the neighbour entry
+/// it cached. (Without a fixed address the bridge takes its lowest port's MAC, and a pod's cached
+/// entry goes stale whenever a new veth's random MAC is lower.)
+#[test]
+fn adding_pods_keeps_the_node_reachable_for_pods_that_talked_to_it() {
+    if skip() {
+        return;
+    }
+    let mut topo = Topology::create().expect("topology");
+    let a = topo.add_pod("a").expect("pod a");
+    let listener = TcpListener::bind((topo.host_ip(), 0)).unwrap();
+    let host = topo.host_ip().to_string();
+    assert_eq!(peer_of_line_from(&topo, &a, &host, &listener), a.ip);
+    let mac = bridge_mac(&topo);
+    assert_eq!(mac, topo.bridge_mac());
+    for i in 0..8 {
+        topo.add_pod(&format!("p{i}")).expect("pod");
+        assert_eq!(
+            bridge_mac(&topo),
+            mac,
+            "the bridge's MAC changed when pod p{i} was added"
+        );
+    }
+    // What pod a cached for the node is still the bridge's address, and it still gets through.
+    let out = Command::new("ip")
+        .args(["-n", &a.netns, "neigh", "show", &host])
+        .output()
+        .unwrap();
+    let neigh = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        neigh.contains(&format!("lladdr {mac}")),
+        "pod a's neighbour entry for the node: {neigh:?}, bridge {mac}"
+    );
+    assert_eq!(peer_of_line_from(&topo, &a, &host, &listener), a.ip);
+}
+
+/// The MAC address the kernel reports for the topology's bridge.
+fn bridge_mac(topo: &Topology) -> String {
+    let out = Command::new("ip")
+        .args(["-br", "link", "show", &format!("slc{}b", topo.id())])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(2)
+        .expect("ip -br link: NAME STATE MAC")
+        .to_string()
+}
+
 /// Every netns, link and the cgroup of a dropped topology are gone.
 fn assert_gone(netns: &[String], links: &[String], cgroup: &Path) {
     for ns in netns {
