@@ -1,19 +1,22 @@
 //! Assembly: the service registry (Services, EndpointSlices or selector-matched Pods, enrollment),
-//! DestinationRules merged per host, clusters per service port and subset, and VirtualServices bound
-//! to clusters. Only cross-object problems are found here, and they are warnings: a route to an
-//! unknown host or subset is accepted (Istio answers 503 NC at run time).
+//! DestinationRules merged per host, clusters per service port and subset, VirtualServices bound
+//! to clusters, and what each client namespace sees of them (`views`). Only cross-object problems
+//! are found here, and they are warnings: a route to an unknown host or subset is accepted (Istio
+//! answers 503 NC at run time).
 
-use crate::dr::{self, CheckedDr, CheckedSubset};
-use crate::k8s::{IntOrString, Pod, ServiceSpec};
+use crate::dr::{self, CheckedDr};
+use crate::k8s::{pod_controller, IntOrString, Pod, PodFacts, PodIndex, ServiceSpec};
 use crate::parse::{Object, Resource};
 use crate::problem::{Problem, Sink};
+use crate::views::{self, DrIndex, DrPolicy, VsIndex};
 use crate::vs::{self, CheckedVs};
 use crate::BuildOptions;
 use sluice_policy::{
-    Cluster, ClusterKey, Endpoint, Route, Service, ServicePort, Snapshot, TcpRoute, VirtualHost,
-    WeightedDestination, Workload,
+    Cluster, ClusterKey, Endpoint, Identity, L4Match, NamespaceView, Route, Service,
+    ServiceExportTo, ServicePort, Snapshot, TcpRoute, VirtualHost, WeightedDestination, Workload,
+    INCOMING_PORT,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +74,69 @@ fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, S
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// A pod an endpoint names: a full Pod (this node's in Kubernetes mode, any in standalone mode),
+/// or what Kubernetes mode keeps of any node's pod (its namespace, name and facts).
+#[derive(Clone, Copy)]
+enum PodRef<'a> {
+    Full(&'a Pod),
+    Meta(&'a str, &'a str, &'a PodFacts),
+}
+
+impl<'a> PodRef<'a> {
+    /// Namespace and name.
+    fn key(self) -> (&'a str, &'a str) {
+        match self {
+            PodRef::Full(p) => (p.metadata.namespace(), p.metadata.name.as_str()),
+            PodRef::Meta(ns, name, _) => (ns, name),
+        }
+    }
+
+    /// Its labels, as an endpoint carries them (subsets select on them).
+    fn labels(self) -> BTreeMap<String, String> {
+        match self {
+            PodRef::Full(p) => p.metadata.labels.clone(),
+            PodRef::Meta(_, _, f) => f.labels.iter().cloned().collect(),
+        }
+    }
+
+    /// Its telemetry identity: one per pod and snapshot, shared by all its endpoints. A pod known
+    /// both ways gets the same one (the same metadata, read by the same rule).
+    fn identity(self, cache: &mut HashMap<(&'a str, &'a str), Arc<Identity>>) -> Arc<Identity> {
+        cache
+            .entry(self.key())
+            .or_insert_with(|| {
+                let (ns, name) = self.key();
+                Arc::new(match self {
+                    PodRef::Full(p) => Identity::of_pod(
+                        name,
+                        ns,
+                        &p.metadata.labels,
+                        pod_controller(&p.metadata).as_ref(),
+                    ),
+                    PodRef::Meta(_, _, f) => {
+                        Identity::of_pod_with(name, ns, |k| f.label(k), f.owner.as_ref())
+                    }
+                })
+            })
+            .clone()
+    }
+
+    /// The endpoint at `addr` of this pod.
+    fn endpoint(
+        self,
+        addr: SocketAddr,
+        cache: &mut HashMap<(&'a str, &'a str), Arc<Identity>>,
+    ) -> Endpoint {
+        let (ns, name) = self.key();
+        Endpoint {
+            addr,
+            pod: Some(format!("{ns}/{name}")),
+            labels: self.labels(),
+            identity: Some(self.identity(cache)),
+        }
+    }
+}
+
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let mut ips: Vec<IpAddr> = pod
         .status
@@ -125,7 +191,15 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
     let mut problems = Vec::new();
     let mut accepted = Vec::new();
     let mut seen = BTreeMap::new();
+    let mut pod_metas = PodIndex::new();
     for obj in objects {
+        if let Resource::PodMetadata(p) = &obj.resource {
+            pod_metas
+                .entry(p.metadata.namespace().to_string())
+                .or_default()
+                .insert(p.metadata.name.clone(), p.clone().facts());
+            continue;
+        }
         let id = obj.id();
         if let Some(first) = seen.get(&id) {
             warn_at(
@@ -143,20 +217,21 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
             accepted.push((obj, checked));
         }
     }
-    assemble(accepted, problems, opts)
+    assemble(accepted, &pod_metas, problems, opts)
 }
 
 /// Builds a snapshot from objects already checked one by one (each exactly once, by [`check`]),
 /// adding the cross-object problems to `problems`.
 pub(crate) fn assemble<'a>(
     accepted: impl IntoIterator<Item = (&'a Object, Checked)>,
+    pod_metas: &'a PodIndex,
     mut problems: Vec<Problem>,
     opts: &BuildOptions,
 ) -> (Snapshot, Vec<Problem>) {
     let mut vss: Vec<(&Object, CheckedVs)> = Vec::new();
     let mut drs: Vec<(&Object, CheckedDr)> = Vec::new();
     let mut namespaces: BTreeMap<String, &BTreeMap<String, String>> = BTreeMap::new();
-    let mut pods: BTreeMap<(String, String), (&Object, &Pod)> = BTreeMap::new();
+    let mut pods: BTreeMap<(&str, &str), (&Object, &Pod)> = BTreeMap::new();
     let mut services = Vec::new();
     let mut slices = Vec::new();
     for (obj, checked) in accepted {
@@ -168,10 +243,7 @@ pub(crate) fn assemble<'a>(
                 namespaces.insert(n.metadata.name.clone(), &n.metadata.labels);
             }
             (Some(Checked::Other), Resource::Pod(p)) => {
-                pods.insert(
-                    (p.metadata.namespace().to_string(), p.metadata.name.clone()),
-                    (obj, p),
-                );
+                pods.insert((p.metadata.namespace(), p.metadata.name.as_str()), (obj, p));
             }
             (Some(Checked::Other), Resource::Service(s)) => services.push((obj, s)),
             (Some(Checked::Other), Resource::EndpointSlice(s)) => slices.push((obj, s)),
@@ -230,6 +302,7 @@ pub(crate) fn assemble<'a>(
                     .filter_map(|c| c.container_id.clone())
                     .filter(|id| !id.is_empty())
                     .collect(),
+                owner: pod_controller(&pod.metadata),
             }),
         );
     }
@@ -248,6 +321,18 @@ pub(crate) fn assemble<'a>(
         }
     }
     let mut endpoints_by_port: BTreeMap<(String, u16), Vec<Endpoint>> = BTreeMap::new();
+    let mut identities = HashMap::new();
+    // The pod an EndpointSlice endpoint names (`targetRef`): the full Pod when this node has it,
+    // else any node's Pod metadata.
+    let named_pod = |namespace: &str, name: &str| {
+        pods.get(&(namespace, name))
+            .map(|(_, p)| PodRef::Full(p))
+            .or_else(|| {
+                let (ns, names) = pod_metas.get_key_value(namespace)?;
+                let (name, facts) = names.get_key_value(name)?;
+                Some(PodRef::Meta(ns, name, facts))
+            })
+    };
     for (obj, svc) in &services {
         let ns = svc.metadata.namespace();
         let hostname = format!("{}.{ns}.svc.{}", svc.metadata.name, opts.cluster_domain);
@@ -326,29 +411,35 @@ pub(crate) fn assemble<'a>(
                             let Ok(ip) = addr.parse::<IpAddr>() else {
                                 continue;
                             };
-                            let pod =
-                                ep.target_ref
-                                    .as_ref()
-                                    .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
-                                    .and_then(|r| {
-                                        let pns = r.namespace.clone().unwrap_or_else(|| {
-                                            slice.metadata.namespace().to_string()
-                                        });
-                                        pods.get(&(pns, r.name.clone().unwrap_or_default()))
-                                    })
-                                    .or_else(|| {
-                                        pods.values().find(|(_, p)| {
+                            let pod = ep
+                                .target_ref
+                                .as_ref()
+                                .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
+                                .and_then(|r| {
+                                    let pns = r
+                                        .namespace
+                                        .as_deref()
+                                        .unwrap_or(slice.metadata.namespace());
+                                    named_pod(pns, r.name.as_deref().unwrap_or_default())
+                                })
+                                .or_else(|| {
+                                    // No targetRef (a hand-made slice): a pod of the Service's
+                                    // namespace with that address, if one is known in full.
+                                    pods.values()
+                                        .find(|(_, p)| {
                                             p.metadata.namespace() == ns && pod_ips(p).contains(&ip)
                                         })
-                                    });
-                            eps.push(Endpoint {
-                                addr: SocketAddr::new(ip, target),
-                                pod: pod.map(|(_, p)| {
-                                    format!("{}/{}", p.metadata.namespace(), p.metadata.name)
-                                }),
-                                labels: pod
-                                    .map(|(_, p)| p.metadata.labels.clone())
-                                    .unwrap_or_default(),
+                                        .map(|(_, p)| PodRef::Full(p))
+                                });
+                            let addr = SocketAddr::new(ip, target);
+                            eps.push(match pod {
+                                Some(pod) => pod.endpoint(addr, &mut identities),
+                                None => Endpoint {
+                                    addr,
+                                    pod: None,
+                                    labels: BTreeMap::new(),
+                                    identity: None,
+                                },
                             });
                         }
                     }
@@ -383,11 +474,10 @@ pub(crate) fn assemble<'a>(
                         continue;
                     };
                     for ip in endpoint_ips(&svc.spec, &ips, pod) {
-                        eps.push(Endpoint {
-                            addr: SocketAddr::new(ip, target),
-                            pod: Some(format!("{ns}/{}", pod.metadata.name)),
-                            labels: pod.metadata.labels.clone(),
-                        });
+                        eps.push(
+                            PodRef::Full(pod)
+                                .endpoint(SocketAddr::new(ip, target), &mut identities),
+                        );
                     }
                 }
             }
@@ -406,176 +496,148 @@ pub(crate) fn assemble<'a>(
                 hostname,
                 cluster_ips: ips,
                 ports,
+                export_to: service_export_to(&svc.metadata.annotations, ns),
             }),
         );
     }
 
-    // DestinationRules merged per host as Istio does: the oldest one's trafficPolicy (else the first
-    // that has one), subsets appended unless their name is taken.
+    // DestinationRules, indexed per namespace and merged per host as Istio does (oldest first).
     drs.sort_by(|a, b| {
         istio_order(
             (&a.1.creation, &a.1.name, &a.1.namespace),
             (&b.1.creation, &b.1.name, &b.1.namespace),
         )
     });
-    let mut merged: BTreeMap<String, (CheckedDr, String)> = BTreeMap::new();
-    for (obj, d) in drs {
-        match merged.get_mut(&d.host) {
-            None => {
-                merged.insert(d.host.clone(), (d, obj.describe()));
-            }
-            Some((first, first_name)) => {
-                warn_at(&mut problems, obj, "spec.host", format!("{first_name} also configures host {}; merged as Istio does (subsets added, the first trafficPolicy wins)", d.host));
-                if first.policy.is_none() {
-                    first.policy = d.policy;
-                }
-                for s in d.subsets {
-                    if first.subsets.iter().any(|f| f.name == s.name) {
-                        warn_at(
-                            &mut problems,
-                            obj,
-                            "spec.subsets",
-                            format!("duplicate subset {:?} for host {} ignored", s.name, d.host),
-                        );
-                    } else {
-                        first.subsets.push(s);
-                    }
-                }
-            }
-        }
+    let dr_list: Vec<&CheckedDr> = drs.iter().map(|(_, d)| d).collect();
+    let dr_names: Vec<String> = drs.iter().map(|(o, _)| o.describe()).collect();
+    let (dr_index, notes) = DrIndex::new(&dr_list, &dr_names);
+    for (i, field, reason) in notes {
+        warn_at(&mut problems, drs[i].0, field, reason);
     }
-    let dr_for = |host: &str| -> Option<&CheckedDr> {
-        merged.get(host).map(|(d, _)| d).or_else(|| {
-            merged
-                .iter()
-                .filter(|(h, _)| {
-                    h.starts_with('*') && host.len() > h.len() - 1 && host.ends_with(&h[1..])
-                })
-                .max_by_key(|(h, _)| h.len())
-                .map(|(_, (d, _))| d)
-        })
-    };
-
-    // Clusters: one per service port, plus one per subset.
-    for svc in snap.services.values() {
-        let dr = dr_for(&svc.hostname);
-        for p in &svc.ports {
-            let eps = endpoints_by_port
-                .get(&(svc.hostname.clone(), p.port))
-                .cloned()
-                .unwrap_or_default();
-            let top = dr.and_then(|d| d.policy.as_ref());
-            let key = ClusterKey {
-                host: svc.hostname.clone(),
-                port: p.port,
-                subset: None,
-            };
-            snap.clusters.insert(
-                key.clone(),
-                Arc::new(Cluster {
-                    key,
-                    endpoints: eps.clone(),
-                    policy: dr::effective(top, None, p.port),
-                }),
-            );
-            for s in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
-                let CheckedSubset {
-                    name,
-                    labels,
-                    policy,
-                } = s;
-                let key = ClusterKey {
-                    host: svc.hostname.clone(),
-                    port: p.port,
-                    subset: Some(name.clone()),
-                };
-                let endpoints = eps
-                    .iter()
-                    .filter(|e| labels_match(labels, &e.labels))
-                    .cloned()
-                    .collect();
-                snap.clusters.insert(
-                    key.clone(),
-                    Arc::new(Cluster {
-                        key,
-                        endpoints,
-                        policy: dr::effective(top, policy.as_ref(), p.port),
-                    }),
-                );
-            }
-        }
-    }
-    for (host, (_, name)) in &merged {
-        if !host.starts_with('*') && !snap.services.contains_key(host) {
-            tracing::debug!(%host, dr = %name, "DestinationRule for a host with no Service");
+    for (obj, d) in &drs {
+        if !d.host.starts_with('*') && !snap.services.contains_key(&d.host) {
+            tracing::debug!(host = %d.host, dr = %obj.describe(), "DestinationRule for a host with no Service");
         }
     }
 
-    // VirtualServices: the oldest one for a host wins, as for Istio sidecars.
+    // VirtualServices bound to the mesh, oldest first (Istio's order within each group).
     vss.sort_by(|a, b| {
         istio_order(
             (&a.1.creation, &a.1.name, &a.1.namespace),
             (&b.1.creation, &b.1.name, &b.1.namespace),
         )
     });
-    let mut owners: BTreeMap<String, String> = BTreeMap::new();
-    let mut wildcards = Vec::new();
+    let mut mesh = Vec::new();
     for (obj, v) in &vss {
-        if !v.mesh {
+        if v.mesh {
+            mesh.push((*obj, v));
+        } else {
             warn_at(&mut problems, obj, "spec.gateways", "bound only to gateways (not \"mesh\"): does not apply to mesh traffic, so Sluice ignores it".to_string());
-            continue;
         }
-        let mut routes = Vec::new();
-        for r in &v.routes {
-            let destinations = r
-                .destinations
-                .iter()
-                .map(|d| bind_destination(&snap, &mut problems, obj, d))
-                .collect();
-            routes.push(Route {
-                name: r.name.clone(),
-                matches: r.matches.clone(),
-                destinations,
-                timeout: r.timeout,
-                retry: r.retry.clone(),
-                fault: r.fault.clone(),
-                direct_response: r.direct_response.clone(),
-                response_headers: r.response_headers.clone(),
-            });
+    }
+    let vs_list: Vec<&CheckedVs> = mesh.iter().map(|(_, v)| *v).collect();
+    let mut namespaces: BTreeMap<String, NamespaceView> = BTreeMap::new();
+
+    // Clusters: one per service port, plus one per subset, with the DestinationRule the generic
+    // view picks; a namespace that picks another rule gets that rule's clusters for the host.
+    let mut made: BTreeMap<&str, Vec<(Option<&DrPolicy>, Clusters)>> = BTreeMap::new();
+    let eps = |svc: &Service, port: u16| {
+        endpoints_by_port
+            .get(&(svc.hostname.clone(), port))
+            .cloned()
+            .unwrap_or_default()
+    };
+    for svc in snap.services.values() {
+        let generic = dr_index.pick(None, &svc.hostname, &svc.namespace);
+        let set = clusters_of(svc, generic, &|p| eps(svc, p));
+        snap.clusters
+            .extend(set.iter().map(|(k, c)| (k.clone(), c.clone())));
+        made.insert(&svc.hostname, vec![(generic, set)]);
+    }
+    for ns in dr_index.namespaces() {
+        // Only hosts the namespace's own rules or rules exported to it by name match can differ.
+        let mut hosts = std::collections::BTreeSet::new();
+        for pattern in dr_index.patterns_for(ns) {
+            hosts.extend(services_matching(&snap.services, pattern).map(|s| &s.hostname));
         }
-        let tcp_routes = v
-            .tcp_routes
-            .iter()
-            .map(|t| TcpRoute {
-                matches: t.matches.clone(),
-                destinations: t
-                    .destinations
-                    .iter()
-                    .map(|d| bind_destination(&snap, &mut problems, obj, d))
-                    .collect(),
-            })
-            .collect();
-        let vh = Arc::new(VirtualHost {
-            name: format!("{}/{}", v.namespace, v.name),
-            routes,
-            tcp_routes,
-        });
-        for h in &v.hosts {
-            if let Some(owner) = owners.get(h) {
-                warn_at(&mut problems, obj, "spec.hosts", format!("host {h} is already routed by {owner} (older, or first by name); Istio uses only that one, so this one is ignored for {h}"));
+        for host in hosts {
+            let svc = &snap.services[host];
+            let mine = dr_index.pick(Some(ns), host, &svc.namespace);
+            let sets = made
+                .get_mut(host.as_str())
+                .expect("every Service has its clusters");
+            if mine == sets[0].0 {
                 continue;
             }
-            owners.insert(h.clone(), obj.describe());
-            if h.starts_with('*') {
-                wildcards.push((h.clone(), vh.clone()));
-            } else {
-                snap.virtual_hosts.insert(h.clone(), vh.clone());
+            let set = match sets.iter().find(|(rule, _)| *rule == mine) {
+                Some((_, set)) => set.clone(),
+                None => {
+                    let set = clusters_of(svc, mine, &|p| eps(svc, p));
+                    sets.push((mine, set.clone()));
+                    set
+                }
+            };
+            namespaces
+                .entry(ns.to_string())
+                .or_default()
+                .clusters
+                .insert(host.clone(), set);
+        }
+    }
+
+    // VirtualServices bound to clusters; each is built once, whichever namespaces see it.
+    let known = Known::new(&snap, &namespaces);
+    let vhosts: Vec<Arc<VirtualHost>> = mesh
+        .iter()
+        .map(|(obj, v)| bind_virtual_service(&known, &mut problems, obj, v))
+        .collect();
+
+    // Which VirtualService routes each host: the generic view takes the public ones; a namespace
+    // that some are private or exported to takes those first.
+    let public = views::vs_public(&vs_list);
+    let generic = VsIndex::new(&vs_list, &public);
+    for (loser, h, winner) in &generic.lost {
+        warn_at(&mut problems, mesh[*loser].0, "spec.hosts", format!("host {h} is already routed by {} (older, or first by name); Istio uses only that one, so this one is ignored for {h}", mesh[*winner].0.describe()));
+    }
+    snap.virtual_hosts = generic
+        .exact
+        .iter()
+        .map(|(h, &i)| (h.clone(), vhosts[i].clone()))
+        .collect();
+    snap.wildcard_hosts = generic
+        .wildcard
+        .iter()
+        .map(|(h, i)| (h.clone(), vhosts[*i].clone()))
+        .collect();
+    let none = VsIndex::default();
+    let mut warned = std::collections::BTreeSet::new();
+    for (ns, first) in views::vs_before_public(&vs_list) {
+        let index = VsIndex::new(&vs_list, &first);
+        for (loser, h, winner) in &index.lost {
+            if warned.insert((*loser, h.clone())) {
+                warn_at(&mut problems, mesh[*loser].0, "spec.hosts", format!("host {h} is already routed by {} for clients in namespace {ns} (older, or first by name); Istio uses only that one there, so this one is ignored for {h} in {ns}", mesh[*winner].0.describe()));
+            }
+        }
+        // Only the hosts these VirtualServices name can be routed otherwise.
+        let mut hosts = std::collections::BTreeSet::new();
+        for &i in &first {
+            for pattern in &vs_list[i].hosts {
+                hosts.extend(services_matching(&snap.services, pattern).map(|s| &s.hostname));
+            }
+        }
+        for host in hosts {
+            let mine = index.choose(&generic, host);
+            if mine != generic.choose(&none, host) {
+                namespaces
+                    .entry(ns.clone())
+                    .or_default()
+                    .virtual_hosts
+                    .insert(host.clone(), mine.map(|i| vhosts[i].clone()));
             }
         }
     }
-    // Most specific first: longer suffixes before shorter ones, `*` last.
-    wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
-    snap.wildcard_hosts = wildcards;
+    namespaces.retain(|_, v| !v.is_empty());
+    snap.namespaces = namespaces;
     snap.rejections = problems
         .iter()
         .filter(|p| p.is_error())
@@ -589,41 +651,297 @@ pub(crate) fn assemble<'a>(
     (snap, problems)
 }
 
-/// Binds a route destination to its cluster (`outbound|PORT|SUBSET|HOST`); an unknown host, port
-/// or subset is a warning (Istio answers 503 NC at run time).
+/// The Services a host pattern (a name or a wildcard) names.
+fn services_matching<'a>(
+    services: &'a BTreeMap<String, Arc<Service>>,
+    pattern: &'a str,
+) -> Box<dyn Iterator<Item = &'a Arc<Service>> + 'a> {
+    if pattern.starts_with('*') {
+        Box::new(
+            services
+                .values()
+                .filter(move |s| views::host_matches(pattern, &s.hostname)),
+        )
+    } else {
+        Box::new(services.get(pattern).into_iter())
+    }
+}
+
+/// A Service host's clusters under one DestinationRule.
+type Clusters = BTreeMap<ClusterKey, Arc<Cluster>>;
+
+/// Istio's annotation on a Service that limits the namespaces seeing it.
+const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+
+/// A Service's `networking.istio.io/exportTo` (comma-separated `*`, `.`, `~` or names; taken as
+/// written, as istiod's Service conversion does).
+fn service_export_to(annotations: &BTreeMap<String, String>, ns: &str) -> ServiceExportTo {
+    let Some(value) = annotations
+        .get(EXPORT_TO_ANNOTATION)
+        .filter(|v| !v.is_empty())
+    else {
+        return ServiceExportTo::Public;
+    };
+    let entries: Vec<&str> = value.split(',').map(str::trim).collect();
+    if entries.contains(&"*") {
+        return ServiceExportTo::Public;
+    }
+    let mut names: Vec<String> = entries
+        .iter()
+        .filter(|e| !e.is_empty() && **e != "~")
+        .map(|e| if *e == "." { ns } else { *e }.to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        ServiceExportTo::Nobody
+    } else {
+        ServiceExportTo::Namespaces(names)
+    }
+}
+
+/// The clusters of `svc` under DestinationRule `rule`: one per service port, plus one per subset
+/// and port; `eps` gives a port's endpoints.
+fn clusters_of(
+    svc: &Service,
+    rule: Option<&DrPolicy>,
+    eps: &dyn Fn(u16) -> Vec<Endpoint>,
+) -> Clusters {
+    let mut out = BTreeMap::new();
+    let top = rule.and_then(|d| d.policy.as_ref());
+    for p in &svc.ports {
+        let eps = eps(p.port);
+        let key = ClusterKey {
+            host: svc.hostname.clone(),
+            port: p.port,
+            subset: None,
+        };
+        for s in rule.map(|d| d.subsets.as_slice()).unwrap_or_default() {
+            let key = ClusterKey {
+                subset: Some(s.name.clone()),
+                ..key.clone()
+            };
+            let endpoints = eps
+                .iter()
+                .filter(|e| labels_match(&s.labels, &e.labels))
+                .cloned()
+                .collect();
+            out.insert(
+                key.clone(),
+                Arc::new(Cluster {
+                    key,
+                    endpoints,
+                    policy: dr::effective(top, s.policy.as_ref(), p.port),
+                }),
+            );
+        }
+        out.insert(
+            key.clone(),
+            Arc::new(Cluster {
+                key,
+                endpoints: eps,
+                policy: dr::effective(top, None, p.port),
+            }),
+        );
+    }
+    out
+}
+
+/// What route destinations are checked against: the Services, and every cluster some namespace
+/// sees.
+struct Known<'a> {
+    snap: &'a Snapshot,
+    keys: std::collections::BTreeSet<ClusterKey>,
+}
+
+impl<'a> Known<'a> {
+    fn new(snap: &'a Snapshot, namespaces: &BTreeMap<String, NamespaceView>) -> Self {
+        let keys = snap
+            .clusters
+            .keys()
+            .chain(
+                namespaces
+                    .values()
+                    .flat_map(|v| v.clusters.values().flat_map(BTreeMap::keys)),
+            )
+            .cloned()
+            .collect();
+        Self { snap, keys }
+    }
+
+    fn service(&self, host: &str) -> Option<&'a Arc<Service>> {
+        self.snap.services.get(host)
+    }
+
+    /// The Service ports requests for `hosts` (a VirtualService's) can come in on: those of every
+    /// Service the hosts name or match; only the ports that may carry HTTP when `http`.
+    fn incoming_ports(&self, hosts: &[String], http: bool) -> std::collections::BTreeSet<u16> {
+        hosts
+            .iter()
+            .flat_map(|h| services_matching(&self.snap.services, h))
+            .flat_map(|s| &s.ports)
+            .filter(|p| !http || carries_http(p))
+            .map(|p| p.port)
+            .collect()
+    }
+}
+
+/// Whether a Service port may carry HTTP: not declared as another protocol (as the proxy's
+/// protocol detection decides).
+fn carries_http(port: &ServicePort) -> bool {
+    !port.app_protocol.as_deref().is_some_and(|p| {
+        [
+            "tcp",
+            "tls",
+            "https",
+            "mongo",
+            "mysql",
+            "redis",
+            "udp",
+            "kubernetes.io/wss",
+        ]
+        .iter()
+        .any(|o| p.eq_ignore_ascii_case(o))
+    })
+}
+
+/// Whether a destination is an HTTP route's or a `tcp[]` rule's: they default a missing port
+/// differently.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Http,
+    Tcp,
+}
+
+/// A VirtualService's routes bound to clusters.
+fn bind_virtual_service(
+    known: &Known,
+    problems: &mut Vec<Problem>,
+    obj: &Object,
+    v: &CheckedVs,
+) -> Arc<VirtualHost> {
+    let http_ports = known.incoming_ports(&v.hosts, true);
+    let routes = v
+        .routes
+        .iter()
+        .map(|r| Route {
+            name: r.name.clone(),
+            matches: r.matches.clone(),
+            destinations: r
+                .destinations
+                .iter()
+                .map(|d| bind_destination(known, problems, obj, d, Kind::Http, &http_ports))
+                .collect(),
+            timeout: r.timeout,
+            retry: r.retry.clone(),
+            fault: r.fault.clone(),
+            direct_response: r.direct_response.clone(),
+            response_headers: r.response_headers.clone(),
+        })
+        .collect();
+    let tcp_ports = known.incoming_ports(&v.hosts, false);
+    let mut tcp_routes = Vec::new();
+    for t in &v.tcp_routes {
+        let rule = TcpRoute {
+            matches: t.matches.clone(),
+            destinations: t
+                .destinations
+                .iter()
+                .map(|d| bind_destination(known, problems, obj, d, Kind::Tcp, &tcp_ports))
+                .collect(),
+        };
+        tcp_routes.extend(per_port(rule, &tcp_ports));
+    }
+    Arc::new(VirtualHost {
+        name: format!("{}/{}", v.namespace, v.name),
+        routes,
+        tcp_routes,
+    })
+}
+
+/// A `tcp[]` rule whose destinations take the incoming port, as one rule per port it can see
+/// (istiod builds a listener's filter chain per port): each matches only its port and names it.
+fn per_port(rule: TcpRoute, ports: &std::collections::BTreeSet<u16>) -> Vec<TcpRoute> {
+    if !rule.destinations.iter().any(|d| d.takes_incoming_port()) || ports.is_empty() {
+        return vec![rule];
+    }
+    let resolve = |p: u16| -> Vec<WeightedDestination> {
+        rule.destinations
+            .iter()
+            .map(|d| WeightedDestination {
+                cluster: d.cluster_for(p),
+                weight: d.weight,
+            })
+            .collect()
+    };
+    if let [only] = ports.iter().copied().collect::<Vec<_>>()[..] {
+        // Every connection this rule can see comes in on this port.
+        return vec![TcpRoute {
+            matches: rule.matches.clone(),
+            destinations: resolve(only),
+        }];
+    }
+    ports
+        .iter()
+        .filter_map(|&p| {
+            let matches = if rule.matches.is_empty() {
+                vec![L4Match {
+                    port: Some(p),
+                    ..L4Match::default()
+                }]
+            } else {
+                let on_port: Vec<L4Match> = rule
+                    .matches
+                    .iter()
+                    .filter(|m| m.port.is_none_or(|q| q == p))
+                    .map(|m| L4Match {
+                        port: Some(p),
+                        ..m.clone()
+                    })
+                    .collect();
+                if on_port.is_empty() {
+                    return None;
+                }
+                on_port
+            };
+            Some(TcpRoute {
+                matches,
+                destinations: resolve(p),
+            })
+        })
+        .collect()
+}
+
+/// Binds a route destination to its cluster (`outbound|PORT|SUBSET|HOST`) as istiod's
+/// `GetDestinationCluster` does: without `port`, an HTTP route's destination goes to the Service
+/// port the request came in on (the listener's: istiod builds HTTP routes per port and looks the
+/// destination up among the Services of that port only), a `tcp[]` rule's to the Service's only
+/// port, else to the incoming one. An unknown host, port or subset is a warning (Istio answers
+/// 503 NC at run time); so is an incoming port (of `incoming`) the destination lacks.
 fn bind_destination(
-    snap: &Snapshot,
+    known: &Known,
     problems: &mut Vec<Problem>,
     obj: &Object,
     d: &vs::DestinationDraft,
+    kind: Kind,
+    incoming: &std::collections::BTreeSet<u16>,
 ) -> WeightedDestination {
-    let svc = snap.services.get(&d.host);
-    let port = match (d.port, svc) {
-        (Some(p), _) => p,
-        (None, Some(s)) if s.ports.len() == 1 => s.ports[0].port,
-        (None, Some(s)) if !s.ports.is_empty() => {
-            warn_at(
-                problems,
-                obj,
-                &format!("{}.destination.port", d.field),
-                format!(
-                    "service {} has several ports; set port.number (using {})",
-                    d.host, s.ports[0].port
-                ),
-            );
-            s.ports[0].port
-        }
-        _ => 0,
+    let svc = known.service(&d.host);
+    let port = match (d.port, kind, svc) {
+        (Some(p), _, _) => p,
+        (None, Kind::Tcp, Some(s)) if s.ports.len() == 1 => s.ports[0].port,
+        (None, _, _) => INCOMING_PORT,
     };
     let key = ClusterKey {
         host: d.host.clone(),
         port,
         subset: d.subset.clone(),
     };
-    if svc.is_none() {
+    let Some(svc) = svc else {
         // `pricing.shop` is a full name to Istio, not `pricing.shop.svc.cluster.local`.
         let prefix = format!("{}.", d.host);
-        let hint = snap
+        let hint = known
+            .snap
             .services
             .keys()
             .find(|h| h.starts_with(&prefix))
@@ -638,19 +956,49 @@ fn bind_destination(
                 d.host
             ),
         );
-    } else if !snap.clusters.contains_key(&key) {
-        let what = match &d.subset {
-            Some(s)
-                if snap.clusters.contains_key(&ClusterKey {
-                    subset: None,
-                    ..key.clone()
-                }) =>
-            {
+        return WeightedDestination {
+            cluster: key,
+            weight: d.weight,
+        };
+    };
+    let ports: Vec<u16> = if port == INCOMING_PORT {
+        let missing: Vec<String> = incoming
+            .iter()
+            .filter(|p| !svc.ports.iter().any(|sp| sp.port == **p))
+            .map(u16::to_string)
+            .collect();
+        if !missing.is_empty() {
+            warn_at(
+                problems,
+                obj,
+                &format!("{}.destination.port", d.field),
                 format!(
-                    "unknown subset {s:?} (no DestinationRule for {} defines it)",
-                    d.host
-                )
-            }
+                    "without port, a destination goes to the Service port the request came in on (as in Istio), and service {} has no port {}: requests on {} get 503 (NC); set port.number",
+                    d.host,
+                    missing.join(", "),
+                    if missing.len() == 1 { "that port" } else { "those ports" }
+                ),
+            );
+        }
+        svc.ports.iter().map(|p| p.port).collect()
+    } else {
+        vec![port]
+    };
+    let exists = |subset: Option<String>| {
+        ports.iter().any(|&port| {
+            known.keys.contains(&ClusterKey {
+                host: d.host.clone(),
+                port,
+                subset: subset.clone(),
+            })
+        })
+    };
+    if !exists(d.subset.clone()) {
+        let what = match &d.subset {
+            Some(s) if exists(None) => format!(
+                "unknown subset {s:?} (no DestinationRule for {} defines it)",
+                d.host
+            ),
             _ => format!("service {} has no port {port}", d.host),
         };
         warn_at(

@@ -8,6 +8,7 @@ use crate::istio::{
     ConnectionPoolSpec, DestinationRule, LoadBalancerSpec, OutlierDetectionSpec, TrafficPolicySpec,
 };
 use crate::problem::Sink;
+use crate::views::{check_export_to, ExportTo};
 use crate::vs::duration_field;
 use crate::{resolve_host, BuildOptions};
 use sluice_policy::{
@@ -48,7 +49,7 @@ pub struct Layer {
     pub retry_budget: Option<RetryBudgetPolicy>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CheckedSubset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -60,6 +61,8 @@ pub struct CheckedDr {
     pub namespace: String,
     pub name: String,
     pub creation: Option<String>,
+    /// `exportTo`: which client namespaces see it.
+    pub export_to: ExportTo,
     pub host: String,
     pub policy: Option<Layer>,
     pub subsets: Vec<CheckedSubset>,
@@ -558,12 +561,10 @@ pub fn convert(dr: &DestinationRule, sink: &mut Sink, opts: &BuildOptions) -> Ch
     if spec.host.is_empty() {
         sink.error("spec.host", "host is required");
     }
-    if spec.export_to.is_some() {
-        sink.unsupported("spec.exportTo");
-    }
     if spec.workload_selector.is_some() {
         sink.unsupported("spec.workloadSelector");
     }
+    let export_to = check_export_to(sink, &spec.export_to, &ns, spec.workload_selector.is_some());
     let policy = spec
         .traffic_policy
         .as_ref()
@@ -595,6 +596,7 @@ pub fn convert(dr: &DestinationRule, sink: &mut Sink, opts: &BuildOptions) -> Ch
         namespace: ns.clone(),
         name: dr.metadata.name.clone(),
         creation: dr.metadata.creation_timestamp.clone(),
+        export_to,
         host: resolve_host(&spec.host, &ns, &opts.cluster_domain),
         policy,
         subsets,

@@ -70,9 +70,11 @@ pub struct VirtualServiceSpec {
     pub http: Vec<HttpRoute>,
     #[serde(default, deserialize_with = "nullable")]
     pub tcp: Vec<TcpRoute>,
+    /// Namespaces that see this VirtualService: `.`, `*` or names (empty: the mesh default, `*`).
+    #[serde(default, deserialize_with = "nullable")]
+    pub export_to: Vec<String>,
     // Unsupported: warned.
     pub tls: Option<Value>,
-    pub export_to: Option<Value>,
 }
 
 /// One `tcp[]` rule: opaque TCP connections to the VirtualService's hosts.
@@ -290,8 +292,10 @@ pub struct DestinationRuleSpec {
     pub traffic_policy: Option<TrafficPolicySpec>,
     #[serde(default, deserialize_with = "nullable")]
     pub subsets: Vec<Subset>,
+    /// Namespaces that see this DestinationRule: `.`, `*` or names (empty: the mesh default, `*`).
+    #[serde(default, deserialize_with = "nullable")]
+    pub export_to: Vec<String>,
     // Unsupported: warned.
-    pub export_to: Option<Value>,
     pub workload_selector: Option<Value>,
 }
 

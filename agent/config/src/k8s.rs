@@ -1,12 +1,14 @@
-//! Serde types for the Kubernetes kinds Sluice reads in standalone mode: `Service`,
-//! `discovery.k8s.io/v1 EndpointSlice`, `Pod` and `Namespace`. Only the fields Sluice uses are
-//! described; the rest of these large objects is accepted without warnings (unknown-field warnings
-//! are for Istio kinds, where a typo silently changes policy).
+//! Serde types for the Kubernetes kinds Sluice reads: `Service`, `discovery.k8s.io/v1
+//! EndpointSlice`, `Pod` and `Namespace`, and (Kubernetes mode only) [`PodMetadata`], the Pods of
+//! every node as a metadata-only watch lists them. Only the fields Sluice uses are described; the
+//! rest of these large objects is accepted without warnings (unknown-field warnings are for Istio
+//! kinds, where a typo silently changes policy).
 
 use crate::istio::{nullable, ObjectMeta};
 use serde::Deserialize;
 use serde_yaml::Value;
-use std::collections::BTreeMap;
+use sluice_policy::Owner;
+use std::collections::{BTreeMap, HashMap};
 
 /// `targetPort`: a number or a container port name.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -192,4 +194,89 @@ pub struct Namespace {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: Option<Value>,
+}
+
+/// The store kind of [`PodMetadata`] (`Kind namespace/name` in messages, `sluice status`' kinds).
+pub const POD_METADATA_KIND: &str = "PodMetadata";
+
+/// A Pod of any node as Kubernetes mode's cluster-wide metadata-only watch
+/// (`PartialObjectMetadata`) lists it, cut down to what an endpoint needs from a pod that is not
+/// this node's: name, namespace, labels (DestinationRule subsets select on them; they feed the
+/// telemetry identity) and its controller (the identity's workload). Never a workload of this
+/// node: enrollment and client lookup see only full [`Pod`]s.
+#[derive(Clone, Debug)]
+pub struct PodMetadata {
+    /// Name, namespace and labels only (annotations and the rest are dropped on arrival).
+    pub metadata: ObjectMeta,
+    /// Its controller as Istio's workload rule sees it ([`pod_controller`]).
+    pub owner: Option<Owner>,
+}
+
+impl PodMetadata {
+    /// Keeps what endpoints need from a Pod's metadata.
+    pub fn from_meta(meta: ObjectMeta) -> Self {
+        let owner = pod_controller(&meta);
+        Self {
+            metadata: ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                labels: meta.labels,
+                ..ObjectMeta::default()
+            },
+            owner,
+        }
+    }
+
+    /// What the store keeps of it.
+    pub(crate) fn facts(self) -> PodFacts {
+        PodFacts {
+            // A map's order: sorted by key, so a lookup is a binary search.
+            labels: self.metadata.labels.into_iter().collect(),
+            owner: self.owner,
+        }
+    }
+}
+
+/// What the store keeps of a [`PodMetadata`] (under its namespace and name): a large cluster has
+/// 100,000s of pods, so nothing else, and labels as a sorted slice (a map's node is several times
+/// the size of a pod's few labels).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PodFacts {
+    pub labels: Box<[(String, String)]>,
+    pub owner: Option<Owner>,
+}
+
+impl PodFacts {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| self.labels[i].1.as_str())
+    }
+}
+
+/// Every node's pods: namespace, then name (looked up by `&str`, no key to build).
+pub(crate) type PodIndex = HashMap<String, HashMap<String, PodFacts>>;
+
+/// A pod's controller for its telemetry identity, as Istio takes it: the first
+/// `metadata.ownerReferences` entry with `controller: true`, only when the pod's name was generated
+/// (`metadata.generateName` set, as for every pod a controller makes); a pod named by hand is its
+/// own workload whatever owns it.
+pub fn pod_controller(meta: &ObjectMeta) -> Option<Owner> {
+    let generated = meta
+        .other
+        .get("generateName")
+        .and_then(Value::as_str)
+        .is_some_and(|g| !g.is_empty());
+    if !generated {
+        return None;
+    }
+    let refs = meta.other.get("ownerReferences")?.as_sequence()?;
+    let text = |r: &Value, k: &str| r.get(k).and_then(Value::as_str).unwrap_or_default().into();
+    refs.iter()
+        .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+        .map(|r| Owner {
+            kind: text(r, "kind"),
+            name: text(r, "name"),
+        })
 }

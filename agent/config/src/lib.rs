@@ -32,6 +32,7 @@ pub mod parse;
 mod problem;
 mod response;
 mod store;
+mod views;
 mod vs;
 
 pub use build::{build, check_object, CGROUP_ANNOTATION, NETNS_ANNOTATION};

@@ -4,7 +4,7 @@
 //! warnings naming their full path.
 
 use crate::istio::{DestinationRule, VirtualService};
-use crate::k8s::{EndpointSlice, Namespace, Pod, Service};
+use crate::k8s::{EndpointSlice, Namespace, Pod, PodMetadata, Service, POD_METADATA_KIND};
 use crate::problem::{Origin, Problem, Severity, Sink};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -26,17 +26,18 @@ pub struct Object {
     pub resource: Resource,
 }
 
-/// The kinds Sluice reads.
-// A config holds tens of objects: boxing the large variants would buy nothing.
-#[allow(clippy::large_enum_variant)]
+/// The kinds Sluice reads. Istio's kinds are boxed: a cluster holds thousands of the small
+/// built-in objects (a store entry each), and the largest variant sets every entry's size.
 #[derive(Clone, Debug)]
 pub enum Resource {
-    VirtualService(VirtualService),
-    DestinationRule(DestinationRule),
+    VirtualService(Box<VirtualService>),
+    DestinationRule(Box<DestinationRule>),
     Service(Service),
     EndpointSlice(EndpointSlice),
     Pod(Pod),
     Namespace(Namespace),
+    /// Kubernetes mode only: a Pod of any node, metadata only.
+    PodMetadata(PodMetadata),
 }
 
 /// Identity of an object: kind, namespace (empty for namespaces themselves) and name.
@@ -66,6 +67,7 @@ impl Object {
             Resource::EndpointSlice(_) => "EndpointSlice",
             Resource::Pod(_) => "Pod",
             Resource::Namespace(_) => "Namespace",
+            Resource::PodMetadata(_) => POD_METADATA_KIND,
         }
     }
 
@@ -77,6 +79,7 @@ impl Object {
             Resource::EndpointSlice(o) => &o.metadata,
             Resource::Pod(o) => &o.metadata,
             Resource::Namespace(o) => &o.metadata,
+            Resource::PodMetadata(o) => &o.metadata,
         }
     }
 
@@ -193,6 +196,10 @@ fn parse_built_in(origin: &Origin, value: &serde_json::Value) -> Option<ParsedFi
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             Resource::EndpointSlice(Deserialize::deserialize(value).ok()?)
         }
+        // Only ever made by Kubernetes mode's metadata-only Pod watch, never read from files.
+        ("v1", POD_METADATA_KIND) => Resource::PodMetadata(PodMetadata::from_meta(
+            Deserialize::deserialize(value.get("metadata")?).ok()?,
+        )),
         _ => return None,
     };
     Some(ParsedFile {
@@ -366,12 +373,10 @@ fn parse_document(origin: &Origin, start_line: usize, chunk: &str, out: &mut Par
         None
     } else {
         match kind.as_str() {
-            "VirtualService" => {
-                typed(chunk, start_line, true, &mut sink).map(Resource::VirtualService)
-            }
-            "DestinationRule" => {
-                typed(chunk, start_line, true, &mut sink).map(Resource::DestinationRule)
-            }
+            "VirtualService" => typed(chunk, start_line, true, &mut sink)
+                .map(|v| Resource::VirtualService(Box::new(v))),
+            "DestinationRule" => typed(chunk, start_line, true, &mut sink)
+                .map(|d| Resource::DestinationRule(Box::new(d))),
             "Service" => typed(chunk, start_line, false, &mut sink).map(Resource::Service),
             "EndpointSlice" => {
                 typed(chunk, start_line, false, &mut sink).map(Resource::EndpointSlice)

@@ -7,7 +7,8 @@
 //! resourceVersion.
 
 use crate::build::{assemble, check, Checked};
-use crate::parse::{Object, ObjectId, ParsedFile};
+use crate::k8s::{PodIndex, POD_METADATA_KIND};
+use crate::parse::{Object, ObjectId, ParsedFile, Resource};
 use crate::problem::Problem;
 use crate::BuildOptions;
 use sluice_policy::Snapshot;
@@ -81,6 +82,13 @@ pub enum Event {
         kind: String,
         updates: Vec<Update>,
     },
+    /// The end of a relist whose objects came one by one as [`Event::Upsert`]s (for a kind with
+    /// too many objects to hold a second copy of at once): objects of `kind` not named in `keep`
+    /// (namespace, name) are deleted. Survivors were never absent.
+    Retain {
+        kind: String,
+        keep: Vec<(String, String)>,
+    },
     /// Problems that belong to no object (an unreadable file, a forbidden watch): they replace
     /// those reported earlier under the same key; an empty list clears them.
     Problems {
@@ -124,6 +132,9 @@ struct Entry {
 pub struct Store {
     opts: BuildOptions,
     entries: BTreeMap<ObjectId, Entry>,
+    /// Kubernetes mode's every-node Pod metadata, apart from `entries` and cut down to what
+    /// endpoints need: a large cluster has 100,000s of pods, and they are never checked.
+    pods: PodIndex,
     loose: BTreeMap<String, Vec<Problem>>,
     snapshot: Arc<Snapshot>,
     /// The effective configuration of `snapshot`, to tell real changes from rewrites.
@@ -141,6 +152,7 @@ impl Store {
             }),
             opts,
             entries: BTreeMap::new(),
+            pods: PodIndex::new(),
             loose: BTreeMap::new(),
             fingerprint: None,
             problems: Vec::new(),
@@ -159,14 +171,37 @@ impl Store {
 
     /// Objects held (in force or rejected) of `kind`.
     pub fn count(&self, kind: &str) -> usize {
+        if kind == POD_METADATA_KIND {
+            return self.pods.values().map(|names| names.len()).sum();
+        }
         self.entries.keys().filter(|id| id.kind == kind).count()
     }
 
     /// Takes one event; nothing is published until [`Store::commit`].
     pub fn apply(&mut self, event: Event) {
         match event {
+            Event::Upsert(update) if update.id.kind == POD_METADATA_KIND => self.upsert_pod(update),
             Event::Upsert(update) => self.upsert(update),
+            Event::Delete(id) if id.kind == POD_METADATA_KIND => {
+                let names = self.pods.get_mut(&id.namespace);
+                let removed = names.and_then(|names| names.remove(&id.name)).is_some();
+                if self.pods.get(&id.namespace).is_some_and(|n| n.is_empty()) {
+                    self.pods.remove(&id.namespace);
+                }
+                self.dirty |= removed;
+            }
             Event::Delete(id) => self.dirty |= self.entries.remove(&id).is_some(),
+            Event::Resync { kind, updates } if kind == POD_METADATA_KIND => {
+                let keep = updates
+                    .iter()
+                    .map(|u| (u.id.namespace.clone(), u.id.name.clone()))
+                    .collect();
+                self.retain(&kind, keep);
+                for update in updates {
+                    self.upsert_pod(update);
+                }
+            }
+            Event::Retain { kind, keep } => self.retain(&kind, keep),
             Event::Resync { kind, updates } => {
                 let keep: BTreeSet<&ObjectId> = updates.iter().map(|u| &u.id).collect();
                 let before = self.entries.len();
@@ -223,6 +258,44 @@ impl Store {
         }
     }
 
+    /// Deletes the objects of `kind` not named in `keep`.
+    fn retain(&mut self, kind: &str, keep: Vec<(String, String)>) {
+        // By namespace, then name: looked up by `&str`, without a key built per object.
+        let mut by_ns: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (ns, name) in keep {
+            by_ns.entry(ns).or_default().insert(name);
+        }
+        let kept = |ns: &str, name: &str| by_ns.get(ns).is_some_and(|n| n.contains(name));
+        if kind == POD_METADATA_KIND {
+            let before = self.count(kind);
+            for (ns, names) in self.pods.iter_mut() {
+                names.retain(|name, _| kept(ns, name));
+            }
+            self.pods.retain(|_, names| !names.is_empty());
+            self.dirty |= self.count(kind) != before;
+        } else {
+            let before = self.entries.len();
+            self.entries
+                .retain(|id, _| id.kind != kind || kept(&id.namespace, &id.name));
+            self.dirty |= self.entries.len() != before;
+        }
+    }
+
+    /// A pod's metadata: kept if it changes what endpoints see (labels, controller). A cluster's
+    /// pods change status all the time and a metadata-only watch reports each of those changes
+    /// too, with a new resourceVersion and nothing Sluice reads moved: no rebuild for them.
+    fn upsert_pod(&mut self, update: Update) {
+        let Some(Resource::PodMetadata(pod)) = update.object.map(|o| o.resource) else {
+            return;
+        };
+        let facts = pod.facts();
+        let names = self.pods.entry(update.id.namespace).or_default();
+        if names.get(&update.id.name) != Some(&facts) {
+            names.insert(update.id.name, facts);
+            self.dirty = true;
+        }
+    }
+
     /// Builds and publishes a snapshot if anything changed since the last commit; cheap otherwise.
     pub fn commit(&mut self) -> Reload {
         if !self.dirty {
@@ -247,7 +320,7 @@ impl Store {
             .values()
             .filter_map(|e| e.good.as_ref())
             .map(|g| (&g.object, g.checked.clone()));
-        let (mut snap, mut problems) = assemble(accepted, problems, &self.opts);
+        let (mut snap, mut problems) = assemble(accepted, &self.pods, problems, &self.opts);
         problems.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
         let fingerprint = fingerprint(&snap);
         let config_changed = self.fingerprint.as_ref() != Some(&fingerprint);

@@ -6,6 +6,7 @@ use crate::duration::{check_istio_duration, parse_duration};
 use crate::istio::{Destination, HttpRetry, StringMatchSpec, VirtualService};
 use crate::problem::Sink;
 use crate::response;
+use crate::views::{check_export_to, ExportTo};
 use crate::{resolve_host, BuildOptions};
 use sluice_policy::{
     DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, IpNet, L4Match,
@@ -19,6 +20,8 @@ pub struct CheckedVs {
     pub namespace: String,
     pub name: String,
     pub creation: Option<String>,
+    /// `exportTo`: which client namespaces see it.
+    pub export_to: ExportTo,
     /// Fully qualified hosts (or wildcards).
     pub hosts: Vec<String>,
     /// Bound to mesh traffic (`gateways` empty or containing `mesh`).
@@ -516,7 +519,7 @@ fn convert_tcp(
 }
 
 /// A Kubernetes namespace name: lower-case alphanumerics and `-`, at most 63, alphanumeric ends.
-fn is_dns1123_label(s: &str) -> bool {
+pub(crate) fn is_dns1123_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -546,14 +549,10 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
         })
         .collect();
     let mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
-    for (field, present) in [
-        ("spec.tls", spec.tls.is_some()),
-        ("spec.exportTo", spec.export_to.is_some()),
-    ] {
-        if present {
-            sink.unsupported(field);
-        }
+    if spec.tls.is_some() {
+        sink.unsupported("spec.tls");
     }
+    let export_to = check_export_to(sink, &spec.export_to, &ns, false);
     let mut routes = Vec::new();
     for (i, http) in spec.http.iter().enumerate() {
         let field = format!("spec.http[{i}]");
@@ -767,6 +766,7 @@ pub fn convert(vs: &VirtualService, sink: &mut Sink, opts: &BuildOptions) -> Che
     CheckedVs {
         tcp_routes,
         namespace: ns,
+        export_to,
         name: vs.metadata.name.clone(),
         creation: vs.metadata.creation_timestamp.clone(),
         hosts,

@@ -123,7 +123,12 @@ fn tutorial_means_what_istio_means() {
     let route = &pricing.routes[0];
     assert_eq!(route.timeout, Some(Duration::from_secs(1)));
     assert_eq!(route.destinations.len(), 1);
-    assert_eq!(route.destinations[0].cluster, key(PRICING, 80, None));
+    // The destination names no port: it takes the port the request came in on (80 here).
+    assert!(route.destinations[0].takes_incoming_port());
+    assert_eq!(
+        route.destinations[0].cluster_for(80),
+        key(PRICING, 80, None)
+    );
     assert_eq!(route.destinations[0].weight, 100);
     assert_eq!(route.retry, RetryPolicy::istio_default());
     assert_eq!(

@@ -230,8 +230,18 @@ fn matches_weights_and_wildcards() {
         .any(|p| p.field == "spec.http[0].match[0].headers.X-User"));
     let weights: Vec<u32> = r0.destinations.iter().map(|d| d.weight).collect();
     assert_eq!(weights, vec![80, 20]);
-    // Port omitted: the service has two ports, so the first is used with a warning.
-    assert_eq!(vh.routes[1].destinations[0].cluster.port, 80);
+    // Port omitted: the port the request came in on (resolved per port by the proxy); the
+    // Service has both of its own ports, so nothing to warn about.
+    assert_eq!(
+        vh.routes[1].destinations[0].cluster.port,
+        sluice_policy::INCOMING_PORT
+    );
+    assert!(
+        !problems
+            .iter()
+            .any(|p| p.field.ends_with("destination.port")),
+        "{problems:#?}"
+    );
     let order: Vec<&str> = s.wildcard_hosts.iter().map(|(h, _)| h.as_str()).collect();
     assert_eq!(order, vec!["*.api.example.com", "*.example.com", "*"]);
     assert!(s.virtual_host("x.api.example.com").is_some());

@@ -1,12 +1,13 @@
 //! Kubernetes mode: kube-rs watchers feed the object store ([`sluice_config::Store`]) the same way
 //! the directory source does in standalone mode, and the store publishes policy snapshots.
 //!
-//! * [`watch`]: one `kube::runtime::watcher` per kind (this node's Pods, Namespaces as metadata,
-//!   Services, EndpointSlices, VirtualServices, DestinationRules), each object converted to JSON and
-//!   read through the same serde types and checks as files ([`sluice_config::parse_api_object`]). A
-//!   relist is applied as one atomic resync at `InitDone`: an object present before and after never
-//!   disappears. Errors are retried with kube's default back-off; a `403` names the missing
-//!   permission.
+//! * [`watch`]: one `kube::runtime::watcher` per kind (this node's Pods, every node's Pods as
+//!   metadata, Namespaces as metadata, Services, EndpointSlices, VirtualServices,
+//!   DestinationRules), each object converted to JSON and read through the same serde types and
+//!   checks as files ([`sluice_config::parse_api_object`]). A relist is applied as one atomic
+//!   resync at `InitDone` (every node's pods: streamed, then a retain of the listed set): an object
+//!   present before and after never disappears. Errors are retried with kube's default back-off; a
+//!   `403` names the missing permission.
 //! * [`status`]: what `sluice status` shows under `kubernetes` (per-kind sync, errors, forbidden).
 //! * [`events`]: Kubernetes Events (`SluiceRejected`) on rejected Istio objects.
 //! * [`Kubernetes::start`]: wires them to one store task, which publishes a snapshot only once every
@@ -38,7 +39,8 @@ pub struct RbacRule {
 }
 
 /// Exactly what this crate requests: list and watch for each watched kind (the watcher lists, then
-/// watches), and create/patch of `events.k8s.io` Events (the Recorder creates an Event, then
+/// watches; this node's Pods and every node's Pod metadata are both `pods`: RBAC grants a resource,
+/// not a field selector or a representation), and create/patch of `events.k8s.io` Events (the Recorder creates an Event, then
 /// patches its series when the same one recurs). API discovery (`GET /apis`, to pick the Istio
 /// version) is a non-resource URL every authenticated client may read (`system:discovery`).
 pub const RBAC_RULES: &[RbacRule] = &[
@@ -115,7 +117,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
 /// Settings of Kubernetes mode.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// This node: only its Pods are watched.
+    /// This node: only its Pods are watched in full (the rest by their metadata).
     pub node_name: String,
     /// How objects are interpreted (cluster domain, enrollment label).
     pub build: BuildOptions,
@@ -256,6 +258,12 @@ mod tests {
             (events.group, events.verbs),
             ("events.k8s.io", &["create", "patch"][..])
         );
-        assert_eq!(RBAC_RULES.len(), watch::kinds().len() + 1, "nothing else");
+        // Nothing else. Two watches read pods (this node's in full, every node's metadata), under
+        // one rule: RBAC cannot tell them apart.
+        let resources: std::collections::BTreeSet<_> = watch::kinds()
+            .iter()
+            .map(|k| (k.group, k.resource))
+            .collect();
+        assert_eq!(RBAC_RULES.len(), resources.len() + 1, "nothing else");
     }
 }

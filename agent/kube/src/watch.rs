@@ -6,6 +6,13 @@
 //! and `kind`, without `managedFields`) and read by [`sluice_config::parse_api_object`]: the same
 //! types, checks and field paths as files.
 //!
+//! Pods are watched twice: this node's in full (`spec.nodeName` field selector: enrollment and
+//! client identity need their status and containers), and every node's as metadata only
+//! ([`POD_METADATA_KIND`]: the labels and controller of the pod behind any endpoint, for
+//! DestinationRule subsets and the telemetry identity of a destination on another node). The
+//! second is a cluster's worth of pods: each is cut down to those fields on arrival, and a
+//! (re)list is streamed into the store and ended by the set to keep rather than buffered.
+//!
 //! Istio kinds are watched in one version, chosen by discovery: `v1` when the API server serves it,
 //! else `v1beta1`, else `v1alpha3`. All versions of a CRD are views of the same stored objects (the
 //! API server converts between them), so one watch sees every object whichever version it was
@@ -22,6 +29,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use serde::Serialize;
 use serde_json::Value;
+use sluice_config::k8s::POD_METADATA_KIND;
 use sluice_config::{parse_api_object, Event, ObjectId, Update};
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
@@ -66,6 +74,7 @@ pub fn kinds() -> Vec<Kind> {
     };
     vec![
         k("Pod", "", "pods", Some("v1")),
+        k(POD_METADATA_KIND, "", "pods", Some("v1")),
         k("Namespace", "", "namespaces", Some("v1")),
         k("Service", "", "services", Some("v1")),
         k(
@@ -97,10 +106,21 @@ pub(crate) async fn run(
     let config = watcher::Config::default();
     match kind.kind {
         "Pod" => {
-            // Only this node's pods: a node agent must never fetch the whole cluster's.
+            // Only this node's pods in full: a node agent must never fetch the whole cluster's
+            // specs and statuses (every node's pods come as metadata only, below).
             let config = config.fields(&format!("spec.nodeName={node_name}"));
             let stream = watcher(Api::<Pod>::all(client), config);
             drive(&sink, stream, |p| typed_json(&p)).await
+        }
+        POD_METADATA_KIND => {
+            // Every node's pods, metadata only: who the pod behind an endpoint is (its labels for
+            // subsets, its controller for telemetry). A cluster can hold 100,000s: each is cut
+            // down on arrival and a list is streamed to the store, never held twice.
+            let api = Api::<PartialObjectMeta<Pod>>::all(client);
+            drive_streamed(&sink, watcher(api, config), |m| {
+                pod_metadata_json(m.metadata)
+            })
+            .await
         }
         "Namespace" => {
             // Labels are all Sluice reads: metadata only.
@@ -269,6 +289,82 @@ where
             }
         }
     }
+}
+
+/// [`drive`] for a kind too large to hold twice: each listed object is converted and sent to the
+/// store as it arrives, and the end of a list says which objects remain ([`Event::Retain`]).
+async fn drive_streamed<T, S, F>(sink: &Sink, stream: S, to_json: F)
+where
+    S: Stream<Item = Result<watcher::Event<T>, watcher::Error>> + Send,
+    F: Fn(T) -> Value,
+{
+    let stream = stream.default_backoff();
+    futures_util::pin_mut!(stream);
+    let mut keep: Vec<(String, String)> = Vec::new();
+    let mut synced = false;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(watcher::Event::Init) => keep.clear(),
+            Ok(watcher::Event::InitApply(o)) => {
+                for u in updates(to_json(o)) {
+                    keep.push((u.id.namespace.clone(), u.id.name.clone()));
+                    sink.send(Event::Upsert(u));
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                tracing::debug!(kind = sink.kind.kind, objects = keep.len(), "complete list");
+                sink.send(Event::Retain {
+                    kind: sink.kind.kind.to_string(),
+                    keep: std::mem::take(&mut keep),
+                });
+                if !synced {
+                    synced = true;
+                    let _ = sink.tx.send(Message::Synced(sink.index));
+                    sink.status.update_kind(sink.index, |k| k.synced = true);
+                }
+                sink.recovered();
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                for u in updates(to_json(o)) {
+                    sink.send(Event::Upsert(u));
+                }
+                sink.recovered();
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                if let Some(id) = object_id(&to_json(o)) {
+                    sink.send(Event::Delete(id));
+                }
+            }
+            Err(err) => {
+                let (verb, status) = classify(&err);
+                sink.failed(verb, &err, status);
+            }
+        }
+    }
+}
+
+/// A pod's metadata as the store reads it ([`POD_METADATA_KIND`]): name, namespace,
+/// resourceVersion, labels, and what Istio's workload rule reads (`generateName`, the controller's
+/// kind and name); annotations, managedFields and the rest are dropped here.
+fn pod_metadata_json(meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Value {
+    let controller = meta
+        .owner_references
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| r.controller == Some(true))
+        .map(|r| vec![serde_json::json!({"kind": r.kind, "name": r.name, "controller": true})]);
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": POD_METADATA_KIND,
+        "metadata": {
+            "name": meta.name,
+            "namespace": meta.namespace,
+            "resourceVersion": meta.resource_version,
+            "generateName": meta.generate_name,
+            "labels": meta.labels,
+            "ownerReferences": controller,
+        },
+    })
 }
 
 /// Picks the Istio version to watch, retrying discovery with back-off while it fails. While the
@@ -582,6 +678,135 @@ mod tests {
                 .as_deref(),
             Some("Service shop/pricing")
         );
+    }
+}
+
+#[cfg(test)]
+mod pod_metadata {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+        ManagedFieldsEntry, ObjectMeta, OwnerReference,
+    };
+    use sluice_config::{BuildOptions, Store};
+
+    /// A Deployment's pod as the API server returns it, with what Sluice must not keep.
+    fn pod() -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("reviews-v1-5d9c7-x2x8q".into()),
+                generate_name: Some("reviews-v1-5d9c7-".into()),
+                namespace: Some("shop".into()),
+                resource_version: Some("41".into()),
+                uid: Some("u-1".into()),
+                labels: Some(
+                    [
+                        ("app", "reviews"),
+                        ("version", "v1"),
+                        ("pod-template-hash", "5d9c7"),
+                    ]
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .into(),
+                ),
+                annotations: Some(
+                    [(
+                        "kubectl.kubernetes.io/restartedAt".to_string(),
+                        "x".repeat(2000),
+                    )]
+                    .into(),
+                ),
+                managed_fields: Some(vec![ManagedFieldsEntry {
+                    manager: Some("kube-controller-manager".into()),
+                    ..ManagedFieldsEntry::default()
+                }]),
+                owner_references: Some(vec![
+                    OwnerReference {
+                        api_version: "v1".into(),
+                        kind: "ConfigMap".into(),
+                        name: "not-the-controller".into(),
+                        uid: "u-2".into(),
+                        ..OwnerReference::default()
+                    },
+                    OwnerReference {
+                        api_version: "apps/v1".into(),
+                        kind: "ReplicaSet".into(),
+                        name: "reviews-v1-5d9c7".into(),
+                        uid: "u-3".into(),
+                        controller: Some(true),
+                        block_owner_deletion: Some(true),
+                    },
+                ]),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("node-a".into()),
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                pod_ip: Some("10.1.0.7".into()),
+                phase: Some("Running".into()),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    fn registry() -> Vec<Value> {
+        vec![
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "reviews", "namespace": "shop", "resourceVersion": "1"},
+                "spec": {"clusterIP": "10.96.0.9", "ports": [{"name": "http", "port": 80}]}}),
+            serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "reviews-a", "namespace": "shop", "resourceVersion": "2",
+                             "labels": {"kubernetes.io/service-name": "reviews"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 9080}],
+                "endpoints": [{"addresses": ["10.1.0.7"],
+                               "targetRef": {"kind": "Pod", "namespace": "shop", "name": "reviews-v1-5d9c7-x2x8q"}}]}),
+        ]
+    }
+
+    fn snapshot(objects: Vec<Value>) -> std::sync::Arc<sluice_policy::Snapshot> {
+        let mut store = Store::new(BuildOptions::default());
+        for v in objects {
+            for u in updates(v) {
+                store.apply(Event::Upsert(u));
+            }
+        }
+        store.commit().snapshot
+    }
+
+    #[test]
+    fn a_pod_known_in_full_or_by_its_metadata_has_one_identity() {
+        let json = pod_metadata_json(pod().metadata);
+        // Only what identity and subsets need travels on.
+        let meta = json["metadata"].as_object().unwrap();
+        assert!(
+            !meta.contains_key("annotations")
+                && !meta.contains_key("managedFields")
+                && !meta.contains_key("uid")
+        );
+        assert_eq!(
+            json["metadata"]["ownerReferences"].as_array().map(Vec::len),
+            Some(1)
+        );
+
+        // This node's view: the full Pod (its workload) and its metadata (the endpoint).
+        let mut objects = registry();
+        objects.push(typed_json(&pod()));
+        objects.push(json.clone());
+        let both = snapshot(objects);
+        let workload_side = both.workloads["shop/reviews-v1-5d9c7-x2x8q"].identity();
+        assert_eq!(workload_side.workload, "reviews-v1");
+        let endpoint = &both.clusters.values().next().unwrap().endpoints[0];
+        assert_eq!(endpoint.identity.as_deref(), Some(&workload_side));
+
+        // Another node's view: the metadata alone, the same identity and labels; no workload.
+        let mut objects = registry();
+        objects.push(json);
+        let remote = snapshot(objects);
+        assert!(remote.workloads.is_empty());
+        let endpoint = &remote.clusters.values().next().unwrap().endpoints[0];
+        assert_eq!(endpoint.identity.as_deref(), Some(&workload_side));
+        assert_eq!(endpoint.labels["version"], "v1");
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Endpoint {
     pub pod: Option<String>,
     /// The pod's labels (subsets select on these).
     pub labels: BTreeMap<String, String>,
+    /// The pod's telemetry identity (`destination_workload`, ...), when the pod is known.
+    pub identity: Option<std::sync::Arc<crate::Identity>>,
 }
 
 /// A cluster: endpoints plus the traffic policy for them.

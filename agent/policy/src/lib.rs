@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod identity;
 mod route;
 mod serde_duration;
 mod snapshot;
@@ -12,12 +13,15 @@ pub use self::cluster::{
     Cluster, ClusterKey, ConnectionPool, Endpoint, H2UpgradePolicy, LoadBalancer, OutlierDetection,
     RetryBudgetPolicy, TcpKeepalive, TrafficPolicy, Warmup,
 };
+pub use self::identity::{Identity, Owner, UNKNOWN, WORKLOAD_NAME_LABEL};
 pub use self::route::{
     DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOperations, IpNet, L4Match,
     QueryMatch, RequestMatch, RetryOn, RetryPolicy, Route, StringMatch, TcpRoute, VirtualHost,
-    WeightedDestination, GRPC_STATUS_NAMES,
+    WeightedDestination, GRPC_STATUS_NAMES, INCOMING_PORT,
 };
-pub use self::snapshot::{Rejection, Service, ServicePort, Snapshot, Workload};
+pub use self::snapshot::{
+    NamespaceView, Rejection, Service, ServiceExportTo, ServicePort, Snapshot, Workload,
+};
 
 /// The Kubernetes cluster domain when none is configured (`--cluster-domain`); the one in force is
 /// [`Snapshot::cluster_domain`].

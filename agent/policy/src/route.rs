@@ -15,7 +15,9 @@ pub struct VirtualHost {
     /// Routes in order; the first whose match succeeds wins.
     pub routes: Vec<Route>,
     /// `tcp[]`, for connections proxied at L4, in order; the first that matches wins, none
-    /// matching leaves the connection on the service port's own cluster.
+    /// matching leaves the connection on the service port's own cluster. A rule with a
+    /// destination without `port` on a Service of several ports is one rule per port here (each
+    /// matching only its port), so every destination names its port.
     pub tcp_routes: Vec<TcpRoute>,
 }
 
@@ -102,7 +104,8 @@ pub struct Route {
     pub name: String,
     /// Any one of these must match; empty matches everything.
     pub matches: Vec<RequestMatch>,
-    /// Where matching requests go; weights sum to the total used for picking.
+    /// Where matching requests go; weights sum to the total used for picking. A destination
+    /// without `port` has port [`INCOMING_PORT`].
     pub destinations: Vec<WeightedDestination>,
     /// `timeout`: whole-request deadline including retries; `None` is no deadline.
     #[serde(serialize_with = "crate::serde_duration::opt")]
@@ -147,8 +150,32 @@ pub struct HeaderOperations {
 /// A destination with its weight.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WeightedDestination {
+    /// The cluster. Port [`INCOMING_PORT`] (an HTTP route's destination without `port`) stands for
+    /// the Service port the request came in on, as istiod fills it in per listener port.
     pub cluster: ClusterKey,
     pub weight: u32,
+}
+
+/// The port of a destination that goes to the port the request came in on.
+pub const INCOMING_PORT: u16 = 0;
+
+impl WeightedDestination {
+    /// The cluster for a request that came in on `port`.
+    pub fn cluster_for(&self, port: u16) -> ClusterKey {
+        if self.cluster.port == INCOMING_PORT {
+            ClusterKey {
+                port,
+                ..self.cluster.clone()
+            }
+        } else {
+            self.cluster.clone()
+        }
+    }
+
+    /// Whether the destination takes the port the request came in on.
+    pub fn takes_incoming_port(&self) -> bool {
+        self.cluster.port == INCOMING_PORT
+    }
 }
 
 /// One `match[]` entry: every condition given must hold.

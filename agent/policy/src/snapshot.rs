@@ -19,6 +19,32 @@ pub struct Service {
     /// `spec.clusterIP(s)`; empty for headless services.
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// The `networking.istio.io/exportTo` annotation: which client namespaces see the Service.
+    pub export_to: ServiceExportTo,
+}
+
+/// Which client namespaces see a Service (Istio's `IsServiceVisible`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceExportTo {
+    /// `*` (the default): every namespace.
+    #[default]
+    Public,
+    /// `~`: no namespace.
+    Nobody,
+    /// `.` (as the Service's own namespace) and namespace names.
+    Namespaces(Vec<String>),
+}
+
+impl Service {
+    /// Whether a client in `namespace` sees this Service.
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        match &self.export_to {
+            ServiceExportTo::Public => true,
+            ServiceExportTo::Nobody => false,
+            ServiceExportTo::Namespaces(names) => names.iter().any(|n| n == namespace),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -52,6 +78,21 @@ pub struct Workload {
     pub phase: Option<String>,
     /// `status.containerStatuses[].containerID` (`containerd://<id>`), those that are set.
     pub container_ids: Vec<String>,
+    /// Its controller as Istio's workload rule sees it (see [`crate::Owner`]: none for a pod
+    /// named by hand), if any.
+    pub owner: Option<crate::Owner>,
+}
+
+impl Workload {
+    /// Istio's telemetry identity of this pod.
+    pub fn identity(&self) -> crate::Identity {
+        crate::Identity::of_pod(
+            &self.name,
+            &self.namespace,
+            &self.labels,
+            self.owner.as_ref(),
+        )
+    }
 }
 
 impl Workload {
@@ -98,13 +139,19 @@ pub struct Snapshot {
     pub cluster_domain: String,
     /// Services by host name.
     pub services: BTreeMap<String, Arc<Service>>,
-    /// Routing by exact destination host name (from VirtualServices bound to the mesh).
+    /// Routing by exact destination host name (from VirtualServices bound to the mesh), as a
+    /// client sees it whose namespace no object singles out (see [`Snapshot::namespaces`]).
     pub virtual_hosts: BTreeMap<String, Arc<VirtualHost>>,
-    /// Routing by wildcard host (`*.example.com`, `*`), most specific first.
+    /// Routing by wildcard host (`*.example.com`, `*`), most specific first; the same view.
     pub wildcard_hosts: Vec<(String, Arc<VirtualHost>)>,
-    /// Clusters by key (serialized as a list: JSON keys must be strings).
+    /// Clusters by key (serialized as a list: JSON keys must be strings), with the
+    /// DestinationRules that same client sees.
     #[serde(serialize_with = "values")]
     pub clusters: BTreeMap<ClusterKey, Arc<Cluster>>,
+    /// Client namespaces that see other VirtualServices or DestinationRules than the view above
+    /// (`exportTo`, a namespace's own DestinationRules first), with what differs. A namespace not
+    /// listed sees the view above.
+    pub namespaces: BTreeMap<String, NamespaceView>,
     /// Pods by `namespace/name`.
     pub workloads: BTreeMap<String, Arc<Workload>>,
     /// Objects skipped in this generation (they keep their last good version where they had one).
@@ -122,10 +169,30 @@ impl Default for Snapshot {
             virtual_hosts: BTreeMap::new(),
             wildcard_hosts: Vec::new(),
             clusters: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
             workloads: BTreeMap::new(),
             rejections: Vec::new(),
             warnings: Vec::new(),
         }
+    }
+}
+
+/// What clients of one namespace see differently from the view of [`Snapshot::virtual_hosts`] and
+/// [`Snapshot::clusters`]; hosts not listed are as there.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NamespaceView {
+    /// The VirtualService routing each Service host name (`None`: none does, Istio's implicit
+    /// route applies).
+    pub virtual_hosts: BTreeMap<String, Option<Arc<VirtualHost>>>,
+    /// Every cluster of each Service host name whose DestinationRule differs (an empty set: the
+    /// Service is not visible to the namespace).
+    #[serde(serialize_with = "nested_values")]
+    pub clusters: BTreeMap<String, BTreeMap<ClusterKey, Arc<Cluster>>>,
+}
+
+impl NamespaceView {
+    pub fn is_empty(&self) -> bool {
+        self.virtual_hosts.is_empty() && self.clusters.is_empty()
     }
 }
 
@@ -170,6 +237,30 @@ impl Snapshot {
         self.clusters.get(key)
     }
 
+    /// The routing for a Service host name as a client in `namespace` sees it.
+    pub fn virtual_host_in(&self, namespace: &str, hostname: &str) -> Option<&Arc<VirtualHost>> {
+        match self
+            .namespaces
+            .get(namespace)
+            .and_then(|v| v.virtual_hosts.get(hostname))
+        {
+            Some(choice) => choice.as_ref(),
+            None => self.virtual_host(hostname),
+        }
+    }
+
+    /// The cluster `key` as a client in `namespace` sees it (its DestinationRule).
+    pub fn cluster_in(&self, namespace: &str, key: &ClusterKey) -> Option<&Arc<Cluster>> {
+        match self
+            .namespaces
+            .get(namespace)
+            .and_then(|v| v.clusters.get(&key.host))
+        {
+            Some(clusters) => clusters.get(key),
+            None => self.clusters.get(key),
+        }
+    }
+
     /// The pod that owns `ip`, if any.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.values().find(|w| w.ips.contains(&ip))
@@ -181,6 +272,16 @@ fn values<S: serde::Serializer, K, V: Serialize>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.collect_seq(map.values())
+}
+
+fn nested_values<S: serde::Serializer, K: Serialize + Ord, K2, V: Serialize>(
+    map: &BTreeMap<K, BTreeMap<K2, V>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        map.iter()
+            .map(|(k, inner)| (k, inner.values().collect::<Vec<_>>())),
+    )
 }
 
 /// Istio host wildcards: `*` matches everything, `*.foo.com` matches any name ending in `.foo.com`.
@@ -218,6 +319,7 @@ mod tests {
                     hostname,
                     cluster_ips: vec![],
                     ports: vec![],
+                    export_to: ServiceExportTo::Public,
                 }),
             );
         }
@@ -260,6 +362,7 @@ mod tests {
                 hostname,
                 cluster_ips: vec![],
                 ports: vec![],
+                export_to: ServiceExportTo::Public,
             }),
         );
         assert!(snap.resolve_host("pricing", "shop").is_some());

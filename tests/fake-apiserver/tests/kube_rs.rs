@@ -595,6 +595,104 @@ async fn metadata_watcher_follows_namespace_labels() {
 }
 
 #[tokio::test]
+async fn metadata_only_pods_of_every_node_carry_owners_not_specs_and_follow_changes() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let mut owned = pod(
+        "default",
+        "web-5d9c7-x2x8q",
+        "node-b",
+        json!({"pod-template-hash": "5d9c7"}),
+    );
+    owned["metadata"]["generateName"] = "web-5d9c7-".into();
+    owned["metadata"]["annotations"] = json!({"note": "kept by the server, sent by it too"});
+    owned["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d9c7", "uid": "u1", "controller": true}]);
+    owned["status"] = json!({"phase": "Running", "podIP": "10.1.0.7"});
+    fake.create(owned).unwrap();
+    fake.create(pod("default", "a1", "node-a", json!({"v": "1"})))
+        .unwrap();
+    let (client, _dir) = client(&fake).await;
+    let pods = reflect(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    tokio::time::timeout(Duration::from_secs(5), pods.store.wait_until_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        names(&pods.store),
+        ["a1", "web-5d9c7-x2x8q"],
+        "every node's"
+    );
+    let web = pods
+        .store
+        .state()
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some("web-5d9c7-x2x8q"))
+        .unwrap();
+    assert_eq!(web.metadata.generate_name.as_deref(), Some("web-5d9c7-"));
+    let owner = &web.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("ReplicaSet", "web-5d9c7", Some(true))
+    );
+    // A status change is a new version of the metadata too (the real server's behaviour): the
+    // watch reports it, with the new resourceVersion and nothing else different.
+    let rv = web.metadata.resource_version.clone().unwrap();
+    let mut changed = fake.get("Pod/default/web-5d9c7-x2x8q").unwrap();
+    changed["status"]["phase"] = "Succeeded".into();
+    fake.replace(changed).unwrap();
+    eventually("the status change reported", Duration::from_secs(5), || {
+        pods.store.state().iter().any(|p| {
+            p.metadata.name.as_deref() == Some("web-5d9c7-x2x8q")
+                && p.metadata.resource_version.as_deref() != Some(rv.as_str())
+        })
+    })
+    .await;
+    // The wire form: metadata only, in both the list and the watch.
+    let reqs: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/api/v1/pods")
+        .collect();
+    assert!(reqs.iter().any(|r| r.verb == "list") && reqs.iter().any(|r| r.verb == "watch"));
+    assert!(
+        reqs.iter()
+            .all(|r| r.metadata_only && r.param("fieldSelector").is_none()),
+        "{reqs:#?}"
+    );
+    let raw = client
+        .request_text(
+            http::Request::get("/api/v1/pods")
+                .header(
+                    "Accept",
+                    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+                )
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let raw: Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(raw["kind"], "PartialObjectMetadataList");
+    for item in raw["items"].as_array().unwrap() {
+        assert!(
+            item.get("spec").is_none() && item.get("status").is_none(),
+            "{item}"
+        );
+    }
+    // Forbidden like any other list: RBAC grants `pods`, whatever the representation.
+    fake.forbid("list", "", "pods");
+    match Api::<PartialObjectMeta<Pod>>::all(client)
+        .list_metadata(&ListParams::default())
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403),
+        other => panic!("expected a 403, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn crds_are_served_under_every_version_and_discovery_finds_them() {
     let fake = FakeApiServer::start().await.unwrap();
     let (client, _dir) = client(&fake).await;
