@@ -21,6 +21,91 @@ pub enum OverflowKind {
     Retries,
 }
 
+/// Why the proxy shed work: one client pod at one of its own limits, or the whole proxy short of
+/// a resource. Each is answered `503` with Envoy's overload flag `OM` and these details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Overload {
+    /// The pod has as many connections open to the proxy as it may.
+    PodConnections,
+    /// The pod has as many requests in flight as it may.
+    PodRequests,
+    /// The pod holds as many upstream connections (HTTP/1 attempts, L4 connections) as it may.
+    PodUpstreamConnections,
+    /// The proxy is short of file descriptors (new work from the pods holding the most goes
+    /// first; then all of it).
+    FileDescriptors,
+    /// The proxy is near its memory limit (as above).
+    Memory,
+}
+
+impl Overload {
+    pub const ALL: [Overload; 5] = [
+        Self::PodConnections,
+        Self::PodRequests,
+        Self::PodUpstreamConnections,
+        Self::FileDescriptors,
+        Self::Memory,
+    ];
+
+    /// `%RESPONSE_CODE_DETAILS%` (Envoy's overload manager logs `overload`; these say which).
+    pub fn details(self) -> &'static str {
+        match self {
+            Self::PodConnections => "overload_pod_connections",
+            Self::PodRequests => "overload_pod_requests",
+            Self::PodUpstreamConnections => "overload_pod_upstream_connections",
+            Self::FileDescriptors => "overload_file_descriptors",
+            Self::Memory => "overload_memory",
+        }
+    }
+
+    /// The local reply's body.
+    pub fn body(self) -> &'static str {
+        match self {
+            Self::PodConnections => {
+                "overloaded: this pod has too many connections open to the node proxy"
+            }
+            Self::PodRequests => {
+                "overloaded: this pod has too many requests in flight through the node proxy"
+            }
+            Self::PodUpstreamConnections => {
+                "overloaded: this pod holds too many upstream connections through the node proxy"
+            }
+            Self::FileDescriptors => "overloaded: the node proxy is short of file descriptors",
+            Self::Memory => "overloaded: the node proxy is near its memory limit",
+        }
+    }
+}
+
+/// A budget that units are taken from and given back to.
+pub trait Quota: Send + Sync + 'static {
+    /// Takes one unit, or says why not (nothing is held then).
+    fn try_take(&self) -> Result<(), Overload>;
+    /// Gives one unit back.
+    fn release(&self);
+}
+
+/// A share of a budget that an attempt holds while it has an upstream connection to itself (an
+/// HTTP/1 request, an L4 connection): given back when dropped.
+pub struct QuotaUnit(Arc<dyn Quota>);
+
+impl Drop for QuotaUnit {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// The client's budget of upstream connections, carried in a request's extensions: the cluster
+/// takes a unit before an attempt takes a connection of its own. Cloning it clones an `Arc`.
+#[derive(Clone)]
+pub struct UpstreamQuota(pub Arc<dyn Quota>);
+
+impl UpstreamQuota {
+    pub fn take(&self) -> Result<QuotaUnit, Overload> {
+        self.0.try_take()?;
+        Ok(QuotaUnit(self.0.clone()))
+    }
+}
+
 /// Where a failure came from. Only upstream failures may ever reach outlier detection; a downstream
 /// failure (the client went away) never does, and a local one (the proxy's own limits and routing)
 /// never reached an upstream.
@@ -132,10 +217,18 @@ pub enum ProxyError {
     /// The upstream connection closed before a response.
     #[error("upstream connection terminated: {0}")]
     ConnectionTermination(#[source] Cause),
+    /// The upstream's response was not valid HTTP (a bad status line or header, conflicting
+    /// `content-length`s) or its body ended before its declared length: Envoy's codec calls this
+    /// a protocol error and resets the stream (`UPE`, 502 before the response started).
+    #[error("upstream protocol error: {0}")]
+    ProtocolError(#[source] Cause),
     /// The client went away (its request body failed) before the response: nothing the upstream
     /// did, and no one is left to answer.
     #[error("downstream connection terminated: {0}")]
     DownstreamTermination(#[source] Cause),
+    /// The proxy shed the request to protect the other clients or itself.
+    #[error("overloaded: {}", .0.details())]
+    Overload(Overload),
     /// No route matched the request.
     #[error("no route matched")]
     NoRoute,
@@ -161,11 +254,14 @@ impl ProxyError {
             | Self::ConnectFailure(_)
             | Self::RemoteReset { .. }
             | Self::RefusedStream
-            | Self::ConnectionTermination(_) => Origin::Upstream,
+            | Self::ConnectionTermination(_)
+            | Self::ProtocolError(_) => Origin::Upstream,
             Self::DownstreamTermination(_) => Origin::Downstream,
-            Self::Overflow(_) | Self::NoHealthyUpstream | Self::NoRoute | Self::NoCluster(_) => {
-                Origin::Local
-            }
+            Self::Overflow(_)
+            | Self::Overload(_)
+            | Self::NoHealthyUpstream
+            | Self::NoRoute
+            | Self::NoCluster(_) => Origin::Local,
         }
     }
 
@@ -176,6 +272,7 @@ impl ProxyError {
             Self::RequestTimeout(_) | Self::PerTryTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::DownstreamTermination(_) => StatusCode::BAD_REQUEST,
+            Self::ProtocolError(_) => StatusCode::BAD_GATEWAY,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -187,10 +284,12 @@ impl ProxyError {
                 ResponseFlags::UPSTREAM_REQUEST_TIMEOUT
             }
             Self::Overflow(_) => ResponseFlags::UPSTREAM_OVERFLOW,
+            Self::Overload(_) => ResponseFlags::OVERLOAD_MANAGER,
             Self::NoHealthyUpstream => ResponseFlags::NO_HEALTHY_UPSTREAM,
             Self::ConnectFailure(_) => ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
             Self::RemoteReset { .. } | Self::RefusedStream => ResponseFlags::UPSTREAM_REMOTE_RESET,
             Self::ConnectionTermination(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+            Self::ProtocolError(_) => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
             Self::DownstreamTermination(_) => ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
             Self::NoRoute => ResponseFlags::NO_ROUTE_FOUND,
             Self::NoCluster(_) => ResponseFlags::NO_CLUSTER_FOUND,
@@ -208,6 +307,7 @@ impl ProxyError {
             Self::ConnectFailure(_) => "remote connection failure",
             Self::RemoteReset { .. } | Self::RefusedStream => "remote reset",
             Self::ConnectionTermination(_) => "connection termination",
+            Self::ProtocolError(_) => "protocol error",
             _ => return None,
         })
     }
@@ -228,7 +328,23 @@ impl ProxyError {
         match self {
             Self::RequestTimeout(_) | Self::PerTryTimeout(_) => "upstream request timeout".into(),
             Self::NoHealthyUpstream => "no healthy upstream".into(),
+            Self::Overload(why) => why.body().into(),
             _ => "".into(),
+        }
+    }
+
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` for the failures whose details the access log shows
+    /// (`started`: the response headers had already gone to the client).
+    pub fn details(&self, started: bool) -> Option<&'static str> {
+        match (self, started) {
+            (Self::ProtocolError(_), false) => {
+                Some("upstream_reset_before_response_started{protocol_error}")
+            }
+            (Self::ProtocolError(_), true) => {
+                Some("upstream_reset_after_response_started{protocol_error}")
+            }
+            (Self::Overload(why), _) => Some(why.details()),
+            _ => None,
         }
     }
 
@@ -300,6 +416,21 @@ mod tests {
         assert!(timed_out
             .body(false)
             .ends_with("reset reason: connection timeout"));
+
+        // Envoy 1.40's reply to an upstream that answered `HTTP/1.1 abc`.
+        let bad = ProxyError::ProtocolError(Cause::new(io::Error::other("invalid status")));
+        assert_eq!(bad.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(bad.flag().to_string(), "UPE");
+        assert_eq!(
+            bad.body(false),
+            "upstream connect error or disconnect/reset before headers. reset reason: protocol \
+             error"
+        );
+        assert_eq!(
+            bad.details(false),
+            Some("upstream_reset_before_response_started{protocol_error}")
+        );
+        assert_eq!(bad.origin(), Origin::Upstream);
 
         let gone = ProxyError::DownstreamTermination(Cause::new(io::Error::from(
             io::ErrorKind::ConnectionReset,

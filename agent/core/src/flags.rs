@@ -4,7 +4,7 @@ use std::fmt;
 
 /// A set of Envoy response flags. Printed in Envoy's order, comma-separated, `-` when empty.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct ResponseFlags(u16);
+pub struct ResponseFlags(u32);
 
 macro_rules! flags {
     ($($(#[$doc:meta])* $name:ident = $bit:expr, $short:literal;)*) => {
@@ -43,6 +43,17 @@ flags! {
     DOWNSTREAM_CONNECTION_TERMINATION = 11, "DC";
     /// The connection's maximum duration was reached (TCP proxy `max_downstream_connection_duration`).
     DURATION_TIMEOUT = 12, "DT";
+    /// The client's request broke the protocol or the proxy's limits on it (header size or count).
+    DOWNSTREAM_PROTOCOL_ERROR = 13, "DPE";
+    /// The upstream's response was not valid HTTP (status line, headers, framing).
+    UPSTREAM_PROTOCOL_ERROR = 14, "UPE";
+    /// The stream was reset on the client's side of the proxy (HTTP/2: Envoy logs its codec's own
+    /// resets of a stream over the header limits so).
+    DOWNSTREAM_REMOTE_RESET = 15, "DR";
+    /// The proxy shed the request or connection to protect itself or the other clients (Envoy's
+    /// overload manager flag): a pod at its own limit, or the whole proxy short of file
+    /// descriptors or memory. The details say which.
+    OVERLOAD_MANAGER = 16, "OM";
 }
 
 impl ResponseFlags {
@@ -50,11 +61,11 @@ impl ResponseFlags {
         Self(0)
     }
 
-    pub const fn bits(self) -> u16 {
+    pub const fn bits(self) -> u32 {
         self.0
     }
 
-    pub const fn from_bits(bits: u16) -> Self {
+    pub const fn from_bits(bits: u32) -> Self {
         Self(bits)
     }
 

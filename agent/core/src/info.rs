@@ -2,22 +2,54 @@
 //! Shared through the request's extensions as `Arc<RequestInfo>`; each field is set by the one layer
 //! that owns it, so the lock is never contended and never held across an await.
 
-use crate::ResponseFlags;
+use crate::{Deadline, ResponseFlags};
 use parking_lot::Mutex;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One upstream attempt of a request, as the endpoint's side of a sidecar mesh would report it
+/// (Istio's `reporter="destination"`) and as its trace span shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// Which attempt of the request (1 for the first), as `x-envoy-attempt-count` says.
+    pub attempt: u32,
+    pub endpoint: SocketAddr,
+    /// When the attempt picked its endpoint.
+    pub started: Instant,
+    /// From `started` to the end of the response body, or to the failure.
+    pub duration: Duration,
+    /// The request went out on a connection to the endpoint (the endpoint saw it).
+    pub reached: bool,
+    /// The response status; 0 when no response headers came.
+    pub status: u16,
+    /// What ended it short of a complete response, as a response flag (`UF`, `UC`, `UO`, `UT`
+    /// for the proxy's timers, `DC` when the client went away); empty when it completed.
+    pub flags: ResponseFlags,
+    /// The proxy's timer that ended it, if one did.
+    pub timeout: Option<Deadline>,
+    /// Response body bytes received from the endpoint.
+    pub response_bytes: u64,
+}
 
 #[derive(Debug, Default)]
 pub struct RequestInfo {
-    flags: AtomicU16,
+    flags: AtomicU32,
     attempts: AtomicU32,
     /// Endpoints of the attempts so far, in order; the last is the current one.
     upstreams: Mutex<Vec<SocketAddr>>,
     cluster: Mutex<Option<Arc<str>>>,
+    /// The route that took the request (`http[].name`, or `VSNAME.INDEX`; `default` for Istio's
+    /// implicit route), as the configuration in force then named it.
+    route: Mutex<Option<Arc<str>>>,
     /// Envoy's `%RESPONSE_CODE_DETAILS%` (or, for a connection, its termination details) when the
     /// proxy itself decided the outcome in a way flags do not say (`direct_response`).
     details: Mutex<Option<&'static str>>,
+    /// Every attempt that picked an endpoint, in order, once it ended.
+    attempt_records: Mutex<Vec<AttemptRecord>>,
+    /// Request body bytes received from the client.
+    request_bytes: AtomicU64,
 }
 
 impl RequestInfo {
@@ -71,6 +103,15 @@ impl RequestInfo {
         self.cluster.lock().clone()
     }
 
+    pub fn set_route(&self, name: Arc<str>) {
+        *self.route.lock() = Some(name);
+    }
+
+    /// The route that took the request, if one did.
+    pub fn route(&self) -> Option<Arc<str>> {
+        self.route.lock().clone()
+    }
+
     /// Records why the proxy answered as it did (`direct_response`, `tcp_session_idle_timeout`).
     pub fn set_details(&self, details: &'static str) {
         *self.details.lock() = Some(details);
@@ -78,6 +119,25 @@ impl RequestInfo {
 
     pub fn details(&self) -> Option<&'static str> {
         *self.details.lock()
+    }
+
+    /// Records an attempt that has ended (called once per attempt by the cluster).
+    pub fn push_attempt(&self, record: AttemptRecord) {
+        self.attempt_records.lock().push(record);
+    }
+
+    /// The attempts that have ended so far, in the order they ended.
+    pub fn attempt_records(&self) -> Vec<AttemptRecord> {
+        self.attempt_records.lock().clone()
+    }
+
+    /// Counts request body bytes received from the client.
+    pub fn add_request_bytes(&self, n: u64) {
+        self.request_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn request_bytes(&self) -> u64 {
+        self.request_bytes.load(Ordering::Relaxed)
     }
 }
 

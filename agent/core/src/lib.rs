@@ -11,10 +11,13 @@ mod flags;
 mod info;
 mod ready;
 
-pub use self::error::{Cause, ConnectError, Origin, OverflowKind, ProxyError, StaleConnections};
+pub use self::error::{
+    Cause, ConnectError, Origin, OverflowKind, Overload, ProxyError, Quota, QuotaUnit,
+    StaleConnections, UpstreamQuota,
+};
 pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
-pub use self::info::{RequestInfo, RetryAnyHost};
+pub use self::info::{AttemptRecord, RequestInfo, RetryAnyHost};
 pub use self::ready::ConnectionReady;
 
 use bytes::Bytes;

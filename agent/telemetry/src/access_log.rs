@@ -1,0 +1,541 @@
+//! One entry per request, in the order of Envoy's default format so that people who read Envoy logs
+//! can read these: `[start] "METHOD PATH PROTO" STATUS FLAGS attempts=N duration=MSms "authority"
+//! "upstream" cluster "request-id" service`. A connection proxied at L4 gets one line when it
+//! closes, in Envoy's TCP style (`"- - -" 0`, no request) with the bytes received from and sent to
+//! the client after the duration: `received=N sent=M`. When the proxy decided the outcome in a way
+//! the flags do not say, Envoy's response code (or connection termination) details follow as
+//! `details=direct_response` (`details=tcp_session_idle_timeout`) before the quoted fields; other
+//! lines have no such token. `--access-log-format json` writes one JSON object per entry instead,
+//! with the keys of Istio's JSON access log. Entries go to stdout through a writer thread (the
+//! runtime never blocks on a pipe) and to live subscribers (`sluice logs`).
+//!
+//! The cost per entry is its formatting, straight into a shared buffer under a short lock: no
+//! allocation, no channel, no wake-up. The writer thread wakes every 50 ms, or when 64 KiB are
+//! waiting, swaps the buffer for its spare and writes it with one `write` (Envoy's access-log
+//! manager likewise buffers and flushes on an interval or at 64 KiB). When stdout cannot keep up
+//! and 8 MiB are waiting, entries are dropped and counted rather than held.
+
+use crate::record::{Exchange, Record};
+use parking_lot::{Condvar, Mutex};
+use sluice_policy::UNKNOWN;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::broadcast;
+
+/// How entries are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Envoy's default text format (one line).
+    #[default]
+    Text,
+    /// One JSON object per line, with Istio's JSON access-log keys.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!(
+                "unknown access-log format {other:?}: use text or json"
+            )),
+        }
+    }
+}
+
+/// Where access-log entries go.
+#[derive(Clone)]
+pub struct AccessLog {
+    stdout: Option<Arc<Sink>>,
+    live: broadcast::Sender<Arc<str>>,
+    dropped: Arc<AtomicU64>,
+    format: LogFormat,
+}
+
+/// How long an entry may wait in the buffer before the writer writes it.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Waiting bytes that wake the writer early.
+const WAKE_AT: usize = 64 * 1024;
+/// Waiting bytes past which entries are dropped (stdout is not keeping up).
+const MAX_PENDING: usize = 8 << 20;
+
+/// The entries waiting for the writer thread.
+struct Sink {
+    pending: Mutex<String>,
+    wake: Condvar,
+    /// The writer has written everything handed to it (for [`AccessLog::flush`]).
+    written: Condvar,
+    writing: AtomicBool,
+}
+
+impl AccessLog {
+    /// `to_stdout`: also print entries (the default, like Istio's demo profile).
+    pub fn new(to_stdout: bool) -> Self {
+        Self::with_format(to_stdout, LogFormat::Text)
+    }
+
+    pub fn with_format(to_stdout: bool, format: LogFormat) -> Self {
+        let out = to_stdout.then(|| Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>);
+        Self::writing_to(out, format)
+    }
+
+    /// Entries to `out` (in place of stdout) through the same writer thread.
+    pub fn writing_to(out: Option<Box<dyn std::io::Write + Send>>, format: LogFormat) -> Self {
+        let (live, _) = broadcast::channel(1024);
+        let stdout = out.map(|out| {
+            let sink = Arc::new(Sink {
+                pending: Mutex::new(String::with_capacity(WAKE_AT * 2)),
+                wake: Condvar::new(),
+                written: Condvar::new(),
+                writing: AtomicBool::new(false),
+            });
+            let writer = Arc::downgrade(&sink);
+            std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(writer, out))
+                .expect("spawn access-log writer");
+            sink
+        });
+        Self {
+            stdout,
+            live,
+            dropped: Arc::new(AtomicU64::new(0)),
+            format,
+        }
+    }
+
+    /// A stream of entries as they are logged.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.live.subscribe()
+    }
+
+    /// Entries dropped because stdout could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The entry of a finished request or L4 connection.
+    pub(crate) fn log(&self, record: &Record) {
+        let live = self.live.receiver_count() > 0;
+        if self.stdout.is_none() && !live {
+            return;
+        }
+        let now = SystemTime::now();
+        if live {
+            // Subscribers get the line on its own; stdout gets a copy.
+            let mut line = String::with_capacity(256);
+            self.format(&mut line, record, now);
+            if let Some(sink) = &self.stdout {
+                self.append(sink, |buf| buf.push_str(&line));
+            }
+            let _ = self.live.send(Arc::from(line));
+        } else if let Some(sink) = &self.stdout {
+            self.append(sink, |buf| self.format(buf, record, now));
+        }
+    }
+
+    fn format(&self, out: &mut String, record: &Record, now: SystemTime) {
+        match self.format {
+            LogFormat::Text => write_line(out, record, now),
+            LogFormat::Json => out.push_str(&format_json(record, now)),
+        }
+    }
+
+    /// Appends one line to the pending entries (`write` writes it, without its newline).
+    fn append(&self, sink: &Sink, write: impl FnOnce(&mut String)) {
+        let mut pending = sink.pending.lock();
+        let before = pending.len();
+        if before >= MAX_PENDING {
+            drop(pending);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        write(&mut pending);
+        pending.push('\n');
+        if before < WAKE_AT && pending.len() >= WAKE_AT {
+            sink.wake.notify_one();
+        }
+    }
+
+    /// Writes every entry logged so far to stdout before it returns (at most a second): called
+    /// on shutdown, so the last entries are not lost with the process.
+    pub fn flush(&self) {
+        let Some(sink) = &self.stdout else { return };
+        let mut pending = sink.pending.lock();
+        // Bounded: 20 waits of at most 50 ms, whatever the writer does.
+        for _ in 0..20 {
+            if pending.is_empty() && !sink.writing.load(Ordering::Acquire) {
+                return;
+            }
+            sink.wake.notify_one();
+            sink.written
+                .wait_for(&mut pending, Duration::from_millis(50));
+        }
+    }
+}
+
+/// The writer thread: every [`FLUSH_EVERY`], or when woken by a full batch, takes what is
+/// pending (leaving its emptied spare in its place, so neither buffer is reallocated) and writes
+/// it with one `write`. Ends when the log is gone, after writing what was left.
+fn write_lines(sink: std::sync::Weak<Sink>, mut out: Box<dyn std::io::Write + Send>) {
+    let mut spare = String::with_capacity(WAKE_AT * 2);
+    loop {
+        let Some(s) = sink.upgrade() else { return };
+        {
+            let mut pending = s.pending.lock();
+            if pending.is_empty() {
+                s.written.notify_all();
+                let _ = s.wake.wait_for(&mut pending, FLUSH_EVERY);
+            }
+            std::mem::swap(&mut *pending, &mut spare);
+            s.writing.store(!spare.is_empty(), Ordering::Release);
+        }
+        if !spare.is_empty() {
+            let _ = out.write_all(spare.as_bytes());
+            let _ = out.flush();
+            spare.clear();
+            // A batch far larger than usual gives its memory back.
+            if spare.capacity() > WAKE_AT * 16 {
+                spare = String::with_capacity(WAKE_AT * 2);
+            }
+            let _guard = s.pending.lock();
+            s.writing.store(false, Ordering::Release);
+            s.written.notify_all();
+        }
+    }
+}
+
+/// The Service column: its host name, `-` when the request went to no Service (none was chosen,
+/// or the passthrough cluster: neither has a namespace).
+fn service_of(record: &Record) -> &str {
+    if record.service.namespace == UNKNOWN {
+        "-"
+    } else {
+        &record.service.hostname
+    }
+}
+
+/// The entry in Envoy's default text format.
+pub fn format_line(record: &Record, now: SystemTime) -> String {
+    let mut line = String::with_capacity(256);
+    write_line(&mut line, record, now);
+    line
+}
+
+/// An upstream address, `-` for none, formatted where it is written.
+struct Upstream(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// The entry in Envoy's default text format, appended to `line` (no newline).
+pub fn write_line(line: &mut String, record: &Record, now: SystemTime) {
+    let info = &record.info;
+    let upstream = Upstream(info.upstream());
+    let cluster = info.cluster();
+    let cluster = cluster.as_deref().unwrap_or("-");
+    match &record.exchange {
+        Exchange::Http(req) => {
+            let _ = write!(
+                line,
+                "[{}] \"{} {} {:?}\" {} {} attempts={} duration={}ms{} \"{}\" \"{}\" {} \"{}\" {}",
+                Rfc3339(now),
+                req.method,
+                req.path,
+                req.version,
+                record.status,
+                info.flags(),
+                info.attempts(),
+                record.duration.as_millis(),
+                Details(info.details()),
+                req.authority,
+                upstream,
+                cluster,
+                req.request_id
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-"),
+                service_of(record),
+            );
+        }
+        Exchange::Tcp { received, sent } => {
+            let _ = write!(
+                line,
+                "[{}] \"- - -\" 0 {} attempts={} duration={}ms received={} sent={}{} \"-\" \"{}\" {} \"-\" {}",
+                Rfc3339(now),
+                info.flags(),
+                info.attempts(),
+                record.duration.as_millis(),
+                received,
+                sent,
+                Details(info.details()),
+                upstream,
+                cluster,
+                service_of(record),
+            );
+        }
+    }
+}
+
+/// The entry as JSON, with the keys of Istio's JSON access log (`accessLogEncoding: JSON`).
+pub fn format_json(record: &Record, now: SystemTime) -> String {
+    let info = &record.info;
+    let text = |v: Option<&http::HeaderValue>| v.and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let flags = info.flags().to_string();
+    let mut v = serde_json::json!({
+        "start_time": rfc3339(now),
+        "response_code": record.status,
+        "response_flags": flags,
+        "response_code_details": info.details(),
+        "duration": u64::try_from(record.duration.as_millis()).unwrap_or(u64::MAX),
+        "upstream_host": info.upstream().map(|a| a.to_string()),
+        "upstream_cluster": info.cluster().as_deref(),
+        "upstream_request_attempt_count": info.attempts(),
+        "downstream_remote_address": record.peer.map(|a| a.to_string()),
+        "destination_service": (service_of(record) != "-").then(|| service_of(record)),
+        "source_workload": record.source.workload,
+        "source_namespace": record.source.namespace,
+    });
+    let obj = v.as_object_mut().expect("an object");
+    match &record.exchange {
+        Exchange::Http(req) => {
+            obj.insert("method".into(), req.method.as_str().into());
+            obj.insert("path".into(), req.path.clone().into());
+            obj.insert("protocol".into(), format!("{:?}", req.version).into());
+            obj.insert("authority".into(), req.authority.clone().into());
+            obj.insert("request_id".into(), text(req.request_id.as_ref()).into());
+            obj.insert("user_agent".into(), text(req.user_agent.as_ref()).into());
+            obj.insert("bytes_received".into(), record.request_bytes().into());
+            obj.insert("bytes_sent".into(), record.response_bytes.into());
+        }
+        Exchange::Tcp { received, sent } => {
+            obj.insert("bytes_received".into(), (*received).into());
+            obj.insert("bytes_sent".into(), (*sent).into());
+        }
+    }
+    v.to_string()
+}
+
+/// ` details=...` when there are details, nothing otherwise.
+struct Details(Option<&'static str>);
+
+impl std::fmt::Display for Details {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, " details={d}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `2026-11-23T13:40:00.123Z` without pulling in a calendar crate.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    Rfc3339(t).to_string()
+}
+
+/// [`rfc3339`], formatted where it is written.
+struct Rfc3339(SystemTime);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.0;
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        // Civil-from-days (Howard Hinnant's algorithm).
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            d.subsec_millis()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::{unknown_identity, Protocol, ServiceName};
+    use crate::record::HttpRequest;
+    use sluice_core::{RequestInfo, ResponseFlags};
+    use std::time::Duration;
+
+    fn record(exchange: Exchange, status: u16, info: RequestInfo, ms: u64) -> Record {
+        Record {
+            start: SystemTime::UNIX_EPOCH,
+            duration: Duration::from_millis(ms),
+            exchange,
+            peer: None,
+            source: unknown_identity(),
+            service: ServiceName::unknown(),
+            info: Arc::new(info),
+            status,
+            grpc_status: None,
+            response_bytes: 0,
+        }
+    }
+
+    fn get(path: &str, authority: &str) -> Exchange {
+        Exchange::Http(HttpRequest {
+            method: http::Method::GET,
+            path: path.into(),
+            version: http::Version::HTTP_11,
+            authority: authority.into(),
+            request_id: None,
+            protocol: Protocol::Http,
+            user_agent: None,
+            header_bytes: 0,
+            trace: None,
+        })
+    }
+
+    /// A `Write` the test reads back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    // The writer is a real thread on a real clock: waiting for it takes real time.
+    #[allow(clippy::disallowed_methods)]
+    #[test]
+    fn entries_are_batched_and_all_written() {
+        let out = Shared::default();
+        let log = AccessLog::writing_to(Some(Box::new(out.clone())), LogFormat::Text);
+        let r = record(get("/a", "web"), 200, RequestInfo::new(), 3);
+        for _ in 0..20_000 {
+            log.log(&r);
+        }
+        log.flush();
+        let text = String::from_utf8(out.0.lock().clone()).unwrap();
+        assert_eq!(text.lines().count(), 20_000);
+        assert!(text
+            .lines()
+            .all(|l| l.contains("\"GET /a HTTP/1.1\" 200 - attempts=0")));
+        assert_eq!(log.dropped(), 0);
+        // Without a flush, an entry is written within the flush interval.
+        log.log(&r);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while out.0.lock().iter().filter(|b| **b == b'\n').count() < 20_001 {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_441_200_123);
+        assert_eq!(rfc3339(t), "2026-11-23T13:40:00.123Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn tcp_line_is_envoys_tcp_style() {
+        let info = RequestInfo::new();
+        info.add_attempt();
+        info.add_flags(ResponseFlags::UPSTREAM_CONNECTION_FAILURE);
+        info.push_upstream("10.0.0.7:5432".parse().unwrap());
+        info.set_cluster(Arc::from("outbound|5432||db.default.svc.cluster.local"));
+        let mut r = record(
+            Exchange::Tcp {
+                received: 0,
+                sent: 0,
+            },
+            0,
+            info,
+            3,
+        );
+        r.service = ServiceName::new("db.default.svc.cluster.local", "db", "default");
+        assert_eq!(
+            format_line(&r, SystemTime::UNIX_EPOCH),
+            "[1970-01-01T00:00:00.000Z] \"- - -\" 0 UF attempts=1 duration=3ms received=0 sent=0 \"-\" \
+             \"10.0.0.7:5432\" outbound|5432||db.default.svc.cluster.local \"-\" db.default.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn direct_response_line_has_its_details() {
+        let info = RequestInfo::new();
+        info.set_details("direct_response");
+        let r = record(get("/health", "web"), 200, info, 0);
+        assert_eq!(
+            format_line(&r, SystemTime::UNIX_EPOCH),
+            "[1970-01-01T00:00:00.000Z] \"GET /health HTTP/1.1\" 200 - attempts=0 duration=0ms \
+             details=direct_response \"web\" \"-\" - \"-\" -"
+        );
+    }
+
+    #[test]
+    fn line_has_every_field() {
+        let info = RequestInfo::new();
+        info.add_attempt();
+        info.add_attempt();
+        info.add_flags(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        info.push_upstream("10.0.0.7:9090".parse().unwrap());
+        info.set_cluster(Arc::from("outbound|80||pricing.default.svc.cluster.local"));
+        let r = record(get("/", "pricing"), 503, info, 12);
+        assert_eq!(
+            format_line(&r, SystemTime::UNIX_EPOCH),
+            "[1970-01-01T00:00:00.000Z] \"GET / HTTP/1.1\" 503 URX attempts=2 duration=12ms \"pricing\" \
+             \"10.0.0.7:9090\" outbound|80||pricing.default.svc.cluster.local \"-\" -"
+        );
+    }
+
+    #[test]
+    fn json_entry_has_istios_keys() {
+        let info = RequestInfo::new();
+        info.add_attempt();
+        info.push_upstream("10.0.0.7:9090".parse().unwrap());
+        info.add_request_bytes(5);
+        let mut r = record(get("/p?q=1", "pricing"), 200, info, 7);
+        if let Exchange::Http(req) = &mut r.exchange {
+            req.request_id = Some(http::HeaderValue::from_static("abc"));
+            req.header_bytes = 40;
+        }
+        r.response_bytes = 120;
+        let v: serde_json::Value =
+            serde_json::from_str(&format_json(&r, SystemTime::UNIX_EPOCH)).unwrap();
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/p?q=1");
+        assert_eq!(v["protocol"], "HTTP/1.1");
+        assert_eq!(v["response_code"], 200);
+        assert_eq!(v["response_flags"], "-");
+        assert_eq!(v["duration"], 7);
+        assert_eq!(v["request_id"], "abc");
+        assert_eq!(v["upstream_host"], "10.0.0.7:9090");
+        assert_eq!(
+            (v["bytes_received"].as_u64(), v["bytes_sent"].as_u64()),
+            (Some(45), Some(120))
+        );
+        assert!(v["destination_service"].is_null());
+    }
+}
