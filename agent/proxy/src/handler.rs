@@ -14,22 +14,23 @@
 //! the cluster (circuit breakers, load balancing, outlier detection, connection pools). A route with
 //! `directResponse` has none of them: its prebuilt reply is the answer (see `direct`).
 
-use crate::access_log::AccessLog;
 use crate::direct::{DirectReply, DIRECT_RESPONSE_DETAILS};
-use crate::metrics::Metrics;
 use crate::passthrough::Passthrough;
+use crate::recorded::{Finish, RecordedBody};
 use crate::route;
-use crate::state::{RoutePlan, ServiceLabels, State, Upstream};
+use crate::state::{RoutePlan, ServiceLabels, SourceLabels, State, Upstream};
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use sluice_core::{Body, BoxError, Origin, ProxyError, RequestInfo, ResponseFlags};
-use sluice_policy::{ClusterKey, Service};
+use sluice_policy::Service;
 use sluice_resilience::{FaultLayer, RetryLayer, TimeoutLayer};
+use sluice_telemetry::trace::{new_request_id, Tracer};
+use sluice_telemetry::{AccessLog, Exchange, HttpRequest, Metrics, Record, ServiceName, Telemetry};
 use sluice_upstream::UpstreamProtocol;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -39,6 +40,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The destination the client connected to before redirection (eBPF mode), if known.
     pub original_dst: Option<SocketAddr>,
+    /// The connection's place in its pod's budget (`None` for connections not counted, as in
+    /// tests that call the handler directly).
+    pub(crate) slot: Option<Arc<crate::isolation::ConnSlot>>,
 }
 
 /// Options that shape request handling.
@@ -47,12 +51,15 @@ pub struct HandlerOptions {
     /// The namespace short host names resolve in when the client is not a known pod
     /// (explicit-proxy mode on a node or in tests).
     pub default_namespace: String,
+    /// The cluster this node is in: Istio's `source_cluster` / `destination_cluster`.
+    pub cluster_id: String,
 }
 
 impl Default for HandlerOptions {
     fn default() -> Self {
         Self {
             default_namespace: "default".into(),
+            cluster_id: sluice_telemetry::DEFAULT_CLUSTER_ID.into(),
         }
     }
 }
@@ -72,6 +79,11 @@ pub struct RedirectOptions {
     /// `max_connect_attempts`, 1 when unset as under Istio); each further attempt avoids the hosts
     /// already tried.
     pub tcp_max_connect_attempts: u32,
+    /// Serve a redirected connection only when its original destination is known and its client
+    /// is an enrolled pod of this node, so the listener is no open relay (see `relay`). On by
+    /// default; off only where tests stand in for the kernel from loopback clients that are no
+    /// pod.
+    pub enrolled_clients_only: bool,
 }
 
 impl Default for RedirectOptions {
@@ -79,6 +91,7 @@ impl Default for RedirectOptions {
         Self {
             protocol_detection_timeout: Duration::from_secs(5),
             tcp_max_connect_attempts: 1,
+            enrolled_clients_only: true,
         }
     }
 }
@@ -86,54 +99,19 @@ impl Default for RedirectOptions {
 /// The request handler shared by every connection.
 pub struct Handler {
     state: ArcSwap<State>,
-    pub(crate) access_log: AccessLog,
-    pub(crate) metrics: Metrics,
+    pub(crate) telemetry: Telemetry,
+    /// L4 connections the proxy closed itself, by cluster (`envoy_tcp_*`).
+    pub(crate) tcp_timeouts: crate::metrics::TcpTimeouts,
     opts: HandlerOptions,
     pub(crate) redirect: RedirectOptions,
     pub(crate) passthrough: Passthrough,
-}
-
-/// How one request ended, recorded once (metrics and access log) when it is finished or dropped.
-struct Outcome<'a> {
-    handler: &'a Handler,
-    state: &'a State,
-    /// The client's address (its pod gives the source labels).
-    peer: std::net::IpAddr,
-    summary: RequestSummary,
-    info: Arc<RequestInfo>,
-    start: Instant,
-    /// `None` before routing (or when routing failed); `Some(None)` for the passthrough cluster.
-    service: Option<Option<Arc<Service>>>,
-    done: bool,
-}
-
-impl Outcome<'_> {
-    fn finish(&mut self, status: u16) {
-        self.done = true;
-        let elapsed = self.start.elapsed();
-        let (labels, service) = match &self.service {
-            Some(Some(svc)) => (self.state.labels.get(&svc.hostname), Some(&**svc)),
-            Some(None) => (Some(&self.handler.passthrough.labels), None),
-            None => (None, None),
-        };
-        let source = self.state.source(self.peer);
-        self.handler
-            .metrics
-            .record(source, labels, status, self.info.flags(), elapsed);
-        self.handler
-            .access_log
-            .log(&self.summary, status, &self.info, elapsed, service);
-    }
-}
-
-impl Drop for Outcome<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.info
-                .add_flags(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
-            self.finish(0);
-        }
-    }
+    /// What each client connection may do, and the counts of what fired (`crate::limits`).
+    pub(crate) limits: Arc<crate::DownstreamLimits>,
+    pub(crate) downstream: Arc<crate::limits::DownstreamStats>,
+    /// Who may use a redirecting listener, and the refusals so far.
+    pub(crate) clients: crate::relay::ClientGuard,
+    /// What each client pod may hold, and the proxy's own resource pressure.
+    pub(crate) isolation: Arc<crate::Isolation>,
 }
 
 /// Where one request goes.
@@ -156,11 +134,15 @@ impl Handler {
     pub fn new(opts: HandlerOptions, access_log: AccessLog, metrics: Metrics) -> Self {
         Self {
             state: ArcSwap::from_pointee(State::empty()),
-            access_log,
-            metrics,
+            telemetry: Telemetry::new(metrics, access_log, &opts.cluster_id),
+            tcp_timeouts: Default::default(),
             opts,
             redirect: RedirectOptions::default(),
             passthrough: Passthrough::new(),
+            limits: Default::default(),
+            downstream: Default::default(),
+            clients: Default::default(),
+            isolation: crate::Isolation::new(Default::default()),
         }
     }
 
@@ -170,9 +152,48 @@ impl Handler {
         self
     }
 
+    /// Traces requests with `tracer` (propagation, sampling, span export); the default traces
+    /// nothing.
+    /// Holds each client pod, and the proxy as a whole, to `limits`.
+    pub fn with_isolation(mut self, limits: crate::IsolationLimits) -> Self {
+        self.isolation = crate::Isolation::new(limits);
+        self
+    }
+
+    /// The connections open now, both sides (what `sluice connections` lists).
+    pub fn open_connections(&self) -> Vec<Arc<sluice_telemetry::recent::OpenConnection>> {
+        self.telemetry.connections().list()
+    }
+
+    /// The per-pod budgets and the proxy's resource pressure.
+    pub fn isolation(&self) -> &Arc<crate::Isolation> {
+        &self.isolation
+    }
+
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.telemetry = self.telemetry.with_tracer(tracer);
+        self
+    }
+
+    /// The tracer (its export counters).
+    pub fn tracer(&self) -> &Tracer {
+        self.telemetry.tracer()
+    }
+
     /// The access log (tests and the admin API subscribe to it).
     pub fn access_log(&self) -> &AccessLog {
-        &self.access_log
+        self.telemetry.access_log()
+    }
+
+    /// Istio's metrics (the Prometheus endpoint encodes them).
+    pub fn metrics(&self) -> &Metrics {
+        self.telemetry.metrics()
+    }
+
+    /// What `/stats/prometheus` serves, in Prometheus' text format: Istio's families, Envoy's
+    /// cluster and TCP proxy series.
+    pub fn prometheus_text(&self) -> String {
+        crate::metrics::encode(self, crate::metrics::Format::Prometheus)
     }
 
     /// The generation in force.
@@ -184,52 +205,110 @@ impl Handler {
     pub fn apply(&self, snapshot: Arc<sluice_policy::Snapshot>) {
         let prev = self.state.load();
         let next = State::next(&prev, snapshot);
+        // Each cluster's pooled connections are counted in Istio's TCP families.
+        for (key, up) in next.upstreams.iter().chain(next.namespace_upstreams()) {
+            up.handle.observe(|| {
+                Arc::new(crate::conns::UpstreamConnections {
+                    telemetry: self.telemetry.clone(),
+                    service: next
+                        .labels
+                        .get(&key.host)
+                        .cloned()
+                        .unwrap_or_else(ServiceName::unknown),
+                })
+            });
+        }
         self.state.store(Arc::new(next));
     }
 
-    pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<Body>
+    pub async fn handle<B>(&self, mut req: Request<B>, conn: &ConnInfo) -> Response<Body>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let state = self.state.load_full();
         let info = Arc::new(RequestInfo::new());
-        // Logs the request however it ends: with its response, or (dropped by hyper because the
-        // client went away first) with status 0 and `DC`, as Envoy does.
-        let mut outcome = Outcome {
-            handler: self,
-            state: &state,
-            peer: conn.peer.ip(),
-            summary: RequestSummary::of(&req),
-            info: info.clone(),
-            start: Instant::now(),
-            service: None,
-            done: false,
-        };
+        // Envoy makes an `x-request-id` when the client sent none; the access log shows the one
+        // sent upstream.
+        if !req.headers().contains_key(X_REQUEST_ID) {
+            req.headers_mut().insert(X_REQUEST_ID, new_request_id());
+        }
+        // The request's place in a trace: the cluster writes it on every attempt, the record
+        // makes the spans.
+        let trace = self.telemetry.tracer().start(req.headers());
+        if let Some(t) = &trace {
+            req.extensions_mut().insert(t.clone());
+        }
+        // Recorded however the request ends: when its response body has been sent, or (dropped by
+        // hyper because the client went away first) with status 0 and `DC`, as Envoy does.
+        let mut finish = Finish::new(
+            self.telemetry.clone(),
+            state.clone(),
+            Record {
+                start: SystemTime::now(),
+                duration: Duration::ZERO,
+                exchange: Exchange::Http(HttpRequest {
+                    trace,
+                    ..HttpRequest::of(&req, route::authority_of(&req))
+                }),
+                peer: Some(conn.peer),
+                source: state.source_identity(conn.peer.ip()),
+                service: ServiceName::unknown(),
+                info: info.clone(),
+                status: 0,
+                grpc_status: None,
+                response_bytes: 0,
+            },
+        );
 
         // The client went away while its request body was read: logged as Envoy logs it (status
         // 0, `DC`), never as an upstream failure.
         let mut downstream_gone = false;
+        // The pod's budget: a request over it is shed before any work is done for it.
+        if let Some(slot) = &conn.slot {
+            match slot.admit_request() {
+                Ok(held) => {
+                    finish.hold(held);
+                    req.extensions_mut().insert(slot.upstream_quota());
+                }
+                Err(why) => {
+                    let err: BoxError = ProxyError::Overload(why).into();
+                    return RecordedBody::wrap(local_reply(&err, &info), finish);
+                }
+            }
+        }
         let rsp = match self.route(&state, &req, conn) {
             Ok(Routed {
                 plan,
                 target: Target::Direct(reply),
                 service,
             }) => {
-                outcome.service = Some(service);
+                finish.record.service = self.service_labels(&state, service.as_deref());
+                info.set_route(plan.name.clone());
                 debug_assert!(
                     plan.fault.is_none(),
                     "config refuses fault with directResponse"
                 );
-                respond_direct(&reply, &info, &outcome.summary)
+                let location = match &finish.record.exchange {
+                    Exchange::Http(r) => reply
+                        .wants_location
+                        .then(|| {
+                            HeaderValue::from_str(&format!("http://{}{}", r.authority, r.path)).ok()
+                        })
+                        .flatten(),
+                    Exchange::Tcp { .. } => None,
+                };
+                info.set_details(DIRECT_RESPONSE_DETAILS);
+                reply.respond(location.as_ref())
             }
             Ok(Routed {
                 plan,
                 target: Target::Cluster(upstream),
                 service,
             }) => {
-                outcome.service = Some(service);
+                finish.record.service = self.service_labels(&state, service.as_deref());
                 info.set_cluster(upstream.name.clone());
+                info.set_route(plan.name.clone());
                 let req = prepare_request(req, &info);
                 let stack = ServiceBuilder::new()
                     .layer(FaultLayer::new(plan.fault.clone()))
@@ -277,12 +356,20 @@ impl Handler {
             }
             Err(err) => local_reply(&err, &info),
         };
-        outcome.finish(if downstream_gone {
-            0
-        } else {
-            rsp.status().as_u16()
-        });
-        rsp
+        if downstream_gone {
+            // Nothing will be sent: recorded now, as the client left.
+            finish.record.status = 0;
+            finish.done();
+            return rsp;
+        }
+        RecordedBody::wrap(rsp, finish)
+    }
+
+    /// The metric labels of the Service a request was routed to (or of the passthrough cluster).
+    fn service_labels(&self, state: &State, service: Option<&Service>) -> ServiceLabels {
+        self.labels_of(state, service)
+            .cloned()
+            .unwrap_or_else(ServiceName::unknown)
     }
 
     /// The protocol the Service port at `dst` declares, if `dst` is a cluster IP and port.
@@ -296,8 +383,7 @@ impl Handler {
     /// Refuses a request whose original destination is this proxy's own listener: forwarding it
     /// would loop back here. 502, logged under Istio's `BlackHoleCluster`.
     pub(crate) fn refuse_loop<B>(&self, req: &Request<B>, conn: &ConnInfo) -> Response<Body> {
-        let summary = RequestSummary::of(req);
-        let info = RequestInfo::new();
+        let info = Arc::new(RequestInfo::new());
         info.set_cluster(Arc::from(crate::BLACK_HOLE_CLUSTER));
         tracing::warn!(
             peer = %conn.peer,
@@ -313,16 +399,23 @@ impl Handler {
             .body(sluice_core::full(body))
             .expect("valid local reply");
         let state = self.state();
-        self.metrics.record(
-            state.source(conn.peer.ip()),
-            None,
-            rsp.status().as_u16(),
-            info.flags(),
-            Duration::ZERO,
+        let finish = Finish::new(
+            self.telemetry.clone(),
+            state.clone(),
+            Record {
+                start: SystemTime::now(),
+                duration: Duration::ZERO,
+                exchange: Exchange::Http(HttpRequest::of(req, route::authority_of(req))),
+                peer: Some(conn.peer),
+                source: state.source_identity(conn.peer.ip()),
+                service: ServiceName::unknown(),
+                info,
+                status: 0,
+                grpc_status: None,
+                response_bytes: 0,
+            },
         );
-        self.access_log
-            .log(&summary, rsp.status().as_u16(), &info, Duration::ZERO, None);
-        rsp
+        RecordedBody::wrap(rsp, finish)
     }
 
     /// The labels of a destination service in this generation, or of the passthrough cluster.
@@ -337,6 +430,12 @@ impl Handler {
         }
     }
 
+    /// The namespace a client is in: its Pod's, else the default one (explicit-proxy clients
+    /// that are not pods).
+    pub(crate) fn client_namespace<'a>(&'a self, source: Option<&'a SourceLabels>) -> &'a str {
+        source.map_or(self.opts.default_namespace.as_str(), |s| s.namespace())
+    }
+
     /// Finds the destination service, route plan and cluster for `req`.
     fn route<B>(
         &self,
@@ -347,13 +446,22 @@ impl Handler {
         let snapshot = &state.snapshot;
         let authority = route::authority_of(req);
         let (host, explicit_port) = split_authority(&authority);
-        // The client pod (by peer address): its namespace completes short names, its labels and
-        // namespace decide `sourceLabels`/`sourceNamespace` matches.
+        // The client pod (by peer address): its labels and namespace decide
+        // `sourceLabels`/`sourceNamespace` matches. Its namespace (else the default one) completes
+        // short names, as its DNS search path does, and decides which Services, VirtualServices
+        // and DestinationRules it sees (`exportTo`).
         let source = state.source(conn.peer.ip());
+        let namespace = self.client_namespace(source);
+        let viewer = state.viewer(namespace);
 
+        // The port the request came in on: destinations without `port` go to it.
         let (service, port) = match conn.original_dst {
-            // Redirected: the original destination decides.
-            Some(dst) => match state.service_by_vip(dst.ip(), dst.port()) {
+            // Redirected: the original destination decides; a Service the client does not see
+            // has no listener in Istio's sidecar either, so it passes through.
+            Some(dst) => match state
+                .service_by_vip(dst.ip(), dst.port())
+                .filter(|svc| state.sees(viewer, &svc.hostname))
+            {
                 Some(svc) => (svc, dst.port()),
                 None => {
                     let protocol = if req.version() == http::Version::HTTP_2 {
@@ -370,12 +478,9 @@ impl Handler {
             },
             // Explicit proxy: the authority decides.
             None => {
-                // Short names resolve in the client pod's namespace, as its DNS search path does.
-                let namespace = source.map_or(self.opts.default_namespace.as_str(), |s| {
-                    s.namespace.as_str()
-                });
                 let svc = snapshot
                     .resolve_host(host, namespace)
+                    .filter(|svc| state.sees(viewer, &svc.hostname))
                     .ok_or_else(|| ProxyError::NoCluster(authority.clone()))?;
                 (svc, explicit_port.unwrap_or(80))
             }
@@ -384,23 +489,16 @@ impl Handler {
             return Err(ProxyError::NoCluster(format!("{}:{port}", service.hostname)).into());
         }
 
-        let plan = match state.vhost(&service.hostname) {
+        let plan = match state.routes(viewer, &service.hostname, port) {
             Some((vh, plans)) => {
                 let (idx, _) = route::select(vh, req, port, source.map(|s| &*s.pod))
                     .ok_or(ProxyError::NoRoute)?;
                 plans[idx].clone()
             }
-            None => {
-                let key = ClusterKey {
-                    host: service.hostname.clone(),
-                    port,
-                    subset: None,
-                };
-                state
-                    .implicit_plan(&key)
-                    .cloned()
-                    .ok_or_else(|| ProxyError::NoCluster(key.to_string()))?
-            }
+            None => state
+                .implicit_plan(&service.hostname, port)
+                .cloned()
+                .ok_or_else(|| ProxyError::NoCluster(format!("{}:{port}", service.hostname)))?,
         };
         if let Some(reply) = &plan.direct {
             return Ok(Routed {
@@ -412,8 +510,7 @@ impl Handler {
         let dest = route::pick_destination(&plan.destinations, |total| fastrand::u32(0..total))
             .ok_or(ProxyError::NoRoute)?;
         let upstream = state
-            .upstreams
-            .get(&dest.cluster)
+            .upstream(viewer, &dest.cluster)
             .ok_or_else(|| ProxyError::NoCluster(dest.cluster.to_string()))?
             .clone();
         Ok(Routed {
@@ -421,30 +518,6 @@ impl Handler {
             target: Target::Cluster(upstream),
             service: Some(service.clone()),
         })
-    }
-}
-
-/// What the access log needs of the request, taken before the request moves on.
-pub struct RequestSummary {
-    pub method: http::Method,
-    pub path: String,
-    pub version: http::Version,
-    pub authority: String,
-    pub request_id: Option<HeaderValue>,
-}
-
-impl RequestSummary {
-    fn of<B>(req: &Request<B>) -> Self {
-        Self {
-            method: req.method().clone(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-            version: req.version(),
-            authority: route::authority_of(req),
-            request_id: req.headers().get(X_REQUEST_ID).cloned(),
-        }
     }
 }
 
@@ -480,7 +553,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Makes the client's request an upstream request: authority in `Host`, hop-by-hop headers gone,
-/// an `x-request-id` (Envoy generates one when the client sent none), the request record attached.
+/// the request record attached, its body counted into the record as it is read.
 fn prepare_request<B>(req: Request<B>, info: &Arc<RequestInfo>) -> Request<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -491,21 +564,6 @@ where
     strip_hop_by_hop(&mut parts.headers);
     if let Ok(host) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, host);
-    }
-    if !parts.headers.contains_key(X_REQUEST_ID) {
-        let id = format!("{:032x}", fastrand::u128(..));
-        let uuid = format!(
-            "{}-{}-{}-{}-{}",
-            &id[0..8],
-            &id[8..12],
-            &id[12..16],
-            &id[16..20],
-            &id[20..32]
-        );
-        parts.headers.insert(
-            X_REQUEST_ID,
-            HeaderValue::from_str(&uuid).expect("hex is a valid header"),
-        );
     }
     // Absolute form with the client's authority; the upstream pool writes what its protocol needs.
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -519,22 +577,8 @@ where
     }
     parts.version = http::Version::HTTP_11;
     parts.extensions.insert(info.clone());
+    let body = crate::recorded::CountedBody::new(body, info.clone());
     Request::from_parts(parts, sluice_core::boxed(body))
-}
-
-/// A route's `directResponse`: the prebuilt reply; no upstream, no retries, no timeout.
-fn respond_direct(
-    reply: &DirectReply,
-    info: &RequestInfo,
-    summary: &RequestSummary,
-) -> Response<Body> {
-    let location = if reply.wants_location {
-        HeaderValue::from_str(&format!("http://{}{}", summary.authority, summary.path)).ok()
-    } else {
-        None
-    };
-    info.set_details(DIRECT_RESPONSE_DETAILS);
-    reply.respond(location.as_ref())
 }
 
 fn prepare_response(mut rsp: Response<Body>) -> Response<Body> {
@@ -546,7 +590,12 @@ fn prepare_response(mut rsp: Response<Body>) -> Response<Body> {
 fn local_reply(err: &BoxError, info: &RequestInfo) -> Response<Body> {
     let (status, flag, body) = match ProxyError::find(err) {
         // Envoy says "retried and the latest reset reason" once an earlier attempt was made.
-        Some(pe) => (pe.status(), pe.flag(), pe.body(info.attempts() > 1)),
+        Some(pe) => {
+            if let Some(details) = pe.details(false) {
+                info.set_details(details);
+            }
+            (pe.status(), pe.flag(), pe.body(info.attempts() > 1))
+        }
         None => {
             tracing::debug!(error = %err, "request failed");
             (
@@ -561,7 +610,9 @@ fn local_reply(err: &BoxError, info: &RequestInfo) -> Response<Body> {
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain")
         .header(header::CONTENT_LENGTH, body.len());
-    if flag.contains(ResponseFlags::UPSTREAM_OVERFLOW) {
+    if flag.contains(ResponseFlags::UPSTREAM_OVERFLOW)
+        || flag.contains(ResponseFlags::OVERLOAD_MANAGER)
+    {
         rsp = rsp.header(X_ENVOY_OVERLOADED, "true");
     }
     rsp.body(sluice_core::full(body.into_owned()))

@@ -4,24 +4,31 @@
 //! HTTP are proxied at L4.
 #![forbid(unsafe_code)]
 
-mod access_log;
 pub mod admin;
 mod cluster_stats;
+mod conns;
 pub mod detect;
 mod direct;
+mod downstream;
 mod handler;
+mod isolation;
+mod limits;
 mod metrics;
 mod passthrough;
+mod recorded;
+mod relay;
 pub mod route;
 pub mod server;
 mod state;
 mod tcp;
 
-pub use self::access_log::AccessLog;
 pub use self::handler::{ConnInfo, Handler, HandlerOptions, RedirectOptions};
+pub use self::isolation::{cgroup_memory_limit, Isolation, IsolationLimits};
+pub use self::limits::{DownstreamLimits, InvalidLimit};
 pub use self::passthrough::PASSTHROUGH_CLUSTER;
+pub use self::relay::Refusal;
+pub use sluice_telemetry::{AccessLog, LogFormat, Metrics};
 
 /// Istio's name for traffic the proxy refuses (here: a redirected connection that would loop).
 pub const BLACK_HOLE_CLUSTER: &str = "BlackHoleCluster";
-pub use self::metrics::Metrics;
 pub use self::state::State;

@@ -29,7 +29,6 @@ pub(crate) struct Passthrough {
 
 impl Passthrough {
     pub(crate) fn new() -> Self {
-        let name = Arc::new(PASSTHROUGH_CLUSTER.to_owned());
         Self {
             clusters: Mutex::new(HashMap::new()),
             name: Arc::from(PASSTHROUGH_CLUSTER),
@@ -44,11 +43,11 @@ impl Passthrough {
                 direct: None,
                 response_headers: None,
             }),
-            labels: ServiceLabels {
-                hostname: name.clone(),
-                name,
-                namespace: Arc::new("unknown".to_owned()),
-            },
+            labels: sluice_telemetry::ServiceName::new(
+                PASSTHROUGH_CLUSTER,
+                PASSTHROUGH_CLUSTER,
+                sluice_policy::UNKNOWN,
+            ),
         }
     }
 
@@ -78,6 +77,7 @@ impl Passthrough {
                 addr,
                 pod: None,
                 labels: Default::default(),
+                identity: None,
             }],
             policy: TrafficPolicy::default(),
         });

@@ -1,6 +1,23 @@
 //! The outbound listener: accepts client connections, speaks HTTP/1.1 or h2c to each (detected from the
-//! first bytes), and hands every request to the [`Handler`]. On shutdown it stops accepting and lets
-//! requests under way finish, up to a drain deadline.
+//! first bytes), and hands every request to the [`Handler`]. On shutdown it drains, as Envoy's
+//! HTTP connection manager does, up to a drain deadline:
+//!
+//! - The listener keeps accepting until its accept queue has been quiet for [`BACKLOG_QUIET`]
+//!   (at most [`BACKLOG_MAX`]): in eBPF mode the redirect lease has ended by then, but
+//!   connections the programs redirected just before are still queued, and closing the listener
+//!   would reset them. The listener is closed only then, which also frees the address for the
+//!   next agent (no `SO_REUSEPORT`: a second listener's queue would be reset when the old one
+//!   closes, and the kernel picks which listener a connection lands on).
+//! - HTTP/1 responses written during the drain carry `Connection: close`, so a client on a
+//!   keep-alive connection learns of the drain from its next response instead of racing a close;
+//!   connections that stay idle are closed after the drain grace (half the drain). HTTP/2
+//!   connections get a GOAWAY at once (the client knows which streams were taken).
+//!
+//! Every client connection is held to the handler's [`DownstreamLimits`](crate::DownstreamLimits)
+//! (see [`crate::downstream`]): hyper is configured with the header limits (Envoy's accounting on
+//! HTTP/1) and the HTTP/2 stream and reset limits; the connection's task closes it when idle, when
+//! Envoy's premature-reset rule fires, or (gracefully) on shutdown, and counts what the `h2`
+//! crate's own defences closed.
 //!
 //! A redirected connection (one with an original destination) first has its protocol decided
 //! ([`crate::detect`]: the Service port's declared protocol, else the first bytes, else TCP after the
@@ -8,21 +25,27 @@
 //! whose original destination is this listener itself would loop and is refused. The drain waits for
 //! L4 connections as for HTTP ones, up to its deadline (Envoy also lets TCP proxy connections run
 //! until the drain ends).
+//!
+//! A redirecting listener (eBPF mode) serves a connection only when its original destination is
+//! known and its client is an enrolled pod of this node; any other is closed unread, so the proxy
+//! is no open relay (see `relay`).
 
 use crate::detect::{self, Prefixed, Protocol};
+use crate::downstream::{Conn, Guarded, Rejected};
 use crate::handler::{ConnInfo, Handler};
+use crate::limits::{DownstreamLimits, Fired};
 use bytes::Bytes;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use std::convert::Infallible;
+use sluice_core::ResponseFlags;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// Recovers the destination a redirected connection was made to (eBPF mode); `None` in explicit mode.
 pub trait OriginalDst: Send + Sync + 'static {
@@ -31,9 +54,69 @@ pub trait OriginalDst: Send + Sync + 'static {
 
 type Builder = Arc<auto::Builder<TokioExecutor>>;
 
-/// Serves `listener` until `shutdown` turns true, then drains for at most `drain`. Counts each
-/// accepted connection in `accepted` (the redirect lease is renewed only while this loop makes
-/// progress).
+/// hyper's default read buffer limit (`DEFAULT_MAX_BUFFER_SIZE`).
+const HYPER_DEFAULT_BUF: usize = 8192 + 4096 * 100;
+
+/// hyper configured with `limits`.
+fn builder(limits: &DownstreamLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let header_bytes = limits.max_header_bytes();
+    {
+        let mut h1 = builder.http1();
+        h1.keep_alive(true)
+            .timer(TokioTimer::new())
+            // Envoy times a request head from its first byte; hyper's timer also runs while a
+            // keep-alive connection is idle (and sends nothing). `Guarded` times heads instead.
+            .header_read_timeout(None)
+            // `Guarded` holds heads to the size limit as they arrive; hyper's read buffer (a
+            // loose limit: a read may overshoot it) stays above it for heads it does not follow.
+            .max_buf_size(header_bytes.saturating_mul(2).max(HYPER_DEFAULT_BUF));
+        // Also a backstop: the same count as `Guarded`'s (above 100, hyper allocates its header
+        // array per request; 100 is its inline default).
+        if limits.max_request_headers_count != 100 {
+            h1.max_headers(limits.max_request_headers_count as usize);
+        }
+    }
+    // The HTTP/2 header limits are the service's (Envoy's accounting, pseudo-headers included);
+    // h2 refuses on its own only far above them (its size counts 32 bytes more per header).
+    let h2_list = header_bytes
+        .saturating_mul(2)
+        .saturating_add(32 * (limits.max_request_headers_count as usize + 8));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.http2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.http2_max_local_error_reset_streams)
+        .max_header_list_size(u32::try_from(h2_list).unwrap_or(u32::MAX));
+    builder
+}
+
+/// A request the proxy ends by resetting its stream (HTTP/2), for `fired`. A concrete type (not
+/// `BoxError`): hyper's bound on the service error must hold for every lifetime.
+#[derive(Debug, thiserror::Error)]
+#[error("stream reset by the proxy: {}", .0.details())]
+struct StreamReset(Fired);
+
+/// What a connection holds while it is served: the drain waits for every one, and each hears
+/// the shutdown.
+#[derive(Clone)]
+struct Draining {
+    _live: mpsc::Sender<()>,
+    shutdown: watch::Receiver<bool>,
+    /// How long an HTTP/1 connection may stay open after the shutdown for its client to send a
+    /// last request (answered with `Connection: close`); Envoy's `drain_timeout`.
+    grace: Duration,
+}
+
+/// After the shutdown, the listener closes once nothing was accepted for this long.
+pub const BACKLOG_QUIET: Duration = Duration::from_millis(100);
+/// After the shutdown, the listener closes after this at the latest (or the drain, if shorter).
+pub const BACKLOG_MAX: Duration = Duration::from_secs(1);
+
+/// Serves `listener` until `shutdown` turns true, then drains for at most `drain` (see the module
+/// comment: the listener stays open until its queue is quiet). Counts each accepted connection
+/// in `accepted` (the redirect lease is renewed only while this loop makes progress).
 pub async fn serve(
     listener: TcpListener,
     handler: Arc<Handler>,
@@ -42,17 +125,17 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .keep_alive(true)
-        .timer(hyper_util::rt::TokioTimer::new());
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder(&handler.limits));
+    handler.isolation.start_sampling();
+    // Each connection holds a sender; the drain ends when the last is dropped.
+    let (live, mut all_done) = mpsc::channel::<()>(1);
     let listen_addr = listener.local_addr().ok();
+    // Once shut down: (the listener is quiet at, it closes at the latest at).
+    let mut closing: Option<(Instant, Instant)> = None;
+    let mut after_shutdown = 0u64;
 
     loop {
+        let closes_at = closing.map(|(quiet, last)| quiet.min(last));
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -63,20 +146,49 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            // Also when the sender is gone: shut down as on SIGTERM.
+            _ = shutdown.changed(), if closing.is_none() => {
+                let now = Instant::now();
+                closing = Some((now + BACKLOG_QUIET, now + BACKLOG_MAX.min(drain)));
+                tracing::info!("shutting down: the outbound listener takes what is queued until quiet");
+                continue;
+            }
+            () = tokio::time::sleep_until(closes_at.unwrap_or_else(Instant::now)), if closes_at.is_some() => break,
         };
         accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((quiet, _)) = &mut closing {
+            *quiet = Instant::now() + BACKLOG_QUIET;
+            after_shutdown += 1;
+        }
         let _ = stream.set_nodelay(true);
         // A listener on `[::]` sees IPv4 clients as IPv4-mapped IPv6 addresses; Pods, logs and
         // metrics know them by their IPv4 address.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let conn = ConnInfo {
+        let mut conn = ConnInfo {
             peer,
             original_dst: original_dst.as_ref().and_then(|o| o.original_dst(&stream)),
+            slot: None,
         };
+        if original_dst.is_some() && !handler.admit_redirected(&conn) {
+            // Refused (no open relay): closed before a byte is read.
+            continue;
+        }
+        match handler.isolation.admit_connection(peer.ip()) {
+            Ok(slot) => conn.slot = Some(Arc::new(slot)),
+            Err(why) => {
+                // Closed before a byte is read: the pod over its budget (or the proxy short of
+                // descriptors or memory) costs the others nothing more.
+                handler.shed_connection(&conn, why);
+                continue;
+            }
+        }
         let handler = handler.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let watcher = Draining {
+            _live: live.clone(),
+            shutdown: shutdown.clone(),
+            grace: drain / 2,
+        };
         match conn.original_dst {
             None => {
                 tokio::spawn(serve_http(builder, watcher, stream, handler, conn, false));
@@ -90,14 +202,14 @@ pub async fn serve(
         }
     }
 
+    drop(listener);
     tracing::info!(
         ?drain,
+        accepted_after_shutdown = after_shutdown,
         "outbound listener closed; draining requests under way"
     );
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drop(live);
+    if tokio::time::timeout(drain, all_done.recv()).await.is_err() {
         tracing::warn!("drain deadline passed with requests still under way");
     }
 }
@@ -105,7 +217,7 @@ pub async fn serve(
 /// Decides the protocol of a redirected connection and proxies it at L7 or L4.
 async fn serve_redirected(
     builder: Builder,
-    watcher: Watcher,
+    watcher: Draining,
     mut stream: TcpStream,
     handler: Arc<Handler>,
     conn: ConnInfo,
@@ -143,10 +255,10 @@ async fn serve_redirected(
     }
 }
 
-/// Serves HTTP/1.1 or h2c on one client connection.
+/// Serves HTTP/1.1 or h2c on one client connection, under the handler's limits.
 async fn serve_http<IO>(
     builder: Builder,
-    watcher: Watcher,
+    mut draining: Draining,
     io: IO,
     handler: Arc<Handler>,
     conn: ConnInfo,
@@ -155,18 +267,139 @@ async fn serve_http<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = conn.peer;
-    let svc = service_fn(move |req| {
-        let handler = handler.clone();
-        let conn = conn.clone();
-        async move {
-            if is_loop {
-                return Ok::<_, Infallible>(handler.refuse_loop(&req, &conn));
+    // The connection itself, in Istio's TCP families (client pod -> the Service it addressed).
+    let io = {
+        let state = handler.state();
+        let service = conn
+            .original_dst
+            .and_then(|dst| state.service_by_vip(dst.ip(), dst.port()))
+            .and_then(|svc| handler.labels_of(&state, Some(svc)).cloned())
+            .unwrap_or_else(sluice_telemetry::ServiceName::unknown);
+        let source = state.source_identity(peer.ip());
+        let pod = state
+            .snapshot
+            .workload_by_ip(peer.ip())
+            .map(|w| format!("{}/{}", w.namespace, w.name));
+        crate::conns::Downstream::new(io, &handler.telemetry, Some((peer, pod)), &source, &service)
+    };
+    let client = Conn::new(handler.clone(), peer);
+    let io = Guarded::new(io, client.clone());
+    // Whether the client speaks HTTP/2 (known from its first request): on shutdown it gets a
+    // GOAWAY at once, where an HTTP/1 client gets `Connection: close` on its next response.
+    let is_h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let svc = {
+        let client = client.clone();
+        let shutdown = draining.shutdown.clone();
+        let is_h2 = is_h2.clone();
+        service_fn(move |req| {
+            let handler = handler.clone();
+            let conn = conn.clone();
+            let client = client.clone();
+            let shutdown = shutdown.clone();
+            let h1 = req.version() < http::Version::HTTP_2;
+            if !h1 {
+                is_h2.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            Ok::<_, Infallible>(handler.handle(req, &conn).await)
-        }
-    });
+            let (req, request) = client.request_started(req);
+            // Boxed where created: rustc cannot otherwise prove the future `Send` for every
+            // lifetime in `BoxError` when hyper spawns it.
+            let fut: futures_util::future::BoxFuture<'static, Result<_, StreamReset>> =
+                Box::pin(async move {
+                    if req.version() == http::Version::HTTP_2 {
+                        if let Some(fired) = client.check_h2_headers(&req) {
+                            // Envoy's codec resets the stream (hyper sends RST_STREAM
+                            // INTERNAL_ERROR when the service fails) and logs `DR`.
+                            let now = (SystemTime::now(), Instant::now());
+                            client.reject(Rejected {
+                                fired,
+                                version: http::Version::HTTP_2,
+                                status: 0,
+                                flags: ResponseFlags::DOWNSTREAM_REMOTE_RESET,
+                                started: now,
+                                head_bytes: sluice_telemetry::header_bytes(req.headers()),
+                                response_bytes: 0,
+                            });
+                            request.local_reset();
+                            return Err(StreamReset(fired));
+                        }
+                    }
+                    let mut rsp = if is_loop {
+                        handler.refuse_loop(&req, &conn)
+                    } else {
+                        handler.handle(req, &conn).await
+                    };
+                    if h1
+                        && *shutdown.borrow()
+                        && rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        // Draining: this is the connection's last response (hyper closes
+                        // after writing it), and the client knows before it writes again. An
+                        // upgrade's 101 keeps its `Connection: upgrade`.
+                        rsp.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok(request.respond(rsp))
+                });
+            fut
+        })
+    };
     let served = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-    if let Err(err) = watcher.watch(served).await {
+    let mut served = std::pin::pin!(served);
+    let stats = client.stats();
+    // Closing: a graceful shutdown was asked of hyper (idle, or the proxy's shutdown).
+    let mut closing = false;
+    // The proxy's shutdown was seen: an HTTP/1 connection closes at this deadline (or after its
+    // next response).
+    let mut grace_ends: Option<Instant> = None;
+    let result = loop {
+        if client.aborted() {
+            // Envoy aborts such a connection: nothing more is read or written.
+            tracing::debug!(%peer, "client connection aborted (too many premature resets)");
+            return;
+        }
+        if !closing && grace_ends.is_none() && *draining.shutdown.borrow() {
+            if is_h2.load(std::sync::atomic::Ordering::Relaxed) {
+                closing = true;
+                served.as_mut().graceful_shutdown();
+            } else {
+                grace_ends = Some(Instant::now() + draining.grace);
+            }
+        }
+        let idle = if closing {
+            None
+        } else {
+            client.idle_deadline()
+        };
+        tokio::select! {
+            res = served.as_mut() => break res,
+            changed = draining.shutdown.changed(), if !closing && grace_ends.is_none() => {
+                if changed.is_err() {
+                    // The listener is gone without a word: shut down as on SIGTERM.
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+            () = tokio::time::sleep_until(grace_ends.unwrap_or_else(Instant::now)), if grace_ends.is_some() && !closing => {
+                // Envoy's `drain_timeout`: what is still open now is closed (after its
+                // response, if one is under way).
+                closing = true;
+                served.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep_until(idle.unwrap_or_else(Instant::now)), if idle.is_some() => {
+                if client.idle_deadline().is_some_and(|d| d <= Instant::now()) {
+                    tracing::debug!(%peer, "closing an idle client connection");
+                    stats.fired(Fired::IdleTimeout);
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+            () = client.changed() => {}
+        }
+    };
+    if let Err(err) = result {
+        // The `h2` crate's GOAWAYs were counted as they were written (`Guarded`).
         tracing::debug!(%peer, error = %err, "client connection ended with an error");
     }
 }

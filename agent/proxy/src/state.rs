@@ -1,15 +1,22 @@
 //! One generation of what the proxy runs: the checked snapshot, the live clusters it names, and each
 //! route's resilience plan. Swapped atomically on reload; a request loads it once and keeps it, so a
 //! request finishes under the policy it started with while new requests see the new one.
+//!
+//! Everything a request looks up is made here once per generation, so routing allocates nothing:
+//! a VirtualService's route plans per incoming port (a destination without `port` goes to the port
+//! the request came in on), and for each client namespace that sees other VirtualServices or
+//! DestinationRules than the rest (`exportTo`) its own table of them and of their live clusters.
 
 use crate::direct::{DirectReply, ResponseHeaders};
+use sluice_policy::Identity;
 use sluice_policy::{
-    Cluster, ClusterKey, Fault, RetryPolicy, Route, Service, Snapshot, VirtualHost,
-    WeightedDestination,
+    Cluster, ClusterKey, Fault, RetryPolicy, Route, Service, ServiceExportTo, Snapshot,
+    VirtualHost, WeightedDestination,
 };
 use sluice_resilience::RetryBudget;
+use sluice_telemetry::{Interned, Peer, ServiceName};
 use sluice_upstream::{ClusterHandle, UpstreamProtocol};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +33,8 @@ pub struct Upstream {
 
 /// A route compiled for the hot path: the layers' settings are shared, not rebuilt per request.
 pub struct RoutePlan {
-    pub name: String,
+    /// Shared with every request it takes (its record names it).
+    pub name: Arc<str>,
     pub destinations: Vec<WeightedDestination>,
     pub timeout: Option<Duration>,
     pub retry: Arc<RetryPolicy>,
@@ -39,14 +47,22 @@ pub struct RoutePlan {
 }
 
 impl RoutePlan {
-    fn compile(route: &Route) -> Self {
+    /// `route` for requests that came in on `port` (its destinations without `port` take it).
+    fn compile(route: &Route, port: u16) -> Self {
         let response_headers = route
             .response_headers
             .as_ref()
             .map(|ops| Arc::new(ResponseHeaders::compile(ops)));
         Self {
-            name: route.name.clone(),
-            destinations: route.destinations.clone(),
+            name: Arc::from(route.name.as_str()),
+            destinations: route
+                .destinations
+                .iter()
+                .map(|d| WeightedDestination {
+                    cluster: d.cluster_for(port),
+                    weight: d.weight,
+                })
+                .collect(),
             timeout: route.timeout,
             per_try_timeout: route.retry.per_try_timeout,
             retry: Arc::new(route.retry.clone()),
@@ -63,7 +79,7 @@ impl RoutePlan {
     /// no timeout, the default retry policy.
     fn implicit(service: &Service, port: u16) -> Self {
         Self {
-            name: "default".into(),
+            name: Arc::from("default"),
             destinations: vec![WeightedDestination {
                 cluster: ClusterKey {
                     host: service.hostname.clone(),
@@ -85,11 +101,18 @@ impl RoutePlan {
 /// Everything one request needs, consistent with one config generation.
 pub struct State {
     pub snapshot: Arc<Snapshot>,
+    /// Live clusters as a client sees them whose namespace no object singles out (every cluster
+    /// of the snapshot's [`Snapshot::clusters`]).
     pub upstreams: HashMap<ClusterKey, Upstream>,
-    /// Compiled routes by VirtualHost name (`namespace/name` of the VirtualService).
-    plans: HashMap<String, Vec<Arc<RoutePlan>>>,
-    /// Implicit routes by cluster key (service port without VirtualService).
-    implicit: HashMap<ClusterKey, Arc<RoutePlan>>,
+    /// Compiled routes by VirtualHost name (`namespace/name` of the VirtualService), per port.
+    plans: HashMap<String, PortPlans>,
+    /// Implicit routes (Service port without VirtualService) by host name, then port.
+    implicit: HashMap<String, Vec<(u16, Arc<RoutePlan>)>>,
+    /// What clients of a namespace see differently (see [`Snapshot::namespaces`]).
+    views: HashMap<String, View>,
+    /// Services some namespaces do not see (`networking.istio.io/exportTo`), by host name; usually
+    /// none, so routing only looks here when there are some.
+    restricted: HashMap<String, Arc<Service>>,
     /// Istio metric labels per destination service, made once per generation.
     pub(crate) labels: HashMap<String, ServiceLabels>,
     /// Services by cluster IP and service port, for redirected connections (one hash lookup per
@@ -98,45 +121,70 @@ pub struct State {
     /// Known pods by IP: who a client is (metrics' `source_workload`, the namespace its short host
     /// names resolve in).
     sources: HashMap<IpAddr, SourceLabels>,
+    /// Who each endpoint is (`destination_*` labels), by address.
+    endpoints: HashMap<std::net::SocketAddr, Peer>,
 }
 
-/// A client pod's identity as Istio's `source_workload` / `source_workload_namespace` labels.
-#[derive(Clone, Debug)]
-pub(crate) struct SourceLabels {
-    pub workload: Arc<String>,
-    pub namespace: Arc<String>,
-    /// The pod itself (its labels and namespace feed `tcp[].match` source conditions).
-    pub pod: Arc<sluice_policy::Workload>,
+/// A VirtualService's compiled routes: one list for every port when no destination takes the
+/// incoming port, else one list per port the VirtualService can see requests on.
+pub enum PortPlans {
+    Any(Arc<[Arc<RoutePlan>]>),
+    ByPort(Vec<(u16, Arc<[Arc<RoutePlan>]>)>),
 }
 
-impl SourceLabels {
-    /// The workload name of a pod: Istio takes its owner (the Deployment); standalone Pod objects
-    /// carry no owner, so the canonical-name labels stand in (`service.istio.io/canonical-name`,
-    /// `app.kubernetes.io/name`, `app`), else the pod's name.
-    fn of(w: &Arc<sluice_policy::Workload>) -> Self {
-        let name = [
-            "service.istio.io/canonical-name",
-            "app.kubernetes.io/name",
-            "app",
-        ]
-        .iter()
-        .find_map(|k| w.labels.get(*k))
-        .unwrap_or(&w.name);
-        SourceLabels {
-            workload: Arc::new(name.clone()),
-            namespace: Arc::new(w.namespace.clone()),
-            pod: w.clone(),
+impl PortPlans {
+    /// The routes for requests that came in on `port` (in the VirtualService's order).
+    pub fn for_port(&self, port: u16) -> Option<&[Arc<RoutePlan>]> {
+        match self {
+            Self::Any(plans) => Some(plans),
+            Self::ByPort(by_port) => by_port
+                .binary_search_by_key(&port, |(p, _)| *p)
+                .ok()
+                .map(|i| &*by_port[i].1),
         }
     }
 }
 
-/// A service's metric label values, shared by every sample of every request to it.
-#[derive(Clone)]
-pub(crate) struct ServiceLabels {
-    pub hostname: Arc<String>,
-    pub name: Arc<String>,
-    pub namespace: Arc<String>,
+/// What clients of one namespace see differently from the rest.
+#[derive(Default)]
+pub struct View {
+    /// The VirtualService for a Service host name (`None`: none, the implicit route).
+    vhosts: HashMap<String, Option<Arc<VirtualHost>>>,
+    /// Every live cluster of a Service host name whose DestinationRule differs.
+    clusters: HashMap<String, HashMap<ClusterKey, Upstream>>,
 }
+
+/// The client of a request as routing sees it: its namespace and what that namespace sees.
+#[derive(Clone, Copy)]
+pub struct Viewer<'a> {
+    pub namespace: &'a str,
+    view: Option<&'a View>,
+}
+
+/// A client pod: its telemetry identity (`source_*` labels) and the pod itself.
+#[derive(Clone, Debug)]
+pub(crate) struct SourceLabels {
+    pub identity: Peer,
+    /// The pod itself (its labels and namespace feed `sourceLabels`/`sourceNamespace` matches and
+    /// the namespace its short host names resolve in).
+    pub pod: Arc<sluice_policy::Workload>,
+}
+
+impl SourceLabels {
+    fn of(w: &Arc<sluice_policy::Workload>, identity: Peer) -> Self {
+        SourceLabels {
+            identity,
+            pod: w.clone(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.pod.namespace
+    }
+}
+
+/// A service's metric label values, shared by every sample of every request to it.
+pub(crate) type ServiceLabels = Interned<ServiceName>;
 
 impl State {
     pub fn empty() -> Self {
@@ -145,9 +193,12 @@ impl State {
             upstreams: HashMap::new(),
             plans: HashMap::new(),
             implicit: HashMap::new(),
+            views: HashMap::new(),
+            restricted: HashMap::new(),
             labels: HashMap::new(),
             vips: HashMap::new(),
             sources: HashMap::new(),
+            endpoints: HashMap::new(),
         }
     }
 
@@ -156,77 +207,148 @@ impl State {
         self.sources.get(&ip)
     }
 
+    /// The client's telemetry identity (`unknown` when it is not a known pod).
+    pub(crate) fn source_identity(&self, ip: IpAddr) -> Peer {
+        self.sources
+            .get(&ip)
+            .map_or_else(sluice_telemetry::unknown_identity, |s| s.identity.clone())
+    }
+
+    /// Who the endpoint at `addr` is, if its pod is known.
+    pub(crate) fn endpoint_identity(&self, addr: std::net::SocketAddr) -> Option<Peer> {
+        self.endpoints.get(&addr).cloned()
+    }
+
     /// The Service whose cluster IP is `ip`, exposing `port`.
     pub fn service_by_vip(&self, ip: IpAddr, port: u16) -> Option<&Arc<Service>> {
         self.vips.get(&(ip, port))
     }
 
+    /// A client in `namespace`: what it sees (one hash lookup, no allocation).
+    pub fn viewer<'a>(&'a self, namespace: &'a str) -> Viewer<'a> {
+        Viewer {
+            namespace,
+            view: self.views.get(namespace),
+        }
+    }
+
+    /// Whether `viewer` sees the Service `host` (`networking.istio.io/exportTo`).
+    pub fn sees(&self, viewer: Viewer<'_>, host: &str) -> bool {
+        self.restricted.is_empty()
+            || self
+                .restricted
+                .get(host)
+                .is_none_or(|svc| svc.visible_to(viewer.namespace))
+    }
+
+    /// The VirtualService routing the Service `hostname` for `viewer`, with its route plans for
+    /// requests that came in on `port`; `None`: Istio's implicit route applies.
+    pub fn routes<'a>(
+        &'a self,
+        viewer: Viewer<'a>,
+        hostname: &str,
+        port: u16,
+    ) -> Option<(&'a Arc<VirtualHost>, &'a [Arc<RoutePlan>])> {
+        let vh = match viewer.view.and_then(|v| v.vhosts.get(hostname)) {
+            Some(choice) => choice.as_ref()?,
+            None => self.snapshot.virtual_host(hostname)?,
+        };
+        let plans = self.plans.get(&vh.name)?.for_port(port)?;
+        Some((vh, plans))
+    }
+
+    /// The live cluster `key` for `viewer`: the one its DestinationRule shapes; `None` when it
+    /// has none (unknown port or subset, or a Service it does not see).
+    pub fn upstream<'a>(&'a self, viewer: Viewer<'a>, key: &ClusterKey) -> Option<&'a Upstream> {
+        if !self.sees(viewer, &key.host) {
+            return None;
+        }
+        match viewer.view.and_then(|v| v.clusters.get(&key.host)) {
+            Some(clusters) => clusters.get(key),
+            None => self.upstreams.get(key),
+        }
+    }
+
     /// Builds the next generation from `snapshot`, reusing the live clusters of `prev` so connection
     /// pools and outlier state survive a reload.
     pub fn next(prev: &State, snapshot: Arc<Snapshot>) -> Self {
+        // Each live cluster is claimed once per generation (by its name's allocation), so two
+        // namespaces' clusters of one key never share one whose policy the other changed.
+        let mut claimed = HashSet::new();
         let mut upstreams = HashMap::with_capacity(snapshot.clusters.len());
         for (key, spec) in &snapshot.clusters {
-            let upstream = match prev.upstreams.get(key) {
-                Some(up) if Arc::ptr_eq(&up.spec, spec) || *up.spec == **spec => up.clone(),
-                Some(up) => {
-                    up.handle.update(spec.clone());
-                    Upstream {
-                        name: up.name.clone(),
-                        spec: spec.clone(),
-                        handle: up.handle.clone(),
-                        retry_budget: if up.spec.policy.connection_pool.max_retries
-                            == spec.policy.connection_pool.max_retries
-                            && up.spec.policy.retry_budget == spec.policy.retry_budget
-                        {
-                            up.retry_budget.clone()
-                        } else {
-                            retry_budget(spec, &up.handle)
-                        },
-                    }
+            let up = live(&snapshot, spec, prev.upstreams.get(key), &mut claimed);
+            upstreams.insert(key.clone(), up);
+        }
+        // Clusters of namespaces that see another DestinationRule: one live cluster per distinct
+        // cluster of the snapshot (namespaces seeing the same rule share it).
+        let mut shared: HashMap<*const Cluster, Upstream> = HashMap::new();
+        let mut views: HashMap<String, View> = HashMap::new();
+        for (ns, nv) in &snapshot.namespaces {
+            let view = views.entry(ns.clone()).or_default();
+            for (host, vh) in &nv.virtual_hosts {
+                view.vhosts.insert(host.clone(), vh.clone());
+            }
+            for (host, clusters) in &nv.clusters {
+                let mut live_clusters = HashMap::with_capacity(clusters.len());
+                for (key, spec) in clusters {
+                    let up = match shared.get(&Arc::as_ptr(spec)) {
+                        Some(up) => up.clone(),
+                        None => {
+                            let before = prev
+                                .views
+                                .get(ns)
+                                .and_then(|v| v.clusters.get(host))
+                                .and_then(|c| c.get(key));
+                            let up = live(&snapshot, spec, before, &mut claimed);
+                            shared.insert(Arc::as_ptr(spec), up.clone());
+                            up
+                        }
+                    };
+                    live_clusters.insert(key.clone(), up);
                 }
-                None => {
-                    let handle =
-                        sluice_upstream::Cluster::new(spec.clone(), protocol_of(&snapshot, key));
-                    Upstream {
-                        name: Arc::from(key.to_string()),
-                        spec: spec.clone(),
-                        retry_budget: retry_budget(spec, &handle),
-                        handle,
-                    }
-                }
-            };
-            upstreams.insert(key.clone(), upstream);
+                view.clusters.insert(host.clone(), live_clusters);
+            }
         }
 
-        let mut plans = HashMap::new();
-        let vhosts = snapshot
-            .virtual_hosts
+        // Route plans per VirtualService and incoming port: the ports of every Service it routes
+        // for some namespace.
+        let generic = snapshot
+            .services
             .values()
-            .chain(snapshot.wildcard_hosts.iter().map(|(_, vh)| vh));
-        for vh in vhosts {
-            plans.entry(vh.name.clone()).or_insert_with(|| {
-                vh.routes
-                    .iter()
-                    .map(|r| Arc::new(RoutePlan::compile(r)))
-                    .collect()
-            });
+            .filter_map(|svc| Some((snapshot.virtual_host(&svc.hostname)?, svc)));
+        let by_namespace = snapshot.namespaces.values().flat_map(|nv| {
+            nv.virtual_hosts
+                .iter()
+                .filter_map(|(host, vh)| Some((vh.as_ref()?, snapshot.services.get(host)?)))
+        });
+        let mut routed: HashMap<&str, (&Arc<VirtualHost>, BTreeSet<u16>)> = HashMap::new();
+        for (vh, svc) in generic.chain(by_namespace) {
+            let entry = routed
+                .entry(vh.name.as_str())
+                .or_insert_with(|| (vh, BTreeSet::new()));
+            entry.1.extend(svc.ports.iter().map(|p| p.port));
         }
+        let plans = routed
+            .into_iter()
+            .map(|(name, (vh, ports))| (name.to_string(), compile(vh, &ports)))
+            .collect();
 
         let mut implicit = HashMap::new();
         let mut labels = HashMap::new();
         let mut vips = HashMap::new();
+        let mut restricted = HashMap::new();
         for svc in snapshot.services.values() {
             labels.insert(
                 svc.hostname.clone(),
-                ServiceLabels {
-                    hostname: Arc::new(svc.hostname.clone()),
-                    name: Arc::new(svc.name.clone()),
-                    namespace: Arc::new(svc.namespace.clone()),
-                },
+                ServiceName::new(&svc.hostname, &svc.name, &svc.namespace),
             );
+            if svc.export_to != ServiceExportTo::Public {
+                restricted.insert(svc.hostname.clone(), svc.clone());
+            }
+            let plans: &mut Vec<_> = implicit.entry(svc.hostname.clone()).or_default();
             for port in &svc.ports {
-                let plan = RoutePlan::implicit(svc, port.port);
-                implicit.insert(plan.destinations[0].cluster.clone(), Arc::new(plan));
+                plans.push((port.port, Arc::new(RoutePlan::implicit(svc, port.port))));
                 // The first Service by host name wins a shared address, as Snapshot::service_by_vip.
                 for ip in &svc.cluster_ips {
                     vips.entry((*ip, port.port)).or_insert_with(|| svc.clone());
@@ -236,9 +358,19 @@ impl State {
 
         let mut sources = HashMap::new();
         for w in snapshot.workloads.values() {
-            let source = SourceLabels::of(w);
+            let source = SourceLabels::of(w, Interned::new(w.identity()));
             for ip in &w.ips {
                 sources.entry(*ip).or_insert_with(|| source.clone());
+            }
+        }
+        let mut endpoints = HashMap::new();
+        for cluster in snapshot.clusters.values() {
+            for ep in &cluster.endpoints {
+                if let Some(id) = &ep.identity {
+                    endpoints
+                        .entry(ep.addr)
+                        .or_insert_with(|| Interned::new(Identity::clone(id)));
+                }
             }
         }
 
@@ -247,27 +379,107 @@ impl State {
             upstreams,
             plans,
             implicit,
+            views,
+            restricted,
             labels,
             vips,
             sources,
+            endpoints,
         }
     }
 
-    /// The route plans for a destination service: its VirtualService's routes, if any.
-    pub fn vhost(&self, hostname: &str) -> Option<(&Arc<VirtualHost>, &[Arc<RoutePlan>])> {
+    /// The live clusters only some namespaces use (their own DestinationRules'), each once; with
+    /// [`State::upstreams`], every live cluster of the generation.
+    pub fn namespace_upstreams(&self) -> impl Iterator<Item = (&ClusterKey, &Upstream)> {
+        let mut seen = HashSet::new();
+        self.views
+            .values()
+            .flat_map(|v| v.clusters.values().flatten())
+            .filter(move |(_, up)| seen.insert(Arc::as_ptr(&up.name).cast::<u8>()))
+    }
+
+    /// The VirtualService routing `hostname` for a client whose namespace no object singles out,
+    /// with its route plans per port. (HTTP routing uses [`State::routes`].)
+    pub fn vhost(&self, hostname: &str) -> Option<(&Arc<VirtualHost>, &PortPlans)> {
         let vh = self.snapshot.virtual_host(hostname)?;
         let plans = self.plans.get(&vh.name)?;
         Some((vh, plans))
     }
 
-    pub fn implicit_plan(&self, key: &ClusterKey) -> Option<&Arc<RoutePlan>> {
-        self.implicit.get(key)
+    /// Istio's implicit route for port `port` of the Service `host` (when no VirtualService
+    /// routes it).
+    pub fn implicit_plan(&self, host: &str, port: u16) -> Option<&Arc<RoutePlan>> {
+        self.implicit
+            .get(host)?
+            .iter()
+            .find_map(|(p, plan)| (*p == port).then_some(plan))
+    }
+}
+
+/// A VirtualService's route plans for requests on each of `ports`.
+fn compile(vh: &VirtualHost, ports: &BTreeSet<u16>) -> PortPlans {
+    let per_port = vh
+        .routes
+        .iter()
+        .any(|r| r.destinations.iter().any(|d| d.takes_incoming_port()));
+    let plans = |port: u16| -> Arc<[Arc<RoutePlan>]> {
+        vh.routes
+            .iter()
+            .map(|r| Arc::new(RoutePlan::compile(r, port)))
+            .collect()
+    };
+    if per_port {
+        PortPlans::ByPort(ports.iter().map(|&p| (p, plans(p))).collect())
+    } else {
+        PortPlans::Any(plans(sluice_policy::INCOMING_PORT))
+    }
+}
+
+/// The live cluster for `spec`: `before` (the previous generation's for the same key, unless
+/// already claimed) kept, or updated when its policy changed, else a new one.
+fn live(
+    snapshot: &Snapshot,
+    spec: &Arc<Cluster>,
+    before: Option<&Upstream>,
+    claimed: &mut HashSet<*const u8>,
+) -> Upstream {
+    let before = before.filter(|up| claimed.insert(Arc::as_ptr(&up.name).cast::<u8>()));
+    match before {
+        Some(up) if Arc::ptr_eq(&up.spec, spec) || *up.spec == **spec => up.clone(),
+        Some(up) => {
+            up.handle.update(spec.clone());
+            Upstream {
+                name: up.name.clone(),
+                spec: spec.clone(),
+                handle: up.handle.clone(),
+                retry_budget: if up.spec.policy.connection_pool.max_retries
+                    == spec.policy.connection_pool.max_retries
+                    && up.spec.policy.retry_budget == spec.policy.retry_budget
+                {
+                    up.retry_budget.clone()
+                } else {
+                    retry_budget(spec, &up.handle)
+                },
+            }
+        }
+        None => {
+            let handle = sluice_upstream::Cluster::new(spec.clone(), protocol_of(snapshot, spec));
+            let up = Upstream {
+                name: Arc::from(spec.key.to_string()),
+                spec: spec.clone(),
+                retry_budget: retry_budget(spec, &handle),
+                handle,
+            };
+            claimed.insert(Arc::as_ptr(&up.name).cast::<u8>());
+            up
+        }
     }
 }
 
 /// HTTP/2 to the upstream when the service port says so (`appProtocol`/port name `http2`, `grpc`,
 /// `h2c`) or the DestinationRule asks for an upgrade; HTTP/1.1 otherwise, as Istio decides.
-fn protocol_of(snapshot: &Snapshot, key: &ClusterKey) -> UpstreamProtocol {
+fn protocol_of(snapshot: &Snapshot, spec: &Cluster) -> UpstreamProtocol {
+    let key = &spec.key;
     let port_proto = snapshot
         .services
         .get(&key.host)
@@ -277,9 +489,7 @@ fn protocol_of(snapshot: &Snapshot, key: &ClusterKey) -> UpstreamProtocol {
     let h2_port = ["http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c"]
         .iter()
         .any(|p| port_proto.eq_ignore_ascii_case(p));
-    let upgrade = snapshot.clusters.get(key).is_some_and(|c| {
-        c.policy.connection_pool.h2_upgrade == sluice_policy::H2UpgradePolicy::Upgrade
-    });
+    let upgrade = spec.policy.connection_pool.h2_upgrade == sluice_policy::H2UpgradePolicy::Upgrade;
     if h2_port || upgrade {
         UpstreamProtocol::H2c
     } else {
@@ -301,4 +511,165 @@ fn retry_budget(spec: &sluice_policy::Cluster, handle: &ClusterHandle) -> Arc<Re
             )
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_policy::{NamespaceView, RetryPolicy, ServicePort, TrafficPolicy, INCOMING_PORT};
+    use std::collections::BTreeMap;
+
+    const HOST: &str = "pricing.default.svc.cluster.local";
+
+    fn key(port: u16) -> ClusterKey {
+        ClusterKey {
+            host: HOST.into(),
+            port,
+            subset: None,
+        }
+    }
+
+    fn cluster(port: u16, max_connections: u32) -> Arc<Cluster> {
+        let mut policy = TrafficPolicy::default();
+        policy.connection_pool.max_connections = max_connections;
+        Arc::new(Cluster {
+            key: key(port),
+            endpoints: vec![],
+            policy,
+        })
+    }
+
+    fn vhost(name: &str, port: u16) -> Arc<VirtualHost> {
+        Arc::new(VirtualHost {
+            name: name.into(),
+            routes: vec![Route {
+                name: name.into(),
+                matches: vec![],
+                destinations: vec![WeightedDestination {
+                    cluster: key(port),
+                    weight: 100,
+                }],
+                timeout: None,
+                retry: RetryPolicy::istio_default(),
+                fault: None,
+                direct_response: None,
+                response_headers: None,
+            }],
+            tcp_routes: vec![],
+        })
+    }
+
+    /// `pricing` on ports 80 and 8080, routed by a VirtualService without destination port; the
+    /// namespace `shop` sees its own VirtualService (to port 80) and DestinationRule.
+    fn snapshot(shop_limit: u32) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.services.insert(
+            HOST.into(),
+            Arc::new(Service {
+                name: "pricing".into(),
+                namespace: "default".into(),
+                hostname: HOST.into(),
+                cluster_ips: vec![],
+                ports: [80, 8080]
+                    .map(|port| ServicePort {
+                        name: None,
+                        port,
+                        app_protocol: None,
+                    })
+                    .to_vec(),
+                export_to: ServiceExportTo::Public,
+            }),
+        );
+        for port in [80, 8080] {
+            snap.clusters.insert(key(port), cluster(port, 1));
+        }
+        snap.virtual_hosts
+            .insert(HOST.into(), vhost("default/all", INCOMING_PORT));
+        let shop = NamespaceView {
+            virtual_hosts: BTreeMap::from([(HOST.to_string(), Some(vhost("shop/own", 80)))]),
+            clusters: BTreeMap::from([(
+                HOST.to_string(),
+                [80, 8080]
+                    .map(|p| (key(p), cluster(p, shop_limit)))
+                    .into_iter()
+                    .collect(),
+            )]),
+        };
+        snap.namespaces.insert("shop".into(), shop);
+        snap
+    }
+
+    fn cluster_of(state: &State, ns: &str, port: u16) -> (String, ClusterKey, u32) {
+        let viewer = state.viewer(ns);
+        let (vh, plans) = state.routes(viewer, HOST, port).unwrap();
+        let dest = plans[0].destinations[0].cluster.clone();
+        let up = state.upstream(viewer, &dest).unwrap();
+        (
+            vh.name.clone(),
+            dest,
+            up.spec.policy.connection_pool.max_connections,
+        )
+    }
+
+    #[test]
+    fn a_destination_without_port_goes_to_the_incoming_port() {
+        let state = State::next(&State::empty(), Arc::new(snapshot(7)));
+        assert_eq!(
+            cluster_of(&state, "web", 80),
+            ("default/all".into(), key(80), 1)
+        );
+        assert_eq!(
+            cluster_of(&state, "web", 8080),
+            ("default/all".into(), key(8080), 1)
+        );
+        // A port the routed Service lacks has no plan.
+        assert!(state.routes(state.viewer("web"), HOST, 9999).is_none());
+    }
+
+    #[test]
+    fn a_namespace_sees_its_own_virtual_service_and_clusters() {
+        let state = State::next(&State::empty(), Arc::new(snapshot(7)));
+        assert_eq!(
+            cluster_of(&state, "shop", 8080),
+            ("shop/own".into(), key(80), 7)
+        );
+        // Two live clusters for one key: shop's pools and breakers are its own.
+        let web = state.upstream(state.viewer("web"), &key(80)).unwrap();
+        let shop = state.upstream(state.viewer("shop"), &key(80)).unwrap();
+        assert!(!Arc::ptr_eq(&web.name, &shop.name));
+        let own: Vec<ClusterKey> = state
+            .namespace_upstreams()
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(own.len(), 2);
+        assert_eq!(
+            own.into_iter().collect::<BTreeSet<_>>(),
+            BTreeSet::from([key(80), key(8080)])
+        );
+    }
+
+    #[test]
+    fn live_clusters_of_a_namespace_survive_a_reload() {
+        let first = State::next(&State::empty(), Arc::new(snapshot(7)));
+        let second = State::next(&first, Arc::new(snapshot(9)));
+        let before = first.upstream(first.viewer("shop"), &key(80)).unwrap();
+        let after = second.upstream(second.viewer("shop"), &key(80)).unwrap();
+        assert!(Arc::ptr_eq(&before.name, &after.name), "same live cluster");
+        assert_eq!(after.spec.policy.connection_pool.max_connections, 9);
+        let generic = second.upstream(second.viewer("web"), &key(80)).unwrap();
+        assert!(Arc::ptr_eq(&first.upstreams[&key(80)].name, &generic.name));
+    }
+
+    #[test]
+    fn a_service_is_hidden_from_namespaces_it_is_not_exported_to() {
+        let mut snap = snapshot(7);
+        let mut svc = (*snap.services[HOST]).clone();
+        svc.export_to = ServiceExportTo::Namespaces(vec!["shop".into()]);
+        snap.services.insert(HOST.into(), Arc::new(svc));
+        let state = State::next(&State::empty(), Arc::new(snap));
+        assert!(state.sees(state.viewer("shop"), HOST));
+        assert!(!state.sees(state.viewer("web"), HOST));
+        assert!(state.upstream(state.viewer("web"), &key(80)).is_none());
+        assert!(state.upstream(state.viewer("shop"), &key(80)).is_some());
+    }
 }

@@ -15,23 +15,27 @@
 //! closes them that long after the connection was accepted (flag `DT`). Both are counted
 //! (`envoy_tcp_idle_timeout`, `envoy_tcp_max_downstream_connection_duration`).
 //!
-//! Each connection ends in one access-log line in Envoy's TCP style and Istio's `istio_tcp_*`
-//! metrics.
+//! Each connection ends in one access-log line in Envoy's TCP style, and is counted in Istio's
+//! `istio_tcp_*` families under both reporters (the client's side and, once an endpoint accepted
+//! it, the endpoint's), its bytes added as they flow so a long connection shows its traffic while
+//! it is open.
 
-use crate::access_log::TcpSummary;
 use crate::handler::{ConnInfo, Handler};
 use crate::metrics::TcpTimeout;
 use crate::route;
 use sluice_core::{ProxyError, RequestInfo, ResponseFlags};
 use sluice_policy::ClusterKey;
+use sluice_telemetry::recent::{ConnectionGuard, OpenConnection, Side};
+use sluice_telemetry::{Exchange, Peer, Protocol, Record, Reporter, ServiceName, TcpCounters};
 use sluice_upstream::UpstreamProtocol;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -48,13 +52,22 @@ impl Handler {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let state = self.state();
-        let info = RequestInfo::new();
+        let info = Arc::new(RequestInfo::new());
         let source = state.source(conn.peer.ip());
-        let (upstream, service) = match state.service_by_vip(dst.ip(), dst.port()) {
+        let source_id = state.source_identity(conn.peer.ip());
+        let wall_start = SystemTime::now() - start.elapsed();
+        // The client's namespace decides which objects it sees (`exportTo`), as for HTTP.
+        let viewer = state.viewer(self.client_namespace(source));
+        let service = state
+            .service_by_vip(dst.ip(), dst.port())
+            .filter(|svc| state.sees(viewer, &svc.hostname));
+        let (upstream, service) = match service {
             Some(svc) => {
-                let rule = state.vhost(&svc.hostname).and_then(|(vh, _)| {
-                    route::select_tcp(&vh.tcp_routes, dst, source.map(|s| &*s.pod))
-                });
+                let rule = state
+                    .routes(viewer, &svc.hostname, dst.port())
+                    .and_then(|(vh, _)| {
+                        route::select_tcp(&vh.tcp_routes, dst, source.map(|s| &*s.pod))
+                    });
                 let key = match rule {
                     Some(rule) => {
                         route::pick_destination(&rule.destinations, |total| fastrand::u32(0..total))
@@ -66,7 +79,7 @@ impl Handler {
                         subset: None,
                     }),
                 };
-                let upstream = key.and_then(|k| state.upstreams.get(&k).cloned());
+                let upstream = key.and_then(|k| state.upstream(viewer, &k).cloned());
                 (upstream, Some(svc.clone()))
             }
             None => (
@@ -74,8 +87,11 @@ impl Handler {
                 None,
             ),
         };
-        let labels = self.labels_of(&state, service.as_deref());
-        self.metrics.tcp_open(source, labels);
+        let service_labels = self
+            .labels_of(&state, service.as_deref())
+            .cloned()
+            .unwrap_or_else(ServiceName::unknown);
+        let telemetry = &self.telemetry;
 
         let meter = Arc::new(Meter::default());
         let mut client = Counted::new(client, meter.clone(), start);
@@ -83,22 +99,79 @@ impl Handler {
             None => info.add_flags(ResponseFlags::NO_CLUSTER_FOUND),
             Some(upstream) => {
                 info.set_cluster(upstream.name.clone());
+                // The pod's budget of upstream connections: one for as long as this one lasts.
+                let held = match conn.slot.as_ref().map(|s| s.take_upstream()) {
+                    Some(Err(why)) => {
+                        info.add_flags(ResponseFlags::OVERLOAD_MANAGER);
+                        info.set_details(why.details());
+                        None
+                    }
+                    Some(Ok(unit)) => Some(Some(unit)),
+                    None => Some(None),
+                };
                 let max_attempts = self.redirect.tcp_max_connect_attempts.max(1);
-                let connected = loop {
-                    let attempt = info.add_attempt();
-                    match upstream.handle.connect_tcp(&info).await {
-                        Ok(connected) => break Some(connected),
-                        Err(ProxyError::ConnectFailure(why)) if attempt < max_attempts => {
-                            tracing::debug!(peer = %conn.peer, %dst, %why, "TCP connect failed; trying another host");
-                        }
-                        Err(err) => {
-                            tracing::debug!(peer = %conn.peer, %dst, error = %err, "TCP connection refused by the proxy");
-                            info.add_flags(err.flag());
-                            break None;
+                let connected = if held.is_none() {
+                    None
+                } else {
+                    loop {
+                        let attempt = info.add_attempt();
+                        match upstream.handle.connect_tcp(&info).await {
+                            Ok(connected) => break Some(connected),
+                            Err(ProxyError::ConnectFailure(why)) if attempt < max_attempts => {
+                                tracing::debug!(peer = %conn.peer, %dst, %why, "TCP connect failed; trying another host");
+                            }
+                            Err(err) => {
+                                tracing::debug!(peer = %conn.peer, %dst, error = %err, "TCP connection refused by the proxy");
+                                info.add_flags(err.flag());
+                                break None;
+                            }
                         }
                     }
                 };
                 if let Some(mut connected) = connected {
+                    let endpoint = info.upstream().and_then(|a| state.endpoint_identity(a));
+                    let pod_at = |ip| {
+                        state
+                            .snapshot
+                            .workload_by_ip(ip)
+                            .map(|w| format!("{}/{}", w.namespace, w.name))
+                    };
+                    let open = |side, peer: Option<SocketAddr>, workload: Peer| OpenConnection {
+                        side,
+                        peer,
+                        pod: peer.and_then(|p| pod_at(p.ip())),
+                        workload,
+                        service: service_labels.clone(),
+                        protocol: Protocol::Tcp,
+                        opened: SystemTime::now(),
+                        bytes_in: Default::default(),
+                        bytes_out: Default::default(),
+                    };
+                    let registry = telemetry.connections();
+                    let _ = meter.registered.set([
+                        registry.open(open(Side::Downstream, Some(conn.peer), source_id.clone())),
+                        registry.open(open(
+                            Side::Upstream,
+                            info.upstream(),
+                            endpoint
+                                .clone()
+                                .unwrap_or_else(sluice_telemetry::unknown_identity),
+                        )),
+                    ]);
+                    let _ = meter.counters.set(vec![
+                        telemetry.tcp_open(
+                            Reporter::Source,
+                            &source_id,
+                            endpoint.clone(),
+                            &service_labels,
+                        ),
+                        telemetry.tcp_open(
+                            Reporter::Destination,
+                            &source_id,
+                            endpoint,
+                            &service_labels,
+                        ),
+                    ]);
                     let pool = &upstream.spec.policy.connection_pool;
                     let limits = Limits {
                         idle: pool.tcp_idle_timeout,
@@ -113,13 +186,13 @@ impl Handler {
                         Ended::Idle => {
                             tracing::debug!(peer = %conn.peer, %dst, cluster = %upstream.name, "TCP connection idle past idleTimeout; closed");
                             info.set_details("tcp_session_idle_timeout");
-                            self.metrics.tcp_timeout(&upstream.name, TcpTimeout::Idle);
+                            self.tcp_timeouts.count(&upstream.name, TcpTimeout::Idle);
                         }
                         Ended::MaxDuration => {
                             tracing::debug!(peer = %conn.peer, %dst, cluster = %upstream.name, "TCP connection reached maxConnectionDuration; closed");
                             info.add_flags(ResponseFlags::DURATION_TIMEOUT);
-                            self.metrics
-                                .tcp_timeout(&upstream.name, TcpTimeout::MaxDuration);
+                            self.tcp_timeouts
+                                .count(&upstream.name, TcpTimeout::MaxDuration);
                         }
                     }
                     // Dropping both streams here closes both sides.
@@ -128,18 +201,34 @@ impl Handler {
         }
 
         drop(client);
-        let summary = TcpSummary {
-            elapsed: start.elapsed(),
-            received: meter.read.load(Ordering::Relaxed),
-            sent: meter.written.load(Ordering::Relaxed),
+        // A connection that reached no endpoint is still the client's side's to count.
+        let counters = match meter.counters.get() {
+            Some(c) => c.iter().collect::<Vec<_>>(),
+            None => Vec::new(),
         };
-        self.metrics
-            .tcp_close(source, labels, info.flags(), summary.received, summary.sent);
-        self.access_log.log_tcp(
-            &summary,
-            &info,
-            service.as_deref().map(|s| s.hostname.as_str()),
-        );
+        let unconnected;
+        let counters = if counters.is_empty() {
+            unconnected = telemetry.tcp_open(Reporter::Source, &source_id, None, &service_labels);
+            vec![&unconnected]
+        } else {
+            counters
+        };
+        let record = Record {
+            start: wall_start,
+            duration: start.elapsed(),
+            exchange: Exchange::Tcp {
+                received: meter.read.load(Ordering::Relaxed),
+                sent: meter.written.load(Ordering::Relaxed),
+            },
+            peer: Some(conn.peer),
+            source: source_id.clone(),
+            service: service_labels.clone(),
+            info: info.clone(),
+            status: 0,
+            grpc_status: None,
+            response_bytes: 0,
+        };
+        telemetry.tcp_close(&counters, info.flags(), Some(&record));
     }
 
     /// Refuses a non-HTTP connection whose original destination is this proxy's own listener.
@@ -150,18 +239,31 @@ impl Handler {
             "refused a redirected connection addressed to the proxy's own listener (it would loop); \
              exclude this address or port from redirection"
         );
-        let info = RequestInfo::new();
+        let info = Arc::new(RequestInfo::new());
         info.set_cluster(Arc::from(crate::BLACK_HOLE_CLUSTER));
         let state = self.state();
-        let source = state.source(conn.peer.ip());
-        self.metrics.tcp_open(source, None);
-        self.metrics.tcp_close(source, None, info.flags(), 0, 0);
-        let summary = TcpSummary {
-            elapsed: start.elapsed(),
-            received: 0,
-            sent: 0,
+        let source = state.source_identity(conn.peer.ip());
+        let service = ServiceName::unknown();
+        let counters = self
+            .telemetry
+            .tcp_open(Reporter::Source, &source, None, &service);
+        let record = Record {
+            start: SystemTime::now() - start.elapsed(),
+            duration: start.elapsed(),
+            exchange: Exchange::Tcp {
+                received: 0,
+                sent: 0,
+            },
+            peer: Some(conn.peer),
+            source,
+            service,
+            info: info.clone(),
+            status: 0,
+            grpc_status: None,
+            response_bytes: 0,
         };
-        self.access_log.log_tcp(&summary, &info, None);
+        self.telemetry
+            .tcp_close(&[&counters], info.flags(), Some(&record));
     }
 }
 
@@ -226,6 +328,11 @@ struct Meter {
     read: AtomicU64,
     written: AtomicU64,
     last_nanos: AtomicU64,
+    /// The connection's `istio_tcp_*` byte counters, once it has an endpoint.
+    counters: OnceLock<Vec<TcpCounters>>,
+    /// Its two ends in the registry `sluice connections` lists (client, endpoint), once it has
+    /// an endpoint.
+    registered: OnceLock<[ConnectionGuard; 2]>,
 }
 
 impl Meter {
@@ -236,6 +343,26 @@ impl Meter {
     fn moved(&self, counter: &AtomicU64, n: usize, base: Instant) {
         if n > 0 {
             counter.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(counters) = self.counters.get() {
+                let read = std::ptr::eq(counter, &self.read);
+                for c in counters {
+                    if read {
+                        c.received(n as u64);
+                    } else {
+                        c.sent(n as u64);
+                    }
+                }
+            }
+            if let Some([client, endpoint]) = self.registered.get() {
+                // Read from the client is written to the endpoint, and the other way round.
+                if std::ptr::eq(counter, &self.read) {
+                    client.read(n as u64);
+                    endpoint.written(n as u64);
+                } else {
+                    client.written(n as u64);
+                    endpoint.read(n as u64);
+                }
+            }
             let since = base.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
             self.last_nanos.store(since, Ordering::Relaxed);
         }

@@ -47,6 +47,9 @@ impl HttpBody for UpstreamBody {
                 None
             }
             Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.attempt.add_response_bytes(data.len());
+                }
                 if this.inner.is_end_stream() {
                     this.attempt.finish();
                 }

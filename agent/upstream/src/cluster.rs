@@ -18,10 +18,11 @@ use http::{HeaderValue, Request, Response, Uri, Version};
 use parking_lot::Mutex;
 use serde::Serialize;
 use sluice_core::{
-    Body, BoxError, Cause, ConnectionReady, Deadline, Expiry, OverflowKind, ProxyError,
-    RequestInfo, RetryAnyHost, StaleConnections,
+    AttemptRecord, Body, BoxError, Cause, ConnectionReady, Deadline, Expiry, OverflowKind,
+    ProxyError, RequestInfo, ResponseFlags, RetryAnyHost, StaleConnections,
 };
 use sluice_policy::Endpoint;
+use sluice_telemetry::trace::TraceContext;
 use std::collections::{HashMap, HashSet};
 use std::error::Error as _;
 use std::net::SocketAddr;
@@ -62,6 +63,7 @@ impl Cluster {
             balancer: Balancer::default(),
             ticker_started: AtomicBool::new(false),
             ticker_wake: Arc::new(Notify::new()),
+            observer: std::sync::OnceLock::new(),
         });
         ensure_ticker(&inner);
         ClusterHandle { inner }
@@ -115,6 +117,26 @@ pub(crate) struct Inner {
     pub(crate) balancer: Balancer,
     ticker_started: AtomicBool,
     ticker_wake: Arc<Notify>,
+    /// Hears of every HTTP connection opened (set once).
+    observer: std::sync::OnceLock<Arc<dyn crate::ConnectionObserver>>,
+}
+
+impl Inner {
+    /// The meter for a new HTTP connection to `host`, if the cluster is observed.
+    pub(crate) fn meter(&self, host: SocketAddr) -> Option<Box<dyn crate::ConnectionMeter>> {
+        let observer = self.observer.get()?;
+        let cfg = self.config.load();
+        let endpoint = cfg.spec.endpoints.iter().find(|e| e.addr == host);
+        match endpoint {
+            Some(ep) => Some(observer.opened(ep)),
+            None => Some(observer.opened(&Endpoint {
+                addr: host,
+                pod: None,
+                labels: Default::default(),
+                identity: None,
+            })),
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -420,6 +442,12 @@ impl ClusterHandle {
         self.inner.detector.events()
     }
 
+    /// Has `make`'s observer told of every HTTP connection this cluster opens from now on, unless
+    /// one was set already (a cluster reused across generations keeps its first).
+    pub fn observe(&self, make: impl FnOnce() -> Arc<dyn crate::ConnectionObserver>) {
+        let _ = self.inner.observer.get_or_init(make);
+    }
+
     /// The protocol this cluster speaks upstream.
     pub fn protocol(&self) -> UpstreamProtocol {
         self.inner.protocol
@@ -462,7 +490,23 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         expiry: req.extensions().get::<Expiry>().cloned(),
         released: false,
         active: false,
+        record: None,
+        quota: None,
     };
+
+    // The client pod's budget of upstream connections, before anything is done for it: an
+    // HTTP/1 attempt holds a connection of its own while it lasts.
+    if inner.protocol == UpstreamProtocol::Http1 {
+        if let Some(quota) = req.extensions().get::<sluice_core::UpstreamQuota>() {
+            match quota.take() {
+                Ok(unit) => attempt.quota = Some(unit),
+                Err(why) => {
+                    let err = ProxyError::Overload(why);
+                    return Err(attempt.ended(err, |e| Event::NoConnection(e)).into());
+                }
+            }
+        }
+    }
 
     // Host selection.
     let info = req.extensions().get::<Arc<RequestInfo>>().cloned();
@@ -472,8 +516,16 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         _ => Vec::new(),
     };
     let host = inner.pick_host(&cfg, &tried)?;
-    if let Some(info) = &info {
+    // The retry layer counted this attempt already (1 without one).
+    let number = info.as_ref().map_or(1, |i| i.attempts().max(1));
+    if let Some(info) = info {
         info.push_upstream(host.addr);
+        attempt.record = Some(Box::new(Record::new(info, host.addr, number)));
+    }
+    // This attempt's own span, child of the request's, as the endpoint will see it; the record
+    // carries the same number, so the exported span has the same id.
+    if let Some(trace) = req.extensions_mut().remove::<TraceContext>() {
+        trace.inject(number, req.headers_mut());
     }
     host.active.fetch_add(1, Ordering::Relaxed);
     host.total.fetch_add(1, Ordering::Relaxed);
@@ -596,9 +648,16 @@ fn prepare(req: &mut Request<Body>, protocol: UpstreamProtocol, addr: SocketAddr
 
 /// Maps a failed exchange to the reset reason Envoy would give it, keeping the error as the cause.
 /// A failure of the request body is the client's (it went away mid-upload), not the upstream's.
+/// A response that is not valid HTTP is a protocol error, as Envoy's codec reports it (`UPE`, 502):
+/// a bad status line, header or `content-length` (hyper's parse errors), a body that ends before
+/// its declared length, or an h2 frame the client library rejected. An upstream that closes with
+/// nothing sent is a connection termination (`UC`, 503), as in Envoy.
 pub(crate) fn classify(err: hyper::Error) -> ProxyError {
     if err.is_user() {
         return ProxyError::DownstreamTermination(Cause::new(err));
+    }
+    if err.is_parse() {
+        return ProxyError::ProtocolError(Cause::new(err));
     }
     let mut reason = None;
     let mut reset = false;
@@ -607,6 +666,10 @@ pub(crate) fn classify(err: hyper::Error) -> ProxyError {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
                 return ProxyError::RefusedStream;
+            }
+            // h2 itself found the upstream's frames malformed (not the peer's RST_STREAM).
+            if h2.is_library() && h2.reason() == Some(h2::Reason::PROTOCOL_ERROR) {
+                return ProxyError::ProtocolError(Cause::new(err));
             }
             if h2.is_reset() {
                 reason = h2.reason();
@@ -618,6 +681,11 @@ pub(crate) fn classify(err: hyper::Error) -> ProxyError {
             if io.kind() == std::io::ErrorKind::ConnectionReset {
                 reset = true;
                 break;
+            }
+            // hyper's body decoder: the connection ended before `content-length` (or the last
+            // chunk) was read.
+            if io.kind() == std::io::ErrorKind::UnexpectedEof {
+                return ProxyError::ProtocolError(Cause::new(err));
             }
         }
         cause = e.source();
@@ -645,6 +713,65 @@ pub(crate) struct Attempt {
     released: bool,
     /// Counted in `upstream_rq_active` (from the moment it had a connection).
     active: bool,
+    /// What the request's record learns of this attempt (when the request has one).
+    record: Option<Box<Record>>,
+    /// The client pod's share of upstream connections this attempt holds (HTTP/1: the
+    /// connection is the attempt's alone while it lasts).
+    quota: Option<sluice_core::QuotaUnit>,
+}
+
+/// One attempt as it will be written into its request's [`RequestInfo`] when it ends.
+struct Record {
+    info: Arc<RequestInfo>,
+    attempt: AttemptRecord,
+}
+
+impl Record {
+    fn new(info: Arc<RequestInfo>, endpoint: SocketAddr, number: u32) -> Self {
+        Self {
+            info,
+            attempt: AttemptRecord {
+                attempt: number,
+                endpoint,
+                started: Instant::now().into_std(),
+                duration: Duration::ZERO,
+                reached: false,
+                status: 0,
+                flags: ResponseFlags::empty(),
+                timeout: None,
+                response_bytes: 0,
+            },
+        }
+    }
+
+    fn learn(&mut self, event: &Event<'_>) {
+        let a = &mut self.attempt;
+        match event {
+            Event::Connected => a.reached = true,
+            Event::Headers(code) => a.status = *code,
+            Event::NoConnection(err) | Event::Failed(err) => {
+                a.flags.insert(err.flag());
+                a.timeout = match err {
+                    ProxyError::PerTryTimeout(_) => Some(Deadline::PerTry),
+                    ProxyError::RequestTimeout(_) => Some(Deadline::Route),
+                    _ => None,
+                };
+            }
+            Event::Dropped { expired, phase } => {
+                a.timeout = *expired;
+                match (expired, phase) {
+                    (Some(_), _) => a.flags.insert(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT),
+                    // A response dropped once its headers were in is most often a retry
+                    // discarding a `503` (the endpoint answered it whole, as its own sidecar
+                    // would record it); a client that leaves mid-body is the request's `DC`.
+                    (None, Phase::Streaming | Phase::Done) => {}
+                    (None, _) => a
+                        .flags
+                        .insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION),
+                }
+            }
+        }
+    }
 }
 
 impl Attempt {
@@ -655,6 +782,9 @@ impl Attempt {
             Event::Headers(_) => Phase::Streaming,
             Event::NoConnection(_) | Event::Failed(_) | Event::Dropped { .. } => Phase::Done,
         };
+        if let Some(record) = &mut self.record {
+            record.learn(&event);
+        }
         if let Some(host) = &self.host {
             self.inner.report(host, outcome::decide(event));
         }
@@ -686,10 +816,21 @@ impl Attempt {
         }
     }
 
-    /// Gives back everything the attempt holds, once.
+    /// Counts response body bytes received for the attempt.
+    pub(crate) fn add_response_bytes(&mut self, n: usize) {
+        if let Some(record) = &mut self.record {
+            record.attempt.response_bytes += n as u64;
+        }
+    }
+
+    /// Gives back everything the attempt holds, once, and writes its record.
     fn end(&mut self, reusable: bool) {
         if std::mem::replace(&mut self.released, true) {
             return;
+        }
+        if let Some(mut record) = self.record.take() {
+            record.attempt.duration = Instant::now().into_std() - record.attempt.started;
+            record.info.push_attempt(record.attempt);
         }
         if let Some(leased) = self.leased.take() {
             pool::release(&self.inner, leased, reusable);

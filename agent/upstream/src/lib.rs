@@ -24,6 +24,7 @@
 mod balance;
 mod body;
 mod cluster;
+mod observe;
 mod outcome;
 mod outlier;
 mod pool;
@@ -34,6 +35,7 @@ mod tcp;
 mod tests;
 
 pub use self::cluster::{Cluster, ClusterHandle, HostStatus, UpstreamProtocol};
+pub use self::observe::{ConnectionMeter, ConnectionObserver};
 pub use self::outlier::{EjectionType, OutlierEvent, OutlierEventKind};
 pub use self::stats::ClusterStats;
 pub use self::tcp::TcpConnection;

@@ -19,6 +19,7 @@
 //! One mutex guards the whole cluster's pool; it is never held across an await.
 
 use crate::cluster::{Inner, UpstreamProtocol};
+use crate::observe::Metered;
 use crate::stats::{inc, Stats};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -542,7 +543,7 @@ async fn connect_reserved(
         armed: true,
     };
     inc(&inner.stats.cx_total);
-    let sender = match connect(&inner.stats, host, inner.protocol, opts).await {
+    let sender = match connect(inner, host, inner.protocol, opts).await {
         Ok(sender) => sender,
         Err(err) => {
             inc(&inner.stats.cx_connect_fail);
@@ -585,8 +586,8 @@ async fn connect_reserved(
 // Moved once into its task right after the handshake, never stored: boxing would only cost.
 #[allow(clippy::large_enum_variant)]
 enum Driver {
-    H1(http1::Connection<TokioIo<TcpStream>, Body>),
-    H2(http2::Connection<TokioIo<TcpStream>, Body, TokioExecutor>),
+    H1(http1::Connection<TokioIo<Metered<TcpStream>>, Body>),
+    H2(http2::Connection<TokioIo<Metered<TcpStream>>, Body, TokioExecutor>),
 }
 
 impl Driver {
@@ -630,13 +631,13 @@ pub(crate) async fn connect_tcp(
 /// A TCP connection, then the HTTP handshake (which does no I/O of its own: hyper sends the h2
 /// preface from the connection's task).
 async fn connect(
-    stats: &Stats,
+    inner: &Inner,
     host: SocketAddr,
     protocol: UpstreamProtocol,
     opts: &ConnectOptions,
 ) -> Result<(Sender, Driver), ConnectError> {
-    let stream = connect_tcp(stats, host, opts).await?;
-    let io = TokioIo::new(stream);
+    let stream = connect_tcp(&inner.stats, host, opts).await?;
+    let io = TokioIo::new(Metered::new(stream, inner.meter(host)));
     let handshake_err = |e: hyper::Error| ConnectError::Handshake {
         host,
         source: Cause::new(e),
@@ -798,6 +799,7 @@ mod tests {
                 addr,
                 pod: None,
                 labels: Default::default(),
+                identity: None,
             }],
             policy: Default::default(),
         };

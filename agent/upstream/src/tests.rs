@@ -113,6 +113,7 @@ fn spec(
                 addr,
                 pod: Some(format!("default/pod-{}", addr.port())),
                 labels: Default::default(),
+                identity: None,
             })
             .collect(),
         policy: Default::default(),
@@ -1202,4 +1203,85 @@ async fn tcp_connect_failure_feeds_outlier_detection_and_avoids_the_tried_host()
         assert_eq!(conn.host, live_addr);
     }
     drop(live);
+}
+
+// ---- attempt records (the destination side of each attempt, for telemetry) ----
+
+#[tokio::test]
+async fn each_attempt_is_recorded_with_what_its_endpoint_saw() {
+    let server = ok_server(false).await;
+    let cluster = Cluster::new(spec(&[server.addr], |_| {}), UpstreamProtocol::Http1);
+    let info = Arc::new(RequestInfo::new());
+    let rsp = cluster
+        .clone()
+        .call(request(&info))
+        .await
+        .expect("response");
+    // Not written until the body has been read: the attempt lasts until then.
+    assert!(info.attempt_records().is_empty());
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "hello");
+    let records = info.attempt_records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!((r.endpoint, r.reached, r.status), (server.addr, true, 200));
+    assert_eq!((r.response_bytes, r.flags.to_string().as_str()), (5, "-"));
+    assert_eq!(r.timeout, None);
+
+    // A refused connect: the endpoint saw nothing.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = listener.local_addr().unwrap();
+    drop(listener);
+    let cluster = Cluster::new(spec(&[gone], |_| {}), UpstreamProtocol::Http1);
+    let info = Arc::new(RequestInfo::new());
+    cluster.clone().call(request(&info)).await.unwrap_err();
+    let records = info.attempt_records();
+    assert_eq!(records.len(), 1);
+    assert!(!records[0].reached);
+    assert_eq!(
+        (records[0].status, records[0].flags.to_string().as_str()),
+        (0, "UF")
+    );
+
+    // An attempt abandoned while waiting for headers: a client gone (`DC`), or the proxy's timer.
+    let gate = Arc::new(Semaphore::new(0));
+    let slow = gated_server(gate.clone()).await;
+    let cluster = Cluster::new(spec(&[slow.addr], |_| {}), UpstreamProtocol::Http1);
+    for (expired, flag) in [(None, "DC"), (Some(Deadline::PerTry), "UT")] {
+        let info = Arc::new(RequestInfo::new());
+        let mut req = request(&info);
+        let expiry = Expiry::new();
+        req.extensions_mut().insert(expiry.clone());
+        let mut attempt = Box::pin(cluster.clone().call(req));
+        let waited = tokio::time::timeout(Duration::from_millis(100), &mut attempt).await;
+        assert!(waited.is_err(), "the gated server holds its response");
+        if let Some(deadline) = expired {
+            expiry.fire(deadline);
+        }
+        drop(attempt);
+        let records = info.attempt_records();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert!(r.reached);
+        assert_eq!((r.status, r.flags.to_string().as_str()), (0, flag));
+        assert_eq!(r.timeout, expired);
+    }
+    gate.add_permits(8);
+
+    // A response dropped after its headers (a retry discarding it): the status the endpoint
+    // answered, no `DC`.
+    let cluster = Cluster::new(spec(&[server.addr], |_| {}), UpstreamProtocol::Http1);
+    let info = Arc::new(RequestInfo::new());
+    let rsp = cluster
+        .clone()
+        .call(request(&info))
+        .await
+        .expect("response");
+    drop(rsp);
+    let records = info.attempt_records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(
+        (records[0].status, records[0].flags.to_string().as_str()),
+        (200, "-")
+    );
 }

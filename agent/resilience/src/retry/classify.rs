@@ -160,8 +160,10 @@ impl On {
             ProxyError::RefusedStream => self.any(Self::REFUSED_STREAM | Self::ANY_RESET),
             ProxyError::RemoteReset { .. }
             | ProxyError::ConnectionTermination(_)
+            | ProxyError::ProtocolError(_)
             | ProxyError::PerTryTimeout(_) => self.any(Self::ANY_RESET),
             ProxyError::Overflow(_)
+            | ProxyError::Overload(_)
             | ProxyError::NoHealthyUpstream
             | ProxyError::RequestTimeout(_)
             // The client is gone: nobody is waiting for a retry.

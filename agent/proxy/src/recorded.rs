@@ -1,0 +1,203 @@
+//! Where a request's record is finished: when the last byte of its response has gone to the client
+//! (Envoy logs a stream when it ends, so the duration and the response size cover the body), or
+//! when the response is dropped first (the client went away: `DC`). The request body is counted on
+//! its way upstream.
+
+use crate::state::State;
+use bytes::Bytes;
+use http::Response;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use sluice_core::{Body, BoxError, RequestInfo, ResponseFlags};
+use sluice_telemetry::{Record, Telemetry};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tokio::time::Instant;
+
+/// A request's record, finished exactly once.
+pub(crate) struct Finish {
+    telemetry: Telemetry,
+    /// The generation the request ran under: who its endpoints were.
+    state: Arc<State>,
+    pub(crate) record: Record,
+    started: Instant,
+    done: bool,
+    /// The request's place in its pod's budget, given back when the request is recorded.
+    held: Option<crate::isolation::RequestSlot>,
+}
+
+impl Finish {
+    pub(crate) fn new(telemetry: Telemetry, state: Arc<State>, record: Record) -> Self {
+        Self {
+            telemetry,
+            state,
+            record,
+            started: Instant::now(),
+            done: false,
+            held: None,
+        }
+    }
+
+    /// Holds `slot` until the request ends.
+    pub(crate) fn hold(&mut self, slot: crate::isolation::RequestSlot) {
+        self.held = Some(slot);
+    }
+
+    /// Records the request now: its access-log entry, metric samples and spans.
+    pub(crate) fn done(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.held = None;
+        self.record.duration = self.started.elapsed();
+        let state = &self.state;
+        self.telemetry
+            .request(&self.record, &|addr| state.endpoint_identity(addr));
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped before the response was complete: the client went away.
+            self.record
+                .info
+                .add_flags(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+            self.done();
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that finishes its request's record when it ends.
+    pub(crate) struct RecordedBody {
+        #[pin]
+        inner: Body,
+        finish: Finish,
+    }
+}
+
+impl RecordedBody {
+    /// `rsp` with its record: status, header size and gRPC status taken now, body counted as it
+    /// goes.
+    pub(crate) fn wrap(rsp: Response<Body>, mut finish: Finish) -> Response<Body> {
+        let (parts, body) = rsp.into_parts();
+        finish.record.status = parts.status.as_u16();
+        finish.record.response_bytes = sluice_telemetry::header_bytes(&parts.headers) + 17;
+        finish.record.grpc_status = grpc_status(&parts.headers);
+        if body.is_end_stream() {
+            // hyper may never poll an empty body.
+            finish.done();
+        }
+        let body = RecordedBody {
+            inner: body,
+            finish,
+        };
+        Response::from_parts(parts, sluice_core::boxed(body))
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+impl HttpBody for RecordedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let finish = this.finish;
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    finish.record.response_bytes += data.len() as u64;
+                }
+                if let Some(trailers) = f.trailers_ref() {
+                    if let Some(code) = grpc_status(trailers) {
+                        finish.record.grpc_status = Some(code);
+                    }
+                }
+                // hyper stops polling once the body says it has ended.
+                if this.inner.is_end_stream() {
+                    finish.done();
+                }
+            }
+            // The upstream cut the body short: the client gets a truncated response.
+            Some(Err(err)) => {
+                let info = &finish.record.info;
+                match sluice_core::ProxyError::find(err) {
+                    Some(pe) if pe.details(true).is_some() => {
+                        info.add_flags(pe.flag());
+                        info.set_details(pe.details(true).unwrap_or_default());
+                    }
+                    _ => info.add_flags(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
+                }
+                finish.done();
+            }
+            None => finish.done(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A request body whose bytes are counted into the request's record as they are read.
+    pub(crate) struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        info: Arc<RequestInfo>,
+    }
+}
+
+impl<B> CountedBody<B> {
+    pub(crate) fn new(inner: B, info: Arc<RequestInfo>) -> Self {
+        Self { inner, info }
+    }
+}
+
+impl<B> HttpBody for CountedBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(f)) = &frame {
+            if let Some(data) = f.data_ref() {
+                this.info.add_request_bytes(data.len() as u64);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
