@@ -44,7 +44,7 @@ pub const DEFAULT_OBJECT: &str = "target/bpf/sluice-ebpf.o";
 
 /// Pinned maps. aya-log's ring buffer is pinned too, so that after a restart the logger reads the
 /// buffer the (reused) pinned programs write to.
-const ALL_MAPS: [&str; 10] = [
+const ALL_MAPS: [&str; 11] = [
     map_names::CONFIG,
     map_names::ENROLLED,
     map_names::EXCLUDED_PORTS,
@@ -54,6 +54,7 @@ const ALL_MAPS: [&str; 10] = [
     map_names::ORIG_BY_TUPLE,
     map_names::SOCKETS,
     map_names::COUNTERS,
+    map_names::LISTENER,
     "AYA_LOGS",
 ];
 
@@ -114,6 +115,8 @@ pub enum Error {
     ProxyPorts(std::net::SocketAddr, std::net::SocketAddr),
     #[error("reading the eBPF object {path}: {reason}")]
     Object { path: PathBuf, reason: String },
+    #[error("map {0} is not pinned: install this build's programs first")]
+    MissingPin(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

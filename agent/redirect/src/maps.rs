@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap};
 use parking_lot::Mutex;
 use sluice_ebpf_common::{
     ip4_to_be, ip6_to_be, maps as names, Counter, EnrolledCgroup, OriginalDst, ProxyConfig,
@@ -36,6 +36,8 @@ pub struct Maps {
     excluded_v6: Mutex<LpmTrie<MapData, [u32; 4], u8>>,
     orig_by_tuple: HashMap<MapData, TupleKey, OriginalDst>,
     counters: PerCpuArray<MapData, u64>,
+    /// Absent in pins of builds before it (until this build installs).
+    listener: Option<Mutex<SockMap<MapData>>>,
 }
 
 macro_rules! typed {
@@ -57,6 +59,10 @@ impl Maps {
             excluded_v6: Mutex::new(typed!(pin_dir, names::EXCLUDED_V6)),
             orig_by_tuple: typed!(pin_dir, names::ORIG_BY_TUPLE),
             counters: typed!(pin_dir, names::COUNTERS),
+            listener: open_pinned(pin_dir, names::LISTENER)
+                .ok()
+                .and_then(|m| m.try_into().ok())
+                .map(Mutex::new),
         })
     }
 
@@ -149,12 +155,15 @@ impl Maps {
         Ok((v4, v6))
     }
 
-    /// Redirect for `lease` from now (while enabled). The agent calls this periodically while its
-    /// listener serves; when it stops (crash, SIGKILL, hang), connections fail open once the lease
-    /// runs out.
+    /// Redirect for `lease` from now. The agent calls this periodically while its listener
+    /// serves; when it stops (crash, SIGKILL, hang), connections fail open once the lease runs
+    /// out. Renewing also sets [`ProxyConfig::ENABLED`]: the agent that renews is the one
+    /// serving, and a predecessor that cleared the flag on its way out (a restart whose new
+    /// agent started early) must not leave its successor's redirection off.
     pub fn renew_lease(&self, lease: Duration) -> Result<()> {
         self.update_config(|cfg| {
             cfg.lease_until_ns = monotonic_ns().saturating_add(lease.as_nanos() as u64);
+            cfg.flags |= ProxyConfig::ENABLED;
             Ok(())
         })
     }
@@ -169,6 +178,20 @@ impl Maps {
 
     pub fn lease(&self) -> Result<Lease> {
         Ok(lease_at(&self.config()?, monotonic_ns()))
+    }
+
+    /// Puts the proxy's listening socket into `SLUICE_LISTENER` and has the programs redirect
+    /// only while it is there ([`ProxyConfig::LISTENER`]): the kernel takes it out when the socket
+    /// closes, so a killed agent's pods fail open at once. Call it once listening (the programs
+    /// redirect nothing while the flag is set and the map is empty).
+    pub fn set_listener(&self, listener: &impl std::os::fd::AsRawFd) -> Result<()> {
+        let Some(map) = &self.listener else {
+            return Err(Error::MissingPin(names::LISTENER));
+        };
+        map.lock()
+            .set(0, listener, 0)
+            .map_err(map_err(names::LISTENER))?;
+        self.set_flag(ProxyConfig::LISTENER, true)
     }
 
     /// Turns redirection on or off without forgetting the proxy's address.

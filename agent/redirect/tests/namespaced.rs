@@ -604,6 +604,54 @@ fn lease_expiry_fails_open_within_two_seconds_and_renewal_resumes_redirection() 
     );
 }
 
+/// With the proxy's listening socket registered (`SLUICE_LISTENER`), the programs redirect while
+/// it is open and fail open the moment it closes, whatever the lease says: a killed agent's
+/// port refuses nothing, as the kernel takes a closed socket out of a SOCKMAP by itself.
+#[test]
+fn a_closed_listener_fails_open_at_once_while_the_lease_holds() {
+    let Some((_guard, net)) = setup(1) else {
+        return;
+    };
+    let proxy_l = TcpListener::bind(SocketAddrV4::new(net.host_ip, 0)).unwrap();
+    proxy_l.set_nonblocking(true).unwrap();
+    let real_l = TcpListener::bind(SocketAddrV4::new(net.host_ip, 0)).unwrap();
+    real_l.set_nonblocking(true).unwrap();
+    let real = real_l.local_addr().unwrap();
+    let redirect = install(&Options {
+        object: object(),
+        cgroup: net.cgroup_root.clone(),
+        pin_dir: net.pins.clone(),
+    })
+    .expect("install");
+    let maps = redirect.maps();
+    let proxy = proxy_l.local_addr().unwrap();
+    maps.set_proxy(Some(proxy), None, true).unwrap();
+    maps.enroll_cgroup(&net.cgroup).unwrap();
+    maps.renew_lease(Duration::from_secs(600)).unwrap();
+    maps.set_listener(&proxy_l).unwrap();
+    assert_ne!(maps.config().unwrap().flags & ProxyConfig::LISTENER, 0);
+    assert_eq!(landed(&net, real, &proxy_l, &real_l), Landed::Proxy);
+
+    // The listener closes (as when the agent is killed): the next connect goes direct at once,
+    // counted as a fail-open skip, with 10 minutes of lease left.
+    drop(proxy_l);
+    let fail_open = maps.counter(Counter::ConnectFailOpen).unwrap();
+    let nobody = TcpListener::bind(SocketAddrV4::new(net.host_ip, 0)).unwrap();
+    nobody.set_nonblocking(true).unwrap();
+    assert_eq!(landed(&net, real, &nobody, &real_l), Landed::Real);
+    assert!(maps.counter(Counter::ConnectFailOpen).unwrap() > fail_open);
+    assert!(matches!(
+        maps.lease().unwrap(),
+        sluice_redirect::Lease::Valid(_)
+    ));
+
+    // A new listener on the same address, registered: redirected again.
+    let proxy_l = TcpListener::bind(proxy).unwrap();
+    proxy_l.set_nonblocking(true).unwrap();
+    maps.set_listener(&proxy_l).unwrap();
+    assert_eq!(landed(&net, real, &proxy_l, &real_l), Landed::Proxy);
+}
+
 /// `bpf(cmd, attr)` for the test's few raw calls.
 fn bpf_raw(cmd: libc::c_long, attr: &mut [u32; 32]) -> std::io::Result<i32> {
     // SAFETY: `attr` is a zeroed `union bpf_attr`-sized buffer with the command's fields set;

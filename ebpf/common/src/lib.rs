@@ -28,6 +28,8 @@ pub mod maps {
     pub const ORIG_BY_TUPLE: &str = "SLUICE_ORIG_TUPLE";
     pub const SOCKETS: &str = "SLUICE_SOCKETS";
     pub const COUNTERS: &str = "SLUICE_COUNTERS";
+    /// A SOCKMAP holding the proxy's listening socket (index 0) while it listens.
+    pub const LISTENER: &str = "SLUICE_LISTENER";
 }
 
 /// Names of the program functions in the object file (not their section names: a function named
@@ -191,6 +193,12 @@ impl ProxyConfig {
     pub const EXCL_V4: u16 = 64;
     /// `SLUICE_EXCL_V6` holds entries.
     pub const EXCL_V6: u16 = 128;
+    /// The agent put its listening socket into `SLUICE_LISTENER`: redirect only while it is
+    /// there. The kernel removes a socket from a SOCKMAP when it closes, so once the agent is
+    /// gone (SIGKILL, crash) new connections fail open at once instead of being refused until
+    /// the lease runs out. Clear (an agent that could not register, or an older one): the lease
+    /// alone decides.
+    pub const LISTENER: u16 = 256;
     /// Flags that are settings of the operator or describe the exclusion maps, kept when the
     /// proxy's address changes.
     pub const SETTINGS: u16 =

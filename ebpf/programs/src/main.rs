@@ -23,10 +23,10 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_ktime_get_ns,
+        bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
     programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
@@ -38,6 +38,37 @@ use sluice_ebpf_common::{
 };
 
 const SOCK_STREAM: u32 = 1;
+
+/// The build's variant: `SLUICE_EBPF_VARIANT` (a number) when the object was built, 0 without it.
+/// `cargo xtask build-ebpf --variant N` builds an object whose connect programs differ from the
+/// plain build's by this constant alone (another program tag, same maps and behaviour), so tests
+/// can upgrade a running installation to a genuinely different build in place.
+const VARIANT: u64 = parse_variant(option_env!("SLUICE_EBPF_VARIANT"));
+
+const fn parse_variant(v: Option<&str>) -> u64 {
+    let Some(v) = v else { return 0 };
+    let b = v.as_bytes();
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < b.len() {
+        assert!(
+            b[i].is_ascii_digit(),
+            "SLUICE_EBPF_VARIANT must be a number"
+        );
+        n = n * 10 + (b[i] - b'0') as u64;
+        i += 1;
+    }
+    n
+}
+
+/// Puts [`VARIANT`] into the program's instructions (a stack store and load the optimiser must
+/// keep), so that builds of different variants have different program tags.
+#[inline(always)]
+fn mark_variant() {
+    let v = VARIANT;
+    // SAFETY: reads a local.
+    unsafe { core::ptr::read_volatile(&v) };
+}
 /// Verdicts of cgroup programs: 1 lets the call proceed.
 const ALLOW: i32 = 1;
 
@@ -71,6 +102,11 @@ static ORIG_BY_TUPLE: LruHashMap<TupleKey, OriginalDst> =
 /// Redirected pods' sockets and the proxy's accepted sockets, keyed by their own (local, remote).
 #[map(name = "SLUICE_SOCKETS")]
 static SOCKETS: SockHash<TupleKey> = SockHash::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// The proxy's listening socket at index 0, put there by the agent once it listens; the kernel
+/// takes it out when the socket closes (the agent stopped, was killed or crashed).
+#[map(name = "SLUICE_LISTENER")]
+static LISTENER: SockMap = SockMap::with_max_entries(1, 0);
 
 #[map(name = "SLUICE_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -122,6 +158,32 @@ fn proxy_serving(cfg: &ProxyConfig) -> bool {
     }
     count(Counter::ConnectFailOpen);
     false
+}
+
+/// Whether the proxy's listening socket is open, when the agent registered it
+/// ([`ProxyConfig::LISTENER`]): a killed agent's connects fail open at once rather than being
+/// refused by its closed port until the lease runs out. Counts a fail-open skip otherwise.
+#[inline(always)]
+fn proxy_listening(cfg: &ProxyConfig) -> bool {
+    if cfg.flags & ProxyConfig::LISTENER == 0 {
+        return true;
+    }
+    let key: u32 = 0;
+    // SAFETY: the map pointer is the SOCKMAP's definition (what aya-ebpf's own methods pass) and
+    // the key a local `u32`; a socket found is a reference the verifier makes us release.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            (&raw const LISTENER).cast_mut().cast(),
+            (&raw const key).cast(),
+        )
+    };
+    if sk.is_null() {
+        count(Counter::ConnectFailOpen);
+        return false;
+    }
+    // SAFETY: `sk` is the non-null socket the lookup returned, released once.
+    unsafe { bpf_sk_release(sk) };
+    true
 }
 
 #[inline(always)]
@@ -204,6 +266,7 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
+    mark_variant();
     count(Counter::ConnectSeen);
     let sa = ctx.sock_addr;
     // SAFETY (field projections below): the kernel passes a valid `bpf_sock_addr`.
@@ -211,7 +274,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
         return Ok(());
     }
     let cfg = config().ok_or(0)?;
-    if !proxy_serving(&cfg) {
+    if !proxy_serving(&cfg) || !proxy_listening(&cfg) {
         return Ok(());
     }
     let dst_ip = rd(unsafe { &raw const (*sa).user_ip4 });
@@ -250,6 +313,7 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
+    mark_variant();
     count(Counter::ConnectSeen);
     let sa = ctx.sock_addr;
     // SAFETY (field projections below): the kernel passes a valid `bpf_sock_addr`.
@@ -257,7 +321,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
         return Ok(());
     }
     let cfg = config().ok_or(0)?;
-    if !proxy_serving(&cfg) {
+    if !proxy_serving(&cfg) || !proxy_listening(&cfg) {
         return Ok(());
     }
     let dst = rd6(unsafe { &raw const (*sa).user_ip6 });
