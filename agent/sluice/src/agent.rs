@@ -23,8 +23,6 @@ pub enum Mode {
         kubeconfig: Option<PathBuf>,
         /// This node (`--node-name` or `NODE_NAME`): only its Pods are watched.
         node_name: String,
-        /// `--cluster-id` (carried for telemetry labels; single-cluster for now).
-        cluster_id: String,
     },
 }
 
@@ -32,6 +30,8 @@ pub enum Mode {
 pub struct Listeners {
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
+    /// The admin API's Unix socket, if it serves one.
+    pub admin_socket: Option<PathBuf>,
     pub metrics: SocketAddr,
     pub ready: SocketAddr,
 }
@@ -58,6 +58,8 @@ pub struct AgentConfig {
     #[serde(flatten)]
     pub mode: Mode,
     pub cluster_domain: String,
+    /// `--cluster-id`: Istio's `source_cluster` / `destination_cluster` metric labels.
+    pub cluster_id: String,
     pub redirect: &'static str,
     pub listeners: Listeners,
     pub workers: usize,
@@ -71,6 +73,10 @@ pub struct AgentConfig {
     pub protocol_detection_timeout: Duration,
     pub log: String,
     pub access_log: bool,
+    /// What each client connection may do (`--request-headers-timeout`, `--idle-timeout`, ...).
+    pub limits: sluice_proxy::DownstreamLimits,
+    /// What each client pod may hold, and the proxy's file-descriptor and memory limits.
+    pub isolation: sluice_proxy::IsolationLimits,
     pub ebpf: Option<EbpfConfig>,
 }
 
@@ -99,6 +105,9 @@ impl AgentConfig {
     /// `--config-dir` and `--kubeconfig` is an error; the environment never overrides an explicit
     /// `--config-dir`.
     pub fn new(args: &RunArgs, env: &Env) -> Result<Self> {
+        if !args.admin_addr.ip().is_loopback() {
+            bail!("--admin-addr {}: the admin API changes the agent (log level) and shows every request of the node, so it listens only on loopback (127.0.0.1 or ::1); reach it from elsewhere through `kubectl port-forward` or the node, or use --admin-socket", args.admin_addr)
+        }
         let mode = match (&args.config_dir, &args.kubeconfig) {
             (Some(_), Some(_)) => {
                 bail!("--config-dir (standalone mode) and --kubeconfig (Kubernetes mode) exclude each other: pass one")
@@ -123,7 +132,6 @@ impl AgentConfig {
                     Mode::Kubernetes {
                         kubeconfig,
                         node_name,
-                        cluster_id: args.cluster_id.clone(),
                     }
                 }
             }
@@ -148,6 +156,7 @@ impl AgentConfig {
             version: env!("CARGO_PKG_VERSION").to_string(),
             mode,
             cluster_domain: args.cluster_domain.clone(),
+            cluster_id: args.cluster_id.clone(),
             redirect: match args.redirect {
                 Redirect::None => "none",
                 Redirect::Ebpf => "ebpf",
@@ -155,6 +164,7 @@ impl AgentConfig {
             listeners: Listeners {
                 outbound: args.outbound_addr,
                 admin: args.admin_addr,
+                admin_socket: args.admin_socket(),
                 metrics: args.metrics_addr,
                 ready: args.ready_addr,
             },
@@ -165,6 +175,8 @@ impl AgentConfig {
             protocol_detection_timeout: args.protocol_detection_timeout,
             log: args.log.clone(),
             access_log: !args.no_access_log,
+            limits: args.limits.limits()?,
+            isolation: args.limits.isolation(),
             ebpf,
         })
     }
@@ -174,6 +186,61 @@ impl AgentConfig {
             cluster_domain: self.cluster_domain.clone(),
             ..sluice_config::BuildOptions::default()
         }
+    }
+
+    /// How the admin API shows this configuration (`agent` in `/status`): the fields clients
+    /// read typed, every other setting by its name.
+    pub fn admin_view(&self) -> Result<sluice_admin_api::Agent> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let (mode, config_dir, kubeconfig, node_name) = match &self.mode {
+            Mode::Standalone { config_dir } => ("standalone", path(config_dir), None, None),
+            Mode::Kubernetes {
+                kubeconfig,
+                node_name,
+            } => (
+                "kubernetes",
+                None,
+                path(kubeconfig),
+                Some(node_name.clone()),
+            ),
+        };
+        let l = &self.listeners;
+        let mut settings = std::collections::BTreeMap::new();
+        let mut set = |k: &str, v: serde_json::Result<serde_json::Value>| -> Result<()> {
+            settings.insert(k.to_owned(), v?);
+            Ok(())
+        };
+        let secs = |d: Duration| Ok(serde_json::json!(d.as_secs_f64()));
+        set("workers", Ok(self.workers.into()))?;
+        set("namespace", Ok(self.namespace.clone().into()))?;
+        set("reload_interval", secs(self.reload_interval))?;
+        set("drain", secs(self.drain))?;
+        set(
+            "protocol_detection_timeout",
+            secs(self.protocol_detection_timeout),
+        )?;
+        set("log", Ok(self.log.clone().into()))?;
+        set("access_log", Ok(self.access_log.into()))?;
+        set("limits", serde_json::to_value(&self.limits))?;
+        set("ebpf", serde_json::to_value(&self.ebpf))?;
+        Ok(sluice_admin_api::Agent {
+            version: self.version.clone(),
+            mode: mode.to_owned(),
+            config_dir,
+            kubeconfig,
+            node_name,
+            cluster_domain: self.cluster_domain.clone(),
+            cluster_id: self.cluster_id.clone(),
+            redirect: self.redirect.to_owned(),
+            listeners: sluice_admin_api::Listeners {
+                outbound: l.outbound.to_string(),
+                admin: l.admin.to_string(),
+                admin_socket: path(&l.admin_socket),
+                metrics: l.metrics.to_string(),
+                ready: l.ready.to_string(),
+            },
+            settings,
+        })
     }
 
     pub fn kubeconfig(&self) -> Option<&Path> {
@@ -228,7 +295,6 @@ mod tests {
             Mode::Kubernetes {
                 kubeconfig: Some("/k".into()),
                 node_name: "n1".into(),
-                cluster_id: "Kubernetes".into()
             }
         );
 
@@ -260,6 +326,40 @@ mod tests {
     }
 
     #[test]
+    fn limits_come_from_flags() {
+        let none = Env::default();
+        let cfg = AgentConfig::new(&parse(&[]), &none).unwrap();
+        assert_eq!(cfg.limits, sluice_proxy::DownstreamLimits::default());
+        let cfg = AgentConfig::new(
+            &parse(&[
+                "--request-headers-timeout",
+                "0s",
+                "--idle-timeout",
+                "90s",
+                "--max-request-headers-kb",
+                "96",
+                "--max-request-headers-count",
+                "200",
+                "--http2-max-concurrent-streams",
+                "100",
+            ]),
+            &none,
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.request_headers_timeout, None);
+        assert_eq!(cfg.limits.idle_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(cfg.limits.max_request_headers_kb, 96);
+        assert_eq!(cfg.limits.max_request_headers_count, 200);
+        assert_eq!(cfg.limits.http2_max_concurrent_streams, 100);
+        let err =
+            AgentConfig::new(&parse(&["--max-request-headers-kb", "9000"]), &none).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--max-request-headers-kb: must be 1 to 8192 (Envoy's range)"
+        );
+    }
+
+    #[test]
     fn every_field_is_shown() {
         let cfg = AgentConfig::new(
             &parse(&[
@@ -283,6 +383,8 @@ mod tests {
         assert_eq!(v["cluster_domain"], "corp.example");
         assert_eq!(v["listeners"]["ready"], "127.0.0.1:15021");
         assert_eq!(v["reload_interval"], 0.25);
+        assert_eq!(v["limits"]["request_headers_timeout"], 60.0);
+        assert_eq!(v["limits"]["max_request_headers_kb"], 60);
         assert_eq!(cfg.build_options().cluster_domain, "corp.example");
     }
 }

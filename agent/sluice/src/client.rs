@@ -1,15 +1,93 @@
-//! The operator side: talks to a running agent's admin API (localhost:15000) and prints tables.
+//! The operator side: talks to a running agent's admin API (its Unix socket, or 127.0.0.1:15000)
+//! with the typed answers of `sluice-admin-api`, and prints tables.
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use sluice_admin_api as api;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
+/// Where the agent's admin API is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Target {
+    /// `--admin ADDR` wins, then `--admin-socket PATH`; with neither, the default socket when it
+    /// exists (the agent on this node), else the default address.
+    pub fn choose(admin: Option<SocketAddr>, socket: Option<PathBuf>) -> Self {
+        match (admin, socket) {
+            (Some(addr), _) => Self::Tcp(addr),
+            (None, Some(path)) => Self::Unix(path),
+            (None, None) => {
+                let socket = PathBuf::from(api::DEFAULT_SOCKET);
+                if socket.exists() {
+                    Self::Unix(socket)
+                } else {
+                    Self::Tcp(api::DEFAULT_ADDR.parse().expect("a valid default address"))
+                }
+            }
+        }
+    }
+
+    fn connect(&self) -> Result<Box<dyn ReadWrite>> {
+        match self {
+            Self::Tcp(addr) => {
+                let s = TcpStream::connect_timeout(addr, Duration::from_secs(2)).with_context(|| {
+                    format!("cannot reach the agent's admin API at {addr}: is `sluice run` running on this node? (pass --admin ADDR or --admin-socket PATH if it listens elsewhere)")
+                })?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                Ok(Box::new(s))
+            }
+            Self::Unix(path) => {
+                let s = UnixStream::connect(path).with_context(|| {
+                    let why = if !path.exists() {
+                        "it does not exist: is `sluice run` running on this node?"
+                    } else {
+                        "nobody answers on it (the agent stopped?), or you may not use it (it is mode 0600: run as root)"
+                    };
+                    format!("cannot reach the agent's admin socket {}: {why} (pass --admin-socket PATH, or --admin ADDR for TCP)", path.display())
+                })?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                Ok(Box::new(s))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+trait ReadWrite: Read + Write {
+    fn no_timeout(&self);
+}
+
+impl ReadWrite for TcpStream {
+    fn no_timeout(&self) {
+        let _ = self.set_read_timeout(None);
+    }
+}
+
+impl ReadWrite for UnixStream {
+    fn no_timeout(&self) {
+        let _ = self.set_read_timeout(None);
+    }
+}
+
 /// One HTTP/1.0 request to the admin API; the body of a 2xx answer.
-pub fn request(admin: SocketAddr, method: &str, path: &str) -> Result<String> {
-    let mut stream = connect(admin)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+pub fn request(target: &Target, method: &str, path: &str) -> Result<String> {
+    let mut stream = target.connect()?;
     write!(
         stream,
         "{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n"
@@ -26,38 +104,49 @@ pub fn request(admin: SocketAddr, method: &str, path: &str) -> Result<String> {
     Ok(body.to_owned())
 }
 
-fn connect(admin: SocketAddr) -> Result<TcpStream> {
-    TcpStream::connect_timeout(&admin, Duration::from_secs(2)).with_context(|| {
-        format!("cannot reach the agent's admin API at {admin}: is `sluice run` running on this node? (pass --admin ADDR if it listens elsewhere)")
+/// A typed GET.
+pub fn get<T: DeserializeOwned>(target: &Target, path: &str) -> Result<T> {
+    let body = request(target, "GET", path)?;
+    serde_json::from_str(&body).with_context(|| {
+        format!("the admin API's answer to {path} is not what this `sluice` expects (an agent of another version?)")
     })
 }
 
-/// Streams `/access_log` to stdout.
-pub fn follow_logs(admin: SocketAddr, count: Option<usize>) -> Result<()> {
-    let mut stream = connect(admin)?;
-    write!(
-        stream,
-        "GET /access_log HTTP/1.0\r\nHost: localhost\r\n\r\n"
-    )?;
+/// Calls `line` with each line of a streamed GET until it returns false or the stream ends.
+pub fn stream(
+    target: &Target,
+    path: &str,
+    mut line: impl FnMut(&str) -> Result<bool>,
+) -> Result<()> {
+    let mut stream = target.connect()?;
+    // A live stream may be quiet for long: no read timeout.
+    stream.no_timeout();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    // Skip the response head.
+    let mut buf = String::new();
+    // The response head.
+    reader.read_line(&mut buf)?;
+    let status = buf.split_whitespace().nth(1).unwrap_or("").to_owned();
     loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+        buf.clear();
+        if reader.read_line(&mut buf)? == 0 || buf == "\r\n" {
             break;
         }
     }
-    let mut seen = 0;
-    while count.is_none_or(|c| seen < c) {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            break;
-        }
-        print!("{line}");
-        seen += 1;
+    if !status.starts_with('2') {
+        let mut body = String::new();
+        reader.read_to_string(&mut body)?;
+        bail!("admin API answered {path} with {status}: {}", body.trim());
     }
-    Ok(())
+    loop {
+        buf.clear();
+        if reader.read_line(&mut buf)? == 0 {
+            return Ok(());
+        }
+        if !line(buf.trim_end_matches(['\r', '\n']))? {
+            return Ok(());
+        }
+    }
 }
 
 /// Percent-encodes a query value.
@@ -72,280 +161,6 @@ pub fn encode_query(s: &str) -> String {
         .collect()
 }
 
-pub fn print_yaml(v: &Value) -> Result<()> {
-    print!("{}", serde_yaml::to_string(v)?);
-    Ok(())
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-pub fn print_status(v: &Value) -> Result<()> {
-    let agent = &v["agent"];
-    println!(
-        "Sluice {} (redirect: {})",
-        s(&agent["version"]),
-        s(&agent["redirect"])
-    );
-    match agent["mode"].as_str() {
-        Some("kubernetes") => println!(
-            "mode:             kubernetes (node {}, kubeconfig {}, cluster domain {})",
-            s(&agent["node_name"]),
-            agent["kubeconfig"].as_str().unwrap_or("in-cluster"),
-            s(&agent["cluster_domain"])
-        ),
-        _ => println!("config dir:       {}", s(&agent["config_dir"])),
-    }
-    print_kubernetes(&v["kubernetes"]);
-    println!("generation:       {}", s(&v["generation"]));
-    println!(
-        "services:         {}   clusters: {}   routes (VirtualServices): {}   pods: {}",
-        s(&v["services"]),
-        s(&v["clusters"]),
-        s(&v["virtual_hosts"]),
-        s(&v["workloads"])
-    );
-    if let Some(l) = agent["listeners"].as_object() {
-        let parts: Vec<String> = l.iter().map(|(k, a)| format!("{k} {}", s(a))).collect();
-        println!("listeners:        {}", parts.join(", "));
-    }
-    print_redirect(&v["redirect"]);
-    for (key, title) in [("rejections", "rejected config"), ("warnings", "warnings")] {
-        let list = v[key].as_array().cloned().unwrap_or_default();
-        println!("{title}: {}", list.len());
-        for r in list {
-            let rv = r["resource_version"]
-                .as_str()
-                .map(|v| format!(" (resourceVersion {v})"))
-                .unwrap_or_default();
-            println!(
-                "  {}{rv}: {} {}: {}",
-                s(&r["source"]),
-                s(&r["object"]),
-                s(&r["field"]),
-                s(&r["reason"])
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Kubernetes mode: sync per kind and refused permissions.
-fn print_kubernetes(k: &Value) {
-    if k.is_null() {
-        return;
-    }
-    let synced = k["synced"].as_bool() == Some(true);
-    println!(
-        "kubernetes:       {}",
-        if synced {
-            "synced"
-        } else {
-            "NOT SYNCED (not ready; the previous state stays in force)"
-        }
-    );
-    for kind in k["kinds"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<16} {:<32} {:<9} {:>6} objects{}",
-            s(&kind["kind"]),
-            s(&kind["api_version"]),
-            if kind["synced"].as_bool() == Some(true) {
-                "synced"
-            } else {
-                "listing"
-            },
-            s(&kind["objects"]),
-            kind["last_error"]
-                .as_str()
-                .map(|e| format!("   last error: {e}"))
-                .unwrap_or_default()
-        );
-    }
-    for f in k["forbidden"].as_array().into_iter().flatten() {
-        let group = f["group"].as_str().unwrap_or("");
-        println!(
-            "  FORBIDDEN: {} {} (apiGroup {:?}): add it to the agent's ClusterRole ({})",
-            s(&f["verb"]),
-            s(&f["resource"]),
-            group,
-            s(&f["message"])
-        );
-    }
-}
-
-fn print_redirect(r: &Value) {
-    if r["mode"].as_str() != Some("ebpf") {
-        println!("redirect:         none (clients use the outbound listener explicitly)");
-        return;
-    }
-    let lease = &r["lease"];
-    let lease_text = match lease["state"].as_str() {
-        Some("valid") => format!("valid, {} ms left", s(&lease["remaining_ms"])),
-        Some("expired") => format!(
-            "EXPIRED {} ms ago (failing open)",
-            s(&lease["expired_ms_ago"])
-        ),
-        Some("none") => "never renewed (failing open)".into(),
-        _ => s(&lease["error"]),
-    };
-    println!(
-        "redirect:         ebpf -> {} / {}   {}   lease {} (renewed every {} ms for {} ms)",
-        s(&r["proxy"]["ipv4"]),
-        s(&r["proxy"]["ipv6"]),
-        if r["enabled"].as_bool() == Some(true) {
-            "enabled"
-        } else {
-            "DISABLED (failing open)"
-        },
-        lease_text,
-        s(&lease["renew_every_ms"]),
-        s(&lease["duration_ms"]),
-    );
-    println!(
-        "  pins {}   cgroup {}   object {}   sk_msg fast path {}",
-        s(&r["pin_dir"]),
-        s(&r["cgroup"]),
-        s(&r["object"]),
-        if r["sockmap"].as_bool() == Some(false) {
-            "off"
-        } else {
-            "on"
-        }
-    );
-    let list = |v: &Value| {
-        let items: Vec<String> = v.as_array().into_iter().flatten().map(s).collect();
-        if items.is_empty() {
-            "-".to_string()
-        } else {
-            items.join(",")
-        }
-    };
-    println!(
-        "  programs attached: {}   reused: {}",
-        list(&r["programs"]["attached"]),
-        list(&r["programs"]["reused"])
-    );
-    println!(
-        "  excluded ports: {}   excluded CIDRs: {}",
-        list(&r["exclusions"]["ports"]),
-        list(&r["exclusions"]["cidrs"])
-    );
-    let enrolled = r["enrolled"].as_array().cloned().unwrap_or_default();
-    println!("  enrolled pods: {}", enrolled.len());
-    if !enrolled.is_empty() {
-        // Ages from the agent's wall-clock stamps.
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let ago = |v: &Value| {
-            v.as_u64().map_or("-".to_string(), |t| {
-                format!("{:.1}s", now_ms.saturating_sub(t) as f64 / 1000.0)
-            })
-        };
-        println!(
-            "    {:<32} {:>10} {:>9} {:>9} {:<12} CGROUP",
-            "POD", "CGROUP ID", "ENROLLED", "VERIFIED", "FOUND BY"
-        );
-        for p in &enrolled {
-            println!(
-                "    {:<32} {:>10} {:>9} {:>9} {:<12} {}",
-                s(&p["pod"]),
-                s(&p["cgroup_id"]),
-                ago(&p["enrolled_since_unix_ms"]),
-                ago(&p["last_verified_unix_ms"]),
-                s(&p["found_by"]),
-                s(&p["cgroup"])
-            );
-        }
-    }
-    let e = &r["enrollment"];
-    if e.is_object() {
-        let repairs: Vec<String> = e["repairs"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={}", s(v)))
-            .collect();
-        println!(
-            "  cgroup root {}   reconciliations {} (last took {} us CPU)   repairs: {}",
-            s(&e["cgroup_root"]),
-            s(&e["reconciliations"]),
-            s(&e["last_reconcile_cpu_us"]),
-            if repairs.is_empty() {
-                "none".to_string()
-            } else {
-                repairs.join(" ")
-            }
-        );
-    }
-    if let Some(err) = r["enrollment_error"].as_str() {
-        println!("  enrollment error: {err}");
-    }
-    for p in r["not_redirected"].as_array().into_iter().flatten() {
-        println!("    not redirected: {}: {}", s(&p["pod"]), s(&p["reason"]));
-    }
-    if let Some(c) = r["counters"].as_object() {
-        let parts: Vec<String> = c.iter().map(|(k, v)| format!("{k}={}", s(v))).collect();
-        println!("  eBPF counters: {}", parts.join(" "));
-    }
-    let o = &r["original_dst"];
-    println!(
-        "  original destinations: {} from the map, {} from SO_ORIGINAL_DST, {} unknown",
-        s(&o["from_map"]),
-        s(&o["from_sockopt"]),
-        s(&o["unknown"])
-    );
-}
-
-pub fn print_clusters(v: &Value) -> Result<()> {
-    let clusters = v.as_array().cloned().unwrap_or_default();
-    for c in clusters {
-        let st = &c["stats"];
-        println!(
-            "{}  rq_active={} pending={} pending_overflow={} cx_active={} ejections_active={}",
-            s(&c["name"]),
-            s(&st["upstream_rq_active"]),
-            s(&st["upstream_rq_pending_active"]),
-            s(&st["upstream_rq_pending_overflow"]),
-            s(&st["upstream_cx_active"]),
-            s(&st["outlier_detection_ejections_active"]),
-        );
-        println!(
-            "  {:<22} {:<28} {:<8} {:>11} {:>9} {:>7} {:>6} {:>6}",
-            "ENDPOINT", "POD", "HEALTH", "EJECTED FOR", "EJECTIONS", "5XX RUN", "ACTIVE", "CONNS"
-        );
-        for h in c["hosts"].as_array().cloned().unwrap_or_default() {
-            println!(
-                "  {:<22} {:<28} {:<8} {:>11} {:>9} {:>7} {:>6} {:>6}",
-                s(&h["addr"]),
-                s(&h["pod"]),
-                if h["ejected"].as_bool() == Some(true) {
-                    "EJECTED"
-                } else {
-                    "healthy"
-                },
-                h["ejected_for_ms"]
-                    .as_u64()
-                    .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
-                s(&h["ejection_count"]),
-                s(&h["consecutive_5xx"]),
-                s(&h["active_requests"]),
-                s(&h["connections"]),
-            );
-        }
-    }
-    Ok(())
-}
-
-pub fn print_policy(v: &Value) -> Result<()> {
-    print_yaml(v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,5 +169,29 @@ mod tests {
     fn encodes_queries() {
         assert_eq!(encode_query("pricing.default"), "pricing.default");
         assert_eq!(encode_query("a b,c=d"), "a%20b%2Cc%3Dd");
+    }
+
+    #[test]
+    fn explicit_targets_win() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(
+            Target::choose(Some(addr), Some("/x".into())),
+            Target::Tcp(addr)
+        );
+        assert_eq!(
+            Target::choose(None, Some("/x".into())),
+            Target::Unix("/x".into())
+        );
+    }
+
+    #[test]
+    fn a_missing_socket_says_the_agent_is_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Target::Unix(dir.path().join("admin.sock"));
+        let err = format!("{:#}", request(&t, "GET", "/status").unwrap_err());
+        assert!(
+            err.contains("is `sluice run` running on this node?"),
+            "{err}"
+        );
     }
 }

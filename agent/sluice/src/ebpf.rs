@@ -4,7 +4,7 @@
 //! question, and reports all of it for `/status`.
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use sluice_admin_api as api;
 use sluice_policy::Snapshot;
 use sluice_proxy::server::OriginalDst;
 use sluice_redirect::enroll::{DesiredPod, Enroller};
@@ -355,6 +355,22 @@ impl EbpfRedirect {
         .await
     }
 
+    /// Registers the bound outbound listener with the programs: while it is open they may
+    /// redirect; once it closes (a SIGKILL included) the kernel drops it and they fail open at
+    /// once. Without it (a kernel that refuses a listening socket in a SOCKMAP) only the lease
+    /// bounds how long a dead agent's port refuses connections.
+    pub fn register_listener(&self, listener: &tokio::net::TcpListener) {
+        match self.maps.set_listener(listener) {
+            Ok(()) => tracing::info!(
+                "outbound listener registered with the programs: if it closes, enrolled pods fail open at once"
+            ),
+            Err(err) => tracing::warn!(
+                %err,
+                "cannot register the outbound listener with the programs: if the agent dies, connections are refused until the lease runs out"
+            ),
+        }
+    }
+
     /// Graceful stop: turns redirection off first, so new connections go to their original
     /// destinations while the proxy drains.
     pub fn stop(&self) {
@@ -380,83 +396,106 @@ impl EbpfRedirect {
     }
 
     /// `/status`'s `redirect` object.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> api::EbpfStatus {
         let cfg = self.maps.config().ok();
         let (v4, v6) = self.maps.proxy_addrs().unwrap_or((None, None));
-        let lease = match self.maps.lease() {
-            Ok(Lease::Valid(left)) => {
-                json!({"state": "valid", "remaining_ms": left.as_millis() as u64})
-            }
-            Ok(Lease::Expired(ago)) => {
-                json!({"state": "expired", "expired_ms_ago": ago.as_millis() as u64})
-            }
-            Ok(Lease::None) => json!({"state": "none"}),
-            Err(e) => json!({"state": "unknown", "error": e.to_string()}),
+        let state = match self.maps.lease() {
+            Ok(Lease::Valid(left)) => api::LeaseState::Valid {
+                remaining_ms: left.as_millis() as u64,
+            },
+            Ok(Lease::Expired(ago)) => api::LeaseState::Expired {
+                expired_ms_ago: ago.as_millis() as u64,
+            },
+            Ok(Lease::None) => api::LeaseState::None,
+            Err(e) => api::LeaseState::Unknown {
+                error: e.to_string(),
+            },
         };
-        let mut lease = lease;
-        lease["duration_ms"] = json!(self.lease.as_millis() as u64);
-        lease["renew_every_ms"] = json!((self.lease / 4).as_millis() as u64);
         let st = self.enroller.status();
-        let enrolled: Vec<Value> = st
+        let enrolled = st
             .pods
             .iter()
             .filter(|p| p.cgroup_id.is_some())
-            .map(|p| json!(p))
+            .map(|p| api::EnrolledPod {
+                pod: p.pod.clone(),
+                cgroup: p.cgroup.clone(),
+                cgroup_id: p.cgroup_id,
+                found_by: p.found_by.map(str::to_owned),
+                enrolled_since_unix_ms: p.enrolled_since_unix_ms,
+                last_verified_unix_ms: p.last_verified_unix_ms,
+                enroll_delay_ms: p.enroll_delay_ms,
+                problem: p.problem.clone(),
+            })
             .collect();
-        let not_redirected: Vec<Value> = st
+        let not_redirected = st
             .pods
             .iter()
             .filter(|p| p.cgroup_id.is_none())
-            .map(|p| json!({"pod": p.pod, "reason": p.problem}))
+            .map(|p| api::NotRedirected {
+                pod: p.pod.clone(),
+                reason: p.problem.clone(),
+            })
             .collect();
-        let counters: serde_json::Map<String, Value> = match self.maps.counters() {
+        let counters = match self.maps.counters() {
             Ok(list) => list
                 .into_iter()
-                .map(|(c, v): (Counter, u64)| (c.name().to_string(), json!(v)))
+                .map(|(c, v): (Counter, u64)| (c.name().to_string(), v))
                 .collect(),
-            Err(_) => serde_json::Map::new(),
+            Err(_) => Default::default(),
         };
-        let cidrs: Vec<String> = self
+        let cidrs = self
             .maps
             .excluded_cidrs()
             .into_iter()
             .map(|(ip, len)| Cidr(ip, len).to_string())
             .collect();
-        json!({
-            "mode": "ebpf",
-            "object": self.object.display().to_string(),
-            "cgroup": self.cgroup.display().to_string(),
-            "pin_dir": self.pin_dir.display().to_string(),
-            "programs": {
-                "attached": self.report.attached,
-                "reused": self.report.reused,
-                "upgraded": self.report.upgraded,
-                "replaced_maps": self.report.replaced,
+        let names = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        let counts = self.lookup.counts();
+        api::EbpfStatus {
+            object: self.object.display().to_string(),
+            cgroup: self.cgroup.display().to_string(),
+            pin_dir: self.pin_dir.display().to_string(),
+            programs: api::Programs {
+                attached: names(&self.report.attached),
+                reused: names(&self.report.reused),
+                upgraded: names(&self.report.upgraded),
+                replaced_maps: self.report.replaced.clone(),
             },
-            "proxy": {
-                "ipv4": v4.map(|a| a.to_string()),
-                "ipv6": v6.map(|a| a.to_string()),
+            proxy: api::ProxyAddrs {
+                ipv4: v4.map(|a| a.to_string()),
+                ipv6: v6.map(|a| a.to_string()),
             },
-            "enabled": cfg.is_some_and(|c| c.enabled()),
-            "sockmap": cfg.is_some_and(|c| c.flags & ProxyConfig::NO_SOCKMAP == 0),
-            "lease": lease,
-            "enrolled": enrolled,
-            "not_redirected": not_redirected,
-            "enrollment_error": st.error,
-            "enrollment": {
-                "cgroup_root": st.cgroup_root,
-                "repairs": st.repairs,
-                "reconciliations": st.reconciliations,
-                "last_reconcile_unix_ms": st.last_reconcile_unix_ms,
-                "last_reconcile_cpu_us": st.last_reconcile_cpu_us,
+            enabled: cfg.is_some_and(|c| c.enabled()),
+            sockmap: cfg.is_some_and(|c| c.flags & ProxyConfig::NO_SOCKMAP == 0),
+            // The programs redirect only while the outbound listener is open (fail-open at once
+            // when the agent dies) rather than until the lease runs out.
+            listener_registered: cfg.is_some_and(|c| c.flags & ProxyConfig::LISTENER != 0),
+            lease: api::Lease {
+                state,
+                duration_ms: self.lease.as_millis() as u64,
+                renew_every_ms: (self.lease / 4).as_millis() as u64,
             },
-            "exclusions": {
-                "ports": self.maps.excluded_ports(),
-                "cidrs": cidrs,
+            enrolled,
+            not_redirected,
+            enrollment_error: st.error,
+            enrollment: api::Enrollment {
+                cgroup_root: st.cgroup_root,
+                repairs: st.repairs,
+                reconciliations: st.reconciliations,
+                last_reconcile_unix_ms: st.last_reconcile_unix_ms,
+                last_reconcile_cpu_us: st.last_reconcile_cpu_us,
             },
-            "counters": counters,
-            "original_dst": self.lookup.counts(),
-        })
+            exclusions: api::Exclusions {
+                ports: self.maps.excluded_ports(),
+                cidrs,
+            },
+            counters,
+            original_dst: api::OriginalDstCounts {
+                from_map: counts.from_map,
+                from_sockopt: counts.from_sockopt,
+                unknown: counts.unknown,
+            },
+        }
     }
 }
 

@@ -2,11 +2,13 @@
 //! `clusters`, `policy`, `logs`, `log-level`, `validate`, `uninstall`).
 #![forbid(unsafe_code)]
 
+mod admin_socket;
 mod agent;
 mod cli;
 mod client;
 mod ebpf;
 mod run;
+mod show;
 mod source;
 
 use clap::Parser;
@@ -15,6 +17,14 @@ fn main() -> std::process::ExitCode {
     let args = cli::Args::parse();
     match cli::dispatch(args) {
         Ok(code) => code,
+        // The reader of our output went away (`sluice tap | head`): nothing left to say.
+        Err(err)
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(err) => {
             eprintln!("sluice: {err:#}");
             std::process::ExitCode::from(1)

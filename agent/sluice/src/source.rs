@@ -68,7 +68,31 @@ impl Source {
             Source::Kube(k) => {
                 let status = k.status.clone();
                 Some(Arc::new(move || {
-                    serde_json::to_value(status.get()).unwrap_or_default()
+                    let s = status.get();
+                    sluice_admin_api::KubeStatus {
+                        synced: s.synced,
+                        kinds: s
+                            .kinds
+                            .into_iter()
+                            .map(|k| sluice_admin_api::KindStatus {
+                                kind: k.kind,
+                                api_version: k.api_version,
+                                synced: k.synced,
+                                objects: k.objects,
+                                last_error: k.last_error,
+                            })
+                            .collect(),
+                        forbidden: s
+                            .forbidden
+                            .into_iter()
+                            .map(|f| sluice_admin_api::Forbidden {
+                                verb: f.verb,
+                                group: f.group,
+                                resource: f.resource,
+                                message: f.message,
+                            })
+                            .collect(),
+                    }
                 }))
             }
             Source::Dir(_) => None,

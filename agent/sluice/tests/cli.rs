@@ -155,6 +155,9 @@ fn run_reloads_within_a_second_keeps_last_good_and_drains_on_sigterm() {
             &addr(ports[0]),
             "--admin-addr",
             &addr(ports[1]),
+            // Tests run agents side by side: none takes the default admin socket.
+            "--admin-socket",
+            "none",
         ])
         .args([
             "--metrics-addr",

@@ -124,6 +124,8 @@ fn start(
         ])
         .args(["--outbound-addr", &addr(ports.outbound)])
         .args(["--admin-addr", &addr(ports.admin)])
+        // Tests run agents side by side: none takes the default admin socket.
+        .args(["--admin-socket", "none"])
         .args(["--metrics-addr", &addr(ports.metrics)])
         .args(["--ready-addr", &addr(ports.ready)])
         .args(extra)

@@ -374,6 +374,8 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
             .args(["--ebpf-object", object().to_str().unwrap()])
             .args(["--reconcile-interval", "300ms"])
             .args(["--admin-addr", &a(admin)])
+            // Tests run agents side by side: none takes the default admin socket.
+            .args(["--admin-socket", "none"])
             .args(["--metrics-addr", &a(metrics), "--ready-addr", &a(ready)])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
