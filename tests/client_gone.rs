@@ -114,12 +114,21 @@ async fn clients_that_time_out_do_not_eject_a_slow_host() {
     assert_nothing_counted(&cluster);
     // Counted once each in the request metrics too, as Envoy does: code 0, flag DC.
     let m = mesh.metrics();
-    let want = "response_code=\"0\",response_flags=\"DC\"} 8";
-    assert!(
-        m.lines()
-            .any(|l| l.starts_with("istio_requests_total{") && l.ends_with(want)),
-        "{want}\n{m}"
-    );
+    // The client side and the endpoint's side each count them once: the endpoint saw its client
+    // leave.
+    for reporter in ["source", "destination"] {
+        let want = [
+            format!("reporter=\"{reporter}\""),
+            "response_code=\"0\"".into(),
+            "response_flags=\"DC\"".into(),
+        ];
+        assert!(
+            m.lines().any(|l| l.starts_with("istio_requests_total{")
+                && want.iter().all(|w| l.contains(w.as_str()))
+                && l.ends_with("} 8")),
+            "{want:?}\n{m}"
+        );
+    }
     assert_served(&mesh, "http://slow/", 3).await;
 }
 

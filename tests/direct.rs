@@ -1107,11 +1107,16 @@ async fn direct_response_is_answered_by_the_proxy() {
 
     let m = mesh.metrics();
     for (code, flags) in [("200", "-"), ("418", "-")] {
-        let want = format!("destination_service=\"{svc}\",destination_service_name=\"web\",destination_service_namespace=\"default\",request_protocol=\"http\",response_code=\"{code}\",response_flags=\"{flags}\"}} 1");
+        let want = [
+            "reporter=\"source\"".to_string(),
+            format!("destination_service=\"{svc}\",destination_service_name=\"web\",destination_service_namespace=\"default\",request_protocol=\"http\",response_code=\"{code}\""),
+            format!("response_flags=\"{flags}\""),
+        ];
         assert!(
-            m.lines()
-                .any(|l| l.starts_with("istio_requests_total{") && l.ends_with(&want)),
-            "{want}\n{m}"
+            m.lines().any(|l| l.starts_with("istio_requests_total{")
+                && want.iter().all(|w| l.contains(w.as_str()))
+                && l.ends_with("} 1")),
+            "{want:?}\n{m}"
         );
     }
 }

@@ -30,6 +30,7 @@
 //! Without root, curl, or `target/bpf/sluice-ebpf.o` the tests say why and return, except under
 //! `CI`, where they fail. Run: `sudo -E cargo test -p sluice-tests --test e2e`.
 
+use sluice_admin_api as api;
 use std::{
     ffi::OsString,
     fs,
@@ -201,6 +202,8 @@ struct Agent {
     cgroup_procs: PathBuf,
     log_dir: PathBuf,
     starts: usize,
+    /// The outbound listener (on the host's bridge address, or `[::]` when dual-stack).
+    outbound: SocketAddr,
     admin: SocketAddr,
     ready: SocketAddr,
     metrics: SocketAddr,
@@ -327,8 +330,14 @@ impl Agent {
         serde_json::from_slice(&out.stdout).expect("sluice -o json prints JSON")
     }
 
-    fn status(&self) -> Value {
-        self.cli_json("status")
+    /// `sluice services -o json`, decoded.
+    fn services(&self) -> Vec<api::Service> {
+        serde_json::from_value(self.cli_json("services")).expect("sluice services -o json decodes")
+    }
+
+    /// `sluice status -o json`, decoded with the admin API's types.
+    fn status(&self) -> api::Status {
+        serde_json::from_value(self.cli_json("status")).expect("sluice status -o json decodes")
     }
 
     /// The redirect counters from `sluice status -o json`.
@@ -343,25 +352,27 @@ impl Drop for Agent {
     }
 }
 
+/// The eBPF redirect's part of `sluice status -o json`.
+fn ebpf(status: &api::Status) -> &api::EbpfStatus {
+    match &status.redirect {
+        api::RedirectStatus::Ebpf(e) => e,
+        api::RedirectStatus::None => panic!("no eBPF redirect in `sluice status -o json`"),
+    }
+}
+
 /// eBPF counters as `sluice status -o json` reports them.
 #[derive(Clone, Debug)]
-struct Counters(serde_json::Map<String, Value>);
+struct Counters(std::collections::BTreeMap<String, u64>);
 
 impl Counters {
-    fn from_status(status: &Value) -> Self {
-        let counters = status
-            .pointer("/redirect/counters")
-            .and_then(Value::as_object)
-            .unwrap_or_else(|| {
-                panic!("no redirect counters in `sluice status -o json`: {status:#}")
-            });
-        Counters(counters.clone())
+    fn from_status(status: &api::Status) -> Self {
+        Counters(ebpf(status).counters.clone())
     }
 
     fn get(&self, name: &str) -> u64 {
         self.0
             .get(name)
-            .and_then(Value::as_u64)
+            .copied()
             .unwrap_or_else(|| panic!("no counter {name} in {:?}", self.0))
     }
 
@@ -584,6 +595,9 @@ impl Env {
             listen.to_string().into(),
             "--admin-addr".into(),
             admin.to_string().into(),
+            // Several agents may run at once: none takes the node's default admin socket.
+            "--admin-socket".into(),
+            "none".into(),
             "--ready-addr".into(),
             ready.to_string().into(),
             "--metrics-addr".into(),
@@ -605,6 +619,7 @@ impl Env {
             cgroup_procs: self.agent_cgroup.0.join("cgroup.procs"),
             log_dir: self.dir.path().to_path_buf(),
             starts: 0,
+            outbound: listen,
             admin,
             ready,
             metrics,
@@ -618,15 +633,17 @@ impl Env {
     }
 
     /// The cluster IP the agent allocated to Service `name` (namespace default), from
-    /// `sluice config -o json`.
+    /// `sluice services -o json`.
     fn cluster_ip(&mut self, name: &str) -> Ipv4Addr {
-        let config = self.agent().cli_json("config");
         let host = format!("{name}.default.svc.cluster.local");
-        let ip = config
-            .pointer(&format!("/services/{host}/cluster_ips/0"))
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("no cluster IP for {host} in {config:#}"));
-        ip.parse().expect("an IPv4 cluster IP")
+        self.agent()
+            .services()
+            .into_iter()
+            .find(|s| s.hostname == host)
+            .and_then(|s| s.cluster_ips.first().cloned())
+            .unwrap_or_else(|| panic!("no cluster IP for {host}"))
+            .parse()
+            .expect("an IPv4 cluster IP")
     }
 
     /// Makes every pod resolve each Service name (short, namespaced, FQDN) to its cluster IP.
@@ -896,14 +913,9 @@ fn sample_from_client(samples: &[String], service: &str, code: u16, flags: &str)
 }
 
 /// `sluice status`'s original-destination lookups: (from the map, by `SO_ORIGINAL_DST`, unknown).
-fn original_dst_lookups(status: &Value) -> (u64, u64, u64) {
-    let n = |k: &str| {
-        status
-            .pointer(&format!("/redirect/original_dst/{k}"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    (n("from_map"), n("from_sockopt"), n("unknown"))
+fn original_dst_lookups(status: &api::Status) -> (u64, u64, u64) {
+    let o = ebpf(status).original_dst;
+    (o.from_map, o.from_sockopt, o.unknown)
 }
 
 /// `istio_requests_total` samples from the agent's Prometheus endpoint.
@@ -1172,11 +1184,11 @@ fn unenrolled_pod_and_host_are_not_redirected() {
         let via_proxy = via_proxy.expect("the relabelled pod is not redirected within ~3 s");
         eprintln!("live enrollment: redirected {via_proxy:?} after the label changed");
         let status = env.agent().status();
-        let enrolled_pods: Vec<&str> = status
-            .pointer("/redirect/enrolled")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|p| p["pod"].as_str()).collect())
-            .unwrap_or_default();
+        let enrolled_pods: Vec<&str> = ebpf(&status)
+            .enrolled
+            .iter()
+            .map(|p| p.pod.as_str())
+            .collect();
         assert!(
             enrolled_pods.contains(&"default/outsider"),
             "status does not list the relabelled pod: {enrolled_pods:?}"
@@ -1244,7 +1256,7 @@ fn proxy_connections_not_looped_and_sk_msg_fast_path_taken() {
         eprintln!(
             "original destinations: from_map {map}, from_sockopt {sockopt}, unknown {unknown}"
         );
-        assert_eq!((map + sockopt, unknown), (N, 0), "{:#}", status["redirect"]);
+        assert_eq!((map + sockopt, unknown), (N, 0), "{:#?}", status.redirect);
     });
 }
 
@@ -1278,11 +1290,8 @@ fn sigkill_fails_open_and_restart_reuses_pins() {
         let direct_url = format!("http://{}/", server.addr);
         let first = env.agent().status();
         assert!(
-            first
-                .pointer("/redirect/programs/attached")
-                .and_then(Value::as_array)
-                .is_some_and(|a| !a.is_empty()),
-            "the first run attached nothing: {first:#}"
+            !ebpf(&first).programs.attached.is_empty(),
+            "the first run attached nothing: {first:#?}"
         );
 
         // Redirected: the policy applies by name, and the pod IP is reached through the proxy.
@@ -1339,18 +1348,8 @@ fn sigkill_fails_open_and_restart_reuses_pins() {
         let agent = env.agent();
         agent.spawn();
         let status = agent.status();
-        let programs = |key: &str| -> Vec<String> {
-            status
-                .pointer(&format!("/redirect/programs/{key}"))
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let (reused, attached) = (programs("reused"), programs("attached"));
+        let programs = &ebpf(&status).programs;
+        let (reused, attached) = (programs.reused.clone(), programs.attached.clone());
         assert!(
             !reused.is_empty() && attached.is_empty(),
             "the restart did not reuse the pins: reused {reused:?}, attached {attached:?}"
@@ -1360,10 +1359,7 @@ fn sigkill_fails_open_and_restart_reuses_pins() {
             log.contains(&format!("reused [{}]", reused.join(", "))),
             "the restarted agent's log does not say it reused the pins:\n{log}"
         );
-        eprintln!(
-            "status after restart: {}",
-            status.pointer("/redirect").unwrap_or(&status)
-        );
+        eprintln!("status after restart: {:?}", status.redirect);
         let counters = Counters::from_status(&status);
         assert!(
             counters.get("connect_fail_open") >= 1,
@@ -1597,14 +1593,13 @@ fn ipv6_service_policy_for_enrolled_pod_unenrolled_pod_untouched() {
         env.start_agent();
         let status = env.agent().status();
         // One redirect target per family, on the one `[::]` listener's port.
-        let proxy = |family: &str| {
-            status
-                .pointer(&format!("/redirect/proxy/{family}"))
-                .and_then(Value::as_str)
+        let proxy = |family: &str, addr: &Option<String>| {
+            addr.as_deref()
                 .and_then(|a| a.parse::<SocketAddr>().ok())
-                .unwrap_or_else(|| panic!("no {family} proxy address: {:#}", status["redirect"]))
+                .unwrap_or_else(|| panic!("no {family} proxy address: {:#?}", status.redirect))
         };
-        let (proxy4, proxy6) = (proxy("ipv4"), proxy("ipv6"));
+        let addrs = &ebpf(&status).proxy;
+        let (proxy4, proxy6) = (proxy("ipv4", &addrs.ipv4), proxy("ipv6", &addrs.ipv6));
         assert_eq!(
             (proxy4.ip(), proxy6.ip(), proxy4.port()),
             (
@@ -1613,13 +1608,15 @@ fn ipv6_service_policy_for_enrolled_pod_unenrolled_pod_untouched() {
                 proxy6.port()
             )
         );
-        let config = env.agent().cli_json("config");
+        let services = env.agent().services();
         assert_eq!(
-            config
-                .pointer("/services/web6.default.svc.cluster.local/cluster_ips/0")
-                .and_then(Value::as_str),
+            services
+                .iter()
+                .find(|s| s.hostname == "web6.default.svc.cluster.local")
+                .and_then(|s| s.cluster_ips.first())
+                .map(String::as_str),
             Some(vip.to_string().as_str()),
-            "{config:#}"
+            "{services:#?}"
         );
         env.topo
             .set_hosts(&[(
@@ -1692,9 +1689,9 @@ fn ipv6_service_policy_for_enrolled_pod_unenrolled_pod_untouched() {
         let sk_msg = after.since(&after_outsider, "sk_msg_redirected");
         let status = env.agent().status();
         eprintln!(
-            "IPv6: 3 enrolled curls: connect_redirected +{redirected}, sk_msg_redirected +{sk_msg}, connect_seen +{}; original_dst {}; counters {after:?}",
+            "IPv6: 3 enrolled curls: connect_redirected +{redirected}, sk_msg_redirected +{sk_msg}, connect_seen +{}; original_dst {:?}; counters {after:?}",
             after.since(&after_outsider, "connect_seen"),
-            status["redirect"]["original_dst"]
+            ebpf(&status).original_dst
         );
         assert_eq!(redirected, 3, "{after:?}");
         assert!(
@@ -1702,7 +1699,7 @@ fn ipv6_service_policy_for_enrolled_pod_unenrolled_pod_untouched() {
             "sk_msg fast path not taken over IPv6: {after:?}"
         );
         let (map, sockopt, unknown) = original_dst_lookups(&status);
-        assert_eq!((map + sockopt, unknown), (3, 0), "{:#}", status["redirect"]);
+        assert_eq!((map + sockopt, unknown), (3, 0), "{:#?}", status.redirect);
 
         // The access log: the abort with FI, the two forwarded ones to the IPv6 endpoint.
         let log = env.agent().access_log();
@@ -1807,22 +1804,95 @@ fn dual_stack_agent_serves_ipv4_services_as_before() {
         // map `sock_ops` keyed by the IPv4 4-tuple.
         let status = env.agent().status();
         eprintln!(
-            "IPv4 via the dual-stack listener: original_dst {}",
-            status["redirect"]["original_dst"]
+            "IPv4 via the dual-stack listener: original_dst {:?}",
+            ebpf(&status).original_dst
         );
         let (map, _, unknown) = original_dst_lookups(&status);
-        assert_eq!(
-            (map, unknown),
-            (N as u64 + 1, 0),
-            "{:#}",
-            status["redirect"]
-        );
+        assert_eq!((map, unknown), (N as u64 + 1, 0), "{:#?}", status.redirect);
         let samples = request_samples(env);
         assert!(
             sample_from_client(&samples, "web", 503, "FI")
                 && sample_from_client(&samples, "web", 200, "-"),
             "the IPv4 client behind the dual-stack listener is not attributed:\n{}",
             samples.join("\n")
+        );
+    });
+}
+
+/// No open relay: the agent's outbound listener is on the bridge, where every pod and the node
+/// reach it, but only connections the programs redirected from enrolled pods are served. A
+/// process in an unenrolled pod's network namespace, and one on the host, that connect straight
+/// to it and ask it to fetch another pod's address (as an explicit proxy client would) get their
+/// connection closed unanswered, and the other pod never hears from the proxy; each refusal is
+/// counted and logged. The enrolled pod's own redirected request to that pod still works.
+#[test]
+fn non_enrolled_clients_cannot_use_the_proxy_as_a_relay() {
+    if skip() {
+        return;
+    }
+    e2e(|env| {
+        let client = env.add_pod("client");
+        let outsider = env.add_pod("outsider");
+        let target = env.add_pod("target");
+        let server = PeerServer::start(&target, 8080);
+        env.write_config(
+            "pods.yaml",
+            &[
+                pod_yaml(&client, None, true),
+                pod_yaml(&outsider, None, false),
+                pod_yaml(&target, Some("target"), false),
+            ]
+            .concat(),
+        );
+        env.start_agent();
+        let proxy = format!("http://{}", env.agent().outbound);
+        let url = format!("http://{}/", server.addr);
+        let log_before = env.agent().access_log().len();
+
+        // Straight to the listener from the unenrolled pod and from the host: refused.
+        let r = curl_with(env, &outsider, &["-x", &proxy], &url);
+        assert_eq!(r.code, 0, "the unenrolled pod used the proxy: {r:?}");
+        let mut host = Command::new("curl");
+        host.args(["-x", &proxy]);
+        let r = Reply::run(&mut host, &url, 5.0);
+        assert_eq!(r.code, 0, "the host used the proxy: {r:?}");
+        assert_eq!(
+            server.seen(),
+            Vec::<IpAddr>::new(),
+            "a refused client reached the other pod"
+        );
+
+        // The enrolled pod's ordinary request is redirected and served (from the node's address).
+        let r = env.curl(&client, &url, 5.0);
+        assert_eq!(r.code, 200, "{r:?}");
+        assert_eq!(r.body.trim(), format!("peer={}", env.topo.host_ip()));
+        assert_eq!(server.seen(), vec![IpAddr::V4(env.topo.host_ip())]);
+
+        let (code, metrics) = http_get(env.agent().metrics, "/stats/prometheus").expect("metrics");
+        assert_eq!(code, 200);
+        assert!(
+            metrics.contains(
+                "sluice_outbound_refused_connections_total{reason=\"no_original_destination\"} 2"
+            ),
+            "{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("refused"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let log = env.agent().access_log();
+        let refusals = log[log_before..]
+            .iter()
+            .filter(|l| l.contains(" NR ") && l.contains("details=no_original_destination"))
+            .count();
+        assert_eq!(refusals, 2, "{:#?}", &log[log_before..]);
+        assert!(
+            env.agent()
+                .stderr(1)
+                .contains("refused a connection made straight to the outbound listener"),
+            "{}",
+            env.agent().stderr(1)
         );
     });
 }

@@ -19,6 +19,7 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sluice_admin_api as api;
 use sluice_fake_apiserver::FakeApiServer;
 use sluice_tests::{tutorial_yaml, Client, Outcome};
 use std::net::SocketAddr;
@@ -197,6 +198,8 @@ impl Agent {
             .args(["--node-name", NODE, "--redirect", "none", "--no-access-log"])
             .args(["--outbound-addr", &outbound.to_string()])
             .args(["--admin-addr", &admin.to_string()])
+            // Several agents may run at once: none takes the node's default admin socket.
+            .args(["--admin-socket", "none"])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--ready-addr", &ready.to_string()])
             .env_remove("RUST_LOG")
@@ -267,7 +270,7 @@ impl Agent {
     }
 
     /// `sluice status -o json`, as an operator runs it.
-    async fn status(&self) -> Value {
+    async fn status(&self) -> api::Status {
         let out = tokio::process::Command::new(sluice_tests::bins::sluice())
             .args(["status", "-o", "json", "--admin", &self.admin.to_string()])
             .stdin(Stdio::null())
@@ -282,18 +285,17 @@ impl Agent {
         serde_json::from_slice(&out.stdout).expect("sluice status -o json prints JSON")
     }
 
-    async fn config_dump(&self) -> Value {
-        let (code, body) = http_get(self.admin, "/config_dump")
+    /// The pods the agent knows (`/workloads`).
+    async fn workloads(&self) -> Vec<api::Workload> {
+        let (code, body) = http_get(self.admin, api::paths::WORKLOADS)
             .await
             .expect("admin answers");
         assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("config_dump is JSON")
+        serde_json::from_str(&body).expect("/workloads decodes")
     }
 
     async fn generation(&self) -> u64 {
-        self.status().await["generation"]
-            .as_u64()
-            .expect("generation")
+        self.status().await.generation
     }
 
     fn client(&self) -> Client {
@@ -459,18 +461,14 @@ async fn virtual_service_changes_reach_the_proxy_within_a_second() {
     assert_eq!(get(&client, "http://inventory/").await.code(), 200);
 }
 
-/// The `enrolled` of workload `name` in `/config_dump`, if the agent knows it.
+/// Whether workload `name` is enrolled, if the agent knows it.
 async fn enrolled(agent: &Agent, name: &str) -> Option<bool> {
-    let dump = agent.config_dump().await;
-    let workloads = dump["workloads"]
-        .as_object()?
-        .values()
-        .cloned()
-        .collect::<Vec<_>>();
-    workloads
+    agent
+        .workloads()
+        .await
         .iter()
-        .find(|w| w["name"] == name)
-        .and_then(|w| w["enrolled"].as_bool())
+        .find(|w| w.name == name)
+        .map(|w| w.enrolled)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,8 +477,8 @@ async fn a_namespace_relabel_changes_the_pods_enrollment() {
     assert_eq!(
         enrolled(&agent, "client").await,
         Some(false),
-        "{:#}",
-        agent.config_dump().await["workloads"]
+        "{:#?}",
+        agent.workloads().await
     );
 
     let mut ns = cluster.fake.get("Namespace/shop").unwrap();
@@ -504,9 +502,9 @@ async fn a_namespace_relabel_changes_the_pods_enrollment() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_nodes_pods_are_never_fetched() {
+async fn another_nodes_pods_are_fetched_only_as_metadata() {
     let (cluster, agent) = started().await;
-    // A pod of another node created while the agent watches is not sent to it either.
+    // A pod of another node created while the agent watches is not sent to it in full either.
     cluster
         .fake
         .create(pod(
@@ -531,29 +529,175 @@ async fn another_nodes_pods_are_never_fetched() {
         .into_iter()
         .filter(|r| r.path.contains("/pods"))
         .collect();
-    assert!(
-        pods.iter().any(|r| r.verb == "list") && pods.iter().any(|r| r.verb == "watch"),
-        "{pods:#?}"
-    );
+    let (full, metadata): (Vec<_>, Vec<_>) = pods.iter().partition(|r| !r.metadata_only);
+    for requests in [&full, &metadata] {
+        assert!(
+            requests.iter().any(|r| r.verb == "list") && requests.iter().any(|r| r.verb == "watch"),
+            "{pods:#?}"
+        );
+    }
     for r in &pods {
         assert!(matches!(r.verb.as_str(), "list" | "watch"), "{r:?}");
+    }
+    // Specs and statuses only of this node's pods; every node's only as metadata.
+    for r in &full {
         assert!(
             r.query.contains("fieldSelector=spec.nodeName%3Dnode-a"),
             "{r:?}"
         );
     }
-    let dump = agent.config_dump().await;
-    let names: Vec<&str> = dump["workloads"]
-        .as_object()
-        .unwrap()
-        .values()
-        .filter_map(|w| w["name"].as_str())
-        .collect();
+    let workloads = agent.workloads().await;
+    let names: Vec<&str> = workloads.iter().map(|w| w.name.as_str()).collect();
     assert!(
         !names.iter().any(|n| n.starts_with("elsewhere")),
         "{names:?}"
     );
-    assert!(!agent.status().await.to_string().contains("elsewhere"));
+    assert!(!format!("{:?}", agent.status().await).contains("elsewhere"));
+}
+
+/// A pod as a Deployment's ReplicaSet makes it: generated name, controller reference, hash label.
+fn deployment_pod(name: &str, node: &str, ip: &str, version: &str) -> Value {
+    let (deployment, hash) = (name, "7c9d8f5b4");
+    let mut p = pod(
+        "default",
+        &format!("{deployment}-{hash}-{node}"),
+        node,
+        ip,
+        json!({"app": deployment, "version": version, "pod-template-hash": hash}),
+    );
+    p["metadata"]["generateName"] = format!("{deployment}-{hash}-").into();
+    p["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "name": format!("{deployment}-{hash}"), "uid": format!("{deployment}-rs"), "controller": true,
+        "blockOwnerDeletion": true}]);
+    p
+}
+
+/// `service`'s EndpointSlice pointing at its upstream (the port of the slice made at start-up) and
+/// naming the pod behind it, as the EndpointSlice controller writes it.
+fn slice_naming(cluster: &Cluster, service: &str, pod: &str) -> Value {
+    let mut slice = cluster
+        .fake
+        .get(&format!("EndpointSlice/default/{service}-x1"))
+        .expect("the start-up slice");
+    slice["endpoints"][0]["targetRef"] =
+        json!({"kind": "Pod", "namespace": "default", "name": pod});
+    slice
+}
+
+/// The endpoints of `service`'s clusters (`name` -> endpoints) from the admin API.
+async fn policy_endpoints(agent: &Agent, service: &str) -> Vec<(String, Vec<api::PolicyEndpoint>)> {
+    let (code, body) = http_get(agent.admin, &format!("/policy?service={service}"))
+        .await
+        .expect("admin answers");
+    assert_eq!(code, 200, "{body}");
+    let policy: api::Policy = serde_json::from_str(&body).expect("/policy decodes");
+    policy
+        .clusters
+        .into_iter()
+        .map(|c| (c.name, c.endpoints))
+        .collect()
+}
+
+/// The identity of `service`'s first endpoint in its port cluster, once it has one.
+async fn endpoint_identity(agent: &Agent, service: &str) -> Option<api::Identity> {
+    let clusters = policy_endpoints(agent, service).await;
+    let plain = clusters
+        .iter()
+        .find(|(name, _)| name.starts_with("outbound|80||"))
+        .unwrap_or_else(|| panic!("{clusters:?}"));
+    plain.1.first().and_then(|e| e.identity.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_on_another_node_has_its_pods_identity_and_labels() {
+    let (cluster, agent) = started().await;
+    let fake = &cluster.fake;
+    // inventory runs on another node, pricing on this one; both are Deployments' pods.
+    let remote = deployment_pod("inventory", "node-b", "10.244.1.30", "v1");
+    let local = deployment_pod("pricing", NODE, "10.244.0.30", "v1");
+    let (remote_name, local_name) = (
+        remote["metadata"]["name"].as_str().unwrap().to_string(),
+        local["metadata"]["name"].as_str().unwrap().to_string(),
+    );
+    fake.create(remote).unwrap();
+    fake.create(local).unwrap();
+    fake.replace(slice_naming(&cluster, "inventory", &remote_name))
+        .unwrap();
+    fake.replace(slice_naming(&cluster, "pricing", &local_name))
+        .unwrap();
+    let expected = |workload: &str, version: &str| {
+        Some(api::Identity {
+            workload: workload.into(),
+            namespace: "default".into(),
+            canonical_service: workload.into(),
+            canonical_revision: version.into(),
+            app: workload.into(),
+            version: version.into(),
+            principal: "unknown".into(),
+        })
+    };
+    eventually(
+        "both endpoints' identities",
+        Duration::from_secs(3),
+        || async {
+            endpoint_identity(&agent, "inventory").await == expected("inventory", "v1")
+                && endpoint_identity(&agent, "pricing").await == expected("pricing", "v1")
+        },
+    )
+    .await;
+    // The remote pod never became a workload of this node; the local one is one, with the owner
+    // its identity came from.
+    let workloads = agent.workloads().await;
+    assert!(!workloads.iter().any(|w| w.name == remote_name));
+    let owner = workloads
+        .iter()
+        .find(|w| w.name == local_name)
+        .and_then(|w| w.owner.clone());
+    assert_eq!(
+        owner.as_ref().map(|o| o.name.as_str()),
+        Some("pricing-7c9d8f5b4"),
+        "{owner:?}"
+    );
+
+    // Its labels select it into a DestinationRule subset: a route to subset v1 reaches it.
+    fake.create(
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "inventory", "namespace": "default"},
+        "spec": {"host": "inventory", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}}),
+    )
+    .unwrap();
+    fake.create(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "inventory", "namespace": "default"},
+        "spec": {"hosts": ["inventory"], "http": [{"route": [{"destination": {"host": "inventory", "subset": "v1"}}]}]}}))
+        .unwrap();
+    first_seen(
+        &agent.client(),
+        "http://inventory/",
+        Instant::now(),
+        Duration::from_secs(3),
+        |o| o.code() == 200,
+    )
+    .await;
+
+    // Relabelled on its node: the subset loses it and its identity follows, within a second.
+    let t0 = Instant::now();
+    let mut relabelled = fake.get(&format!("Pod/default/{remote_name}")).unwrap();
+    relabelled["metadata"]["labels"]["version"] = "v2".into();
+    fake.replace(relabelled).unwrap();
+    let (_, answered) = first_seen(
+        &agent.client(),
+        "http://inventory/",
+        t0,
+        Duration::from_secs(3),
+        |o| o.code() == 503,
+    )
+    .await;
+    println!("another node's pod relabelled: its subset emptied {answered:?} after the write");
+    assert!(answered < Duration::from_secs(1), "{answered:?}");
+    assert_eq!(
+        endpoint_identity(&agent, "inventory").await,
+        expected("inventory", "v2")
+    );
 }
 
 /// Requests `url` back to back on a task until told to stop; every answer's code.
@@ -629,7 +773,7 @@ async fn a_relist_after_410_keeps_the_state_and_makes_no_new_generation() {
         "a relist of unchanged objects is not a change"
     );
     let status = agent.status().await;
-    assert_eq!(status["kubernetes"]["synced"], true, "{status:#}");
+    assert!(kube(&status).synced, "{status:#?}");
     // And the watches work after it.
     fake.delete("VirtualService/default/pricing-fault").unwrap();
     first_seen(
@@ -660,9 +804,7 @@ async fn an_outage_keeps_serving_the_last_good_state() {
     fake.set_outage(true);
     eventually("the outage noticed", Duration::from_secs(10), || async {
         let s = agent.status().await;
-        s["kubernetes"]["kinds"]
-            .as_array()
-            .is_some_and(|k| k.iter().any(|k| !k["last_error"].is_null()))
+        kube(&s).kinds.iter().any(|k| k.last_error.is_some())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -706,32 +848,83 @@ async fn a_403_is_reported_naming_verb_group_and_resource_and_readiness_waits() 
     })
     .await;
     let status = agent.status().await;
-    let forbidden = status["kubernetes"]["forbidden"]
-        .as_array()
-        .expect("forbidden list");
-    let entry = forbidden
+    let entry = kube(&status)
+        .forbidden
         .iter()
-        .find(|f| f["resource"] == "destinationrules")
-        .unwrap_or_else(|| panic!("{status:#}"));
+        .find(|f| f.resource == "destinationrules")
+        .unwrap_or_else(|| panic!("{status:#?}"));
     assert_eq!(
-        (entry["verb"].as_str(), entry["group"].as_str()),
-        (Some("list"), Some("networking.istio.io"))
+        (entry.verb.as_str(), entry.group.as_str()),
+        ("list", "networking.istio.io")
     );
     assert!(
-        entry["message"]
-            .as_str()
-            .unwrap()
+        entry
+            .message
             .contains("cannot list resource \"destinationrules\""),
-        "{entry}"
+        "{entry:?}"
     );
-    assert_eq!(status["kubernetes"]["synced"], false);
+    assert!(!kube(&status).synced);
     // Not ready while one kind has never been listed.
     assert_eq!(agent.ready_code().await, Some(503));
     cluster
         .fake
         .allow("list", "networking.istio.io", "destinationrules");
     agent.wait_ready(Duration::from_secs(40)).await;
-    assert_eq!(agent.status().await["kubernetes"]["synced"], true);
+    assert!(kube(&agent.status().await).synced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_on_pods_is_reported_for_both_pod_watches_and_readiness_waits() {
+    // RBAC grants `pods` whatever the representation: without it neither this node's Pods nor
+    // every node's Pod metadata can be listed, and each watch says so.
+    let cluster = Cluster::start().await;
+    cluster.fake.forbid("list", "", "pods");
+    let mut agent = Agent::spawn(&cluster);
+    eventually(
+        "both pod watches failing",
+        Duration::from_secs(10),
+        || async {
+            let Some(status) = agent.status_raw().await else {
+                return false; // not listening yet
+            };
+            let Ok(status) = serde_json::from_str::<api::Status>(&status) else {
+                return false;
+            };
+            ["Pod", "PodMetadata"].iter().all(|kind| {
+                kube(&status).kinds.iter().any(|k| {
+                    k.kind == *kind
+                        && k.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("forbidden"))
+                })
+            })
+        },
+    )
+    .await;
+    let status = agent.status().await;
+    let entry = kube(&status)
+        .forbidden
+        .iter()
+        .find(|f| f.resource == "pods")
+        .unwrap_or_else(|| panic!("{status:#?}"));
+    assert_eq!((entry.verb.as_str(), entry.group.as_str()), ("list", ""));
+    assert!(
+        entry.message.contains("cannot list resource \"pods\""),
+        "{entry:?}"
+    );
+    assert!(!kube(&status).synced);
+    assert_eq!(agent.ready_code().await, Some(503));
+    cluster.fake.allow("list", "", "pods");
+    agent.wait_ready(Duration::from_secs(40)).await;
+    let status = agent.status().await;
+    assert!(kube(&status).forbidden.is_empty(), "{status:#?}");
+    let metadata = kube(&status)
+        .kinds
+        .iter()
+        .find(|k| k.kind == "PodMetadata")
+        .expect("the kind");
+    assert!(metadata.synced);
+    assert!(metadata.objects >= 4, "{metadata:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -779,14 +972,7 @@ async fn readiness_waits_for_every_kinds_first_list() {
         slices.answered
     );
     let status = agent.status().await;
-    assert!(
-        status["kubernetes"]["kinds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|k| k["synced"] == true),
-        "{status:#}"
-    );
+    assert!(kube(&status).kinds.iter().all(|k| k.synced), "{status:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -841,22 +1027,17 @@ async fn a_rejected_virtual_service_gets_an_event_and_the_last_good_version_keep
         ));
     }
     let status = agent.status().await;
-    let rejection = status["rejections"]
-        .as_array()
-        .and_then(|r| {
-            r.iter().find(|r| {
-                r["source"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("VirtualService default/pricing-fault"))
-            })
-        })
-        .unwrap_or_else(|| panic!("{status:#}"));
+    let rejection = status
+        .rejections
+        .iter()
+        .find(|r| r.source.contains("VirtualService default/pricing-fault"))
+        .unwrap_or_else(|| panic!("{status:#?}"));
     assert!(
-        rejection.to_string().contains("spec.http[0].timeout"),
-        "{rejection}"
+        rejection.field.contains("spec.http[0].timeout"),
+        "{rejection:?}"
     );
     println!(
-        "rejection: {rejection} (written at resourceVersion {})",
+        "rejection: {rejection:?} (written at resourceVersion {})",
         written["metadata"]["resourceVersion"]
     );
 
@@ -921,10 +1102,18 @@ async fn starts_up_against_a_large_cluster_in_under_two_seconds() {
         })
         .collect();
     let status = agent.status().await;
-    assert!(status["services"].as_u64().unwrap() >= 1000, "{status:#}");
+    assert!(status.services >= 1000, "{status:#?}");
     assert_eq!(get(&agent.client(), "http://pricing/").await.code(), 200);
     assert!(
         took < Duration::from_secs(2),
         "ready after {took:?}; requests:\n{timeline}"
     );
+}
+
+/// Kubernetes mode's section of `/status`.
+fn kube(status: &api::Status) -> &api::KubeStatus {
+    status
+        .kubernetes
+        .as_ref()
+        .unwrap_or_else(|| panic!("no kubernetes in {status:#?}"))
 }

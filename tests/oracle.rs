@@ -171,6 +171,11 @@ struct Scenario {
     /// The request body (a POST when there is one).
     upload: Upload,
     known: Option<Known>,
+    /// The Service also has port 8080 (`http-alt`): requests alternate between `Host: <name>` and
+    /// `<name>:8080` (the port they came in on, in explicit-proxy mode), the first endpoint
+    /// serves port 80 and the second port 8080. Envoy gets istiod's route of each port: a
+    /// destination without `port` names that port's cluster.
+    alt_port: bool,
 }
 
 fn retry(retry_on: &'static str, num_retries: u32) -> EnvoyRetry {
@@ -205,6 +210,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "retries-on-5xx-until-success",
@@ -225,6 +231,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "retries-exhausted",
@@ -242,6 +249,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "retriable-status-codes",
@@ -265,6 +273,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "route-timeout",
@@ -283,6 +292,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "per-try-timeout-retried-on-5xx",
@@ -306,6 +316,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // The blog's second experiment: a per-try timeout without retryOn keeps Istio's
@@ -329,6 +340,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "fault-abort",
@@ -347,6 +359,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "fault-delay-then-route-timeout",
@@ -366,6 +379,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "pool-overflow",
@@ -388,6 +402,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: true,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "outlier-default-max-ejection-percent",
@@ -410,6 +425,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "outlier-ejects-with-max-ejection-percent-100",
@@ -432,6 +448,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // Clients that give up on a slow but healthy host are not the host's failures.
@@ -458,6 +475,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "no-healthy-upstream-connect-failure",
@@ -475,6 +493,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // Envoy retries any 5xx under retryOn 5xx, x-envoy-overloaded or not (since 1.15);
@@ -497,6 +516,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             name: "envoy-request-headers-upstream",
@@ -515,6 +535,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // The per-try timeout is what each attempt expects, bounded by the route's time left.
@@ -537,6 +558,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // Forwarded responses carry x-envoy-upstream-service-time (compared in every
@@ -559,6 +581,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // Envoy 1.40 matches a repeated request header on any of its values...
@@ -578,6 +601,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // ...and not on the values joined with commas.
@@ -597,6 +621,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // Envoy keeps up to 1 MiB (the connection buffer limit) of a request for retries.
@@ -615,6 +640,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::Bytes(200_000),
             known: None,
+            alt_port: false,
         },
         Scenario {
             // Beyond the buffer the retry state is abandoned: the 503 is the answer.
@@ -633,6 +659,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::Bytes(1_500_000),
             known: None,
+            alt_port: false,
         },
         Scenario {
             // The route timeout starts when the request is complete: a slow upload is not the
@@ -657,6 +684,7 @@ fn scenarios() -> Vec<Scenario> {
                 over: Duration::from_millis(600),
             },
             known: None,
+            alt_port: false,
         },
         Scenario {
             // ...and then bounds the upstream as usual.
@@ -680,6 +708,7 @@ fn scenarios() -> Vec<Scenario> {
                 over: Duration::from_millis(600),
             },
             known: None,
+            alt_port: false,
         },
         Scenario {
             // The per-try timer starts when the attempt has a connection: requests queued behind
@@ -705,6 +734,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // http2MaxRequests counts requests on a connection: requests waiting for the one
@@ -728,6 +758,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // Istio writes tcp.idleTimeout into the cluster's HTTP idle_timeout when
@@ -753,6 +784,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // ...and tcp.maxConnectionDuration into its max_connection_duration: requests 0.25 s
@@ -778,6 +810,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // retryBudget replaces maxRetries: with no share of the load and a floor of 1, one
@@ -800,6 +833,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
@@ -824,6 +858,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
         },
         Scenario {
             // A host with a dot is not a short name: `{host}.default` is not completed to the
@@ -843,6 +878,27 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             upload: Upload::None,
             known: None,
+            alt_port: false,
+        },
+        Scenario {
+            // A destination without `port` on a Service with ports 80 and 8080: istiod builds
+            // each port's route with that port's cluster, so requests keep their port.
+            name: "portless-destination-keeps-the-port",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    retries: {attempts: 1, retryOn: 5xx}\n",
+            route: EnvoyRoute {
+                retry: Some(retry("5xx", 1)),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![ok(), Script::repeat(Step::status(503))],
+            plan: Plan::Sequential(4),
+            unordered: false,
+            upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+            alt_port: true,
         },
     ]
 }
@@ -854,93 +910,120 @@ fn cluster_name(svc: &str) -> String {
     format!("outbound|80||{svc}.default.svc.cluster.local")
 }
 
+fn alt_cluster_name(svc: &str) -> String {
+    format!("outbound|8080||{svc}.default.svc.cluster.local")
+}
+
 fn envoy_config(listen: u16, admin: u16, scenarios: &[Scenario], ports: &[Vec<u16>]) -> String {
     let mut vhosts = String::new();
     let mut clusters = String::new();
     for (s, ports) in scenarios.iter().zip(ports) {
         let svc = s.name;
         let fqdn = format!("{svc}.default.svc.cluster.local");
-        let _ = write!(
-            vhosts,
-            "          - name: {svc}\n            domains: [\"{svc}\", \"{svc}:80\", \"{svc}.default\", \"{fqdn}\", \"{fqdn}:80\"]\n            include_request_attempt_count: true\n            routes:\n            - match: {{prefix: /{}}}\n              route:\n                cluster: \"{}\"\n                timeout: {}\n",
-            s.route
-                .match_headers
-                .map(|h| format!(", headers: {h}"))
-                .unwrap_or_default(),
-            cluster_name(svc),
-            s.route.timeout.unwrap_or("0s"),
-        );
-        if let Some(r) = &s.route.retry {
+        let mut vhost = |name: String, domains: String, cluster: String| {
             let _ = write!(
                 vhosts,
-                "                retry_policy:\n                  retry_on: \"{}\"\n                  num_retries: {}\n                  host_selection_retry_max_attempts: 5\n",
-                r.retry_on, r.num_retries
+                "          - name: {name}\n            domains: [{domains}]\n            include_request_attempt_count: true\n            routes:\n            - match: {{prefix: /{}}}\n              route:\n                cluster: \"{cluster}\"\n                timeout: {}\n",
+                s.route
+                    .match_headers
+                    .map(|h| format!(", headers: {h}"))
+                    .unwrap_or_default(),
+                s.route.timeout.unwrap_or("0s"),
             );
-            if let Some(t) = r.per_try_timeout {
-                let _ = writeln!(vhosts, "                  per_try_timeout: {t}");
-            }
-            if !r.retriable_status_codes.is_empty() {
-                let _ = writeln!(
+            if let Some(r) = &s.route.retry {
+                let _ = write!(
                     vhosts,
-                    "                  retriable_status_codes: {:?}",
-                    r.retriable_status_codes
+                    "                retry_policy:\n                  retry_on: \"{}\"\n                  num_retries: {}\n                  host_selection_retry_max_attempts: 5\n",
+                    r.retry_on, r.num_retries
+                );
+                if let Some(t) = r.per_try_timeout {
+                    let _ = writeln!(vhosts, "                  per_try_timeout: {t}");
+                }
+                if !r.retriable_status_codes.is_empty() {
+                    let _ = writeln!(
+                        vhosts,
+                        "                  retriable_status_codes: {:?}",
+                        r.retriable_status_codes
+                    );
+                }
+                if r.previous_hosts {
+                    vhosts.push_str("                  retry_host_predicate:\n                  - name: envoy.retry_host_predicates.previous_hosts\n                    typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}\n");
+                }
+            }
+            if let Some(fault) = s.route.fault {
+                let _ = write!(
+                    vhosts,
+                    "              typed_per_filter_config:\n                envoy.filters.http.fault:\n                  \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n                  {fault}\n"
                 );
             }
-            if r.previous_hosts {
-                vhosts.push_str("                  retry_host_predicate:\n                  - name: envoy.retry_host_predicates.previous_hosts\n                    typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}\n");
-            }
-        }
-        if let Some(fault) = s.route.fault {
-            let _ = write!(
-                vhosts,
-                "              typed_per_filter_config:\n                envoy.filters.http.fault:\n                  \"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault\n                  {fault}\n"
+        };
+        vhost(
+            svc.to_string(),
+            format!("\"{svc}\", \"{svc}:80\", \"{svc}.default\", \"{fqdn}\", \"{fqdn}:80\""),
+            cluster_name(svc),
+        );
+        if s.alt_port {
+            // istiod's route `8080`: the same VirtualService routes, each destination without
+            // `port` naming port 8080's cluster.
+            vhost(
+                format!("{svc}-8080"),
+                format!("\"{svc}:8080\", \"{svc}.default:8080\", \"{fqdn}:8080\""),
+                alt_cluster_name(svc),
             );
         }
 
-        let c = &s.cluster;
-        let unlimited = u32::MAX;
-        let _ = write!(
-            clusters,
-            "  - name: \"{name}\"\n    type: STATIC\n    connect_timeout: 10s\n    lb_policy: {lb}\n    circuit_breakers:\n      thresholds:\n      - max_connections: {mc}\n        max_pending_requests: {mp}\n        max_requests: {mr}\n        max_retries: {mrt}\n        track_remaining: true\n{rb}",
-            name = cluster_name(svc),
-            lb = c.lb_policy.unwrap_or("LEAST_REQUEST"),
-            mc = c.max_connections.unwrap_or(unlimited),
-            mp = c.max_pending_requests.unwrap_or(unlimited),
-            mr = c.max_requests.unwrap_or(unlimited),
-            mrt = c.max_retries.unwrap_or(unlimited),
-            rb = c
-                .retry_budget
-                .map(|b| format!("        retry_budget: {b}\n"))
-                .unwrap_or_default(),
-        );
-        if let Some(od) = c.outlier {
-            clusters.push_str("    outlier_detection:\n");
-            for line in od.lines() {
-                let _ = writeln!(clusters, "      {line}");
-            }
+        // With a second port, the first endpoint serves port 80 and the second port 8080.
+        let split = if s.alt_port { 1 } else { ports.len() };
+        let mut each = vec![(cluster_name(svc), &ports[..split])];
+        if s.alt_port {
+            each.push((alt_cluster_name(svc), &ports[split..]));
         }
-        if let Some(opts) = c.http_options {
-            clusters.push_str("    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http_protocol_options: {}}\n        common_http_protocol_options:\n");
-            for line in opts.lines() {
-                let _ = writeln!(clusters, "          {line}");
-            }
-        }
-        if let Some(p) = c.panic_threshold {
-            let _ = writeln!(
+        for (name, eps) in each {
+            let c = &s.cluster;
+            let unlimited = u32::MAX;
+            let _ = write!(
                 clusters,
-                "    common_lb_config: {{healthy_panic_threshold: {{value: {p}}}}}"
+                "  - name: \"{name}\"\n    type: STATIC\n    connect_timeout: 10s\n    lb_policy: {lb}\n    circuit_breakers:\n      thresholds:\n      - max_connections: {mc}\n        max_pending_requests: {mp}\n        max_requests: {mr}\n        max_retries: {mrt}\n        track_remaining: true\n{rb}",
+                name = name,
+                lb = c.lb_policy.unwrap_or("LEAST_REQUEST"),
+                mc = c.max_connections.unwrap_or(unlimited),
+                mp = c.max_pending_requests.unwrap_or(unlimited),
+                mr = c.max_requests.unwrap_or(unlimited),
+                mrt = c.max_retries.unwrap_or(unlimited),
+                rb = c
+                    .retry_budget
+                    .map(|b| format!("        retry_budget: {b}\n"))
+                    .unwrap_or_default(),
             );
-        }
-        let _ = write!(
-            clusters,
-            "    load_assignment:\n      cluster_name: \"{}\"\n      endpoints:\n      - lb_endpoints:\n",
-            cluster_name(svc)
-        );
-        for port in ports {
-            let _ = writeln!(
+            if let Some(od) = c.outlier {
+                clusters.push_str("    outlier_detection:\n");
+                for line in od.lines() {
+                    let _ = writeln!(clusters, "      {line}");
+                }
+            }
+            if let Some(opts) = c.http_options {
+                clusters.push_str("    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http_protocol_options: {}}\n        common_http_protocol_options:\n");
+                for line in opts.lines() {
+                    let _ = writeln!(clusters, "          {line}");
+                }
+            }
+            if let Some(p) = c.panic_threshold {
+                let _ = writeln!(
+                    clusters,
+                    "    common_lb_config: {{healthy_panic_threshold: {{value: {p}}}}}"
+                );
+            }
+            let _ = write!(
                 clusters,
-                "        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}"
+                "    load_assignment:\n      cluster_name: \"{}\"\n      endpoints:\n      - lb_endpoints:\n",
+                name
             );
+            for port in eps {
+                let _ = writeln!(
+                    clusters,
+                    "        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}"
+                );
+            }
         }
     }
     // Built at one indentation less than it sits in the listener.
@@ -972,6 +1055,8 @@ static_resources:
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
           route_config:
             name: outbound
+            # As istiod sets it: a route may name a cluster that does not exist (503 NC).
+            validate_clusters: false
             virtual_hosts:
 {vhosts}  clusters:
 {clusters}"#
@@ -981,10 +1066,21 @@ static_resources:
 /// The scenario's Service, its EndpointSlices and its Istio YAML (namespace default).
 fn sluice_yaml(s: &Scenario, ports: &[u16]) -> String {
     let svc = s.name;
-    let mut yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: default}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n{}",
-        endpoint_slice(svc, ports)
-    );
+    let mut yaml = if s.alt_port {
+        let slice = |port_name: &str, port: u16| {
+            format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-{port_name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nendpoints:\n- addresses: [127.0.0.1]\nports: [{{name: {port_name}, port: {port}}}]\n")
+        };
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: default}}\nspec:\n  ports: [{{name: http, port: 80}}, {{name: http-alt, port: 8080}}]\n---\n{}---\n{}",
+            slice("http", ports[0]),
+            slice("http-alt", ports[1])
+        )
+    } else {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: default}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n{}",
+            endpoint_slice(svc, ports)
+        )
+    };
     // One or more documents, each starting with its `kind` line.
     for doc in s.istio.split("---\n").filter(|d| !d.is_empty()) {
         let body = doc.replace("{host}", svc);
@@ -1081,6 +1177,13 @@ impl Drop for Proc {
     }
 }
 
+/// Whether `authority` is `host`, with or without a port.
+fn same_host(authority: &str, host: &str) -> bool {
+    authority
+        .strip_prefix(host)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+}
+
 /// The response flags of an access-log line about `host`, in Envoy's spelling (`-` for none).
 fn flags_of(proxy: &str, line: &str, host: &str) -> Option<String> {
     if proxy == "envoy" {
@@ -1089,10 +1192,10 @@ fn flags_of(proxy: &str, line: &str, host: &str) -> Option<String> {
         let flags = it.next()?;
         let _attempts = it.next()?;
         let authority = it.next()?;
-        return (authority == host).then(|| flags.to_string());
+        return same_host(authority, host).then(|| flags.to_string());
     }
     let parsed = sluice_tests::LogLine::parse(line)?;
-    (parsed.authority == host).then_some(parsed.flags)
+    same_host(&parsed.authority, host).then_some(parsed.flags)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1183,13 +1286,18 @@ impl hyper::body::Body for SlowBody {
     }
 }
 
-/// One request as the scenario sends it, on a fresh HTTP/1.1 connection.
-async fn send(proxy: SocketAddr, s: &Scenario, max_time: Duration) -> Outcome {
+/// Request `i` as the scenario sends it, on a fresh HTTP/1.1 connection.
+async fn send(proxy: SocketAddr, s: &Scenario, i: usize, max_time: Duration) -> Outcome {
+    let authority = if s.alt_port && i % 2 == 1 {
+        format!("{}:8080", s.name)
+    } else {
+        s.name.to_string()
+    };
     let mut req = match s.upload {
         Upload::None => Request::get("/"),
         Upload::Bytes(_) | Upload::Slow { .. } => Request::post("/"),
     }
-    .header("host", s.name);
+    .header("host", authority);
     for (name, value) in s.request_headers {
         req = req.header(*name, *value);
     }
@@ -1236,8 +1344,8 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
     let mut outcomes: Vec<Outcome> = Vec::new();
     match s.plan {
         Plan::Sequential(n) => {
-            for _ in 0..n {
-                outcomes.push(send(addr, &s, MAX_TIME).await);
+            for i in 0..n {
+                outcomes.push(send(addr, &s, i, MAX_TIME).await);
             }
         }
         Plan::Spaced { n, gap } => {
@@ -1245,7 +1353,7 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
                 if i > 0 {
                     tokio::time::sleep(gap).await;
                 }
-                outcomes.push(send(addr, &s, MAX_TIME).await);
+                outcomes.push(send(addr, &s, i, MAX_TIME).await);
             }
         }
         Plan::Concurrent(n) => {
@@ -1257,16 +1365,18 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 let s = s.clone();
-                all.push(tokio::spawn(async move { send(addr, &s, MAX_TIME).await }));
+                all.push(tokio::spawn(
+                    async move { send(addr, &s, i, MAX_TIME).await },
+                ));
             }
             for task in all {
                 outcomes.push(task.await.unwrap());
             }
         }
         Plan::Abandon { n, after, then } => {
-            let gone = (0..n).map(|_| {
+            let gone = (0..n).map(|i| {
                 let s = s.clone();
-                tokio::spawn(async move { send(addr, &s, after).await })
+                tokio::spawn(async move { send(addr, &s, i, after).await })
             });
             for task in gone.collect::<Vec<_>>() {
                 let o = task.await.unwrap();
@@ -1279,8 +1389,8 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
             // Let the proxy see the closed connections and the upstream answer the abandoned
             // attempts, so whatever they are counted as has happened.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            for _ in 0..then {
-                outcomes.push(send(addr, &s, MAX_TIME).await);
+            for i in 0..then {
+                outcomes.push(send(addr, &s, i, MAX_TIME).await);
             }
         }
     }
@@ -1472,6 +1582,7 @@ async fn sluice_agrees_with_envoy() {
         .arg(&config_dir)
         .arg(format!("--outbound-addr=127.0.0.1:{sluice_port}"))
         .arg(format!("--admin-addr=127.0.0.1:{}", free_port()))
+        .arg("--admin-socket=none")
         .arg(format!("--metrics-addr=127.0.0.1:{}", free_port()))
         .arg(format!("--ready-addr=127.0.0.1:{}", free_port()))
         .args(["--log", "warn"]);

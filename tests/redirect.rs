@@ -40,22 +40,41 @@ struct Node {
     dir: tempfile::TempDir,
     config: ConfigDir,
     handler: Arc<Handler>,
-    metrics: Metrics,
     log: broadcast::Receiver<Arc<str>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// A direct connection: the kernel knows no original destination for it.
+struct NoDst;
+
+impl OriginalDst for NoDst {
+    fn original_dst(&self, _stream: &TcpStream) -> Option<SocketAddr> {
+        None
+    }
+}
+
 impl Node {
+    /// A node whose redirecting listeners serve any client: the clients here are loopback
+    /// sockets standing in for pods, with a Pod object only where a test wants one. The rule that
+    /// a redirecting listener serves only enrolled pods is shown by the `*_no_open_relay*` tests
+    /// (with [`Node::enforcing`]).
     fn start(redirect: RedirectOptions) -> Self {
+        Self::enforcing(RedirectOptions {
+            enrolled_clients_only: false,
+            ..redirect
+        })
+    }
+
+    /// A node with the redirect options as given (the relay rule on unless they turn it off).
+    fn enforcing(redirect: RedirectOptions) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = ConfigDir::new(dir.path().to_path_buf(), BuildOptions::default());
-        let metrics = Metrics::new();
         let handler = Arc::new(
             Handler::new(
                 HandlerOptions::default(),
                 AccessLog::new(false),
-                metrics.clone(),
+                Metrics::new(),
             )
             .with_redirect_options(redirect),
         );
@@ -65,7 +84,6 @@ impl Node {
             dir,
             config,
             handler,
-            metrics,
             log,
             shutdown,
             tasks: Vec::new(),
@@ -92,7 +110,12 @@ impl Node {
     async fn redirecting_to(&mut self, dst: Option<SocketAddr>) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().unwrap();
-        let dst = Arc::new(FixedDst(dst.unwrap_or(addr)));
+        self.serving(listener, Arc::new(FixedDst(dst.unwrap_or(addr))))
+    }
+
+    /// Serves `listener` as a redirecting listener whose original destinations `dst` finds.
+    fn serving(&mut self, listener: TcpListener, dst: Arc<dyn OriginalDst>) -> SocketAddr {
+        let addr = listener.local_addr().unwrap();
         self.tasks.push(tokio::spawn(sluice_proxy::server::serve(
             listener,
             self.handler.clone(),
@@ -121,9 +144,7 @@ impl Node {
     }
 
     fn metrics(&self) -> String {
-        let mut out = String::new();
-        self.metrics.encode(&mut out);
-        out
+        self.handler.prometheus_text()
     }
 
     /// A fake-service instance named `name` on loopback.
@@ -347,6 +368,7 @@ async fn other_destinations_pass_through_unchanged() {
             &m,
             "istio_requests_total",
             &[
+                "reporter=\"source\"",
                 "destination_service=\"PassthroughCluster\"",
                 "response_code=\"200\""
             ]
@@ -387,7 +409,11 @@ async fn non_http_bytes_to_a_cluster_ip_are_proxied_at_l4() {
         ("istio_tcp_received_bytes_total", 13),
         ("istio_tcp_sent_bytes_total", 13),
     ] {
-        assert_eq!(metric(&m, name, &[svc, tcp]), Some(want), "{name}: {m}");
+        // Under both reporters: the client's side and the endpoint's.
+        for reporter in ["reporter=\"source\"", "reporter=\"destination\""] {
+            let got = metric(&m, name, &[reporter, svc, tcp]);
+            assert_eq!(got, Some(want), "{name} {reporter}: {m}");
+        }
     }
     let stats = node
         .cluster("outbound|7000||echo.default.svc.cluster.local")
@@ -578,6 +604,94 @@ async fn max_connections_overflow_closes_with_uo() {
     assert_eq!(bytes_of(&line), (3, 3), "{line}");
     assert_eq!(tcp_exchange(proxy, b"three").await, b"three");
     assert_eq!(cluster.stats().upstream_cx_overflow, 1);
+}
+
+/// A pod's L4 connections take from its budget of upstream connections: past it, a connection is
+/// closed with `OM` (`overload_pod_upstream_connections`) and never reaches the destination,
+/// while another pod's connection goes through; a slot frees when a connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_l4_connections_past_its_upstream_budget_close_with_om() {
+    let mut node = Node::start(RedirectOptions::default());
+    node.handler = Arc::new(
+        Handler::new(
+            HandlerOptions::default(),
+            AccessLog::new(false),
+            Metrics::new(),
+        )
+        .with_redirect_options(RedirectOptions {
+            enrolled_clients_only: false,
+            ..RedirectOptions::default()
+        })
+        .with_isolation(sluice_proxy::IsolationLimits {
+            max_upstream_connections_per_pod: 2,
+            ..Default::default()
+        }),
+    );
+    node.log = node.handler.access_log().subscribe();
+    let echo = node.echo(None);
+    deploy(&node, "echo", "10.96.0.11", 7000, "echo", &[echo]);
+    node.reload();
+    let proxy = node.redirecting_to(dst("10.96.0.11:7000")).await;
+
+    let mut held = Vec::new();
+    for msg in [b"one", b"two"] {
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        s.write_all(msg).await.unwrap();
+        let mut buf = [0u8; 3];
+        tokio::time::timeout(MAX_TIME, s.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        held.push(s);
+    }
+    // Both are listed with their two ends, at L4, with the bytes each way (a count may land a
+    // moment after the client has the bytes: the proxy counts once its write returns).
+    let handler = node.handler.clone();
+    let tcp = move || {
+        handler
+            .open_connections()
+            .into_iter()
+            .filter(|c| c.protocol == sluice_telemetry::Protocol::Tcp)
+            .collect::<Vec<_>>()
+    };
+    let bytes = |c: &sluice_telemetry::recent::OpenConnection| {
+        (
+            c.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+            c.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    sluice_tests::wait_until("both ends counted", MAX_TIME, || {
+        let open = tcp();
+        open.len() == 4 && open.iter().all(|c| bytes(c) == (3, 3))
+    })
+    .await;
+    let upstream_ends = tcp()
+        .into_iter()
+        .filter(|c| c.side == sluice_telemetry::recent::Side::Upstream)
+        .filter(|c| c.peer == Some(echo))
+        .count();
+    assert_eq!(upstream_ends, 2);
+    // The third from the same pod (127.0.0.1) is closed at once.
+    assert_eq!(tcp_exchange(proxy, b"three").await, b"");
+    let line = node.lines(1).await.remove(0);
+    assert!(
+        line.contains(" 0 OM attempts=0 ")
+            && line.contains("details=overload_pod_upstream_connections"),
+        "{line}"
+    );
+    // Another pod is not held to this one's budget.
+    assert_eq!(exchange_from("127.0.0.5", proxy, b"other").await, b"other");
+    let _ = node.lines(1).await;
+    // One ends: the pod has a slot again.
+    drop(held.pop());
+    let _ = node.lines(1).await;
+    assert_eq!(tcp_exchange(proxy, b"four").await, b"four");
+    assert_eq!(
+        node.handler
+            .isolation()
+            .shed_count(sluice_core::Overload::PodUpstreamConnections),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -771,4 +885,142 @@ async fn tcp_max_connection_duration_closes_a_busy_connection_with_dt() {
         echo_tcp_stat(&node, "max_downstream_connection_duration"),
         Some(1)
     );
+}
+
+/// A Pod `name` at `ip` in namespace default: enrolled (`istio.io/dataplane-mode: ambient`) or
+/// not, sharing the node's network namespace or not.
+fn pod_at(name: &str, ip: &str, enrolled: bool, host_network: bool) -> String {
+    let mode = if enrolled { "ambient" } else { "none" };
+    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    istio.io/dataplane-mode: {mode}\nspec:\n  hostNetwork: {host_network}\nstatus:\n  phase: Running\n  podIP: {ip}\n")
+}
+
+/// Connects to `proxy` from the loopback address `from`, sends `msg`, half-closes, and reads
+/// until the proxy closes: what came back (nothing when it refused the connection).
+async fn exchange_from(from: &str, proxy: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    tokio::time::timeout(MAX_TIME, async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut stream = socket.connect(proxy).await.unwrap();
+        // A refused connection may already be closed: errors are the proxy's answer.
+        let _ = stream.write_all(msg).await;
+        let _ = stream.shutdown().await;
+        let mut back = Vec::new();
+        let _ = stream.read_to_end(&mut back).await;
+        back
+    })
+    .await
+    .expect("connection ends in time")
+}
+
+/// `sluice_outbound_refused_connections_total{reason="<reason>"}`.
+fn refused(node: &Node, reason: &str) -> Option<u64> {
+    metric(
+        &node.metrics(),
+        "sluice_outbound_refused_connections_total",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
+/// The relay rule of a redirecting listener (eBPF mode): a connection is served only when its
+/// original destination is known and its client is an enrolled pod of this node. Anyone else
+/// (an address no pod has, an unenrolled pod, a hostNetwork pod that shares the node's
+/// address, and anyone connecting straight to the listener) cannot use the proxy to reach an
+/// arbitrary destination: the connection is closed unanswered, counted and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_open_relay_only_enrolled_pods_redirected_connections_are_served() {
+    let mut node = Node::enforcing(RedirectOptions::default());
+    // An arbitrary destination (no Service: the passthrough cluster), counting its connections.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    target.set_nonblocking(true).unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let target = TcpListener::from_std(target).unwrap();
+    let reached = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = reached.clone();
+    node.tasks.push(tokio::spawn(async move {
+        while let Ok((mut stream, _)) = target.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    }));
+    let reached = move || reached.load(std::sync::atomic::Ordering::SeqCst);
+    node.write(
+        "pods.yaml",
+        &[
+            pod_at("client", "127.0.0.1", true, false),
+            pod_at("plain", "127.0.0.3", false, false),
+            pod_at("host-agent", "127.0.0.4", true, true),
+        ]
+        .join("---\n"),
+    );
+    node.reload();
+    let redirected = node.redirecting_to(Some(target_addr)).await;
+    let direct = node.serving(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        Arc::new(NoDst),
+    );
+
+    // The enrolled pod's redirected connection reaches the destination.
+    assert_eq!(
+        exchange_from("127.0.0.1", redirected, b"ping").await,
+        b"ping"
+    );
+    assert_eq!(reached(), 1);
+    let line = node.lines(1).await.remove(0);
+    assert!(line.contains("\"- - -\" 0 - attempts=1 "), "{line}");
+
+    // Nobody else's does: no pod, an unenrolled pod, a hostNetwork pod (the node's address).
+    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        assert_eq!(
+            exchange_from(from, redirected, b"ping").await,
+            b"",
+            "from {from}"
+        );
+        let line = node.lines(1).await.remove(0);
+        assert!(
+            line.contains("\"- - -\" 0 NR attempts=0 ")
+                && line.contains(" details=client_not_enrolled "),
+            "{line}"
+        );
+    }
+    // A connection straight to the listener has no original destination: refused even from the
+    // enrolled pod, even asking as an explicit proxy client would.
+    let explicit = format!("GET http://{target_addr}/ HTTP/1.1\r\nHost: {target_addr}\r\n\r\n");
+    assert_eq!(
+        exchange_from("127.0.0.1", direct, explicit.as_bytes()).await,
+        b""
+    );
+    let line = node.lines(1).await.remove(0);
+    assert!(
+        line.contains(" NR ") && line.contains(" details=no_original_destination "),
+        "{line}"
+    );
+    assert_eq!(reached(), 1, "a refused client reached the destination");
+    assert_eq!(refused(&node, "client_not_enrolled"), Some(3));
+    assert_eq!(refused(&node, "no_original_destination"), Some(1));
+    assert_eq!(
+        node.handler
+            .refused_connections(sluice_proxy::Refusal::ClientNotEnrolled),
+        3
+    );
+
+    // The rule follows the configuration: once the plain pod is enrolled, it is served.
+    node.write(
+        "pods.yaml",
+        &[
+            pod_at("client", "127.0.0.1", true, false),
+            pod_at("plain", "127.0.0.3", true, false),
+        ]
+        .join("---\n"),
+    );
+    node.reload();
+    assert_eq!(
+        exchange_from("127.0.0.3", redirected, b"pong").await,
+        b"pong"
+    );
+    assert_eq!(reached(), 2);
+    assert_eq!(refused(&node, "client_not_enrolled"), Some(3));
 }

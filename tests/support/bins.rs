@@ -58,7 +58,27 @@ fn build(profile: &str, dir: &Path) -> Bins {
     static ONE: parking_lot::Mutex<()> = parking_lot::const_mutex(());
     let _one = ONE.lock();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
+    let mut cmd = Command::new(&cargo);
+    // What cargo set for this test process describes the test package, not the build: passed
+    // on, it reaches build scripts (cc's, ring's) as changed environment and rebuilds them, so
+    // the next plain `cargo build` (the demo's) rebuilds them again.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let injected = key == "OUT_DIR"
+            || key == "CARGO_MANIFEST_DIR"
+            || key == "CARGO_MANIFEST_PATH"
+            || key == "CARGO_MANIFEST_LINKS"
+            || key == "CARGO_CRATE_NAME"
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+            || key == "CARGO_RUSTC_CURRENT_DIR"
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_");
+        if injected {
+            cmd.env_remove(key);
+        }
+    }
+    let out = cmd
         .args(["build", "--quiet", "--profile", profile])
         .args(["-p", "sluice", "-p", "fake-service"])
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))

@@ -11,7 +11,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use sluice_config::{BuildOptions, ConfigDir, Severity};
-use sluice_proxy::{AccessLog, Handler, HandlerOptions, Metrics};
+use sluice_proxy::{AccessLog, Handler, HandlerOptions, Metrics, RedirectOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,7 +50,6 @@ pub struct Mesh {
     config: ConfigDir,
     pub handler: Arc<Handler>,
     pub proxy: SocketAddr,
-    metrics: Metrics,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -59,12 +58,20 @@ impl Mesh {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = ConfigDir::new(dir.path().to_path_buf(), BuildOptions::default());
-        let metrics = Metrics::new();
-        let handler = Arc::new(Handler::new(
-            HandlerOptions::default(),
-            AccessLog::new(false),
-            metrics.clone(),
-        ));
+        // Tests that put redirecting listeners in front of this handler stand in for the kernel
+        // with loopback clients that are no enrolled pod: the relay rule (tested on its own in
+        // `tests/redirect.rs`) would refuse them.
+        let handler = Arc::new(
+            Handler::new(
+                HandlerOptions::default(),
+                AccessLog::new(false),
+                Metrics::new(),
+            )
+            .with_redirect_options(RedirectOptions {
+                enrolled_clients_only: false,
+                ..RedirectOptions::default()
+            }),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let proxy = listener.local_addr().unwrap();
         let (shutdown, rx) = watch::channel(false);
@@ -81,7 +88,6 @@ impl Mesh {
             config,
             handler,
             proxy,
-            metrics,
             shutdown,
             tasks: vec![server],
         }
@@ -89,9 +95,7 @@ impl Mesh {
 
     /// The Prometheus exposition of the request metrics.
     pub fn metrics(&self) -> String {
-        let mut out = String::new();
-        self.metrics.encode(&mut out);
-        out
+        self.handler.prometheus_text()
     }
 
     /// Writes `file` into the config directory.
