@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// Do not pin processes with taskset.
     #[arg(long)]
     no_pin: bool,
+    /// Every proxy logs each request to a file: Sluice its access log (stdout), HAProxy
+    /// `option httplog` to stdout, Envoy a file access log on stdout (each target's stdout goes
+    /// to a file in the run's directory).
+    #[arg(long)]
+    access_log: bool,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/latest.json")]
     out: PathBuf,
@@ -61,18 +66,24 @@ const TARGETS: [&str; 4] = ["direct", "sluice", "haproxy", "envoy"];
 const HOST: &str = "bench-upstream";
 
 /// A process we started; killed (by its PID) when dropped.
-struct Proc {
+pub(crate) struct Proc {
     name: &'static str,
     child: Child,
     log: PathBuf,
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    fn log_tail(&self) -> String {
+    /// Kills it (by its PID) and waits for it.
+    pub(crate) fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub(crate) fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(5).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
@@ -164,7 +175,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         }
         None => {
             println!("bench: nginx unavailable, the upstream is fake-service");
-            let status = Command::new(env!("CARGO"))
+            let status = crate::tutorial::cargo()
                 .args(["build", "--release", "-p", "fake-service"])
                 .current_dir(&root)
                 .status()?;
@@ -189,10 +200,20 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
 
     // Sluice.
     if let Ok(bin) = &sluice_bin {
-        match start_sluice(bin, d, up_port, pin, proxy_cpu) {
+        match start_sluice("sluice", bin, d, up_port, pin, proxy_cpu, args.access_log) {
             Ok(t) => targets.push(t),
             Err(why) => {
                 not_measured.insert("sluice", format!("{why:#}"));
+            }
+        }
+        // With every proxy logging, the same build without its log too: the log's own cost,
+        // in the same rounds.
+        if args.access_log {
+            match start_sluice("sluice-nolog", bin, d, up_port, pin, proxy_cpu, false) {
+                Ok(t) => targets.push(t),
+                Err(why) => {
+                    not_measured.insert("sluice-nolog", format!("{why:#}"));
+                }
             }
         }
     }
@@ -201,7 +222,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         Some(bin) => {
             let port = free_port()?;
             let cfg = d.join("haproxy.cfg");
-            fs::write(&cfg, peers::haproxy_cfg(port, up_port))?;
+            fs::write(&cfg, peers::haproxy_cfg(port, up_port, args.access_log))?;
             let cmd = pinned(pin, proxy_cpu, bin, &["-f", path_str(&cfg), "-db"]);
             start_peer("haproxy", cmd, d, port, &mut targets, &mut not_measured);
         }
@@ -214,7 +235,10 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         Ok(bin) => {
             let (port, admin) = (free_port()?, free_port()?);
             let cfg = d.join("envoy.yaml");
-            fs::write(&cfg, peers::envoy_yaml(port, admin, up_port))?;
+            fs::write(
+                &cfg,
+                peers::envoy_yaml(port, admin, up_port, args.access_log),
+            )?;
             let cmd = pinned(
                 pin,
                 proxy_cpu,
@@ -413,18 +437,24 @@ fn summarize(
         "\n{} rounds x {} s, fixed rate {} rps, wrk -t1 -c{}; {pinning}\nmedian [min - max] over rounds",
         args.rounds, args.duration, args.rate, args.connections
     );
-    let _ = write!(t, "{:<9}", "target");
+    let _ = write!(t, "{:<12}", "target");
     for (name, unit, _) in FIGURES {
         let _ = write!(t, " {:>26}", format!("{name} ({unit})"));
     }
     t.push('\n');
     let mut summary_json = serde_json::Map::new();
-    for target in TARGETS {
+    let logged_too = results.iter().any(|r| r.target == "sluice-nolog");
+    let shown: Vec<&str> = TARGETS
+        .iter()
+        .copied()
+        .chain(logged_too.then_some("sluice-nolog"))
+        .collect();
+    for target in shown {
         if let Some(why) = not_measured.get(target) {
-            let _ = writeln!(t, "{target:<9} not measured: {why}");
+            let _ = writeln!(t, "{target:<12} not measured: {why}");
             continue;
         }
-        let _ = write!(t, "{target:<9}");
+        let _ = write!(t, "{target:<12}");
         let mut per = serde_json::Map::new();
         for (name, _, f) in FIGURES {
             let v = values(target, f);
@@ -444,7 +474,7 @@ fn summarize(
     let m = |target: &str, f: fn(&RunResult) -> Option<f64>| stats::median(&values(target, f));
     let mut ratios_json = serde_json::Map::new();
     for peer in ["haproxy", "envoy"] {
-        let _ = write!(t, "{:<9}", format!("s/{}", &peer[..peer.len().min(7)]));
+        let _ = write!(t, "{:<12}", format!("s/{}", &peer[..peer.len().min(7)]));
         let mut per = serde_json::Map::new();
         for (name, _, f) in FIGURES {
             let r = stats::ratio(m("sluice", f), m(peer, f));
@@ -457,6 +487,16 @@ fn summarize(
         }
         t.push('\n');
         ratios_json.insert(format!("sluice/{peer}"), serde_json::Value::Object(per));
+    }
+
+    if logged_too {
+        let r = stats::ratio(m("sluice", FIGURES[0].2), m("sluice-nolog", FIGURES[0].2));
+        let _ = writeln!(
+            t,
+            "sluice with its access log / without, throughput: {}",
+            r.map_or("-".to_owned(), |r| format!("{r:.2}x"))
+        );
+        ratios_json.insert("sluice/sluice-nolog".into(), json!({ "throughput": r }));
     }
 
     // Rounds where the direct figures moved more than 20% from their median.
@@ -526,7 +566,7 @@ pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
 
-fn pinned(pin: bool, cpu: &str, prog: &Path, args: &[&str]) -> Command {
+pub(crate) fn pinned(pin: bool, cpu: &str, prog: &Path, args: &[&str]) -> Command {
     let mut cmd = if pin {
         let mut c = Command::new("taskset");
         c.args(["-c", cpu]).arg(prog);
@@ -536,6 +576,38 @@ fn pinned(pin: bool, cpu: &str, prog: &Path, args: &[&str]) -> Command {
     };
     cmd.args(args);
     cmd
+}
+
+/// Starts `cmd` with its output in `dir/NAME.log`.
+pub(crate) fn spawn_proc(name: &'static str, cmd: Command, dir: &Path) -> Result<Proc> {
+    spawn(name, cmd, dir)
+}
+
+/// Waits until `proc` answers a real request at `addr`.
+pub(crate) fn wait_ready_proc(proc: &Proc, addr: SocketAddr) -> Result<()> {
+    wait_ready(proc, addr)
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (the children inherit it).
+pub(crate) fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` of process `pid`.
+pub(crate) fn nofile_of(pid: u32) -> Option<u64> {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 fn spawn(name: &'static str, mut cmd: Command, dir: &Path) -> Result<Proc> {
@@ -575,7 +647,15 @@ fn start_peer(
     }
 }
 
-fn start_sluice(bin: &Path, d: &Path, up_port: u16, pin: bool, cpu: &str) -> Result<Target> {
+fn start_sluice(
+    name: &'static str,
+    bin: &Path,
+    d: &Path,
+    up_port: u16,
+    pin: bool,
+    cpu: &str,
+    access_log: bool,
+) -> Result<Target> {
     let help = Command::new(bin)
         .args(["run", "--help"])
         .output()
@@ -600,6 +680,8 @@ fn start_sluice(bin: &Path, d: &Path, up_port: u16, pin: bool, cpu: &str) -> Res
         &ports[0],
         "--admin-addr",
         &ports[1],
+        "--admin-socket",
+        "none",
         "--metrics-addr",
         &ports[2],
         "--ready-addr",
@@ -607,27 +689,23 @@ fn start_sluice(bin: &Path, d: &Path, up_port: u16, pin: bool, cpu: &str) -> Res
         "--workers",
         "1",
     ];
-    // HAProxy and Envoy log nothing per request here either.
-    if help.contains("--no-access-log") {
+    // HAProxy and Envoy log nothing per request here either (unless --access-log: all do).
+    if !access_log && help.contains("--no-access-log") {
         argv.push("--no-access-log");
     }
-    let proc = spawn("sluice", pinned(pin, cpu, bin, &argv), d)?;
+    let proc = spawn(name, pinned(pin, cpu, bin, &argv), d)?;
     let addr: SocketAddr = ports[0].parse()?;
     if let Err(e) = wait_ready(&proc, addr) {
         bail!("{e:#}; log: {}", proc.log_tail());
     }
-    Ok(Target {
-        name: "sluice",
-        addr,
-        proc,
-    })
+    Ok(Target { name, addr, proc })
 }
 
 /// `cargo xtask` runs a debug build, too slow to time sub-millisecond latencies with;
 /// the load generator runs from a release build of this crate when one can be made.
 pub(crate) fn release_loadgen(root: &Path) -> Result<PathBuf> {
     println!("bench: cargo build --release -p xtask (for the load generator)");
-    let ok = Command::new(env!("CARGO"))
+    let ok = crate::tutorial::cargo()
         .args(["build", "--release", "-p", "xtask"])
         .current_dir(root)
         .status()
@@ -642,7 +720,7 @@ pub(crate) fn release_loadgen(root: &Path) -> Result<PathBuf> {
 
 pub(crate) fn build_sluice(root: &Path) -> std::result::Result<PathBuf, String> {
     println!("bench: cargo build --release -p sluice");
-    let out = Command::new(env!("CARGO"))
+    let out = crate::tutorial::cargo()
         .args(["build", "--release", "-p", "sluice"])
         .current_dir(root)
         .output()

@@ -15,6 +15,9 @@
 //!    fast path), `veth_tcp` (unenrolled pod -> the proxy's address over the veth, plain TCP),
 //!    `loopback` (the host -> the proxy over loopback TCP) and `iptables` (a Sluice sidecar in its
 //!    own pod, reached through `iptables -t nat ... -j REDIRECT` in that pod's network namespace).
+//!    The eBPF-mode proxy serves only enrolled pods' redirected connections, so `veth_tcp` and
+//!    `loopback` reach its twin in explicit-proxy mode (same binary, configuration, address and
+//!    CPU, another port).
 //!    Two kinds of request: through the proxy to the upstream (`wrk -t1 -cC` saturated
 //!    throughput and p50/p99; p50/p99 at a fixed rate from the open-loop `xtask loadgen`, all
 //!    variants' generators running together and taking turns in 100 ms slots so that the
@@ -310,7 +313,7 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
     let xtask = bench::release_loadgen(&root)?;
     let fake_service = if nginx.is_none() {
         println!("bench-redirect: nginx unavailable, the upstream is fake-service");
-        let ok = Command::new(env!("CARGO"))
+        let ok = crate::tutorial::cargo()
             .args(["build", "--release", "-p", "fake-service"])
             .current_dir(&root)
             .status()
@@ -557,6 +560,7 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
         local(bench::free_port()?),
     );
     let proxy_s = proxy_addr.to_string();
+    let r_node = r.clone();
     let mut argv = sluice_args(&cfg_dir, &proxy_s, &a, &m, &r);
     let host_ip_s = host_ip.to_string();
     if agent_ebpf {
@@ -583,8 +587,35 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
     let (o, e) = lab.log("sluice-node")?;
     cmd.args(&argv).stdin(Stdio::null()).stdout(o).stderr(e);
     let node_pid = topo.spawn(&mut cmd)?;
-    wait_http(&mut topo, node_pid, proxy_addr)
-        .with_context(|| format!("node proxy: {}", lab.log_tail("sluice-node")))?;
+    // `veth_tcp` and `loopback` send to a proxy's address from clients that are no enrolled pod.
+    // In eBPF mode the node proxy refuses them (it is no open relay), so there they reach its
+    // twin: the same Sluice, configuration and CPU in explicit-proxy mode, on another port of
+    // the same address. Without agent-managed eBPF the node proxy is that explicit proxy.
+    let (explicit_addr, explicit_pid) = if agent_ebpf {
+        let twin_addr = SocketAddr::from((host_ip, bench::free_port()?));
+        let twin_s = twin_addr.to_string();
+        let (a, m, r) = (
+            local(bench::free_port()?),
+            local(bench::free_port()?),
+            local(bench::free_port()?),
+        );
+        let mut cmd = lab.node_cmd(proxy_cpu, &sluice)?;
+        let (o, e) = lab.log("sluice-explicit")?;
+        cmd.args(sluice_args(&cfg_dir, &twin_s, &a, &m, &r))
+            .stdin(Stdio::null())
+            .stdout(o)
+            .stderr(e);
+        let pid = topo.spawn(&mut cmd)?;
+        wait_http(&mut topo, pid, twin_addr)
+            .with_context(|| format!("explicit proxy: {}", lab.log_tail("sluice-explicit")))?;
+        wait_ready(&mut topo, node_pid, &r_node)
+            .with_context(|| format!("node proxy: {}", lab.log_tail("sluice-node")))?;
+        (twin_addr, pid)
+    } else {
+        wait_http(&mut topo, node_pid, proxy_addr)
+            .with_context(|| format!("node proxy: {}", lab.log_tail("sluice-node")))?;
+        (proxy_addr, node_pid)
+    };
 
     // Redirection to the node proxy, the client pod enrolled.
     let mut agent_maps: Option<sluice_redirect::Maps> = None;
@@ -682,12 +713,10 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
     }
 
     // Each variant: who sends, to where, which proxy works.
-    let proxy_pid = |v: &str| {
-        if v == "iptables" {
-            sidecar_pid
-        } else {
-            Some(node_pid)
-        }
+    let proxy_pid = |v: &str| match v {
+        "iptables" => sidecar_pid,
+        "veth_tcp" | "loopback" => Some(explicit_pid),
+        _ => Some(node_pid),
     };
     let pod_of = |v: &str| match v {
         "sk_msg" => Some(&lab.client),
@@ -697,11 +726,11 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
     };
     let target_of = |v: &str| match v {
         "sk_msg" | "iptables" => vip,
-        _ => proxy_addr,
+        _ => explicit_addr,
     };
     let direct_target_of = |v: &str| match v {
         "sk_msg" | "iptables" => SocketAddr::from((VIP_DIRECT, SVC_PORT)),
-        _ => proxy_addr,
+        _ => explicit_addr,
     };
     // `wrk -t1 -cC -dSs --latency` from variant `v`'s client to `url` with this Host header.
     let run_wrk = |v: &str, cpu: &str, conns: u32, secs: u64, url: &str, host: &str| {
@@ -956,6 +985,7 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
         let _ = r.maps().end_lease();
     }
     topo.kill(node_pid);
+    topo.kill(explicit_pid);
     drop(agent_maps);
     drop(agent_pins);
     drop(pins);
@@ -1042,6 +1072,8 @@ fn sluice_args<'a>(
         outbound,
         "--admin-addr",
         admin,
+        "--admin-socket",
+        "none",
         "--metrics-addr",
         metrics,
         "--ready-addr",
@@ -1312,6 +1344,39 @@ fn wait_tcp(addr: SocketAddr) -> Result<()> {
 }
 
 /// Polls with a real request until a 200 comes back: at most 150 tries, 100 ms apart.
+/// Waits until the agent `pid` answers 200 on its readiness address `ready` (`/healthz/ready`).
+fn wait_ready(topo: &mut Topology, pid: u32, ready: &str) -> Result<()> {
+    let addr: SocketAddr = ready.parse()?;
+    let mut last = String::from("no answer");
+    for _ in 0..150 {
+        let probe = || -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            std::io::Write::write_all(
+                &mut s,
+                b"GET /healthz/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )?;
+            let mut buf = [0u8; 64];
+            let n = std::io::Read::read(&mut s, &mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned())
+        };
+        match probe() {
+            Ok(line) if line.starts_with("HTTP/1.1 200") => return Ok(()),
+            Ok(line) => last = line,
+            Err(e) => last = e.to_string(),
+        }
+        if !topo.running(pid) {
+            bail!("process {pid} exited before {addr} was ready");
+        }
+        pause(Duration::from_millis(100));
+    }
+    bail!("{addr} was not ready within 15 s (last: {last})")
+}
+
 fn wait_http(topo: &mut Topology, pid: u32, addr: SocketAddr) -> Result<()> {
     let mut last = String::from("no answer");
     for _ in 0..150 {

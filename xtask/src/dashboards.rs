@@ -17,7 +17,7 @@ pub const DASHBOARDS: &[&str] = &[
     "istio-mesh-dashboard.gen.json",
 ];
 
-/// The labels Kiali groups `istio_requests_total` by; a series without one of them is dropped.
+/// The labels Kiali groups `istio_requests_total` by.
 pub const KIALI_LABELS: &[&str] = &[
     "source_cluster",
     "source_workload_namespace",
@@ -35,6 +35,27 @@ pub const KIALI_LABELS: &[&str] = &[
     "request_protocol",
     "response_code",
     "grpc_response_status",
+    "response_flags",
+];
+
+/// The labels a series must have for Kiali's graph to keep it (its HTTP traffic map skips a
+/// series missing one, "missing expected TS labels"); the clusters and `grpc_response_status` may
+/// be absent (Prometheus drops a label whose value is empty, as `grpc_response_status` is for
+/// HTTP).
+pub const KIALI_REQUIRED: &[&str] = &[
+    "source_workload_namespace",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "destination_service_namespace",
+    "destination_service",
+    "destination_service_name",
+    "destination_workload_namespace",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "request_protocol",
+    "response_code",
     "response_flags",
 ];
 
@@ -200,7 +221,7 @@ pub struct Edge {
 
 /// What Kiali's namespace graph would show for `namespace` over the last minute: outgoing edges
 /// from source telemetry, incoming from destination telemetry, after dropping series that lack
-/// one of [`KIALI_LABELS`]. Returns the edges and how many series were dropped.
+/// one of [`KIALI_REQUIRED`]. Returns the edges and how many series were dropped.
 pub async fn kiali_graph(prom: &Prometheus, namespace: &str) -> Result<(Vec<Edge>, usize)> {
     let by = KIALI_LABELS.join(",");
     let queries = [
@@ -221,7 +242,7 @@ pub async fn kiali_graph(prom: &Prometheus, namespace: &str) -> Result<(Vec<Edge
     let mut dropped = 0;
     for (reporter, q) in &queries {
         for Sample { labels, value } in prom.query(q).await? {
-            if KIALI_LABELS.iter().any(|l| !labels.contains_key(*l)) {
+            if KIALI_REQUIRED.iter().any(|l| !labels.contains_key(*l)) {
                 dropped += 1;
                 continue;
             }

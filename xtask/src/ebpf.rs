@@ -26,6 +26,11 @@ pub struct BuildEbpfArgs {
     /// Install missing prerequisites (rust-src, bpf-linker) instead of only naming them.
     #[arg(long)]
     install: bool,
+    /// Build the variant N instead (`SLUICE_EBPF_VARIANT=N`): the same programs and maps with
+    /// another program tag, written to `target/bpf/sluice-ebpf-variant-N.o` (tests upgrade to it
+    /// in place).
+    #[arg(long)]
+    variant: Option<u32>,
 }
 
 pub fn run(args: BuildEbpfArgs) -> Result<ExitCode> {
@@ -39,7 +44,7 @@ pub fn run(args: BuildEbpfArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     let started = std::time::Instant::now();
-    let object = build(&root)?;
+    let object = build(&root, args.variant)?;
     println!(
         "xtask build-ebpf: {} ({} bytes) in {}",
         object.display(),
@@ -162,8 +167,17 @@ fn link_llvm(prefix: &Path, lib: &Path) -> Result<()> {
     Ok(())
 }
 
-fn build(root: &Path) -> Result<PathBuf> {
-    let target_dir = root.join("target/ebpf");
+/// Where `build-ebpf --variant N` writes its object.
+pub fn variant_object_path(root: &Path, variant: u32) -> PathBuf {
+    root.join(format!("target/bpf/sluice-ebpf-variant-{variant}.o"))
+}
+
+fn build(root: &Path, variant: Option<u32>) -> Result<PathBuf> {
+    // A variant builds in its own target directory, so the plain build stays fresh.
+    let target_dir = match variant {
+        None => root.join("target/ebpf"),
+        Some(n) => root.join(format!("target/ebpf-variant-{n}")),
+    };
     let mut cmd = rustup();
     cmd.args([
         "run",
@@ -184,6 +198,10 @@ fn build(root: &Path) -> Result<PathBuf> {
         "-Cdebuginfo=2\x1f-Clink-arg=--btf",
     );
     // Settings of the outer (stable, host) cargo must not leak into the nightly BPF build.
+    match variant {
+        Some(n) => cmd.env("SLUICE_EBPF_VARIANT", n.to_string()),
+        None => cmd.env_remove("SLUICE_EBPF_VARIANT"),
+    };
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTFLAGS",
@@ -198,7 +216,10 @@ fn build(root: &Path) -> Result<PathBuf> {
     println!("xtask build-ebpf: cargo +nightly build --release --target {TARGET} -Z build-std=core (ebpf/programs)");
     run_checked(&mut cmd)?;
     let built = target_dir.join(TARGET).join("release/sluice-ebpf");
-    let object = object_path(root);
+    let object = match variant {
+        None => object_path(root),
+        Some(n) => variant_object_path(root, n),
+    };
     std::fs::create_dir_all(object.parent().expect("object path has a parent"))?;
     std::fs::copy(&built, &object)
         .with_context(|| format!("copying {} to {}", built.display(), object.display()))?;

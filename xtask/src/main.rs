@@ -2,11 +2,14 @@
 //! build, demo).
 
 mod bench;
+mod bench_isolation;
 mod bench_redirect;
 mod dashboards;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod prometheus;
+mod traces;
 mod tutorial;
 
 use std::process::ExitCode;
@@ -31,12 +34,23 @@ enum Cmd {
     RedirectProbe(bench_redirect::ProbeArgs),
     /// Build the eBPF programs into target/bpf/sluice-ebpf.o (--install: missing prerequisites).
     BuildEbpf(ebpf::BuildEbpfArgs),
+    /// Run the libFuzzer targets (configuration parsers, HTTP front) N seconds each (nightly).
+    Fuzz(fuzz::FuzzArgs),
     /// The seed tutorial's steps 3-8 and the blog's experiments in pods with eBPF redirection (as
     /// root; explicit-proxy mode on loopback otherwise).
     Demo(demo::DemoArgs),
     /// The demo's traffic generator, run inside the client pod (prints JSON).
     #[command(hide = true)]
     DemoClient(demo::ClientArgs),
+    /// What one pod's connection flood or slow requests cost another pod on the node proxy
+    /// (p50/p99 ratios to a quiet node, interleaved rounds).
+    BenchIsolation(bench_isolation::BenchIsolationArgs),
+    /// The misbehaving pod of `bench-isolation`.
+    #[command(hide = true)]
+    Flood(bench_isolation::FloodArgs),
+    /// An HTTP/1.1 upstream answering after a delay, for `bench-isolation`.
+    #[command(hide = true)]
+    SlowUpstream(bench_isolation::SlowUpstreamArgs),
     /// Open-loop fixed-rate load generator used by `bench` (prints JSON).
     #[command(hide = true)]
     Loadgen(bench::loadgen::LoadgenArgs),
@@ -50,7 +64,11 @@ fn main() -> anyhow::Result<ExitCode> {
         Cmd::BenchRedirect(args) => bench_redirect::run(args)?,
         Cmd::RedirectProbe(args) => bench_redirect::probe_main(args)?,
         Cmd::Loadgen(args) => bench::loadgen::main(args)?,
+        Cmd::BenchIsolation(args) => bench_isolation::run(args)?,
+        Cmd::Flood(args) => bench_isolation::flood(args)?,
+        Cmd::SlowUpstream(args) => bench_isolation::slow_upstream(args)?,
         Cmd::BuildEbpf(args) => return ebpf::run(args),
+        Cmd::Fuzz(args) => return fuzz::run(args),
         Cmd::Demo(args) => return demo::run(args),
         Cmd::DemoClient(args) => return demo::client(args),
         Cmd::Tutorial(args) => return tutorial::run(args),

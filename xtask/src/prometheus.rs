@@ -157,6 +157,22 @@ impl Prometheus {
         })
     }
 
+    /// What Prometheus learnt of each metric family from the scrapes' metadata: name -> type.
+    pub async fn metadata(&self) -> Result<BTreeMap<String, String>> {
+        let (code, body) = get(self.addr, "/api/v1/metadata").await?;
+        let v: Value = serde_json::from_slice(&body)
+            .with_context(|| format!("Prometheus answered {code} with non-JSON"))?;
+        Ok(v["data"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, entries)| {
+                let kind = entries.get(0)?.get("type")?.as_str()?;
+                Some((name.clone(), kind.to_owned()))
+            })
+            .collect())
+    }
+
     /// Waits until `expr` returns a series (the first scrapes have landed).
     pub async fn wait_for(&self, expr: &str, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;

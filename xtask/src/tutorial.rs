@@ -12,6 +12,7 @@
 #[path = "visualize.rs"]
 mod visualize;
 
+use sluice_admin_api as api;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
@@ -25,7 +26,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -324,10 +324,35 @@ pub fn release_dir(root: &Path) -> PathBuf {
     }
 }
 
+/// A nested `cargo`, without what the outer `cargo run` set for xtask itself: passed on, those
+/// variables describe xtask, reach build scripts (cc's, ring's) as a changed environment and make
+/// them rebuild, and the test suite's own nested release build (which strips them too) would be
+/// thrown away.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let injected = key == "OUT_DIR"
+            || key == "CARGO_MANIFEST_DIR"
+            || key == "CARGO_MANIFEST_PATH"
+            || key == "CARGO_MANIFEST_LINKS"
+            || key == "CARGO_CRATE_NAME"
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+            || key == "CARGO_RUSTC_CURRENT_DIR"
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_");
+        if injected {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// `cargo build --release -p sluice -p fake-service`.
 pub fn build_release(root: &Path) -> Result<()> {
     println!("building: cargo build --release -p sluice -p fake-service");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = cargo()
         .args(["build", "--release", "-p", "sluice", "-p", "fake-service"])
         .current_dir(root)
         .status()
@@ -481,6 +506,8 @@ pub struct Lab {
     log_tx: mpsc::UnboundedSender<(Instant, LogEntry)>,
     /// Scrapes Sluice from the start, for Step 9 (or why it is not running).
     prometheus: std::result::Result<crate::prometheus::Prometheus, String>,
+    /// Receives the agent's spans over OTLP, for Step 9.
+    collector: crate::traces::Collector,
     dir: tempfile::TempDir,
 }
 
@@ -551,11 +578,17 @@ impl Lab {
         }
         println!("          + greeter-service.generated.yaml: the blog's Service (port 3000; the blog does not show its YAML)");
 
+        // Every request traced, its spans sent to a receiver here (Step 9 shows one trace).
+        let collector = crate::traces::Collector::start().await?;
         let mut cmd = Command::new(&sluice_bin);
         cmd.arg("run")
             .arg("--config-dir")
             .arg(&cfg)
+            .args(["--otlp-endpoint", &format!("http://{}", collector.addr)])
+            .args(["--trace-sampling", "100"])
             .args(["--admin-addr", &admin.to_string()])
+            // The admin API on TCP only: the node's default socket stays free for its own agent.
+            .args(["--admin-socket", "none"])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--ready-addr", &ready.to_string()]);
         match &net {
@@ -582,6 +615,7 @@ impl Lab {
             log_rx,
             log_tx,
             prometheus: Err("not started".into()),
+            collector,
             dir,
         };
         lab.wait_ready().await?;
@@ -598,23 +632,23 @@ impl Lab {
         }
         if let Net::Pods(p) = &mut net {
             // Service names resolve to the cluster IPs Sluice allocated, as cluster DNS would.
-            let dump = admin_json(admin, "/config_dump").await?;
-            p.set_hosts(&cluster_ips(&dump))?;
+            let services: Vec<api::Service> = admin_get(admin, api::paths::SERVICES).await?;
+            p.set_hosts(&cluster_ips(&services))?;
         }
         lab.net = Some(net);
-        tokio::spawn(follow_access_log(admin, lab.log_tx.clone()));
+        tokio::spawn(follow_requests(admin, lab.log_tx.clone()));
         for s in &SERVICES {
             lab.add_instance(&format!("{}-1", s.name), s.name, "v1", s.env)
                 .await?;
         }
         lab.write_registry()?;
         lab.wait_generation_settles(None).await?;
-        let st = admin_json(admin, "/status").await?;
+        let st: api::Status = admin_get(admin, api::paths::STATUS).await?;
         println!(
             "sluice ready ({}): admin {admin}, metrics {metrics}, generation {}, {} services",
             lab.mode_name(),
-            st["generation"],
-            st["services"]
+            st.generation,
+            st.services
         );
         if let Some(Net::Pods(p)) = &lab.net {
             p.describe();
@@ -627,15 +661,19 @@ impl Lab {
                 i.label, i.addr, i.service
             );
         }
-        if st["redirect"]["mode"] == "ebpf" {
-            let r = &st["redirect"];
+        if let api::RedirectStatus::Ebpf(r) = &st.redirect {
             println!(
                 "  eBPF: programs on {} (pins {}), {} pods enrolled, proxy address {}, lease {}",
-                r["cgroup"].as_str().unwrap_or("?"),
-                r["pin_dir"].as_str().unwrap_or("?"),
-                r["enrolled"].as_array().map_or(0, Vec::len),
-                r["proxy"]["ipv4"].as_str().unwrap_or("?"),
-                r["lease"]["state"].as_str().unwrap_or("?")
+                r.cgroup,
+                r.pin_dir,
+                r.enrolled.len(),
+                r.proxy.ipv4.as_deref().unwrap_or("?"),
+                match r.lease.state {
+                    api::LeaseState::Valid { .. } => "valid",
+                    api::LeaseState::Expired { .. } => "expired",
+                    api::LeaseState::None => "none",
+                    api::LeaseState::Unknown { .. } => "unknown",
+                }
             );
         }
         print_rejections(&st);
@@ -839,7 +877,7 @@ impl Lab {
         } else {
             g0
         };
-        let st = admin_json(self.admin, "/status").await?;
+        let st: api::Status = admin_get(self.admin, api::paths::STATUS).await?;
         print_rejections(&st);
         Ok(g)
     }
@@ -987,7 +1025,7 @@ impl Lab {
         while let Ok(e) = self.log_rx.try_recv() {
             log.push(e);
         }
-        let clusters = admin_json(self.admin, "/clusters").await?;
+        let clusters: Vec<api::Cluster> = admin_get(self.admin, api::paths::CLUSTERS).await?;
         let queried = started.elapsed();
         let redirect = match (redirect_before, redirect_counters(self.admin).await) {
             (Some(b), Some(a)) => Some(
@@ -1056,7 +1094,22 @@ impl Lab {
             "  config:  {} (edit or copy examples/ files in; reloaded within a second)",
             self.cfg_dir().display()
         );
-        for c in ["status", "clusters", "config", "policy inventory", "logs"] {
+        println!(
+            "  page:    http://{}/ui (edges, endpoints, tap)",
+            self.admin
+        );
+        for c in [
+            "status",
+            "endpoints inventory",
+            "top",
+            "tap --status 5xx",
+            "trace REQUEST_ID",
+            "workloads",
+            "clusters",
+            "config",
+            "policy inventory",
+            "logs",
+        ] {
             println!("  {} {c} --admin {}", self.sluice_bin.display(), self.admin);
         }
         for i in &self.instances {
@@ -1075,30 +1128,27 @@ fn args_fast(t: Traffic) -> bool {
 
 /// The eBPF programs' counters from `/status` (None in explicit-proxy mode).
 async fn redirect_counters(admin: SocketAddr) -> Option<BTreeMap<String, u64>> {
-    let st = admin_json(admin, "/status").await.ok()?;
-    let c = st["redirect"]["counters"].as_object()?;
-    Some(
-        c.iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-            .collect(),
-    )
+    let st: api::Status = admin_get(admin, api::paths::STATUS).await.ok()?;
+    match st.redirect {
+        api::RedirectStatus::Ebpf(r) => Some(r.counters),
+        api::RedirectStatus::None => None,
+    }
 }
 
-/// Service name -> cluster IPs, from `/config_dump`.
-fn cluster_ips(dump: &Value) -> Vec<(Ipv4Addr, Vec<String>)> {
+/// Service name -> cluster IPs, from `/services`.
+fn cluster_ips(services: &[api::Service]) -> Vec<(Ipv4Addr, Vec<String>)> {
     let mut out = Vec::new();
-    for (hostname, s) in dump["services"].as_object().into_iter().flatten() {
-        let name = s["name"].as_str().unwrap_or_default();
-        let ns = s["namespace"].as_str().unwrap_or_default();
-        for ip in s["cluster_ips"].as_array().into_iter().flatten() {
-            if let Some(Ok(ip)) = ip.as_str().map(str::parse::<Ipv4Addr>) {
+    for s in services {
+        let (name, ns) = (&s.name, &s.namespace);
+        for ip in &s.cluster_ips {
+            if let Ok(ip) = ip.parse::<Ipv4Addr>() {
                 out.push((
                     ip,
                     vec![
                         name.to_owned(),
                         format!("{name}.{ns}"),
                         format!("{name}.{ns}.svc"),
-                        hostname.clone(),
+                        s.hostname.clone(),
                     ],
                 ));
             }
@@ -1107,8 +1157,7 @@ fn cluster_ips(dump: &Value) -> Vec<(Ipv4Addr, Vec<String>)> {
     out
 }
 
-/// A Pod document for one instance (labels as the Deployment's template), with `extra` lines
-/// appended under metadata (annotations) and the pod IP.
+/// A bare Pod document (no controller) with these labels, annotations and pod IP.
 pub fn pod_yaml(
     label: &str,
     app: &str,
@@ -1117,11 +1166,118 @@ pub fn pod_yaml(
     annotations: &[(&str, String)],
     enrolled: bool,
 ) -> String {
-    let mut y = format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {label}\n  labels:\n    app: {app}\n    version: {version}\n"
-    );
+    controlled_pod_yaml(
+        label,
+        app,
+        Some(version),
+        ip,
+        annotations,
+        enrolled,
+        Controller::None,
+    )
+}
+
+/// What made a demo pod, as the tutorial's manifests say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Controller<'a> {
+    /// The Deployment of this name, through its ReplicaSet.
+    Deployment(&'a str),
+    /// The Job of this name.
+    Job(&'a str),
+    None,
+}
+
+/// The tutorial's (and the blog's) Deployment an instance stands for: its label without a replica
+/// number (`inventory-1`..`inventory-3` are the Deployment `inventory`'s pods); `inventory-failing`
+/// and `greeter-service-v1` are Deployments of their own.
+pub fn deployment_of(label: &str) -> &str {
+    match label.rsplit_once('-') {
+        Some((name, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => label,
+    }
+}
+
+/// A stable stand-in for the `pod-template-hash` the Deployment controller writes: FNV-1a of the
+/// template, its decimal digits spelled in Kubernetes' safe alphabet (`rand.SafeEncodeString`), as
+/// the real ones are.
+fn template_hash(template: &str) -> String {
+    const SAFE: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let h = template.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    h.to_string()
+        .bytes()
+        .map(|b| char::from(SAFE[usize::from(b) % SAFE.len()]))
+        .collect()
+}
+
+/// A uid for a generated owner: stable across runs, shaped like the API server's (v4 UUID).
+fn owner_uid(name: &str) -> String {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        (h >> 52) & 0xfff,
+        h & 0xffff_ffff_ffff
+    )
+}
+
+/// A Pod document for one instance as its controller would create it: the template's labels
+/// (`version` only when the template has one), the controller's own labels and an
+/// `ownerReferences` entry naming it (for a Deployment: its ReplicaSet `<deployment>-<hash>` and the
+/// `pod-template-hash` label, so Istio's rule names the workload after the Deployment), the given
+/// annotations and pod IP. The pod keeps the instance's name (the lab's pods, logs and reports are
+/// named so); a real one would be `<generateName><5 random characters>`.
+pub fn controlled_pod_yaml(
+    label: &str,
+    app: &str,
+    version: Option<&str>,
+    ip: IpAddr,
+    annotations: &[(&str, String)],
+    enrolled: bool,
+    controller: Controller,
+) -> String {
+    let mut y = format!("---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {label}\n");
+    let mut labels = vec![("app".to_string(), app.to_string())];
+    labels.extend(version.map(|v| ("version".to_string(), v.to_string())));
+    let owner = match controller {
+        Controller::Deployment(deployment) => {
+            let hash = template_hash(&format!("{deployment}/app={app}/version={version:?}"));
+            labels.push(("pod-template-hash".into(), hash.clone()));
+            let rs = format!("{deployment}-{hash}");
+            let _ = writeln!(y, "  generateName: {rs}-");
+            Some(("apps/v1", "ReplicaSet", rs))
+        }
+        Controller::Job(job) => {
+            let uid = owner_uid(&format!("Job/{job}"));
+            for k in ["batch.kubernetes.io/controller-uid", "controller-uid"] {
+                labels.push((k.into(), uid.clone()));
+            }
+            for k in ["batch.kubernetes.io/job-name", "job-name"] {
+                labels.push((k.into(), job.into()));
+            }
+            let _ = writeln!(y, "  generateName: {job}-");
+            Some(("batch/v1", "Job", job.to_string()))
+        }
+        Controller::None => None,
+    };
     if enrolled {
-        y.push_str("    istio.io/dataplane-mode: ambient\n");
+        labels.push(("istio.io/dataplane-mode".into(), "ambient".into()));
+    }
+    y.push_str("  labels:\n");
+    for (k, v) in &labels {
+        let _ = writeln!(y, "    {k}: {v}");
+    }
+    if let Some((api_version, kind, name)) = owner {
+        let uid = owner_uid(&format!("{kind}/{name}"));
+        let _ = writeln!(
+            y,
+            "  ownerReferences:\n  - {{apiVersion: {api_version}, kind: {kind}, name: {name}, uid: {uid}, controller: true, blockOwnerDeletion: true}}"
+        );
     }
     if !annotations.is_empty() {
         y.push_str("  annotations:\n");
@@ -1160,21 +1316,25 @@ fn endpoints_yaml(instances: &[(String, String, String, u16)]) -> String {
             y,
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {label}\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nendpoints:\n- addresses: [\"127.0.0.1\"]\n  targetRef: {{kind: Pod, name: {label}}}\nports:\n- name: http\n  port: {port}\n"
         );
-        y.push_str(&pod_yaml(
+        y.push_str(&controlled_pod_yaml(
             label,
             service,
-            version,
+            Some(version),
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             &[],
             false,
+            Controller::Deployment(deployment_of(label)),
         ));
     }
     y
 }
 
-fn print_rejections(st: &Value) {
-    if let Some(r) = st["rejections"].as_array().filter(|r| !r.is_empty()) {
-        println!("sluice REJECTED config: {}", Value::Array(r.clone()));
+fn print_rejections(st: &api::Status) {
+    for r in &st.rejections {
+        println!(
+            "sluice REJECTED config: {}: {} {}: {}",
+            r.source, r.object, r.field, r.reason
+        );
     }
 }
 
@@ -1220,25 +1380,28 @@ async fn get_text(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-async fn admin_json(admin: SocketAddr, path: &str) -> Result<Value> {
-    Ok(serde_json::from_str(&get_text(admin, path).await?)?)
+/// A typed admin API answer.
+async fn admin_get<T: serde::de::DeserializeOwned>(admin: SocketAddr, path: &str) -> Result<T> {
+    serde_json::from_str(&get_text(admin, path).await?)
+        .with_context(|| format!("the admin API's answer to {path}"))
 }
 
 async fn generation(admin: SocketAddr) -> Result<u64> {
-    admin_json(admin, "/status").await?["generation"]
-        .as_u64()
-        .context("/status has no generation")
+    Ok(admin_get::<api::Status>(admin, api::paths::STATUS)
+        .await?
+        .generation)
 }
 
 /// Streams `/access_log` into `tx` until the channel or the connection closes.
-async fn follow_access_log(admin: SocketAddr, tx: mpsc::UnboundedSender<(Instant, LogEntry)>) {
+async fn follow_requests(admin: SocketAddr, tx: mpsc::UnboundedSender<(Instant, LogEntry)>) {
     let Ok(mut s) = TcpStream::connect(admin).await else {
         return;
     };
-    if s.write_all(b"GET /access_log HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .is_err()
-    {
+    let head = format!(
+        "GET {} HTTP/1.0\r\nHost: localhost\r\n\r\n",
+        api::paths::TAP
+    );
+    if s.write_all(head.as_bytes()).await.is_err() {
         return;
     }
     let mut lines = BufReader::new(s).lines();
@@ -1248,8 +1411,8 @@ async fn follow_access_log(admin: SocketAddr, tx: mpsc::UnboundedSender<(Instant
             in_body = line.trim().is_empty();
             continue;
         }
-        if let Some(e) = parse_log_line(&line) {
-            if tx.send((Instant::now(), e)).is_err() {
+        if let Ok(r) = serde_json::from_str::<api::Request>(&line) {
+            if tx.send((Instant::now(), LogEntry::of(&r))).is_err() {
                 return;
             }
         }
@@ -1537,6 +1700,10 @@ fn parse_istio_requests(text: &str) -> Counts {
         else {
             continue;
         };
+        // The client side's view: one sample per request (the endpoints' side counts attempts).
+        if labels.get("reporter").is_some_and(|r| r != "source") {
+            continue;
+        }
         let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
         *out.entry((
             short(&get("destination_service")),
@@ -1590,52 +1757,21 @@ struct LogEntry {
     service: String,
 }
 
-/// `[time] "GET / HTTP/1.1" 503 UO,URX attempts=N duration=Xms "authority" "upstream" cluster "request-id" service`
-fn parse_log_line(line: &str) -> Option<LogEntry> {
-    let rest = line.split_once("] \"")?.1;
-    let rest = rest.split_once("\" ")?.1;
-    let mut toks = Vec::new();
-    let mut chars = rest.chars().peekable();
-    while chars.peek().is_some() {
-        while chars.peek() == Some(&' ') {
-            chars.next();
+impl LogEntry {
+    /// What the demo's reports need of one finished request (`/tap`'s typed record), in the
+    /// access log's terms.
+    fn of(r: &api::Request) -> Self {
+        Self {
+            status: r.status,
+            flags: r.flags.clone(),
+            attempts: r.attempt_count,
+            // The access log's `duration=`: whole milliseconds.
+            duration_ms: r.duration_ms as u64,
+            authority: r.authority.clone().unwrap_or_else(|| "-".into()),
+            upstream: r.upstream.clone().unwrap_or_else(|| "-".into()),
+            service: short(&r.service),
         }
-        let mut t = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            for c in chars.by_ref() {
-                if c == '"' {
-                    break;
-                }
-                t.push(c);
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == ' ' {
-                    break;
-                }
-                t.push(c);
-                chars.next();
-            }
-        }
-        toks.push(t);
     }
-    if toks.len() < 9 {
-        return None;
-    }
-    Some(LogEntry {
-        status: toks[0].parse().ok()?,
-        flags: toks[1].clone(),
-        attempts: toks[2].strip_prefix("attempts=")?.parse().ok()?,
-        duration_ms: toks[3]
-            .strip_prefix("duration=")?
-            .strip_suffix("ms")?
-            .parse()
-            .ok()?,
-        authority: toks[4].clone(),
-        upstream: toks[5].clone(),
-        service: short(&toks[8]),
-    })
 }
 
 #[derive(Debug, Clone)]
@@ -1651,26 +1787,34 @@ struct Ejection {
 
 /// Ejections during the step from `/clusters` outlier_events (`ago_ms` relative to `queried`).
 fn ejections(
-    clusters: &Value,
+    clusters: &[api::Cluster],
     queried: Duration,
     labels: &BTreeMap<String, String>,
 ) -> Vec<Ejection> {
     let mut out = Vec::new();
-    for c in clusters.as_array().into_iter().flatten() {
-        for e in c["outlier_events"].as_array().into_iter().flatten() {
-            let event = e["event"].as_str().unwrap_or("").to_owned();
-            let ago = Duration::from_millis(e["ago_ms"].as_u64().unwrap_or(u64::MAX));
-            let Some(at) = queried.checked_sub(ago) else {
+    for c in clusters {
+        for e in &c.outlier_events {
+            let Some(at) = queried.checked_sub(Duration::from_millis(e.ago_ms)) else {
                 continue; // before this step
             };
-            let host = e["host"].as_str().unwrap_or("?").to_owned();
+            let (event, duration_ms, reason) = match &e.kind {
+                api::OutlierEventKind::Ejected {
+                    reason,
+                    duration_ms,
+                    ..
+                } => ("ejected", *duration_ms, reason.clone()),
+                api::OutlierEventKind::Unejected => ("unejected", 0, String::new()),
+            };
             out.push(Ejection {
-                event,
-                label: labels.get(&host).cloned().unwrap_or_else(|| host.clone()),
-                host,
+                event: event.to_owned(),
+                label: labels
+                    .get(&e.host)
+                    .cloned()
+                    .unwrap_or_else(|| e.host.clone()),
+                host: e.host.clone(),
                 at,
-                duration_ms: e["duration_ms"].as_u64().unwrap_or(0),
-                reason: e["reason"].as_str().unwrap_or("").to_owned(),
+                duration_ms,
+                reason,
             });
         }
     }
@@ -2230,11 +2374,19 @@ mod tests {
     }
 
     #[test]
-    fn access_log_line() {
-        let l = "[2026-11-23T13:40:00.123Z] \"GET / HTTP/1.1\" 503 UO,URX attempts=4 duration=12ms \"pricing\" \"127.0.0.1:9091\" outbound|80||pricing.default.svc.cluster.local \"abc-1\" pricing.default.svc.cluster.local";
-        let e = parse_log_line(l).unwrap();
+    fn log_entry_from_a_tapped_request() {
+        let r = api::Request {
+            status: 503,
+            flags: "UO,URX".into(),
+            attempt_count: 4,
+            duration_ms: 12.7,
+            authority: Some("pricing".into()),
+            upstream: Some("127.0.0.1:9091".into()),
+            service: "pricing.default.svc.cluster.local".into(),
+            ..api::Request::default()
+        };
         assert_eq!(
-            e,
+            LogEntry::of(&r),
             LogEntry {
                 status: 503,
                 flags: "UO,URX".into(),
@@ -2245,10 +2397,11 @@ mod tests {
                 service: "pricing".into(),
             }
         );
-        let dash =
-            "[t] \"GET / HTTP/1.1\" 200 - attempts=1 duration=0ms \"frontend\" \"-\" - \"-\" -";
-        assert_eq!(parse_log_line(dash).unwrap().attempts, 1);
-        assert!(parse_log_line("garbage").is_none());
+        let none = LogEntry::of(&api::Request::default());
+        assert_eq!(
+            (none.upstream.as_str(), none.authority.as_str()),
+            ("-", "-")
+        );
     }
 
     #[test]
@@ -2272,14 +2425,116 @@ mod tests {
     }
 
     #[test]
+    fn instances_belong_to_the_tutorials_deployments() {
+        for (label, deployment) in [
+            ("frontend-1", "frontend"),
+            ("inventory-1", "inventory"),
+            ("inventory-3", "inventory"),
+            ("inventory-failing", "inventory-failing"),
+            ("greeter-service-v1", "greeter-service-v1"),
+            ("traffic-generator", "traffic-generator"),
+        ] {
+            assert_eq!(deployment_of(label), deployment, "{label}");
+        }
+    }
+
+    /// The generated pods read as the agent reads them: each the workload of its Deployment (or
+    /// Job), with the tutorial's app/version as canonical service and revision.
+    #[test]
+    fn generated_pods_are_their_deployments_workloads() {
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
+        let mut y = String::new();
+        for (label, app, version) in [
+            ("inventory-1", "inventory", "v1"),
+            ("inventory-2", "inventory", "v1"),
+            ("inventory-failing", "inventory", "failing"),
+            ("frontend-1", "frontend", "v1"),
+        ] {
+            y.push_str(&controlled_pod_yaml(
+                label,
+                app,
+                Some(version),
+                ip,
+                &[("sluice.io/netns", "/var/run/netns/x".into())],
+                true,
+                Controller::Deployment(deployment_of(label)),
+            ));
+        }
+        y.push_str(&controlled_pod_yaml(
+            "traffic-generator",
+            "traffic-generator",
+            None,
+            ip,
+            &[],
+            true,
+            Controller::Job("traffic-generator"),
+        ));
+        let parsed = sluice_config::parse_str("pods.generated.yaml", &y);
+        assert!(parsed.problems.is_empty(), "{:#?}\n{y}", parsed.problems);
+        let (snap, _) =
+            sluice_config::build(&parsed.objects, &sluice_config::BuildOptions::default());
+        let id = |pod: &str| snap.workloads[&format!("default/{pod}")].identity();
+        for (pod, workload, revision) in [
+            ("inventory-1", "inventory", "v1"),
+            ("inventory-2", "inventory", "v1"),
+            ("inventory-failing", "inventory-failing", "failing"),
+            ("frontend-1", "frontend", "v1"),
+        ] {
+            let id = id(pod);
+            assert_eq!(
+                (
+                    id.workload.as_str(),
+                    id.canonical_service.as_str(),
+                    id.canonical_revision.as_str()
+                ),
+                (workload, pod.split('-').next().unwrap(), revision),
+                "{pod}"
+            );
+            assert!(snap.workloads[&format!("default/{pod}")].enrolled);
+        }
+        // One ReplicaSet for a Deployment's replicas, another for another Deployment.
+        let owner = |pod: &str| {
+            snap.workloads[&format!("default/{pod}")]
+                .owner
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(owner("inventory-1"), owner("inventory-2"));
+        assert_ne!(owner("inventory-1"), owner("inventory-failing"));
+        assert_eq!(owner("inventory-1").kind, "ReplicaSet");
+        let client = id("traffic-generator");
+        assert_eq!(
+            (client.workload.as_str(), client.canonical_revision.as_str()),
+            ("traffic-generator", "latest")
+        );
+    }
+
+    #[test]
     fn steps_and_ejections() {
         assert_eq!(Step::None.number(), 3);
         assert_eq!(Step::FaultInjection.number(), 8);
-        let clusters = serde_json::json!([{"name": "inventory", "outlier_events": [
-            {"host": "127.0.0.1:5", "event": "ejected", "ago_ms": 4000, "reason": "Consecutive5xx", "duration_ms": 30000},
-            {"host": "127.0.0.1:5", "event": "unejected", "ago_ms": 1000},
-            {"host": "127.0.0.1:6", "event": "ejected", "ago_ms": 99000, "duration_ms": 1}
-        ]}]);
+        let event = |host: &str, ago_ms, kind| api::OutlierEvent {
+            host: host.into(),
+            ago_ms,
+            kind,
+        };
+        let ejected = |duration_ms| api::OutlierEventKind::Ejected {
+            reason: "Consecutive5xx".into(),
+            ejections: 1,
+            duration_ms,
+        };
+        let clusters = vec![api::Cluster {
+            name: "inventory".into(),
+            protocol: "Http1".into(),
+            stats: BTreeMap::new(),
+            retry_budget: api::RetryBudget::default(),
+            hosts: vec![],
+            outlier_events: vec![
+                event("127.0.0.1:5", 4000, ejected(30000)),
+                event("127.0.0.1:5", 1000, api::OutlierEventKind::Unejected),
+                event("127.0.0.1:6", 99000, ejected(1)),
+            ],
+        }];
         let labels = BTreeMap::from([("127.0.0.1:5".to_owned(), "inventory-failing".to_owned())]);
         let e = ejections(&clusters, Duration::from_secs(10), &labels);
         assert_eq!(e.len(), 2);

@@ -13,104 +13,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Panels that have no data from Sluice's metrics yet, as `(dashboard title, panel title)`:
-/// they read `reporter="destination"` (the "Server"/"Incoming" panels), `destination_workload`,
-/// `istio_request_bytes`/`istio_response_bytes`, `istio_tcp_*` for HTTP connections, or
-/// `istio_build`, none of which Sluice reports yet.
-/// The check fails when a panel outside this list has no data, and when one in it gets data
-/// (then it leaves the list), so the list stays the truth.
-pub const KNOWN_NO_DATA: &[(&str, &str)] = &[
-    ("Istio Mesh Dashboard", "Istio Component Versions"),
-    ("Istio Mesh Dashboard", "TCP Workloads"),
-    (
-        "Istio Service Dashboard",
-        "Bytes Received from Incoming TCP Connection",
-    ),
-    (
-        "Istio Service Dashboard",
-        "Bytes Sent to Incoming TCP Connection",
-    ),
-    (
-        "Istio Service Dashboard",
-        "Incoming Request Duration By Service Workload",
-    ),
-    (
-        "Istio Service Dashboard",
-        "Incoming Request Size By Service Workload",
-    ),
-    ("Istio Service Dashboard", "Incoming Request Size By Source"),
-    (
-        "Istio Service Dashboard",
-        "Incoming Requests By Destination Workload And Response Code",
-    ),
-    (
-        "Istio Service Dashboard",
-        "Incoming Success Rate (non-5xx responses) By Destination Workload",
-    ),
-    (
-        "Istio Service Dashboard",
-        "Response Size By Service Workload",
-    ),
-    ("Istio Service Dashboard", "Response Size By Source"),
-    ("Istio Service Dashboard", "Server Request Duration"),
-    ("Istio Service Dashboard", "Server Request Volume"),
-    (
-        "Istio Service Dashboard",
-        "Server Success Rate (non-5xx responses)",
-    ),
-    ("Istio Service Dashboard", "TCP Received Bytes"),
-    ("Istio Service Dashboard", "TCP Sent Bytes"),
-    (
-        "Istio Workload Dashboard",
-        "Bytes Received from Incoming TCP Connection",
-    ),
-    (
-        "Istio Workload Dashboard",
-        "Bytes Received from Outgoing TCP Connection",
-    ),
-    (
-        "Istio Workload Dashboard",
-        "Bytes Sent on Outgoing TCP Connection",
-    ),
-    (
-        "Istio Workload Dashboard",
-        "Bytes Sent to Incoming TCP Connection",
-    ),
-    (
-        "Istio Workload Dashboard",
-        "Incoming Request Duration By Source",
-    ),
-    (
-        "Istio Workload Dashboard",
-        "Incoming Request Size By Source",
-    ),
-    ("Istio Workload Dashboard", "Incoming Request Volume"),
-    (
-        "Istio Workload Dashboard",
-        "Incoming Requests By Source And Response Code",
-    ),
-    (
-        "Istio Workload Dashboard",
-        "Incoming Success Rate (non-5xx responses)",
-    ),
-    (
-        "Istio Workload Dashboard",
-        "Incoming Success Rate (non-5xx responses) By Source",
-    ),
-    (
-        "Istio Workload Dashboard",
-        "Outgoing Request Size By Destination",
-    ),
-    ("Istio Workload Dashboard", "Request Duration"),
-    ("Istio Workload Dashboard", "Response Size By Destination"),
-    ("Istio Workload Dashboard", "Response Size By Source"),
-    ("Istio Workload Dashboard", "TCP Client Traffic"),
-    ("Istio Workload Dashboard", "TCP Server Traffic"),
-];
-
-/// Kiali draws no edge yet: every series lacks some of its grouping labels.
-pub const KIALI_EDGES_KNOWN_MISSING: bool = true;
-
 /// What Step 9 saw.
 pub struct Report {
     pub prometheus: SocketAddr,
@@ -119,7 +21,27 @@ pub struct Report {
     /// Series Kiali would drop for lack of a label.
     pub dropped: usize,
     pub panels: Vec<PanelResult>,
+    /// The type Prometheus recorded for each of [`TYPED`], if any.
+    pub types: Vec<(&'static str, Option<String>)>,
+    /// Spans the OTLP receiver got, and one trace picked from them.
+    pub spans: usize,
+    pub trace: Option<crate::traces::Trace>,
 }
+
+/// Families whose type Prometheus must know from Sluice's exposition, with that type (Envoy's
+/// counters keep Envoy's names without `_total`: untyped under OpenMetrics, which Prometheus asks
+/// for, as OpenMetrics allows no other way).
+pub const TYPED: &[(&str, &[&str])] = &[
+    ("istio_requests_total", &["counter"]),
+    ("istio_request_duration_milliseconds", &["histogram"]),
+    ("istio_request_bytes", &["histogram"]),
+    ("istio_response_bytes", &["histogram"]),
+    ("istio_tcp_connections_opened_total", &["counter"]),
+    ("istio_tcp_sent_bytes_total", &["counter"]),
+    ("istio_build", &["gauge"]),
+    ("envoy_cluster_upstream_rq_total", &["counter", "unknown"]),
+    ("envoy_cluster_upstream_rq_active", &["gauge"]),
+];
 
 pub struct ServiceRow {
     pub service: String,
@@ -201,7 +123,25 @@ impl Lab {
                 dir.display()
             );
         }
+        // Prometheus keys OpenMetrics counters by their family name (no `_total`).
+        let metadata = prom.metadata().await?;
+        let types = TYPED
+            .iter()
+            .map(|(name, _)| {
+                let family = name.strip_suffix("_total").unwrap_or(name);
+                let t = metadata
+                    .get(*name)
+                    .or_else(|| metadata.get(family))
+                    .cloned();
+                (*name, t)
+            })
+            .collect();
+        let spans = self.collector.spans();
+        let trace = crate::traces::pick(&spans);
         let report = Report {
+            spans: spans.len(),
+            trace,
+            types,
             prometheus: prom.addr,
             services: rows,
             edges,
@@ -290,7 +230,7 @@ fn print_report(r: &Report) {
         println!(
             "Kiali's graph: no edges ({} series dropped: Kiali needs every one of {} on a series)",
             r.dropped,
-            dashboards::KIALI_LABELS.join(", ")
+            dashboards::KIALI_REQUIRED.join(", ")
         );
     } else {
         println!("Kiali's graph (namespace default, last minute):");
@@ -316,6 +256,20 @@ fn print_report(r: &Report) {
     for (d, (with, all)) in &per {
         println!("{d}: {with} of {all} panel views have data");
     }
+    let types: Vec<String> = r
+        .types
+        .iter()
+        .map(|(n, t)| format!("{n} {}", t.as_deref().unwrap_or("(none)")))
+        .collect();
+    println!("metric types Prometheus recorded: {}", types.join(", "));
+    println!(
+        "traces: {} spans received over OTLP (sluice run --otlp-endpoint, --trace-sampling 100); one of them:",
+        r.spans
+    );
+    match &r.trace {
+        Some(t) => crate::traces::print(t),
+        None => println!("  (no trace with an attempt yet)"),
+    }
     for (d, t) in missing(r) {
         println!("  no data: {d} / {t}");
     }
@@ -334,8 +288,9 @@ fn missing(r: &Report) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Step 9's check: Prometheus ran and saw the services; no panel lacks data that should have it;
-/// the known gaps are still gaps.
+/// Step 9's check: Prometheus ran and saw the services; every panel of Istio's Service, Workload
+/// and Mesh dashboards has data (under at least one of the settings a user would pick); Kiali's
+/// graph has the tutorial's call graph under both reporters.
 pub(super) fn check(run: &StepRun) -> Result<(), String> {
     let Some(r) = &run.visual else {
         return if std::env::var("CI").as_deref() == Ok("true") {
@@ -366,35 +321,52 @@ pub(super) fn check(run: &StepRun) -> Result<(), String> {
             errors.join("; ")
         ));
     }
+    match &r.trace {
+        Some(t) if !t.attempts.is_empty() => {}
+        _ => {
+            return Err(format!(
+                "visualization: no trace of a request with its attempts among {} spans received",
+                r.spans
+            ))
+        }
+    }
+    for ((name, t), (_, want)) in r.types.iter().zip(TYPED) {
+        if !t.as_deref().is_some_and(|t| want.contains(&t)) {
+            return Err(format!(
+                "visualization: Prometheus has {name} as {t:?}, not {}",
+                want.join(" or ")
+            ));
+        }
+    }
     let missing = missing(r);
-    let unexpected: Vec<String> = missing
-        .iter()
-        .filter(|(d, t)| !KNOWN_NO_DATA.contains(&(d.as_str(), t.as_str())))
-        .map(|(d, t)| format!("{d} / {t}"))
-        .collect();
-    if !unexpected.is_empty() {
-        return Err(format!(
-            "visualization: no data in {}",
-            unexpected.join(", ")
-        ));
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|(d, t)| format!("{d} / {t}")).collect();
+        return Err(format!("visualization: no data in {}", names.join(", ")));
     }
-    let now_full: Vec<String> = KNOWN_NO_DATA
-        .iter()
-        .filter(|(d, t)| r.panels.iter().any(|p| p.dashboard == *d && p.title == *t))
-        .filter(|k| !missing.iter().any(|(d, t)| (d.as_str(), t.as_str()) == **k))
-        .map(|(d, t)| format!("{d} / {t}"))
-        .collect();
-    if !now_full.is_empty() {
-        return Err(format!(
-            "visualization: {} now have data: take them off KNOWN_NO_DATA",
-            now_full.join(", ")
-        ));
-    }
-    if KIALI_EDGES_KNOWN_MISSING != r.edges.is_empty() {
-        return Err(format!(
-            "visualization: Kiali edges {} but KIALI_EDGES_KNOWN_MISSING is {KIALI_EDGES_KNOWN_MISSING}",
-            if r.edges.is_empty() { "missing" } else { "present" }
-        ));
+    // The tutorial's call graph, as Kiali would draw it from both reporters.
+    let calls = [
+        ("traffic-generator", "frontend"),
+        ("frontend", "product"),
+        ("product", "pricing"),
+        ("product", "inventory"),
+    ];
+    let workload = |node: &str, app: &str| {
+        node.strip_prefix("default/")
+            .is_some_and(|w| w == app || w.starts_with(&format!("{app}-")))
+    };
+    for reporter in ["source", "destination"] {
+        for (from, to) in calls {
+            if !r.edges.iter().any(|e| {
+                e.reporter == reporter
+                    && workload(&e.from, from)
+                    && workload(&e.to, to)
+                    && e.rate > 0.0
+            }) {
+                return Err(format!(
+                    "visualization: Kiali would draw no {from} -> {to} edge from {reporter} telemetry"
+                ));
+            }
+        }
     }
     Ok(())
 }

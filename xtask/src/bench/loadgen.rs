@@ -26,6 +26,9 @@ pub struct LoadgenArgs {
     /// Target address (host:port).
     #[arg(long)]
     pub target: SocketAddr,
+    /// Connect from this local address (a pod's, on loopback).
+    #[arg(long)]
+    pub source: Option<std::net::IpAddr>,
     /// `Host` header to send.
     #[arg(long, default_value = "bench-upstream")]
     pub host: String,
@@ -88,9 +91,18 @@ type Sender = http1::SendRequest<Empty<Bytes>>;
 const TIMER_SLACK: Duration = Duration::from_millis(2);
 
 async fn connect(args: &LoadgenArgs) -> Result<Sender> {
-    let tcp = TcpStream::connect(args.target)
-        .await
-        .with_context(|| format!("cannot connect to {}", args.target))?;
+    let tcp = match args.source {
+        Some(ip) => {
+            let socket = match ip {
+                std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(args.target).await
+        }
+        None => TcpStream::connect(args.target).await,
+    }
+    .with_context(|| format!("cannot connect to {}", args.target))?;
     tcp.set_nodelay(true)?;
     let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
@@ -208,6 +220,7 @@ mod tests {
     fn args(slots: u32, slot: u32) -> LoadgenArgs {
         LoadgenArgs {
             target: "127.0.0.1:1".parse().unwrap(),
+            source: None,
             host: String::new(),
             rate: 1000,
             duration: 1,

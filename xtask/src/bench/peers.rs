@@ -32,15 +32,23 @@ http {{
     )
 }
 
-/// HAProxy 2.6, one thread.
-pub fn haproxy_cfg(port: u16, upstream: u16) -> String {
+/// HAProxy 2.6, one thread; with `access_log`, `option httplog` to stdout.
+pub fn haproxy_cfg(port: u16, upstream: u16, access_log: bool) -> String {
+    let (global_log, defaults_log) = if access_log {
+        (
+            "    log stdout format raw local0\n",
+            "    log global\n    option httplog\n",
+        )
+    } else {
+        ("", "")
+    };
     format!(
         "global
     nbthread 1
     maxconn 9000
-
+{global_log}
 defaults
-    mode http
+{defaults_log}    mode http
     timeout connect 10s
     timeout client 60s
     timeout server 10s
@@ -63,7 +71,17 @@ backend upstream
 
 /// Envoy, run with `--concurrency 1`: route timeout and retry policy as Istio would
 /// generate for the VirtualService, circuit breakers as high as the DestinationRule.
-pub fn envoy_yaml(port: u16, admin: u16, upstream: u16) -> String {
+pub fn envoy_yaml(port: u16, admin: u16, upstream: u16, access_log: bool) -> String {
+    // Envoy's default format, to stdout, as Istio's `accessLogFile: /dev/stdout` sets it.
+    let access_log = if access_log {
+        r#"
+          access_log:
+          - name: envoy.access_loggers.stdout
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"#
+    } else {
+        ""
+    };
     format!(
         r#"admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
@@ -76,7 +94,7 @@ static_resources:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
+          stat_prefix: bench{access_log}
           codec_type: AUTO
           route_config:
             name: bench
@@ -189,12 +207,17 @@ mod tests {
 
     #[test]
     fn configs_carry_the_ports_and_the_policy() {
-        let h = haproxy_cfg(8001, 9000);
+        let h = haproxy_cfg(8001, 9000, false);
         assert!(h.contains("bind 127.0.0.1:8001") && h.contains("127.0.0.1:9000"));
         assert!(h.contains("retries 2") && h.contains("nbthread 1"));
-        let e = envoy_yaml(8002, 8003, 9000);
+        assert!(!h.contains("httplog"));
+        assert!(haproxy_cfg(8001, 9000, true).contains("    log global\n    option httplog\n"));
+        let e = envoy_yaml(8002, 8003, 9000, false);
         assert!(e.contains("port_value: 8002") && e.contains("port_value: 9000"));
         assert!(e.contains("num_retries: 2"));
+        assert!(!e.contains("access_log"));
+        let logged = envoy_yaml(8002, 8003, 9000, true);
+        assert!(logged.contains("StdoutAccessLog"));
         let s = sluice_yaml(9000);
         assert_eq!(s.matches("\n---\n").count(), 3);
         assert!(s.contains("targetPort: 9000") && s.contains("port: 9000"));
