@@ -75,6 +75,8 @@ pin_project! {
         #[pin]
         inner: Body,
         finish: Finish,
+        // The upstream's error, held for one poll (see `poll_frame`).
+        failed: Option<BoxError>,
     }
 }
 
@@ -93,6 +95,7 @@ impl RecordedBody {
         let body = RecordedBody {
             inner: body,
             finish,
+            failed: None,
         };
         Response::from_parts(parts, sluice_core::boxed(body))
     }
@@ -114,6 +117,9 @@ impl HttpBody for RecordedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if let Some(err) = this.failed.take() {
+            return Poll::Ready(Some(Err(err)));
+        }
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         let finish = this.finish;
         match &frame {
@@ -142,6 +148,15 @@ impl HttpBody for RecordedBody {
                     _ => info.add_flags(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
                 }
                 finish.done();
+                // hyper drops an HTTP/1 connection at a body error without writing what it has
+                // buffered, so when the cut arrives with the head (one read) the client would see
+                // no response at all. Pending once lets it flush the head and the bytes so far;
+                // then the error ends the stream, as Envoy's client sees it: a 200, cut short.
+                if let Some(Err(err)) = frame {
+                    *this.failed = Some(err);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
             }
             None => finish.done(),
         }
