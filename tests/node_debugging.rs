@@ -347,13 +347,37 @@ async fn endpoints_shows_the_failing_endpoint_ejected_once_and_clusters_its_ejec
 async fn trace_shows_both_attempts_of_a_retried_request() {
     let port = fails_once().await;
     let (name, svc) = service("web", &[port]);
-    let vs = yaml::virtual_service(
+    let vs = |attempts: u32| {
+        yaml::virtual_service(
+            "web",
+            &format!(
+                "  - name: everything\n    match:\n    - uri: {{prefix: /admin}}\n    - uri: {{prefix: /}}\n    route:\n    - destination: {{host: web}}\n    retries: {{attempts: {attempts}, retryOn: 5xx}}\n"
+            ),
+        )
+    };
+    let dr = yaml::destination_rule(
         "web",
-        "  - route:\n    - destination: {host: web}\n    retries: {attempts: 2, retryOn: 5xx}\n",
+        "  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 7}\n    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s}\n",
     );
-    let agent = Agent::start(&[(&name, svc), ("vs.yaml", vs)]).await;
+    let agent = Agent::start(&[(&name, svc), ("vs.yaml", vs(2)), ("dr.yaml", dr)]).await;
     let id = "debug-trace-0001";
     assert_eq!(get_with_id(&agent.client(), "http://web/", id).await, 200);
+
+    // The policy a trace shows is the one the request ran under: a reload since changes nothing.
+    let before: api::Status = agent.json(&["status"]).await;
+    std::fs::write(agent.dir.path().join("config/vs.yaml"), vs(5)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now: api::Status = agent.json(&["status"]).await;
+        if now.generation > before.generation {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changed VirtualService was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let r: api::Request = agent.json(&["trace", id]).await;
     assert_eq!(r.request_id.as_deref(), Some(id));
@@ -364,13 +388,27 @@ async fn trace_shows_both_attempts_of_a_retried_request() {
     );
     let route = r.route.as_ref().expect("the route taken");
     assert_eq!(
-        (route.virtual_service.as_str(), route.retries),
-        ("default/web", 2)
+        (
+            route.virtual_service.as_str(),
+            route.route.as_str(),
+            route.retries
+        ),
+        ("default/web", "everything", 2),
+        "{route:#?}"
     );
-    // The route recorded when the request was routed, first among those to its cluster.
-    let taken = r.route_taken.as_deref().expect("recorded at request time");
-    assert_eq!(route.routes.first().map(String::as_str), Some(taken));
+    // `/` fitted the second `match` entry, not the first.
+    let matched = route.matched.as_ref().expect("the match entry");
+    assert_eq!(matched.index, 1, "{route:#?}");
+    assert_eq!(
+        matched.conditions,
+        serde_json::json!({"uri": {"Prefix": "/"}}),
+        "only the conditions it sets: {route:#?}"
+    );
     assert!(route.retry_on.iter().any(|c| c == "5xx"), "{route:?}");
+    let dest = r.destination.as_ref().expect("the cluster's policy");
+    assert_eq!(dest.destination_rule.as_deref(), Some("default/web"));
+    assert_eq!(dest.max_connections, 7);
+    assert!(dest.outlier_detection.is_some(), "{dest:#?}");
     let attempts: Vec<(u32, u16, bool)> = r
         .attempts
         .iter()
@@ -383,7 +421,11 @@ async fn trace_shows_both_attempts_of_a_retried_request() {
     );
     let table = agent.table(&["trace", id]).await;
     println!("{table}");
-    assert!(table.contains(&format!("taken by {taken}")), "{table}");
+    assert!(
+        table.contains("route    default/web everything  (match[1] ")
+            && table.contains("policy   default/web  maxConnections 7"),
+        "{table}"
+    );
     assert!(
         table.contains("answered 503; retryOn matched")
             && table.contains("answered 200; last attempt"),

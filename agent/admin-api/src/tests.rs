@@ -191,7 +191,7 @@ fn requests_and_top_round_trip() {
         flags: "-".into(),
         route: Some(RoutePolicy {
             virtual_service: "default/pricing".into(),
-            routes: vec!["all".into()],
+            route: "all".into(),
             retries: 2,
             retry_on: vec!["5xx".into()],
             ..RoutePolicy::default()

@@ -26,14 +26,14 @@ pub struct Request {
     pub service: String,
     /// The cluster the route chose.
     pub cluster: Option<String>,
-    /// The route that took the request (`http[].name`, or `VSNAME.INDEX`; `default` for Istio's
-    /// implicit route), recorded when it was routed.
-    #[serde(default)]
-    pub route_taken: Option<String>,
-    /// The VirtualService route that sends to that cluster, as the configuration in force now
-    /// has it (`None` for the passthrough, or when it changed since).
+    /// The route that took the request and its policy, as the configuration in force when it
+    /// was routed had them (a later reload changes nothing here); Istio's `allow_any` route for
+    /// the passthrough; `None` for what was refused before routing.
     #[serde(default)]
     pub route: Option<RoutePolicy>,
+    /// The cluster's policy then: the DestinationRule that shaped it and its limits.
+    #[serde(default)]
+    pub destination: Option<DestinationPolicy>,
     /// The final status; 0 when none was sent.
     pub status: u16,
     /// Envoy's response flags (`URX,UF`), `-` when none.
@@ -77,9 +77,10 @@ pub struct Attempt {
 /// `/top`: traffic per edge over a recent window.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Top {
-    /// The window the rates are over, in seconds.
+    /// The span the rates are over, in seconds: the window asked for (at most 60), of which
+    /// the current second counts as far as it has gone.
     pub window_s: f64,
-    /// Requests in the window (the ring of recent requests bounds it).
+    /// Requests that finished in the window.
     pub requests: u64,
     pub edges: Vec<Edge>,
 }
@@ -108,10 +109,11 @@ pub struct Edge {
 pub struct RoutePolicy {
     /// `namespace/name` of the VirtualService, or `default` for Istio's implicit route.
     pub virtual_service: String,
-    /// The routes (`http[].name`, or `VSNAME.INDEX`) that send to the request's cluster, in
-    /// order; the one that took the request first when it is still in force (its settings are
-    /// the ones below).
-    pub routes: Vec<String>,
+    /// The route (`http[].name`, or `VSNAME.INDEX`; `default` for the implicit route).
+    pub route: String,
+    /// The route's `match` entry the request fitted: its index in `match` and its conditions
+    /// (as `/policy` spells them); `None` when the route has no `match` (it takes everything).
+    pub matched: Option<Match>,
     /// `timeout`, whole request.
     pub timeout_ms: Option<u64>,
     /// Retries allowed after the first attempt.
@@ -119,6 +121,33 @@ pub struct RoutePolicy {
     /// `retryOn` conditions in force.
     pub retry_on: Vec<String>,
     pub per_try_timeout_ms: Option<u64>,
+    /// The route's `fault` (as `/policy` spells it), when it has one.
+    pub fault: Option<serde_json::Value>,
+}
+
+/// One `match` entry of a route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Match {
+    pub index: usize,
+    pub conditions: serde_json::Value,
+}
+
+/// A cluster's policy: which DestinationRule shaped it, and what the request ran under.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DestinationPolicy {
+    /// `namespace/name` of the DestinationRule (the first, when Istio merged several); `None`:
+    /// no rule applies and Envoy's defaults do.
+    pub destination_rule: Option<String>,
+    /// `connectionPool`: `maxConnections`, `http1MaxPendingRequests`, `http2MaxRequests`,
+    /// `maxRetries`.
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+    /// `outlierDetection` in force (as `/policy` spells it); `None`: nothing is ejected.
+    pub outlier_detection: Option<serde_json::Value>,
+    /// `loadBalancer` (as `/policy` spells it).
+    pub load_balancer: serde_json::Value,
 }
 
 /// `/connections`: one open connection that carries HTTP.

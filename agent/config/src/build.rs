@@ -732,6 +732,7 @@ fn clusters_of(
                     key,
                     endpoints,
                     policy: dr::effective(top, s.policy.as_ref(), p.port),
+                    destination_rule: rule.map(|d| d.name.clone()),
                 }),
             );
         }
@@ -741,6 +742,7 @@ fn clusters_of(
                 key,
                 endpoints: eps,
                 policy: dr::effective(top, None, p.port),
+                destination_rule: rule.map(|d| d.name.clone()),
             }),
         );
     }

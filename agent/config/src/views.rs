@@ -226,6 +226,8 @@ pub(crate) fn vs_public(vss: &[&CheckedVs]) -> Vec<usize> {
 /// What a consolidated DestinationRule gives a host's clusters.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct DrPolicy {
+    /// `namespace/name` of the rule (the first one, when several merged).
+    pub name: String,
     pub policy: Option<Layer>,
     pub subsets: Vec<CheckedSubset>,
 }
@@ -379,6 +381,7 @@ fn merge(
 ) {
     let d = drs[i];
     let rule = DrPolicy {
+        name: format!("{}/{}", d.namespace, d.name),
         policy: d.policy.clone(),
         subsets: d.subsets.clone(),
     };

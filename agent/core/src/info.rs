@@ -33,6 +33,30 @@ pub struct AttemptRecord {
     pub response_bytes: u64,
 }
 
+/// What the configuration in force said about a request when it was routed: the proxy's own
+/// description of a route or a cluster, made once per configuration generation and shared by every
+/// request it applies to (so a trace shows the policy a request ran under, not today's). Opaque
+/// here; the admin API reads it back with [`PolicyNote::get`].
+#[derive(Clone)]
+pub struct PolicyNote(Arc<dyn std::any::Any + Send + Sync>);
+
+impl PolicyNote {
+    pub fn new<T: std::any::Any + Send + Sync>(note: Arc<T>) -> Self {
+        Self(note)
+    }
+
+    /// The note, if it is a `T`.
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl std::fmt::Debug for PolicyNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicyNote")
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct RequestInfo {
     flags: AtomicU32,
@@ -43,6 +67,8 @@ pub struct RequestInfo {
     /// The route that took the request (`http[].name`, or `VSNAME.INDEX`; `default` for Istio's
     /// implicit route), as the configuration in force then named it.
     route: Mutex<Option<Arc<str>>>,
+    /// The route's and the cluster's policy as the configuration in force then described them.
+    policy: Mutex<Option<(PolicyNote, Option<PolicyNote>)>>,
     /// Envoy's `%RESPONSE_CODE_DETAILS%` (or, for a connection, its termination details) when the
     /// proxy itself decided the outcome in a way flags do not say (`direct_response`).
     details: Mutex<Option<&'static str>>,
@@ -110,6 +136,17 @@ impl RequestInfo {
     /// The route that took the request, if one did.
     pub fn route(&self) -> Option<Arc<str>> {
         self.route.lock().clone()
+    }
+
+    /// Records the policy the request is routed under: its route's (and match's) and, when it
+    /// goes to a cluster, that cluster's.
+    pub fn set_policy(&self, route: PolicyNote, cluster: Option<PolicyNote>) {
+        *self.policy.lock() = Some((route, cluster));
+    }
+
+    /// The route's and the cluster's policy the request was routed under, if it was routed.
+    pub fn policy(&self) -> Option<(PolicyNote, Option<PolicyNote>)> {
+        self.policy.lock().clone()
     }
 
     /// Records why the proxy answered as it did (`direct_response`, `tcp_session_idle_timeout`).

@@ -17,7 +17,7 @@ pub use self::error::{
 };
 pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
-pub use self::info::{AttemptRecord, RequestInfo, RetryAnyHost};
+pub use self::info::{AttemptRecord, PolicyNote, RequestInfo, RetryAnyHost};
 pub use self::ready::ConnectionReady;
 
 use bytes::Bytes;

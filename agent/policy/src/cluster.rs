@@ -49,6 +49,10 @@ pub struct Cluster {
     pub key: ClusterKey,
     pub endpoints: Vec<Endpoint>,
     pub policy: TrafficPolicy,
+    /// `namespace/name` of the DestinationRule that shaped `policy` (the first one, when Istio
+    /// merged several); `None`: no rule applies, Envoy's defaults do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_rule: Option<String>,
 }
 
 pub use self::traffic::TrafficPolicy;

@@ -304,8 +304,10 @@ async fn admin(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 .and_then(|w| w.parse::<f64>().ok())
                 .filter(|w| w.is_finite() && *w > 0.0)
                 .unwrap_or(10.0);
-            let records = state.handler.telemetry.recent().records();
-            json_reply(&top(&records, Duration::from_secs_f64(window)))
+            json_reply(&top(
+                state.handler.telemetry.edges(),
+                Duration::from_secs_f64(window),
+            ))
         }
         (&Method::GET, api::paths::TAP) => {
             let rx = state.handler.telemetry.recent().subscribe();
@@ -507,6 +509,7 @@ fn request(current: &State, r: &Record) -> api::Request {
             .unwrap_or_default();
         (f, r.duration.saturating_sub(since_first))
     });
+    let policy = r.info.policy();
     api::Request {
         request_id,
         start_unix_ms: r
@@ -526,11 +529,12 @@ fn request(current: &State, r: &Record) -> api::Request {
         source_workload: format!("{}/{}", r.source.namespace, r.source.workload),
         service: r.service.hostname.clone(),
         cluster: r.info.cluster().map(|c| c.to_string()),
-        route_taken: r.info.route().map(|n| n.to_string()),
-        route: r
-            .info
-            .cluster()
-            .and_then(|c| route_policy(current, &c, r.info.route().as_deref())),
+        route: policy
+            .as_ref()
+            .and_then(|(route, _)| route.get::<api::RoutePolicy>().cloned()),
+        destination: policy
+            .as_ref()
+            .and_then(|(_, cluster)| cluster.as_ref()?.get::<api::DestinationPolicy>().cloned()),
         status: r.status,
         flags: flags_text(r.info.flags()),
         details: r.info.details().map(str::to_owned),
@@ -560,125 +564,25 @@ fn request(current: &State, r: &Record) -> api::Request {
     }
 }
 
-/// The route of the VirtualService in force that sends to `cluster` (`outbound|PORT|SUBSET|HOST`).
-/// The route named `taken` (the one that took the request) comes first when it is still there.
-fn route_policy(current: &State, cluster: &str, taken: Option<&str>) -> Option<api::RoutePolicy> {
-    let mut parts = cluster.split('|');
-    let (Some("outbound"), Some(port), Some(subset), Some(host)) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    let port: u16 = port.parse().ok()?;
-    let vh = current.snapshot.virtual_host(host)?;
-    let to_cluster = |d: &sluice_policy::WeightedDestination| {
-        d.cluster.host == host
-            && d.cluster.subset.as_deref().unwrap_or("") == subset
-            && (d.cluster.port == port || d.cluster.port == sluice_policy::INCOMING_PORT)
-    };
-    let mut routes: Vec<&sluice_policy::Route> = vh
-        .routes
-        .iter()
-        .filter(|r| r.destinations.iter().any(to_cluster))
-        .collect();
-    if let Some(at) = taken.and_then(|t| routes.iter().position(|r| r.name == t)) {
-        let route = routes.remove(at);
-        routes.insert(0, route);
-    }
-    let first = routes.first()?;
-    let retry = &first.retry;
-    let on = &retry.retry_on;
-    let mut retry_on: Vec<String> = [
-        (on.five_xx, "5xx"),
-        (on.gateway_error, "gateway-error"),
-        (on.reset, "reset"),
-        (on.connect_failure, "connect-failure"),
-        (on.retriable_4xx, "retriable-4xx"),
-        (on.refused_stream, "refused-stream"),
-        (on.cancelled, "cancelled"),
-        (on.deadline_exceeded, "deadline-exceeded"),
-        (on.internal, "internal"),
-        (on.resource_exhausted, "resource-exhausted"),
-        (on.unavailable, "unavailable"),
-    ]
-    .into_iter()
-    .filter(|(set, _)| *set)
-    .map(|(_, name)| name.to_owned())
-    .collect();
-    retry_on.extend(on.retriable_status_codes.iter().map(|c| c.to_string()));
-    Some(api::RoutePolicy {
-        virtual_service: vh.name.clone(),
-        routes: routes.iter().map(|r| r.name.clone()).collect(),
-        timeout_ms: first.timeout.map(|d| d.as_millis() as u64),
-        retries: retry.num_retries,
-        retry_on,
-        per_try_timeout_ms: retry.per_try_timeout.map(|d| d.as_millis() as u64),
-    })
-}
-
-/// Traffic per edge over the last `window` of the kept records.
-fn top(records: &[Arc<Record>], window: Duration) -> api::Top {
-    use std::collections::BTreeMap;
-    let now = std::time::SystemTime::now();
-    let recent: Vec<&Arc<Record>> = records
-        .iter()
-        .filter(|r| {
-            now.duration_since(r.start + r.duration)
-                .map_or(true, |ago| ago <= window)
-        })
-        .collect();
-    #[derive(Default)]
-    struct Acc {
-        durations: Vec<f64>,
-        ok: u64,
-        retries: u64,
-        flags: BTreeMap<String, u64>,
-    }
-    let mut edges: BTreeMap<(String, String), Acc> = BTreeMap::new();
-    for r in &recent {
-        let source = format!("{}/{}", r.source.namespace, r.source.workload);
-        let acc = edges
-            .entry((source, r.service.hostname.clone()))
-            .or_default();
-        acc.durations.push(ms(r.duration));
-        if r.status != 0 && r.status < 500 {
-            acc.ok += 1;
-        }
-        acc.retries += u64::from(r.info.attempts().saturating_sub(1));
-        let flags = r.info.flags().to_string();
-        // Envoy writes no flags as `-`.
-        for f in flags.split(',').filter(|f| !f.is_empty() && *f != "-") {
-            *acc.flags.entry(f.to_owned()).or_default() += 1;
-        }
-    }
-    let secs = window.as_secs_f64();
-    let quantile = |sorted: &[f64], q: f64| {
-        if sorted.is_empty() {
-            return 0.0;
-        }
-        let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-        sorted[i]
-    };
+/// Traffic per edge over the last `window` (at most a minute), from the edges' per-second counts.
+fn top(edges: &sluice_telemetry::Edges, window: Duration) -> api::Top {
+    let (totals, secs) = edges.totals(window);
     api::Top {
         window_s: secs,
-        requests: recent.len() as u64,
-        edges: edges
+        requests: totals.iter().map(|t| t.requests).sum(),
+        edges: totals
             .into_iter()
-            .map(|((source, service), mut acc)| {
-                acc.durations.sort_by(f64::total_cmp);
-                let n = acc.durations.len() as u64;
-                api::Edge {
-                    source,
-                    service,
-                    requests: n,
-                    requests_per_s: n as f64 / secs,
-                    success_pct: 100.0 * acc.ok as f64 / n.max(1) as f64,
-                    p50_ms: quantile(&acc.durations, 0.5),
-                    p99_ms: quantile(&acc.durations, 0.99),
-                    retries: acc.retries,
-                    retries_per_s: acc.retries as f64 / secs,
-                    flags: acc.flags,
-                }
+            .map(|t| api::Edge {
+                requests_per_s: t.requests as f64 / secs,
+                success_pct: 100.0 * t.ok as f64 / t.requests.max(1) as f64,
+                p50_ms: ms(t.quantile(0.5)),
+                p99_ms: ms(t.quantile(0.99)),
+                retries_per_s: t.retries as f64 / secs,
+                flags: t.flags.iter().map(|(f, n)| (f.to_string(), *n)).collect(),
+                source: t.source,
+                service: t.service,
+                requests: t.requests,
+                retries: t.retries,
             })
             .collect(),
     }

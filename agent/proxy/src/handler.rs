@@ -117,6 +117,8 @@ pub struct Handler {
 /// Where one request goes.
 struct Routed {
     plan: Arc<RoutePlan>,
+    /// The plan's `match` entry the request fitted (`None`: the route has no `match`).
+    matched: Option<usize>,
     target: Target,
     /// `None` for the passthrough cluster.
     service: Option<Arc<Service>>,
@@ -280,11 +282,13 @@ impl Handler {
         let rsp = match self.route(&state, &req, conn) {
             Ok(Routed {
                 plan,
+                matched,
                 target: Target::Direct(reply),
                 service,
             }) => {
                 finish.record.service = self.service_labels(&state, service.as_deref());
                 info.set_route(plan.name.clone());
+                info.set_policy(plan.note(matched), None);
                 debug_assert!(
                     plan.fault.is_none(),
                     "config refuses fault with directResponse"
@@ -303,12 +307,14 @@ impl Handler {
             }
             Ok(Routed {
                 plan,
+                matched,
                 target: Target::Cluster(upstream),
                 service,
             }) => {
                 finish.record.service = self.service_labels(&state, service.as_deref());
                 info.set_cluster(upstream.name.clone());
                 info.set_route(plan.name.clone());
+                info.set_policy(plan.note(matched), Some(upstream.note.clone()));
                 let req = prepare_request(req, &info);
                 let stack = ServiceBuilder::new()
                     .layer(FaultLayer::new(plan.fault.clone()))
@@ -471,6 +477,7 @@ impl Handler {
                     };
                     return Ok(Routed {
                         plan: self.passthrough.plan().clone(),
+                        matched: None,
                         target: Target::Cluster(self.passthrough.upstream(dst, protocol)),
                         service: None,
                     });
@@ -489,20 +496,24 @@ impl Handler {
             return Err(ProxyError::NoCluster(format!("{}:{port}", service.hostname)).into());
         }
 
-        let plan = match state.routes(viewer, &service.hostname, port) {
+        let (plan, matched) = match state.routes(viewer, &service.hostname, port) {
             Some((vh, plans)) => {
-                let (idx, _) = route::select(vh, req, port, source.map(|s| &*s.pod))
+                let (idx, matched, _) = route::select(vh, req, port, source.map(|s| &*s.pod))
                     .ok_or(ProxyError::NoRoute)?;
-                plans[idx].clone()
+                (plans[idx].clone(), matched)
             }
-            None => state
-                .implicit_plan(&service.hostname, port)
-                .cloned()
-                .ok_or_else(|| ProxyError::NoCluster(format!("{}:{port}", service.hostname)))?,
+            None => (
+                state
+                    .implicit_plan(&service.hostname, port)
+                    .cloned()
+                    .ok_or_else(|| ProxyError::NoCluster(format!("{}:{port}", service.hostname)))?,
+                None,
+            ),
         };
         if let Some(reply) = &plan.direct {
             return Ok(Routed {
                 target: Target::Direct(reply.clone()),
+                matched,
                 plan,
                 service: Some(service.clone()),
             });
@@ -515,6 +526,7 @@ impl Handler {
             .clone();
         Ok(Routed {
             plan,
+            matched,
             target: Target::Cluster(upstream),
             service: Some(service.clone()),
         })

@@ -14,6 +14,7 @@ mod handler;
 mod isolation;
 mod limits;
 mod metrics;
+mod notes;
 mod passthrough;
 mod recorded;
 mod relay;

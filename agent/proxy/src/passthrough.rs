@@ -42,6 +42,13 @@ impl Passthrough {
                 fault: None,
                 direct: None,
                 response_headers: None,
+                notes: Arc::new([sluice_core::PolicyNote::new(Arc::new(
+                    sluice_admin_api::RoutePolicy {
+                        virtual_service: "allow_any".into(),
+                        route: "allow_any".into(),
+                        ..Default::default()
+                    },
+                ))]),
             }),
             labels: sluice_telemetry::ServiceName::new(
                 PASSTHROUGH_CLUSTER,
@@ -80,9 +87,11 @@ impl Passthrough {
                 identity: None,
             }],
             policy: TrafficPolicy::default(),
+            destination_rule: None,
         });
         let up = Upstream {
             name: self.name.clone(),
+            note: crate::notes::cluster_note(&spec),
             retry_budget: Arc::new(RetryBudget::new(spec.policy.connection_pool.max_retries)),
             handle: sluice_upstream::Cluster::new(spec.clone(), protocol),
             spec,

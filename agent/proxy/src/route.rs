@@ -9,7 +9,8 @@ use sluice_policy::{
 use std::net::SocketAddr;
 
 /// The first route of `vhost` that matches `req` from `source` (the client pod, when known), with
-/// its index. A match with `sourceLabels`/`sourceNamespace` that the client does not fit is
+/// its index and the index of the `match` entry that fitted (`None` for a route without `match`,
+/// which takes everything). A match with `sourceLabels`/`sourceNamespace` that the client does not fit is
 /// dropped, as istiod drops it from the client's sidecar: a route whose matches all drop is
 /// skipped, never taken as a catch-all.
 pub fn select<'a, B>(
@@ -17,9 +18,16 @@ pub fn select<'a, B>(
     req: &Request<B>,
     port: u16,
     source: Option<&Workload>,
-) -> Option<(usize, &'a Route)> {
-    vhost.routes.iter().enumerate().find(|(_, route)| {
-        route.matches.is_empty() || route.matches.iter().any(|m| matches(m, req, port, source))
+) -> Option<(usize, Option<usize>, &'a Route)> {
+    vhost.routes.iter().enumerate().find_map(|(i, route)| {
+        if route.matches.is_empty() {
+            return Some((i, None, route));
+        }
+        route
+            .matches
+            .iter()
+            .position(|m| matches(m, req, port, source))
+            .map(|m| (i, Some(m), route))
     })
 }
 
@@ -239,7 +247,7 @@ mod tests {
                 route("rest", vec![]),
             ],
         };
-        let name = |r: &Request<()>| select(&vh, r, 80, None).map(|(_, r)| r.name.clone());
+        let name = |r: &Request<()>| select(&vh, r, 80, None).map(|(_, _, r)| r.name.clone());
         assert_eq!(
             name(&req("/api/x", &[("end-user", "jason")])).as_deref(),
             Some("jason")
@@ -282,7 +290,7 @@ mod tests {
             ..Default::default()
         };
         let name = |path: &str, w: Option<&Workload>| {
-            select(&vh, &req(path, &[]), 80, w).map(|(_, r)| r.name.clone())
+            select(&vh, &req(path, &[]), 80, w).map(|(_, _, r)| r.name.clone())
         };
         let batch = pod("default", "batch");
         let shop = pod("shop", "web");

@@ -8,6 +8,7 @@
 //! DestinationRules than the rest (`exportTo`) its own table of them and of their live clusters.
 
 use crate::direct::{DirectReply, ResponseHeaders};
+use sluice_core::PolicyNote;
 use sluice_policy::Identity;
 use sluice_policy::{
     Cluster, ClusterKey, Fault, RetryPolicy, Route, Service, ServiceExportTo, Snapshot,
@@ -27,6 +28,8 @@ pub struct Upstream {
     /// Envoy's name for it (`outbound|80||pricing.default.svc.cluster.local`), made once.
     pub name: Arc<str>,
     pub spec: Arc<Cluster>,
+    /// Its DestinationRule and limits as a trace shows them, made with `spec`.
+    pub note: PolicyNote,
     pub handle: ClusterHandle,
     pub retry_budget: Arc<RetryBudget>,
 }
@@ -44,11 +47,21 @@ pub struct RoutePlan {
     pub(crate) direct: Option<Arc<DirectReply>>,
     /// `headers.response`, applied to the route's responses (already in `direct`'s headers).
     pub(crate) response_headers: Option<Arc<ResponseHeaders>>,
+    /// What a trace shows of the route: `[0]` without a match, then one per `match` entry.
+    pub(crate) notes: Arc<[PolicyNote]>,
 }
 
 impl RoutePlan {
-    /// `route` for requests that came in on `port` (its destinations without `port` take it).
-    fn compile(route: &Route, port: u16) -> Self {
+    /// The route's note for a request that fitted `match` entry `matched` (`None`: the route
+    /// has no `match`).
+    pub fn note(&self, matched: Option<usize>) -> PolicyNote {
+        let i = matched.map_or(0, |m| m + 1);
+        self.notes.get(i).unwrap_or(&self.notes[0]).clone()
+    }
+
+    /// `route` of VirtualService `virtual_service` for requests that came in on `port` (its
+    /// destinations without `port` take it).
+    fn compile(virtual_service: &str, route: &Route, port: u16) -> Self {
         let response_headers = route
             .response_headers
             .as_ref()
@@ -72,6 +85,7 @@ impl RoutePlan {
                 .as_ref()
                 .map(|d| Arc::new(DirectReply::new(d, response_headers.as_deref()))),
             response_headers,
+            notes: crate::notes::route_notes(virtual_service, route),
         }
     }
 
@@ -94,6 +108,12 @@ impl RoutePlan {
             fault: None,
             direct: None,
             response_headers: None,
+            notes: Arc::new([PolicyNote::new(Arc::new(sluice_admin_api::RoutePolicy {
+                virtual_service: "default".into(),
+                route: "default".into(),
+                retries: RetryPolicy::istio_default().num_retries,
+                ..Default::default()
+            }))]),
         }
     }
 }
@@ -425,7 +445,7 @@ fn compile(vh: &VirtualHost, ports: &BTreeSet<u16>) -> PortPlans {
     let plans = |port: u16| -> Arc<[Arc<RoutePlan>]> {
         vh.routes
             .iter()
-            .map(|r| Arc::new(RoutePlan::compile(r, port)))
+            .map(|r| Arc::new(RoutePlan::compile(&vh.name, r, port)))
             .collect()
     };
     if per_port {
@@ -451,6 +471,7 @@ fn live(
             Upstream {
                 name: up.name.clone(),
                 spec: spec.clone(),
+                note: crate::notes::cluster_note(spec),
                 handle: up.handle.clone(),
                 retry_budget: if up.spec.policy.connection_pool.max_retries
                     == spec.policy.connection_pool.max_retries
@@ -467,6 +488,7 @@ fn live(
             let up = Upstream {
                 name: Arc::from(spec.key.to_string()),
                 spec: spec.clone(),
+                note: crate::notes::cluster_note(spec),
                 retry_budget: retry_budget(spec, &handle),
                 handle,
             };
@@ -536,6 +558,7 @@ mod tests {
             key: key(port),
             endpoints: vec![],
             policy,
+            destination_rule: None,
         })
     }
 

@@ -65,6 +65,7 @@ fn clusters(limit: u32) -> BTreeMap<ClusterKey, Arc<Cluster>> {
                     key,
                     endpoints: vec![],
                     policy,
+                    destination_rule: None,
                 }),
             );
         }
@@ -131,7 +132,7 @@ fn route_one(state: &State, req: &http::Request<()>, ns: &str, port: u16, draw: 
     let viewer = state.viewer(ns);
     assert!(state.sees(viewer, HOST));
     let (vh, plans) = state.routes(viewer, HOST, port).expect("a VirtualService");
-    let (idx, _) = route::select(vh, req, port, None).expect("a route");
+    let (idx, _, _) = route::select(vh, req, port, None).expect("a route");
     let dest = route::pick_destination(&plans[idx].destinations, |_| draw).expect("a destination");
     let up = state.upstream(viewer, &dest.cluster).expect("a cluster");
     (

@@ -75,7 +75,7 @@ pub enum Command {
         /// Column to sort by.
         #[arg(long, value_enum, default_value_t = show::TopSort::Rps)]
         sort: show::TopSort,
-        /// Seconds of traffic each frame covers.
+        /// Seconds of traffic each frame covers (at most 60: the agent counts the last minute).
         #[arg(long, default_value_t = 10.0)]
         window: f64,
         #[command(flatten)]

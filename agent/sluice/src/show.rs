@@ -496,20 +496,43 @@ pub fn trace(r: &api::Request) -> String {
     );
     let _ = writeln!(o, "service  {}", r.service);
     let _ = writeln!(o, "cluster  {}", opt(&r.cluster));
-    if let Some(taken) = &r.route_taken {
-        let _ = writeln!(o, "taken by {taken}");
-    }
     if let Some(p) = &r.route {
+        let matched = match &p.matched {
+            Some(m) => format!("match[{}] {}", m.index, m.conditions),
+            None => "no match conditions".into(),
+        };
+        let _ = writeln!(o, "route    {} {}  ({matched})", p.virtual_service, p.route);
         let _ = writeln!(
             o,
-            "route    {} {}  timeout {}  retries {} on {} (per try {})",
-            p.virtual_service,
-            p.routes.join(" | "),
+            "         timeout {}  retries {} on {} (per try {}){}",
             p.timeout_ms.map_or("none".into(), |t| format!("{t}ms")),
             p.retries,
             list(&p.retry_on),
             p.per_try_timeout_ms
                 .map_or("none".into(), |t| format!("{t}ms")),
+            p.fault
+                .as_ref()
+                .map(|f| format!("  fault {f}"))
+                .unwrap_or_default(),
+        );
+    }
+    if let Some(d) = &r.destination {
+        let _ = writeln!(
+            o,
+            "policy   {}  maxConnections {}  pending {}  requests {}  maxRetries {}  lb {}  outlier {}",
+            d.destination_rule
+                .as_deref()
+                .unwrap_or("no DestinationRule (defaults)"),
+            limit(d.max_connections),
+            limit(d.max_pending_requests),
+            limit(d.max_requests),
+            limit(d.max_retries),
+            d.load_balancer
+                .as_str()
+                .map_or_else(|| d.load_balancer.to_string(), str::to_owned),
+            d.outlier_detection
+                .as_ref()
+                .map_or("none".into(), |v| v.to_string()),
         );
     }
     let _ = writeln!(o, "attempts {}", r.attempts.len());
@@ -540,6 +563,15 @@ pub fn trace(r: &api::Request) -> String {
             .unwrap_or_default()
     );
     o
+}
+
+/// A connection-pool limit; Envoy's default (2^32 - 1) reads as no limit.
+fn limit(n: u32) -> String {
+    if n == u32::MAX {
+        "unlimited".into()
+    } else {
+        n.to_string()
+    }
 }
 
 pub fn connections(v: &[api::Connection]) -> String {

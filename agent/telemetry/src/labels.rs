@@ -47,7 +47,7 @@ impl<T> Hash for Interned<T> {
 
 impl<T> Interned<T> {
     /// The value's one address, which stands for it (equal values share it).
-    fn addr(&self) -> u64 {
+    pub(crate) fn addr(&self) -> u64 {
         Arc::as_ptr(&self.0) as *const () as usize as u64
     }
 }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod edges;
 mod labels;
 mod metrics;
 pub mod recent;
@@ -10,6 +11,7 @@ mod record;
 pub mod trace;
 
 pub use self::access_log::{AccessLog, LogFormat};
+pub use self::edges::{EdgeTotals, Edges};
 pub use self::labels::{
     unknown_identity, Interned, Peer, Peers, Protocol, Reporter, RequestLabels, ServiceName,
     TcpLabels,

@@ -4,6 +4,7 @@
 //! proxy's own refusals all end here the same way.
 
 use crate::access_log::AccessLog;
+use crate::edges::Edges;
 use crate::labels::{
     unknown_identity, Interned, Peer, Peers, Protocol, Reporter, RequestLabels, ServiceName,
 };
@@ -135,6 +136,8 @@ struct Inner {
     recent: Arc<Recent>,
     /// The open connections that carry HTTP, for `sluice connections`.
     connections: Arc<Connections>,
+    /// Requests per edge over the last minute, for `sluice top`.
+    edges: Arc<Edges>,
 }
 
 /// The cluster name Istio reports when none is configured.
@@ -149,6 +152,7 @@ impl Telemetry {
             tracer: Tracer::disabled(),
             recent: Arc::new(Recent::default()),
             connections: Arc::default(),
+            edges: Arc::default(),
         }))
     }
 
@@ -162,6 +166,7 @@ impl Telemetry {
             tracer,
             recent: inner.recent.clone(),
             connections: inner.connections.clone(),
+            edges: inner.edges.clone(),
         }))
     }
 
@@ -187,6 +192,11 @@ impl Telemetry {
         &self.0.recent
     }
 
+    /// Requests per edge over the last minute.
+    pub fn edges(&self) -> &Edges {
+        &self.0.edges
+    }
+
     fn peers(&self, source: &Peer, destination: Peer, service: &Interned<ServiceName>) -> Peers {
         Peers {
             source: source.clone(),
@@ -205,6 +215,7 @@ impl Telemetry {
         let Exchange::Http(req) = &record.exchange else {
             return;
         };
+        self.0.edges.record(record);
         let attempts = record.info.attempt_records();
         let request_bytes = record.request_bytes();
         // The client side names the endpoint that answered last, if one did.

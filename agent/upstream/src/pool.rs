@@ -802,6 +802,7 @@ mod tests {
                 identity: None,
             }],
             policy: Default::default(),
+            destination_rule: None,
         };
         edit(&mut spec.policy.connection_pool);
         Cluster::new(Arc::new(spec), UpstreamProtocol::Http1)

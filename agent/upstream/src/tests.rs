@@ -117,6 +117,7 @@ fn spec(
             })
             .collect(),
         policy: Default::default(),
+        destination_rule: None,
     };
     cluster.policy.load_balancer = LoadBalancer::RoundRobin;
     edit(&mut cluster);
