@@ -42,7 +42,7 @@ const GOOD: [u8; 4] = [127, 0, 0, 3];
 struct Proxy {
     handler: Arc<Handler>,
     addr: SocketAddr,
-    log: broadcast::Receiver<Arc<str>>,
+    log: broadcast::Receiver<Arc<sluice_telemetry::Record>>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -71,7 +71,7 @@ impl Proxy {
             .with_isolation(limits),
         );
         handler.apply(outcome.snapshot);
-        let log = handler.access_log().subscribe();
+        let log = handler.recent().subscribe();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().unwrap();
         let (shutdown, rx) = watch::channel(false);
@@ -93,11 +93,14 @@ impl Proxy {
         }
     }
 
-    /// The access-log lines written since the last call.
+    /// The requests recorded since the last call (the admin API's typed record).
     fn lines(&mut self) -> Vec<LogLine> {
         let mut out = Vec::new();
-        while let Ok(line) = self.log.try_recv() {
-            out.push(LogLine::parse(&line).unwrap_or_else(|| panic!("unparsable: {line}")));
+        while let Ok(record) = self.log.try_recv() {
+            let r = sluice_proxy::admin::describe(&self.handler, &record);
+            if r.protocol != "TCP" {
+                out.push(LogLine::of(&r));
+            }
         }
         out
     }

@@ -147,9 +147,13 @@ impl Mesh {
         port
     }
 
-    /// Follows the access log from now on.
+    /// Follows the requests the proxy records from now on, as the admin API's `/tap` has them
+    /// (typed, not the access log's text).
     pub fn access_log(&self) -> LogReader {
-        LogReader(self.handler.access_log().subscribe())
+        LogReader {
+            feed: self.handler.recent().subscribe(),
+            handler: self.handler.clone(),
+        }
     }
 
     /// One request through the proxy, as `curl -x PROXY --max-time T http://HOST/PATH` does it: a fresh
@@ -326,22 +330,40 @@ impl Outcome {
     }
 }
 
-/// One parsed access-log line.
+/// What a test needs of one finished request, in the access log's terms: from the admin API's
+/// typed record ([`LogLine::of`]), or parsed from an access-log line by the tests that check the
+/// log itself ([`LogLine::parse`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogLine {
     pub status: u16,
     pub flags: String,
     pub attempts: u32,
+    /// Whole milliseconds, as the access log's `duration=`.
     pub duration_ms: u64,
     pub authority: String,
     pub upstream: String,
     pub service: String,
-    /// `details=...` (Envoy's response code details) when the line has it.
+    /// Envoy's response code details, when the proxy decided the outcome.
     pub details: Option<String>,
 }
 
 impl LogLine {
-    /// Parses the proxy's access-log format (see `sluice_proxy::access_log`).
+    /// The request as the admin API describes it.
+    pub fn of(r: &sluice_admin_api::Request) -> Self {
+        Self {
+            status: r.status,
+            flags: r.flags.clone(),
+            attempts: r.attempt_count,
+            duration_ms: r.duration_ms as u64,
+            authority: r.authority.clone().unwrap_or_else(|| "-".into()),
+            upstream: r.upstream.clone().unwrap_or_else(|| "-".into()),
+            service: r.service.clone(),
+            details: r.details.clone(),
+        }
+    }
+
+    /// Parses the proxy's access-log line (Envoy's text format, see `sluice_telemetry::access_log`):
+    /// for tests of what the log itself says.
     pub fn parse(line: &str) -> Option<Self> {
         let after_req = line.split_once("\" ")?.1;
         let mut it = after_req.split_whitespace();
@@ -381,21 +403,28 @@ impl LogLine {
     }
 }
 
-pub struct LogReader(broadcast::Receiver<Arc<str>>);
+/// The requests the proxy recorded since the reader was made.
+pub struct LogReader {
+    feed: broadcast::Receiver<Arc<sluice_telemetry::Record>>,
+    handler: Arc<Handler>,
+}
 
 impl LogReader {
-    /// Every line logged since the reader was made (waits briefly for lines still being written).
+    /// Every request recorded since the reader was made (waits briefly for records still being
+    /// finished); connections proxied at L4 are left out.
     pub async fn drain(&mut self) -> Vec<LogLine> {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut out = Vec::new();
         loop {
-            match self.0.try_recv() {
-                Ok(line) => out.push(
-                    LogLine::parse(&line)
-                        .unwrap_or_else(|| panic!("unparsable access log: {line}")),
-                ),
+            match self.feed.try_recv() {
+                Ok(record) => {
+                    let r = sluice_proxy::admin::describe(&self.handler, &record);
+                    if r.protocol != "TCP" {
+                        out.push(LogLine::of(&r));
+                    }
+                }
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                    panic!("access log reader lagged by {n}")
+                    panic!("the request feed's reader lagged by {n}")
                 }
                 Err(_) => return out,
             }

@@ -467,6 +467,12 @@ fn flags_text(flags: sluice_core::ResponseFlags) -> String {
 }
 
 /// A record as the admin API shows it.
+/// A finished request (or L4 connection) as `/requests` and `/tap` show it: for in-process readers
+/// of the telemetry's live feed ([`Handler::recent`]), such as tests.
+pub fn describe(handler: &Handler, record: &Record) -> api::Request {
+    request(&handler.state(), record)
+}
+
 fn request(current: &State, r: &Record) -> api::Request {
     let snapshot = &current.snapshot;
     let pod_of = |ip: std::net::IpAddr| {

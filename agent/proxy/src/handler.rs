@@ -183,6 +183,11 @@ impl Handler {
     }
 
     /// The access log (tests and the admin API subscribe to it).
+    /// The recent records and the live feed of each one as it finishes (what `/tap` streams).
+    pub fn recent(&self) -> &sluice_telemetry::Recent {
+        self.telemetry.recent()
+    }
+
     pub fn access_log(&self) -> &AccessLog {
         self.telemetry.access_log()
     }
