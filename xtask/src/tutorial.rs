@@ -999,7 +999,6 @@ impl Lab {
             Load::High => println!("high-traffic generator: {} requests, {} concurrent, --max-time 5 (high-traffic-generator.yaml)", t.requests, t.concurrency),
             Load::Clients => println!("fortio load -c {} -qps 0 -n {} http://{host}:{port}{path}", t.concurrency, t.requests),
         }
-        let before = parse_istio_requests(&get_text(self.metrics, "/stats/prometheus").await?);
         let redirect_before = redirect_counters(self.admin).await;
         while self.log_rx.try_recv().is_ok() {}
         let started = Instant::now();
@@ -1020,7 +1019,6 @@ impl Lab {
         };
         let elapsed = started.elapsed();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let after = parse_istio_requests(&get_text(self.metrics, "/stats/prometheus").await?);
         let mut log = Vec::new();
         while let Ok(e) = self.log_rx.try_recv() {
             log.push(e);
@@ -1048,7 +1046,7 @@ impl Lab {
         let run = StepRun {
             traffic: Some(t),
             results,
-            diff: diff_counts(&before, &after),
+            diff: count_requests(log.iter().map(|(_, e)| e)),
             log: log
                 .into_iter()
                 .map(|(t, e)| (t.saturating_duration_since(started), e))
@@ -1392,7 +1390,8 @@ async fn generation(admin: SocketAddr) -> Result<u64> {
         .generation)
 }
 
-/// Streams `/access_log` into `tx` until the channel or the connection closes.
+/// Streams `/tap` (each finished request, typed) into `tx` until the channel or the connection
+/// closes.
 async fn follow_requests(admin: SocketAddr, tx: mpsc::UnboundedSender<(Instant, LogEntry)>) {
     let Ok(mut s) = TcpStream::connect(admin).await else {
         return;
@@ -1411,7 +1410,11 @@ async fn follow_requests(admin: SocketAddr, tx: mpsc::UnboundedSender<(Instant, 
             in_body = line.trim().is_empty();
             continue;
         }
-        if let Ok(r) = serde_json::from_str::<api::Request>(&line) {
+        // Requests only: connections proxied at L4 are not what the steps count.
+        if let Some(r) = serde_json::from_str::<api::Request>(&line)
+            .ok()
+            .filter(|r| r.protocol != "TCP")
+        {
             if tx.send((Instant::now(), LogEntry::of(&r))).is_err() {
                 return;
             }
@@ -1654,75 +1657,15 @@ fn short(service: &str) -> String {
     service.split('.').next().unwrap_or(service).to_owned()
 }
 
-/// Parses `name{k="v",...} value` label sets (values may hold escaped quotes).
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut rest = s;
-    while let Some(eq) = rest.find("=\"") {
-        let key = rest[..eq].trim_start_matches(',').trim().to_owned();
-        let mut val = String::new();
-        let mut chars = rest[eq + 2..].char_indices();
-        let mut end = rest.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        val.push(if n == 'n' { '\n' } else { n });
-                    }
-                }
-                '"' => {
-                    end = eq + 2 + i + 1;
-                    break;
-                }
-                c => val.push(c),
-            }
-        }
-        out.insert(key, val);
-        rest = &rest[end.min(rest.len())..];
-    }
-    out
-}
-
-fn parse_istio_requests(text: &str) -> Counts {
+/// Requests per (service, code, flags) among `entries`: what `istio_requests_total` counts under
+/// `reporter="source"`, from the typed records.
+fn count_requests<'a>(entries: impl Iterator<Item = &'a LogEntry>) -> Counts {
     let mut out = Counts::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("istio_requests_total{") else {
-            continue;
-        };
-        let Some(close) = rest.rfind('}') else {
-            continue;
-        };
-        let labels = parse_labels(&rest[..close]);
-        let Some(v) = rest[close + 1..]
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        // The client side's view: one sample per request (the endpoints' side counts attempts).
-        if labels.get("reporter").is_some_and(|r| r != "source") {
-            continue;
-        }
-        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
-        *out.entry((
-            short(&get("destination_service")),
-            get("response_code"),
-            get("response_flags"),
-        ))
-        .or_default() += v;
+    for e in entries {
+        *out.entry((e.service.clone(), e.status.to_string(), e.flags.clone()))
+            .or_default() += 1.0;
     }
     out
-}
-
-fn diff_counts(before: &Counts, after: &Counts) -> Counts {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0.0);
-            (d > 0.0).then(|| (k.clone(), d))
-        })
-        .collect()
 }
 
 /// `pricing: 200 x23, 504 UT x12`, one line per service.
@@ -1912,7 +1855,7 @@ impl StepRun {
 
     fn sluice_saw(&self) -> String {
         let mut s = format!(
-            "Sluice saw (istio_requests_total diff over {:.1} s):\n",
+            "Sluice saw (its request records, as /tap streams them, over {:.1} s):\n",
             self.elapsed.as_secs_f64()
         );
         for l in format_counts(&self.diff) {
@@ -1944,7 +1887,7 @@ impl StepRun {
         if seen < self.results.total {
             let _ = writeln!(
                 s,
-                "  not recorded: {} request(s) the client gave up on are in neither metrics nor access log (Sluice records nothing when the client hangs up; Envoy logs code 0, flag DC)",
+                "  not recorded: {} request(s) of the client are not among Sluice's records: they never reached it (a connection that was never established, say); a request the client abandons once Sluice has it is recorded with code 0 and flag DC, as Envoy logs it",
                 self.results.total - seen
             );
         }
@@ -2355,22 +2298,23 @@ mod tests {
     }
 
     #[test]
-    fn metrics_diff() {
-        let before = "# TYPE istio_requests_total counter\n\
-            istio_requests_total{reporter=\"source\",destination_service=\"pricing.default.svc.cluster.local\",response_code=\"200\",response_flags=\"-\"} 3\n\
-            istio_requests_total{reporter=\"source\",destination_service=\"pricing.default.svc.cluster.local\",response_code=\"504\",response_flags=\"UT\"} 1\n";
-        let after = "istio_requests_total{reporter=\"source\",destination_service=\"pricing.default.svc.cluster.local\",response_code=\"200\",response_flags=\"-\"} 26\n\
-            istio_requests_total{reporter=\"source\",destination_service=\"pricing.default.svc.cluster.local\",response_code=\"504\",response_flags=\"UT\"} 13\n\
-            istio_requests_total{destination_service=\"inventory.default.svc.cluster.local\",response_code=\"503\",response_flags=\"UO,URX\",x=\"a\\\"b\"} 2\n\
-            istio_request_duration_milliseconds_sum{destination_service=\"x\"} 9\n";
-        let d = diff_counts(&parse_istio_requests(before), &parse_istio_requests(after));
+    fn counts_from_records() {
+        let entry = |service: &str, status: u16, flags: &str| LogEntry {
+            status,
+            flags: flags.into(),
+            attempts: 1,
+            duration_ms: 1,
+            authority: service.into(),
+            upstream: "-".into(),
+            service: service.into(),
+        };
+        let mut entries = vec![entry("pricing", 200, "-"); 23];
+        entries.extend(vec![entry("pricing", 504, "UT"); 12]);
+        entries.extend(vec![entry("inventory", 503, "UO,URX"); 2]);
         assert_eq!(
-            format_counts(&d),
+            format_counts(&count_requests(entries.iter())),
             vec!["pricing: 200 x23, 504 UT x12", "inventory: 503 UO,URX x2"]
         );
-        let labels = parse_labels("a=\"x\\\"y\",b=\"\"");
-        assert_eq!(labels["a"], "x\"y");
-        assert_eq!(labels["b"], "");
     }
 
     #[test]
