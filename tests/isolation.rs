@@ -21,17 +21,16 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use sluice_config::{BuildOptions, ConfigDir, Severity};
 use sluice_core::Overload;
 use sluice_proxy::{AccessLog, Handler, HandlerOptions, IsolationLimits, Metrics};
-use sluice_tests::{endpoint_slice, yaml, LogLine};
+use sluice_tests::{endpoint_slice, yaml, LogLine, Served};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -40,57 +39,28 @@ const GOOD: [u8; 4] = [127, 0, 0, 3];
 
 /// The proxy in-process with `limits`, one Service `web` whose endpoint is `upstream`.
 struct Proxy {
-    handler: Arc<Handler>,
-    addr: SocketAddr,
+    served: Served,
     log: broadcast::Receiver<Arc<sluice_telemetry::Record>>,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
-    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Proxy {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.served
+    }
 }
 
 impl Proxy {
     async fn start(limits: IsolationLimits, upstream: u16) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("web.yaml"), web_yaml(upstream)).expect("write config");
-        let mut config = ConfigDir::new(dir.path().to_path_buf(), BuildOptions::default());
-        let outcome = config.reload();
-        assert!(
-            !outcome
-                .problems
-                .iter()
-                .any(|p| p.severity == Severity::Error),
-            "{:#?}",
-            outcome.problems
-        );
-        let handler = Arc::new(
-            Handler::new(
-                HandlerOptions::default(),
-                AccessLog::new(false),
-                Metrics::new(),
-            )
-            .with_isolation(limits),
-        );
-        handler.apply(outcome.snapshot);
-        let log = handler.recent().subscribe();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().unwrap();
-        let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(sluice_proxy::server::serve(
-            listener,
-            handler.clone(),
-            None,
-            Default::default(),
-            rx,
-            Duration::from_secs(1),
-        ));
-        Self {
-            handler,
-            addr,
-            log,
-            shutdown,
-            task,
-            _dir: dir,
-        }
+        let handler = Handler::new(
+            HandlerOptions::default(),
+            AccessLog::new(false),
+            Metrics::new(),
+        )
+        .with_isolation(limits);
+        let served = Served::web(handler, upstream).await;
+        let log = served.handler.recent().subscribe();
+        Self { served, log }
     }
 
     /// The requests recorded since the last call (the admin API's typed record).
@@ -103,13 +73,6 @@ impl Proxy {
             }
         }
         out
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-        self.task.abort();
     }
 }
 

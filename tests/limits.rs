@@ -16,15 +16,14 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use sluice_config::{BuildOptions, ConfigDir, Severity};
 use sluice_proxy::{AccessLog, DownstreamLimits, Handler, HandlerOptions, Metrics};
-use sluice_tests::{endpoint_slice, join_all, yaml, Client, LogLine};
+use sluice_tests::{join_all, Client, LogLine, Served};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -33,65 +32,28 @@ use tokio::time::Instant;
 
 /// The proxy in-process with `limits`, one Service `web` whose endpoint is `upstream`.
 struct Proxy {
-    handler: Arc<Handler>,
-    addr: SocketAddr,
+    served: Served,
     log: broadcast::Receiver<Arc<str>>,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
-    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Proxy {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.served
+    }
 }
 
 impl Proxy {
     async fn start(limits: DownstreamLimits, upstream: u16) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            dir.path().join("web.yaml"),
-            format!(
-                "{}---\n{}",
-                yaml::service("web"),
-                endpoint_slice("web", &[upstream])
-            ),
+        let handler = Handler::new(
+            HandlerOptions::default(),
+            AccessLog::new(false),
+            Metrics::new(),
         )
-        .expect("write config");
-        let mut config = ConfigDir::new(dir.path().to_path_buf(), BuildOptions::default());
-        let outcome = config.reload();
-        assert!(
-            !outcome
-                .problems
-                .iter()
-                .any(|p| p.severity == Severity::Error),
-            "{:#?}",
-            outcome.problems
-        );
-        let handler = Arc::new(
-            Handler::new(
-                HandlerOptions::default(),
-                AccessLog::new(false),
-                Metrics::new(),
-            )
-            .with_limits(limits),
-        );
-        handler.apply(outcome.snapshot);
-        let log = handler.access_log().subscribe();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().unwrap();
-        let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(sluice_proxy::server::serve(
-            listener,
-            handler.clone(),
-            None,
-            Default::default(),
-            rx,
-            Duration::from_secs(1),
-        ));
-        Self {
-            handler,
-            addr,
-            log,
-            shutdown,
-            task,
-            _dir: dir,
-        }
+        .with_limits(limits);
+        let served = Served::web(handler, upstream).await;
+        let log = served.handler.access_log().subscribe();
+        Self { served, log }
     }
 
     /// A counter of the exposition, by its full series name (`name{labels}` or `name`).
@@ -115,13 +77,6 @@ impl Proxy {
             out.push((line.to_string(), parsed));
         }
         out
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-        self.task.abort();
     }
 }
 

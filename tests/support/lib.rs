@@ -44,6 +44,69 @@ pub fn endpoint_slice(service: &str, ports: &[u16]) -> String {
         .join("---\n")
 }
 
+/// The real listener in-process on a loopback port in front of `handler`, configured once with
+/// `web`: a Service `web` whose one endpoint is `127.0.0.1:upstream` (for tests of one proxy's
+/// own behaviour: its limits, its budgets). Served until dropped.
+pub struct Served {
+    pub handler: Arc<Handler>,
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    pub async fn web(handler: Handler, upstream: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("web.yaml"),
+            format!(
+                "{}---\n{}",
+                yaml::service("web"),
+                endpoint_slice("web", &[upstream])
+            ),
+        )
+        .expect("write config");
+        let mut config = ConfigDir::new(dir.path().to_path_buf(), BuildOptions::default());
+        let outcome = config.reload();
+        assert!(
+            !outcome
+                .problems
+                .iter()
+                .any(|p| p.severity == Severity::Error),
+            "{:#?}",
+            outcome.problems
+        );
+        let handler = Arc::new(handler);
+        handler.apply(outcome.snapshot);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, rx) = watch::channel(false);
+        let task = tokio::spawn(sluice_proxy::server::serve(
+            listener,
+            handler.clone(),
+            None,
+            Default::default(),
+            rx,
+            Duration::from_secs(1),
+        ));
+        Self {
+            handler,
+            addr,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        self.task.abort();
+    }
+}
+
 /// The proxy in-process over a config directory, reloaded on demand (deterministic, no polling).
 pub struct Mesh {
     pub dir: tempfile::TempDir,
