@@ -1868,7 +1868,7 @@ impl StepRun {
             .collect();
         let _ = writeln!(
             s,
-            "  retries (access log attempts=N, N-1 each): {}",
+            "  retries (each record's attempts=N, N-1 each): {}",
             if retries.is_empty() {
                 "no log lines".into()
             } else {
