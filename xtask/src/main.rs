@@ -2,6 +2,7 @@
 //! build, demo).
 
 mod bench;
+mod bench_config;
 mod bench_isolation;
 mod bench_redirect;
 mod dashboards;
@@ -45,6 +46,9 @@ enum Cmd {
     /// What one pod's connection flood or slow requests cost another pod on the node proxy
     /// (p50/p99 ratios to a quiet node, interleaved rounds).
     BenchIsolation(bench_isolation::BenchIsolationArgs),
+    /// The control plane at scale: snapshot build and update times for 10,000 Services, 100,000
+    /// endpoints, 2,000 VirtualServices and DestinationRules, RSS, and the proxy serving meanwhile.
+    BenchConfig(bench_config::BenchConfigArgs),
     /// The misbehaving pod of `bench-isolation`.
     #[command(hide = true)]
     Flood(bench_isolation::FloodArgs),
@@ -65,6 +69,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Cmd::RedirectProbe(args) => bench_redirect::probe_main(args)?,
         Cmd::Loadgen(args) => bench::loadgen::main(args)?,
         Cmd::BenchIsolation(args) => bench_isolation::run(args)?,
+        Cmd::BenchConfig(args) => bench_config::run(args)?,
         Cmd::Flood(args) => bench_isolation::flood(args)?,
         Cmd::SlowUpstream(args) => bench_isolation::slow_upstream(args)?,
         Cmd::BuildEbpf(args) => return ebpf::run(args),
