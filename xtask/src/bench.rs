@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// than time on a shared machine. Takes a few minutes (Envoy starts slowly under valgrind).
     #[arg(long)]
     instructions: bool,
+    /// Worker threads of every proxy: Sluice `--workers`, HAProxy `nbthread`, Envoy
+    /// `--concurrency`. Above 1 the proxies run on every CPU, sharing them with the load
+    /// generator and the upstream (on this 2-core machine, as the figures then say).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/latest.json")]
     out: PathBuf,
@@ -149,8 +154,21 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let haproxy = which("haproxy");
     let nginx = which("nginx");
     let pin = !args.no_pin && which("taskset").is_some() && cpu_count() >= 2;
-    let (load_cpu, proxy_cpu) = ("0", "1");
-    let pinning = if pin {
+    let all_cpus = format!("0-{}", cpu_count().max(1) - 1);
+    let (load_cpu, proxy_cpu) = (
+        "0",
+        if args.workers > 1 {
+            all_cpus.as_str()
+        } else {
+            "1"
+        },
+    );
+    let pinning = if pin && args.workers > 1 {
+        format!(
+            "{} workers per proxy on CPUs {proxy_cpu}, load generator and upstream on CPU 0 (shared)",
+            args.workers
+        )
+    } else if pin {
         "pinned with taskset: proxy on CPU 1, load generator and upstream on CPU 0".to_owned()
     } else {
         "not pinned (taskset missing, fewer than 2 CPUs, or --no-pin): latency under ~100 us is noise".to_owned()
@@ -208,6 +226,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         dir: d,
         up_port,
         access_log: args.access_log,
+        workers: args.workers,
         sluice: sluice_bin.as_deref().ok(),
         haproxy: haproxy.as_deref(),
         envoy: envoy.as_deref().map_err(String::as_str),
@@ -709,6 +728,7 @@ struct Proxies<'a> {
     dir: &'a Path,
     up_port: u16,
     access_log: bool,
+    workers: usize,
     sluice: Option<&'a Path>,
     haproxy: Option<&'a Path>,
     envoy: std::result::Result<&'a Path, &'a str>,
@@ -723,9 +743,9 @@ impl Proxies<'_> {
         targets: &mut Vec<Target>,
         not_measured: &mut BTreeMap<&'static str, String>,
     ) -> Result<()> {
-        let (d, up_port) = (self.dir, self.up_port);
+        let (d, up_port, workers) = (self.dir, self.up_port, self.workers);
         if let Some(bin) = self.sluice {
-            match start_sluice("sluice", bin, d, up_port, how, self.access_log) {
+            match start_sluice("sluice", bin, d, up_port, how, self.access_log, workers) {
                 Ok(t) => targets.push(t),
                 Err(why) => {
                     not_measured.insert("sluice", format!("{why:#}"));
@@ -734,7 +754,7 @@ impl Proxies<'_> {
             // With every proxy logging, the same build without its log too: the log's own
             // cost, in the same rounds.
             if self.access_log {
-                match start_sluice("sluice-nolog", bin, d, up_port, how, false) {
+                match start_sluice("sluice-nolog", bin, d, up_port, how, false, workers) {
                     Ok(t) => targets.push(t),
                     Err(why) => {
                         not_measured.insert("sluice-nolog", format!("{why:#}"));
@@ -746,7 +766,10 @@ impl Proxies<'_> {
             Some(bin) => {
                 let port = free_port()?;
                 let cfg = d.join("haproxy.cfg");
-                fs::write(&cfg, peers::haproxy_cfg(port, up_port, self.access_log))?;
+                fs::write(
+                    &cfg,
+                    peers::haproxy_cfg(port, up_port, self.access_log, workers),
+                )?;
                 let cmd = how.command(bin, &["-f", path_str(&cfg), "-db"]);
                 start_peer("haproxy", cmd, d, port, how, targets, not_measured);
             }
@@ -768,7 +791,7 @@ impl Proxies<'_> {
                         "-c",
                         path_str(&cfg),
                         "--concurrency",
-                        "1",
+                        &workers.to_string(),
                         "--disable-hot-restart",
                         "-l",
                         "warning",
@@ -818,6 +841,7 @@ fn start_sluice(
     up_port: u16,
     how: Launch,
     access_log: bool,
+    workers: usize,
 ) -> Result<Target> {
     let help = Command::new(bin)
         .args(["run", "--help"])
@@ -830,6 +854,7 @@ fn start_sluice(
     let cfg_dir = d.join("sluice");
     fs::create_dir_all(&cfg_dir)?;
     fs::write(cfg_dir.join("bench.yaml"), peers::sluice_yaml(up_port))?;
+    let workers = workers.to_string();
     let ports: Vec<String> = (0..4)
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_>>()?;
@@ -850,7 +875,7 @@ fn start_sluice(
         "--ready-addr",
         &ports[3],
         "--workers",
-        "1",
+        &workers,
     ];
     // HAProxy and Envoy log nothing per request here either (unless --access-log: all do).
     if !access_log && help.contains("--no-access-log") {

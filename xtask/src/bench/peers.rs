@@ -33,7 +33,7 @@ http {{
 }
 
 /// HAProxy 2.6, one thread; with `access_log`, `option httplog` to stdout.
-pub fn haproxy_cfg(port: u16, upstream: u16, access_log: bool) -> String {
+pub fn haproxy_cfg(port: u16, upstream: u16, access_log: bool, threads: usize) -> String {
     let (global_log, defaults_log) = if access_log {
         (
             "    log stdout format raw local0\n",
@@ -44,7 +44,7 @@ pub fn haproxy_cfg(port: u16, upstream: u16, access_log: bool) -> String {
     };
     format!(
         "global
-    nbthread 1
+    nbthread {threads}
     maxconn 9000
 {global_log}
 defaults
@@ -207,11 +207,11 @@ mod tests {
 
     #[test]
     fn configs_carry_the_ports_and_the_policy() {
-        let h = haproxy_cfg(8001, 9000, false);
+        let h = haproxy_cfg(8001, 9000, false, 1);
         assert!(h.contains("bind 127.0.0.1:8001") && h.contains("127.0.0.1:9000"));
         assert!(h.contains("retries 2") && h.contains("nbthread 1"));
         assert!(!h.contains("httplog"));
-        assert!(haproxy_cfg(8001, 9000, true).contains("    log global\n    option httplog\n"));
+        assert!(haproxy_cfg(8001, 9000, true, 2).contains("    log global\n    option httplog\n"));
         let e = envoy_yaml(8002, 8003, 9000, false);
         assert!(e.contains("port_value: 8002") && e.contains("port_value: 9000"));
         assert!(e.contains("num_retries: 2"));
