@@ -5,7 +5,9 @@
 //! answers 503 NC at run time).
 
 use crate::dr::{self, CheckedDr};
-use crate::k8s::{pod_controller, IntOrString, Pod, PodFacts, PodIndex, ServiceSpec};
+use crate::k8s::{
+    pod_controller, EndpointSlice, IntOrString, Pod, PodFacts, PodIndex, ServiceSpec,
+};
 use crate::parse::{Object, Resource};
 use crate::problem::{Problem, Sink};
 use crate::views::{self, DrIndex, DrPolicy, VsIndex};
@@ -16,7 +18,7 @@ use sluice_policy::{
     ServiceExportTo, ServicePort, Snapshot, TcpRoute, VirtualHost, WeightedDestination, Workload,
     INCOMING_PORT,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use std::sync::Arc;
 pub const NETNS_ANNOTATION: &str = "sluice.io/netns";
 /// Annotation naming a pod's cgroup v2 directory (standalone mode).
 pub const CGROUP_ANNOTATION: &str = "sluice.io/cgroup";
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The per-object result of checking: a converted Istio object, or nothing to convert.
 #[derive(Clone, Debug)]
@@ -137,6 +139,199 @@ impl<'a> PodRef<'a> {
     }
 }
 
+/// The pods endpoints can name: the full Pods by namespace and name, and any node's Pod metadata.
+struct PodLookup<'a> {
+    pods: &'a BTreeMap<(&'a str, &'a str), (&'a Object, &'a Pod)>,
+    metas: &'a PodIndex,
+}
+
+impl<'a> PodLookup<'a> {
+    /// The pod an EndpointSlice endpoint names (`targetRef`): the full Pod when known, else its
+    /// metadata.
+    fn named(&self, namespace: &str, name: &str) -> Option<PodRef<'a>> {
+        self.pods
+            .get(&(namespace, name))
+            .map(|(_, p)| PodRef::Full(p))
+            .or_else(|| {
+                let (ns, names) = self.metas.get_key_value(namespace)?;
+                let (name, facts) = names.get_key_value(name)?;
+                Some(PodRef::Meta(ns, name, facts))
+            })
+    }
+
+    /// A full Pod of `namespace` with address `ip` (for a hand-made slice without `targetRef`).
+    fn with_ip(&self, namespace: &str, ip: IpAddr) -> Option<PodRef<'a>> {
+        self.pods
+            .values()
+            .find(|(_, p)| p.metadata.namespace() == namespace && pod_ips(p).contains(&ip))
+            .map(|(_, p)| PodRef::Full(p))
+    }
+}
+
+/// A Service port's endpoints from the Service's EndpointSlices (`slices`, of namespace `ns`):
+/// the ready addresses of each slice's port named `want` (empty for an unnamed port), sorted by
+/// address, each once.
+fn slice_endpoints<'a>(
+    ns: &str,
+    want: &str,
+    slices: &[&'a EndpointSlice],
+    lookup: &PodLookup<'a>,
+    identities: &mut HashMap<(&'a str, &'a str), Arc<Identity>>,
+) -> Vec<Endpoint> {
+    let mut eps = Vec::new();
+    for slice in slices {
+        let Some(sp) = slice
+            .ports
+            .iter()
+            .find(|sp| sp.name.as_deref().unwrap_or_default() == want)
+        else {
+            continue;
+        };
+        let Some(target) = sp.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for addr in &ep.addresses {
+                let Ok(ip) = addr.parse::<IpAddr>() else {
+                    continue;
+                };
+                let pod = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
+                    .and_then(|r| {
+                        let pns = r.namespace.as_deref().unwrap_or(slice.metadata.namespace());
+                        lookup.named(pns, r.name.as_deref().unwrap_or_default())
+                    })
+                    .or_else(|| lookup.with_ip(ns, ip));
+                let addr = SocketAddr::new(ip, target);
+                eps.push(match pod {
+                    Some(pod) => pod.endpoint(addr, identities),
+                    None => Endpoint {
+                        addr,
+                        pod: None,
+                        labels: BTreeMap::new(),
+                        identity: None,
+                    },
+                });
+            }
+        }
+    }
+    eps.sort_by_key(|e| e.addr);
+    eps.dedup_by(|a, b| a.addr == b.addr);
+    eps
+}
+
+/// An endpoint-only change, without a full build: `prev` with the clusters of the Services
+/// `changed` (namespace, name) given their endpoints again from their EndpointSlices, every other
+/// part shared with `prev` (so the proxy keeps what it built from them). `objects` are the good
+/// objects the endpoints come from: those Services, their slices and the full Pods.
+///
+/// `None` when one of them has no slice and a selector: its endpoints come from the pods it
+/// selects, which a full build checks (and may warn about).
+pub(crate) fn reassign_endpoints<'a>(
+    prev: &Snapshot,
+    changed: &BTreeSet<(String, String)>,
+    objects: impl IntoIterator<Item = &'a Object>,
+    pod_metas: &'a PodIndex,
+) -> Option<Snapshot> {
+    let mut pods = BTreeMap::new();
+    let mut selects = BTreeSet::new();
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for obj in objects {
+        match &obj.resource {
+            Resource::Pod(p) => {
+                pods.insert((p.metadata.namespace(), p.metadata.name.as_str()), (obj, p));
+            }
+            Resource::Service(s) if s.spec.selector.as_ref().is_some_and(|s| !s.is_empty()) => {
+                selects.insert((s.metadata.namespace(), s.metadata.name.as_str()));
+            }
+            Resource::EndpointSlice(s) => {
+                if let Some(service) = s.metadata.labels.get(SERVICE_NAME_LABEL) {
+                    slices
+                        .entry((s.metadata.namespace(), service.as_str()))
+                        .or_default()
+                        .push(s);
+                }
+            }
+            _ => {}
+        }
+    }
+    let lookup = PodLookup {
+        pods: &pods,
+        metas: pod_metas,
+    };
+    let mut identities = HashMap::new();
+    let mut snap = prev.clone();
+    // Old cluster -> new, so that namespaces sharing a cluster keep sharing its successor.
+    let mut renewed: HashMap<*const Cluster, Arc<Cluster>> = HashMap::new();
+    for (ns, name) in changed {
+        let key = (ns.as_str(), name.as_str());
+        let mine = slices.get(&key).map_or(&[][..], Vec::as_slice);
+        if mine.is_empty() && selects.contains(&key) {
+            return None;
+        }
+        let hostname = format!("{name}.{ns}.svc.{}", prev.cluster_domain);
+        let Some(svc) = prev.services.get(&hostname) else {
+            continue;
+        };
+        let by_port: HashMap<u16, Vec<Endpoint>> = svc
+            .ports
+            .iter()
+            .map(|p| {
+                let want = p.name.as_deref().unwrap_or_default();
+                let eps = slice_endpoints(ns, want, mine, &lookup, &mut identities);
+                (p.port, eps)
+            })
+            .collect();
+        let mut renew = |old: &Arc<Cluster>| -> Arc<Cluster> {
+            renewed
+                .entry(Arc::as_ptr(old))
+                .or_insert_with(|| {
+                    let endpoints: Vec<Endpoint> = by_port
+                        .get(&old.key.port)
+                        .into_iter()
+                        .flatten()
+                        .filter(|e| labels_match(&old.subset_labels, &e.labels))
+                        .cloned()
+                        .collect();
+                    if endpoints == old.endpoints {
+                        return old.clone();
+                    }
+                    Arc::new(Cluster {
+                        key: old.key.clone(),
+                        endpoints,
+                        policy: old.policy.clone(),
+                        destination_rule: old.destination_rule.clone(),
+                        subset_labels: old.subset_labels.clone(),
+                    })
+                })
+                .clone()
+        };
+        let first = ClusterKey {
+            host: hostname.clone(),
+            port: 0,
+            subset: None,
+        };
+        for (_, cluster) in snap
+            .clusters
+            .range_mut(first..)
+            .take_while(|(k, _)| k.host == hostname)
+        {
+            *cluster = renew(cluster);
+        }
+        for view in snap.namespaces.values_mut() {
+            for cluster in view.clusters.get_mut(&hostname).into_iter().flatten() {
+                *cluster.1 = renew(cluster.1);
+            }
+        }
+    }
+    Some(snap)
+}
+
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let mut ips: Vec<IpAddr> = pod
         .status
@@ -246,7 +441,7 @@ pub(crate) fn assemble<'a>(
                 pods.insert((p.metadata.namespace(), p.metadata.name.as_str()), (obj, p));
             }
             (Some(Checked::Other), Resource::Service(s)) => services.push((obj, s)),
-            (Some(Checked::Other), Resource::EndpointSlice(s)) => slices.push((obj, s)),
+            (Some(Checked::Other), Resource::EndpointSlice(s)) => slices.push(s),
             (Some(Checked::Other), _) => {}
         }
     }
@@ -310,28 +505,20 @@ pub(crate) fn assemble<'a>(
     // Services and their endpoints per service port.
     let allocated = allocate_cluster_ips(&services);
     // Indexed once: a cluster has as many slices as Services, and each Service looks up its own.
-    let mut slices_by_service: BTreeMap<(&str, &str), Vec<_>> = BTreeMap::new();
-    for entry in &slices {
-        let (_, s) = entry;
+    let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in &slices {
         if let Some(service) = s.metadata.labels.get(SERVICE_NAME_LABEL) {
             slices_by_service
                 .entry((s.metadata.namespace(), service.as_str()))
                 .or_default()
-                .push(entry);
+                .push(s);
         }
     }
     let mut endpoints_by_port: BTreeMap<(String, u16), Vec<Endpoint>> = BTreeMap::new();
     let mut identities = HashMap::new();
-    // The pod an EndpointSlice endpoint names (`targetRef`): the full Pod when this node has it,
-    // else any node's Pod metadata.
-    let named_pod = |namespace: &str, name: &str| {
-        pods.get(&(namespace, name))
-            .map(|(_, p)| PodRef::Full(p))
-            .or_else(|| {
-                let (ns, names) = pod_metas.get_key_value(namespace)?;
-                let (name, facts) = names.get_key_value(name)?;
-                Some(PodRef::Meta(ns, name, facts))
-            })
+    let lookup = PodLookup {
+        pods: &pods,
+        metas: pod_metas,
     };
     for (obj, svc) in &services {
         let ns = svc.metadata.namespace();
@@ -391,59 +578,8 @@ pub(crate) fn assemble<'a>(
             });
             let mut eps = Vec::new();
             if !my_slices.is_empty() {
-                let want = name.clone().unwrap_or_default();
-                for (_, slice) in my_slices {
-                    let Some(sp) = slice
-                        .ports
-                        .iter()
-                        .find(|sp| sp.name.clone().unwrap_or_default() == want)
-                    else {
-                        continue;
-                    };
-                    let Some(target) = sp.port.and_then(|p| u16::try_from(p).ok()) else {
-                        continue;
-                    };
-                    for ep in &slice.endpoints {
-                        if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                            continue;
-                        }
-                        for addr in &ep.addresses {
-                            let Ok(ip) = addr.parse::<IpAddr>() else {
-                                continue;
-                            };
-                            let pod = ep
-                                .target_ref
-                                .as_ref()
-                                .filter(|r| r.kind.as_deref().unwrap_or("Pod") == "Pod")
-                                .and_then(|r| {
-                                    let pns = r
-                                        .namespace
-                                        .as_deref()
-                                        .unwrap_or(slice.metadata.namespace());
-                                    named_pod(pns, r.name.as_deref().unwrap_or_default())
-                                })
-                                .or_else(|| {
-                                    // No targetRef (a hand-made slice): a pod of the Service's
-                                    // namespace with that address, if one is known in full.
-                                    pods.values()
-                                        .find(|(_, p)| {
-                                            p.metadata.namespace() == ns && pod_ips(p).contains(&ip)
-                                        })
-                                        .map(|(_, p)| PodRef::Full(p))
-                                });
-                            let addr = SocketAddr::new(ip, target);
-                            eps.push(match pod {
-                                Some(pod) => pod.endpoint(addr, &mut identities),
-                                None => Endpoint {
-                                    addr,
-                                    pod: None,
-                                    labels: BTreeMap::new(),
-                                    identity: None,
-                                },
-                            });
-                        }
-                    }
-                }
+                let want = name.as_deref().unwrap_or_default();
+                eps = slice_endpoints(ns, want, my_slices, &lookup, &mut identities);
             } else if let Some(selector) = svc.spec.selector.as_ref().filter(|s| !s.is_empty()) {
                 // What the EndpointSlice controller would produce from matching pods.
                 for (_, pod) in pods.values() {
@@ -733,6 +869,7 @@ fn clusters_of(
                     endpoints,
                     policy: dr::effective(top, s.policy.as_ref(), p.port),
                     destination_rule: rule.map(|d| d.name.clone()),
+                    subset_labels: s.labels.clone(),
                 }),
             );
         }
@@ -743,6 +880,7 @@ fn clusters_of(
                 endpoints: eps,
                 policy: dr::effective(top, None, p.port),
                 destination_rule: rule.map(|d| d.name.clone()),
+                subset_labels: BTreeMap::new(),
             }),
         );
     }

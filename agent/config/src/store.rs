@@ -6,7 +6,7 @@
 //! carry their [`Origin`](crate::Origin): a file and document, or an API object and its
 //! resourceVersion.
 
-use crate::build::{assemble, check, Checked};
+use crate::build::{assemble, check, reassign_endpoints, Checked, SERVICE_NAME_LABEL};
 use crate::k8s::{PodIndex, POD_METADATA_KIND};
 use crate::parse::{Object, ObjectId, ParsedFile, Resource};
 use crate::problem::Problem;
@@ -137,10 +137,41 @@ pub struct Store {
     pods: PodIndex,
     loose: BTreeMap<String, Vec<Problem>>,
     snapshot: Arc<Snapshot>,
-    /// The effective configuration of `snapshot`, to tell real changes from rewrites.
-    fingerprint: Option<String>,
+    /// The problems the last full build found between objects (a route to an unknown host, ...);
+    /// an endpoint change leaves them as they are.
+    cross: Vec<Problem>,
     problems: Vec<Problem>,
-    dirty: bool,
+    pending: Pending,
+}
+
+/// What changed since the last commit, and so what the next one must redo.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Something only a full build takes in (a Service, a route, a rule, this node's Pods, ...).
+    everything: bool,
+    /// Services (namespace, name) whose EndpointSlices changed: their endpoints alone need redoing.
+    endpoints: BTreeSet<(String, String)>,
+    /// Pods (namespace, name) whose metadata changed: the endpoints naming them need redoing.
+    pods: BTreeSet<(String, String)>,
+    /// The problems may have changed (an object rejected, a source's own problem).
+    problems: bool,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        !self.everything && self.endpoints.is_empty() && self.pods.is_empty() && !self.problems
+    }
+}
+
+const ENDPOINT_SLICE_KIND: &str = "EndpointSlice";
+
+/// The Service an EndpointSlice object belongs to (`kubernetes.io/service-name`).
+fn slice_service(object: &Object) -> Option<(String, String)> {
+    let Resource::EndpointSlice(s) = &object.resource else {
+        return None;
+    };
+    let service = s.metadata.labels.get(SERVICE_NAME_LABEL)?;
+    Some((s.metadata.namespace().to_string(), service.clone()))
 }
 
 impl Store {
@@ -154,9 +185,12 @@ impl Store {
             entries: BTreeMap::new(),
             pods: PodIndex::new(),
             loose: BTreeMap::new(),
-            fingerprint: None,
+            cross: Vec::new(),
             problems: Vec::new(),
-            dirty: true,
+            pending: Pending {
+                everything: true,
+                ..Pending::default()
+            },
         }
     }
 
@@ -188,9 +222,18 @@ impl Store {
                 if self.pods.get(&id.namespace).is_some_and(|n| n.is_empty()) {
                     self.pods.remove(&id.namespace);
                 }
-                self.dirty |= removed;
+                if removed {
+                    self.pending.pods.insert((id.namespace, id.name));
+                }
             }
-            Event::Delete(id) => self.dirty |= self.entries.remove(&id).is_some(),
+            Event::Delete(id) => {
+                if let Some(entry) = self.entries.remove(&id) {
+                    self.pending.problems |= !entry.rejected.is_empty()
+                        || entry.good.as_ref().is_some_and(|g| !g.warnings.is_empty());
+                    let old = entry.good.and_then(|g| slice_service(&g.object));
+                    self.changed(&id, [old, None]);
+                }
+            }
             Event::Resync { kind, updates } if kind == POD_METADATA_KIND => {
                 let keep = updates
                     .iter()
@@ -207,7 +250,9 @@ impl Store {
                 let before = self.entries.len();
                 self.entries
                     .retain(|id, _| id.kind != kind || keep.contains(id));
-                self.dirty |= self.entries.len() != before;
+                if self.entries.len() != before {
+                    self.pending.everything = true;
+                }
                 for update in updates {
                     self.upsert(update);
                 }
@@ -218,7 +263,7 @@ impl Store {
                 } else {
                     self.loose.insert(key, problems.clone())
                 };
-                self.dirty |= old.unwrap_or_default() != problems;
+                self.pending.problems |= old.unwrap_or_default() != problems;
             }
         }
     }
@@ -231,21 +276,28 @@ impl Store {
             return;
         }
         entry.seen_version = version;
-        self.dirty = true;
         let mut problems = update.problems;
         let checked = update.object.and_then(|object| {
             let (checked, found) = check(&object, &self.opts);
             problems.extend(found);
             checked.map(|checked| (object, checked))
         });
+        // The list of problems changes only if this version or the one before has some (an
+        // EndpointSlice rarely does: its changes leave the list as it is).
+        let had = !entry.rejected.is_empty()
+            || entry.good.as_ref().is_some_and(|g| !g.warnings.is_empty());
+        self.pending.problems |= had || !problems.is_empty();
         match checked {
             Some((object, checked)) => {
-                entry.good = Some(Good {
+                let new = slice_service(&object);
+                let old = entry.good.replace(Good {
                     object,
                     checked,
                     warnings: problems,
                 });
                 entry.rejected.clear();
+                let old = old.and_then(|g| slice_service(&g.object));
+                self.changed(&update.id, [old, new]);
             }
             None => {
                 if entry.good.is_some() {
@@ -272,12 +324,16 @@ impl Store {
                 names.retain(|name, _| kept(ns, name));
             }
             self.pods.retain(|_, names| !names.is_empty());
-            self.dirty |= self.count(kind) != before;
+            if self.count(kind) != before {
+                self.pending.everything = true;
+            }
         } else {
             let before = self.entries.len();
             self.entries
                 .retain(|id, _| id.kind != kind || kept(&id.namespace, &id.name));
-            self.dirty |= self.entries.len() != before;
+            if self.entries.len() != before {
+                self.pending.everything = true;
+            }
         }
     }
 
@@ -289,43 +345,73 @@ impl Store {
             return;
         };
         let facts = pod.facts();
-        let names = self.pods.entry(update.id.namespace).or_default();
+        let names = self.pods.entry(update.id.namespace.clone()).or_default();
         if names.get(&update.id.name) != Some(&facts) {
-            names.insert(update.id.name, facts);
-            self.dirty = true;
+            names.insert(update.id.name.clone(), facts);
+            self.pending
+                .pods
+                .insert((update.id.namespace, update.id.name));
+        }
+    }
+
+    /// Notes what a change of the good version of object `id` needs redoing: for an
+    /// EndpointSlice, the endpoints of its Service before and after (`services`); for anything
+    /// else, a full build.
+    fn changed(&mut self, id: &ObjectId, services: [Option<(String, String)>; 2]) {
+        if id.kind == ENDPOINT_SLICE_KIND {
+            self.pending
+                .endpoints
+                .extend(services.into_iter().flatten());
+        } else {
+            self.pending.everything = true;
         }
     }
 
     /// Builds and publishes a snapshot if anything changed since the last commit; cheap otherwise.
+    /// A change of endpoints alone (EndpointSlices, other nodes' pods) redoes only the clusters
+    /// of the Services concerned; anything else, the whole snapshot.
     pub fn commit(&mut self) -> Reload {
-        if !self.dirty {
+        if self.pending.is_empty() {
             return Reload {
                 changed: false,
                 snapshot: self.snapshot.clone(),
                 problems: self.problems.clone(),
             };
         }
-        self.dirty = false;
-        let mut problems: Vec<Problem> = self.loose.values().flatten().cloned().collect();
-        for entry in self.entries.values() {
-            match &entry.good {
-                Some(good) if entry.rejected.is_empty() => {
-                    problems.extend(good.warnings.iter().cloned())
+        let pending = std::mem::take(&mut self.pending);
+        let mut rebuilt = pending.everything;
+        let config = if pending.everything {
+            Some(self.build())
+        } else if pending.endpoints.is_empty() && pending.pods.is_empty() {
+            None
+        } else {
+            match self.reassign(pending.endpoints, &pending.pods) {
+                Some(snap) => Some(snap),
+                None => {
+                    rebuilt = true;
+                    Some(self.build())
                 }
-                _ => problems.extend(entry.rejected.iter().cloned()),
             }
+        };
+        let problems = if rebuilt || pending.problems {
+            self.all_problems()
+        } else {
+            self.problems.clone()
+        };
+        // A rebuild that changed nothing keeps the snapshot in force, and so every part the proxy
+        // built from it. The first build is always news (generation 1, even when empty).
+        let first = self.snapshot.generation == 0;
+        let config = config.filter(|snap| first || !snap.same_config(&self.snapshot));
+        let config_changed = config.is_some();
+        if !config_changed && problems == self.problems {
+            return Reload {
+                changed: false,
+                snapshot: self.snapshot.clone(),
+                problems: self.problems.clone(),
+            };
         }
-        let accepted = self
-            .entries
-            .values()
-            .filter_map(|e| e.good.as_ref())
-            .map(|g| (&g.object, g.checked.clone()));
-        let (mut snap, mut problems) = assemble(accepted, &self.pods, problems, &self.opts);
-        problems.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
-        let fingerprint = fingerprint(&snap);
-        let config_changed = self.fingerprint.as_ref() != Some(&fingerprint);
+        let mut snap = config.unwrap_or_else(|| Snapshot::clone(&self.snapshot));
         snap.generation = self.snapshot.generation + u64::from(config_changed);
-        let changed = config_changed || problems != self.problems;
         snap.rejections = problems
             .iter()
             .filter(|p| p.is_error())
@@ -336,11 +422,8 @@ impl Store {
             .filter(|p| !p.is_error())
             .map(Problem::to_rejection)
             .collect();
-        self.fingerprint = Some(fingerprint);
-        if changed {
-            self.snapshot = Arc::new(snap);
-            self.problems = problems;
-        }
+        self.snapshot = Arc::new(snap);
+        self.problems = problems;
         if config_changed {
             tracing::info!(
                 generation = self.snapshot.generation,
@@ -348,22 +431,113 @@ impl Store {
             );
         }
         Reload {
-            changed,
+            changed: true,
             snapshot: self.snapshot.clone(),
             problems: self.problems.clone(),
         }
     }
-}
 
-/// The effective configuration, without generation and problems.
-fn fingerprint(snap: &Snapshot) -> String {
-    let view = Snapshot {
-        generation: 0,
-        rejections: Vec::new(),
-        warnings: Vec::new(),
-        ..snap.clone()
-    };
-    serde_json::to_string(&view).unwrap_or_default()
+    /// Every problem in force: the sources' own, each object's, and those between objects.
+    fn all_problems(&self) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = self.loose.values().flatten().cloned().collect();
+        for entry in self.entries.values() {
+            match &entry.good {
+                Some(good) if entry.rejected.is_empty() => {
+                    problems.extend(good.warnings.iter().cloned())
+                }
+                _ => problems.extend(entry.rejected.iter().cloned()),
+            }
+        }
+        problems.extend(self.cross.iter().cloned());
+        problems.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
+        problems
+    }
+
+    /// The whole snapshot from the objects in force; keeps the problems found between them.
+    fn build(&mut self) -> Snapshot {
+        let accepted = self
+            .entries
+            .values()
+            .filter_map(|e| e.good.as_ref())
+            .map(|g| (&g.object, g.checked.clone()));
+        let (snap, cross) = assemble(accepted, &self.pods, Vec::new(), &self.opts);
+        self.cross = cross;
+        snap
+    }
+
+    /// The snapshot in force with the endpoints of the Services `services`, and of those whose
+    /// slices name one of `pods`, made again; `None` when only a full build can (see
+    /// [`reassign_endpoints`]) or when a problem of the last full build concerns one of them.
+    fn reassign(
+        &self,
+        mut services: BTreeSet<(String, String)>,
+        pods: &BTreeSet<(String, String)>,
+    ) -> Option<Snapshot> {
+        let kind_start = |kind: &str| ObjectId {
+            kind: kind.to_string(),
+            namespace: String::new(),
+            name: String::new(),
+        };
+        let of_kind = |kind: &'static str| {
+            self.entries
+                .range(kind_start(kind)..)
+                .take_while(move |(id, _)| id.kind == kind)
+                .filter_map(|(_, e)| e.good.as_ref().map(|g| &g.object))
+        };
+        if !pods.is_empty() {
+            // The Services whose endpoints name one of these pods, in one pass over the slices.
+            let pods: std::collections::HashSet<(&str, &str)> = pods
+                .iter()
+                .map(|(ns, n)| (ns.as_str(), n.as_str()))
+                .collect();
+            for object in of_kind(ENDPOINT_SLICE_KIND) {
+                let Resource::EndpointSlice(s) = &object.resource else {
+                    continue;
+                };
+                let named = s.endpoints.iter().filter_map(|e| e.target_ref.as_ref());
+                let hit = named.into_iter().any(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(s.metadata.namespace());
+                    r.kind.as_deref().unwrap_or("Pod") == "Pod"
+                        && pods.contains(&(ns, r.name.as_deref().unwrap_or_default()))
+                });
+                if hit {
+                    services.extend(slice_service(object));
+                }
+            }
+        }
+        let service_id = |(ns, name): &(String, String)| ObjectId {
+            kind: "Service".to_string(),
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        let named: BTreeSet<String> = services.iter().map(|s| service_id(s).to_string()).collect();
+        if self
+            .cross
+            .iter()
+            .any(|p| p.object.as_ref().is_some_and(|o| named.contains(o)))
+        {
+            return None;
+        }
+        let wanted: std::collections::HashSet<(&str, &str)> = services
+            .iter()
+            .map(|(ns, n)| (ns.as_str(), n.as_str()))
+            .collect();
+        let concerned = services
+            .iter()
+            .filter_map(|s| self.entries.get(&service_id(s))?.good.as_ref())
+            .map(|g| &g.object)
+            .chain(of_kind(ENDPOINT_SLICE_KIND).filter(|o| {
+                let Resource::EndpointSlice(s) = &o.resource else {
+                    return false;
+                };
+                s.metadata
+                    .labels
+                    .get(SERVICE_NAME_LABEL)
+                    .is_some_and(|svc| wanted.contains(&(s.metadata.namespace(), svc.as_str())))
+            }))
+            .chain(of_kind("Pod"));
+        reassign_endpoints(&self.snapshot, &services, concerned, &self.pods)
+    }
 }
 
 #[cfg(test)]
@@ -531,7 +705,7 @@ mod tests {
         store.commit();
         // The same rejected version again (a relist) is not news.
         store.apply(Event::Upsert(vs("pricing", "7", "-1s")));
-        assert!(!store.dirty);
+        assert!(store.pending.is_empty());
         assert!(!store.commit().changed);
     }
 

@@ -53,6 +53,10 @@ pub struct Cluster {
     /// merged several); `None`: no rule applies, Envoy's defaults do.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_rule: Option<String>,
+    /// A subset's cluster: the labels its endpoints carry (the subset's selector, kept so that
+    /// an endpoint change can refilter the subset without its DestinationRule). Empty otherwise.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub subset_labels: BTreeMap<String, String>,
 }
 
 pub use self::traffic::TrafficPolicy;

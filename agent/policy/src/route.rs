@@ -8,7 +8,7 @@ use serde::{Serialize, Serializer};
 use std::time::Duration;
 
 /// The routes that apply to one destination host.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VirtualHost {
     /// `namespace/name` of the VirtualService, or `default` for the implicit route.
     pub name: String,
@@ -22,7 +22,7 @@ pub struct VirtualHost {
 }
 
 /// One `tcp[]` entry.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TcpRoute {
     /// Any one of these must match; empty matches every connection.
     pub matches: Vec<L4Match>,
@@ -31,7 +31,7 @@ pub struct TcpRoute {
 }
 
 /// One `tcp[].match[]` entry: every condition given must hold.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct L4Match {
     /// The original destination's address is in one of these (empty: any).
     pub destination_subnets: Vec<IpNet>,
@@ -98,7 +98,7 @@ impl Serialize for IpNet {
 }
 
 /// One `http[]` entry.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Route {
     /// `http[].name`, or `VSNAME.INDEX` when unnamed.
     pub name: String,
@@ -179,7 +179,7 @@ impl WeightedDestination {
 }
 
 /// One `match[]` entry: every condition given must hold.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RequestMatch {
     pub uri: Option<StringMatch>,
     pub scheme: Option<StringMatch>,
@@ -197,13 +197,13 @@ pub struct RequestMatch {
     pub source_namespace: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HeaderMatch {
     pub name: String,
     pub value: StringMatch,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct QueryMatch {
     pub name: String,
     pub value: StringMatch,
@@ -217,6 +217,18 @@ pub enum StringMatch {
     Regex(#[serde(serialize_with = "ser_regex")] Regex),
     /// `{}`: the header or parameter is present, whatever its value.
     Present,
+}
+
+/// Two regexes are the same condition when their patterns are.
+impl PartialEq for StringMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Exact(a), Self::Exact(b)) | (Self::Prefix(a), Self::Prefix(b)) => a == b,
+            (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
+            (Self::Present, Self::Present) => true,
+            _ => false,
+        }
+    }
 }
 
 fn ser_regex<S: Serializer>(re: &Regex, s: S) -> Result<S::Ok, S::Error> {

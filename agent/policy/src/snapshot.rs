@@ -177,9 +177,15 @@ impl Default for Snapshot {
     }
 }
 
+/// Equal values, by pointer first (`Arc`'s own `==` skips the pointer test for types that are not
+/// `Eq`, as clusters and routes are not: they hold floating-point numbers).
+fn same_arc<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
 /// What clients of one namespace see differently from the view of [`Snapshot::virtual_hosts`] and
 /// [`Snapshot::clusters`]; hosts not listed are as there.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct NamespaceView {
     /// The VirtualService routing each Service host name (`None`: none does, Istio's implicit
     /// route applies).
@@ -197,6 +203,34 @@ impl NamespaceView {
 }
 
 impl Snapshot {
+    /// Whether `other` configures the proxy the same way: everything but the generation and the
+    /// problems reported. Shared parts compare by pointer first, so comparing a snapshot with
+    /// one made from it by replacing a few entries costs little.
+    pub fn same_config(&self, other: &Snapshot) -> bool {
+        self.cluster_domain == other.cluster_domain
+            && self.services == other.services
+            && self.virtual_hosts.len() == other.virtual_hosts.len()
+            && self
+                .virtual_hosts
+                .iter()
+                .zip(&other.virtual_hosts)
+                .all(|((a, x), (b, y))| a == b && same_arc(x, y))
+            && self.wildcard_hosts.len() == other.wildcard_hosts.len()
+            && self
+                .wildcard_hosts
+                .iter()
+                .zip(&other.wildcard_hosts)
+                .all(|((a, x), (b, y))| a == b && same_arc(x, y))
+            && self.clusters.len() == other.clusters.len()
+            && self
+                .clusters
+                .iter()
+                .zip(&other.clusters)
+                .all(|((a, x), (b, y))| a == b && same_arc(x, y))
+            && self.namespaces == other.namespaces
+            && self.workloads == other.workloads
+    }
+
     /// The service whose cluster IP is `ip`, exposing `port`.
     pub fn service_by_vip(&self, ip: IpAddr, port: u16) -> Option<&Arc<Service>> {
         self.services

@@ -218,8 +218,7 @@ impl Handler {
                 Arc::new(crate::conns::UpstreamConnections {
                     telemetry: self.telemetry.clone(),
                     service: next
-                        .labels
-                        .get(&key.host)
+                        .service_labels(&key.host)
                         .cloned()
                         .unwrap_or_else(ServiceName::unknown),
                 })
@@ -436,7 +435,7 @@ impl Handler {
         service: Option<&Service>,
     ) -> Option<&'s ServiceLabels> {
         match service {
-            Some(svc) => state.labels.get(&svc.hostname),
+            Some(svc) => state.service_labels(&svc.hostname),
             None => Some(&self.passthrough.labels),
         }
     }

@@ -88,6 +88,7 @@ impl Passthrough {
             }],
             policy: TrafficPolicy::default(),
             destination_rule: None,
+            subset_labels: Default::default(),
         });
         let up = Upstream {
             name: self.name.clone(),

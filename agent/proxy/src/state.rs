@@ -17,7 +17,7 @@ use sluice_policy::{
 use sluice_resilience::RetryBudget;
 use sluice_telemetry::{Interned, Peer, ServiceName};
 use sluice_upstream::{ClusterHandle, UpstreamProtocol};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,25 +124,36 @@ pub struct State {
     /// Live clusters as a client sees them whose namespace no object singles out (every cluster
     /// of the snapshot's [`Snapshot::clusters`]).
     pub upstreams: HashMap<ClusterKey, Upstream>,
+    // The tables below are shared with the previous generation when what they are made from is
+    // (the same `Arc`s in the snapshot): an endpoint change in a large cluster redoes only the
+    // clusters it touched.
     /// Compiled routes by VirtualHost name (`namespace/name` of the VirtualService), per port.
-    plans: HashMap<String, PortPlans>,
-    /// Implicit routes (Service port without VirtualService) by host name, then port.
-    implicit: HashMap<String, Vec<(u16, Arc<RoutePlan>)>>,
+    plans: Arc<HashMap<String, PortPlans>>,
+    /// What the snapshot's Services give: implicit routes, visibility, metric labels, addresses.
+    services: Arc<ServiceTables>,
     /// What clients of a namespace see differently (see [`Snapshot::namespaces`]).
     views: HashMap<String, View>,
+    /// Known pods by IP: who a client is (metrics' `source_workload`, the namespace its short host
+    /// names resolve in).
+    sources: Arc<HashMap<IpAddr, SourceLabels>>,
+    /// Who each endpoint is (`destination_*` labels), by address, with the number of clusters of
+    /// [`Snapshot::clusters`] that list it (so a cluster's change can be applied alone).
+    endpoints: Arc<HashMap<std::net::SocketAddr, (Peer, u32)>>,
+}
+
+/// What a generation's Services give, made once for them.
+#[derive(Default)]
+struct ServiceTables {
+    /// Implicit routes (Service port without VirtualService) by host name, then port.
+    implicit: HashMap<String, Vec<(u16, Arc<RoutePlan>)>>,
     /// Services some namespaces do not see (`networking.istio.io/exportTo`), by host name; usually
     /// none, so routing only looks here when there are some.
     restricted: HashMap<String, Arc<Service>>,
     /// Istio metric labels per destination service, made once per generation.
-    pub(crate) labels: HashMap<String, ServiceLabels>,
+    labels: HashMap<String, ServiceLabels>,
     /// Services by cluster IP and service port, for redirected connections (one hash lookup per
     /// request instead of a scan of every Service).
     vips: HashMap<(IpAddr, u16), Arc<Service>>,
-    /// Known pods by IP: who a client is (metrics' `source_workload`, the namespace its short host
-    /// names resolve in).
-    sources: HashMap<IpAddr, SourceLabels>,
-    /// Who each endpoint is (`destination_*` labels), by address.
-    endpoints: HashMap<std::net::SocketAddr, Peer>,
 }
 
 /// A VirtualService's compiled routes: one list for every port when no destination takes the
@@ -211,14 +222,11 @@ impl State {
         Self {
             snapshot: Arc::new(Snapshot::default()),
             upstreams: HashMap::new(),
-            plans: HashMap::new(),
-            implicit: HashMap::new(),
+            plans: Arc::default(),
+            services: Arc::default(),
             views: HashMap::new(),
-            restricted: HashMap::new(),
-            labels: HashMap::new(),
-            vips: HashMap::new(),
-            sources: HashMap::new(),
-            endpoints: HashMap::new(),
+            sources: Arc::default(),
+            endpoints: Arc::default(),
         }
     }
 
@@ -236,12 +244,17 @@ impl State {
 
     /// Who the endpoint at `addr` is, if its pod is known.
     pub(crate) fn endpoint_identity(&self, addr: std::net::SocketAddr) -> Option<Peer> {
-        self.endpoints.get(&addr).cloned()
+        self.endpoints.get(&addr).map(|(peer, _)| peer.clone())
+    }
+
+    /// The metric labels of the Service `hostname`.
+    pub(crate) fn service_labels(&self, hostname: &str) -> Option<&ServiceLabels> {
+        self.services.labels.get(hostname)
     }
 
     /// The Service whose cluster IP is `ip`, exposing `port`.
     pub fn service_by_vip(&self, ip: IpAddr, port: u16) -> Option<&Arc<Service>> {
-        self.vips.get(&(ip, port))
+        self.services.vips.get(&(ip, port))
     }
 
     /// A client in `namespace`: what it sees (one hash lookup, no allocation).
@@ -254,8 +267,9 @@ impl State {
 
     /// Whether `viewer` sees the Service `host` (`networking.istio.io/exportTo`).
     pub fn sees(&self, viewer: Viewer<'_>, host: &str) -> bool {
-        self.restricted.is_empty()
+        self.services.restricted.is_empty()
             || self
+                .services
                 .restricted
                 .get(host)
                 .is_none_or(|svc| svc.visible_to(viewer.namespace))
@@ -292,14 +306,39 @@ impl State {
     /// Builds the next generation from `snapshot`, reusing the live clusters of `prev` so connection
     /// pools and outlier state survive a reload.
     pub fn next(prev: &State, snapshot: Arc<Snapshot>) -> Self {
+        let old = &prev.snapshot;
+        // The clusters that are not the very ones of the previous generation: after an endpoint
+        // change in a large cluster, a handful of thousands.
+        let changed = changed_clusters(old, &snapshot);
+        let patch = changed.len() <= snapshot.clusters.len() / 4;
         // Each live cluster is claimed once per generation (by its name's allocation), so two
-        // namespaces' clusters of one key never share one whose policy the other changed.
+        // namespaces' clusters of one key never share one whose policy the other changed. (The
+        // view's live clusters and these are never the same: each is kept in its own place.)
         let mut claimed = HashSet::new();
-        let mut upstreams = HashMap::with_capacity(snapshot.clusters.len());
-        for (key, spec) in &snapshot.clusters {
-            let up = live(&snapshot, spec, prev.upstreams.get(key), &mut claimed);
-            upstreams.insert(key.clone(), up);
-        }
+        let upstreams = if patch {
+            let mut upstreams = prev.upstreams.clone();
+            for (before, after) in &changed {
+                match (before, after) {
+                    (_, Some(spec)) => {
+                        let up = live(&snapshot, spec, prev.upstreams.get(&spec.key), &mut claimed);
+                        upstreams.insert(spec.key.clone(), up);
+                    }
+                    (Some(gone), None) => {
+                        upstreams.remove(&gone.key);
+                    }
+                    (None, None) => {}
+                }
+            }
+            upstreams
+        } else {
+            let mut upstreams = HashMap::with_capacity(snapshot.clusters.len());
+            for (key, spec) in &snapshot.clusters {
+                let up = live(&snapshot, spec, prev.upstreams.get(key), &mut claimed);
+                upstreams.insert(key.clone(), up);
+            }
+            upstreams
+        };
+        let mut claimed = HashSet::new();
         // Clusters of namespaces that see another DestinationRule: one live cluster per distinct
         // cluster of the snapshot (namespaces seeing the same rule share it).
         let mut shared: HashMap<*const Cluster, Upstream> = HashMap::new();
@@ -331,78 +370,64 @@ impl State {
             }
         }
 
-        // Route plans per VirtualService and incoming port: the ports of every Service it routes
-        // for some namespace.
-        let generic = snapshot
-            .services
-            .values()
-            .filter_map(|svc| Some((snapshot.virtual_host(&svc.hostname)?, svc)));
-        let by_namespace = snapshot.namespaces.values().flat_map(|nv| {
-            nv.virtual_hosts
+        let same_services = same_entries(&old.services, &snapshot.services);
+        let same_routes = same_services
+            && same_entries(&old.virtual_hosts, &snapshot.virtual_hosts)
+            && old.wildcard_hosts.len() == snapshot.wildcard_hosts.len()
+            && old
+                .wildcard_hosts
                 .iter()
-                .filter_map(|(host, vh)| Some((vh.as_ref()?, snapshot.services.get(host)?)))
-        });
-        let mut routed: HashMap<&str, (&Arc<VirtualHost>, BTreeSet<u16>)> = HashMap::new();
-        for (vh, svc) in generic.chain(by_namespace) {
-            let entry = routed
-                .entry(vh.name.as_str())
-                .or_insert_with(|| (vh, BTreeSet::new()));
-            entry.1.extend(svc.ports.iter().map(|p| p.port));
-        }
-        let plans = routed
-            .into_iter()
-            .map(|(name, (vh, ports))| (name.to_string(), compile(vh, &ports)))
-            .collect();
-
-        let mut implicit = HashMap::new();
-        let mut labels = HashMap::new();
-        let mut vips = HashMap::new();
-        let mut restricted = HashMap::new();
-        for svc in snapshot.services.values() {
-            labels.insert(
-                svc.hostname.clone(),
-                ServiceName::new(&svc.hostname, &svc.name, &svc.namespace),
-            );
-            if svc.export_to != ServiceExportTo::Public {
-                restricted.insert(svc.hostname.clone(), svc.clone());
-            }
-            let plans: &mut Vec<_> = implicit.entry(svc.hostname.clone()).or_default();
-            for port in &svc.ports {
-                plans.push((port.port, Arc::new(RoutePlan::implicit(svc, port.port))));
-                // The first Service by host name wins a shared address, as Snapshot::service_by_vip.
-                for ip in &svc.cluster_ips {
-                    vips.entry((*ip, port.port)).or_insert_with(|| svc.clone());
+                .zip(&snapshot.wildcard_hosts)
+                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y))
+            && old.namespaces.len() == snapshot.namespaces.len()
+            && old
+                .namespaces
+                .iter()
+                .zip(&snapshot.namespaces)
+                .all(|((a, x), (b, y))| {
+                    a == b
+                        && x.virtual_hosts.len() == y.virtual_hosts.len()
+                        && x.virtual_hosts
+                            .iter()
+                            .zip(&y.virtual_hosts)
+                            .all(|((a, x), (b, y))| {
+                                a == b
+                                    && match (x, y) {
+                                        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+                                        (x, y) => x.is_none() && y.is_none(),
+                                    }
+                            })
+                });
+        let plans = if same_routes {
+            prev.plans.clone()
+        } else {
+            Arc::new(plans_of(&snapshot))
+        };
+        let services = if same_services {
+            prev.services.clone()
+        } else {
+            Arc::new(ServiceTables::of(&snapshot))
+        };
+        let sources = if same_entries(&old.workloads, &snapshot.workloads) {
+            prev.sources.clone()
+        } else {
+            let mut sources = HashMap::new();
+            for w in snapshot.workloads.values() {
+                let source = SourceLabels::of(w, Interned::new(w.identity()));
+                for ip in &w.ips {
+                    sources.entry(*ip).or_insert_with(|| source.clone());
                 }
             }
-        }
-
-        let mut sources = HashMap::new();
-        for w in snapshot.workloads.values() {
-            let source = SourceLabels::of(w, Interned::new(w.identity()));
-            for ip in &w.ips {
-                sources.entry(*ip).or_insert_with(|| source.clone());
-            }
-        }
-        let mut endpoints = HashMap::new();
-        for cluster in snapshot.clusters.values() {
-            for ep in &cluster.endpoints {
-                if let Some(id) = &ep.identity {
-                    endpoints
-                        .entry(ep.addr)
-                        .or_insert_with(|| Interned::new(Identity::clone(id)));
-                }
-            }
-        }
+            Arc::new(sources)
+        };
+        let endpoints = endpoint_identities(&prev.endpoints, &changed, &snapshot);
 
         Self {
             snapshot,
             upstreams,
             plans,
-            implicit,
+            services,
             views,
-            restricted,
-            labels,
-            vips,
             sources,
             endpoints,
         }
@@ -429,11 +454,163 @@ impl State {
     /// Istio's implicit route for port `port` of the Service `host` (when no VirtualService
     /// routes it).
     pub fn implicit_plan(&self, host: &str, port: u16) -> Option<&Arc<RoutePlan>> {
-        self.implicit
+        self.services
+            .implicit
             .get(host)?
             .iter()
             .find_map(|(p, plan)| (*p == port).then_some(plan))
     }
+}
+
+/// Whether two maps hold the very same values (by pointer) under the same keys.
+fn same_entries<K: PartialEq, V>(a: &BTreeMap<K, Arc<V>>, b: &BTreeMap<K, Arc<V>>) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
+}
+
+/// Route plans per VirtualService and incoming port: the ports of every Service it routes for
+/// some namespace.
+fn plans_of(snapshot: &Snapshot) -> HashMap<String, PortPlans> {
+    let generic = snapshot
+        .services
+        .values()
+        .filter_map(|svc| Some((snapshot.virtual_host(&svc.hostname)?, svc)));
+    let by_namespace = snapshot.namespaces.values().flat_map(|nv| {
+        nv.virtual_hosts
+            .iter()
+            .filter_map(|(host, vh)| Some((vh.as_ref()?, snapshot.services.get(host)?)))
+    });
+    let mut routed: HashMap<&str, (&Arc<VirtualHost>, BTreeSet<u16>)> = HashMap::new();
+    for (vh, svc) in generic.chain(by_namespace) {
+        let entry = routed
+            .entry(vh.name.as_str())
+            .or_insert_with(|| (vh, BTreeSet::new()));
+        entry.1.extend(svc.ports.iter().map(|p| p.port));
+    }
+    routed
+        .into_iter()
+        .map(|(name, (vh, ports))| (name.to_string(), compile(vh, &ports)))
+        .collect()
+}
+
+impl ServiceTables {
+    fn of(snapshot: &Snapshot) -> Self {
+        let mut t = Self::default();
+        for svc in snapshot.services.values() {
+            t.labels.insert(
+                svc.hostname.clone(),
+                ServiceName::new(&svc.hostname, &svc.name, &svc.namespace),
+            );
+            if svc.export_to != ServiceExportTo::Public {
+                t.restricted.insert(svc.hostname.clone(), svc.clone());
+            }
+            let plans: &mut Vec<_> = t.implicit.entry(svc.hostname.clone()).or_default();
+            for port in &svc.ports {
+                plans.push((port.port, Arc::new(RoutePlan::implicit(svc, port.port))));
+                // The first Service by host name wins a shared address, as Snapshot::service_by_vip.
+                for ip in &svc.cluster_ips {
+                    t.vips
+                        .entry((*ip, port.port))
+                        .or_insert_with(|| svc.clone());
+                }
+            }
+        }
+        t
+    }
+}
+
+/// The clusters of `new` that are not the very ones of `old` (by pointer), with what they
+/// replace, and those of `old` that are gone: one merge of the two sorted maps.
+type ClusterChange<'a> = (Option<&'a Arc<Cluster>>, Option<&'a Arc<Cluster>>);
+
+fn changed_clusters<'a>(old: &'a Snapshot, new: &'a Snapshot) -> Vec<ClusterChange<'a>> {
+    let mut changed = Vec::new();
+    let (mut a, mut b) = (
+        old.clusters.iter().peekable(),
+        new.clusters.iter().peekable(),
+    );
+    loop {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        match order {
+            std::cmp::Ordering::Equal => {
+                if let (Some((_, va)), Some((_, vb))) = (a.next(), b.next()) {
+                    if !Arc::ptr_eq(va, vb) {
+                        changed.push((Some(va), Some(vb)));
+                    }
+                }
+            }
+            std::cmp::Ordering::Less => changed.extend(a.next().map(|(_, va)| (Some(va), None))),
+            std::cmp::Ordering::Greater => changed.extend(b.next().map(|(_, vb)| (None, Some(vb)))),
+        }
+    }
+    changed
+}
+
+/// Who each endpoint of `new`'s clusters is. Made from `prev` (the previous generation's table)
+/// when few clusters `changed`, counting each cluster that lists an address in or out; else made
+/// anew. Either way an address's identity is interned once per pod (endpoints of one pod share
+/// their `Identity`), not once per endpoint.
+fn endpoint_identities(
+    prev: &Arc<HashMap<std::net::SocketAddr, (Peer, u32)>>,
+    changed: &[ClusterChange<'_>],
+    new: &Snapshot,
+) -> Arc<HashMap<std::net::SocketAddr, (Peer, u32)>> {
+    if changed.is_empty() {
+        return prev.clone();
+    }
+    let mut interned: HashMap<*const Identity, Peer> = HashMap::new();
+    let mut peer = |id: &Arc<Identity>| {
+        interned
+            .entry(Arc::as_ptr(id))
+            .or_insert_with(|| Interned::new(Identity::clone(id)))
+            .clone()
+    };
+    let add = |table: &mut HashMap<_, (Peer, u32)>,
+               c: &Cluster,
+               peer: &mut dyn FnMut(&Arc<Identity>) -> Peer| {
+        for ep in &c.endpoints {
+            if let Some(id) = &ep.identity {
+                let p = peer(id);
+                let e = table.entry(ep.addr).or_insert_with(|| (p.clone(), 0));
+                e.0 = p;
+                e.1 += 1;
+            }
+        }
+    };
+    // Patching costs a copy of the table; past a quarter of the clusters, making it anew is as
+    // cheap.
+    if changed.len() > new.clusters.len() / 4 {
+        let mut table = HashMap::new();
+        for c in new.clusters.values() {
+            add(&mut table, c, &mut peer);
+        }
+        return Arc::new(table);
+    }
+    let mut table = HashMap::clone(prev);
+    for &(before, after) in changed {
+        for ep in before.into_iter().flat_map(|c| &c.endpoints) {
+            if ep.identity.is_none() {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Occupied(mut e) = table.entry(ep.addr) {
+                e.get_mut().1 -= 1;
+                if e.get().1 == 0 {
+                    e.remove();
+                }
+            }
+        }
+        if let Some(c) = after {
+            add(&mut table, c, &mut peer);
+        }
+    }
+    Arc::new(table)
 }
 
 /// A VirtualService's route plans for requests on each of `ports`.
@@ -559,6 +736,7 @@ mod tests {
             endpoints: vec![],
             policy,
             destination_rule: None,
+            subset_labels: Default::default(),
         })
     }
 
@@ -694,5 +872,73 @@ mod tests {
         assert!(!state.sees(state.viewer("web"), HOST));
         assert!(state.upstream(state.viewer("web"), &key(80)).is_none());
         assert!(state.upstream(state.viewer("shop"), &key(80)).is_some());
+    }
+
+    fn endpoint(last: u8, pod: &str) -> sluice_policy::Endpoint {
+        sluice_policy::Endpoint {
+            addr: std::net::SocketAddr::from(([10, 1, 0, last], 9080)),
+            pod: Some(format!("default/{pod}")),
+            labels: BTreeMap::new(),
+            identity: Some(Arc::new(Identity::of_pod(
+                pod,
+                "default",
+                &BTreeMap::new(),
+                None,
+            ))),
+        }
+    }
+
+    fn with_endpoints(snap: &Snapshot, port: u16, eps: Vec<sluice_policy::Endpoint>) -> Snapshot {
+        let mut next = snap.clone();
+        let old = &snap.clusters[&key(port)];
+        next.clusters.insert(
+            key(port),
+            Arc::new(Cluster {
+                endpoints: eps,
+                ..Cluster::clone(old)
+            }),
+        );
+        next
+    }
+
+    #[test]
+    fn an_endpoint_change_redoes_only_what_it_touches() {
+        let mut base = snapshot(7);
+        // Enough other clusters that one change is patched into the table, not a new one made.
+        for port in 9001..9007 {
+            base.clusters.insert(key(port), cluster(port, 1));
+        }
+        let one = with_endpoints(&base, 80, vec![endpoint(1, "a"), endpoint(2, "b")]);
+        let both = with_endpoints(&one, 8080, vec![endpoint(2, "b"), endpoint(3, "c")]);
+        let first = State::next(&State::empty(), Arc::new(both.clone()));
+        let addr = |last: u8| std::net::SocketAddr::from(([10, 1, 0, last], 9080));
+        let who = |s: &State, last: u8| s.endpoint_identity(addr(last)).map(|p| p.workload.clone());
+        assert_eq!(who(&first, 2).as_deref(), Some("b"));
+
+        // `b` leaves port 80 but stays on 8080; `a` leaves; `d` comes.
+        let changed = with_endpoints(&both, 80, vec![endpoint(4, "d")]);
+        let next = State::next(&first, Arc::new(changed.clone()));
+        assert_eq!(who(&next, 1), None, "a is gone");
+        assert_eq!(
+            who(&next, 2).as_deref(),
+            Some("b"),
+            "still listed by port 8080"
+        );
+        assert_eq!(who(&next, 4).as_deref(), Some("d"));
+        // The same table a generation made from nothing has.
+        let fresh = State::next(&State::empty(), Arc::new(changed));
+        let mut a: Vec<_> = next.endpoints.iter().map(|(k, v)| (*k, v.1)).collect();
+        let mut b: Vec<_> = fresh.endpoints.iter().map(|(k, v)| (*k, v.1)).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        // What the endpoints do not feed is shared, not made again.
+        assert!(Arc::ptr_eq(&next.plans, &first.plans));
+        assert!(Arc::ptr_eq(&next.services, &first.services));
+        assert!(Arc::ptr_eq(&next.sources, &first.sources));
+        assert!(Arc::ptr_eq(
+            &next.upstreams[&key(8080)].spec,
+            &first.upstreams[&key(8080)].spec
+        ));
     }
 }

@@ -66,6 +66,7 @@ fn clusters(limit: u32) -> BTreeMap<ClusterKey, Arc<Cluster>> {
                     endpoints: vec![],
                     policy,
                     destination_rule: None,
+                    subset_labels: Default::default(),
                 }),
             );
         }

@@ -803,6 +803,7 @@ mod tests {
             }],
             policy: Default::default(),
             destination_rule: None,
+            subset_labels: Default::default(),
         };
         edit(&mut spec.policy.connection_pool);
         Cluster::new(Arc::new(spec), UpstreamProtocol::Http1)

@@ -118,6 +118,7 @@ fn spec(
             .collect(),
         policy: Default::default(),
         destination_rule: None,
+        subset_labels: Default::default(),
     };
     cluster.policy.load_balancer = LoadBalancer::RoundRobin;
     edit(&mut cluster);
