@@ -1,6 +1,10 @@
 //! `cargo xtask`: project tasks that are not part of the product (benchmarks, eBPF
 //! build, demo).
 
+/// The agent's allocator: `bench-config` runs the agent's store and proxy in this process.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod bench;
 mod bench_config;
 mod bench_isolation;

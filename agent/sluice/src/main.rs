@@ -13,6 +13,11 @@ mod source;
 
 use clap::Parser;
 
+/// jemalloc, not glibc's malloc: freeing a large configuration generation (tens of thousands of
+/// clusters) took glibc several times as long, in free-list consolidation.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let args = cli::Args::parse();
     match cli::dispatch(args) {
