@@ -177,10 +177,25 @@ impl Default for Snapshot {
     }
 }
 
-/// Equal values, by pointer first (`Arc`'s own `==` skips the pointer test for types that are not
-/// `Eq`, as clusters and routes are not: they hold floating-point numbers).
-fn same_arc<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
-    Arc::ptr_eq(a, b) || **a == **b
+/// Equal keys with equal values in the same order, values by pointer first (`Arc`'s own `==` skips
+/// the pointer test for types that are not `Eq`, as clusters and routes are not: they hold
+/// floating-point numbers).
+fn same_entries<'a, K, T>(
+    a: impl IntoIterator<Item = (&'a K, &'a Arc<T>)>,
+    b: impl IntoIterator<Item = (&'a K, &'a Arc<T>)>,
+) -> bool
+where
+    K: PartialEq + 'a,
+    T: PartialEq + 'a,
+{
+    let (mut a, mut b) = (a.into_iter(), b.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some((ka, x)), Some((kb, y))) if ka == kb && (Arc::ptr_eq(x, y) || **x == **y) => {}
+            _ => return false,
+        }
+    }
 }
 
 /// What clients of one namespace see differently from the view of [`Snapshot::virtual_hosts`] and
@@ -209,24 +224,12 @@ impl Snapshot {
     pub fn same_config(&self, other: &Snapshot) -> bool {
         self.cluster_domain == other.cluster_domain
             && self.services == other.services
-            && self.virtual_hosts.len() == other.virtual_hosts.len()
-            && self
-                .virtual_hosts
-                .iter()
-                .zip(&other.virtual_hosts)
-                .all(|((a, x), (b, y))| a == b && same_arc(x, y))
-            && self.wildcard_hosts.len() == other.wildcard_hosts.len()
-            && self
-                .wildcard_hosts
-                .iter()
-                .zip(&other.wildcard_hosts)
-                .all(|((a, x), (b, y))| a == b && same_arc(x, y))
-            && self.clusters.len() == other.clusters.len()
-            && self
-                .clusters
-                .iter()
-                .zip(&other.clusters)
-                .all(|((a, x), (b, y))| a == b && same_arc(x, y))
+            && same_entries(&self.virtual_hosts, &other.virtual_hosts)
+            && same_entries(
+                self.wildcard_hosts.iter().map(|(k, v)| (k, v)),
+                other.wildcard_hosts.iter().map(|(k, v)| (k, v)),
+            )
+            && same_entries(&self.clusters, &other.clusters)
             && self.namespaces == other.namespaces
             && self.workloads == other.workloads
     }
