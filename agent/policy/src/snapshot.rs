@@ -245,19 +245,22 @@ impl Snapshot {
     /// `pricing.default`, `pricing.default.svc`, `pricing.default.svc.cluster.local`. A trailing
     /// port or dot is ignored.
     pub fn resolve_host(&self, host: &str, namespace: &str) -> Option<&Arc<Service>> {
-        let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
-        if let Some(svc) = self.services.get(&host) {
+        // Every request resolves its host: the names are put together on the stack, lower-cased,
+        // not allocated.
+        let host = strip_port(host).trim_end_matches('.');
+        let mut name = NameBuf::new();
+        name.push_lower(host)?;
+        if let Some(svc) = self.services.get(name.as_str()?) {
             return Some(svc);
         }
-        let dots = host.matches('.').count();
         let domain = &self.cluster_domain;
-        let candidate = match dots {
-            0 => format!("{host}.{namespace}.svc.{domain}"),
-            1 => format!("{host}.svc.{domain}"),
-            2 if host.ends_with(".svc") => format!("{host}.{domain}"),
+        match host.matches('.').count() {
+            0 => name.push_all(&[".", namespace, ".svc.", domain])?,
+            1 => name.push_all(&[".svc.", domain])?,
+            2 if name.as_str()?.ends_with(".svc") => name.push_all(&[".", domain])?,
             _ => return None,
-        };
-        self.services.get(&candidate)
+        }
+        self.services.get(name.as_str()?)
     }
 
     /// The routing for a destination host name: its VirtualService, or the most specific wildcard one.
@@ -330,6 +333,45 @@ pub fn wildcard_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
+/// A host name put together on the stack. Longer than a DNS name may be (253 bytes), it is no
+/// Service's.
+struct NameBuf {
+    bytes: [u8; 256],
+    len: usize,
+}
+
+impl NameBuf {
+    fn new() -> Self {
+        Self {
+            bytes: [0; 256],
+            len: 0,
+        }
+    }
+
+    fn push_lower(&mut self, s: &str) -> Option<()> {
+        let to = self.bytes.get_mut(self.len..self.len + s.len())?;
+        for (d, b) in to.iter_mut().zip(s.bytes()) {
+            *d = b.to_ascii_lowercase();
+        }
+        self.len += s.len();
+        Some(())
+    }
+
+    fn push_all(&mut self, parts: &[&str]) -> Option<()> {
+        for part in parts {
+            let to = self.bytes.get_mut(self.len..self.len + part.len())?;
+            to.copy_from_slice(part.as_bytes());
+            self.len += part.len();
+        }
+        Some(())
+    }
+
+    /// Lower-casing ASCII bytes keeps UTF-8 valid, so this fails only on a name that was not.
+    fn as_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.bytes[..self.len]).ok()
+    }
+}
+
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split(']').next().map_or(host, |h| &h[1..]);
@@ -382,6 +424,11 @@ mod tests {
         );
         assert_eq!(ns("pricing", "other"), None);
         assert_eq!(ns("example.com", "default"), None);
+        assert_eq!(ns("PRICING", "shop").as_deref(), Some("shop"));
+        // Longer than a DNS name, alone or once completed: no Service, and no panic.
+        assert_eq!(ns(&"p".repeat(300), "shop"), None);
+        assert_eq!(ns(&"p".repeat(240), "shop"), None);
+        assert_eq!(ns("prícing", "shop"), None);
     }
 
     #[test]

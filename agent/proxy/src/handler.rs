@@ -255,7 +255,7 @@ impl Handler {
                 duration: Duration::ZERO,
                 exchange: Exchange::Http(HttpRequest {
                     trace,
-                    ..HttpRequest::of(&req, route::authority_of(&req))
+                    ..HttpRequest::of(&req, route::authority_of(&req).to_owned())
                 }),
                 peer: Some(conn.peer),
                 source: state.source_identity(conn.peer.ip()),
@@ -415,7 +415,7 @@ impl Handler {
             Record {
                 start: SystemTime::now(),
                 duration: Duration::ZERO,
-                exchange: Exchange::Http(HttpRequest::of(req, route::authority_of(req))),
+                exchange: Exchange::Http(HttpRequest::of(req, route::authority_of(req).to_owned())),
                 peer: Some(conn.peer),
                 source: state.source_identity(conn.peer.ip()),
                 service: ServiceName::unknown(),
@@ -455,7 +455,7 @@ impl Handler {
     ) -> Result<Routed, BoxError> {
         let snapshot = &state.snapshot;
         let authority = route::authority_of(req);
-        let (host, explicit_port) = split_authority(&authority);
+        let (host, explicit_port) = split_authority(authority);
         // The client pod (by peer address): its labels and namespace decide
         // `sourceLabels`/`sourceNamespace` matches. Its namespace (else the default one) completes
         // short names, as its DNS search path does, and decides which Services, VirtualServices
@@ -492,7 +492,7 @@ impl Handler {
                 let svc = snapshot
                     .resolve_host(host, namespace)
                     .filter(|svc| state.sees(viewer, &svc.hostname))
-                    .ok_or_else(|| ProxyError::NoCluster(authority.clone()))?;
+                    .ok_or_else(|| ProxyError::NoCluster(authority.to_owned()))?;
                 (svc, explicit_port.unwrap_or(80))
             }
         };
@@ -575,17 +575,32 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let authority = route::authority_of(&req);
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if let Ok(host) = HeaderValue::from_str(&authority) {
+    // `Host` is the request's authority: the URI's (absolute form, HTTP/2) when it has one. The
+    // usual origin-form request already carries it, and is left as it is.
+    let host = parts.headers.get(header::HOST);
+    let set = match parts.uri.authority() {
+        Some(a) if host.is_none_or(|h| h.as_bytes() != a.as_str().as_bytes()) => {
+            HeaderValue::from_str(a.as_str()).ok()
+        }
+        Some(_) => None,
+        None if host.is_none_or(|h| h.to_str().is_err()) => Some(HeaderValue::from_static("")),
+        None => None,
+    };
+    if let Some(host) = set {
         parts.headers.insert(header::HOST, host);
     }
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
     // Absolute form with the client's authority; the upstream pool writes what its protocol needs.
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     if let Ok(uri) = Uri::builder()
         .scheme("http")
-        .authority(authority.as_str())
+        .authority(authority)
         .path_and_query(pq)
         .build()
     {

@@ -76,7 +76,7 @@ fn matches<B>(m: &RequestMatch, req: &Request<B>, port: u16, source: Option<&Wor
         }
     }
     if let Some(authority) = &m.authority {
-        if !authority.matches(&authority_of(req)) {
+        if !authority.matches(authority_of(req)) {
             return false;
         }
     }
@@ -116,15 +116,14 @@ fn header_matches<B>(req: &Request<B>, name: &str, value: &StringMatch) -> bool 
 }
 
 /// The request's authority: from the URI in absolute form (proxy requests, HTTP/2), else `Host`.
-pub fn authority_of<B>(req: &Request<B>) -> String {
+pub fn authority_of<B>(req: &Request<B>) -> &str {
     if let Some(a) = req.uri().authority() {
-        return a.as_str().to_owned();
+        return a.as_str();
     }
     req.headers()
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
-        .to_owned()
 }
 
 /// The first `tcp[]` rule that matches a connection to `dst` from `source` (the client pod, when
