@@ -226,24 +226,24 @@ fn build(root: &Path, variant: Option<u32>) -> Result<PathBuf> {
     Ok(object)
 }
 
-fn rustup() -> Command {
+pub(crate) fn rustup() -> Command {
     let mut cmd = Command::new("rustup");
     cmd.env_remove("RUSTUP_TOOLCHAIN");
     cmd
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn output_ok(cmd: &mut Command) -> bool {
+pub(crate) fn output_ok(cmd: &mut Command) -> bool {
     output(cmd).is_some()
 }
 
-fn run_checked(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_checked(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");

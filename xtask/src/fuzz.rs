@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use crate::ebpf::{output, output_ok, run_checked, rustup};
+use anyhow::{Context, Result};
 
 const CARGO_FUZZ_VERSION: &str = "0.13.1";
 const TARGETS: [&str; 3] = ["config", "config_api", "http"];
@@ -365,31 +366,6 @@ fn prerequisites(install: bool) -> Result<Vec<String>> {
         }
     }
     Ok(missing)
-}
-
-fn rustup() -> Command {
-    let mut cmd = Command::new("rustup");
-    cmd.env_remove("RUSTUP_TOOLCHAIN");
-    cmd
-}
-
-fn output(cmd: &mut Command) -> Option<String> {
-    let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn output_ok(cmd: &mut Command) -> bool {
-    output(cmd).is_some()
-}
-
-fn run_checked(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -565,19 +565,15 @@ fn endpoint_identities(
     if changed.is_empty() {
         return prev.clone();
     }
+    // One interned identity per pod (its endpoints share one `Arc<Identity>`).
     let mut interned: HashMap<*const Identity, Peer> = HashMap::new();
-    let mut peer = |id: &Arc<Identity>| {
-        interned
-            .entry(Arc::as_ptr(id))
-            .or_insert_with(|| Interned::new(Identity::clone(id)))
-            .clone()
-    };
-    let add = |table: &mut HashMap<_, (Peer, u32)>,
-               c: &Cluster,
-               peer: &mut dyn FnMut(&Arc<Identity>) -> Peer| {
+    let mut add = |table: &mut HashMap<std::net::SocketAddr, (Peer, u32)>, c: &Cluster| {
         for ep in &c.endpoints {
             if let Some(id) = &ep.identity {
-                let p = peer(id);
+                let p = interned
+                    .entry(Arc::as_ptr(id))
+                    .or_insert_with(|| Interned::new(Identity::clone(id)))
+                    .clone();
                 let e = table.entry(ep.addr).or_insert_with(|| (p.clone(), 0));
                 e.0 = p;
                 e.1 += 1;
@@ -589,7 +585,7 @@ fn endpoint_identities(
     if changed.len() > new.clusters.len() / 4 {
         let mut table = HashMap::new();
         for c in new.clusters.values() {
-            add(&mut table, c, &mut peer);
+            add(&mut table, c);
         }
         return Arc::new(table);
     }
@@ -607,7 +603,7 @@ fn endpoint_identities(
             }
         }
         if let Some(c) = after {
-            add(&mut table, c, &mut peer);
+            add(&mut table, c);
         }
     }
     Arc::new(table)
