@@ -51,3 +51,25 @@ where
 {
     body.map_err(Into::into).boxed_unsync()
 }
+
+/// A header value holding `n` in decimal. `HeaderValue::from(n)` formats into a growing
+/// `BytesMut` (an allocation and a reallocation); this formats on the stack and copies once, and
+/// the numbers below ten need no allocation at all.
+pub fn decimal_value(n: u64) -> http::HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    if let Some(digit) = usize::try_from(n).ok().and_then(|i| DIGITS.get(i)) {
+        return http::HeaderValue::from_static(digit);
+    }
+    let mut buf = itoa::Buffer::new();
+    http::HeaderValue::from_str(buf.format(n)).expect("digits are a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn decimal_values() {
+        for n in [0, 1, 9, 10, 99, 10_000, u64::MAX] {
+            assert_eq!(super::decimal_value(n), http::HeaderValue::from(n), "{n}");
+        }
+    }
+}

@@ -344,8 +344,10 @@ impl Handler {
                         // included.
                         if !info.flags().contains(ResponseFlags::FAULT_INJECTED) {
                             let ms = u64::try_from(sent.elapsed().as_millis()).unwrap_or(u64::MAX);
-                            rsp.headers_mut()
-                                .insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(ms));
+                            rsp.headers_mut().insert(
+                                X_ENVOY_UPSTREAM_SERVICE_TIME,
+                                sluice_core::decimal_value(ms),
+                            );
                         }
                         rsp
                     }

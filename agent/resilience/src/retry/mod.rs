@@ -222,15 +222,9 @@ fn text(value: &Option<HeaderValue>) -> Option<&str> {
     value.as_ref()?.to_str().ok().map(str::trim)
 }
 
-/// `x-envoy-attempt-count: n` without formatting for the common counts.
+/// `x-envoy-attempt-count: n`.
 fn attempt_value(n: u32) -> HeaderValue {
-    match n {
-        1 => HeaderValue::from_static("1"),
-        2 => HeaderValue::from_static("2"),
-        3 => HeaderValue::from_static("3"),
-        4 => HeaderValue::from_static("4"),
-        n => HeaderValue::from(n),
-    }
+    sluice_core::decimal_value(u64::from(n))
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub use self::future::ResponseFuture;
 use self::future::{EndSignal, Start};
 use http_body::Body as _;
 
-use http::{header::HeaderName, HeaderMap, HeaderValue, Request, Response};
+use http::{header::HeaderName, HeaderMap, Request, Response};
 use sluice_core::{Body, BoxError, ConnectionReady, Expiry, RequestInfo};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -186,7 +186,7 @@ where
                 match expected_timeout_ms(timeout, route) {
                     Some(ms) => {
                         req.headers_mut()
-                            .insert(EXPECTED_RQ_TIMEOUT_MS, HeaderValue::from(ms));
+                            .insert(EXPECTED_RQ_TIMEOUT_MS, sluice_core::decimal_value(ms));
                     }
                     None => {
                         req.headers_mut().remove(EXPECTED_RQ_TIMEOUT_MS);
