@@ -545,7 +545,8 @@ const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 
 /// Headers that describe one hop and are not forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 6] = [
+const HOP_BY_HOP_COUNT: usize = 6;
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -554,20 +555,47 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// Where `name` is in [`HOP_BY_HOP`], or just past it for `Transfer-Encoding`.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    if name == header::TRANSFER_ENCODING {
+        return Some(HOP_BY_HOP_COUNT);
+    }
+    HOP_BY_HOP.iter().position(|h| h == name)
+}
+
+/// Removes the hop-by-hop headers and the headers `Connection` names. One pass over the names
+/// finds which are there (most messages carry none, or only `Connection`): each removal by name
+/// hashes it and probes the map, which is worth doing only for what is present.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
-        if let Ok(conn) = conn.to_str() {
-            for name in conn.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    headers.remove(name);
+    let mut present = [false; HOP_BY_HOP_COUNT + 1];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    // `HOP_BY_HOP[0]` is `Connection`.
+    if present[0] {
+        if let Some(conn) = headers.get(header::CONNECTION).cloned() {
+            if let Ok(conn) = conn.to_str() {
+                for name in conn.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                        headers.remove(name);
+                    }
                 }
             }
         }
     }
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    headers.remove(header::TRANSFER_ENCODING);
+    if present[HOP_BY_HOP_COUNT] {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
 }
 
 /// Makes the client's request an upstream request: authority in `Host`, hop-by-hop headers gone,
@@ -690,6 +718,21 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        // Each hop-by-hop header alone, without `Connection`, is found and removed.
+        for name in HOP_BY_HOP.iter().chain([&header::TRANSFER_ENCODING]) {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name} was kept");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("pricing"));
+        h.append("x-kept", HeaderValue::from_static("1"));
+        h.append("x-kept", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 3);
     }
 
     #[test]
