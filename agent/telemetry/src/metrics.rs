@@ -4,6 +4,7 @@
 //! [`Telemetry`](crate::Telemetry), never piecemeal by the proxy.
 
 use crate::labels::{Peers, Protocol, Reporter, RequestLabels, TcpLabels};
+use parking_lot::RwLock;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_core::ResponseFlags;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,9 +43,23 @@ struct BuildLabels {
     tag: &'static str,
 }
 
+/// The four HTTP series of one label set, looked up together: one map probe per sample instead
+/// of one per family (each family's own map hashes with SipHash behind its lock). The families
+/// hold the same series (the handles share their values) and are what the exposition encodes.
+#[derive(Clone)]
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+type SeriesMap = HashMap<RequestLabels, Series, foldhash::fast::RandomState>;
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
+    series: Arc<RwLock<SeriesMap>>,
     requests: Family<RequestLabels, Counter>,
     duration: Hist,
     request_bytes: Hist,
@@ -125,6 +141,7 @@ impl Metrics {
         registry.register("istio_build", "Istio component build info", build);
         Self {
             registry: Arc::new(registry),
+            series: Arc::default(),
             requests,
             duration,
             request_bytes,
@@ -137,16 +154,23 @@ impl Metrics {
     }
 
     pub(crate) fn request(&self, s: &Sample) {
-        self.requests.get_or_create(&s.labels).inc();
-        self.duration
-            .get_or_create(&s.labels)
-            .observe(s.duration.as_secs_f64() * 1000.0);
-        self.request_bytes
-            .get_or_create(&s.labels)
-            .observe(s.request_bytes as f64);
-        self.response_bytes
-            .get_or_create(&s.labels)
-            .observe(s.response_bytes as f64);
+        let record = |series: &Series| {
+            series.requests.inc();
+            series.duration.observe(s.duration.as_secs_f64() * 1000.0);
+            series.request_bytes.observe(s.request_bytes as f64);
+            series.response_bytes.observe(s.response_bytes as f64);
+        };
+        if let Some(series) = self.series.read().get(&s.labels) {
+            return record(series);
+        }
+        let mut all = self.series.write();
+        let series = all.entry(s.labels.clone()).or_insert_with(|| Series {
+            requests: self.requests.get_or_create(&s.labels).clone(),
+            duration: self.duration.get_or_create(&s.labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(&s.labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(&s.labels).clone(),
+        });
+        record(series);
     }
 
     /// A connection opened: counted now, with counters its bytes are added to as they flow (so a
