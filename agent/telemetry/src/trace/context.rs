@@ -58,61 +58,75 @@ pub(crate) struct Incoming {
     pub(crate) tracestate: Option<HeaderValue>,
 }
 
+/// Whether `read` looks at a header of this name.
+fn is_trace_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "traceparent" || name == "b3" || name.starts_with("x-b3-")
+}
+
 impl Incoming {
     pub(crate) fn read(headers: &HeaderMap) -> Self {
         let mut inc = Incoming::default();
-        let traceparent = headers.get(TRACEPARENT).and_then(parse_traceparent);
-        // B3, single header first (Envoy reads it before the multi headers).
-        if let Some(b3) = headers.get(B3) {
-            inc.b3_single = true;
-            if let Some(single) = parse_b3_single(b3.as_bytes()) {
-                inc.sampled = single.sampled;
-                if let Some((trace, span, short)) = single.context {
-                    inc.context = Some((trace, span));
-                    inc.b3_short = short;
-                }
-            }
-        }
-        let multi_trace = headers.get(X_B3_TRACEID);
-        if multi_trace.is_some() || headers.contains_key(X_B3_SPANID) {
-            inc.b3_multi = true;
-        }
-        if inc.context.is_none() {
-            let trace = multi_trace.and_then(|v| parse_b3_trace_id(v.as_bytes()));
-            let span = headers
-                .get(X_B3_SPANID)
-                .and_then(|v| parse_hex_u64(v.as_bytes()));
-            if let (Some((trace, short)), Some(span)) = (trace, span) {
-                inc.context = Some((trace, span));
-                inc.b3_short = short;
-            }
-        }
-        if inc.sampled.is_none() {
-            inc.sampled = headers
-                .get(X_B3_SAMPLED)
-                .map(|v| matches!(v.as_bytes(), b"1" | b"true"));
-        }
-        // B3's debug flag implies an accept decision (B3's own rule; Envoy reads only
-        // `x-b3-sampled`).
-        if inc.sampled.is_none() && headers.get(X_B3_FLAGS).is_some_and(|v| v == "1") {
-            inc.sampled = Some(true);
-        }
-        if let Some((trace, span, sampled)) = traceparent {
-            if inc.context.is_none() {
-                inc.context = Some((trace, span));
-                inc.b3_short = false;
-            }
-            if inc.sampled.is_none() {
-                inc.sampled = Some(sampled);
-            }
-            if inc.context.is_some_and(|(t, _)| t == trace) {
-                inc.tracestate = headers.get(TRACESTATE).cloned();
-            }
+        // One pass over the names first: most requests carry no trace context, and each lookup
+        // below hashes its name.
+        if headers.keys().any(is_trace_header) {
+            inc.read_headers(headers);
         }
         if !inc.b3_single {
             inc.b3_multi = true;
         }
         inc
+    }
+
+    fn read_headers(&mut self, headers: &HeaderMap) {
+        let traceparent = headers.get(TRACEPARENT).and_then(parse_traceparent);
+        // B3, single header first (Envoy reads it before the multi headers).
+        if let Some(b3) = headers.get(B3) {
+            self.b3_single = true;
+            if let Some(single) = parse_b3_single(b3.as_bytes()) {
+                self.sampled = single.sampled;
+                if let Some((trace, span, short)) = single.context {
+                    self.context = Some((trace, span));
+                    self.b3_short = short;
+                }
+            }
+        }
+        let multi_trace = headers.get(X_B3_TRACEID);
+        if multi_trace.is_some() || headers.contains_key(X_B3_SPANID) {
+            self.b3_multi = true;
+        }
+        if self.context.is_none() {
+            let trace = multi_trace.and_then(|v| parse_b3_trace_id(v.as_bytes()));
+            let span = headers
+                .get(X_B3_SPANID)
+                .and_then(|v| parse_hex_u64(v.as_bytes()));
+            if let (Some((trace, short)), Some(span)) = (trace, span) {
+                self.context = Some((trace, span));
+                self.b3_short = short;
+            }
+        }
+        if self.sampled.is_none() {
+            self.sampled = headers
+                .get(X_B3_SAMPLED)
+                .map(|v| matches!(v.as_bytes(), b"1" | b"true"));
+        }
+        // B3's debug flag implies an accept decision (B3's own rule; Envoy reads only
+        // `x-b3-sampled`).
+        if self.sampled.is_none() && headers.get(X_B3_FLAGS).is_some_and(|v| v == "1") {
+            self.sampled = Some(true);
+        }
+        if let Some((trace, span, sampled)) = traceparent {
+            if self.context.is_none() {
+                self.context = Some((trace, span));
+                self.b3_short = false;
+            }
+            if self.sampled.is_none() {
+                self.sampled = Some(sampled);
+            }
+            if self.context.is_some_and(|(t, _)| t == trace) {
+                self.tracestate = headers.get(TRACESTATE).cloned();
+            }
+        }
     }
 }
 
