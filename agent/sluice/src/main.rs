@@ -14,7 +14,8 @@ mod source;
 use clap::Parser;
 
 /// jemalloc, not glibc's malloc: freeing a large configuration generation (tens of thousands of
-/// clusters) took glibc several times as long, in free-list consolidation.
+/// clusters) took glibc several times as long, in free-list consolidation. Its thread-cache
+/// settings are built in from `.cargo/config.toml`.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
