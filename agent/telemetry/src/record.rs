@@ -48,12 +48,21 @@ impl HttpRequest {
             path,
             version: req.version(),
             authority,
-            request_id: headers.get("x-request-id").cloned(),
+            request_id: headers.get("x-request-id").map(detached),
             protocol: crate::metrics::protocol_of(headers),
-            user_agent: headers.get(http::header::USER_AGENT).cloned(),
+            user_agent: headers.get(http::header::USER_AGENT).map(detached),
             trace: None,
         }
     }
+}
+
+/// A copy of `value` in its own allocation. hyper's header values are slices of the connection's
+/// read buffer (8 KiB or more); a record outlives its request (the last 4,096 are kept for
+/// `sluice trace`), and a slice kept there would keep that whole buffer alive with it.
+pub(crate) fn detached(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
 }
 
 /// Bytes of a header block as HTTP/1.1 writes it (`name: value\r\n` per field).
@@ -312,4 +321,71 @@ fn as_destination_saw(a: &AttemptRecord) -> (u16, ResponseFlags) {
         return (503, a.flags);
     }
     (a.status, a.flags)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A connection's read buffer, as hyper's header values share it, that says when it is freed.
+    pub(crate) struct ReadBuffer {
+        bytes: Vec<u8>,
+        freed: Arc<AtomicBool>,
+    }
+
+    impl ReadBuffer {
+        /// `head` in an 8 KiB buffer, and the flag its drop sets.
+        pub(crate) fn with(head: &[u8]) -> (Bytes, Arc<AtomicBool>) {
+            let freed = Arc::new(AtomicBool::new(false));
+            let mut bytes = head.to_vec();
+            bytes.resize(8192, 0);
+            let buffer = ReadBuffer {
+                bytes,
+                freed: freed.clone(),
+            };
+            (Bytes::from_owner(buffer), freed)
+        }
+    }
+
+    impl AsRef<[u8]> for ReadBuffer {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+
+    impl Drop for ReadBuffer {
+        fn drop(&mut self) {
+            self.freed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn value(buf: &Bytes, at: std::ops::Range<usize>) -> HeaderValue {
+        HeaderValue::from_maybe_shared(buf.slice(at)).expect("a valid header value")
+    }
+
+    #[test]
+    fn a_record_keeps_no_part_of_its_request_s_read_buffer() {
+        let (buf, freed) = ReadBuffer::with(b"curl/8.5.0 id-17");
+        let mut sensitive = value(&buf, 11..16);
+        sensitive.set_sensitive(true);
+        let req = http::Request::builder()
+            .header(http::header::USER_AGENT, value(&buf, 0..10))
+            .header("x-request-id", sensitive)
+            .body(())
+            .unwrap();
+        drop(buf);
+        let record = HttpRequest::of(&req, "pricing".to_owned());
+        assert!(!freed.load(Ordering::SeqCst), "the request still holds it");
+        drop(req);
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "the record keeps the request's whole read buffer alive"
+        );
+        assert_eq!(record.user_agent.unwrap(), "curl/8.5.0");
+        let id = record.request_id.unwrap();
+        assert_eq!(id, "id-17");
+        assert!(id.is_sensitive());
+    }
 }

@@ -124,7 +124,7 @@ impl Incoming {
                 self.sampled = Some(sampled);
             }
             if self.context.is_some_and(|(t, _)| t == trace) {
-                self.tracestate = headers.get(TRACESTATE).cloned();
+                self.tracestate = headers.get(TRACESTATE).map(crate::record::detached);
             }
         }
     }
@@ -393,6 +393,25 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_tracestate_is_a_copy() {
+        use crate::record::tests::{value, ReadBuffer};
+        use std::sync::atomic::Ordering;
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (buf, freed) = ReadBuffer::with(format!("{tp} vendor=1").as_bytes());
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, value(&buf, 0..tp.len()));
+        h.insert(TRACESTATE, value(&buf, tp.len() + 1..tp.len() + 9));
+        drop(buf);
+        let inc = Incoming::read(&h);
+        drop(h);
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "the context keeps the read buffer alive"
+        );
+        assert_eq!(inc.tracestate.unwrap(), "vendor=1");
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
