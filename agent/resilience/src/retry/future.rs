@@ -28,6 +28,10 @@ pub(super) enum Replay {
     Body(ReplayBody),
 }
 
+/// Headers the layers below the retry add to each attempt: `x-envoy-attempt-count`,
+/// `x-envoy-expected-rq-timeout-ms`, `traceparent` and four `x-b3-*` (or `b3`).
+const PER_ATTEMPT_HEADERS: usize = 7;
+
 /// Everything the loop needs to make and judge attempts.
 pub(super) struct Attempts {
     pub(super) parts: Parts,
@@ -52,7 +56,13 @@ impl Attempts {
         *req.method_mut() = self.parts.method.clone();
         *req.uri_mut() = self.parts.uri.clone();
         *req.version_mut() = self.parts.version;
-        *req.headers_mut() = self.parts.headers.clone();
+        // Room for what each attempt adds (its count here; the trace context and the expected
+        // timeout below): a clone is sized to its entries exactly, and grew twice per attempt.
+        let headers = req.headers_mut();
+        headers.reserve(self.parts.headers.len() + PER_ATTEMPT_HEADERS);
+        for (name, value) in &self.parts.headers {
+            headers.append(name.clone(), value.clone());
+        }
         *req.extensions_mut() = self.parts.extensions.clone();
         req.headers_mut()
             .insert(ATTEMPT_COUNT, attempt_value(self.attempt));
