@@ -257,7 +257,7 @@ impl Snapshot {
         match host.matches('.').count() {
             0 => name.push_all(&[".", namespace, ".svc.", domain])?,
             1 => name.push_all(&[".svc.", domain])?,
-            2 if name.as_str()?.ends_with(".svc") => name.push_all(&[".", domain])?,
+            2 if name.ends_with(".svc") => name.push_all(&[".", domain])?,
             _ => return None,
         }
         self.services.get(name.as_str()?)
@@ -348,22 +348,26 @@ impl NameBuf {
         }
     }
 
-    fn push_lower(&mut self, s: &str) -> Option<()> {
+    /// Appends `s` with each byte through `map`; `None` (and nothing appended) past the buffer.
+    fn push(&mut self, s: &str, map: impl Fn(u8) -> u8) -> Option<()> {
         let to = self.bytes.get_mut(self.len..self.len + s.len())?;
         for (d, b) in to.iter_mut().zip(s.bytes()) {
-            *d = b.to_ascii_lowercase();
+            *d = map(b);
         }
         self.len += s.len();
         Some(())
     }
 
+    fn push_lower(&mut self, s: &str) -> Option<()> {
+        self.push(s, |b| b.to_ascii_lowercase())
+    }
+
     fn push_all(&mut self, parts: &[&str]) -> Option<()> {
-        for part in parts {
-            let to = self.bytes.get_mut(self.len..self.len + part.len())?;
-            to.copy_from_slice(part.as_bytes());
-            self.len += part.len();
-        }
-        Some(())
+        parts.iter().try_for_each(|part| self.push(part, |b| b))
+    }
+
+    fn ends_with(&self, suffix: &str) -> bool {
+        self.bytes[..self.len].ends_with(suffix.as_bytes())
     }
 
     /// Lower-casing ASCII bytes keeps UTF-8 valid, so this fails only on a name that was not.

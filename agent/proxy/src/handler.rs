@@ -544,8 +544,8 @@ const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overload
 const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 
-/// Headers that describe one hop and are not forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP_COUNT: usize = 6;
+/// Headers that describe one hop and are not forwarded (RFC 9110 7.6.1); `Connection` first.
+const HOP_BY_HOP_COUNT: usize = 7;
 static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
@@ -553,32 +553,19 @@ static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::PROXY_AUTHORIZATION,
     header::TE,
     header::UPGRADE,
+    header::TRANSFER_ENCODING,
 ];
-
-/// Where `name` is in [`HOP_BY_HOP`], or just past it for `Transfer-Encoding`.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    if name == header::TRANSFER_ENCODING {
-        return Some(HOP_BY_HOP_COUNT);
-    }
-    HOP_BY_HOP.iter().position(|h| h == name)
-}
 
 /// Removes the hop-by-hop headers and the headers `Connection` names. One pass over the names
 /// finds which are there (most messages carry none, or only `Connection`): each removal by name
 /// hashes it and probes the map, which is worth doing only for what is present.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut present = [false; HOP_BY_HOP_COUNT + 1];
-    let mut any = false;
+    let mut present = [false; HOP_BY_HOP_COUNT];
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
-            any = true;
         }
     }
-    if !any {
-        return;
-    }
-    // `HOP_BY_HOP[0]` is `Connection`.
     if present[0] {
         if let Some(conn) = headers.get(header::CONNECTION).cloned() {
             if let Ok(conn) = conn.to_str() {
@@ -592,9 +579,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
-    }
-    if present[HOP_BY_HOP_COUNT] {
-        headers.remove(header::TRANSFER_ENCODING);
     }
 }
 
@@ -720,7 +704,7 @@ mod tests {
         assert!(h.contains_key("x-kept"));
 
         // Each hop-by-hop header alone, without `Connection`, is found and removed.
-        for name in HOP_BY_HOP.iter().chain([&header::TRANSFER_ENCODING]) {
+        for name in &HOP_BY_HOP {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static("x"));
             h.insert("x-kept", HeaderValue::from_static("1"));

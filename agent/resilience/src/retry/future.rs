@@ -2,7 +2,7 @@
 
 use super::budget::{RetryBudget, RetryPermit};
 use super::classify::On;
-use super::{attempt_value, ATTEMPT_COUNT};
+use super::ATTEMPT_COUNT;
 use crate::backoff::Backoff;
 use crate::replay::ReplayBody;
 use futures_util::ready;
@@ -64,8 +64,10 @@ impl Attempts {
             headers.append(name.clone(), value.clone());
         }
         *req.extensions_mut() = self.parts.extensions.clone();
-        req.headers_mut()
-            .insert(ATTEMPT_COUNT, attempt_value(self.attempt));
+        req.headers_mut().insert(
+            ATTEMPT_COUNT,
+            sluice_core::decimal_value(u64::from(self.attempt)),
+        );
         if let Some(info) = &self.info {
             info.add_attempt();
         }

@@ -171,7 +171,9 @@ where
 
         if on.is_empty() {
             // No retry state at all, as in Envoy: one attempt, no flags.
-            parts.headers.insert(ATTEMPT_COUNT, attempt_value(1));
+            parts
+                .headers
+                .insert(ATTEMPT_COUNT, sluice_core::decimal_value(1));
             if let Some(info) = &info {
                 info.add_attempt();
             }
@@ -226,11 +228,6 @@ where
 /// A header's trimmed text, read in place.
 fn text(value: &Option<HeaderValue>) -> Option<&str> {
     value.as_ref()?.to_str().ok().map(str::trim)
-}
-
-/// `x-envoy-attempt-count: n`.
-fn attempt_value(n: u32) -> HeaderValue {
-    sluice_core::decimal_value(u64::from(n))
 }
 
 #[cfg(test)]
