@@ -8,6 +8,7 @@
 //! DestinationRules than the rest (`exportTo`) its own table of them and of their live clusters.
 
 use crate::direct::{DirectReply, ResponseHeaders};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use sluice_core::PolicyNote;
 use sluice_policy::Identity;
 use sluice_policy::{
@@ -17,7 +18,7 @@ use sluice_policy::{
 use sluice_resilience::RetryBudget;
 use sluice_telemetry::{Interned, Peer, ServiceName};
 use sluice_upstream::{ClusterHandle, UpstreamProtocol};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -21,10 +21,11 @@
 use crate::cluster::{Inner, UpstreamProtocol};
 use crate::observe::Metered;
 use crate::stats::{inc, Stats};
+use foldhash::{HashMap, HashMapExt};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sluice_core::{Body, Cause, ConnectError, ProxyError};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
