@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// than time on a shared machine. Takes a few minutes (Envoy starts slowly under valgrind).
     #[arg(long)]
     instructions: bool,
+    /// Sluice from a plain release build only. By default the measured Sluice is the build
+    /// `cargo xtask build-pgo` makes (profile-guided, trained on its own workload, not this one),
+    /// and the plain release build runs in the same rounds as `sluice-plain`.
+    #[arg(long)]
+    no_pgo: bool,
     /// Worker threads of every proxy: Sluice `--workers`, HAProxy `nbthread`, Envoy
     /// `--concurrency`. Above 1 the proxies run on every CPU, sharing them with the load
     /// generator and the upstream (on this 2-core machine, as the figures then say).
@@ -92,6 +97,11 @@ impl Proc {
     pub(crate) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Whether it has exited (reaping it if so).
+    pub(crate) fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
     }
 
     pub(crate) fn log_tail(&self) -> String {
@@ -175,9 +185,20 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     };
     println!("bench: {pinning}");
 
-    let sluice_bin = build_sluice(&root).map_err(|why| {
+    let plain_bin = build_sluice(&root).map_err(|why| {
         not_measured.insert("sluice", why);
     });
+    // The profile-guided build is what is measured as Sluice; the plain one runs beside it.
+    let (sluice_bin, plain_bin) = match (&plain_bin, args.no_pgo) {
+        (Ok(plain), false) => match crate::pgo::build(&root, 3) {
+            Ok(pgo) => (Ok(pgo), Some(plain.clone())),
+            Err(e) => {
+                println!("bench: build-pgo failed, Sluice is the plain release build: {e:#}");
+                (Ok(plain.clone()), None)
+            }
+        },
+        _ => (plain_bin, None),
+    };
 
     let dir = tempfile::Builder::new().prefix("sluice-bench-").tempdir()?;
     let d = dir.path();
@@ -228,6 +249,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         access_log: args.access_log,
         workers: args.workers,
         sluice: sluice_bin.as_deref().ok(),
+        sluice_plain: plain_bin.as_deref(),
         haproxy: haproxy.as_deref(),
         envoy: envoy.as_deref().map_err(String::as_str),
     };
@@ -439,6 +461,7 @@ fn summarize(
 ) -> Summary {
     use std::fmt::Write as _;
     let mut t = String::new();
+    let plain_too = results.iter().any(|r| r.target == "sluice-plain");
     let values = |target: &str, f: fn(&RunResult) -> Option<f64>| -> Vec<f64> {
         results
             .iter()
@@ -452,6 +475,12 @@ fn summarize(
         "\n{} rounds x {} s, fixed rate {} rps, wrk -t1 -c{}; {pinning}\nmedian [min - max] over rounds",
         args.rounds, args.duration, args.rate, args.connections
     );
+    if plain_too {
+        let _ = writeln!(
+            t,
+            "sluice: the profile-guided build (cargo xtask build-pgo); sluice-plain: cargo build --release"
+        );
+    }
     let _ = write!(t, "{:<12}", "target");
     for (name, unit, _) in FIGURES {
         let _ = write!(t, " {:>26}", format!("{name} ({unit})"));
@@ -463,6 +492,7 @@ fn summarize(
         .iter()
         .copied()
         .chain(logged_too.then_some("sluice-nolog"))
+        .chain(plain_too.then_some("sluice-plain"))
         .collect();
     for target in shown {
         if let Some(why) = not_measured.get(target) {
@@ -514,6 +544,16 @@ fn summarize(
         ratios_json.insert("sluice/sluice-nolog".into(), json!({ "throughput": r }));
     }
 
+    if plain_too {
+        let r = stats::ratio(m("sluice", FIGURES[0].2), m("sluice-plain", FIGURES[0].2));
+        let _ = writeln!(
+            t,
+            "sluice profile-guided / plain release build, throughput: {}",
+            r.map_or("-".to_owned(), |r| format!("{r:.2}x"))
+        );
+        ratios_json.insert("sluice/sluice-plain".into(), json!({ "throughput": r }));
+    }
+
     let counted = |target: &str| {
         instructions
             .get(target)
@@ -531,6 +571,18 @@ fn summarize(
                 .as_ref()
                 .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"));
             let _ = writeln!(t, "  {target:<12} {shown}");
+        }
+        if counted("sluice-plain").is_some() {
+            let r = stats::ratio(counted("sluice"), counted("sluice-plain"));
+            let _ = writeln!(
+                t,
+                "  sluice (profile-guided) / sluice-plain: {}",
+                r.map_or("-".to_owned(), |r| format!("{r:.2}x"))
+            );
+            ratios_json.insert(
+                "instructions sluice/sluice-plain".into(),
+                json!({ "instructions_per_request": r }),
+            );
         }
         for peer in ["haproxy", "envoy"] {
             let r = stats::ratio(counted("sluice"), counted(peer));
@@ -604,6 +656,7 @@ fn summarize(
     }
 
     let json = json!({
+        "sluice_build": if plain_too { "profile-guided" } else { "release" },
         "rounds": args.rounds,
         "duration_s": args.duration,
         "rate_rps": args.rate,
@@ -730,6 +783,8 @@ struct Proxies<'a> {
     access_log: bool,
     workers: usize,
     sluice: Option<&'a Path>,
+    /// The plain release build, when `sluice` is the profile-guided one.
+    sluice_plain: Option<&'a Path>,
     haproxy: Option<&'a Path>,
     envoy: std::result::Result<&'a Path, &'a str>,
 }
@@ -759,6 +814,15 @@ impl Proxies<'_> {
                     Err(why) => {
                         not_measured.insert("sluice-nolog", format!("{why:#}"));
                     }
+                }
+            }
+        }
+        if let Some(bin) = self.sluice_plain {
+            let (log, name) = (self.access_log, "sluice-plain");
+            match start_sluice(name, bin, d, up_port, how, log, workers) {
+                Ok(t) => targets.push(t),
+                Err(why) => {
+                    not_measured.insert(name, format!("{why:#}"));
                 }
             }
         }

@@ -13,6 +13,7 @@ mod dashboards;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod pgo;
 mod prometheus;
 mod traces;
 mod tutorial;
@@ -39,6 +40,9 @@ enum Cmd {
     RedirectProbe(bench_redirect::ProbeArgs),
     /// Build the eBPF programs into target/bpf/sluice-ebpf.o (--install: missing prerequisites).
     BuildEbpf(ebpf::BuildEbpfArgs),
+    /// Build the agent with profile-guided optimization (instrumented build, a training run on
+    /// loopback, optimized build) into target/pgo/sluice.
+    BuildPgo(pgo::BuildPgoArgs),
     /// Run the libFuzzer targets (configuration parsers, HTTP front) N seconds each (nightly).
     Fuzz(fuzz::FuzzArgs),
     /// The seed tutorial's steps 3-8 and the blog's experiments in pods with eBPF redirection (as
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Cmd::Flood(args) => bench_isolation::flood(args)?,
         Cmd::SlowUpstream(args) => bench_isolation::slow_upstream(args)?,
         Cmd::BuildEbpf(args) => return ebpf::run(args),
+        Cmd::BuildPgo(args) => pgo::run(args)?,
         Cmd::Fuzz(args) => return fuzz::run(args),
         Cmd::Demo(args) => return demo::run(args),
         Cmd::DemoClient(args) => return demo::client(args),

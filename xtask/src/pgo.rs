@@ -1,0 +1,522 @@
+//! `cargo xtask build-pgo`: the agent built with profile-guided optimization.
+//!
+//! Most of a proxied request's time in the agent is spent fetching code, not running it: its
+//! path runs through hyper's server and client, tower's layers, tokio and the proxy's own code,
+//! more than the first-level instruction cache holds (callgrind's cache simulation: about 2,300
+//! instruction-cache misses per request, HAProxy about 90). A profile lets LLVM lay the hot code
+//! out together and inline by measured frequency rather than by guess.
+//!
+//! Steps: an instrumented release build (`-Cprofile-generate`), a training run of that build in
+//! front of an upstream served by this process, `llvm-profdata merge` (rustup's `llvm-tools`,
+//! installed if missing), and the release build that uses the profile (`-Cprofile-use`). The
+//! training is not the benchmark: its own Services, routes and a request mix (small and 16 KiB
+//! responses, request bodies, 5xx answers that are retried, one connection and 32, the access log
+//! on and off), so that the profile favours the proxy's common path rather than one benchmark's.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+use crate::bench::{free_port, path_str, spawn_proc, workspace_root, Proc};
+
+#[derive(clap::Args, Debug)]
+pub struct BuildPgoArgs {
+    /// Where to put the optimized binary.
+    #[arg(long, default_value = "target/pgo/sluice")]
+    out: PathBuf,
+    /// Seconds of each of the training's load phases (there are six).
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+}
+
+pub fn run(args: BuildPgoArgs) -> Result<()> {
+    let root = workspace_root();
+    let bin = build(&root, args.seconds)?;
+    let out = root.join(&args.out);
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    if bin != out {
+        fs::copy(&bin, &out)
+            .with_context(|| format!("copying {} to {}", bin.display(), out.display()))?;
+    }
+    println!("build-pgo: {}", out.display());
+    Ok(())
+}
+
+/// Builds, trains and rebuilds; returns the optimized binary (under `target/pgo/use`).
+pub(crate) fn build(root: &Path, seconds: u64) -> Result<PathBuf> {
+    let profdata = llvm_profdata()?;
+    let host = host_triple()?;
+    let pgo = root.join("target/pgo");
+    let profiles = pgo.join("profiles");
+    let _ = fs::remove_dir_all(&profiles);
+    fs::create_dir_all(&profiles)?;
+
+    println!("build-pgo: instrumented release build (target/pgo/generate)");
+    let generate = cargo_build(
+        root,
+        &host,
+        &pgo.join("generate"),
+        &format!("-Cprofile-generate={}", path_str(&profiles)),
+    )?;
+
+    println!("build-pgo: training ({seconds} s per phase)");
+    train(&generate, &pgo, seconds)?;
+    let raw: Vec<PathBuf> = fs::read_dir(&profiles)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "profraw"))
+        .collect();
+    if raw.is_empty() {
+        bail!(
+            "the training wrote no profile into {}: the agent did not exit cleanly",
+            profiles.display()
+        );
+    }
+    let merged = pgo.join("sluice.profdata");
+    let status = Command::new(&profdata)
+        .arg("merge")
+        .arg("-o")
+        .arg(&merged)
+        .args(&raw)
+        .status()
+        .with_context(|| format!("running {}", profdata.display()))?;
+    if !status.success() {
+        bail!("llvm-profdata merge failed ({status})");
+    }
+
+    println!("build-pgo: optimized release build (target/pgo/use)");
+    cargo_build(
+        root,
+        &host,
+        &pgo.join("use"),
+        &format!("-Cprofile-use={}", path_str(&merged)),
+    )
+}
+
+/// `cargo build --release -p sluice` for the host triple named explicitly, so that `rustflags`
+/// reach the agent's crates and not build scripts or proc macros.
+fn cargo_build(root: &Path, host: &str, target_dir: &Path, rustflags: &str) -> Result<PathBuf> {
+    let status = crate::tutorial::cargo()
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "sluice",
+            "--target",
+            host,
+        ])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", rustflags)
+        .current_dir(root)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo build --release -p sluice with {rustflags} failed ({status})");
+    }
+    Ok(target_dir.join(host).join("release/sluice"))
+}
+
+fn host_triple() -> Result<String> {
+    let out = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("rustc -vV names no host triple")
+}
+
+/// The toolchain's own `llvm-profdata` (its LLVM reads the profiles its rustc writes; a
+/// distribution's older one does not): from rustup's `llvm-tools`, added when missing.
+fn llvm_profdata() -> Result<PathBuf> {
+    let find = || -> Result<PathBuf> {
+        let out = Command::new("rustc")
+            .args(["--print", "target-libdir"])
+            .output()
+            .context("running rustc --print target-libdir")?;
+        let libdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Ok(libdir
+            .parent()
+            .map(|d| d.join("bin/llvm-profdata"))
+            .unwrap_or_default())
+    };
+    let tool = find()?;
+    if tool.is_file() {
+        return Ok(tool);
+    }
+    println!("build-pgo: rustup component add llvm-tools (for llvm-profdata)");
+    let status = Command::new("rustup")
+        .args(["component", "add", "llvm-tools"])
+        .status()
+        .context("running rustup (llvm-profdata comes with rustup's llvm-tools)")?;
+    let tool = find()?;
+    if !status.success() || !tool.is_file() {
+        bail!("llvm-profdata is missing and `rustup component add llvm-tools` did not provide it");
+    }
+    Ok(tool)
+}
+
+/// The training's policy: a routed Service (path and header matches, a retried route, a
+/// timeout, outlier detection) and one without a VirtualService.
+fn training_yaml(upstream: u16) -> String {
+    let service = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  clusterIP: {ip}
+  ports:
+  - name: http
+    port: 80
+    targetPort: {upstream}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {name}
+addressType: IPv4
+endpoints:
+- addresses: [\"127.0.0.1\"]
+  conditions:
+    ready: true
+ports:
+- name: http
+  port: {upstream}
+  protocol: TCP
+---
+"
+        )
+    };
+    format!(
+        "{}{}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: shop
+  namespace: default
+spec:
+  hosts:
+  - shop
+  http:
+  - match:
+    - uri:
+        prefix: /flaky
+    route:
+    - destination:
+        host: shop
+    retries:
+      attempts: 3
+      perTryTimeout: 2s
+      retryOn: 5xx
+  - match:
+    - headers:
+        x-variant:
+          exact: b
+    route:
+    - destination:
+        host: shop
+        subset: b
+  - route:
+    - destination:
+        host: shop
+        subset: a
+      weight: 90
+    - destination:
+        host: shop
+        subset: b
+      weight: 10
+    timeout: 5s
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: shop
+  namespace: default
+spec:
+  host: shop
+  trafficPolicy:
+    connectionPool:
+      http:
+        http1MaxPendingRequests: 1000
+    outlierDetection:
+      consecutive5xxErrors: 1000
+      interval: 10s
+      baseEjectionTime: 30s
+  subsets:
+  - name: a
+  - name: b
+",
+        service("shop", "10.96.1.10"),
+        service("catalog", "10.96.1.11"),
+    )
+}
+
+/// Runs the instrumented agent in front of this process's upstream, twice (access log off, then
+/// on), each under the request mix at 32 connections and at one; stops it with SIGTERM so that it
+/// writes its profile on the way out.
+fn train(agent: &Path, pgo: &Path, seconds: u64) -> Result<()> {
+    let dir = pgo.join("training");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("config"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let upstream = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let up_port = upstream.local_addr()?.port();
+    rt.spawn(serve_upstream(upstream));
+    fs::write(dir.join("config/train.yaml"), training_yaml(up_port))?;
+
+    for access_log in [false, true] {
+        let ports: Vec<String> = (0..4)
+            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<_>>()?;
+        let mut cmd = Command::new(agent);
+        cmd.args(["run", "--redirect", "none", "--config-dir"])
+            .arg(dir.join("config"))
+            .args(["--outbound-addr", &ports[0], "--admin-addr", &ports[1]])
+            .args(["--admin-socket", "none", "--metrics-addr", &ports[2]])
+            .args(["--ready-addr", &ports[3], "--workers", "1"])
+            .stdin(Stdio::null());
+        if !access_log {
+            cmd.arg("--no-access-log");
+        }
+        let mut proc = spawn_proc("sluice-instrumented", cmd, &dir)?;
+        let addr: SocketAddr = ports[0].parse()?;
+        if !rt.block_on(serving(addr)) {
+            bail!(
+                "the instrumented agent did not answer within 20 s: {}",
+                proc.log_tail()
+            );
+        }
+        for connections in [32, 1] {
+            let counts = rt.block_on(drive(addr, connections, Duration::from_secs(seconds)))?;
+            println!(
+                "build-pgo: access log {}, {connections} connection(s): {}",
+                if access_log { "on" } else { "off" },
+                counts
+                    .iter()
+                    .map(|(k, v)| format!("{k} x{v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if counts.get("200").copied().unwrap_or(0) == 0 {
+                bail!(
+                    "no request of the training succeeded; agent log: {}",
+                    proc.log_tail()
+                );
+            }
+        }
+        terminate(&mut proc)?;
+    }
+    Ok(())
+}
+
+/// Whether the agent at `addr` routes a request to the upstream within 20 s (200 tries).
+async fn serving(addr: SocketAddr) -> bool {
+    for _ in 0..200 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
+            if let Ok((mut send, conn)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+            {
+                tokio::spawn(conn);
+                if let Ok(rsp) = send.send_request(request(5)).await {
+                    if rsp.status() == http::StatusCode::OK {
+                        return true;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// SIGTERM, then waits (bounded) for the exit during which the profile is written.
+fn terminate(proc: &mut Proc) -> Result<()> {
+    let pid = libc::pid_t::try_from(proc.pid()).context("pid out of range")?;
+    // SAFETY: `kill` only sends a signal to the process we started, by its PID.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    for _ in 0..600 {
+        if proc.try_wait()?.is_some() {
+            return Ok(());
+        }
+        crate::bench::pause(Duration::from_millis(50));
+    }
+    bail!("the instrumented agent did not exit within 30 s of SIGTERM")
+}
+
+/// The training's upstream: `/flaky` answers 503 to every other request (the route retries it),
+/// `/big` 16 KiB, anything else a short body; a request's body is read to its end.
+async fn serve_upstream(listener: tokio::net::TcpListener) {
+    let flaky = Arc::new(AtomicU64::new(0));
+    while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
+        let flaky = flaky.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let flaky = flaky.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let _ = req.into_body().collect().await;
+                        let (status, body) = match path.as_str() {
+                            "/flaky" if flaky.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) => {
+                                (503, Bytes::from_static(b"unavailable"))
+                            }
+                            "/big" => (200, Bytes::from(vec![b'x'; 16 * 1024])),
+                            _ => (200, Bytes::from_static(b"ok")),
+                        };
+                        let rsp = http::Response::builder()
+                            .status(status)
+                            .header("content-type", "text/plain")
+                            .body(Full::new(body))
+                            .expect("a valid response");
+                        Ok::<_, std::convert::Infallible>(rsp)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// `connections` keep-alive clients, each cycling through the request mix until `for_`
+/// has passed; returns the responses counted by status ("error" for failed exchanges).
+async fn drive(
+    addr: SocketAddr,
+    connections: usize,
+    for_: Duration,
+) -> Result<BTreeMap<String, u64>> {
+    let until = tokio::time::Instant::now() + for_;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        tasks.push(tokio::spawn(async move {
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            let mut i = c;
+            'connect: while tokio::time::Instant::now() < until {
+                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                    *counts.entry("error".into()).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let Ok((mut send, conn)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                else {
+                    *counts.entry("error".into()).or_default() += 1;
+                    continue;
+                };
+                tokio::spawn(conn);
+                while tokio::time::Instant::now() < until {
+                    i += 1;
+                    let outcome = match send.send_request(request(i)).await {
+                        Ok(rsp) => {
+                            let status = rsp.status().as_u16().to_string();
+                            match rsp.into_body().collect().await {
+                                Ok(_) => status,
+                                Err(_) => "error".into(),
+                            }
+                        }
+                        Err(_) => "error".into(),
+                    };
+                    let failed = outcome == "error";
+                    *counts.entry(outcome).or_default() += 1;
+                    if failed {
+                        continue 'connect;
+                    }
+                }
+            }
+            counts
+        }));
+    }
+    let mut total: BTreeMap<String, u64> = BTreeMap::new();
+    for t in tasks {
+        for (k, v) in t.await? {
+            *total.entry(k).or_default() += v;
+        }
+    }
+    Ok(total)
+}
+
+/// The `i`th request of the mix: mostly small GETs to the routed Service, some 16 KiB answers,
+/// header-matched and retried routes, 1 KiB POSTs, and the Service without a VirtualService.
+fn request(i: usize) -> http::Request<Full<Bytes>> {
+    let get = |host: &str, path: &str| {
+        http::Request::get(path)
+            .header("host", host)
+            .header("user-agent", "sluice-pgo-training")
+            .body(Full::new(Bytes::new()))
+    };
+    match i % 10 {
+        0 => get("shop", "/big"),
+        1 => get("shop", "/flaky"),
+        2 => http::Request::get("/")
+            .header("host", "shop")
+            .header("x-variant", "b")
+            .body(Full::new(Bytes::new())),
+        3 => http::Request::post("/orders")
+            .header("host", "catalog")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(vec![b'{'; 1024]))),
+        4 => get("catalog.default.svc.cluster.local", "/items?page=2"),
+        _ => get("shop", "/"),
+    }
+    .expect("a valid request")
+}
+
+#[cfg(test)]
+mod tests {
+    /// The training's policy is valid as a whole: a rejected object would leave the training
+    /// exercising error paths instead of the proxy's routes.
+    #[test]
+    fn training_policy_is_accepted() {
+        let yaml = super::training_yaml(18080);
+        let parsed = sluice_config::parse_str("train.yaml", &yaml);
+        assert!(parsed.problems.is_empty(), "{:#?}", parsed.problems);
+        let (snap, problems) =
+            sluice_config::build(&parsed.objects, &sluice_config::BuildOptions::default());
+        assert!(problems.is_empty(), "{problems:#?}");
+        let shop = &snap.virtual_hosts["shop.default.svc.cluster.local"];
+        assert_eq!(shop.routes.len(), 3);
+        assert!(snap
+            .services
+            .contains_key("catalog.default.svc.cluster.local"));
+    }
+
+    /// Every request of the mix is well formed and the mix reaches every route.
+    #[test]
+    fn request_mix_covers_the_routes() {
+        let mix: Vec<_> = (0..10).map(super::request).collect();
+        let hosts: std::collections::BTreeSet<_> = mix
+            .iter()
+            .map(|r| r.headers()["host"].to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(hosts.len(), 3, "{hosts:?}");
+        assert!(mix.iter().any(|r| r.uri().path() == "/flaky"));
+        assert!(mix.iter().any(|r| r.headers().contains_key("x-variant")));
+        assert!(mix.iter().any(|r| r.method() == http::Method::POST));
+    }
+}
