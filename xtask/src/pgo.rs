@@ -62,6 +62,11 @@ pub(crate) fn build(root: &Path, seconds: u64) -> Result<PathBuf> {
     let profiles = pgo.join("profiles");
     let _ = fs::remove_dir_all(&profiles);
     fs::create_dir_all(&profiles)?;
+    for old in fs::read_dir(&pgo)?.filter_map(|e| e.ok().map(|e| e.path())) {
+        if old.extension().is_some_and(|e| e == "profdata") {
+            let _ = fs::remove_file(old);
+        }
+    }
 
     println!("build-pgo: instrumented release build (target/pgo/generate)");
     let generate = cargo_build(
@@ -95,13 +100,28 @@ pub(crate) fn build(root: &Path, seconds: u64) -> Result<PathBuf> {
         bail!("llvm-profdata merge failed ({status})");
     }
 
+    // Cargo fingerprints the flags, not the file they name: a profile under a name of its own
+    // content makes every crate whose profile changed build again.
+    let named = pgo.join(format!(
+        "sluice-{:016x}.profdata",
+        content_hash(&fs::read(&merged)?)
+    ));
+    fs::rename(&merged, &named)?;
+
     println!("build-pgo: optimized release build (target/pgo/use)");
     cargo_build(
         root,
         &host,
         &pgo.join("use"),
-        &format!("-Cprofile-use={}", path_str(&merged)),
+        &format!("-Cprofile-use={}", path_str(&named)),
     )
+}
+
+/// FNV-1a: stable across runs and builds (std's hashers promise neither).
+fn content_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// `cargo build --release -p sluice` for the host triple named explicitly, so that `rustflags`
@@ -491,6 +511,13 @@ fn request(i: usize) -> http::Request<Full<Bytes>> {
 mod tests {
     /// The training's policy is valid as a whole: a rejected object would leave the training
     /// exercising error paths instead of the proxy's routes.
+    #[test]
+    fn profile_names_follow_content() {
+        assert_eq!(super::content_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::content_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(super::content_hash(b"ab"), super::content_hash(b"ba"));
+    }
+
     #[test]
     fn training_policy_is_accepted() {
         let yaml = super::training_yaml(18080);
