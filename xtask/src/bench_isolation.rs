@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::bench::loadgen::LoadgenReport;
-use crate::bench::{free_port, path_str, pause, pinned};
+use crate::bench::{free_port, path_str, pause, peers, pinned};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchIsolationArgs {
@@ -120,8 +120,8 @@ pub fn run(args: BenchIsolationArgs) -> Result<()> {
         cfg.join("bench.yaml"),
         format!(
             "{}---\n{}",
-            service_yaml("bench-upstream", "10.96.0.10", fast),
-            service_yaml("slow", "10.96.0.11", slow)
+            peers::service_yaml("bench-upstream", "10.96.0.10", fast),
+            peers::service_yaml("slow", "10.96.0.11", slow)
         ),
     )?;
     let ports: Vec<String> = (0..4)
@@ -274,40 +274,6 @@ pub fn run(args: BenchIsolationArgs) -> Result<()> {
     )?;
     println!("bench-isolation: results in {}", args.out.display());
     Ok(())
-}
-
-fn service_yaml(name: &str, ip: &str, port: u16) -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  clusterIP: {ip}
-  ports:
-  - name: http
-    port: 80
-    targetPort: {port}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: {name}
-addressType: IPv4
-endpoints:
-- addresses: [\"127.0.0.1\"]
-  conditions:
-    ready: true
-ports:
-- name: http
-  port: {port}
-  protocol: TCP
-"
-    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -195,40 +195,7 @@ fn llvm_profdata() -> Result<PathBuf> {
 /// The training's policy: a routed Service (path and header matches, a retried route, a
 /// timeout, outlier detection) and one without a VirtualService.
 fn training_yaml(upstream: u16) -> String {
-    let service = |name: &str, ip: &str| {
-        format!(
-            "apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  clusterIP: {ip}
-  ports:
-  - name: http
-    port: 80
-    targetPort: {upstream}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: {name}
-addressType: IPv4
-endpoints:
-- addresses: [\"127.0.0.1\"]
-  conditions:
-    ready: true
-ports:
-- name: http
-  port: {upstream}
-  protocol: TCP
----
-"
-        )
-    };
+    let service = |name, ip| crate::bench::peers::service_yaml(name, ip, upstream) + "---\n";
     format!(
         "{}{}apiVersion: networking.istio.io/v1
 kind: VirtualService

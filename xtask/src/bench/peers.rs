@@ -201,6 +201,42 @@ spec:
     )
 }
 
+/// A Service (port 80) in `default` whose one endpoint is `127.0.0.1:port`, and its
+/// EndpointSlice.
+pub fn service_yaml(name: &str, ip: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  clusterIP: {ip}
+  ports:
+  - name: http
+    port: 80
+    targetPort: {port}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {name}
+addressType: IPv4
+endpoints:
+- addresses: [\"127.0.0.1\"]
+  conditions:
+    ready: true
+ports:
+- name: http
+  port: {port}
+  protocol: TCP
+"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
