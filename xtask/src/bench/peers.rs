@@ -132,37 +132,9 @@ static_resources:
 
 /// The Kubernetes and Istio resources `sluice run --config-dir` reads.
 pub fn sluice_yaml(upstream: u16) -> String {
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata:
-  name: bench-upstream
-  namespace: default
-spec:
-  clusterIP: 10.96.0.10
-  ports:
-  - name: http
-    port: 80
-    targetPort: {upstream}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: bench-upstream-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: bench-upstream
-addressType: IPv4
-endpoints:
-- addresses: [\"127.0.0.1\"]
-  conditions:
-    ready: true
-ports:
-- name: http
-  port: {upstream}
-  protocol: TCP
----
-apiVersion: networking.istio.io/v1
+    service_yaml("bench-upstream", "10.96.0.10", upstream)
+        + "---\n"
+        + "apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata:
   name: bench-upstream
@@ -198,7 +170,6 @@ spec:
       interval: 10s
       baseEjectionTime: 30s
 "
-    )
 }
 
 /// A Service (port 80) in `default` whose one endpoint is `127.0.0.1:port`, and its
@@ -257,6 +228,11 @@ mod tests {
         let s = sluice_yaml(9000);
         assert_eq!(s.matches("\n---\n").count(), 3);
         assert!(s.contains("targetPort: 9000") && s.contains("port: 9000"));
+        let parsed = sluice_config::parse_str("bench.yaml", &s);
+        assert!(parsed.problems.is_empty(), "{:#?}", parsed.problems);
+        let (_, problems) =
+            sluice_config::build(&parsed.objects, &sluice_config::BuildOptions::default());
+        assert!(problems.is_empty(), "{problems:#?}");
         let n = nginx_conf(Path::new("/tmp/x"), 9000);
         assert!(n.contains("listen 127.0.0.1:9000;") && n.contains("pid /tmp/x/nginx.pid;"));
     }
