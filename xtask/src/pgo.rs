@@ -1,9 +1,9 @@
 //! `cargo xtask build-pgo`: the agent built with profile-guided optimization.
 //!
-//! Most of a proxied request's time in the agent is spent fetching code, not running it: its
-//! path runs through hyper's server and client, tower's layers, tokio and the proxy's own code,
-//! more than the first-level instruction cache holds (callgrind's cache simulation: about 2,300
-//! instruction-cache misses per request, HAProxy about 90). A profile lets LLVM lay the hot code
+//! Much of a proxied request's user time in the agent goes to fetching code: its path runs
+//! through hyper's server and client, tower's layers, tokio and the proxy's own code, more than
+//! the first-level instruction cache holds (callgrind's cache simulation at 32 connections: about
+//! 2,200 instruction-cache misses per request, HAProxy about 90, for as many instructions). A profile lets LLVM lay the hot code
 //! out together and inline by measured frequency rather than by guess.
 //!
 //! Steps: an instrumented release build (`-Cprofile-generate`), a training run of that build in
@@ -34,7 +34,8 @@ pub struct BuildPgoArgs {
     /// Where to put the optimized binary.
     #[arg(long, default_value = "target/pgo/sluice")]
     out: PathBuf,
-    /// Seconds of each of the training's load phases (there are six).
+    /// Seconds of each of the training's four load phases (32 connections and one, access log
+    /// off and on).
     #[arg(long, default_value_t = 3)]
     seconds: u64,
 }
