@@ -572,19 +572,12 @@ fn summarize(
                 .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"));
             let _ = writeln!(t, "  {target:<12} {shown}");
         }
-        if counted("sluice-plain").is_some() {
-            let r = stats::ratio(counted("sluice"), counted("sluice-plain"));
-            let _ = writeln!(
-                t,
-                "  sluice (profile-guided) / sluice-plain: {}",
-                r.map_or("-".to_owned(), |r| format!("{r:.2}x"))
-            );
-            ratios_json.insert(
-                "instructions sluice/sluice-plain".into(),
-                json!({ "instructions_per_request": r }),
-            );
-        }
-        for peer in ["haproxy", "envoy"] {
+        // The plain build only when it ran (a profile-guided Sluice beside it).
+        let peers = ["sluice-plain", "haproxy", "envoy"];
+        for peer in peers
+            .into_iter()
+            .filter(|p| *p != "sluice-plain" || plain_too)
+        {
             let r = stats::ratio(counted("sluice"), counted(peer));
             let _ = writeln!(
                 t,

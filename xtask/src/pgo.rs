@@ -321,18 +321,25 @@ fn train(agent: &Path, pgo: &Path, seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// A keep-alive HTTP/1.1 client connection to `addr`, its connection task spawned.
+async fn connect(addr: SocketAddr) -> Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    Some(send)
+}
+
 /// Whether the agent at `addr` routes a request to the upstream within 20 s (200 tries).
 async fn serving(addr: SocketAddr) -> bool {
     for _ in 0..200 {
-        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
-            if let Ok((mut send, conn)) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-            {
-                tokio::spawn(conn);
-                if let Ok(rsp) = send.send_request(request(5)).await {
-                    if rsp.status() == http::StatusCode::OK {
-                        return true;
-                    }
+        if let Some(mut send) = connect(addr).await {
+            // The mix's plain GET to the routed Service.
+            if let Ok(rsp) = send.send_request(request(5)).await {
+                if rsp.status() == http::StatusCode::OK {
+                    return true;
                 }
             }
         }
@@ -405,19 +412,11 @@ async fn drive(
             let mut counts: BTreeMap<String, u64> = BTreeMap::new();
             let mut i = c;
             'connect: while tokio::time::Instant::now() < until {
-                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                let Some(mut send) = connect(addr).await else {
                     *counts.entry("error".into()).or_default() += 1;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                let _ = stream.set_nodelay(true);
-                let Ok((mut send, conn)) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-                else {
-                    *counts.entry("error".into()).or_default() += 1;
-                    continue;
-                };
-                tokio::spawn(conn);
                 while tokio::time::Instant::now() < until {
                     i += 1;
                     let outcome = match send.send_request(request(i)).await {
