@@ -168,6 +168,12 @@ impl RequestInfo {
         self.attempt_records.lock().clone()
     }
 
+    /// The attempt records without copying them, locked while the guard lives (a request's are
+    /// only written as its attempts end).
+    pub fn attempt_records_ref(&self) -> impl std::ops::Deref<Target = [AttemptRecord]> + '_ {
+        parking_lot::MutexGuard::map(self.attempt_records.lock(), |v| v.as_mut_slice())
+    }
+
     /// Counts request body bytes received from the client.
     pub fn add_request_bytes(&self, n: u64) {
         self.request_bytes.fetch_add(n, Ordering::Relaxed);

@@ -263,7 +263,7 @@ impl Conn {
             response_bytes,
         };
         // The access-log entry alone: no counters to close, no Istio sample.
-        self.handler.telemetry.tcp_close(&[], flags, Some(&record));
+        self.handler.telemetry.tcp_close(&[], flags, Some(record));
     }
 }
 

@@ -290,14 +290,14 @@ impl Handler {
                 target: Target::Direct(reply),
                 service,
             }) => {
-                finish.record.service = self.service_labels(&state, service.as_deref());
+                finish.record().service = self.service_labels(&state, service.as_deref());
                 info.set_route(plan.name.clone());
                 info.set_policy(plan.note(matched), None);
                 debug_assert!(
                     plan.fault.is_none(),
                     "config refuses fault with directResponse"
                 );
-                let location = match &finish.record.exchange {
+                let location = match &finish.record().exchange {
                     Exchange::Http(r) => reply
                         .wants_location
                         .then(|| {
@@ -315,7 +315,7 @@ impl Handler {
                 target: Target::Cluster(upstream),
                 service,
             }) => {
-                finish.record.service = self.service_labels(&state, service.as_deref());
+                finish.record().service = self.service_labels(&state, service.as_deref());
                 info.set_cluster(upstream.name.clone());
                 info.set_route(plan.name.clone());
                 info.set_policy(plan.note(matched), Some(upstream.note.clone()));
@@ -370,7 +370,7 @@ impl Handler {
         };
         if downstream_gone {
             // Nothing will be sent: recorded now, as the client left.
-            finish.record.status = 0;
+            finish.record().status = 0;
             finish.done();
             return rsp;
         }

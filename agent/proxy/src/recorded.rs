@@ -16,88 +16,113 @@ use std::task::{ready, Context, Poll};
 use tokio::time::Instant;
 
 /// A request's record, finished exactly once.
+/// A request's record until it is finished. Finishing consumes it: the record moves into the
+/// telemetry (and its ring of recent requests) without a copy. Dropped unfinished, the request is
+/// recorded as one whose client went away (`DC`).
 pub(crate) struct Finish {
+    /// Taken only by `done` or `drop`, which end the `Finish`: present whenever it can be reached.
+    open: Option<Open>,
+}
+
+struct Open {
     telemetry: Telemetry,
-    /// The generation the request ran under: who its endpoints were.
     state: Arc<State>,
-    pub(crate) record: Record,
+    record: Record,
     started: Instant,
-    done: bool,
-    /// The request's place in its pod's budget, given back when the request is recorded.
     held: Option<crate::isolation::RequestSlot>,
+}
+
+impl Open {
+    fn report(mut self) {
+        self.held = None;
+        self.record.duration = self.started.elapsed();
+        let state = &self.state;
+        self.telemetry
+            .request(self.record, &|addr| state.endpoint_identity(addr));
+    }
 }
 
 impl Finish {
     pub(crate) fn new(telemetry: Telemetry, state: Arc<State>, record: Record) -> Self {
         Self {
-            telemetry,
-            state,
-            record,
-            started: Instant::now(),
-            done: false,
-            held: None,
+            open: Some(Open {
+                telemetry,
+                state,
+                record,
+                started: Instant::now(),
+                held: None,
+            }),
         }
     }
 
-    /// Holds `slot` until the request ends.
+    fn open(&mut self) -> &mut Open {
+        self.open
+            .as_mut()
+            .expect("a Finish is open until `done` or `drop` consumes it")
+    }
+
+    pub(crate) fn record(&mut self) -> &mut Record {
+        &mut self.open().record
+    }
+
     pub(crate) fn hold(&mut self, slot: crate::isolation::RequestSlot) {
-        self.held = Some(slot);
+        self.open().held = Some(slot);
     }
 
-    /// Records the request now: its access-log entry, metric samples and spans.
-    pub(crate) fn done(&mut self) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
+    pub(crate) fn done(mut self) {
+        if let Some(open) = self.open.take() {
+            open.report();
         }
-        self.held = None;
-        self.record.duration = self.started.elapsed();
-        let state = &self.state;
-        self.telemetry
-            .request(&self.record, &|addr| state.endpoint_identity(addr));
     }
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        if !self.done {
-            // Dropped before the response was complete: the client went away.
-            self.record
+        if let Some(open) = self.open.take() {
+            open.record
                 .info
                 .add_flags(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
-            self.done();
+            open.report();
         }
     }
 }
 
 pin_project! {
-    /// A response body that finishes its request's record when it ends.
     pub(crate) struct RecordedBody {
         #[pin]
         inner: Body,
-        finish: Finish,
-        // The upstream's error, held for one poll (see `poll_frame`).
+        // `None` once finished.
+        finish: Option<Finish>,
         failed: Option<BoxError>,
     }
 }
 
 impl RecordedBody {
-    /// `rsp` with its record: status, header size and gRPC status taken now, body counted as it
-    /// goes.
     pub(crate) fn wrap(rsp: Response<Body>, mut finish: Finish) -> Response<Body> {
         let (parts, body) = rsp.into_parts();
-        finish.record.status = parts.status.as_u16();
-        finish.record.response_bytes = sluice_telemetry::header_bytes(&parts.headers) + 17;
-        finish.record.grpc_status = grpc_status(&parts.headers);
-        if body.is_end_stream() {
-            // hyper may never poll an empty body.
+        let record = finish.record();
+        record.status = parts.status.as_u16();
+        record.response_bytes = sluice_telemetry::header_bytes(&parts.headers) + 17;
+        record.grpc_status = grpc_status(&parts.headers);
+        let finish = if body.is_end_stream() {
             finish.done();
-        }
+            None
+        } else {
+            Some(finish)
+        };
         let body = RecordedBody {
             inner: body,
             finish,
             failed: None,
         };
         Response::from_parts(parts, sluice_core::boxed(body))
+    }
+}
+
+/// Finishes the record now if it is not finished yet.
+fn finish_now(finish: &mut Option<Finish>) {
+    if let Some(f) = finish.take() {
+        f.done();
     }
 }
 
@@ -121,25 +146,26 @@ impl HttpBody for RecordedBody {
             return Poll::Ready(Some(Err(err)));
         }
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let finish = this.finish;
+        let Some(finish) = this.finish.as_mut() else {
+            return Poll::Ready(frame);
+        };
         match &frame {
             Some(Ok(f)) => {
+                let record = finish.record();
                 if let Some(data) = f.data_ref() {
-                    finish.record.response_bytes += data.len() as u64;
+                    record.response_bytes += data.len() as u64;
                 }
                 if let Some(trailers) = f.trailers_ref() {
                     if let Some(code) = grpc_status(trailers) {
-                        finish.record.grpc_status = Some(code);
+                        record.grpc_status = Some(code);
                     }
                 }
-                // hyper stops polling once the body says it has ended.
                 if this.inner.is_end_stream() {
-                    finish.done();
+                    finish_now(this.finish);
                 }
             }
-            // The upstream cut the body short: the client gets a truncated response.
             Some(Err(err)) => {
-                let info = &finish.record.info;
+                let info = &finish.record().info;
                 match sluice_core::ProxyError::find(err) {
                     Some(pe) if pe.details(true).is_some() => {
                         info.add_flags(pe.flag());
@@ -147,7 +173,7 @@ impl HttpBody for RecordedBody {
                     }
                     _ => info.add_flags(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
                 }
-                finish.done();
+                finish_now(this.finish);
                 // hyper drops an HTTP/1 connection at a body error without writing what it has
                 // buffered, so when the cut arrives with the head (one read) the client would see
                 // no response at all. Pending once lets it flush the head and the bytes so far;
@@ -158,7 +184,9 @@ impl HttpBody for RecordedBody {
                     return Poll::Pending;
                 }
             }
-            None => finish.done(),
+            None => {
+                finish_now(this.finish);
+            }
         }
         Poll::Ready(frame)
     }

@@ -182,7 +182,7 @@ impl Handler {
             response_bytes: 0,
         };
         // The access-log entry only: this is no mesh traffic, so no `istio_tcp_*` sample.
-        self.telemetry.tcp_close(&[], info.flags(), Some(&record));
+        self.telemetry.tcp_close(&[], info.flags(), Some(record));
         false
     }
 

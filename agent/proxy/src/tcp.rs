@@ -228,7 +228,7 @@ impl Handler {
             grpc_status: None,
             response_bytes: 0,
         };
-        telemetry.tcp_close(&counters, info.flags(), Some(&record));
+        telemetry.tcp_close(&counters, info.flags(), Some(record));
     }
 
     /// Refuses a non-HTTP connection whose original destination is this proxy's own listener.
@@ -263,7 +263,7 @@ impl Handler {
             response_bytes: 0,
         };
         self.telemetry
-            .tcp_close(&[&counters], info.flags(), Some(&record));
+            .tcp_close(&[&counters], info.flags(), Some(record));
     }
 }
 

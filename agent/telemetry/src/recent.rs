@@ -34,8 +34,8 @@ impl Recent {
         }
     }
 
-    pub(crate) fn push(&self, record: &Record) {
-        let record = Arc::new(record.clone());
+    pub(crate) fn push(&self, record: Record) {
+        let record = Arc::new(record);
         {
             let mut ring = self.ring.lock();
             if ring.len() == self.capacity {

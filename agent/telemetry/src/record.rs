@@ -218,14 +218,19 @@ impl Telemetry {
     /// A finished HTTP request: its access-log entry, the client side's sample (`reporter="source"`,
     /// final code and flags, total time) and one `reporter="destination"` sample per attempt that
     /// reached an endpoint (that attempt's code and time, as the endpoint's side reports it).
-    pub fn request(&self, record: &Record, endpoints: &dyn Endpoints) {
-        self.0.access_log.log(record);
+    ///
+    /// The record is kept (moved, not copied) in the ring of recent ones once it has been counted.
+    pub fn request(&self, record: Record, endpoints: &dyn Endpoints) {
+        self.0.access_log.log(&record);
+        if let Exchange::Http(req) = &record.exchange {
+            self.0.edges.record(&record);
+            self.http_samples(&record, req, endpoints);
+        }
         self.0.recent.push(record);
-        let Exchange::Http(req) = &record.exchange else {
-            return;
-        };
-        self.0.edges.record(record);
-        let attempts = record.info.attempt_records();
+    }
+
+    fn http_samples(&self, record: &Record, req: &HttpRequest, endpoints: &dyn Endpoints) {
+        let attempts = record.info.attempt_records_ref();
         let request_bytes = record.request_bytes();
         // The client side names the endpoint that answered last, if one did.
         let last = attempts.iter().rev().find(|a| a.reached);
@@ -295,13 +300,13 @@ impl Telemetry {
         &self,
         counters: &[&TcpCounters],
         flags: ResponseFlags,
-        record: Option<&Record>,
+        record: Option<Record>,
     ) {
         for c in counters {
             self.0.metrics.tcp_close(c, flags);
         }
         if let Some(record) = record {
-            self.0.access_log.log(record);
+            self.0.access_log.log(&record);
             self.0.recent.push(record);
         }
     }

@@ -318,7 +318,7 @@ async fn a_sampled_request_and_its_attempts_reach_the_collector_as_one_trace() {
     // Through the record's one exit, as the proxy finishes a request.
     let telemetry =
         Telemetry::new(Metrics::new(), AccessLog::new(false), "Kubernetes").with_tracer(tracer);
-    telemetry.request(&record, &|_| None);
+    telemetry.request(record, &|_| None);
 
     let got = next(&mut rx).await;
     assert_eq!(got.path, "/v1/traces");
@@ -380,14 +380,14 @@ async fn unsampled_requests_export_nothing_and_a_root_trace_is_made_when_absent(
     );
     let ctx = telemetry.tracer().start(&h).unwrap();
     assert!(!ctx.sampled());
-    telemetry.request(&retried_request(&ctx).0, &|_| None);
+    telemetry.request(retried_request(&ctx).0, &|_| None);
     // No context at all, forced by x-client-trace-id (Istio's client sampling is 100%).
     let mut h = HeaderMap::new();
     h.insert("x-client-trace-id", HeaderValue::from_static("debug-1"));
     let root = telemetry.tracer().start(&h).unwrap();
     assert!(root.sampled());
     let (record, _) = retried_request(&root);
-    telemetry.request(&record, &|_| None);
+    telemetry.request(record, &|_| None);
 
     let got = next(&mut rx).await;
     let spans = &got.export.resource_spans[0].scope_spans[0].spans;
