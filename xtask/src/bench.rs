@@ -7,6 +7,7 @@
 //! Not a test: it installs what is missing, prints a table and writes
 //! `target/bench/latest.json`.
 
+pub mod floor;
 pub(crate) mod instructions;
 pub mod loadgen;
 pub(crate) mod parse;
@@ -79,6 +80,8 @@ pub struct BenchArgs {
 }
 
 const TARGETS: [&str; 4] = ["direct", "sluice", "haproxy", "envoy"];
+/// The bare hyper proxy (`bench::floor`): Sluice's HTTP stack without Sluice's own work.
+const FLOOR: &str = "hyper-floor";
 const HOST: &str = "bench-upstream";
 
 /// A process we started; killed (by its PID) when dropped.
@@ -243,6 +246,9 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         proc: upstream,
     });
 
+    // The release build of this crate: the load generator, and the bare hyper proxy.
+    let loadgen_exe = release_loadgen(&root)?;
+
     let proxies = Proxies {
         dir: d,
         up_port,
@@ -252,6 +258,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         sluice_plain: plain_bin.as_deref(),
         haproxy: haproxy.as_deref(),
         envoy: envoy.as_deref().map_err(String::as_str),
+        floor: &loadgen_exe,
     };
     proxies.start(
         Launch::Pinned {
@@ -264,8 +271,6 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     for (name, why) in &not_measured {
         println!("{name}: not measured: {why}");
     }
-
-    let loadgen_exe = release_loadgen(&root)?;
 
     // Rounds, interleaved.
     let ticks = clock_ticks();
@@ -462,6 +467,7 @@ fn summarize(
     use std::fmt::Write as _;
     let mut t = String::new();
     let plain_too = results.iter().any(|r| r.target == "sluice-plain");
+    let floor_too = results.iter().any(|r| r.target == FLOOR);
     let values = |target: &str, f: fn(&RunResult) -> Option<f64>| -> Vec<f64> {
         results
             .iter()
@@ -493,6 +499,7 @@ fn summarize(
         .copied()
         .chain(logged_too.then_some("sluice-nolog"))
         .chain(plain_too.then_some("sluice-plain"))
+        .chain(floor_too.then_some(FLOOR))
         .collect();
     for target in shown {
         if let Some(why) = not_measured.get(target) {
@@ -546,6 +553,11 @@ fn summarize(
             "sluice-plain",
             "sluice profile-guided / plain release build",
         ),
+        (
+            floor_too,
+            FLOOR,
+            "sluice / bare hyper proxy (no policy, timers, telemetry or log)",
+        ),
     ];
     for (_, other, what) in beside.into_iter().filter(|(ran, ..)| *ran) {
         let r = stats::ratio(m("sluice", FIGURES[0].2), m(other, FIGURES[0].2));
@@ -573,7 +585,7 @@ fn summarize(
             let _ = writeln!(t, "  {target:<12} {shown}");
         }
         // The plain build only when it ran (a profile-guided Sluice beside it).
-        let peers = ["sluice-plain", "haproxy", "envoy"];
+        let peers = ["sluice-plain", "haproxy", "envoy", FLOOR];
         for peer in peers
             .into_iter()
             .filter(|p| *p != "sluice-plain" || plain_too)
@@ -780,6 +792,8 @@ struct Proxies<'a> {
     sluice_plain: Option<&'a Path>,
     haproxy: Option<&'a Path>,
     envoy: std::result::Result<&'a Path, &'a str>,
+    /// The xtask binary that runs the bare hyper proxy (`floor-proxy`).
+    floor: &'a Path,
 }
 
 impl Proxies<'_> {
@@ -860,6 +874,13 @@ impl Proxies<'_> {
                 not_measured.insert("envoy", why.to_owned());
             }
         }
+        let port = free_port()?;
+        let (listen, upstream) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{up_port}"));
+        let cmd = how.command(
+            self.floor,
+            &["floor-proxy", "--listen", &listen, "--upstream", &upstream],
+        );
+        start_peer(FLOOR, cmd, d, port, how, targets, not_measured);
         Ok(())
     }
 }

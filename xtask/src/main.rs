@@ -66,6 +66,9 @@ enum Cmd {
     /// Open-loop fixed-rate load generator used by `bench` (prints JSON).
     #[command(hide = true)]
     Loadgen(bench::loadgen::LoadgenArgs),
+    /// A bare hyper reverse proxy, the floor `bench` measures Sluice against.
+    #[command(hide = true)]
+    FloorProxy(bench::floor::FloorArgs),
     /// The seed tutorial's steps 3-8 on this machine, explicit-proxy mode (no root).
     Tutorial(tutorial::TutorialArgs),
 }
@@ -76,6 +79,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Cmd::BenchRedirect(args) => bench_redirect::run(args)?,
         Cmd::RedirectProbe(args) => bench_redirect::probe_main(args)?,
         Cmd::Loadgen(args) => bench::loadgen::main(args)?,
+        Cmd::FloorProxy(args) => bench::floor::main(args)?,
         Cmd::BenchIsolation(args) => bench_isolation::run(args)?,
         Cmd::BenchConfig(args) => bench_config::run(args)?,
         Cmd::Flood(args) => bench_isolation::flood(args)?,
