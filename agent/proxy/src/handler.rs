@@ -25,7 +25,7 @@ use http::{Request, Response, StatusCode, Uri};
 use sluice_core::{Body, BoxError, Origin, ProxyError, RequestInfo, ResponseFlags};
 use sluice_policy::Service;
 use sluice_resilience::{FaultLayer, RetryLayer, TimeoutLayer};
-use sluice_telemetry::trace::{new_request_id, Tracer};
+use sluice_telemetry::trace::{new_request_id, Tracer, X_REQUEST_ID};
 use sluice_telemetry::{AccessLog, Exchange, HttpRequest, Metrics, Record, ServiceName, Telemetry};
 use sluice_upstream::UpstreamProtocol;
 use std::net::SocketAddr;
@@ -234,6 +234,9 @@ impl Handler {
     {
         let state = self.state.load_full();
         let info = Arc::new(RequestInfo::new());
+        // Room, once, for what the proxy adds on the way up (`x-request-id`, the trace headers,
+        // Envoy's attempt and timeout headers) rather than a growth and a rehash every few.
+        req.headers_mut().reserve(ADDED_HEADERS);
         // Envoy makes an `x-request-id` when the client sent none; the access log shows the one
         // sent upstream.
         if !req.headers().contains_key(X_REQUEST_ID) {
@@ -539,7 +542,10 @@ impl Handler {
     }
 }
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Headers the proxy may add to a request: `x-request-id`, `traceparent`, the four B3 headers
+/// and `b3`, `x-envoy-attempt-count`, `x-envoy-expected-rq-timeout-ms`, and a spare.
+const ADDED_HEADERS: usize = 10;
+
 const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
@@ -570,6 +576,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         if let Some(conn) = headers.get(header::CONNECTION).cloned() {
             if let Ok(conn) = conn.to_str() {
                 for name in conn.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    // `keep-alive` (the usual one) and the other hop-by-hop names go below
+                    // when present: not parsed and looked up twice.
+                    if HOP_BY_HOP
+                        .iter()
+                        .any(|h| h.as_str().eq_ignore_ascii_case(name))
+                    {
+                        continue;
+                    }
                     if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
                         headers.remove(name);
                     }
@@ -702,6 +716,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        // Names in `Connection` are matched whatever their case, hop-by-hop ones included.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
 
         // Each hop-by-hop header alone, without `Connection`, is found and removed.
         for name in &HOP_BY_HOP {

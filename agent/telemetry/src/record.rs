@@ -48,7 +48,7 @@ impl HttpRequest {
             path,
             version: req.version(),
             authority,
-            request_id: headers.get("x-request-id").map(detached),
+            request_id: headers.get(crate::trace::X_REQUEST_ID).map(detached),
             protocol: crate::metrics::protocol_of(headers),
             user_agent: headers.get(http::header::USER_AGENT).map(detached),
             trace: None,

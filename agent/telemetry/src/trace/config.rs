@@ -51,8 +51,9 @@ impl Default for Sampler {
     }
 }
 
+use super::context::X_REQUEST_ID;
+
 const X_CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 impl Sampler {
     /// `client`: the decision the client sent, if any.

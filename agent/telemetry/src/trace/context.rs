@@ -20,6 +20,8 @@ pub(crate) const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid"
 pub(crate) const X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 pub(crate) const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 pub(crate) const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+/// Envoy's request id: made when the client sent none, sent upstream and logged.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// One request's place in a trace. Cheap to clone; put in the request's extensions so that the
 /// cluster writes it on every attempt ([`TraceContext::inject`]).

@@ -28,7 +28,7 @@ pub use self::config::{
     ConfigError, ExportConfig, OtlpProtocol, Root, Sampler, TraceArgs, TraceConfig,
     DEFAULT_SAMPLING_PERCENT,
 };
-pub use self::context::{new_request_id, TraceContext};
+pub use self::context::{new_request_id, TraceContext, X_REQUEST_ID};
 pub use self::span::{AttemptSpan, AttrValue, Attributes, RequestSpan};
 
 use self::context::Incoming;
