@@ -56,6 +56,11 @@ struct Agent {
 impl Agent {
     /// Starts the agent over `files` (name, YAML) and waits until it is ready.
     async fn start(files: &[(&str, String)]) -> Self {
+        Self::start_with(files, &[]).await
+    }
+
+    /// The same, with more `sluice run` arguments.
+    async fn start_with(files: &[(&str, String)], extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("config");
         std::fs::create_dir(&cfg).unwrap();
@@ -76,6 +81,7 @@ impl Agent {
             .arg(&socket)
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--ready-addr", &ready.to_string()])
+            .args(extra)
             .env_remove("RUST_LOG")
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST")
@@ -116,16 +122,21 @@ impl Agent {
         }
     }
 
-    /// The `sluice` CLI against this agent's socket.
-    async fn cli(&self, args: &[&str]) -> Output {
-        let out = tokio::process::Command::new(sluice_tests::bins::sluice())
+    /// The `sluice` CLI against this agent's socket, whether it succeeds or not.
+    async fn run_cli(&self, args: &[&str]) -> Output {
+        tokio::process::Command::new(sluice_tests::bins::sluice())
             .args(args)
             .arg("--admin-socket")
             .arg(&self.socket)
             .stdin(Stdio::null())
             .output()
             .await
-            .expect("run sluice");
+            .expect("run sluice")
+    }
+
+    /// The `sluice` CLI against this agent's socket; it must succeed.
+    async fn cli(&self, args: &[&str]) -> Output {
+        let out = self.run_cli(args).await;
         assert!(
             out.status.success(),
             "sluice {args:?}: {}",
@@ -341,6 +352,48 @@ async fn endpoints_shows_the_failing_endpoint_ejected_once_and_clusters_its_ejec
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `--recent-requests N` keeps the last N finished requests for `sluice trace`; 0 keeps none,
+/// and `trace` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_finds_only_the_requests_kept() {
+    let port = fake_service("web", &[]).await;
+    for (kept, missing_says) in [
+        ("1", "among the last 1 the agent keeps"),
+        ("0", "the agent keeps none (--recent-requests 0)"),
+    ] {
+        let (name, svc) = service("web", &[port]);
+        let agent = Agent::start_with(&[(&name, svc)], &["--recent-requests", kept]).await;
+        for id in ["kept-older", "kept-newer"] {
+            assert_eq!(get_with_id(&agent.client(), "http://web/", id).await, 200);
+        }
+        // A record is kept once the response has gone: bounded wait for the newer one.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = agent.run_cli(&["trace", "kept-newer", "-o", "json"]).await;
+            if kept == "0" || out.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "kept-newer never kept");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let missing = if kept == "0" {
+            "kept-newer"
+        } else {
+            "kept-older"
+        };
+        let out = agent.run_cli(&["trace", missing]).await;
+        assert!(
+            !out.status.success(),
+            "--recent-requests {kept}: {missing} found"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(missing_says),
+            "--recent-requests {kept}: {err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,11 +290,15 @@ async fn admin(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::GET, p) if p.starts_with(api::paths::REQUEST) => {
             let id = percent_decode(&p[api::paths::REQUEST.len()..]);
-            match state.handler.telemetry.recent().find(&id) {
+            let recent = state.handler.telemetry.recent();
+            match recent.find(&id) {
                 Some(r) => json_reply(&request(&current, &r)),
                 None => text(
                     StatusCode::NOT_FOUND,
-                    format!("no request {id:?} among the last {} the agent keeps (it may be older, or not have finished yet)\n", sluice_telemetry::recent::DEFAULT_CAPACITY),
+                    match recent.capacity() {
+                        0 => format!("no request {id:?}: the agent keeps none (--recent-requests 0)\n"),
+                        n => format!("no request {id:?} among the last {n} the agent keeps (it may be older, or not have finished yet)\n"),
+                    },
                     "text/plain",
                 ),
             }

@@ -53,6 +53,8 @@ pub struct HandlerOptions {
     pub default_namespace: String,
     /// The cluster this node is in: Istio's `source_cluster` / `destination_cluster`.
     pub cluster_id: String,
+    /// Finished requests kept for `sluice trace` (0: none).
+    pub recent_requests: usize,
 }
 
 impl Default for HandlerOptions {
@@ -60,6 +62,7 @@ impl Default for HandlerOptions {
         Self {
             default_namespace: "default".into(),
             cluster_id: sluice_telemetry::DEFAULT_CLUSTER_ID.into(),
+            recent_requests: sluice_telemetry::recent::DEFAULT_CAPACITY,
         }
     }
 }
@@ -136,7 +139,8 @@ impl Handler {
     pub fn new(opts: HandlerOptions, access_log: AccessLog, metrics: Metrics) -> Self {
         Self {
             state: ArcSwap::from_pointee(State::empty()),
-            telemetry: Telemetry::new(metrics, access_log, &opts.cluster_id),
+            telemetry: Telemetry::new(metrics, access_log, &opts.cluster_id)
+                .with_recent(opts.recent_requests),
             tcp_timeouts: Default::default(),
             opts,
             redirect: RedirectOptions::default(),

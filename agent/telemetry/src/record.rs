@@ -167,16 +167,27 @@ impl Telemetry {
 
     /// The same, with spans exported by `tracer`.
     pub fn with_tracer(self, tracer: Tracer) -> Self {
+        self.with(|inner| inner.tracer = tracer)
+    }
+
+    /// The same, keeping the last `capacity` finished records for `sluice trace` (0: none).
+    pub fn with_recent(self, capacity: usize) -> Self {
+        self.with(|inner| inner.recent = Arc::new(Recent::with_capacity(capacity)))
+    }
+
+    fn with(self, change: impl FnOnce(&mut Inner)) -> Self {
         let inner = &self.0;
-        Self(Arc::new(Inner {
+        let mut next = Inner {
             metrics: inner.metrics.clone(),
             access_log: inner.access_log.clone(),
             cluster: inner.cluster.clone(),
-            tracer,
+            tracer: inner.tracer.clone(),
             recent: inner.recent.clone(),
             connections: inner.connections.clone(),
             edges: inner.edges.clone(),
-        }))
+        };
+        change(&mut next);
+        Self(Arc::new(next))
     }
 
     pub fn tracer(&self) -> &Tracer {
@@ -363,6 +374,26 @@ pub(crate) mod tests {
     impl Drop for ReadBuffer {
         fn drop(&mut self) {
             self.freed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A finished `GET /` with `x-request-id: id`, from a client that is not a known pod.
+    pub(crate) fn record_of(id: &str) -> Record {
+        let req = http::Request::get("/")
+            .header("x-request-id", id)
+            .body(())
+            .unwrap();
+        Record {
+            start: std::time::SystemTime::now(),
+            duration: std::time::Duration::ZERO,
+            exchange: Exchange::Http(HttpRequest::of(&req, "pricing".to_owned())),
+            peer: None,
+            source: unknown_identity(),
+            service: crate::ServiceName::unknown(),
+            info: Arc::new(RequestInfo::new()),
+            status: 200,
+            grpc_status: None,
+            response_bytes: 0,
         }
     }
 
