@@ -13,6 +13,7 @@ mod dashboards;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod http1;
 mod pgo;
 mod prometheus;
 mod traces;

@@ -25,7 +25,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 
 use crate::bench::{free_port, path_str, spawn_proc, workspace_root, Proc};
 
@@ -321,15 +320,9 @@ fn train(agent: &Path, pgo: &Path, seconds: u64) -> Result<()> {
     Ok(())
 }
 
-/// A keep-alive HTTP/1.1 client connection to `addr`, its connection task spawned.
+/// A keep-alive HTTP/1.1 client connection to `addr`.
 async fn connect(addr: SocketAddr) -> Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let _ = stream.set_nodelay(true);
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    Some(send)
+    crate::http1::connect(addr).await
 }
 
 /// Whether the agent at `addr` routes a request to the upstream within 20 s (200 tries).
@@ -366,36 +359,27 @@ fn terminate(proc: &mut Proc) -> Result<()> {
 /// `/big` 16 KiB, anything else a short body; a request's body is read to its end.
 async fn serve_upstream(listener: tokio::net::TcpListener) {
     let flaky = Arc::new(AtomicU64::new(0));
-    while let Ok((stream, _)) = listener.accept().await {
-        let _ = stream.set_nodelay(true);
+    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let flaky = flaky.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let flaky = flaky.clone();
-                    async move {
-                        let path = req.uri().path().to_owned();
-                        let _ = req.into_body().collect().await;
-                        let (status, body) = match path.as_str() {
-                            "/flaky" if flaky.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) => {
-                                (503, Bytes::from_static(b"unavailable"))
-                            }
-                            "/big" => (200, Bytes::from(vec![b'x'; 16 * 1024])),
-                            _ => (200, Bytes::from_static(b"ok")),
-                        };
-                        let rsp = http::Response::builder()
-                            .status(status)
-                            .header("content-type", "text/plain")
-                            .body(Full::new(body))
-                            .expect("a valid response");
-                        Ok::<_, std::convert::Infallible>(rsp)
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move {
+            let path = req.uri().path().to_owned();
+            let _ = req.into_body().collect().await;
+            let (status, body) = match path.as_str() {
+                "/flaky" if flaky.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) => {
+                    (503, Bytes::from_static(b"unavailable"))
+                }
+                "/big" => (200, Bytes::from(vec![b'x'; 16 * 1024])),
+                _ => (200, Bytes::from_static(b"ok")),
+            };
+            let rsp = http::Response::builder()
+                .status(status)
+                .header("content-type", "text/plain")
+                .body(Full::new(body))
+                .expect("a valid response");
+            Ok::<_, std::convert::Infallible>(rsp)
+        }
+    });
+    crate::http1::serve(listener, svc).await;
 }
 
 /// `connections` keep-alive clients, each cycling through the request mix until `for_`

@@ -9,7 +9,6 @@ use clap::Args;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,21 +40,10 @@ async fn serve(args: FloorArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let idle = Idle::default();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let idle = idle.clone();
-        let upstream = args.upstream;
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| forward(idle.clone(), upstream, req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    let (idle, upstream) = (Idle::default(), args.upstream);
+    let svc = hyper::service::service_fn(move |req| forward(idle.clone(), upstream, req));
+    crate::http1::serve(listener, svc).await;
+    anyhow::bail!("accepting on {} failed", args.listen)
 }
 
 /// One request to the upstream in origin form on an idle connection (a new one when none is
@@ -87,13 +75,7 @@ async fn connection(idle: &Idle, upstream: SocketAddr) -> Option<SendRequest<Inc
             return Some(send);
         }
     }
-    let stream = tokio::net::TcpStream::connect(upstream).await.ok()?;
-    let _ = stream.set_nodelay(true);
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    Some(send)
+    crate::http1::connect(upstream).await
 }
 
 fn bad_gateway() -> http::Response<Body> {
@@ -122,40 +104,17 @@ mod tests {
             let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let upstream = up.local_addr().unwrap();
             let seen = Arc::new(Mutex::new(Vec::new()));
-            let up_task = tokio::spawn({
+            let svc = hyper::service::service_fn({
                 let seen = seen.clone();
-                async move {
-                    let (s, _) = up.accept().await.unwrap();
-                    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                        seen.lock().push(req.uri().to_string());
-                        async {
-                            Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from("up"))))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                move |req: http::Request<Incoming>| {
+                    seen.lock().push(req.uri().to_string());
+                    async {
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from("up"))))
+                    }
                 }
             });
-            let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let listen = front.local_addr().unwrap();
-            drop(front);
-            tokio::spawn(serve(FloorArgs { listen, upstream }));
-
-            let mut send = None;
-            for _ in 0..100 {
-                if let Ok(s) = tokio::net::TcpStream::connect(listen).await {
-                    send = Some(s);
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-            let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-                TokioIo::new(send.expect("the floor listens")),
-            )
-            .await
-            .unwrap();
-            tokio::spawn(conn);
+            tokio::spawn(crate::http1::serve(up, svc));
+            let mut send = floor_to(upstream).await;
             let get = |path: &str| {
                 http::Request::get(format!("http://bench-upstream{path}"))
                     .header("host", "bench-upstream")
@@ -168,13 +127,32 @@ mod tests {
                 let body = rsp.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(&body[..], b"up");
             }
-            // Three requests, one upstream connection, each in origin form.
+            // Each reached the upstream in origin form.
             assert_eq!(*seen.lock(), vec!["/a?b=1"; 3]);
 
-            up_task.abort();
-            let _ = up_task.await;
-            let rsp = send.send_request(get("/")).await.unwrap();
-            assert_eq!(rsp.status(), 502);
+            // A floor whose upstream port has no listener answers 502.
+            let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let upstream = dead.local_addr().unwrap();
+            drop(dead);
+            let rsp = floor_to(upstream).await.send_request(get("/")).await;
+            assert_eq!(rsp.unwrap().status(), 502);
         });
+    }
+
+    /// A floor proxy to `upstream` on a free port, and a client connection to it (bounded wait).
+    async fn floor_to(
+        upstream: SocketAddr,
+    ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = front.local_addr().unwrap();
+        drop(front);
+        tokio::spawn(serve(FloorArgs { listen, upstream }));
+        for _ in 0..100 {
+            if let Some(send) = crate::http1::connect(listen).await {
+                return send;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the floor proxy did not listen within 1 s")
     }
 }
