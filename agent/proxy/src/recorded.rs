@@ -15,10 +15,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::time::Instant;
 
-/// A request's record, finished exactly once.
-/// A request's record until it is finished. Finishing consumes it: the record moves into the
-/// telemetry (and its ring of recent requests) without a copy. Dropped unfinished, the request is
-/// recorded as one whose client went away (`DC`).
+/// A request's record, finished exactly once. Finishing consumes it: the record moves into the
+/// telemetry (and its ring of recent requests) without a copy.
 pub(crate) struct Finish {
     /// Taken only by `done` or `drop`, which end the `Finish`: present whenever it can be reached.
     open: Option<Open>,
@@ -26,13 +24,16 @@ pub(crate) struct Finish {
 
 struct Open {
     telemetry: Telemetry,
+    /// The generation the request ran under: who its endpoints were.
     state: Arc<State>,
     record: Record,
     started: Instant,
+    /// The request's place in its pod's budget, given back when the request is recorded.
     held: Option<crate::isolation::RequestSlot>,
 }
 
 impl Open {
+    /// Records the request now: its access-log entry, metric samples and spans.
     fn report(mut self) {
         self.held = None;
         self.record.duration = self.started.elapsed();
@@ -61,14 +62,17 @@ impl Finish {
             .expect("a Finish is open until `done` or `drop` consumes it")
     }
 
+    /// The record, to fill in before it is finished.
     pub(crate) fn record(&mut self) -> &mut Record {
         &mut self.open().record
     }
 
+    /// Holds `slot` until the request ends.
     pub(crate) fn hold(&mut self, slot: crate::isolation::RequestSlot) {
         self.open().held = Some(slot);
     }
 
+    /// Records the request now.
     pub(crate) fn done(mut self) {
         if let Some(open) = self.open.take() {
             open.report();
@@ -79,6 +83,7 @@ impl Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         if let Some(open) = self.open.take() {
+            // Dropped before the response was complete: the client went away.
             open.record
                 .info
                 .add_flags(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
@@ -88,16 +93,20 @@ impl Drop for Finish {
 }
 
 pin_project! {
+    /// A response body that finishes its request's record when it ends.
     pub(crate) struct RecordedBody {
         #[pin]
         inner: Body,
         // `None` once finished.
         finish: Option<Finish>,
+        // The upstream's error, held for one poll (see `poll_frame`).
         failed: Option<BoxError>,
     }
 }
 
 impl RecordedBody {
+    /// `rsp` with its record: status, header size and gRPC status taken now, body counted as it
+    /// goes.
     pub(crate) fn wrap(rsp: Response<Body>, mut finish: Finish) -> Response<Body> {
         let (parts, body) = rsp.into_parts();
         let record = finish.record();
@@ -105,6 +114,7 @@ impl RecordedBody {
         record.response_bytes = sluice_telemetry::header_bytes(&parts.headers) + 17;
         record.grpc_status = grpc_status(&parts.headers);
         let finish = if body.is_end_stream() {
+            // hyper may never poll an empty body.
             finish.done();
             None
         } else {
@@ -162,10 +172,12 @@ impl HttpBody for RecordedBody {
                         record.grpc_status = Some(code);
                     }
                 }
+                // hyper stops polling once the body says it has ended.
                 if this.inner.is_end_stream() {
                     finish_now(this.finish);
                 }
             }
+            // The upstream cut the body short: the client gets a truncated response.
             Some(Err(err)) => {
                 let info = &finish.record().info;
                 match sluice_core::ProxyError::find(err) {
