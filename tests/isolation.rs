@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -84,25 +84,30 @@ fn web_yaml(upstream: u16) -> String {
     )
 }
 
-/// An upstream answering `200 ok` (`/slow` after 1.5 s) over HTTP/1, counting the requests it
-/// received; accepts at most 20,000 connections.
-async fn upstream() -> (u16, Arc<AtomicU64>, JoinHandle<()>) {
+/// An upstream answering `200 ok` over HTTP/1, counting the requests it received; `/slow` waits
+/// until the returned gate is opened (`send(true)`), at most 8 s. Accepts at most 20,000
+/// connections.
+async fn upstream() -> (u16, Arc<AtomicU64>, watch::Sender<bool>, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().unwrap().port();
     let received = Arc::new(AtomicU64::new(0));
     let seen = received.clone();
+    let (gate, opened) = watch::channel(false);
     let task = tokio::spawn(async move {
         for _ in 0..20_000 {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             let seen = seen.clone();
+            let opened = opened.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     seen.fetch_add(1, Ordering::Relaxed);
+                    let mut opened = opened.clone();
                     async move {
                         if req.uri().path().starts_with("/slow") {
-                            tokio::time::sleep(Duration::from_millis(1500)).await;
+                            let open = opened.wait_for(|open| *open);
+                            let _ = tokio::time::timeout(Duration::from_secs(8), open).await;
                         }
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
                             "ok",
@@ -115,7 +120,7 @@ async fn upstream() -> (u16, Arc<AtomicU64>, JoinHandle<()>) {
             });
         }
     });
-    (port, received, task)
+    (port, received, gate, task)
 }
 
 /// A TCP connection to `proxy` from the pod at `from`.
@@ -232,7 +237,7 @@ async fn a_pod_flooding_connections_and_half_requests_leaves_another_pod_untouch
         println!("skipped: RLIMIT_NOFILE's hard limit is below 8,192");
         return;
     }
-    let (port, _received, _up) = upstream().await;
+    let (port, _received, _slow, _up) = upstream().await;
     let proxy = Proxy::start(
         IsolationLimits {
             max_connections_per_pod: 500,
@@ -338,7 +343,7 @@ async fn slow_burst(proxy: SocketAddr) -> Vec<Option<u16>> {
 }
 
 async fn burst_against(limits: IsolationLimits, admitted: usize, why: Overload) {
-    let (port, received, _up) = upstream().await;
+    let (port, received, slow, _up) = upstream().await;
     let mut proxy = Proxy::start(limits, port).await;
     let addr = proxy.addr;
     let (ok, before) = behave(addr, 4, 200).await;
@@ -346,9 +351,18 @@ async fn burst_against(limits: IsolationLimits, admitted: usize, why: Overload) 
     received.store(0, Ordering::Relaxed);
 
     let burst = tokio::spawn(slow_burst(addr));
-    // The good pod while the burst is under way (the slow requests take 1.5 s).
+    // The good pod while the burst is under way: the admitted slow requests are held at the
+    // upstream until every one of the 400 has been admitted or shed, however slowly they arrive.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (ok, during) = behave(addr, 4, 200).await;
+    let isolation = proxy.handler.isolation();
+    sluice_tests::wait_until(
+        "every slow request admitted (at the upstream) or shed",
+        Duration::from_secs(6),
+        || received.load(Ordering::Relaxed) + isolation.shed_count(why) >= 200 + 400,
+    )
+    .await;
+    slow.send_replace(true);
     let statuses = burst.await.expect("burst");
     assert_eq!(
         ok, 200,
@@ -549,7 +563,7 @@ async fn short_of_descriptors_the_proxy_sheds_the_flooding_pod_first() {
         println!("skipped: RLIMIT_NOFILE's hard limit is below 4,096");
         return;
     }
-    let (port, _received, _up) = upstream().await;
+    let (port, _received, _slow, _up) = upstream().await;
     let flags = ["--no-access-log", "--max-memory", "none"];
     let mut agent = Agent::start(port, &flags, Some(300)).await;
     let (outbound, metrics) = (agent.outbound, agent.metrics);
@@ -632,7 +646,7 @@ fn counter(text: &str, series: &str) -> u64 {
 /// `overload_memory` instead of growing, and keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_its_memory_limit_the_proxy_sheds_requests_with_503_om() {
-    let (port, received, _up) = upstream().await;
+    let (port, received, _slow, _up) = upstream().await;
     let mut agent = Agent::start(port, &["--max-memory", "1Mi"], None).await;
     let (outbound, metrics) = (agent.outbound, agent.metrics);
     tokio::time::sleep(Duration::from_millis(200)).await;
