@@ -238,9 +238,6 @@ impl Handler {
     {
         let state = self.state.load_full();
         let info = Arc::new(RequestInfo::new());
-        // Room, once, for what the proxy adds on the way up (`x-request-id`, the trace headers,
-        // Envoy's attempt and timeout headers) rather than a growth and a rehash every few.
-        req.headers_mut().reserve(ADDED_HEADERS);
         // Envoy makes an `x-request-id` when the client sent none; the access log shows the one
         // sent upstream.
         if !req.headers().contains_key(X_REQUEST_ID) {
@@ -545,10 +542,6 @@ impl Handler {
         })
     }
 }
-
-/// Headers the proxy may add to a request: `x-request-id`, `traceparent`, the four B3 headers
-/// and `b3`, `x-envoy-attempt-count`, `x-envoy-expected-rq-timeout-ms`, and a spare.
-const ADDED_HEADERS: usize = 10;
 
 const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =

@@ -30,7 +30,7 @@ pub(super) enum Replay {
 
 /// Headers the layers below the retry add to each attempt: `x-envoy-attempt-count`,
 /// `x-envoy-expected-rq-timeout-ms`, `traceparent` and four `x-b3-*` (or `b3`).
-const PER_ATTEMPT_HEADERS: usize = 7;
+pub(super) const PER_ATTEMPT_HEADERS: usize = 7;
 
 /// Everything the loop needs to make and judge attempts.
 pub(super) struct Attempts {

@@ -170,7 +170,9 @@ where
         let info = parts.extensions.get::<Arc<RequestInfo>>().cloned();
 
         if on.is_empty() {
-            // No retry state at all, as in Envoy: one attempt, no flags.
+            // No retry state at all, as in Envoy: one attempt, no flags. The request itself is
+            // the attempt: room, once, for what the layers below add to it.
+            parts.headers.reserve(future::PER_ATTEMPT_HEADERS);
             parts
                 .headers
                 .insert(ATTEMPT_COUNT, sluice_core::decimal_value(1));
