@@ -24,9 +24,10 @@ pin_project! {
         #[pin]
         inner: F,
         // `None` when no timeout applies (no timer is registered at all), and for the route
-        // timeout until the request body has ended.
-        #[pin]
-        sleep: Option<Sleep>,
+        // timeout until the request body has ended. Boxed so that the route timer, once
+        // registered, moves into the response body as it is: one timer per request, not one for
+        // the headers and another for the body.
+        sleep: Option<Pin<Box<Sleep>>>,
         // What starts the timer when it does not start at once.
         start: Option<Start>,
         timeout: Duration,
@@ -61,7 +62,7 @@ impl<F> ResponseFuture<F> {
     ) -> Self {
         Self {
             inner,
-            sleep: start.is_none().then(|| sleep(timeout)),
+            sleep: start.is_none().then(|| Box::pin(sleep(timeout))),
             start,
             timeout,
             scope,
@@ -106,7 +107,7 @@ where
     type Output = Result<Response<Body>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if this.sleep.is_none() && this.start.is_none() {
             return this.inner.poll(cx);
         }
@@ -117,19 +118,19 @@ where
             }
             if this.sleep.is_none() {
                 let at = ready!(poll_start(this.start, cx)).unwrap_or_else(Instant::now);
-                this.sleep.set(Some(sleep_until(at + *this.timeout)));
+                *this.sleep = Some(Box::pin(sleep_until(at + *this.timeout)));
             }
-            let sleep = this.sleep.as_pin_mut().expect("set above");
-            ready!(sleep.poll(cx));
+            let sleep = this.sleep.as_mut().expect("set above");
+            ready!(sleep.as_mut().poll(cx));
             fire(this.expiry.as_ref(), Deadline::PerTry);
             return Poll::Ready(Err(ProxyError::PerTryTimeout(*this.timeout).into()));
         }
         if this.start.is_some() {
             if let Poll::Ready(Some(at)) = poll_start(this.start, cx) {
-                this.sleep.set(Some(sleep_until(at + *this.timeout)));
+                *this.sleep = Some(Box::pin(sleep_until(at + *this.timeout)));
             }
         }
-        let Some(mut sleep) = this.sleep.as_mut().as_pin_mut() else {
+        let Some(sleep) = this.sleep.as_mut() else {
             // The upstream answered before the request body ended: the route timer starts with
             // the body's end and bounds the response body from then on.
             let rsp = ready!(this.inner.poll(cx))?;
@@ -160,13 +161,13 @@ where
         if rsp.body().is_end_stream() {
             return Poll::Ready(Ok(rsp));
         }
-        let deadline = sleep.deadline();
         let timeout = *this.timeout;
         let info = this.info.take();
         Poll::Ready(Ok(rsp.map(|body| {
             TimeoutBody {
                 inner: body,
-                sleep: Some(Box::pin(sleep_until(deadline))),
+                // The timer registered for the headers, with its deadline: it bounds the body.
+                sleep: this.sleep.take(),
                 start: None,
                 timeout,
                 info,
