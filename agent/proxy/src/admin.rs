@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sluice_admin_api as api;
 use sluice_core::Body;
-use sluice_telemetry::{Exchange, Record};
+use sluice_telemetry::{Kept, Record};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -280,9 +280,8 @@ async fn admin(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::GET, api::paths::REQUESTS) => {
             let limit = param("limit").and_then(|l| l.parse().ok()).unwrap_or(100usize);
-            let records = state.handler.telemetry.recent().records();
-            let skip = records.len().saturating_sub(limit);
-            let list: Vec<api::Request> = records[skip..]
+            let records = state.handler.telemetry.recent().records(limit);
+            let list: Vec<api::Request> = records
                 .iter()
                 .map(|r| request(&current, r))
                 .collect();
@@ -322,7 +321,8 @@ async fn admin(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                     loop {
                         match rx.recv().await {
                             Ok(record) => {
-                                let line = serde_json::to_string(&request(&handler.state(), &record))
+                                let kept = Kept::of(&record);
+                                let line = serde_json::to_string(&request(&handler.state(), &kept))
                                     .unwrap_or_default();
                                 let frame = Frame::data(Bytes::from(line + "\n"));
                                 return Some((Ok::<_, Infallible>(frame), rx));
@@ -474,10 +474,10 @@ fn flags_text(flags: sluice_core::ResponseFlags) -> String {
 /// A finished request (or L4 connection) as `/requests` and `/tap` show it: for in-process readers
 /// of the telemetry's live feed ([`Handler::recent`]), such as tests.
 pub fn describe(handler: &Handler, record: &Record) -> api::Request {
-    request(&handler.state(), record)
+    request(&handler.state(), &Kept::of(record))
 }
 
-fn request(current: &State, r: &Record) -> api::Request {
+fn request(current: &State, r: &Kept) -> api::Request {
     let snapshot = &current.snapshot;
     let pod_of = |ip: std::net::IpAddr| {
         snapshot
@@ -494,20 +494,14 @@ fn request(current: &State, r: &Record) -> api::Request {
             .and_then(|e| e.pod.clone())
             .or_else(|| pod_of(addr.ip()))
     };
-    let (protocol, method, authority, path, request_id) = match &r.exchange {
-        Exchange::Http(h) => (
-            format!("{:?}", h.version).replace("HTTP/2.0", "HTTP/2"),
-            Some(h.method.to_string()),
-            Some(h.authority.clone()),
-            Some(h.path.clone()),
-            h.request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+    let (protocol, method) = match &r.http {
+        Some((method, version)) => (
+            format!("{version:?}").replace("HTTP/2.0", "HTTP/2"),
+            Some(method.to_string()),
         ),
-        Exchange::Tcp { .. } => ("TCP".into(), None, None, None, None),
+        None => ("TCP".into(), None),
     };
-    let attempts = r.info.attempt_records();
+    let attempts = &r.attempts;
     let first = attempts.first().map(|a| a.started);
     // The record's start is wall-clock; attempts carry monotonic instants: offsets are taken
     // from the end back, which both clocks agree on.
@@ -519,9 +513,9 @@ fn request(current: &State, r: &Record) -> api::Request {
             .unwrap_or_default();
         (f, r.duration.saturating_sub(since_first))
     });
-    let policy = r.info.policy();
+    let policy = &r.policy;
     api::Request {
-        request_id,
+        request_id: r.request_id().map(str::to_owned),
         start_unix_ms: r
             .start
             .duration_since(UNIX_EPOCH)
@@ -529,8 +523,8 @@ fn request(current: &State, r: &Record) -> api::Request {
         duration_ms: ms(r.duration),
         protocol,
         method,
-        authority,
-        path,
+        authority: r.authority().map(str::to_owned),
+        path: r.path().map(str::to_owned),
         peer: r.peer.map(|p| p.to_string()),
         source: r
             .peer
@@ -538,7 +532,7 @@ fn request(current: &State, r: &Record) -> api::Request {
             .unwrap_or_else(|| "unknown".into()),
         source_workload: format!("{}/{}", r.source.namespace, r.source.workload),
         service: r.service.hostname.clone(),
-        cluster: r.info.cluster().map(|c| c.to_string()),
+        cluster: r.cluster.as_ref().map(|c| c.to_string()),
         route: policy
             .as_ref()
             .and_then(|(route, _)| route.get::<api::RoutePolicy>().cloned()),
@@ -546,12 +540,12 @@ fn request(current: &State, r: &Record) -> api::Request {
             .as_ref()
             .and_then(|(_, cluster)| cluster.as_ref()?.get::<api::DestinationPolicy>().cloned()),
         status: r.status,
-        flags: flags_text(r.info.flags()),
-        details: r.info.details().map(str::to_owned),
-        request_bytes: r.request_bytes(),
+        flags: flags_text(r.flags),
+        details: r.details.map(str::to_owned),
+        request_bytes: r.request_bytes,
         response_bytes: r.response_bytes,
-        attempt_count: r.info.attempts(),
-        upstream: r.info.upstream().map(|a| a.to_string()),
+        attempt_count: r.attempt_count,
+        upstream: r.upstream.map(|a| a.to_string()),
         attempts: attempts
             .iter()
             .map(|a| api::Attempt {

@@ -17,7 +17,7 @@ pub use self::labels::{
     TcpLabels,
 };
 pub use self::metrics::{protocol_of, Metrics, TcpCounters};
-pub use self::recent::Recent;
+pub use self::recent::{Kept, Recent};
 pub use self::record::{
     header_bytes, Endpoints, Exchange, HttpRequest, Record, Telemetry, DEFAULT_CLUSTER_ID,
 };
