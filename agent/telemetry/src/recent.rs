@@ -57,8 +57,8 @@ impl Kept {
     pub fn of(r: &Record) -> Self {
         let (http, text, path_len, authority_len) = match &r.exchange {
             Exchange::Http(h) => {
-                let id = h.request_id.as_ref().map_or(&b""[..], |v| v.as_bytes());
-                let id = std::str::from_utf8(id).unwrap_or("");
+                let id = h.request_id.as_ref().and_then(|v| v.to_str().ok());
+                let id = id.unwrap_or_default();
                 let mut text = String::with_capacity(h.path.len() + h.authority.len() + id.len());
                 text.push_str(&h.path);
                 text.push_str(&h.authority);
@@ -93,27 +93,28 @@ impl Kept {
         }
     }
 
-    fn part(&self, from: u32, len: u32) -> Option<&str> {
-        let (from, len) = (from as usize, len as usize);
+    /// `text[from..to]` (to the end without `to`) of an HTTP request; `None` for L4.
+    fn part(&self, from: u32, to: Option<u32>) -> Option<&str> {
         self.http.as_ref()?;
-        self.text.get(from..from + len)
+        let from = from as usize;
+        match to {
+            Some(to) => self.text.get(from..to as usize),
+            None => self.text.get(from..),
+        }
     }
 
     pub fn path(&self) -> Option<&str> {
-        self.part(0, self.path_len)
+        self.part(0, Some(self.path_len))
     }
 
     pub fn authority(&self) -> Option<&str> {
-        self.part(self.path_len, self.authority_len)
+        self.part(self.path_len, Some(self.path_len + self.authority_len))
     }
 
     /// The `x-request-id` sent upstream.
     pub fn request_id(&self) -> Option<&str> {
-        let from = self.path_len + self.authority_len;
-        let rest = u32::try_from(self.text.len())
-            .unwrap_or(u32::MAX)
-            .saturating_sub(from);
-        self.part(from, rest).filter(|id| !id.is_empty())
+        self.part(self.path_len + self.authority_len, None)
+            .filter(|id| !id.is_empty())
     }
 }
 
