@@ -191,8 +191,3 @@ fn push_one<T>(v: &mut Vec<T>, item: T) {
     v.reserve_exact(1);
     v.push(item);
 }
-
-/// In a retried request's extensions when its route keeps Envoy's `previous_hosts` retry predicate
-/// out (`retryIgnorePreviousHosts: false`): a retry may pick any host, tried ones included.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryAnyHost;

@@ -1,23 +1,25 @@
 //! Types every Sluice crate shares: the boxed body the proxy moves, the errors a proxied request can end
 //! in (each knows its HTTP status, Envoy response flag, body text and origin: upstream, downstream or
 //! the proxy), the signal a timeout layer raises before it ends an attempt, the one the cluster sends when an
-//! attempt has a connection, and the per-request record that
-//! layers fill in for the access log.
+//! attempt has a connection, the per-request record that layers fill in for the access log, and
+//! the one request extension ([`RequestCtx`]) through which the layers hand these down.
 #![forbid(unsafe_code)]
 
+mod ctx;
 mod error;
 mod expiry;
 mod flags;
 mod info;
 mod ready;
 
+pub use self::ctx::{RequestCtx, RouteClock, TracePropagation};
 pub use self::error::{
     Cause, ConnectError, Origin, OverflowKind, Overload, ProxyError, Quota, QuotaUnit,
     StaleConnections, UpstreamQuota,
 };
 pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
-pub use self::info::{AttemptRecord, PolicyNote, RequestInfo, RetryAnyHost};
+pub use self::info::{AttemptRecord, PolicyNote, RequestInfo};
 pub use self::ready::ConnectionReady;
 
 use bytes::Bytes;

@@ -22,7 +22,7 @@ use crate::state::{RoutePlan, ServiceLabels, SourceLabels, State, Upstream};
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use sluice_core::{Body, BoxError, Origin, ProxyError, RequestInfo, ResponseFlags};
+use sluice_core::{Body, BoxError, Origin, ProxyError, RequestCtx, RequestInfo, ResponseFlags};
 use sluice_policy::Service;
 use sluice_resilience::{FaultLayer, RetryLayer, TimeoutLayer};
 use sluice_telemetry::trace::{new_request_id, Tracer, X_REQUEST_ID};
@@ -246,8 +246,10 @@ impl Handler {
         // The request's place in a trace: the cluster writes it on every attempt, the record
         // makes the spans.
         let trace = self.telemetry.tracer().start(req.headers());
+        let ctx = RequestCtx::of_mut(req.extensions_mut());
+        ctx.info = Some(info.clone());
         if let Some(t) = &trace {
-            req.extensions_mut().insert(t.clone());
+            ctx.trace = Some(Arc::new(t.clone()));
         }
         // Recorded however the request ends: when its response body has been sent, or (dropped by
         // hyper because the client went away first) with status 0 and `DC`, as Envoy does.
@@ -279,7 +281,7 @@ impl Handler {
             match slot.admit_request() {
                 Ok(held) => {
                     finish.hold(held);
-                    req.extensions_mut().insert(slot.upstream_quota());
+                    RequestCtx::of_mut(req.extensions_mut()).quota = Some(slot.upstream_quota());
                 }
                 Err(why) => {
                     let err: BoxError = ProxyError::Overload(why).into();
@@ -632,7 +634,6 @@ where
         parts.uri = uri;
     }
     parts.version = http::Version::HTTP_11;
-    parts.extensions.insert(info.clone());
     let body = crate::recorded::CountedBody::new(body, info.clone());
     Request::from_parts(parts, sluice_core::boxed(body))
 }

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use parking_lot::Mutex;
-use sluice_core::{Body, BoxError, ProxyError, RequestInfo};
+use sluice_core::{Body, BoxError, ProxyError, RequestCtx, RequestInfo};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,7 +147,7 @@ pub fn with_body(body: Body) -> (Request<Body>, Arc<RequestInfo>) {
     *req.uri_mut() = "http://pricing.default.svc.cluster.local/price"
         .parse()
         .unwrap();
-    req.extensions_mut().insert(info.clone());
+    RequestCtx::of_mut(req.extensions_mut()).info = Some(info.clone());
     (req, info)
 }
 

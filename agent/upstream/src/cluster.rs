@@ -18,11 +18,10 @@ use http::{HeaderValue, Request, Response, Uri, Version};
 use parking_lot::Mutex;
 use serde::Serialize;
 use sluice_core::{
-    AttemptRecord, Body, BoxError, Cause, ConnectionReady, Deadline, Expiry, OverflowKind,
-    ProxyError, RequestInfo, ResponseFlags, RetryAnyHost, StaleConnections,
+    AttemptRecord, Body, BoxError, Cause, Deadline, Expiry, OverflowKind, ProxyError, RequestCtx,
+    RequestInfo, ResponseFlags, StaleConnections,
 };
 use sluice_policy::Endpoint;
-use sluice_telemetry::trace::TraceContext;
 use std::collections::{HashMap, HashSet};
 use std::error::Error as _;
 use std::net::SocketAddr;
@@ -475,8 +474,13 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     ensure_ticker(&inner);
     let cfg = inner.config.load_full();
     let cp = &cfg.spec.policy.connection_pool;
+    // What the layers above handed down (nothing when the cluster is called on its own).
+    let ctx = req
+        .extensions_mut()
+        .remove::<RequestCtx>()
+        .unwrap_or_default();
     // The per-try timer waits for the connection this attempt gets, as Envoy's does.
-    let connection_ready = req.extensions().get::<ConnectionReady>().cloned();
+    let connection_ready = ctx.connection_ready;
     if let Some(ready) = &connection_ready {
         ready.claim();
     }
@@ -487,7 +491,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
         host: None,
         leased: None,
         phase: Phase::Connecting,
-        expiry: req.extensions().get::<Expiry>().cloned(),
+        expiry: ctx.expiry,
         released: false,
         active: false,
         record: None,
@@ -497,7 +501,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     // The client pod's budget of upstream connections, before anything is done for it: an
     // HTTP/1 attempt holds a connection of its own while it lasts.
     if inner.protocol == UpstreamProtocol::Http1 {
-        if let Some(quota) = req.extensions().get::<sluice_core::UpstreamQuota>() {
+        if let Some(quota) = &ctx.quota {
             match quota.take() {
                 Ok(unit) => attempt.quota = Some(unit),
                 Err(why) => {
@@ -509,8 +513,8 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     }
 
     // Host selection.
-    let info = req.extensions().get::<Arc<RequestInfo>>().cloned();
-    let any_host = req.extensions().get::<RetryAnyHost>().is_some();
+    let info = ctx.info;
+    let any_host = ctx.any_host;
     let tried = match &info {
         Some(info) if info.upstream().is_some() && !any_host => info.upstreams(),
         _ => Vec::new(),
@@ -524,7 +528,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     }
     // This attempt's own span, child of the request's, as the endpoint will see it; the record
     // carries the same number, so the exported span has the same id.
-    if let Some(trace) = req.extensions_mut().remove::<TraceContext>() {
+    if let Some(trace) = &ctx.trace {
         trace.inject(number, req.headers_mut());
     }
     host.active.fetch_add(1, Ordering::Relaxed);

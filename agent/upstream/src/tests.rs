@@ -11,7 +11,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice_core::{Body, BoxError, Deadline, Expiry, OverflowKind, ProxyError, RequestInfo};
+use sluice_core::{
+    Body, BoxError, Deadline, Expiry, OverflowKind, ProxyError, RequestCtx, RequestInfo,
+};
 use sluice_policy::{ClusterKey, Endpoint, LoadBalancer, OutlierDetection};
 use std::convert::Infallible;
 use std::future::Future;
@@ -131,7 +133,7 @@ fn request(info: &Arc<RequestInfo>) -> Request<Body> {
         .header("host", "pricing")
         .body(sluice_core::empty())
         .unwrap();
-    req.extensions_mut().insert(info.clone());
+    RequestCtx::of_mut(req.extensions_mut()).info = Some(info.clone());
     req
 }
 
@@ -528,7 +530,7 @@ async fn a_retry_avoids_tried_hosts_unless_any_host_is_allowed() {
         info.push_upstream(next);
         let mut req = request(&info);
         if any_host {
-            req.extensions_mut().insert(sluice_core::RetryAnyHost);
+            RequestCtx::of_mut(req.extensions_mut()).any_host = true;
         }
         let rsp = cluster.clone().call(req).await.unwrap();
         assert_eq!(rsp.status(), StatusCode::OK);
@@ -875,7 +877,7 @@ async fn all_ejected_is_no_healthy_upstream_unless_in_panic() {
 /// A request carrying `expiry`, as the timeout layers above the cluster pass it.
 fn request_with(expiry: &Expiry) -> Request<Body> {
     let mut req = request(&Arc::new(RequestInfo::new()));
-    req.extensions_mut().insert(expiry.clone());
+    RequestCtx::of_mut(req.extensions_mut()).expiry = Some(expiry.clone());
     req
 }
 
@@ -1253,7 +1255,7 @@ async fn each_attempt_is_recorded_with_what_its_endpoint_saw() {
         let info = Arc::new(RequestInfo::new());
         let mut req = request(&info);
         let expiry = Expiry::new();
-        req.extensions_mut().insert(expiry.clone());
+        RequestCtx::of_mut(req.extensions_mut()).expiry = Some(expiry.clone());
         let mut attempt = Box::pin(cluster.clone().call(req));
         let waited = tokio::time::timeout(Duration::from_millis(100), &mut attempt).await;
         assert!(waited.is_err(), "the gated server holds its response");

@@ -13,7 +13,7 @@
 use futures_util::ready;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
-use sluice_core::{Body, BoxError, RequestInfo, ResponseFlags};
+use sluice_core::{Body, BoxError, RequestCtx, ResponseFlags};
 use sluice_policy::{Fault, FaultAbort};
 use std::future::Future;
 use std::pin::Pin;
@@ -116,7 +116,7 @@ where
             };
             self.hit(pct)
         });
-        let info = req.extensions().get::<Arc<RequestInfo>>();
+        let info = RequestCtx::info(req.extensions());
         if let Some(info) = info {
             if delay.is_some() {
                 info.add_flags(ResponseFlags::DELAY_INJECTED);

@@ -10,7 +10,7 @@
 //! - Every attempt carries `x-envoy-attempt-count` (Istio sets `include_request_attempt_count`) and
 //!   counts in [`RequestInfo::add_attempt`]; each attempt gets a copy of the request's extensions, so
 //!   the balancer sees the same `Arc<RequestInfo>` and can avoid hosts already tried, unless the
-//!   route has `retryIgnorePreviousHosts: false` ([`RetryAnyHost`] in the extensions).
+//!   route has `retryIgnorePreviousHosts: false` (`any_host` in the request's [`RequestCtx`]).
 //! - A retriable outcome is retried after the jittered [`Backoff`] if retries remain (else flag `URX`)
 //!   and the cluster's [`RetryBudget`] has room (else flag `UO` and an overflow count); the retriable
 //!   response is dropped, which resets its stream. A request whose body outgrew the replay buffer is
@@ -30,7 +30,7 @@ use crate::backoff::Backoff;
 use crate::replay::{ReplayBody, DEFAULT_MAX_BYTES};
 use http::{header::HeaderName, HeaderMap, HeaderValue, Request, Response};
 use http_body::Body as _;
-use sluice_core::{Body, BoxError, RequestInfo, RetryAnyHost};
+use sluice_core::{Body, BoxError, RequestCtx};
 use sluice_policy::RetryPolicy;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -167,7 +167,7 @@ where
         let (mut parts, body) = req.into_parts();
         let overrides = Overrides::take(&mut parts.headers);
         let on = self.route_on | overrides.on;
-        let info = parts.extensions.get::<Arc<RequestInfo>>().cloned();
+        let info = RequestCtx::info(&parts.extensions).cloned();
 
         if on.is_empty() {
             // No retry state at all, as in Envoy: one attempt, no flags. The request itself is
@@ -201,7 +201,7 @@ where
             (Body::new(first), Replay::Body(handle))
         };
         if !self.policy.avoid_previous_hosts {
-            parts.extensions.insert(RetryAnyHost);
+            RequestCtx::of_mut(&mut parts.extensions).any_host = true;
         }
         let rng = match self.seed {
             Some(seed) => fastrand::Rng::with_seed(seed),

@@ -437,7 +437,7 @@ async fn every_attempt_gets_the_extensions_and_works_without_request_info() {
     let backend = tower::service_fn(move |req: Request<Body>| {
         record.lock().push((
             req.extensions().get::<Tag>().cloned(),
-            req.extensions().get::<Arc<RequestInfo>>().cloned(),
+            RequestCtx::info(req.extensions()).cloned(),
         ));
         async { Ok::<_, BoxError>(crate::test_util::status(503)) }
     });

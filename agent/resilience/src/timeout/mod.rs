@@ -31,8 +31,7 @@ use self::future::{EndSignal, Start};
 use http_body::Body as _;
 
 use http::{header::HeaderName, HeaderMap, Request, Response};
-use sluice_core::{Body, BoxError, ConnectionReady, Expiry, RequestInfo};
-use std::sync::Arc;
+use sluice_core::{Body, BoxError, ConnectionReady, Expiry, RequestCtx, RouteClock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -49,13 +48,6 @@ pub const UPSTREAM_RQ_PER_TRY_TIMEOUT_MS: HeaderName =
 /// Sent upstream with each attempt: the milliseconds the attempt is expected to have.
 pub const EXPECTED_RQ_TIMEOUT_MS: HeaderName =
     HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
-
-/// The route timeout of a request and when it started, for the attempts' expected timeout.
-#[derive(Clone, Copy, Debug)]
-struct RouteClock {
-    start: Instant,
-    timeout: Duration,
-}
 
 /// `x-envoy-expected-rq-timeout-ms` for an attempt with this per-try timeout under this route
 /// clock, as Envoy computes it (whole milliseconds; a per-try timeout not shorter than the route
@@ -74,7 +66,9 @@ fn expected_timeout_ms(per_try: Option<Duration>, route: Option<RouteClock>) -> 
         return None;
     }
     if let Some(route) = route.filter(|_| global != 0) {
-        let elapsed = ms(route.start.elapsed());
+        let elapsed = ms(Instant::now()
+            .into_std()
+            .saturating_duration_since(route.start));
         expected = if elapsed >= global {
             1
         } else {
@@ -175,14 +169,14 @@ where
         match self.scope {
             Scope::Route => {
                 if let Some(timeout) = timeout {
-                    req.extensions_mut().insert(RouteClock {
-                        start: Instant::now(),
+                    RequestCtx::of_mut(req.extensions_mut()).route_clock = Some(RouteClock {
+                        start: Instant::now().into_std(),
                         timeout,
                     });
                 }
             }
             Scope::PerTry => {
-                let route = req.extensions().get::<RouteClock>().copied();
+                let route = RequestCtx::of(req.extensions()).and_then(|c| c.route_clock);
                 match expected_timeout_ms(timeout, route) {
                     Some(ms) => {
                         req.headers_mut()
@@ -197,17 +191,18 @@ where
         match timeout {
             None => ResponseFuture::passthrough(self.inner.call(req)),
             Some(timeout) => {
+                let ctx = RequestCtx::of_mut(req.extensions_mut());
                 let info = match self.scope {
-                    Scope::Route => req.extensions().get::<Arc<RequestInfo>>().cloned(),
+                    Scope::Route => ctx.info.clone(),
                     // A per-try timeout that is retried leaves no flag; the final error carries `UT`.
                     Scope::PerTry => None,
                 };
                 // Tells the attempts below that this timer, not the client, ended them.
-                let expiry = match req.extensions().get::<Expiry>() {
+                let expiry = match &ctx.expiry {
                     Some(outer) => outer.child(),
                     None => Expiry::new(),
                 };
-                req.extensions_mut().insert(expiry.clone());
+                ctx.expiry = Some(expiry.clone());
                 // Envoy starts the route timer when the downstream request is complete: at once
                 // for a request without a body, else when its body has ended (a slow upload is
                 // not the upstream's time). The per-try timer starts when the attempt has a
@@ -222,7 +217,8 @@ where
                     Scope::Route => None,
                     Scope::PerTry => {
                         let ready = ConnectionReady::new();
-                        req.extensions_mut().insert(ready.clone());
+                        RequestCtx::of_mut(req.extensions_mut()).connection_ready =
+                            Some(ready.clone());
                         Some(Start::Connection(ready))
                     }
                 };

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use sluice_core::{ProxyError, ResponseFlags};
+use std::sync::Arc;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -174,7 +175,7 @@ fn expiry_recorder() -> (
     let svc = tower::service_fn(move |req: Request<Body>| {
         record
             .lock()
-            .push(req.extensions().get::<Expiry>().cloned());
+            .push(RequestCtx::of(req.extensions()).and_then(|c| c.expiry.clone()));
         async {
             tokio::time::sleep(secs(60.0)).await;
             Ok::<_, BoxError>(Response::new(sluice_core::empty()))
@@ -220,8 +221,8 @@ async fn expected_header(route: Option<f64>, per_try: Option<f64>, wait: f64) ->
     let mut svc = TimeoutLayer::per_try(per_try.map(secs)).layer(backend);
     let (mut req, _) = get();
     if let Some(route) = route {
-        req.extensions_mut().insert(RouteClock {
-            start: Instant::now(),
+        RequestCtx::of_mut(req.extensions_mut()).route_clock = Some(RouteClock {
+            start: Instant::now().into_std(),
             timeout: secs(route),
         });
     }
@@ -350,7 +351,7 @@ async fn route_timeout_never_starts_for_a_body_that_never_ends() {
 /// fires it, then answers after `serve`.
 fn queued_backend(queued: Duration, serve: Duration) -> impl CloneService {
     tower::service_fn(move |req: Request<Body>| {
-        let ready = req.extensions().get::<ConnectionReady>().cloned();
+        let ready = RequestCtx::of(req.extensions()).and_then(|c| c.connection_ready.clone());
         async move {
             let ready = ready.expect("the per-try layer sends a connection signal");
             ready.claim();

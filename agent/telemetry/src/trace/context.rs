@@ -239,6 +239,12 @@ impl TraceContext {
     }
 }
 
+impl sluice_core::TracePropagation for TraceContext {
+    fn inject(&self, attempt: u32, headers: &mut HeaderMap) {
+        TraceContext::inject(self, attempt, headers);
+    }
+}
+
 fn value(bytes: &[u8]) -> HeaderValue {
     HeaderValue::from_bytes(bytes).expect("hex digits and dashes are a valid header value")
 }
