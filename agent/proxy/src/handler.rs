@@ -561,13 +561,28 @@ static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// `name`'s place in [`HOP_BY_HOP`]. One match on the name's text (its length first) where
+/// comparing it with each entry in turn cost seven comparisons per header, twice per request.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "proxy-connection" => 1,
+        "keep-alive" => 2,
+        "proxy-authorization" => 3,
+        "te" => 4,
+        "upgrade" => 5,
+        "transfer-encoding" => 6,
+        _ => return None,
+    })
+}
+
 /// Removes the hop-by-hop headers and the headers `Connection` names. One pass over the names
 /// finds which are there (most messages carry none, or only `Connection`): each removal by name
 /// hashes it and probes the map, which is worth doing only for what is present.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP_COUNT];
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present[i] = true;
         }
     }
@@ -714,8 +729,9 @@ mod tests {
             assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"], "{connection}");
         }
 
-        // Each hop-by-hop header alone, without `Connection`, is found and removed.
-        for name in &HOP_BY_HOP {
+        // Each hop-by-hop header alone, without `Connection`, is found in its place and removed.
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static("x"));
             h.insert("x-kept", HeaderValue::from_static("1"));
