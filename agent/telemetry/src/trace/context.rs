@@ -23,7 +23,7 @@ pub(crate) const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 /// Envoy's request id: made when the client sent none, sent upstream and logged.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// One request's place in a trace. Cheap to clone; put in the request's extensions so that the
+/// One request's place in a trace. Cheap to clone; put in the request's `RequestCtx` so that the
 /// cluster writes it on every attempt ([`TraceContext::inject`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
@@ -43,6 +43,9 @@ pub struct TraceContext {
     pub(crate) b3_multi: bool,
     /// The client's `tracestate` belongs to this trace (kept upstream, reported on the spans).
     pub(crate) tracestate: Option<HeaderValue>,
+    /// The client sent a `tracestate` that is not kept: each attempt removes it (most requests
+    /// carry none, and a removal hashes the name and probes the map).
+    pub(crate) drop_tracestate: bool,
     /// Headers are written (off: the spans are exported, nothing travels upstream).
     pub(crate) propagate: bool,
 }
@@ -58,6 +61,8 @@ pub(crate) struct Incoming {
     pub(crate) b3_single: bool,
     pub(crate) b3_multi: bool,
     pub(crate) tracestate: Option<HeaderValue>,
+    /// A `tracestate` header came, kept or not.
+    pub(crate) tracestate_sent: bool,
 }
 
 /// Whether `read` looks at a header of this name.
@@ -71,7 +76,12 @@ impl Incoming {
         let mut inc = Incoming::default();
         // One pass over the names first: most requests carry no trace context, and each lookup
         // below hashes its name.
-        if headers.keys().any(is_trace_header) {
+        let mut any = false;
+        for name in headers.keys() {
+            any |= is_trace_header(name);
+            inc.tracestate_sent |= name == TRACESTATE;
+        }
+        if any {
             inc.read_headers(headers);
         }
         if !inc.b3_single {
@@ -148,6 +158,7 @@ impl TraceContext {
             b3_short: inc.b3_short,
             b3_single: inc.b3_single,
             b3_multi: inc.b3_multi,
+            drop_tracestate: inc.tracestate_sent && inc.tracestate.is_none(),
             tracestate: inc.tracestate,
             propagate: true,
         }
@@ -200,7 +211,7 @@ impl TraceContext {
         hex_into(&mut tp[36..52], &span.to_be_bytes());
         tp[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
         headers.insert(TRACEPARENT, value(&tp));
-        if self.tracestate.is_none() {
+        if self.drop_tracestate {
             headers.remove(TRACESTATE);
         }
         let trace = if self.b3_short {
@@ -575,6 +586,27 @@ mod tests {
             !h.contains_key("tracestate"),
             "it belonged to another trace"
         );
+    }
+
+    #[test]
+    fn a_tracestate_without_its_traceparent_is_dropped_and_none_is_not_looked_for() {
+        let h = headers(&[("tracestate", "congo=t61")]);
+        let ctx = sampled(TraceContext::new(Incoming::read(&h)), true);
+        assert!(ctx.drop_tracestate && ctx.tracestate().is_none());
+        let mut sent = h.clone();
+        ctx.inject(1, &mut sent);
+        assert!(!sent.contains_key("tracestate"), "no traceparent names it");
+
+        let ctx = sampled(TraceContext::new(Incoming::read(&HeaderMap::new())), true);
+        assert!(!ctx.drop_tracestate, "nothing to remove");
+        let ctx = sampled(
+            TraceContext::new(Incoming::read(&headers(&[
+                ("traceparent", TP),
+                ("tracestate", "congo=t61"),
+            ]))),
+            true,
+        );
+        assert!(!ctx.drop_tracestate, "kept: it belongs to the trace");
     }
 
     #[test]
