@@ -763,7 +763,8 @@ impl Launch<'_> {
             Launch::Pinned { pin, cpu } => pinned(pin, cpu, prog, args),
             Launch::Callgrind { out } => {
                 let mut c = Command::new("valgrind");
-                c.args(["--tool=callgrind", "--dump-instr=no"])
+                c.env("GLIBC_TUNABLES", instructions::GLIBC_TUNABLES)
+                    .args(["--tool=callgrind", "--dump-instr=no"])
                     .arg(format!("--callgrind-out-file={}/cg.%p", path_str(out)))
                     .arg(prog)
                     .args(args);
