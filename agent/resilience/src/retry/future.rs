@@ -6,7 +6,7 @@ use super::ATTEMPT_COUNT;
 use crate::backoff::Backoff;
 use crate::replay::ReplayBody;
 use futures_util::ready;
-use http::{request::Parts, Request, Response};
+use http::{request::Parts, HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
 use sluice_core::{Body, BoxError, RequestInfo, ResponseFlags};
 use sluice_policy::RetryPolicy;
@@ -49,20 +49,31 @@ pub(super) struct Attempts {
 }
 
 impl Attempts {
-    /// The next attempt's request: a copy of the original with its extensions and the attempt count.
+    /// The first attempt's request, on the request's own header map (`headers`: the loop keeps a
+    /// copy of it for the retries).
+    pub(super) fn first(&mut self, body: Body, mut headers: HeaderMap) -> Request<Body> {
+        headers.reserve(PER_ATTEMPT_HEADERS);
+        self.attempt_on(body, headers)
+    }
+
+    /// A retry's request: a copy of the original with its extensions and the attempt count.
     pub(super) fn request(&mut self, body: Body) -> Request<Body> {
+        // Room for what each attempt adds (its count here; the trace context and the expected
+        // timeout below): a clone is sized to its entries exactly, and grew twice per attempt.
+        let mut headers = HeaderMap::with_capacity(self.parts.headers.len() + PER_ATTEMPT_HEADERS);
+        for (name, value) in &self.parts.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        self.attempt_on(body, headers)
+    }
+
+    fn attempt_on(&mut self, body: Body, headers: HeaderMap) -> Request<Body> {
         self.attempt += 1;
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
         *req.uri_mut() = self.parts.uri.clone();
         *req.version_mut() = self.parts.version;
-        // Room for what each attempt adds (its count here; the trace context and the expected
-        // timeout below): a clone is sized to its entries exactly, and grew twice per attempt.
-        let headers = req.headers_mut();
-        headers.reserve(self.parts.headers.len() + PER_ATTEMPT_HEADERS);
-        for (name, value) in &self.parts.headers {
-            headers.append(name.clone(), value.clone());
-        }
+        *req.headers_mut() = headers;
         *req.extensions_mut() = self.parts.extensions.clone();
         req.headers_mut().insert(
             ATTEMPT_COUNT,

@@ -207,6 +207,11 @@ where
             Some(seed) => fastrand::Rng::with_seed(seed),
             None => fastrand::Rng::new(),
         };
+        // The first attempt goes out on the request's own header map; the loop keeps a copy for
+        // the retries. A clone copies the entries and their index without hashing a name, where
+        // building the first attempt's map from the kept one hashed every header again.
+        let first_headers = std::mem::take(&mut parts.headers);
+        parts.headers = first_headers.clone();
         let mut attempts = Attempts {
             parts,
             replay,
@@ -221,7 +226,7 @@ where
             rng,
             info,
         };
-        let req = attempts.request(first_body);
+        let req = attempts.first(first_body, first_headers);
         let fut = self.inner.call(req);
         ResponseFuture::retrying(fut, self.inner.clone(), attempts)
     }

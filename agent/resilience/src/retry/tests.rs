@@ -290,6 +290,43 @@ async fn max_retries_header_overrides_and_headers_are_consumed() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_retry_carries_the_first_attempt_s_headers() {
+    // The first attempt goes out on the request's own map, each retry on a copy of it: the same
+    // fields in the same order, repeated ones included, only the attempt count differing.
+    let (backend, calls) = crate::test_util::backend(vec![Step::Status(503), Step::Status(200)]);
+    let mut svc = layer("5xx", 1).layer(backend);
+    let (mut req, _) = get();
+    let h = req.headers_mut();
+    h.append("x-b", "1".parse().unwrap());
+    h.append("x-a", "2".parse().unwrap());
+    h.append("x-b", "3".parse().unwrap());
+    h.insert(MAX_RETRIES, "1".parse().unwrap());
+    call(&mut svc, req).await.unwrap();
+    assert_eq!(calls.len(), 2);
+    let fields = |i: usize| {
+        let headers = calls.get(i).headers;
+        let count = headers[ATTEMPT_COUNT].to_str().unwrap().to_owned();
+        let rest: Vec<(String, String)> = headers
+            .iter()
+            .filter(|(n, _)| *n != ATTEMPT_COUNT)
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        (count, rest)
+    };
+    let (first, retry) = (fields(0), fields(1));
+    assert_eq!((first.0.as_str(), retry.0.as_str()), ("1", "2"));
+    assert_eq!(first.1, retry.1);
+    let b: Vec<&str> = first
+        .1
+        .iter()
+        .filter(|(n, _)| n == "x-b")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(b, ["1", "3"]);
+    assert!(!first.1.iter().any(|(n, _)| n == "x-envoy-max-retries"));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn retry_on_header_adds_conditions() {
     // The route retries only connect failures; the header adds 5xx.
     let (backend, calls) = crate::test_util::backend(vec![Step::Status(500), Step::Status(200)]);
