@@ -412,7 +412,8 @@ struct Head {
     /// Bytes of the head so far (up to its blank line), and its non-empty lines.
     bytes: u64,
     lines: u32,
-    line_len: usize,
+    /// The line under way has a byte other than CR.
+    line_has_text: bool,
     complete: bool,
 }
 
@@ -423,7 +424,7 @@ impl Head {
             at_request,
             bytes: 0,
             lines: 0,
-            line_len: 0,
+            line_has_text: false,
             complete: false,
         }
     }
@@ -431,21 +432,29 @@ impl Head {
     /// Follows the head through `data` as HTTP/1 frames it: lines end in LF (CR before it is
     /// part of the line ending), empty lines before the request line are skipped (as hyper and
     /// Envoy skip them), an empty line after it ends the head.
-    fn scan(&mut self, data: &[u8]) {
-        for &b in data {
-            if self.complete {
-                return;
+    fn scan(&mut self, mut data: &[u8]) {
+        // A line at a time: the line end found with `memchr`, not a branch per byte (a head of a
+        // few hundred bytes cost about 17 instructions per byte that way).
+        while !self.complete && !data.is_empty() {
+            let (line, ended) = match memchr::memchr(b'\n', data) {
+                Some(at) => (&data[..at], true),
+                None => (data, false),
+            };
+            self.bytes += line.len() as u64;
+            self.line_has_text |= line.iter().any(|&b| b != b'\r');
+            data = &data[line.len()..];
+            if !ended {
+                break;
             }
+            data = &data[1..];
             self.bytes += 1;
-            match b {
-                b'\n' if self.line_len == 0 && self.lines == 0 => self.bytes = 0,
-                b'\n' if self.line_len == 0 => self.complete = true,
-                b'\n' => {
+            match (self.line_has_text, self.lines) {
+                (false, 0) => self.bytes = 0,
+                (false, _) => self.complete = true,
+                (true, _) => {
                     self.lines += 1;
-                    self.line_len = 0;
+                    self.line_has_text = false;
                 }
-                b'\r' => {}
-                _ => self.line_len += 1,
             }
         }
     }
@@ -827,6 +836,50 @@ impl<IO: AsyncWrite> AsyncWrite for Guarded<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `Head::scan` computes, a byte at a time: (bytes, lines, complete).
+    fn scan_bytewise(data: &[u8]) -> (u64, u32, bool) {
+        let (mut bytes, mut lines, mut line_len) = (0u64, 0u32, 0usize);
+        for &b in data {
+            bytes += 1;
+            match b {
+                b'\n' if line_len == 0 && lines == 0 => bytes = 0,
+                b'\n' if line_len == 0 => return (bytes, lines, true),
+                b'\n' => {
+                    lines += 1;
+                    line_len = 0;
+                }
+                b'\r' => {}
+                _ => line_len += 1,
+            }
+        }
+        (bytes, lines, false)
+    }
+
+    #[test]
+    fn head_scan_agrees_with_a_bytewise_scan_however_the_head_is_split() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let alphabet = b"\r\n\r\nab: ";
+        for _ in 0..2_000 {
+            let len = rng.usize(0..60);
+            let data: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            let mut h = Head::new(0);
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let n = rng.usize(1..=rest.len());
+                h.scan(&rest[..n]);
+                rest = &rest[n..];
+            }
+            assert_eq!(
+                (h.bytes, h.lines, h.complete),
+                scan_bytewise(&data),
+                "{:?}",
+                String::from_utf8_lossy(&data)
+            );
+        }
+    }
 
     #[test]
     fn head_scan_counts_lines_and_stops_at_the_blank_line() {
