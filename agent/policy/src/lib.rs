@@ -20,7 +20,8 @@ pub use self::route::{
     WeightedDestination, GRPC_STATUS_NAMES, INCOMING_PORT,
 };
 pub use self::snapshot::{
-    NamespaceView, Rejection, Service, ServiceExportTo, ServicePort, Snapshot, Workload,
+    split_at_only_colon, NamespaceView, Rejection, Service, ServiceExportTo, ServicePort, Snapshot,
+    Workload,
 };
 
 /// The Kubernetes cluster domain when none is configured (`--cluster-domain`); the one in force is

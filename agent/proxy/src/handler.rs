@@ -698,9 +698,9 @@ fn split_authority(authority: &str) -> (&str, Option<u16>) {
             return (host, after.strip_prefix(':').and_then(|p| p.parse().ok()));
         }
     }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
-        _ => (authority, None),
+    match sluice_policy::split_at_only_colon(authority) {
+        Some((host, port)) => (host, port.parse().ok()),
+        None => (authority, None),
     }
 }
 
