@@ -587,7 +587,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if present[0] {
-        if let Some(conn) = headers.get(header::CONNECTION).cloned() {
+        // The usual values name no other header: nothing to parse.
+        let plain = |v: &HeaderValue| {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+        };
+        if let Some(conn) = headers
+            .get(header::CONNECTION)
+            .filter(|v| !plain(v))
+            .cloned()
+        {
             if let Ok(conn) = conn.to_str() {
                 for name in conn.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                     // `keep-alive` (the usual one) and the other hop-by-hop names go below
@@ -737,6 +746,15 @@ mod tests {
             h.insert("x-kept", HeaderValue::from_static("1"));
             strip_hop_by_hop(&mut h);
             assert_eq!(h.len(), 1, "{name} was kept");
+        }
+        // The usual values, whatever their case, take the connection header and keep-alive only.
+        for connection in ["keep-alive", "Close"] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static(connection));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"], "{connection}");
         }
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("pricing"));
