@@ -245,9 +245,10 @@ impl Snapshot {
     /// `pricing.default`, `pricing.default.svc`, `pricing.default.svc.cluster.local`. A trailing
     /// port or dot is ignored.
     pub fn resolve_host(&self, host: &str, namespace: &str) -> Option<&Arc<Service>> {
-        // Every request resolves its host: the names are put together on the stack, lower-cased,
-        // not allocated.
         let host = strip_port(host).trim_end_matches('.');
+        if host.len() > MAX_NAME {
+            return None;
+        }
         // A lower-case host (nearly every one) is looked up as it is.
         let lower = !host.bytes().any(|b| b.is_ascii_uppercase());
         if lower {
@@ -255,21 +256,36 @@ impl Snapshot {
                 return Some(svc);
             }
         }
-        let mut name = NameBuf::new();
-        name.push_lower(host)?;
-        if !lower {
-            if let Some(svc) = self.services.get(name.as_str()?) {
-                return Some(svc);
+        let b = host.as_bytes();
+        let domain = self.cluster_domain.as_str();
+        let completion = match b.iter().filter(|&&c| c == b'.').count() {
+            0 => Some([".", namespace, ".svc.", domain]),
+            1 => Some([".svc.", domain, "", ""]),
+            2 if b.len() >= 4 && b[b.len() - 4..].eq_ignore_ascii_case(b".svc") => {
+                Some([".", domain, "", ""])
             }
-        }
-        let domain = &self.cluster_domain;
-        match host.bytes().filter(|&b| b == b'.').count() {
-            0 => name.push_all(&[".", namespace, ".svc.", domain])?,
-            1 => name.push_all(&[".svc.", domain])?,
-            2 if name.ends_with(".svc") => name.push_all(&[".", domain])?,
-            _ => return None,
-        }
-        self.services.get(name.as_str()?)
+            _ if lower => return None,
+            _ => None,
+        };
+        // Every request resolves its host: the names are put together in one buffer per thread,
+        // lower-cased in place, not allocated.
+        NAME.with_borrow_mut(|name| {
+            name.clear();
+            name.push_str(host);
+            if !lower {
+                name.make_ascii_lowercase();
+                if let Some(svc) = self.services.get(name.as_str()) {
+                    return Some(svc);
+                }
+            }
+            for part in completion? {
+                name.push_str(part);
+            }
+            if name.len() > MAX_NAME {
+                return None;
+            }
+            self.services.get(name.as_str())
+        })
     }
 
     /// The routing for a destination host name: its VirtualService, or the most specific wildcard one.
@@ -342,47 +358,12 @@ pub fn wildcard_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
-/// A host name put together on the stack. Longer than a DNS name may be (253 bytes), it is no
-/// Service's.
-struct NameBuf {
-    bytes: [u8; 256],
-    len: usize,
-}
+/// Longer than any DNS name (253 bytes), with room for a trailing dot and a port.
+const MAX_NAME: usize = 256;
 
-impl NameBuf {
-    fn new() -> Self {
-        Self {
-            bytes: [0; 256],
-            len: 0,
-        }
-    }
-
-    /// Appends `s` with each byte through `map`; `None` (and nothing appended) past the buffer.
-    fn push(&mut self, s: &str, map: impl Fn(u8) -> u8) -> Option<()> {
-        let to = self.bytes.get_mut(self.len..self.len + s.len())?;
-        for (d, b) in to.iter_mut().zip(s.bytes()) {
-            *d = map(b);
-        }
-        self.len += s.len();
-        Some(())
-    }
-
-    fn push_lower(&mut self, s: &str) -> Option<()> {
-        self.push(s, |b| b.to_ascii_lowercase())
-    }
-
-    fn push_all(&mut self, parts: &[&str]) -> Option<()> {
-        parts.iter().try_for_each(|part| self.push(part, |b| b))
-    }
-
-    fn ends_with(&self, suffix: &str) -> bool {
-        self.bytes[..self.len].ends_with(suffix.as_bytes())
-    }
-
-    /// Lower-casing ASCII bytes keeps UTF-8 valid, so this fails only on a name that was not.
-    fn as_str(&self) -> Option<&str> {
-        std::str::from_utf8(&self.bytes[..self.len]).ok()
-    }
+thread_local! {
+    /// The name [`Snapshot::resolve_host`] puts together, reused by every lookup on the thread.
+    static NAME: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(MAX_NAME));
 }
 
 fn strip_port(host: &str) -> &str {
