@@ -12,7 +12,7 @@
 //! proxies that see the same `x-request-id`. `OTEL_TRACES_SAMPLER` selects OpenTelemetry's samplers
 //! instead.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::Uri;
 use std::time::Duration;
 
@@ -51,13 +51,25 @@ impl Default for Sampler {
     }
 }
 
-use super::context::X_REQUEST_ID;
-
-const X_CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
-
 impl Sampler {
     /// `client`: the decision the client sent, if any.
-    pub(crate) fn sample(&self, client: Option<bool>, headers: &HeaderMap, trace_id: u128) -> bool {
+    #[cfg(test)]
+    pub(crate) fn sample(
+        &self,
+        client: Option<bool>,
+        headers: &http::HeaderMap,
+        trace_id: u128,
+    ) -> bool {
+        self.sample_seen(client, &super::context::Seen::of(headers), trace_id)
+    }
+
+    /// `seen`: what one pass over the request's headers found.
+    pub(crate) fn sample_seen(
+        &self,
+        client: Option<bool>,
+        seen: &super::context::Seen<'_>,
+        trace_id: u128,
+    ) -> bool {
         match *self {
             Sampler::AlwaysOn => true,
             Sampler::AlwaysOff => false,
@@ -71,10 +83,10 @@ impl Sampler {
                 if let Some(decided) = client {
                     return decided;
                 }
-                if headers.contains_key(X_CLIENT_TRACE_ID) {
+                if seen.client_trace_id {
                     return true;
                 }
-                let rid = headers.get(X_REQUEST_ID).map(HeaderValue::as_bytes);
+                let rid = seen.request_id.map(HeaderValue::as_bytes);
                 // Envoy packs its trace reason into the UUID's version digit: 9 sampled,
                 // a forced, b client (a plain v4 UUID has 4 there).
                 if rid.is_some_and(|r| r.len() == 36 && matches!(r[14], b'9' | b'a' | b'b')) {
@@ -538,6 +550,8 @@ impl TraceArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::X_REQUEST_ID;
+    use http::HeaderMap;
     use std::collections::HashMap;
 
     fn cfg(vars: &[(&str, &str)]) -> Result<TraceConfig, ConfigError> {

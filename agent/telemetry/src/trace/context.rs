@@ -65,23 +65,50 @@ pub(crate) struct Incoming {
     pub(crate) tracestate_sent: bool,
 }
 
-/// Whether `read` looks at a header of this name.
-fn is_trace_header(name: &HeaderName) -> bool {
-    let name = name.as_str();
-    name == "traceparent" || name == "b3" || name.starts_with("x-b3-")
+/// What the tracer needs to know of a request's headers, from one pass over their names: most
+/// requests carry no trace context, and each lookup by name hashes the name.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Seen<'h> {
+    /// `traceparent`, `b3` or an `x-b3-*` header (worth reading them).
+    pub(crate) trace_headers: bool,
+    pub(crate) tracestate: bool,
+    pub(crate) client_trace_id: bool,
+    /// The first `x-request-id`.
+    pub(crate) request_id: Option<&'h HeaderValue>,
+}
+
+impl<'h> Seen<'h> {
+    pub(crate) fn of(headers: &'h HeaderMap) -> Self {
+        let mut seen = Seen::default();
+        for (name, value) in headers {
+            match name.as_str() {
+                "traceparent" | "b3" => seen.trace_headers = true,
+                "tracestate" => seen.tracestate = true,
+                "x-client-trace-id" => seen.client_trace_id = true,
+                "x-request-id" => {
+                    seen.request_id.get_or_insert(value);
+                }
+                n if n.starts_with("x-b3-") => seen.trace_headers = true,
+                _ => {}
+            }
+        }
+        seen
+    }
 }
 
 impl Incoming {
+    #[cfg(test)]
     pub(crate) fn read(headers: &HeaderMap) -> Self {
-        let mut inc = Incoming::default();
-        // One pass over the names first: most requests carry no trace context, and each lookup
-        // below hashes its name.
-        let mut any = false;
-        for name in headers.keys() {
-            any |= is_trace_header(name);
-            inc.tracestate_sent |= name == TRACESTATE;
-        }
-        if any {
+        Self::read_seen(headers, &Seen::of(headers))
+    }
+
+    /// What `headers` say, `seen` being what one pass over them found.
+    pub(crate) fn read_seen(headers: &HeaderMap, seen: &Seen<'_>) -> Self {
+        let mut inc = Incoming {
+            tracestate_sent: seen.tracestate,
+            ..Incoming::default()
+        };
+        if seen.trace_headers {
             inc.read_headers(headers);
         }
         if !inc.b3_single {

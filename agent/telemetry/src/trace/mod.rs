@@ -31,7 +31,7 @@ pub use self::config::{
 pub use self::context::{new_request_id, TraceContext, X_REQUEST_ID};
 pub use self::span::{AttemptSpan, AttrValue, Attributes, RequestSpan};
 
-use self::context::Incoming;
+use self::context::{Incoming, Seen};
 use self::export::Exporter;
 use http::HeaderMap;
 use std::sync::atomic::Ordering;
@@ -86,14 +86,15 @@ impl Tracer {
     /// nothing to propagate or record.
     pub fn start(&self, headers: &HeaderMap) -> Option<TraceContext> {
         let inner = self.0.as_ref()?;
+        let seen = Seen::of(headers);
         let inc = if inner.propagate {
-            Incoming::read(headers)
+            Incoming::read_seen(headers, &seen)
         } else {
             Incoming::default()
         };
         let client = inc.sampled;
         let mut ctx = TraceContext::new(inc);
-        ctx.sampled = inner.sampler.sample(client, headers, ctx.trace_id);
+        ctx.sampled = inner.sampler.sample_seen(client, &seen, ctx.trace_id);
         ctx.propagate = inner.propagate;
         // Without propagation, only a request whose spans are exported needs a context.
         let exported = ctx.sampled && inner.exporter.is_some();
