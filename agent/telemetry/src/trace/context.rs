@@ -10,6 +10,7 @@
 //! `tracestate` goes on untouched when it belongs to the trace continued (the client's valid
 //! `traceparent` has the same trace id) and is removed otherwise. `x-b3-flags` passes through.
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -231,48 +232,42 @@ impl TraceContext {
             return;
         }
         let span = self.attempt_span_id(attempt);
-        let mut tp = [0u8; 55];
+        // `traceparent` then the parent span, in one buffer: every B3 multi value is a part of
+        // it (one allocation and each id in hex once, not one per header).
+        let mut tp = [0u8; 55 + 16];
         tp[..3].copy_from_slice(b"00-");
         hex_into(&mut tp[3..35], &self.trace_id.to_be_bytes());
         tp[35] = b'-';
         hex_into(&mut tp[36..52], &span.to_be_bytes());
-        tp[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
-        headers.insert(TRACEPARENT, value(&tp));
+        tp[52..55].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
+        hex_into(&mut tp[55..], &self.span_id.to_be_bytes());
+        let len = if self.b3_multi { 71 } else { 55 };
+        let buf = Bytes::copy_from_slice(&tp[..len]);
+        let part = |at: std::ops::Range<usize>| shared_value(buf.slice(at));
+        headers.insert(TRACEPARENT, part(0..55));
         if self.drop_tracestate {
             headers.remove(TRACESTATE);
         }
-        let trace = if self.b3_short {
-            &self.trace_id.to_be_bytes()[8..]
-        } else {
-            &self.trace_id.to_be_bytes()[..]
-        };
         let sampled = if self.sampled { "1" } else { "0" };
+        // A 64-bit B3 trace id is the low half of the 128-bit one.
+        let trace = if self.b3_short { 19..35 } else { 3..35 };
         if self.b3_multi {
-            let mut buf = [0u8; 32];
-            let n = trace.len() * 2;
-            hex_into(&mut buf[..n], trace);
-            headers.insert(X_B3_TRACEID, value(&buf[..n]));
-            hex_into(&mut buf[..16], &span.to_be_bytes());
-            headers.insert(X_B3_SPANID, value(&buf[..16]));
-            hex_into(&mut buf[..16], &self.span_id.to_be_bytes());
-            headers.insert(X_B3_PARENTSPANID, value(&buf[..16]));
+            headers.insert(X_B3_TRACEID, part(trace.clone()));
+            headers.insert(X_B3_SPANID, part(36..52));
+            headers.insert(X_B3_PARENTSPANID, part(55..71));
             headers.insert(X_B3_SAMPLED, HeaderValue::from_static(sampled));
         }
         if self.b3_single {
             // {trace}-{span}-{sampled}-{parent}
-            let mut buf = [0u8; 32 + 1 + 16 + 2 + 1 + 16];
-            let n = trace.len() * 2;
-            hex_into(&mut buf[..n], trace);
-            let mut at = n;
-            buf[at] = b'-';
-            hex_into(&mut buf[at + 1..at + 17], &span.to_be_bytes());
-            at += 17;
-            buf[at] = b'-';
-            buf[at + 1] = sampled.as_bytes()[0];
-            buf[at + 2] = b'-';
-            hex_into(&mut buf[at + 3..at + 19], &self.span_id.to_be_bytes());
-            at += 19;
-            headers.insert(B3, value(&buf[..at]));
+            let mut single = Vec::with_capacity(32 + 1 + 16 + 2 + 1 + 16);
+            single.extend_from_slice(&tp[trace]);
+            single.push(b'-');
+            single.extend_from_slice(&tp[36..52]);
+            single.push(b'-');
+            single.extend_from_slice(sampled.as_bytes());
+            single.push(b'-');
+            single.extend_from_slice(&tp[55..71]);
+            headers.insert(B3, shared_value(Bytes::from(single)));
         }
     }
 }
@@ -285,6 +280,10 @@ impl sluice_core::TracePropagation for TraceContext {
 
 fn value(bytes: &[u8]) -> HeaderValue {
     HeaderValue::from_bytes(bytes).expect("hex digits and dashes are a valid header value")
+}
+
+fn shared_value(bytes: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes).expect("hex digits and dashes are a valid header value")
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
