@@ -37,7 +37,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
@@ -59,7 +59,8 @@ pub(crate) struct Conn {
     head_active: AtomicBool,
     /// When the last request ended (or the connection was accepted).
     idle_since: Mutex<Instant>,
-    /// Wakes the connection's task when it may have become idle, or must be closed.
+    /// Wakes the connection's task when it must be closed (its idle timer needs no waking: it
+    /// is never later than the idle deadline, and checks it when it fires).
     changed: Notify,
     /// Envoy's premature-reset accounting: requests that ended (not by the proxy's own doing),
     /// and those the client reset early.
@@ -128,6 +129,11 @@ impl Conn {
         (req, request)
     }
 
+    /// The connection's idle timeout, if it has one.
+    pub(crate) fn idle_timeout(&self) -> Option<Duration> {
+        self.limits.idle_timeout
+    }
+
     /// When the connection's idle timeout runs out, if it is idle now.
     pub(crate) fn idle_deadline(&self) -> Option<Instant> {
         let timeout = self.limits.idle_timeout?;
@@ -136,7 +142,7 @@ impl Conn {
         (!busy).then(|| *self.idle_since.lock() + timeout)
     }
 
-    /// Resolves when the connection may have become idle or must be aborted.
+    /// Resolves when the connection must be aborted.
     pub(crate) async fn changed(&self) {
         self.changed.notified().await;
     }
@@ -155,7 +161,6 @@ impl Conn {
         }
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             *self.idle_since.lock() = Instant::now();
-            self.changed.notify_one();
         }
         if r.local {
             // The proxy reset it itself: Envoy leaves such streams out of the rule.

@@ -353,6 +353,12 @@ async fn serve_http<IO>(
     // The proxy's shutdown was seen: an HTTP/1 connection closes at this deadline (or after its
     // next response).
     let mut grace_ends: Option<Instant> = None;
+    // The idle timer is armed once and set again only when it fires. It never runs later than
+    // the connection's idle deadline (while requests are under way it is set a whole timeout
+    // from now, and the deadline is at least that far once they end), so requests coming and
+    // going cost no timer and no turn of this loop; when it fires early it is set again.
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
+    let mut idle_armed = false;
     let result = loop {
         if client.aborted() {
             // Envoy aborts such a connection: nothing more is read or written.
@@ -367,11 +373,15 @@ async fn serve_http<IO>(
                 grace_ends = Some(Instant::now() + draining.grace);
             }
         }
-        let idle = if closing {
-            None
-        } else {
-            client.idle_deadline()
-        };
+        if !closing && !idle_armed {
+            if let Some(timeout) = client.idle_timeout() {
+                let at = client
+                    .idle_deadline()
+                    .unwrap_or_else(|| Instant::now() + timeout);
+                idle_timer.as_mut().reset(at);
+                idle_armed = true;
+            }
+        }
         tokio::select! {
             res = served.as_mut() => break res,
             changed = draining.shutdown.changed(), if !closing && grace_ends.is_none() => {
@@ -387,7 +397,8 @@ async fn serve_http<IO>(
                 closing = true;
                 served.as_mut().graceful_shutdown();
             }
-            () = tokio::time::sleep_until(idle.unwrap_or_else(Instant::now)), if idle.is_some() => {
+            () = idle_timer.as_mut(), if idle_armed && !closing => {
+                idle_armed = false;
                 if client.idle_deadline().is_some_and(|d| d <= Instant::now()) {
                     tracing::debug!(%peer, "closing an idle client connection");
                     stats.fired(Fired::IdleTimeout);
