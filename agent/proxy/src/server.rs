@@ -35,12 +35,16 @@ use crate::downstream::{Conn, Guarded, Rejected};
 use crate::handler::{ConnInfo, Handler};
 use crate::limits::{DownstreamLimits, Fired};
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use sluice_core::ResponseFlags;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -359,6 +363,8 @@ async fn serve_http<IO>(
     // going cost no timer and no turn of this loop; when it fires early it is set again.
     let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
     let mut idle_armed = false;
+    let side = Arc::new(SideWake::default());
+    let side_waker = Waker::from(side.clone());
     let result = loop {
         if client.aborted() {
             // Envoy aborts such a connection: nothing more is read or written.
@@ -382,22 +388,61 @@ async fn serve_http<IO>(
                 idle_armed = true;
             }
         }
-        tokio::select! {
-            res = served.as_mut() => break res,
-            changed = draining.shutdown.changed(), if !closing && grace_ends.is_none() => {
-                if changed.is_err() {
+        let watch_shutdown = !closing && grace_ends.is_none();
+        let watch_grace = grace_ends.is_some() && !closing;
+        let watch_idle = idle_armed && !closing;
+        let mut shutdown = std::pin::pin!(draining.shutdown.changed());
+        let mut grace = std::pin::pin!(tokio::time::sleep_until(
+            grace_ends.unwrap_or_else(Instant::now)
+        ));
+        let mut abort = std::pin::pin!(client.changed());
+        let mut first = true;
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(res) = served.as_mut().poll(cx) {
+                return Poll::Ready(Event::Served(res));
+            }
+            // The other futures are polled once, then only when one of them woke the task:
+            // the connection's own reads and writes wake it several times per request.
+            side.task.register(cx.waker());
+            if !std::mem::take(&mut first) && !side.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+            let mut cx = Context::from_waker(&side_waker);
+            if watch_shutdown {
+                if let Poll::Ready(changed) = shutdown.as_mut().poll(&mut cx) {
+                    return Poll::Ready(Event::Shutdown {
+                        sender_gone: changed.is_err(),
+                    });
+                }
+            }
+            if watch_grace && grace.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Event::GraceOver);
+            }
+            if watch_idle && idle_timer.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Event::IdleTimer);
+            }
+            if abort.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Event::Abort);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Served(res) => break res,
+            Event::Shutdown { sender_gone } => {
+                if sender_gone {
                     // The listener is gone without a word: shut down as on SIGTERM.
                     closing = true;
                     served.as_mut().graceful_shutdown();
                 }
             }
-            () = tokio::time::sleep_until(grace_ends.unwrap_or_else(Instant::now)), if grace_ends.is_some() && !closing => {
+            Event::GraceOver => {
                 // Envoy's `drain_timeout`: what is still open now is closed (after its
                 // response, if one is under way).
                 closing = true;
                 served.as_mut().graceful_shutdown();
             }
-            () = idle_timer.as_mut(), if idle_armed && !closing => {
+            Event::IdleTimer => {
                 idle_armed = false;
                 if client.idle_deadline().is_some_and(|d| d <= Instant::now()) {
                     tracing::debug!(%peer, "closing an idle client connection");
@@ -406,12 +451,41 @@ async fn serve_http<IO>(
                     served.as_mut().graceful_shutdown();
                 }
             }
-            () = client.changed() => {}
+            // Checked at the top of the loop.
+            Event::Abort => {}
         }
     };
     if let Err(err) = result {
         // The `h2` crate's GOAWAYs were counted as they were written (`Guarded`).
         tracing::debug!(%peer, error = %err, "client connection ended with an error");
+    }
+}
+
+/// What ended a turn of a connection's loop.
+enum Event<R> {
+    Served(R),
+    Shutdown { sender_gone: bool },
+    GraceOver,
+    IdleTimer,
+    Abort,
+}
+
+/// The waker a connection's side futures (shutdown, timers, abort) are polled with: it marks that
+/// one of them woke the task, so that the task's other wake-ups (its socket's) do not poll them.
+#[derive(Default)]
+struct SideWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
