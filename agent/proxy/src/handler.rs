@@ -21,7 +21,7 @@ use crate::route;
 use crate::state::{RoutePlan, ServiceLabels, SourceLabels, State, Upstream};
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use sluice_core::{Body, BoxError, Origin, ProxyError, RequestCtx, RequestInfo, ResponseFlags};
 use sluice_policy::Service;
 use sluice_resilience::{FaultLayer, RetryLayer, TimeoutLayer};
@@ -642,21 +642,8 @@ where
     if let Some(host) = set {
         parts.headers.insert(header::HOST, host);
     }
-    let authority = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    // Absolute form with the client's authority; the upstream pool writes what its protocol needs.
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    if let Ok(uri) = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-    {
-        parts.uri = uri;
-    }
+    // The URI stays as the client sent it: the cluster writes what its protocol needs (HTTP/1
+    // the origin form, `Host` being set above; h2 `:authority` from the URI or `Host`).
     parts.version = http::Version::HTTP_11;
     let body = crate::recorded::CountedBody::new(body, info.clone());
     Request::from_parts(parts, sluice_core::boxed(body))
