@@ -6,9 +6,9 @@ use super::ATTEMPT_COUNT;
 use crate::backoff::Backoff;
 use crate::replay::ReplayBody;
 use futures_util::ready;
-use http::{request::Parts, HeaderMap, Request, Response};
+use http::{request::Parts, Extensions, HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
-use sluice_core::{Body, BoxError, RequestInfo, ResponseFlags};
+use sluice_core::{Body, BoxError, RequestCtx, RequestInfo, ResponseFlags};
 use sluice_policy::RetryPolicy;
 use std::future::Future;
 use std::pin::Pin;
@@ -34,7 +34,11 @@ pub(super) const PER_ATTEMPT_HEADERS: usize = 7;
 
 /// Everything the loop needs to make and judge attempts.
 pub(super) struct Attempts {
+    /// The request as the retries copy it (its extensions without the context, when that was
+    /// all they held).
     pub(super) parts: Parts,
+    /// The request's context as it was before the first attempt.
+    pub(super) ctx: Option<RequestCtx>,
     pub(super) replay: Replay,
     pub(super) on: On,
     pub(super) policy: Arc<RetryPolicy>,
@@ -49,11 +53,16 @@ pub(super) struct Attempts {
 }
 
 impl Attempts {
-    /// The first attempt's request, on the request's own header map (`headers`: the loop keeps a
-    /// copy of it for the retries).
-    pub(super) fn first(&mut self, body: Body, mut headers: HeaderMap) -> Request<Body> {
+    /// The first attempt's request, on the request's own header map and extensions (the loop
+    /// keeps copies of them for the retries).
+    pub(super) fn first(
+        &mut self,
+        body: Body,
+        mut headers: HeaderMap,
+        extensions: Extensions,
+    ) -> Request<Body> {
         headers.reserve(PER_ATTEMPT_HEADERS);
-        self.attempt_on(body, headers)
+        self.attempt_on(body, headers, extensions)
     }
 
     /// A retry's request: a copy of the original with its extensions and the attempt count.
@@ -64,17 +73,26 @@ impl Attempts {
         for (name, value) in &self.parts.headers {
             headers.append(name.clone(), value.clone());
         }
-        self.attempt_on(body, headers)
+        let mut extensions = self.parts.extensions.clone();
+        if let Some(ctx) = &self.ctx {
+            extensions.insert(ctx.clone());
+        }
+        self.attempt_on(body, headers, extensions)
     }
 
-    fn attempt_on(&mut self, body: Body, headers: HeaderMap) -> Request<Body> {
+    fn attempt_on(
+        &mut self,
+        body: Body,
+        headers: HeaderMap,
+        extensions: Extensions,
+    ) -> Request<Body> {
         self.attempt += 1;
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
         *req.uri_mut() = self.parts.uri.clone();
         *req.version_mut() = self.parts.version;
         *req.headers_mut() = headers;
-        *req.extensions_mut() = self.parts.extensions.clone();
+        *req.extensions_mut() = extensions;
         req.headers_mut().insert(
             ATTEMPT_COUNT,
             sluice_core::decimal_value(u64::from(self.attempt)),

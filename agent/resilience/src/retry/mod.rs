@@ -212,8 +212,16 @@ where
         // building the first attempt's map from the kept one hashed every header again.
         let first_headers = std::mem::take(&mut parts.headers);
         parts.headers = first_headers.clone();
+        // The same for its extensions, which nearly always hold only the request's context: then
+        // the loop keeps a copy of the context (reference counts), not of the map and its boxes.
+        let first_extensions = std::mem::take(&mut parts.extensions);
+        let ctx = RequestCtx::of(&first_extensions).cloned();
+        if ctx.is_none() || first_extensions.len() > 1 {
+            parts.extensions = first_extensions.clone();
+        }
         let mut attempts = Attempts {
             parts,
+            ctx,
             replay,
             on,
             policy: self.policy.clone(),
@@ -226,7 +234,7 @@ where
             rng,
             info,
         };
-        let req = attempts.first(first_body, first_headers);
+        let req = attempts.first(first_body, first_headers, first_extensions);
         let fut = self.inner.call(req);
         ResponseFuture::retrying(fut, self.inner.clone(), attempts)
     }

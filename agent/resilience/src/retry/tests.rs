@@ -489,6 +489,29 @@ async fn every_attempt_gets_the_extensions_and_works_without_request_info() {
         assert!(Arc::ptr_eq(&ri.unwrap(), &info));
     }
 
+    // With the context alone (the usual request: the loop keeps the context, not the map), and
+    // what the first attempt's layers write into its context stays out of the retry's.
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let backend = tower::service_fn(move |mut req: Request<Body>| {
+        let ctx = RequestCtx::of_mut(req.extensions_mut());
+        record
+            .lock()
+            .push((ctx.info.clone(), ctx.any_host, ctx.quota.is_some()));
+        ctx.any_host = true;
+        async { Ok::<_, BoxError>(crate::test_util::status(503)) }
+    });
+    let mut svc = layer("5xx", 1).layer(backend);
+    let (req, info) = get();
+    assert_eq!(req.extensions().len(), 1);
+    call(&mut svc, req).await.unwrap();
+    let seen = std::mem::take(&mut *seen.lock());
+    assert_eq!(seen.len(), 2);
+    for (ri, any_host, quota) in seen {
+        assert!(Arc::ptr_eq(&ri.unwrap(), &info));
+        assert!(!any_host && !quota);
+    }
+
     // And without RequestInfo at all.
     let (backend, calls) = crate::test_util::backend(vec![Step::Status(503)]);
     let mut svc = layer("5xx", 1).layer(backend);
