@@ -241,8 +241,9 @@ impl TraceContext {
         hex_into(&mut tp[36..52], &span.to_be_bytes());
         tp[52..55].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
         hex_into(&mut tp[55..], &self.span_id.to_be_bytes());
-        let len = if self.b3_multi { 71 } else { 55 };
-        let buf = Bytes::copy_from_slice(&tp[..len]);
+        // The array is the buffer's owner: one allocation, and each part shares it by
+        // reference count (a copied slice would be copied again to be shared).
+        let buf = Bytes::from_owner(tp);
         let part = |at: std::ops::Range<usize>| shared_value(buf.slice(at));
         headers.insert(TRACEPARENT, part(0..55));
         if self.drop_tracestate {
@@ -276,10 +277,6 @@ impl sluice_core::TracePropagation for TraceContext {
     fn inject(&self, attempt: u32, headers: &mut HeaderMap) {
         TraceContext::inject(self, attempt, headers);
     }
-}
-
-fn value(bytes: &[u8]) -> HeaderValue {
-    HeaderValue::from_bytes(bytes).expect("hex digits and dashes are a valid header value")
 }
 
 fn shared_value(bytes: Bytes) -> HeaderValue {
@@ -432,7 +429,9 @@ pub fn new_request_id() -> HeaderValue {
         hex_into(&mut s[at..at + 2], &[*byte]);
         at += 2;
     }
-    value(&s)
+    // Owned by its array: the retry layer's copy of the request's headers shares it without
+    // another allocation.
+    shared_value(Bytes::from_owner(s))
 }
 
 #[cfg(test)]
