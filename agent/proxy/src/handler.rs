@@ -245,11 +245,11 @@ impl Handler {
         }
         // The request's place in a trace: the cluster writes it on every attempt, the record
         // makes the spans.
-        let trace = self.telemetry.tracer().start(req.headers());
+        let trace = self.telemetry.tracer().start(req.headers()).map(Arc::new);
         let ctx = RequestCtx::of_mut(req.extensions_mut());
         ctx.info = Some(info.clone());
         if let Some(t) = &trace {
-            ctx.trace = Some(Arc::new(t.clone()));
+            ctx.trace = Some(t.clone());
         }
         // Recorded however the request ends: when its response body has been sent, or (dropped by
         // hyper because the client went away first) with status 0 and `DC`, as Envoy does.
@@ -620,7 +620,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Makes the client's request an upstream request: authority in `Host`, hop-by-hop headers gone,
-/// the request record attached, its body counted into the record as it is read.
+/// its body counted into the request's record as it is read.
 fn prepare_request<B>(req: Request<B>, info: &Arc<RequestInfo>) -> Request<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,

@@ -194,7 +194,7 @@ fn retried_request(ctx: &TraceContext) -> (Record, [u64; 2]) {
             .unwrap(),
         "pricing".into(),
     );
-    req.trace = Some(ctx.clone());
+    req.trace = Some(std::sync::Arc::new(ctx.clone()));
     let source = Identity {
         workload: "frontend".into(),
         namespace: "shop".into(),
