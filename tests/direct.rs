@@ -564,7 +564,10 @@ async fn least_request_prefers_the_idle_hosts() {
         counts[0], counts[1], counts[2]
     );
     assert!(counts[2] <= 22, "{counts:?}");
-    assert!(counts[0] >= 30 && counts[1] >= 30, "{counts:?}");
+    // Between the two fast hosts the split is wide: whichever is momentarily busier loses draws,
+    // so small differences in their latency compound (12 local runs: 34/56 to 45/45; a loaded CI
+    // machine: 61/29). Both must still be used.
+    assert!(counts[0] >= 15 && counts[1] >= 15, "{counts:?}");
 }
 
 /// `reviews` with two pods labelled version v1 and v2 (EndpointSlice targetRef -> Pod), a
