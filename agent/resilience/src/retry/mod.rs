@@ -124,9 +124,8 @@ struct Overrides {
 impl Overrides {
     /// Reads and removes every retry header, as Envoy's `RetryStateImpl::create` does.
     fn take(headers: &mut HeaderMap) -> Self {
-        // Every retry header is an `x-envoy-` one: one pass over the names spares the six lookups
-        // (each hashes its name) for the usual request that has none.
-        if !headers.keys().any(|k| k.as_str().starts_with("x-envoy-")) {
+        // Every retry header is an `x-envoy-` one.
+        if !sluice_core::has_envoy_headers(headers) {
             return Self::default();
         }
         // Values are read in place; nothing is allocated unless status codes are given.

@@ -136,6 +136,11 @@ impl<S> Timeout<S> {
             Scope::Route => &UPSTREAM_RQ_TIMEOUT_MS,
             Scope::PerTry => &UPSTREAM_RQ_PER_TRY_TIMEOUT_MS,
         };
+        // Above the retry layer the usual request has no `x-envoy-` header at all; below it every
+        // attempt carries `x-envoy-attempt-count`, so a pass over the names would only add work.
+        if self.scope == Scope::Route && !sluice_core::has_envoy_headers(headers) {
+            return self.timeout;
+        }
         // Envoy removes the header even when its value does not parse, and then keeps the route's.
         let Some(value) = headers.remove(name) else {
             return self.timeout;
