@@ -66,25 +66,8 @@ pub fn decimal_value(n: u64) -> http::HeaderValue {
     http::HeaderValue::from_str(buf.format(n)).expect("digits are a valid header value")
 }
 
-/// Whether any of `headers` is an `x-envoy-` one. Envoy's request control headers all are: one pass
-/// over the names (no hashing) spares their lookups, each of which hashes a 20-40 byte name, for
-/// the usual request that carries none.
-pub fn has_envoy_headers(headers: &http::HeaderMap) -> bool {
-    headers.keys().any(|k| k.as_str().starts_with("x-envoy-"))
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn envoy_headers_are_found_by_prefix() {
-        let mut h = http::HeaderMap::new();
-        h.insert("x-envoy", http::HeaderValue::from_static("1"));
-        h.insert("envoy-x-envoy-", http::HeaderValue::from_static("1"));
-        assert!(!super::has_envoy_headers(&h));
-        h.insert("X-Envoy-Max-Retries", http::HeaderValue::from_static("1"));
-        assert!(super::has_envoy_headers(&h));
-    }
-
     #[test]
     fn decimal_values() {
         for n in [0, 1, 9, 10, 99, 10_000, u64::MAX] {

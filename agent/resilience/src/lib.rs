@@ -55,3 +55,39 @@ pub use self::fault::FaultLayer;
 pub use self::replay::ReplayBody;
 pub use self::retry::{classify, RetryBudget, RetryLayer};
 pub use self::timeout::TimeoutLayer;
+
+/// Whether `headers` hold an `x-envoy-` header other than `except`. Envoy's request control
+/// headers all are: one pass over the names (no hashing) spares their lookups, each of which
+/// hashes a 20-40 byte name, for the usual request that carries none.
+pub(crate) fn has_envoy_headers(
+    headers: &http::HeaderMap,
+    except: Option<&http::HeaderName>,
+) -> bool {
+    headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-envoy-") && except != Some(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn envoy_headers_are_found_by_prefix() {
+        let mut h = HeaderMap::new();
+        h.insert("x-envoy", HeaderValue::from_static("1"));
+        h.insert("envoy-x-envoy-", HeaderValue::from_static("1"));
+        assert!(!super::has_envoy_headers(&h, None));
+        h.insert(crate::retry::ATTEMPT_COUNT, HeaderValue::from_static("1"));
+        assert!(super::has_envoy_headers(&h, None));
+        assert!(!super::has_envoy_headers(
+            &h,
+            Some(&crate::retry::ATTEMPT_COUNT)
+        ));
+        h.insert("X-Envoy-Max-Retries", HeaderValue::from_static("1"));
+        assert!(super::has_envoy_headers(
+            &h,
+            Some(&crate::retry::ATTEMPT_COUNT)
+        ));
+    }
+}

@@ -125,7 +125,7 @@ impl Overrides {
     /// Reads and removes every retry header, as Envoy's `RetryStateImpl::create` does.
     fn take(headers: &mut HeaderMap) -> Self {
         // Every retry header is an `x-envoy-` one.
-        if !sluice_core::has_envoy_headers(headers) {
+        if !crate::has_envoy_headers(headers, None) {
             return Self::default();
         }
         // Values are read in place; nothing is allocated unless status codes are given.

@@ -121,6 +121,12 @@ impl<S> Layer<S> for TimeoutLayer {
     }
 }
 
+/// Whether `headers` may hold a timeout header: below the retry layer every attempt carries its
+/// `x-envoy-attempt-count`, which says nothing about the client's.
+fn sent_timeout_headers(headers: &HeaderMap) -> bool {
+    crate::has_envoy_headers(headers, Some(&crate::retry::ATTEMPT_COUNT))
+}
+
 /// A route or per-try timeout around `S`.
 #[derive(Clone, Debug)]
 pub struct Timeout<S> {
@@ -136,9 +142,7 @@ impl<S> Timeout<S> {
             Scope::Route => &UPSTREAM_RQ_TIMEOUT_MS,
             Scope::PerTry => &UPSTREAM_RQ_PER_TRY_TIMEOUT_MS,
         };
-        // Above the retry layer the usual request has no `x-envoy-` header at all; below it every
-        // attempt carries `x-envoy-attempt-count`, so a pass over the names would only add work.
-        if self.scope == Scope::Route && !sluice_core::has_envoy_headers(headers) {
+        if !sent_timeout_headers(headers) {
             return self.timeout;
         }
         // Envoy removes the header even when its value does not parse, and then keeps the route's.
@@ -187,9 +191,10 @@ where
                         req.headers_mut()
                             .insert(EXPECTED_RQ_TIMEOUT_MS, sluice_core::decimal_value(ms));
                     }
-                    None => {
+                    None if sent_timeout_headers(req.headers()) => {
                         req.headers_mut().remove(EXPECTED_RQ_TIMEOUT_MS);
                     }
+                    None => {}
                 }
             }
         }

@@ -236,6 +236,34 @@ async fn expected_header(route: Option<f64>, per_try: Option<f64>, wait: f64) ->
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_attempts_own_count_does_not_hide_the_clients_timeout_headers() {
+    // Below the retry layer: the attempt count is there whatever the client sent.
+    let (backend, calls) =
+        crate::test_util::backend(vec![Step::Slow(secs(5.0), 200), Step::Status(200)]);
+    let mut svc = TimeoutLayer::per_try(None).layer(backend.clone());
+    let (mut req, _) = get();
+    let h = req.headers_mut();
+    h.insert(crate::retry::ATTEMPT_COUNT, "1".parse().unwrap());
+    h.insert(
+        "x-envoy-upstream-rq-per-try-timeout-ms",
+        "250".parse().unwrap(),
+    );
+    let err = call(&mut svc, req).await.unwrap_err();
+    assert!(matches!(proxy_error(&err), ProxyError::PerTryTimeout(d) if d == secs(0.25)));
+
+    // No timeout anywhere: an expected timeout the client sent does not reach the upstream.
+    let mut svc = TimeoutLayer::per_try(None).layer(backend);
+    let (mut req, _) = get();
+    let h = req.headers_mut();
+    h.insert(crate::retry::ATTEMPT_COUNT, "1".parse().unwrap());
+    h.insert(EXPECTED_RQ_TIMEOUT_MS, "999".parse().unwrap());
+    call(&mut svc, req).await.unwrap();
+    let sent = &calls.get(1).headers;
+    assert!(!sent.contains_key(EXPECTED_RQ_TIMEOUT_MS), "{sent:?}");
+    assert_eq!(sent[crate::retry::ATTEMPT_COUNT], "1");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn expected_timeout_header_is_envoys() {
     // No timeout: no header.
     assert_eq!(expected_header(None, None, 0.0).await, None);
