@@ -137,12 +137,13 @@ pub struct Timeout<S> {
 
 impl<S> Timeout<S> {
     /// The timeout for this request: the header's if it has a valid one, else the configured one.
-    fn effective(&self, headers: &mut HeaderMap) -> Option<Duration> {
+    /// `sent`: whether the request may hold a timeout header ([`sent_timeout_headers`]).
+    fn effective(&self, headers: &mut HeaderMap, sent: bool) -> Option<Duration> {
         let name = match self.scope {
             Scope::Route => &UPSTREAM_RQ_TIMEOUT_MS,
             Scope::PerTry => &UPSTREAM_RQ_PER_TRY_TIMEOUT_MS,
         };
-        if !sent_timeout_headers(headers) {
+        if !sent {
             return self.timeout;
         }
         // Envoy removes the header even when its value does not parse, and then keeps the route's.
@@ -174,7 +175,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let timeout = self.effective(req.headers_mut());
+        // One pass over the names serves both lookups below.
+        let sent = sent_timeout_headers(req.headers());
+        let timeout = self.effective(req.headers_mut(), sent);
         match self.scope {
             Scope::Route => {
                 if let Some(timeout) = timeout {
@@ -191,7 +194,7 @@ where
                         req.headers_mut()
                             .insert(EXPECTED_RQ_TIMEOUT_MS, sluice_core::decimal_value(ms));
                     }
-                    None if sent_timeout_headers(req.headers()) => {
+                    None if sent => {
                         req.headers_mut().remove(EXPECTED_RQ_TIMEOUT_MS);
                     }
                     None => {}
