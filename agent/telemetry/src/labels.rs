@@ -1,7 +1,7 @@
 //! Istio's standard metric labels, with the values Istio gives them. One label set names both ends
 //! of a request: the client pod (`source_*`), the endpoint that served it (`destination_*`) and the
-//! Service it was addressed to (`destination_service*`). Identities are shared `Arc`s made once per
-//! configuration generation; a sample only clones pointers.
+//! Service it was addressed to (`destination_service*`). Identities are interned once per
+//! configuration generation; a sample only copies pointers.
 
 use parking_lot::Mutex;
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
@@ -9,31 +9,36 @@ use sluice_core::ResponseFlags;
 use sluice_policy::{Identity, UNKNOWN};
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 /// A label value set made unique: equal contents share one allocation for the life of the
 /// process, so a sample finds its series by pointer (hashing a pointer, not some twenty strings:
 /// the metric families are looked up several times per request). Only [`Interned::new`] makes
 /// one, so two equal values are always the same pointer.
+///
+/// The table keeps every value for the life of the process, so a value is a `&'static` borrow of
+/// it rather than a reference count: a request copies its labels into several samples and
+/// records, and an `Arc` would make each copy and each drop an atomic read-modify-write (on x86 a
+/// `lock`-prefixed instruction, some twenty cycles that also hold back the core's memory ops).
 #[derive(Debug)]
-pub struct Interned<T: 'static>(Arc<T>);
+pub struct Interned<T: 'static>(&'static T);
 
 impl<T> Clone for Interned<T> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self(self.0)
     }
 }
 
 impl<T> std::ops::Deref for Interned<T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.0
+        self.0
     }
 }
 
 impl<T> PartialEq for Interned<T> {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        std::ptr::eq(self.0, other.0)
     }
 }
 
@@ -41,14 +46,14 @@ impl<T> Eq for Interned<T> {}
 
 impl<T> Hash for Interned<T> {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        std::ptr::hash(Arc::as_ptr(&self.0), state);
+        std::ptr::hash(self.0, state);
     }
 }
 
 impl<T> Interned<T> {
     /// The value's one address, which stands for it (equal values share it).
     pub(crate) fn addr(&self) -> u64 {
-        Arc::as_ptr(&self.0) as *const () as usize as u64
+        std::ptr::from_ref(self.0) as *const () as usize as u64
     }
 }
 
@@ -68,28 +73,28 @@ impl Peers {
 }
 
 /// The values interned so far, per type. They are per workload and per Service, not per pod or
-/// request, so the tables stay as small as the mesh.
+/// request, so the tables stay as small as the mesh; a value is never freed (see [`Interned`]).
 trait Table: Eq + Hash + Sized + Send + Sync + 'static {
-    fn table() -> &'static Mutex<HashSet<Arc<Self>>>;
+    fn table() -> &'static Mutex<HashSet<&'static Self>>;
 }
 
 impl Table for Identity {
-    fn table() -> &'static Mutex<HashSet<Arc<Self>>> {
-        static T: OnceLock<Mutex<HashSet<Arc<Identity>>>> = OnceLock::new();
+    fn table() -> &'static Mutex<HashSet<&'static Self>> {
+        static T: OnceLock<Mutex<HashSet<&'static Identity>>> = OnceLock::new();
         T.get_or_init(Default::default)
     }
 }
 
 impl Table for ServiceName {
-    fn table() -> &'static Mutex<HashSet<Arc<Self>>> {
-        static T: OnceLock<Mutex<HashSet<Arc<ServiceName>>>> = OnceLock::new();
+    fn table() -> &'static Mutex<HashSet<&'static Self>> {
+        static T: OnceLock<Mutex<HashSet<&'static ServiceName>>> = OnceLock::new();
         T.get_or_init(Default::default)
     }
 }
 
 impl Table for String {
-    fn table() -> &'static Mutex<HashSet<Arc<Self>>> {
-        static T: OnceLock<Mutex<HashSet<Arc<String>>>> = OnceLock::new();
+    fn table() -> &'static Mutex<HashSet<&'static Self>> {
+        static T: OnceLock<Mutex<HashSet<&'static String>>> = OnceLock::new();
         T.get_or_init(Default::default)
     }
 }
@@ -100,10 +105,10 @@ impl<T: Table> Interned<T> {
     pub fn new(value: T) -> Self {
         let mut table = T::table().lock();
         if let Some(found) = table.get(&value) {
-            return Self(found.clone());
+            return Self(found);
         }
-        let value = Arc::new(value);
-        table.insert(value.clone());
+        let value: &'static T = Box::leak(Box::new(value));
+        table.insert(value);
         Self(value)
     }
 }
@@ -337,7 +342,7 @@ mod tests {
         let a = Interned::new(Identity::of_pod("web-1", "shop", &labels, None));
         let b = Interned::new(Identity::of_pod("web-1", "shop", &labels, None));
         let c = Interned::new(Identity::of_pod("web-2", "shop", &labels, None));
-        assert!(Arc::ptr_eq(&a.0, &b.0));
+        assert!(std::ptr::eq(a.0, b.0));
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(
