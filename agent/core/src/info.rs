@@ -1,6 +1,9 @@
 //! What the layers of one request learn about it, collected for the access log and metrics.
 //! Shared through the request's extensions as `Arc<RequestInfo>`; each field is set by the one layer
-//! that owns it, so the lock is never contended and never held across an await.
+//! that owns it, so the lock is never contended and never held across an await. One lock for all
+//! the fields, so that what is set or read together costs one acquire and one release (each an
+//! atomic read-modify-write): the router's three notes at once, the ring of recent requests'
+//! five reads at once.
 
 use crate::{Deadline, ResponseFlags};
 use parking_lot::Mutex;
@@ -61,21 +64,38 @@ impl std::fmt::Debug for PolicyNote {
 pub struct RequestInfo {
     flags: AtomicU32,
     attempts: AtomicU32,
-    /// Endpoints of the attempts so far, in order; the last is the current one.
-    upstreams: Mutex<Vec<SocketAddr>>,
-    cluster: Mutex<Option<Arc<str>>>,
-    /// The route that took the request (`http[].name`, or `VSNAME.INDEX`; `default` for Istio's
-    /// implicit route), as the configuration in force then named it.
-    route: Mutex<Option<Arc<str>>>,
-    /// The route's and the cluster's policy as the configuration in force then described them.
-    policy: Mutex<Option<(PolicyNote, Option<PolicyNote>)>>,
-    /// Envoy's `%RESPONSE_CODE_DETAILS%` (or, for a connection, its termination details) when the
-    /// proxy itself decided the outcome in a way flags do not say (`direct_response`).
-    details: Mutex<Option<&'static str>>,
-    /// Every attempt that picked an endpoint, in order, once it ended.
-    attempt_records: Mutex<Vec<AttemptRecord>>,
     /// Request body bytes received from the client.
     request_bytes: AtomicU64,
+    notes: Mutex<Notes>,
+}
+
+#[derive(Debug, Default)]
+struct Notes {
+    /// Endpoints of the attempts so far, in order; the last is the current one.
+    upstreams: Vec<SocketAddr>,
+    cluster: Option<Arc<str>>,
+    /// The route that took the request (`http[].name`, or `VSNAME.INDEX`; `default` for Istio's
+    /// implicit route), as the configuration in force then named it.
+    route: Option<Arc<str>>,
+    /// The route's and the cluster's policy as the configuration in force then described them.
+    policy: Option<(PolicyNote, Option<PolicyNote>)>,
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` (or, for a connection, its termination details) when the
+    /// proxy itself decided the outcome in a way flags do not say (`direct_response`).
+    details: Option<&'static str>,
+    /// Every attempt that picked an endpoint, in order, once it ended.
+    attempt_records: Vec<AttemptRecord>,
+}
+
+/// What a finished request's info says beyond its flags and counts, read at once
+/// ([`RequestInfo::summary`]).
+#[derive(Clone, Debug)]
+pub struct InfoSummary {
+    pub details: Option<&'static str>,
+    /// The endpoint of the latest attempt.
+    pub upstream: Option<SocketAddr>,
+    pub cluster: Option<Arc<str>>,
+    pub policy: Option<(PolicyNote, Option<PolicyNote>)>,
+    pub attempts: Box<[AttemptRecord]>,
 }
 
 impl RequestInfo {
@@ -102,76 +122,106 @@ impl RequestInfo {
 
     /// Records the endpoint an attempt was sent to (called once per attempt by the balancer).
     pub fn push_upstream(&self, addr: SocketAddr) {
-        push_one(&mut self.upstreams.lock(), addr);
+        push_one(&mut self.notes.lock().upstreams, addr);
     }
 
     /// The endpoint of the latest attempt.
     pub fn upstream(&self) -> Option<SocketAddr> {
-        self.upstreams.lock().last().copied()
+        self.notes.lock().upstreams.last().copied()
     }
 
     /// Whether an earlier attempt of this request already went to `addr` (for retry host selection).
     pub fn tried(&self, addr: &SocketAddr) -> bool {
-        self.upstreams.lock().contains(addr)
+        self.notes.lock().upstreams.contains(addr)
     }
 
     /// Every endpoint tried so far, in order.
     pub fn upstreams(&self) -> Vec<SocketAddr> {
-        self.upstreams.lock().clone()
+        self.notes.lock().upstreams.clone()
     }
 
     /// Records the Envoy-style cluster name (`outbound|80|v1|pricing.default.svc.cluster.local`).
     pub fn set_cluster(&self, name: Arc<str>) {
-        *self.cluster.lock() = Some(name);
+        self.notes.lock().cluster = Some(name);
     }
 
     pub fn cluster(&self) -> Option<Arc<str>> {
-        self.cluster.lock().clone()
+        self.notes.lock().cluster.clone()
     }
 
     pub fn set_route(&self, name: Arc<str>) {
-        *self.route.lock() = Some(name);
+        self.notes.lock().route = Some(name);
     }
 
     /// The route that took the request, if one did.
     pub fn route(&self) -> Option<Arc<str>> {
-        self.route.lock().clone()
+        self.notes.lock().route.clone()
     }
 
     /// Records the policy the request is routed under: its route's (and match's) and, when it
     /// goes to a cluster, that cluster's.
     pub fn set_policy(&self, route: PolicyNote, cluster: Option<PolicyNote>) {
-        *self.policy.lock() = Some((route, cluster));
+        self.notes.lock().policy = Some((route, cluster));
+    }
+
+    /// What the router decided, at once: the route's name and policy and, when the request goes
+    /// to a cluster, the cluster's name and policy (as [`Self::set_route`], [`Self::set_policy`]
+    /// and [`Self::set_cluster`] would each record it).
+    pub fn set_routed(
+        &self,
+        route: Arc<str>,
+        route_policy: PolicyNote,
+        cluster: Option<(Arc<str>, PolicyNote)>,
+    ) {
+        let mut notes = self.notes.lock();
+        notes.route = Some(route);
+        let cluster_policy = cluster.map(|(name, policy)| {
+            notes.cluster = Some(name);
+            policy
+        });
+        notes.policy = Some((route_policy, cluster_policy));
     }
 
     /// The route's and the cluster's policy the request was routed under, if it was routed.
     pub fn policy(&self) -> Option<(PolicyNote, Option<PolicyNote>)> {
-        self.policy.lock().clone()
+        self.notes.lock().policy.clone()
     }
 
     /// Records why the proxy answered as it did (`direct_response`, `tcp_session_idle_timeout`).
     pub fn set_details(&self, details: &'static str) {
-        *self.details.lock() = Some(details);
+        self.notes.lock().details = Some(details);
     }
 
     pub fn details(&self) -> Option<&'static str> {
-        *self.details.lock()
+        self.notes.lock().details
     }
 
     /// Records an attempt that has ended (called once per attempt by the cluster).
     pub fn push_attempt(&self, record: AttemptRecord) {
-        push_one(&mut self.attempt_records.lock(), record);
+        push_one(&mut self.notes.lock().attempt_records, record);
     }
 
     /// The attempts that have ended so far, in the order they ended.
     pub fn attempt_records(&self) -> Vec<AttemptRecord> {
-        self.attempt_records.lock().clone()
+        self.notes.lock().attempt_records.clone()
     }
 
     /// The attempt records without copying them, locked while the guard lives (a request's are
     /// only written as its attempts end).
     pub fn attempt_records_ref(&self) -> impl std::ops::Deref<Target = [AttemptRecord]> + '_ {
-        parking_lot::MutexGuard::map(self.attempt_records.lock(), |v| v.as_mut_slice())
+        parking_lot::MutexGuard::map(self.notes.lock(), |n| n.attempt_records.as_mut_slice())
+    }
+
+    /// Details, latest endpoint, cluster, policy and attempts, read under one lock.
+    pub fn summary(&self) -> InfoSummary {
+        let notes = self.notes.lock();
+        InfoSummary {
+            details: notes.details,
+            upstream: notes.upstreams.last().copied(),
+            cluster: notes.cluster.clone(),
+            policy: notes.policy.clone(),
+            attempts: notes.attempt_records.as_slice().into(),
+        }
     }
 
     /// Counts request body bytes received from the client.
@@ -190,4 +240,41 @@ impl RequestInfo {
 fn push_one<T>(v: &mut Vec<T>, item: T) {
     v.reserve_exact(1);
     v.push(item);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_set_at_once_reads_as_if_set_field_by_field() {
+        let info = RequestInfo::new();
+        info.set_routed(
+            Arc::from("reviews.default.0"),
+            PolicyNote::new(Arc::new("route")),
+            Some((
+                Arc::from("outbound|80||reviews"),
+                PolicyNote::new(Arc::new(7u32)),
+            )),
+        );
+        info.push_upstream("10.0.0.1:80".parse().unwrap());
+        info.push_upstream("10.0.0.2:80".parse().unwrap());
+        info.set_details("direct_response");
+        assert_eq!(info.route().as_deref(), Some("reviews.default.0"));
+        let s = info.summary();
+        assert_eq!(s.cluster.as_deref(), Some("outbound|80||reviews"));
+        assert_eq!(s.upstream, Some("10.0.0.2:80".parse().unwrap()));
+        assert_eq!(s.details, Some("direct_response"));
+        let (route, cluster) = s.policy.expect("routed");
+        assert_eq!(route.get::<&str>(), Some(&"route"));
+        assert_eq!(cluster.and_then(|c| c.get::<u32>().copied()), Some(7));
+        assert!(s.attempts.is_empty());
+
+        // A direct response has no cluster: none is recorded, nor a cluster policy.
+        let direct = RequestInfo::new();
+        direct.set_routed(Arc::from("r"), PolicyNote::new(Arc::new(())), None);
+        let s = direct.summary();
+        assert_eq!(s.cluster, None);
+        assert!(s.policy.is_some_and(|(_, c)| c.is_none()));
+    }
 }

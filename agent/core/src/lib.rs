@@ -19,7 +19,7 @@ pub use self::error::{
 };
 pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
-pub use self::info::{AttemptRecord, PolicyNote, RequestInfo};
+pub use self::info::{AttemptRecord, InfoSummary, PolicyNote, RequestInfo};
 pub use self::ready::ConnectionReady;
 
 use bytes::Bytes;

@@ -297,8 +297,7 @@ impl Handler {
                 service,
             }) => {
                 finish.record().service = self.service_labels(&state, service.as_deref());
-                info.set_route(plan.name.clone());
-                info.set_policy(plan.note(matched), None);
+                info.set_routed(plan.name.clone(), plan.note(matched), None);
                 debug_assert!(
                     plan.fault.is_none(),
                     "config refuses fault with directResponse"
@@ -322,9 +321,11 @@ impl Handler {
                 service,
             }) => {
                 finish.record().service = self.service_labels(&state, service.as_deref());
-                info.set_cluster(upstream.name.clone());
-                info.set_route(plan.name.clone());
-                info.set_policy(plan.note(matched), Some(upstream.note.clone()));
+                info.set_routed(
+                    plan.name.clone(),
+                    plan.note(matched),
+                    Some((upstream.name.clone(), upstream.note.clone())),
+                );
                 let req = prepare_request(req, &info);
                 let stack = ServiceBuilder::new()
                     .layer(FaultLayer::new(plan.fault.clone()))

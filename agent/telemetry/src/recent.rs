@@ -70,6 +70,7 @@ impl Kept {
             Exchange::Tcp { .. } => (None, String::new(), 0, 0),
         };
         let info = &r.info;
+        let summary = info.summary();
         Self {
             start: r.start,
             duration: r.duration,
@@ -82,14 +83,14 @@ impl Kept {
             authority_len,
             status: r.status,
             flags: info.flags(),
-            details: info.details(),
+            details: summary.details,
             request_bytes: r.request_bytes(),
             response_bytes: r.response_bytes,
             attempt_count: info.attempts(),
-            upstream: info.upstream(),
-            cluster: info.cluster(),
-            policy: info.policy(),
-            attempts: info.attempt_records_ref().iter().cloned().collect(),
+            upstream: summary.upstream,
+            cluster: summary.cluster,
+            policy: summary.policy,
+            attempts: summary.attempts,
         }
     }
 
