@@ -4,12 +4,13 @@
 //! [`Telemetry`](crate::Telemetry), never piecemeal by the proxy.
 
 use crate::labels::{Peers, Protocol, Reporter, RequestLabels, TcpLabels};
-use parking_lot::RwLock;
-use prometheus_client::encoding::EncodeLabelSet;
+use parking_lot::{Mutex, RwLock};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use sluice_core::ResponseFlags;
 use std::collections::HashMap;
@@ -26,14 +27,118 @@ const DURATION_BUCKETS_MS: [f64; 19] = [
 /// Istio's size buckets, in bytes: powers of ten from 1 to 10^8.
 const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
 
-type Hist = Family<RequestLabels, Histogram, fn() -> Histogram>;
-
-fn durations() -> Histogram {
-    Histogram::new(DURATION_BUCKETS_MS.iter().copied())
+/// A histogram's figures: the sum and count of the observations and how many fell in each bucket
+/// (not cumulated; the last bucket is `+Inf`).
+#[derive(Clone, Copy, Debug)]
+struct Buckets<const N: usize> {
+    sum: f64,
+    count: u64,
+    counts: [u64; N],
 }
 
-fn sizes() -> Histogram {
-    Histogram::new(SIZE_BUCKETS.iter().copied())
+impl<const N: usize> Default for Buckets<N> {
+    fn default() -> Self {
+        Self {
+            sum: 0.0,
+            count: 0,
+            counts: [0; N],
+        }
+    }
+}
+
+impl<const N: usize> Buckets<N> {
+    /// Counts `v` in the first bucket whose upper bound (`bounds`, then `+Inf`) is at least `v`,
+    /// as Prometheus' `le` says.
+    fn observe(&mut self, bounds: &[f64], v: f64) {
+        self.sum += v;
+        self.count += 1;
+        let i = bounds.iter().position(|b| *b >= v).unwrap_or(bounds.len());
+        self.counts[i] += 1;
+    }
+
+    fn encode(&self, bounds: &[f64], mut encoder: MetricEncoder) -> std::fmt::Result {
+        // prometheus-client writes an upper bound of `f64::MAX` as `+Inf`.
+        let buckets: Vec<(f64, u64)> = bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(self.counts)
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &buckets, None)
+    }
+}
+
+/// The four HTTP series of one label set (`istio_requests_total` and the three histograms),
+/// behind one lock: a sample takes it once for all four. prometheus-client's `Histogram` takes a
+/// lock of its own per observation and its `Counter` makes an atomic add, seven atomic
+/// read-modify-writes per sample where this makes two; the series map is looked up once either
+/// way.
+#[derive(Clone, Debug, Default)]
+struct Series {
+    requests: u64,
+    duration: Buckets<{ DURATION_BUCKETS_MS.len() + 1 }>,
+    request_bytes: Buckets<{ SIZE_BUCKETS.len() + 1 }>,
+    response_bytes: Buckets<{ SIZE_BUCKETS.len() + 1 }>,
+}
+
+type SeriesMap = HashMap<RequestLabels, Arc<Mutex<Series>>, foldhash::fast::RandomState>;
+
+/// Encodes the HTTP families from the series map at each scrape, as prometheus-client's
+/// `Family` would (one `# HELP`/`# TYPE` per family, a sample set per label set).
+#[derive(Debug)]
+struct HttpFamilies(Arc<RwLock<SeriesMap>>);
+
+impl Collector for HttpFamilies {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        // Copied out, so that requests never wait on a scrape's formatting.
+        let series: Vec<(RequestLabels, Series)> = self
+            .0
+            .read()
+            .iter()
+            .map(|(labels, s)| (labels.clone(), s.lock().clone()))
+            .collect();
+        {
+            let mut family = encoder.encode_descriptor(
+                "istio_requests",
+                "Requests, by outcome.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (labels, s) in &series {
+                family
+                    .encode_family(labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&s.requests, None)?;
+            }
+        }
+        type Pick = fn(&Series, &[f64], MetricEncoder) -> std::fmt::Result;
+        let histograms: [(&str, &str, &[f64], Pick); 3] = [
+            (
+                "istio_request_duration_milliseconds",
+                "Request duration in milliseconds.",
+                &DURATION_BUCKETS_MS,
+                |s, b, e| s.duration.encode(b, e),
+            ),
+            (
+                "istio_request_bytes",
+                "Request size (headers and body) in bytes.",
+                &SIZE_BUCKETS,
+                |s, b, e| s.request_bytes.encode(b, e),
+            ),
+            (
+                "istio_response_bytes",
+                "Response size (headers and body) in bytes.",
+                &SIZE_BUCKETS,
+                |s, b, e| s.response_bytes.encode(b, e),
+            ),
+        ];
+        for (name, help, bounds, pick) in histograms {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (labels, s) in &series {
+                pick(s, bounds, family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `istio_build{component,tag}`: which proxy build reports (the Mesh dashboard lists it).
@@ -43,27 +148,10 @@ struct BuildLabels {
     tag: &'static str,
 }
 
-/// The four HTTP series of one label set, looked up together: one map probe per sample instead
-/// of one per family (each family's own map hashes with SipHash behind its lock). The families
-/// hold the same series (the handles share their values) and are what the exposition encodes.
-#[derive(Clone)]
-struct Series {
-    requests: Counter,
-    duration: Histogram,
-    request_bytes: Histogram,
-    response_bytes: Histogram,
-}
-
-type SeriesMap = HashMap<RequestLabels, Series, foldhash::fast::RandomState>;
-
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
     series: Arc<RwLock<SeriesMap>>,
-    requests: Family<RequestLabels, Counter>,
-    duration: Hist,
-    request_bytes: Hist,
-    response_bytes: Hist,
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
@@ -87,26 +175,8 @@ pub(crate) struct Sample {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        let duration: Hist = Family::new_with_constructor(durations);
-        let request_bytes: Hist = Family::new_with_constructor(sizes);
-        let response_bytes: Hist = Family::new_with_constructor(sizes);
-        registry.register("istio_requests", "Requests, by outcome", requests.clone());
-        registry.register(
-            "istio_request_duration_milliseconds",
-            "Request duration in milliseconds",
-            duration.clone(),
-        );
-        registry.register(
-            "istio_request_bytes",
-            "Request size (headers and body) in bytes",
-            request_bytes.clone(),
-        );
-        registry.register(
-            "istio_response_bytes",
-            "Response size (headers and body) in bytes",
-            response_bytes.clone(),
-        );
+        let series = Arc::<RwLock<SeriesMap>>::default();
+        registry.register_collector(Box::new(HttpFamilies(series.clone())));
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         let tcp_closed = Family::<TcpLabels, Counter>::default();
         let tcp_sent = Family::<TcpLabels, Counter>::default();
@@ -141,11 +211,7 @@ impl Metrics {
         registry.register("istio_build", "Istio component build info", build);
         Self {
             registry: Arc::new(registry),
-            series: Arc::default(),
-            requests,
-            duration,
-            request_bytes,
-            response_bytes,
+            series,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -154,23 +220,29 @@ impl Metrics {
     }
 
     pub(crate) fn request(&self, s: &Sample) {
-        let record = |series: &Series| {
-            series.requests.inc();
-            series.duration.observe(s.duration.as_secs_f64() * 1000.0);
-            series.request_bytes.observe(s.request_bytes as f64);
-            series.response_bytes.observe(s.response_bytes as f64);
+        let record = |series: &Mutex<Series>| {
+            let mut series = series.lock();
+            series.requests += 1;
+            series
+                .duration
+                .observe(&DURATION_BUCKETS_MS, s.duration.as_secs_f64() * 1000.0);
+            series
+                .request_bytes
+                .observe(&SIZE_BUCKETS, s.request_bytes as f64);
+            series
+                .response_bytes
+                .observe(&SIZE_BUCKETS, s.response_bytes as f64);
         };
         if let Some(series) = self.series.read().get(&s.labels) {
             return record(series);
         }
-        let mut all = self.series.write();
-        let series = all.entry(s.labels.clone()).or_insert_with(|| Series {
-            requests: self.requests.get_or_create(&s.labels).clone(),
-            duration: self.duration.get_or_create(&s.labels).clone(),
-            request_bytes: self.request_bytes.get_or_create(&s.labels).clone(),
-            response_bytes: self.response_bytes.get_or_create(&s.labels).clone(),
-        });
-        record(series);
+        let series = self
+            .series
+            .write()
+            .entry(s.labels.clone())
+            .or_default()
+            .clone();
+        record(&series);
     }
 
     /// A connection opened: counted now, with counters its bytes are added to as they flow (so a
@@ -281,6 +353,108 @@ pub fn protocol_of(headers: &http::HeaderMap) -> Protocol {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::labels::{unknown_identity, Interned, ServiceName};
+    use prometheus_client::metrics::histogram::Histogram;
+
+    fn labels(reporter: Reporter, code: u16) -> RequestLabels {
+        RequestLabels {
+            reporter,
+            peers: Peers {
+                source: unknown_identity(),
+                destination: unknown_identity(),
+                service: ServiceName::new(
+                    "reviews.default.svc.cluster.local",
+                    "reviews",
+                    "default",
+                ),
+                cluster: Interned::new("Kubernetes".to_owned()),
+            },
+            protocol: Protocol::Http,
+            response_code: code,
+            grpc_status: None,
+            flags: ResponseFlags::empty(),
+        }
+    }
+
+    /// The HTTP families encode exactly as prometheus-client's own `Family` of `Counter` and
+    /// `Histogram` would for the same samples: bucket bounds (values on a bound included, `+Inf`
+    /// last), cumulated counts, sums, help texts, types and label sets.
+    #[test]
+    fn the_http_families_encode_as_prometheus_clients_own_types() {
+        let ours = Metrics::new();
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        type Hist = Family<RequestLabels, Histogram, fn() -> Histogram>;
+        let duration: Hist =
+            Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS_MS.iter().copied()));
+        let request_bytes: Hist =
+            Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied()));
+        let response_bytes: Hist =
+            Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS.iter().copied()));
+        registry.register("istio_requests", "Requests, by outcome", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration in milliseconds",
+            duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request size (headers and body) in bytes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response size (headers and body) in bytes",
+            response_bytes.clone(),
+        );
+        // On bounds, between them, past the last, zero: under two label sets.
+        let samples = [
+            (Reporter::Source, 200, 0.5, 0, 1),
+            (Reporter::Source, 200, 0.7, 10, 100),
+            (Reporter::Source, 503, 10.0, 11, 1e8 as u64),
+            (Reporter::Destination, 200, 4e6, 1e8 as u64 + 1, 0),
+            (Reporter::Source, 200, 3.6e6, 999, 1000),
+        ];
+        for (reporter, code, ms, req, rsp) in samples {
+            let l = labels(reporter, code);
+            ours.request(&Sample {
+                labels: l.clone(),
+                duration: Duration::from_secs_f64(ms / 1000.0),
+                request_bytes: req,
+                response_bytes: rsp,
+            });
+            requests.get_or_create(&l).inc();
+            duration
+                .get_or_create(&l)
+                .observe(Duration::from_secs_f64(ms / 1000.0).as_secs_f64() * 1000.0);
+            request_bytes.get_or_create(&l).observe(req as f64);
+            response_bytes.get_or_create(&l).observe(rsp as f64);
+        }
+        let mut theirs = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut theirs, &registry).unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut text, &ours.registry).unwrap();
+        // Label sets come out in map order, which differs between the two: compare each family's
+        // lines as sets, in family order.
+        let families = |t: &str| -> Vec<(String, std::collections::BTreeSet<String>)> {
+            let mut out: Vec<(String, std::collections::BTreeSet<String>)> = Vec::new();
+            for line in t.lines() {
+                if line.starts_with("# HELP ") {
+                    out.push((line.to_owned(), Default::default()));
+                } else if let Some((_, lines)) = out.last_mut() {
+                    lines.insert(line.to_owned());
+                }
+            }
+            out.retain(|(help, _)| {
+                help.contains("istio_request") || help.contains("istio_response")
+            });
+            out
+        };
+        let (want, got) = (families(&theirs), families(&text));
+        assert_eq!(want.len(), 4, "{theirs}");
+        assert_eq!(got, want, "ours:\n{text}\ntheirs:\n{theirs}");
+        assert!(text.contains("le=\"+Inf\""), "{text}");
+    }
 
     #[test]
     fn counters_are_typed_under_their_sample_names() {
