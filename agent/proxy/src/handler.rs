@@ -118,21 +118,25 @@ pub struct Handler {
 }
 
 /// Where one request goes.
-struct Routed {
-    plan: Arc<RoutePlan>,
+/// Borrowed from the generation in force (and the passthrough cluster), which the request holds
+/// for its whole life: a request copies out only what outlives routing, not every `Arc` a route
+/// and cluster are made of (each copy and drop an atomic read-modify-write).
+struct Routed<'s> {
+    plan: &'s Arc<RoutePlan>,
     /// The plan's `match` entry the request fitted (`None`: the route has no `match`).
     matched: Option<usize>,
-    target: Target,
+    target: Target<'s>,
     /// `None` for the passthrough cluster.
-    service: Option<Arc<Service>>,
+    service: Option<&'s Arc<Service>>,
 }
 
 /// What answers a routed request.
-enum Target {
-    /// A cluster's endpoints, through the route's resilience stack.
-    Cluster(Upstream),
+enum Target<'s> {
+    /// A cluster's endpoints, through the route's resilience stack (the passthrough cluster's is
+    /// made per original destination).
+    Cluster(std::borrow::Cow<'s, Upstream>),
     /// The route's `directResponse`: the proxy itself.
-    Direct(Arc<DirectReply>),
+    Direct(&'s Arc<DirectReply>),
 }
 
 impl Handler {
@@ -296,7 +300,7 @@ impl Handler {
                 target: Target::Direct(reply),
                 service,
             }) => {
-                finish.record().service = self.service_labels(&state, service.as_deref());
+                finish.record().service = self.service_labels(&state, service.map(|s| &**s));
                 info.set_routed(plan.name.clone(), plan.note(matched), None);
                 debug_assert!(
                     plan.fault.is_none(),
@@ -320,7 +324,7 @@ impl Handler {
                 target: Target::Cluster(upstream),
                 service,
             }) => {
-                finish.record().service = self.service_labels(&state, service.as_deref());
+                finish.record().service = self.service_labels(&state, service.map(|s| &**s));
                 info.set_routed(
                     plan.name.clone(),
                     plan.note(matched),
@@ -456,12 +460,12 @@ impl Handler {
     }
 
     /// Finds the destination service, route plan and cluster for `req`.
-    fn route<B>(
-        &self,
-        state: &State,
+    fn route<'s, B>(
+        &'s self,
+        state: &'s State,
         req: &Request<B>,
         conn: &ConnInfo,
-    ) -> Result<Routed, BoxError> {
+    ) -> Result<Routed<'s>, BoxError> {
         let snapshot = &state.snapshot;
         let authority = route::authority_of(req);
         let (host, explicit_port) = split_authority(authority);
@@ -489,9 +493,11 @@ impl Handler {
                         UpstreamProtocol::Http1
                     };
                     return Ok(Routed {
-                        plan: self.passthrough.plan().clone(),
+                        plan: self.passthrough.plan(),
                         matched: None,
-                        target: Target::Cluster(self.passthrough.upstream(dst, protocol)),
+                        target: Target::Cluster(std::borrow::Cow::Owned(
+                            self.passthrough.upstream(dst, protocol),
+                        )),
                         service: None,
                     });
                 }
@@ -513,35 +519,33 @@ impl Handler {
             Some((vh, plans)) => {
                 let (idx, matched, _) = route::select(vh, req, port, source.map(|s| &*s.pod))
                     .ok_or(ProxyError::NoRoute)?;
-                (plans[idx].clone(), matched)
+                (&plans[idx], matched)
             }
             None => (
                 state
                     .implicit_plan(&service.hostname, port)
-                    .cloned()
                     .ok_or_else(|| ProxyError::NoCluster(format!("{}:{port}", service.hostname)))?,
                 None,
             ),
         };
         if let Some(reply) = &plan.direct {
             return Ok(Routed {
-                target: Target::Direct(reply.clone()),
+                target: Target::Direct(reply),
                 matched,
                 plan,
-                service: Some(service.clone()),
+                service: Some(service),
             });
         }
         let dest = route::pick_destination(&plan.destinations, |total| fastrand::u32(0..total))
             .ok_or(ProxyError::NoRoute)?;
         let upstream = state
             .upstream(viewer, &dest.cluster)
-            .ok_or_else(|| ProxyError::NoCluster(dest.cluster.to_string()))?
-            .clone();
+            .ok_or_else(|| ProxyError::NoCluster(dest.cluster.to_string()))?;
         Ok(Routed {
             plan,
             matched,
-            target: Target::Cluster(upstream),
-            service: Some(service.clone()),
+            target: Target::Cluster(std::borrow::Cow::Borrowed(upstream)),
+            service: Some(service),
         })
     }
 }
