@@ -387,6 +387,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     // Instructions per request: the timed proxies stop, then each one runs under callgrind in
     // front of the same upstream.
     let mut instructions: Instructions = BTreeMap::new();
+    let mut atomics: Instructions = BTreeMap::new();
     if args.instructions {
         targets.retain(|t| t.name == "direct");
         if !args.no_install {
@@ -409,6 +410,18 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 n.as_ref()
                     .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"))
             );
+            // Envoy's binary (some 150 MB of code) is not disassembled.
+            if let (Ok(_), Some(program)) = (&n, proxies.program(t.name)) {
+                let a = instructions::atomics_per_request(t.proc.pid(), &out, program)
+                    .map_err(|e| format!("{e:#}"));
+                println!(
+                    "atomic read-modify-writes per request, {}: {}",
+                    t.name,
+                    a.as_ref()
+                        .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"))
+                );
+                atomics.insert(t.name, a);
+            }
             instructions.insert(t.name, n);
             // Stopped (by its PID) before the next one runs.
             drop(t);
@@ -419,7 +432,14 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     drop(targets);
     drop(dir);
 
-    let summary = summarize(&results, &instructions, &not_measured, &pinning, &args);
+    let summary = summarize(
+        &results,
+        &instructions,
+        &atomics,
+        &not_measured,
+        &pinning,
+        &args,
+    );
     print!("{}", summary.table);
     let out = root.join(&args.out);
     if let Some(parent) = out.parent() {
@@ -460,6 +480,7 @@ type Instructions = BTreeMap<&'static str, std::result::Result<f64, String>>;
 fn summarize(
     results: &[RunResult],
     instructions: &Instructions,
+    atomics: &Instructions,
     not_measured: &BTreeMap<&'static str, String>,
     pinning: &str,
     args: &BenchArgs,
@@ -583,6 +604,25 @@ fn summarize(
                 .as_ref()
                 .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"));
             let _ = writeln!(t, "  {target:<12} {shown}");
+        }
+        if !atomics.is_empty() {
+            let _ = writeln!(
+                t,
+                "atomic read-modify-writes per request (lock-prefixed instructions run in each \
+                 program's own code, same requests):"
+            );
+            for (target, n) in atomics {
+                let shown = n
+                    .as_ref()
+                    .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"));
+                let _ = writeln!(t, "  {target:<12} {shown}");
+                if let Ok(n) = n {
+                    ratios_json.insert(
+                        format!("atomics {target}"),
+                        json!({ "atomic_rmw_per_request": n }),
+                    );
+                }
+            }
         }
         // The plain build only when it ran (a profile-guided Sluice beside it).
         let peers = ["sluice-plain", "haproxy", "envoy", FLOOR];
@@ -764,7 +804,7 @@ impl Launch<'_> {
             Launch::Callgrind { out } => {
                 let mut c = Command::new("valgrind");
                 c.env("GLIBC_TUNABLES", instructions::GLIBC_TUNABLES)
-                    .args(["--tool=callgrind", "--dump-instr=no"])
+                    .args(["--tool=callgrind", "--dump-instr=yes"])
                     .arg(format!("--callgrind-out-file={}/cg.%p", path_str(out)))
                     .arg(prog)
                     .args(args);
@@ -798,6 +838,18 @@ struct Proxies<'a> {
 }
 
 impl Proxies<'_> {
+    /// The program a target runs, for its disassembly; `None` for Envoy (too large to
+    /// disassemble here) and what did not start.
+    fn program(&self, target: &str) -> Option<&Path> {
+        match target {
+            "sluice" | "sluice-nolog" => self.sluice,
+            "sluice-plain" => self.sluice_plain,
+            "haproxy" => self.haproxy,
+            FLOOR => Some(self.floor),
+            _ => None,
+        }
+    }
+
     /// Starts Sluice (and, with the access log on, Sluice without it), HAProxy and Envoy, each
     /// in front of the upstream; what cannot start is noted with the reason.
     fn start(

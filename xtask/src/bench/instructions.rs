@@ -121,3 +121,152 @@ impl Conn {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// Atomic read-modify-writes per request in `program`'s own code: the `lock`-prefixed
+/// instructions (and `xchg` with memory, locked implicitly) that ran, from the per-instruction
+/// counts of the dump [`per_request`] read (callgrind run with `--dump-instr=yes`) and the
+/// program's disassembly (`objdump -d`). Each is a full barrier on x86: some 4.5 ns back to back
+/// on this machine's cores, where a plain load and store take 0.5, so two proxies with the same
+/// instruction count can differ in time by their atomics. Shared libraries are not counted
+/// (glibc's is the same for every proxy).
+pub(crate) fn atomics_per_request(pid: u32, out_dir: &Path, program: &Path) -> Result<f64> {
+    let dump = out_dir.join(format!("cg.{pid}.1"));
+    let text = std::fs::read_to_string(&dump)
+        .with_context(|| format!("callgrind wrote no dump {}", dump.display()))?;
+    let name = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_owned());
+    let counts = instruction_counts(&text, &name);
+    if counts.is_empty() {
+        bail!(
+            "the dump counts no instruction of {} (was it run with --dump-instr=yes?)",
+            name.display()
+        );
+    }
+    let listing = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(&name)
+        .output()
+        .context("cannot run objdump (binutils)")?;
+    if !listing.status.success() {
+        bail!("objdump -d {} failed", name.display());
+    }
+    let (starts, locked) = disassembly(&String::from_utf8_lossy(&listing.stdout));
+    // The dump's addresses are the program's link-time ones (position-independent executables
+    // included): all of them fall on instruction starts, or this is not the program that ran.
+    let on_starts = counts.keys().filter(|a| starts.contains(a)).count();
+    if on_starts * 100 < counts.len() * 99 {
+        bail!(
+            "{} of the {} instruction addresses counted are not instruction starts in {}",
+            counts.len() - on_starts,
+            counts.len(),
+            name.display()
+        );
+    }
+    let total: u64 = locked.iter().filter_map(|a| counts.get(a)).sum();
+    Ok(total as f64 / REQUESTS as f64)
+}
+
+/// Executions per instruction address of the object named `object`, from a callgrind dump
+/// written with `--dump-instr=yes` (positions `address line`, each either absolute, relative
+/// `+n`/`-n` or `*` for the same; the line after `calls=` is a call's inclusive cost, not the
+/// instruction's own).
+fn instruction_counts(dump: &str, object: &Path) -> std::collections::HashMap<u64, u64> {
+    // Each object id, and whether it is `object` (valgrind names it as it was started).
+    let is = |name: &str| {
+        std::fs::canonicalize(name).is_ok_and(|n| n == object) || name == object.as_os_str()
+    };
+    let mut names: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
+    let mut ours = false;
+    let mut call = false;
+    let mut addr: u64 = 0;
+    let mut counts = std::collections::HashMap::new();
+    for line in dump.lines() {
+        if let Some(ob) = line.strip_prefix("ob=") {
+            // `(id) name` defines, `(id)` refers back.
+            let (id, name) = ob.split_once(' ').unwrap_or((ob, ""));
+            if !name.is_empty() {
+                names.insert(id, is(name));
+            }
+            ours = names.get(id).copied().unwrap_or(false);
+            continue;
+        }
+        if let Some(cob) = line.strip_prefix("cob=") {
+            if let Some((id, name)) = cob.split_once(' ') {
+                names.insert(id, is(name));
+            }
+            continue;
+        }
+        if line.starts_with("calls=") {
+            call = true;
+            continue;
+        }
+        let Some(first) = line.split_ascii_whitespace().next() else {
+            continue;
+        };
+        let at = if let Some(hex) = first.strip_prefix("0x") {
+            u64::from_str_radix(hex, 16).ok()
+        } else if let Some(d) = first.strip_prefix('+') {
+            d.parse::<u64>().ok().map(|d| addr.wrapping_add(d))
+        } else if let Some(d) = first.strip_prefix('-') {
+            d.parse::<u64>().ok().map(|d| addr.wrapping_sub(d))
+        } else if first == "*" {
+            Some(addr)
+        } else {
+            None
+        };
+        let Some(at) = at else { continue };
+        addr = at;
+        if std::mem::take(&mut call) || !ours {
+            continue;
+        }
+        // Events follow the address and the line: the first is `Ir`, executions.
+        if let Some(n) = line
+            .split_ascii_whitespace()
+            .nth(2)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            *counts.entry(at).or_insert(0) += n;
+        }
+    }
+    counts
+}
+
+/// Every instruction's address and the locked ones', from `objdump -d --no-show-raw-insn`.
+fn disassembly(listing: &str) -> (std::collections::HashSet<u64>, Vec<u64>) {
+    let mut starts = std::collections::HashSet::new();
+    let mut locked = Vec::new();
+    for line in listing.lines() {
+        let Some((addr, insn)) = line.split_once(":\t") else {
+            continue;
+        };
+        let Ok(addr) = u64::from_str_radix(addr.trim(), 16) else {
+            continue;
+        };
+        starts.insert(addr);
+        let insn = insn.trim_start();
+        if insn.starts_with("lock ") || (insn.starts_with("xchg") && insn.contains('(')) {
+            locked.push(addr);
+        }
+    }
+    (starts, locked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_address_compression_and_skip_call_costs() {
+        let dump = "ob=(1) /bin/proxy\nfl=(1) a.rs\nfn=(1) f\n0x1000 3 10\n+4 * 10\ncalls=1 0x2000 7\n+2 4 999\n+1 5 10\nob=(2) /lib/libc.so\nfn=(2) g\n0x1000 1 5\nob=(1)\nfn=(1)\n0x1004 3 1\n";
+        let counts = instruction_counts(dump, Path::new("/bin/proxy"));
+        assert_eq!(counts.get(&0x1000), Some(&10));
+        // +4 then the call's line (+2: its cost is the callee's) then +1.
+        assert_eq!(counts.get(&0x1004), Some(&11));
+        assert_eq!(counts.get(&0x1006), None);
+        assert_eq!(counts.get(&0x1007), Some(&10));
+        let (starts, locked) = disassembly(
+            "  401000:\tlock xadd %rax,(%rdi)\n  401005:\tmov    %rax,%rbx\n  401008:\txchg   %rax,(%rdx)\n  40100b:\txchg   %ax,%ax\n",
+        );
+        assert_eq!(starts.len(), 4);
+        assert_eq!(locked, vec![0x401000, 0x401008]);
+    }
+}
