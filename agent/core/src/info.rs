@@ -1,9 +1,10 @@
 //! What the layers of one request learn about it, collected for the access log and metrics.
 //! Shared through the request's extensions as `Arc<RequestInfo>`; each field is set by the one layer
 //! that owns it, so the lock is never contended and never held across an await. One lock for all
-//! the fields, so that what is set or read together costs one acquire and one release (each an
+//! the notes, so that what is set or read together costs one acquire and one release (each an
 //! atomic read-modify-write): the router's three notes at once, the ring of recent requests'
-//! five reads at once.
+//! reads at once. The attempt records keep a lock of their own: the telemetry reads them under
+//! a guard while it reads other notes.
 
 use crate::{Deadline, ResponseFlags};
 use parking_lot::Mutex;
@@ -67,6 +68,8 @@ pub struct RequestInfo {
     /// Request body bytes received from the client.
     request_bytes: AtomicU64,
     notes: Mutex<Notes>,
+    /// Every attempt that picked an endpoint, in order, once it ended.
+    attempt_records: Mutex<Vec<AttemptRecord>>,
 }
 
 #[derive(Debug, Default)]
@@ -82,8 +85,6 @@ struct Notes {
     /// Envoy's `%RESPONSE_CODE_DETAILS%` (or, for a connection, its termination details) when the
     /// proxy itself decided the outcome in a way flags do not say (`direct_response`).
     details: Option<&'static str>,
-    /// Every attempt that picked an endpoint, in order, once it ended.
-    attempt_records: Vec<AttemptRecord>,
 }
 
 /// What a finished request's info says beyond its flags and counts, read at once
@@ -198,29 +199,31 @@ impl RequestInfo {
 
     /// Records an attempt that has ended (called once per attempt by the cluster).
     pub fn push_attempt(&self, record: AttemptRecord) {
-        push_one(&mut self.notes.lock().attempt_records, record);
+        push_one(&mut self.attempt_records.lock(), record);
     }
 
     /// The attempts that have ended so far, in the order they ended.
     pub fn attempt_records(&self) -> Vec<AttemptRecord> {
-        self.notes.lock().attempt_records.clone()
+        self.attempt_records.lock().clone()
     }
 
     /// The attempt records without copying them, locked while the guard lives (a request's are
-    /// only written as its attempts end).
+    /// only written as its attempts end). The other notes stay readable meanwhile; the attempt
+    /// records do not ([`Self::attempt_records`], [`Self::summary`]).
     pub fn attempt_records_ref(&self) -> impl std::ops::Deref<Target = [AttemptRecord]> + '_ {
-        parking_lot::MutexGuard::map(self.notes.lock(), |n| n.attempt_records.as_mut_slice())
+        parking_lot::MutexGuard::map(self.attempt_records.lock(), |v| v.as_mut_slice())
     }
 
-    /// Details, latest endpoint, cluster, policy and attempts, read under one lock.
+    /// Details, latest endpoint, cluster and policy, read under one lock, and the attempts.
     pub fn summary(&self) -> InfoSummary {
+        let attempts = self.attempt_records.lock().as_slice().into();
         let notes = self.notes.lock();
         InfoSummary {
             details: notes.details,
             upstream: notes.upstreams.last().copied(),
             cluster: notes.cluster.clone(),
             policy: notes.policy.clone(),
-            attempts: notes.attempt_records.as_slice().into(),
+            attempts,
         }
     }
 
@@ -269,6 +272,16 @@ mod tests {
         assert_eq!(route.get::<&str>(), Some(&"route"));
         assert_eq!(cluster.and_then(|c| c.get::<u32>().copied()), Some(7));
         assert!(s.attempts.is_empty());
+
+        // The telemetry reads other notes while it holds the attempts (a trace span's cluster):
+        // that must not wait on itself.
+        let attempts = info.attempt_records_ref();
+        assert_eq!(info.cluster().as_deref(), Some("outbound|80||reviews"));
+        assert_eq!(info.route().as_deref(), Some("reviews.default.0"));
+        assert!(info.policy().is_some() && info.details().is_some());
+        assert!(info.upstream().is_some() && info.tried(&"10.0.0.1:80".parse().unwrap()));
+        assert!(attempts.is_empty());
+        drop(attempts);
 
         // A direct response has no cluster: none is recorded, nor a cluster policy.
         let direct = RequestInfo::new();
