@@ -407,8 +407,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             println!(
                 "instructions per request, {}: {}",
                 t.name,
-                n.as_ref()
-                    .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"))
+                counted_figure(&n)
             );
             // Envoy's binary (some 150 MB of code) is not disassembled.
             if let (Ok(_), Some(program)) = (&n, proxies.program(t.name)) {
@@ -417,8 +416,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 println!(
                     "atomic read-modify-writes per request, {}: {}",
                     t.name,
-                    a.as_ref()
-                        .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"))
+                    counted_figure(&a)
                 );
                 atomics.insert(t.name, a);
             }
@@ -476,6 +474,12 @@ struct Summary {
 
 /// Instructions per request by target, or why a target was not counted.
 type Instructions = BTreeMap<&'static str, std::result::Result<f64, String>>;
+
+/// A per-request count as the report shows it, or why it is missing.
+fn counted_figure(n: &std::result::Result<f64, String>) -> String {
+    n.as_ref()
+        .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"))
+}
 
 fn summarize(
     results: &[RunResult],
@@ -600,10 +604,7 @@ fn summarize(
             instructions::WARM_UP
         );
         for (target, n) in instructions {
-            let shown = n
-                .as_ref()
-                .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"));
-            let _ = writeln!(t, "  {target:<12} {shown}");
+            let _ = writeln!(t, "  {target:<12} {}", counted_figure(n));
         }
         if !atomics.is_empty() {
             let _ = writeln!(
@@ -612,10 +613,7 @@ fn summarize(
                  program's own code, same requests):"
             );
             for (target, n) in atomics {
-                let shown = n
-                    .as_ref()
-                    .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"));
-                let _ = writeln!(t, "  {target:<12} {shown}");
+                let _ = writeln!(t, "  {target:<12} {}", counted_figure(n));
                 if let Ok(n) = n {
                     ratios_json.insert(
                         format!("atomics {target}"),
