@@ -195,6 +195,177 @@ async fn route_timeout_ends_a_slow_call_with_504_ut() {
     assert!((490..800).contains(&l.duration_ms), "{l:?}");
 }
 
+/// An upstream on loopback whose answer depends on the path: `/fast` at once, `/slow` after 2 s,
+/// `/stall` its headers at once and its body after 2 s. Ends with the returned task.
+async fn paced_upstream() -> (u16, tokio::task::JoinHandle<()>) {
+    use hyper::body::{Body, Frame};
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A body whose one chunk comes after its timer.
+    struct Late(Pin<Box<tokio::time::Sleep>>, bool);
+
+    impl Body for Late {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.1 {
+                return Poll::Ready(None);
+            }
+            std::task::ready!(self.0.as_mut().poll(cx));
+            self.1 = true;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"late\n")))))
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("local addr").port();
+    let task = tokio::spawn(async move {
+        // Bounded: a handful of connections per test.
+        for _ in 0..32 {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let later = || Box::pin(tokio::time::sleep(Duration::from_secs(2)));
+                        let body = match req.uri().path() {
+                            "/slow" => {
+                                later().await;
+                                Late(later(), true)
+                            }
+                            "/stall" => Late(later(), false),
+                            _ => Late(later(), true),
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+// Route timeouts of the requests of one keep-alive HTTP/1 connection, which share the
+// connection's timer: requests that finish in time, a timer that fires early with nothing or a
+// later deadline armed, a deadline shorter than the one the timer is set to (it must be set
+// earlier, not wait for the longer one), and a deadline that passes in the response body (the
+// client's connection is reset after the headers, as Envoy does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeouts_on_one_keep_alive_connection() {
+    use hyper_util::rt::TokioIo;
+    use tokio::time::Instant;
+
+    let mut mesh = Mesh::start().await;
+    let (port, upstream) = paced_upstream().await;
+    deploy(&mesh, "paced", &[port]);
+    mesh.write(
+        "vs.yaml",
+        &virtual_service(
+            "paced",
+            "  - route:\n    - destination:\n        host: paced\n    timeout: 0.5s\n",
+        ),
+    );
+    mesh.reload();
+    let mut log = mesh.access_log();
+    let stream = tokio::net::TcpStream::connect(mesh.proxy)
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    let conn = tokio::spawn(conn);
+    // One request on the connection: its status, and when its body ended or failed.
+    let mut send = async |path: &str, timeout_ms: Option<u64>| {
+        let mut req = Request::get(format!("http://paced{path}"));
+        if let Some(ms) = timeout_ms {
+            req = req.header("x-envoy-upstream-rq-timeout-ms", ms.to_string());
+        }
+        let started = Instant::now();
+        let exchange = async {
+            tx.ready()
+                .await
+                .expect("connection ready for the next request");
+            let rsp = tx
+                .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+                .await
+                .expect("response head");
+            let status = rsp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(rsp.into_body()).await;
+            (status, body.is_ok())
+        };
+        let (status, body_ok) = tokio::time::timeout(MAX_TIME, exchange)
+            .await
+            .expect("an answer in time");
+        (status, body_ok, started.elapsed())
+    };
+
+    for _ in 0..3 {
+        assert_eq!(send("/fast", None).await.0, 200);
+    }
+    // The first request's deadline passes with nothing armed; then one passes with the next
+    // request's later deadline armed.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(send("/fast", None).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body_ok, took) = send("/fast", Some(400)).await;
+    assert_eq!((status, body_ok), (200, true));
+    assert!(took < Duration::from_millis(300), "{took:?}");
+
+    let (status, _, took) = send("/slow", None).await;
+    assert_eq!(status, 504);
+    assert!(ms(480..1000).contains(&took), "{took:?}");
+
+    // The timer is set to this request's 5 s deadline; the next request's 200 ms one is earlier.
+    assert_eq!(send("/fast", Some(5000)).await.0, 200);
+    let (status, _, took) = send("/slow", Some(200)).await;
+    assert_eq!(status, 504);
+    assert!(ms(180..700).contains(&took), "{took:?}");
+
+    // Headers in time, the body not: the body fails at the deadline and the connection closes.
+    let (status, body_ok, took) = send("/stall", None).await;
+    assert_eq!((status, body_ok), (200, false));
+    assert!(ms(480..1000).contains(&took), "{took:?}");
+    let closed = tokio::time::timeout(MAX_TIME, conn).await;
+    assert!(
+        closed.is_ok(),
+        "the client connection should have been closed"
+    );
+
+    let lines = log.drain().await;
+    let flags: Vec<(u16, &str)> = lines.iter().map(|l| (l.status, l.flags.as_str())).collect();
+    assert_eq!(
+        flags[..8],
+        [
+            (200, "-"),
+            (200, "-"),
+            (200, "-"),
+            (200, "-"),
+            (200, "-"),
+            (504, "UT"),
+            (200, "-"),
+            (504, "UT"),
+        ],
+        "{lines:#?}"
+    );
+    assert_eq!(lines.len(), 9, "{lines:#?}");
+    assert!(
+        lines[8].status == 200 && lines[8].has_flag("UT"),
+        "{lines:#?}"
+    );
+    upstream.abort();
+}
+
 // A client that gives up while the proxy waits on the upstream: one access-log line with status 0
 // and `DC` (Envoy's downstream connection termination), written when the client went away, not
 // when the upstream would have answered.

@@ -6,7 +6,7 @@
 //! boxes and five boxed clones per request. As one typed value they cost one box, and an attempt's
 //! copy is a few reference-count increments.
 
-use crate::{ConnectionReady, Expiry, RequestInfo, UpstreamQuota};
+use crate::{ConnTimer, ConnectionReady, Expiry, RequestInfo, UpstreamQuota};
 use http::{Extensions, HeaderMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +31,9 @@ pub struct RequestCtx {
     /// Writes the request's trace context into each attempt (the handler sets it when the request
     /// is traced or its context propagated).
     pub trace: Option<Arc<dyn TracePropagation>>,
+    /// The HTTP/1 client connection's timer, which the route timeout arms instead of a timer of
+    /// its own (the handler sets it; the route layer takes it).
+    pub conn_timer: Option<Arc<ConnTimer>>,
 }
 
 impl RequestCtx {
@@ -60,6 +63,7 @@ impl std::fmt::Debug for RequestCtx {
             .field("route_clock", &self.route_clock)
             .field("any_host", &self.any_host)
             .field("trace", &self.trace.is_some())
+            .field("conn_timer", &self.conn_timer.is_some())
             .finish()
     }
 }

@@ -5,13 +5,16 @@
 //! the one request extension ([`RequestCtx`]) through which the layers hand these down.
 #![forbid(unsafe_code)]
 
+mod conn_timer;
 mod ctx;
 mod error;
 mod expiry;
 mod flags;
 mod info;
 mod ready;
+mod side_wake;
 
+pub use self::conn_timer::{ArmedDeadline, ConnTimer};
 pub use self::ctx::{RequestCtx, RouteClock, TracePropagation};
 pub use self::error::{
     Cause, ConnectError, Origin, OverflowKind, Overload, ProxyError, Quota, QuotaUnit,
@@ -21,6 +24,7 @@ pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
 pub use self::info::{AttemptRecord, InfoSummary, PolicyNote, RequestInfo};
 pub use self::ready::ConnectionReady;
+pub use self::side_wake::SideWake;
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};

@@ -43,6 +43,9 @@ pub struct ConnInfo {
     /// The connection's place in its pod's budget (`None` for connections not counted, as in
     /// tests that call the handler directly).
     pub(crate) slot: Option<Arc<crate::isolation::ConnSlot>>,
+    /// The connection's timer for the route timeouts of its HTTP/1 requests (`None` for
+    /// requests not served by a connection's task, as in tests that call the handler directly).
+    pub(crate) timer: Option<Arc<sluice_core::ConnTimer>>,
 }
 
 /// Options that shape request handling.
@@ -250,10 +253,15 @@ impl Handler {
         // The request's place in a trace: the cluster writes it on every attempt, the record
         // makes the spans.
         let trace = self.telemetry.tracer().start(req.headers()).map(Arc::new);
+        let h1 = req.version() < http::Version::HTTP_2;
         let ctx = RequestCtx::of_mut(req.extensions_mut());
         ctx.info = Some(info.clone());
         if let Some(t) = &trace {
             ctx.trace = Some(t.clone());
+        }
+        // An HTTP/2 stream is a task of its own, which the connection's timer would not wake.
+        if h1 {
+            ctx.conn_timer = conn.timer.clone();
         }
         // Recorded however the request ends: when its response body has been sent, or (dropped by
         // hyper because the client went away first) with status 0 and `DC`, as Envoy does.

@@ -35,16 +35,14 @@ use crate::downstream::{Conn, Guarded, Rejected};
 use crate::handler::{ConnInfo, Handler};
 use crate::limits::{DownstreamLimits, Fired};
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use sluice_core::ResponseFlags;
+use sluice_core::{ConnTimer, ResponseFlags, SideWake};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -172,6 +170,7 @@ pub async fn serve(
             peer,
             original_dst: original_dst.as_ref().and_then(|o| o.original_dst(&stream)),
             slot: None,
+            timer: None,
         };
         if original_dst.is_some() && !handler.admit_redirected(&conn) {
             // Refused (no open relay): closed before a byte is read.
@@ -265,7 +264,7 @@ async fn serve_http<IO>(
     mut draining: Draining,
     io: IO,
     handler: Arc<Handler>,
-    conn: ConnInfo,
+    mut conn: ConnInfo,
     is_loop: bool,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -288,6 +287,16 @@ async fn serve_http<IO>(
     };
     let client = Conn::new(handler.clone(), peer);
     let io = Guarded::new(io, client.clone());
+    // The connection's side futures (shutdown, timers, abort) wake it through `side`.
+    let side = SideWake::new();
+    let side_waker = Waker::from(side.clone());
+    // The route timeouts of its HTTP/1 requests, which this task polls, run on one timer of its
+    // own (`route_timer` below).
+    let conn_timer = Arc::new(ConnTimer::new(
+        side_waker.clone(),
+        Instant::now().into_std(),
+    ));
+    conn.timer = Some(conn_timer.clone());
     // Whether the client speaks HTTP/2 (known from its first request): on shutdown it gets a
     // GOAWAY at once, where an HTTP/1 client gets `Connection: close` on its next response.
     let is_h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -363,8 +372,9 @@ async fn serve_http<IO>(
     // going cost no timer and no turn of this loop; when it fires early it is set again.
     let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
     let mut idle_armed = false;
-    let side = Arc::new(SideWake::default());
-    let side_waker = Waker::from(side.clone());
+    // Set lazily too (see `ConnTimer`): once per route timeout, not once per request.
+    let mut route_timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
+    let mut route_armed = false;
     let result = loop {
         if client.aborted() {
             // Envoy aborts such a connection: nothing more is read or written.
@@ -403,11 +413,24 @@ async fn serve_http<IO>(
             }
             // The other futures are polled once, then only when one of them woke the task:
             // the connection's own reads and writes wake it several times per request.
-            side.task.register(cx.waker());
-            if !std::mem::take(&mut first) && !side.woken.swap(false, Ordering::AcqRel) {
+            let due = side.due(cx);
+            if !std::mem::take(&mut first) && !due {
                 return Poll::Pending;
             }
             let mut cx = Context::from_waker(&side_waker);
+            // Route deadlines first: they are watched while draining too.
+            if let Some(at) = conn_timer.reset_to() {
+                route_timer.as_mut().reset(Instant::from_std(at));
+                route_armed = true;
+            }
+            if route_armed && route_timer.as_mut().poll(&mut cx).is_ready() {
+                route_armed = false;
+                // Either the request's deadline passed (`served`, polled first at the next turn,
+                // polls the request) or the timer fired early for a later deadline (set again
+                // at the next turn).
+                conn_timer.fired(Instant::now().into_std());
+                return Poll::Ready(Event::RouteTimer);
+            }
             if watch_shutdown {
                 if let Poll::Ready(changed) = shutdown.as_mut().poll(&mut cx) {
                     return Poll::Ready(Event::Shutdown {
@@ -451,8 +474,8 @@ async fn serve_http<IO>(
                     served.as_mut().graceful_shutdown();
                 }
             }
-            // Checked at the top of the loop.
-            Event::Abort => {}
+            // Checked at the top of the loop; the request is polled at the next turn.
+            Event::Abort | Event::RouteTimer => {}
         }
     };
     if let Err(err) = result {
@@ -467,26 +490,8 @@ enum Event<R> {
     Shutdown { sender_gone: bool },
     GraceOver,
     IdleTimer,
+    RouteTimer,
     Abort,
-}
-
-/// The waker a connection's side futures (shutdown, timers, abort) are polled with: it marks that
-/// one of them woke the task, so that the task's other wake-ups (its socket's) do not poll them.
-#[derive(Default)]
-struct SideWake {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for SideWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
 }
 
 /// Whether sending to `dst` would come back to the listener at `listen`: the same address, or the

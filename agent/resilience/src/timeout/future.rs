@@ -8,7 +8,8 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use sluice_core::{
-    Body, BoxError, ConnectionReady, Deadline, Expiry, ProxyError, RequestInfo, ResponseFlags,
+    ArmedDeadline, Body, BoxError, ConnectionReady, Deadline, Expiry, ProxyError, RequestInfo,
+    ResponseFlags,
 };
 use std::future::Future;
 use std::pin::Pin;
@@ -24,10 +25,9 @@ pin_project! {
         #[pin]
         inner: F,
         // `None` when no timeout applies (no timer is registered at all), and for the route
-        // timeout until the request body has ended. Boxed so that the route timer, once
-        // registered, moves into the response body as it is: one timer per request, not one for
-        // the headers and another for the body.
-        sleep: Option<Pin<Box<Sleep>>>,
+        // timeout until the request body has ended. Movable as it is into the response body: one
+        // timer per request, not one for the headers and another for the body.
+        timer: Option<Timer>,
         // What starts the timer when it does not start at once.
         start: Option<Start>,
         timeout: Duration,
@@ -42,7 +42,7 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn passthrough(inner: F) -> Self {
         Self {
             inner,
-            sleep: None,
+            timer: None,
             start: None,
             timeout: Duration::ZERO,
             scope: Scope::PerTry,
@@ -51,7 +51,7 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    /// A timer of `timeout` that starts now or, with `start`, when `start` says so.
+    /// A timer of `timeout` that started (`timer`) or, with `start`, starts when `start` says so.
     pub(crate) fn new(
         inner: F,
         timeout: Duration,
@@ -59,10 +59,12 @@ impl<F> ResponseFuture<F> {
         info: Option<Arc<RequestInfo>>,
         expiry: Expiry,
         start: Option<Start>,
+        timer: Option<Timer>,
     ) -> Self {
+        debug_assert!(start.is_some() != timer.is_some());
         Self {
             inner,
-            sleep: start.is_none().then(|| Box::pin(sleep(timeout))),
+            timer,
             start,
             timeout,
             scope,
@@ -73,7 +75,33 @@ impl<F> ResponseFuture<F> {
 
     #[cfg(test)]
     pub(crate) fn is_passthrough(&self) -> bool {
-        self.sleep.is_none() && self.start.is_none()
+        self.timer.is_none() && self.start.is_none()
+    }
+}
+
+/// A running timer: one of the request's own, or its deadline armed on its HTTP/1 connection's
+/// timer (which wakes the connection's task, the one polling this future, when it passes).
+pub(crate) enum Timer {
+    Own(Pin<Box<Sleep>>),
+    Conn(ArmedDeadline),
+}
+
+impl Timer {
+    pub(crate) fn after(timeout: Duration) -> Self {
+        Self::Own(Box::pin(sleep(timeout)))
+    }
+
+    fn until(at: Instant) -> Self {
+        Self::Own(Box::pin(sleep_until(at)))
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Self::Own(sleep) => sleep.as_mut().poll(cx),
+            // No waker to leave: the connection's task is woken, and polls this, when it passes.
+            Self::Conn(armed) if armed.expired() => Poll::Ready(()),
+            Self::Conn(_) => Poll::Pending,
+        }
     }
 }
 
@@ -108,7 +136,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if this.sleep.is_none() && this.start.is_none() {
+        if this.timer.is_none() && this.start.is_none() {
             return this.inner.poll(cx);
         }
         if *this.scope == Scope::PerTry {
@@ -116,21 +144,21 @@ where
             if let Poll::Ready(out) = this.inner.poll(cx) {
                 return Poll::Ready(out);
             }
-            if this.sleep.is_none() {
+            if this.timer.is_none() {
                 let at = ready!(poll_start(this.start, cx)).unwrap_or_else(Instant::now);
-                *this.sleep = Some(Box::pin(sleep_until(at + *this.timeout)));
+                *this.timer = Some(Timer::until(at + *this.timeout));
             }
-            let sleep = this.sleep.as_mut().expect("set above");
-            ready!(sleep.as_mut().poll(cx));
+            let timer = this.timer.as_mut().expect("set above");
+            ready!(timer.poll_expired(cx));
             fire(this.expiry.as_ref(), Deadline::PerTry);
             return Poll::Ready(Err(ProxyError::PerTryTimeout(*this.timeout).into()));
         }
         if this.start.is_some() {
             if let Poll::Ready(Some(at)) = poll_start(this.start, cx) {
-                *this.sleep = Some(Box::pin(sleep_until(at + *this.timeout)));
+                *this.timer = Some(Timer::until(at + *this.timeout));
             }
         }
-        let Some(sleep) = this.sleep.as_mut() else {
+        let Some(timer) = this.timer.as_mut() else {
             // The upstream answered before the request body ended: the route timer starts with
             // the body's end and bounds the response body from then on.
             let rsp = ready!(this.inner.poll(cx))?;
@@ -140,7 +168,7 @@ where
             let timeout = *this.timeout;
             let body = TimeoutBody {
                 inner: sluice_core::empty(),
-                sleep: None,
+                timer: None,
                 start: this.start.take(),
                 timeout,
                 info: this.info.take(),
@@ -153,7 +181,7 @@ where
         };
         // The deadline first: at a tie with a per-try timer below, the route timeout wins, as
         // Envoy ignores per-try timeouts that are not shorter than the route timeout.
-        if sleep.as_mut().poll(cx).is_ready() {
+        if timer.poll_expired(cx).is_ready() {
             fire(this.expiry.as_ref(), Deadline::Route);
             return Poll::Ready(Err(request_timeout(*this.timeout, this.info.as_deref())));
         }
@@ -167,7 +195,7 @@ where
             TimeoutBody {
                 inner: body,
                 // The timer registered for the headers, with its deadline: it bounds the body.
-                sleep: this.sleep.take(),
+                timer: this.timer.take(),
                 start: None,
                 timeout,
                 info,
@@ -199,7 +227,7 @@ pin_project! {
         #[pin]
         inner: Body,
         // `None` until the request body has ended (`start`), or for good if it never does.
-        sleep: Option<Pin<Box<Sleep>>>,
+        timer: Option<Timer>,
         start: Option<Start>,
         timeout: Duration,
         info: Option<Arc<RequestInfo>>,
@@ -222,16 +250,16 @@ impl HttpBody for TimeoutBody {
         }
         if this.start.is_some() {
             if let Poll::Ready(Some(at)) = poll_start(this.start, cx) {
-                *this.sleep = Some(Box::pin(sleep_until(at + *this.timeout)));
+                *this.timer = Some(Timer::until(at + *this.timeout));
             }
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(frame);
         }
-        let Some(sleep) = this.sleep.as_mut() else {
+        let Some(timer) = this.timer.as_mut() else {
             return Poll::Pending;
         };
-        ready!(sleep.as_mut().poll(cx));
+        ready!(timer.poll_expired(cx));
         *this.expired = true;
         fire(this.expiry.as_ref(), Deadline::Route);
         Poll::Ready(Some(Err(request_timeout(

@@ -27,7 +27,7 @@
 mod future;
 
 pub use self::future::ResponseFuture;
-use self::future::{EndSignal, Start};
+use self::future::{EndSignal, Start, Timer};
 use http_body::Body as _;
 
 use http::{header::HeaderName, HeaderMap, Request, Response};
@@ -178,11 +178,22 @@ where
         // One pass over the names serves both lookups below.
         let sent = sent_timeout_headers(req.headers());
         let timeout = self.effective(req.headers_mut(), sent);
+        // Taken whether or not a timeout applies: the attempts below have no use for it.
+        let conn_timer = match self.scope {
+            Scope::Route => req
+                .extensions_mut()
+                .get_mut::<RequestCtx>()
+                .and_then(|ctx| ctx.conn_timer.take()),
+            Scope::PerTry => None,
+        };
+        // When the route timer starts, if it starts now (a clock read for the route layer only).
+        let mut now = None;
         match self.scope {
             Scope::Route => {
                 if let Some(timeout) = timeout {
+                    let start = *now.insert(Instant::now());
                     RequestCtx::of_mut(req.extensions_mut()).route_clock = Some(RouteClock {
-                        start: Instant::now().into_std(),
+                        start: start.into_std(),
                         timeout,
                     });
                 }
@@ -235,6 +246,14 @@ where
                         Some(Start::Connection(ready))
                     }
                 };
+                // A timer that starts now: the route's on the connection's timer when there is
+                // one (an HTTP/1 client), else one of its own.
+                let at = now.and_then(|now| now.checked_add(timeout));
+                let timer = match (&start, conn_timer, at) {
+                    (Some(_), ..) => None,
+                    (None, Some(conn), Some(at)) => Some(Timer::Conn(conn.arm(at.into_std()))),
+                    (None, ..) => Some(Timer::after(timeout)),
+                };
                 ResponseFuture::new(
                     self.inner.call(req),
                     timeout,
@@ -242,6 +261,7 @@ where
                     info,
                     expiry,
                     start,
+                    timer,
                 )
             }
         }
