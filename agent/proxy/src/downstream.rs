@@ -773,6 +773,11 @@ impl<IO> Guarded<IO> {
         else {
             return false;
         };
+        // Envoy disarms the timer at the head's last byte. A head that arrives in one read (most
+        // do) never arms it.
+        if head.complete {
+            return false;
+        }
         let deadline = head.started.1 + limit;
         let timer = this
             .timer

@@ -24,11 +24,12 @@ use crate::stats::{inc, Stats};
 use foldhash::{HashMap, HashMapExt};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice_core::{Body, Cause, ConnectError, ProxyError};
+use sluice_core::{Body, Cause, ConnectError, ProxyError, SideWake};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
@@ -679,28 +680,65 @@ where
         {
             tokio::pin!(conn);
             let mut deadline = first_deadline;
+            // The connection wakes this task a few times per request; its timers and the close
+            // signal are polled only when one of them woke it (see `SideWake`).
+            let side = SideWake::new();
+            let side_waker = Waker::from(side.clone());
+            let mut close = std::pin::pin!(close.notified());
+            let mut idle = std::pin::pin!(tokio::time::sleep_until(
+                deadline.unwrap_or_else(Instant::now)
+            ));
+            let mut age = std::pin::pin!(tokio::time::sleep_until(
+                max_age.unwrap_or_else(Instant::now)
+            ));
             loop {
-                tokio::select! {
-                    res = &mut conn => {
+                // Each turn polls the side futures once: a timer set again must be registered.
+                let mut first = true;
+                let event = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Ended(res));
+                    }
+                    let due = side.due(cx);
+                    if !std::mem::take(&mut first) && !due {
+                        return Poll::Pending;
+                    }
+                    let mut cx = Context::from_waker(&side_waker);
+                    if close.as_mut().poll(&mut cx).is_ready() {
+                        return Poll::Ready(Event::Close);
+                    }
+                    if max_age.is_some() && age.as_mut().poll(&mut cx).is_ready() {
+                        return Poll::Ready(Event::MaxAge);
+                    }
+                    if deadline.is_some() && idle.as_mut().poll(&mut cx).is_ready() {
+                        return Poll::Ready(Event::Idle);
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match event {
+                    Event::Ended(res) => {
                         if let Err(err) = res {
                             debug!(%host, %err, "upstream connection ended");
                         }
                         break;
                     }
-                    () = close.notified() => break,
-                    () = tokio::time::sleep_until(max_age.unwrap_or_else(Instant::now)), if max_age.is_some() => {
+                    Event::Close => break,
+                    Event::MaxAge => {
                         max_age = None;
                         let Some(inner) = inner.upgrade() else { break };
                         // Closes it now if idle (`close` is notified), else when its requests end.
                         inner.pool.lock().expire(host, id);
                     }
-                    () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    Event::Idle => {
                         let Some(inner) = inner.upgrade() else { break };
                         let timeout = inner.idle_timeout();
                         let next = inner.pool.lock().idle_deadline(host, id, timeout);
                         match next {
                             Ok(next) => deadline = next,
                             Err(()) => break,
+                        }
+                        if let Some(next) = deadline {
+                            idle.as_mut().reset(next);
                         }
                     }
                 }
@@ -710,6 +748,14 @@ where
             inner.pool.lock().closed(host, id);
         }
     });
+}
+
+/// What ended a turn of a pooled connection's task.
+enum Event {
+    Ended(Result<(), hyper::Error>),
+    Close,
+    MaxAge,
+    Idle,
 }
 
 /// Gives a lease back: to idle (or the next waiter) when `reusable`, else the connection closes
