@@ -322,7 +322,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.conn.clone().request_ended(self);
+        self.conn.request_ended(self);
     }
 }
 

@@ -301,23 +301,31 @@ async fn serve_http<IO>(
     // GOAWAY at once, where an HTTP/1 client gets `Connection: close` on its next response.
     let is_h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc = {
-        let client = client.clone();
-        let shutdown = draining.shutdown.clone();
+        // What every request of the connection needs, behind one reference count.
+        let shared = Arc::new(PerConn {
+            handler,
+            conn,
+            client: client.clone(),
+            shutdown: draining.shutdown.clone(),
+        });
         let is_h2 = is_h2.clone();
         service_fn(move |req| {
-            let handler = handler.clone();
-            let conn = conn.clone();
-            let client = client.clone();
-            let shutdown = shutdown.clone();
+            let shared = shared.clone();
             let h1 = req.version() < http::Version::HTTP_2;
             if !h1 {
                 is_h2.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            let (req, request) = client.request_started(req);
+            let (req, request) = shared.client.request_started(req);
             // Boxed where created: rustc cannot otherwise prove the future `Send` for every
             // lifetime in `BoxError` when hyper spawns it.
             let fut: futures_util::future::BoxFuture<'static, Result<_, StreamReset>> =
                 Box::pin(async move {
+                    let PerConn {
+                        handler,
+                        conn,
+                        client,
+                        shutdown,
+                    } = &*shared;
                     if req.version() == http::Version::HTTP_2 {
                         if let Some(fired) = client.check_h2_headers(&req) {
                             // Envoy's codec resets the stream (hyper sends RST_STREAM
@@ -337,9 +345,9 @@ async fn serve_http<IO>(
                         }
                     }
                     let mut rsp = if is_loop {
-                        handler.refuse_loop(&req, &conn)
+                        handler.refuse_loop(&req, conn)
                     } else {
-                        handler.handle(req, &conn).await
+                        handler.handle(req, conn).await
                     };
                     if h1
                         && *shutdown.borrow()
@@ -482,6 +490,14 @@ async fn serve_http<IO>(
         // The `h2` crate's GOAWAYs were counted as they were written (`Guarded`).
         tracing::debug!(%peer, error = %err, "client connection ended with an error");
     }
+}
+
+/// A client connection's own, shared by its requests.
+struct PerConn {
+    handler: Arc<Handler>,
+    conn: ConnInfo,
+    client: Arc<Conn>,
+    shutdown: watch::Receiver<bool>,
 }
 
 /// What ended a turn of a connection's loop.
