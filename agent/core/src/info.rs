@@ -8,6 +8,7 @@
 
 use crate::{Deadline, ResponseFlags};
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -69,13 +70,17 @@ pub struct RequestInfo {
     request_bytes: AtomicU64,
     notes: Mutex<Notes>,
     /// Every attempt that picked an endpoint, in order, once it ended.
-    attempt_records: Mutex<Vec<AttemptRecord>>,
+    attempt_records: Mutex<AttemptRecords>,
 }
+
+/// A request's attempt records: most requests make one attempt, kept in place (no allocation of
+/// its own, per request and in the ring of recent requests).
+pub type AttemptRecords = SmallVec<[AttemptRecord; 1]>;
 
 #[derive(Debug, Default)]
 struct Notes {
     /// Endpoints of the attempts so far, in order; the last is the current one.
-    upstreams: Vec<SocketAddr>,
+    upstreams: SmallVec<[SocketAddr; 1]>,
     cluster: Option<Arc<str>>,
     /// The route that took the request (`http[].name`, or `VSNAME.INDEX`; `default` for Istio's
     /// implicit route), as the configuration in force then named it.
@@ -96,7 +101,7 @@ pub struct InfoSummary {
     pub upstream: Option<SocketAddr>,
     pub cluster: Option<Arc<str>>,
     pub policy: Option<(PolicyNote, Option<PolicyNote>)>,
-    pub attempts: Box<[AttemptRecord]>,
+    pub attempts: AttemptRecords,
 }
 
 impl RequestInfo {
@@ -138,7 +143,7 @@ impl RequestInfo {
 
     /// Every endpoint tried so far, in order.
     pub fn upstreams(&self) -> Vec<SocketAddr> {
-        self.notes.lock().upstreams.clone()
+        self.notes.lock().upstreams.to_vec()
     }
 
     /// Records the Envoy-style cluster name (`outbound|80|v1|pricing.default.svc.cluster.local`).
@@ -204,7 +209,7 @@ impl RequestInfo {
 
     /// The attempts that have ended so far, in the order they ended.
     pub fn attempt_records(&self) -> Vec<AttemptRecord> {
-        self.attempt_records.lock().clone()
+        self.attempt_records.lock().to_vec()
     }
 
     /// The attempt records without copying them, locked while the guard lives (a request's are
@@ -216,7 +221,7 @@ impl RequestInfo {
 
     /// Details, latest endpoint, cluster and policy, read under one lock, and the attempts.
     pub fn summary(&self) -> InfoSummary {
-        let attempts = self.attempt_records.lock().as_slice().into();
+        let attempts = self.attempt_records.lock().clone();
         let notes = self.notes.lock();
         InfoSummary {
             details: notes.details,
@@ -237,10 +242,10 @@ impl RequestInfo {
     }
 }
 
-/// Appends growing by exactly one element. Most requests make one attempt, and a request's info
-/// stays in memory with its record for `sluice trace` (the last 4,096 by default): a `Vec`'s first
+/// Appends growing by exactly one element past the first, kept in place. A request's info can stay
+/// in memory with its record for `sluice trace` (the last 4,096 by default): a `Vec`'s first
 /// growth would make room for four, 352 bytes for one attempt record.
-fn push_one<T>(v: &mut Vec<T>, item: T) {
+fn push_one<A: smallvec::Array>(v: &mut SmallVec<A>, item: A::Item) {
     v.reserve_exact(1);
     v.push(item);
 }

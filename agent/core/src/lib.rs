@@ -22,7 +22,7 @@ pub use self::error::{
 };
 pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
-pub use self::info::{AttemptRecord, InfoSummary, PolicyNote, RequestInfo};
+pub use self::info::{AttemptRecord, AttemptRecords, InfoSummary, PolicyNote, RequestInfo};
 pub use self::ready::ConnectionReady;
 pub use self::side_wake::SideWake;
 

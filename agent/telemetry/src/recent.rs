@@ -1,13 +1,15 @@
 //! The node's recent traffic for people debugging it: a bounded ring of the last finished requests
 //! (what `sluice trace` reads) and a live feed of each record as it finishes (`sluice tap`). The
 //! feed shares the records the telemetry made, and only with a tap that listens; the ring keeps
-//! each as a [`Kept`]: what `sluice trace` shows of it, in the ring's slot and two allocations.
+//! each as a [`Kept`]: what `sluice trace` shows of it, in the ring's slot (a long path or a
+//! retried request also takes an allocation).
 
 use crate::labels::{Interned, Peer, ServiceName};
 use crate::record::{Exchange, Record};
 use http::{Method, Version};
 use parking_lot::Mutex;
-use sluice_core::{AttemptRecord, PolicyNote, ResponseFlags};
+use sluice_core::{AttemptRecords, PolicyNote, ResponseFlags};
+use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,14 +19,16 @@ use tokio::sync::broadcast;
 /// Records kept by default: a few seconds of a busy node, minutes of a quiet one. What they cost:
 /// a kept request stays in memory for as many requests as are kept, so each request writes memory
 /// gone cold meanwhile, and evicts from the cache what the next requests need. Hence [`Kept`]:
-/// about 450 bytes where the record and what it points to took about 1,400 in eight allocations
-/// (bytes that cycle through the cache once per request); at saturation the default still costs
-/// about 6% of the throughput (`sluice run --recent-requests`).
+/// 488 bytes, for most requests all in the ring's slot, where the record and what it points to
+/// took about 1,400 in eight allocations (bytes that cycle through the cache once per request); at
+/// saturation the default still costs a few percent of the throughput (`sluice run
+/// --recent-requests`).
 pub const DEFAULT_CAPACITY: usize = 4096;
 
-/// A finished request (or L4 connection) as the ring keeps it: what `sluice trace` shows, in one
-/// allocation for its text and one for its attempts beside the ring's slot. Made from the
-/// [`Record`] while that is still warm; the record and its request info are freed at once (or
+/// A finished request (or L4 connection) as the ring keeps it: what `sluice trace` shows, in the
+/// ring's slot when its text fits [`INLINE_TEXT`] bytes and it made one attempt (most requests;
+/// an allocation per request and its cold memory cost some throughput at saturation). Made from
+/// the [`Record`] while that is still warm; the record and its request info are freed at once (or
 /// shared with a tap that listens).
 #[derive(Clone, Debug)]
 pub struct Kept {
@@ -35,8 +39,8 @@ pub struct Kept {
     pub service: Interned<ServiceName>,
     /// `None` for a connection proxied at L4.
     pub http: Option<(Method, Version)>,
-    /// Path, then authority, then `x-request-id`, back to back.
-    text: Box<str>,
+    /// Path, then authority, then `x-request-id`, back to back (UTF-8).
+    text: SmallVec<[u8; INLINE_TEXT]>,
     path_len: u32,
     authority_len: u32,
     pub status: u16,
@@ -50,8 +54,12 @@ pub struct Kept {
     pub cluster: Option<Arc<str>>,
     /// The route's and the cluster's policy the request was routed under.
     pub policy: Option<(PolicyNote, Option<PolicyNote>)>,
-    pub attempts: Box<[AttemptRecord]>,
+    pub attempts: AttemptRecords,
 }
+
+/// Bytes of a kept request's path, authority and `x-request-id` held in its slot: a UUID request
+/// id (36) with a Service's full authority (about 40) and a path of about 40.
+pub const INLINE_TEXT: usize = 120;
 
 impl Kept {
     pub fn of(r: &Record) -> Self {
@@ -59,15 +67,16 @@ impl Kept {
             Exchange::Http(h) => {
                 let id = h.request_id.as_ref().and_then(|v| v.to_str().ok());
                 let id = id.unwrap_or_default();
-                let mut text = String::with_capacity(h.path.len() + h.authority.len() + id.len());
-                text.push_str(&h.path);
-                text.push_str(&h.authority);
-                text.push_str(id);
+                let mut text = SmallVec::new();
+                text.reserve_exact(h.path.len() + h.authority.len() + id.len());
+                text.extend_from_slice(h.path.as_bytes());
+                text.extend_from_slice(h.authority.as_bytes());
+                text.extend_from_slice(id.as_bytes());
                 let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX);
                 let (path, authority) = (len(&h.path), len(&h.authority));
                 (Some((h.method.clone(), h.version)), text, path, authority)
             }
-            Exchange::Tcp { .. } => (None, String::new(), 0, 0),
+            Exchange::Tcp { .. } => (None, SmallVec::new(), 0, 0),
         };
         let info = &r.info;
         let summary = info.summary();
@@ -78,7 +87,7 @@ impl Kept {
             source: r.source.clone(),
             service: r.service.clone(),
             http,
-            text: text.into_boxed_str(),
+            text,
             path_len,
             authority_len,
             status: r.status,
@@ -98,10 +107,12 @@ impl Kept {
     fn part(&self, from: u32, to: Option<u32>) -> Option<&str> {
         self.http.as_ref()?;
         let from = from as usize;
-        match to {
+        let bytes = match to {
             Some(to) => self.text.get(from..to as usize),
             None => self.text.get(from..),
-        }
+        }?;
+        // Valid: the parts were whole `str`s, put back to back.
+        std::str::from_utf8(bytes).ok()
     }
 
     pub fn path(&self) -> Option<&str> {
@@ -357,6 +368,47 @@ mod tests {
         let kept = Kept::of(&record);
         assert!(kept.http.is_none() && kept.path().is_none() && kept.request_id().is_none());
         assert_eq!((kept.request_bytes, kept.authority()), (5, None));
+    }
+
+    #[test]
+    fn a_usual_request_is_kept_in_its_slot() {
+        use sluice_core::AttemptRecord;
+        let uuid = "0b9cd3d0-5d4e-4f5a-9c61-2f1a6c1f0e7d";
+        let mut record = record_of(uuid);
+        if let Exchange::Http(h) = &mut record.exchange {
+            h.path = "/api/v1/products/42?fields=price".into();
+            h.authority = "reviews.bookinfo.svc.cluster.local:9080".into();
+        }
+        let endpoint: SocketAddr = "10.0.0.9:8080".parse().unwrap();
+        record.info.push_attempt(AttemptRecord {
+            attempt: 1,
+            endpoint,
+            started: tokio::time::Instant::now().into_std(),
+            duration: Duration::from_millis(5),
+            reached: true,
+            status: 200,
+            flags: ResponseFlags::empty(),
+            timeout: None,
+            response_bytes: 3,
+        });
+        let kept = Kept::of(&record);
+        assert!(!kept.text.spilled() && !kept.attempts.spilled());
+        assert_eq!(kept.request_id(), Some(uuid));
+        assert_eq!(
+            kept.authority(),
+            Some("reviews.bookinfo.svc.cluster.local:9080")
+        );
+        println!("a kept request: {} bytes", std::mem::size_of::<Kept>());
+
+        // A longer one spills to the heap and reads back the same.
+        let long = format!("/{}", "x".repeat(200));
+        if let Exchange::Http(h) = &mut record.exchange {
+            h.path = long.clone();
+        }
+        let kept = Kept::of(&record);
+        assert!(kept.text.spilled());
+        assert_eq!(kept.path(), Some(long.as_str()));
+        assert_eq!(kept.request_id(), Some(uuid));
     }
 
     fn request_id(r: &Record) -> String {
