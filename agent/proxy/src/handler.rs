@@ -247,9 +247,11 @@ impl Handler {
         let info = Arc::new(RequestInfo::new());
         // Envoy makes an `x-request-id` when the client sent none; the access log shows the one
         // sent upstream.
-        if !req.headers().contains_key(X_REQUEST_ID) {
-            req.headers_mut().insert(X_REQUEST_ID, new_request_id());
-        }
+        let made_request_id = (!req.headers().contains_key(X_REQUEST_ID)).then(|| {
+            let id = new_request_id();
+            req.headers_mut().insert(X_REQUEST_ID, id.clone());
+            id
+        });
         // The request's place in a trace: the cluster writes it on every attempt, the record
         // makes the spans.
         let trace = self.telemetry.tracer().start(req.headers()).map(Arc::new);
@@ -273,7 +275,11 @@ impl Handler {
                 duration: Duration::ZERO,
                 exchange: Exchange::Http(HttpRequest {
                     trace,
-                    ..HttpRequest::of(&req, route::authority_of(&req).to_owned())
+                    ..HttpRequest::with_request_id(
+                        &req,
+                        route::authority_of(&req).to_owned(),
+                        made_request_id,
+                    )
                 }),
                 peer: Some(conn.peer),
                 source: state.source_identity(conn.peer.ip()),

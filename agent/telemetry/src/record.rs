@@ -37,6 +37,16 @@ pub struct HttpRequest {
 
 impl HttpRequest {
     pub fn of<B>(req: &http::Request<B>, authority: String) -> Self {
+        Self::with_request_id(req, authority, None)
+    }
+
+    /// As [`Self::of`], with the `x-request-id` the proxy made for the request (`made`: in an
+    /// allocation of its own already, shared rather than copied).
+    pub fn with_request_id<B>(
+        req: &http::Request<B>,
+        authority: String,
+        made: Option<HeaderValue>,
+    ) -> Self {
         let path = req
             .uri()
             .path_and_query()
@@ -49,7 +59,7 @@ impl HttpRequest {
             path,
             version: req.version(),
             authority,
-            request_id: headers.get(crate::trace::X_REQUEST_ID).map(detached),
+            request_id: made.or_else(|| headers.get(crate::trace::X_REQUEST_ID).map(detached)),
             protocol: crate::metrics::protocol_of(headers),
             user_agent: headers.get(http::header::USER_AGENT).map(detached),
             trace: None,
