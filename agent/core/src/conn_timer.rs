@@ -129,35 +129,25 @@ impl Drop for ArmedDeadline {
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::task::Wake;
-
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    use crate::test_wakes::Wakes;
 
     #[test]
     fn the_timer_is_set_only_when_a_deadline_comes_earlier() {
-        let wakes = Arc::new(Count::default());
+        let (wakes, waker) = Wakes::new();
         let t0 = Instant::now() - Duration::from_secs(1);
-        let timer = Arc::new(ConnTimer::new(Waker::from(wakes.clone()), t0));
+        let timer = Arc::new(ConnTimer::new(waker, t0));
         let s = Duration::from_secs(1);
 
         // The first deadline wakes the connection, which sets its timer to it.
         let first = timer.clone().arm(t0 + 10 * s);
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert_eq!(wakes.count(), 1);
         assert_eq!(timer.reset_to(), Some(t0 + 10 * s));
         assert_eq!(timer.reset_to(), None, "set already");
         drop(first);
 
         // Later deadlines (the next requests) neither wake nor set it.
         let second = timer.clone().arm(t0 + 11 * s);
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert_eq!(wakes.count(), 1);
         assert_eq!(timer.reset_to(), None);
 
         // It fires early: nothing expires, and it is set to the deadline armed now.
@@ -168,7 +158,7 @@ mod tests {
         // A shorter deadline wakes the connection to set the timer earlier.
         drop(second);
         let third = timer.clone().arm(t0 + 5 * s);
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 2);
+        assert_eq!(wakes.count(), 2);
         assert_eq!(timer.reset_to(), Some(t0 + 5 * s));
 
         // It passes: the request's deadline is expired, and the timer is not set again for it.

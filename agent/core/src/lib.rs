@@ -13,6 +13,8 @@ mod flags;
 mod info;
 mod ready;
 mod side_wake;
+#[cfg(test)]
+mod test_wakes;
 
 pub use self::conn_timer::{ArmedDeadline, ConnTimer};
 pub use self::ctx::{RequestCtx, RouteClock, TracePropagation};

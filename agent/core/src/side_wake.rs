@@ -55,22 +55,12 @@ impl Wake for SideWake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use crate::test_wakes::Wakes;
     use std::task::Waker;
-
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 
     #[test]
     fn due_at_first_then_only_after_a_side_wake() {
-        let task = Arc::new(Count::default());
-        let task_waker = Waker::from(task.clone());
+        let (task, task_waker) = Wakes::new();
         let cx = Context::from_waker(&task_waker);
         let side = SideWake::new();
         let side_waker = Waker::from(side.clone());
@@ -78,11 +68,11 @@ mod tests {
         assert!(side.due(&cx), "the first poll");
         assert!(!side.due(&cx), "nothing woke it");
         side_waker.wake_by_ref();
-        assert_eq!(task.0.load(Ordering::Relaxed), 1, "the task is woken");
+        assert_eq!(task.count(), 1, "the task is woken");
         assert!(side.due(&cx));
         assert!(!side.due(&cx));
         // Registered again when due: the next side wake-up wakes the task again.
         side_waker.wake_by_ref();
-        assert_eq!(task.0.load(Ordering::Relaxed), 2);
+        assert_eq!(task.count(), 2);
     }
 }
