@@ -344,8 +344,9 @@ async fn route_timeouts_on_one_keep_alive_connection() {
 
     let lines = log.drain().await;
     let flags: Vec<(u16, &str)> = lines.iter().map(|l| (l.status, l.flags.as_str())).collect();
+    // The last as Envoy logs it: `UT` alone (its router resets the upstream stream itself).
     assert_eq!(
-        flags[..8],
+        flags,
         [
             (200, "-"),
             (200, "-"),
@@ -355,12 +356,8 @@ async fn route_timeouts_on_one_keep_alive_connection() {
             (504, "UT"),
             (200, "-"),
             (504, "UT"),
+            (200, "UT"),
         ],
-        "{lines:#?}"
-    );
-    assert_eq!(lines.len(), 9, "{lines:#?}");
-    assert!(
-        lines[8].status == 200 && lines[8].has_flag("UT"),
         "{lines:#?}"
     );
     upstream.abort();

@@ -185,6 +185,11 @@ impl HttpBody for RecordedBody {
                         info.add_flags(pe.flag());
                         info.set_details(pe.details(true).unwrap_or_default());
                     }
+                    // The route timeout passed in the body: the proxy reset the upstream stream
+                    // itself, and Envoy's router (`onResponseTimeout`) flags only `UT`.
+                    Some(pe @ sluice_core::ProxyError::RequestTimeout(_)) => {
+                        info.add_flags(pe.flag());
+                    }
                     _ => info.add_flags(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
                 }
                 finish_now(this.finish);
