@@ -87,6 +87,11 @@ impl ConnTimer {
         self.instant(armed)
     }
 
+    /// Whether the connection's timer is set (by [`reset_to`](Self::reset_to), until it fires).
+    pub fn is_set(&self) -> bool {
+        self.timer.load(Ordering::Relaxed) != NONE
+    }
+
     /// For the connection's task, when its timer fired at `now`: marks the armed deadline expired
     /// if it has passed (true: the request must be polled), and leaves the timer unset, to be set
     /// again by [`reset_to`](Self::reset_to).
@@ -143,6 +148,7 @@ mod tests {
         assert_eq!(wakes.count(), 1);
         assert_eq!(timer.reset_to(), Some(t0 + 10 * s));
         assert_eq!(timer.reset_to(), None, "set already");
+        assert!(timer.is_set());
         drop(first);
 
         // Later deadlines (the next requests) neither wake nor set it.
@@ -152,6 +158,7 @@ mod tests {
 
         // It fires early: nothing expires, and it is set to the deadline armed now.
         assert!(!timer.fired(t0 + 10 * s));
+        assert!(!timer.is_set());
         assert!(!second.expired());
         assert_eq!(timer.reset_to(), Some(t0 + 11 * s));
 

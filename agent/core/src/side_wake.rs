@@ -26,8 +26,14 @@ impl SideWake {
         })
     }
 
-    /// Whether the side futures must be polled now (the first poll, or one of them woke the
-    /// task); if so, the task's waker is registered for the next. The task's waker must not change
+    /// The side futures are polled at the task's next poll (a loop's new turn, whose futures
+    /// are new or were set again and must be registered).
+    pub fn poll_next(&self) {
+        self.woken.store(true, Ordering::Release);
+    }
+
+    /// Whether the side futures must be polled now (the first poll, after [`Self::poll_next`], or
+    /// one of them woke the task); if so, the task's waker is registered for the next. The task's waker must not change
     /// between polls (a spawned task's does not).
     pub fn due(&self, cx: &Context<'_>) -> bool {
         // A load first: the usual answer costs no read-modify-write. A wake-up between the load
@@ -71,6 +77,9 @@ mod tests {
         assert_eq!(task.count(), 1, "the task is woken");
         assert!(side.due(&cx));
         assert!(!side.due(&cx));
+        side.poll_next();
+        assert!(side.due(&cx), "a new turn");
+        assert_eq!(task.count(), 1, "without waking the task");
         // Registered again when due: the next side wake-up wakes the task again.
         side_waker.wake_by_ref();
         assert_eq!(task.count(), 2);

@@ -380,9 +380,9 @@ async fn serve_http<IO>(
     // going cost no timer and no turn of this loop; when it fires early it is set again.
     let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
     let mut idle_armed = false;
-    // Set lazily too (see `ConnTimer`): once per route timeout, not once per request.
+    // Set lazily too (see `ConnTimer`, which knows whether it is set): once per route timeout,
+    // not once per request.
     let mut route_timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
-    let mut route_armed = false;
     let result = loop {
         if client.aborted() {
             // Envoy aborts such a connection: nothing more is read or written.
@@ -414,25 +414,22 @@ async fn serve_http<IO>(
             grace_ends.unwrap_or_else(Instant::now)
         ));
         let mut abort = std::pin::pin!(client.changed());
-        let mut first = true;
+        side.poll_next();
         let event = std::future::poll_fn(|cx| {
             if let Poll::Ready(res) = served.as_mut().poll(cx) {
                 return Poll::Ready(Event::Served(res));
             }
             // The other futures are polled once, then only when one of them woke the task:
             // the connection's own reads and writes wake it several times per request.
-            let due = side.due(cx);
-            if !std::mem::take(&mut first) && !due {
+            if !side.due(cx) {
                 return Poll::Pending;
             }
             let mut cx = Context::from_waker(&side_waker);
             // Route deadlines first: they are watched while draining too.
             if let Some(at) = conn_timer.reset_to() {
                 route_timer.as_mut().reset(Instant::from_std(at));
-                route_armed = true;
             }
-            if route_armed && route_timer.as_mut().poll(&mut cx).is_ready() {
-                route_armed = false;
+            if conn_timer.is_set() && route_timer.as_mut().poll(&mut cx).is_ready() {
                 // Either the request's deadline passed (`served`, polled first at the next turn,
                 // polls the request) or the timer fired early for a later deadline (set again
                 // at the next turn).

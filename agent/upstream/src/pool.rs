@@ -693,13 +693,12 @@ where
             ));
             loop {
                 // Each turn polls the side futures once: a timer set again must be registered.
-                let mut first = true;
+                side.poll_next();
                 let event = std::future::poll_fn(|cx| {
                     if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                         return Poll::Ready(Event::Ended(res));
                     }
-                    let due = side.due(cx);
-                    if !std::mem::take(&mut first) && !due {
+                    if !side.due(cx) {
                         return Poll::Pending;
                     }
                     let mut cx = Context::from_waker(&side_waker);
