@@ -65,8 +65,9 @@ pub struct BenchArgs {
     #[arg(long)]
     instructions: bool,
     /// Sluice from a plain release build only. By default the measured Sluice is the build
-    /// `cargo xtask build-pgo` makes (profile-guided, trained on its own workload, not this one),
-    /// and the plain release build runs in the same rounds as `sluice-plain`.
+    /// `cargo xtask build-pgo` makes (profile-guided and laid out by BOLT, trained on its own
+    /// workload, not this one), and the plain release build runs in the same rounds as
+    /// `sluice-plain`.
     #[arg(long)]
     no_pgo: bool,
     /// Worker threads of every proxy: Sluice `--workers`, HAProxy `nbthread`, Envoy
@@ -193,7 +194,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     });
     // The profile-guided build is what is measured as Sluice; the plain one runs beside it.
     let (sluice_bin, plain_bin) = match (&plain_bin, args.no_pgo) {
-        (Ok(plain), false) => match crate::pgo::build(&root, 3) {
+        (Ok(plain), false) => match crate::pgo::build(&root, 3, true, !args.no_install) {
             Ok(pgo) => (Ok(pgo), Some(plain.clone())),
             Err(e) => {
                 println!("bench: build-pgo failed, Sluice is the plain release build: {e:#}");
@@ -509,7 +510,7 @@ fn summarize(
     if plain_too {
         let _ = writeln!(
             t,
-            "sluice: the profile-guided build (cargo xtask build-pgo); sluice-plain: cargo build --release"
+            "sluice: the build cargo xtask build-pgo makes (profile-guided, laid out by BOLT where installable); sluice-plain: cargo build --release"
         );
     }
     let _ = write!(t, "{:<12}", "target");

@@ -9,6 +9,7 @@ mod bench;
 mod bench_config;
 mod bench_isolation;
 mod bench_redirect;
+mod bolt;
 mod dashboards;
 mod demo;
 mod ebpf;

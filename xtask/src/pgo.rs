@@ -8,7 +8,8 @@
 //!
 //! Steps: an instrumented release build (`-Cprofile-generate`), a training run of that build in
 //! front of an upstream served by this process, `llvm-profdata merge` (rustup's `llvm-tools`,
-//! installed if missing), and the release build that uses the profile (`-Cprofile-use`). The
+//! installed if missing), the release build that uses the profile (`-Cprofile-use`), and BOLT's
+//! layout of that binary from a second training ([`crate::bolt`]; `--no-bolt` skips it). The
 //! training is not the benchmark: its own Services, routes and a request mix (small and 16 KiB
 //! responses, request bodies, 5xx answers that are retried, one connection and 32, the access log
 //! on and off), so that the profile favours the proxy's common path rather than one benchmark's.
@@ -37,11 +38,14 @@ pub struct BuildPgoArgs {
     /// off and on).
     #[arg(long, default_value_t = 3)]
     seconds: u64,
+    /// Stop at the profile-guided build: no BOLT layout.
+    #[arg(long)]
+    no_bolt: bool,
 }
 
 pub fn run(args: BuildPgoArgs) -> Result<()> {
     let root = workspace_root();
-    let bin = build(&root, args.seconds)?;
+    let bin = build(&root, args.seconds, !args.no_bolt, true)?;
     let out = root.join(&args.out);
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir)?;
@@ -54,9 +58,20 @@ pub fn run(args: BuildPgoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Builds, trains and rebuilds; returns the optimized binary (under `target/pgo/use`).
-pub(crate) fn build(root: &Path, seconds: u64) -> Result<PathBuf> {
+/// Builds, trains and rebuilds, then (`bolt`) lays the result out again with BOLT from a second
+/// training; returns the optimized binary (`target/pgo/bolt/sluice`, or under `target/pgo/use`
+/// without BOLT). `install`: BOLT's tools may be installed with apt-get.
+pub(crate) fn build(root: &Path, seconds: u64, bolt: bool, install: bool) -> Result<PathBuf> {
     let profdata = llvm_profdata()?;
+    let bolt_tools = if bolt {
+        let tools = crate::bolt::Tools::find(install);
+        if tools.is_none() {
+            println!("build-pgo: llvm-bolt not found (Debian: bolt-N for rustc's LLVM N); the binary is profile-guided only");
+        }
+        tools
+    } else {
+        None
+    };
     let host = host_triple()?;
     let pgo = root.join("target/pgo");
     let profiles = pgo.join("profiles");
@@ -77,7 +92,7 @@ pub(crate) fn build(root: &Path, seconds: u64) -> Result<PathBuf> {
     )?;
 
     println!("build-pgo: training ({seconds} s per phase)");
-    train(&generate, &pgo, seconds)?;
+    train(&generate, &pgo, Some(seconds))?;
     let raw: Vec<PathBuf> = fs::read_dir(&profiles)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "profraw"))
@@ -109,12 +124,47 @@ pub(crate) fn build(root: &Path, seconds: u64) -> Result<PathBuf> {
     fs::rename(&merged, &named)?;
 
     println!("build-pgo: optimized release build (target/pgo/use)");
-    cargo_build(
-        root,
-        &host,
-        &pgo.join("use"),
-        &format!("-Cprofile-use={}", path_str(&named)),
-    )
+    let mut flags = format!("-Cprofile-use={}", path_str(&named));
+    if bolt_tools.is_some() {
+        flags.push(' ');
+        flags.push_str(crate::bolt::LINK_ARGS);
+    }
+    let used = cargo_build(root, &host, &pgo.join("use"), &flags)?;
+    let Some(tools) = bolt_tools else {
+        return Ok(used);
+    };
+    match bolt_layout(&tools, &used, &pgo, seconds) {
+        Ok(out) => Ok(out),
+        Err(e) => {
+            println!("build-pgo: BOLT failed, the binary is profile-guided only: {e:#}");
+            Ok(used)
+        }
+    }
+}
+
+/// The BOLT stage: instrument `used`, train it, lay `used` out by that profile.
+fn bolt_layout(
+    tools: &crate::bolt::Tools,
+    used: &Path,
+    pgo: &Path,
+    seconds: u64,
+) -> Result<PathBuf> {
+    let dir = pgo.join("bolt");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let instrumented = dir.join("sluice-instrumented");
+    println!("build-pgo: BOLT instrumentation (target/pgo/bolt)");
+    tools.instrument(used, &instrumented, &dir.join("profile"))?;
+    println!("build-pgo: BOLT training ({seconds} s per phase)");
+    train(&instrumented, pgo, Some(seconds))?;
+    let out = dir.join("sluice");
+    println!("build-pgo: BOLT layout");
+    tools.optimize(used, &dir, &out)?;
+    let _ = fs::remove_file(&instrumented);
+    // A rewritten binary is only kept if it serves: started with the training's policy (access
+    // log off and on), it must route a request to the upstream.
+    train(&out, pgo, None).context("the binary BOLT wrote")?;
+    Ok(out)
 }
 
 /// FNV-1a: stable across runs and builds (std's hashers promise neither).
@@ -259,10 +309,11 @@ spec:
     )
 }
 
-/// Runs the instrumented agent in front of this process's upstream, twice (access log off, then
-/// on), each under the request mix at 32 connections and at one; stops it with SIGTERM so that it
-/// writes its profile on the way out.
-fn train(agent: &Path, pgo: &Path, seconds: u64) -> Result<()> {
+/// Runs the agent in front of this process's upstream, twice (access log off, then on), each
+/// under the request mix at 32 connections and at one for `seconds`; stops it with SIGTERM so that
+/// an instrumented build writes its profile on the way out. With `None`, each run only checks that
+/// the agent routes a request.
+fn train(agent: &Path, pgo: &Path, seconds: Option<u64>) -> Result<()> {
     let dir = pgo.join("training");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(dir.join("config"))?;
@@ -289,14 +340,18 @@ fn train(agent: &Path, pgo: &Path, seconds: u64) -> Result<()> {
         if !access_log {
             cmd.arg("--no-access-log");
         }
-        let mut proc = spawn_proc("sluice-instrumented", cmd, &dir)?;
+        let mut proc = spawn_proc("sluice-training", cmd, &dir)?;
         let addr: SocketAddr = ports[0].parse()?;
         if !rt.block_on(serving(addr)) {
             bail!(
-                "the instrumented agent did not answer within 20 s: {}",
+                "the agent in training did not answer within 20 s: {}",
                 proc.log_tail()
             );
         }
+        let Some(seconds) = seconds else {
+            terminate(&mut proc)?;
+            continue;
+        };
         for connections in [32, 1] {
             let counts = rt.block_on(drive(addr, connections, Duration::from_secs(seconds)))?;
             println!(
@@ -352,7 +407,7 @@ fn terminate(proc: &mut Proc) -> Result<()> {
         }
         crate::bench::pause(Duration::from_millis(50));
     }
-    bail!("the instrumented agent did not exit within 30 s of SIGTERM")
+    bail!("the agent in training did not exit within 30 s of SIGTERM")
 }
 
 /// The training's upstream: `/flaky` answers 503 to every other request (the route retries it),
