@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -40,7 +40,7 @@ const GOOD: [u8; 4] = [127, 0, 0, 3];
 /// The proxy in-process with `limits`, one Service `web` whose endpoint is `upstream`.
 struct Proxy {
     served: Served,
-    log: broadcast::Receiver<Arc<sluice_telemetry::Record>>,
+    log: sluice_telemetry::Listener<Arc<sluice_telemetry::Record>>,
 }
 
 impl std::ops::Deref for Proxy {

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -33,7 +32,7 @@ use tokio::time::Instant;
 /// The proxy in-process with `limits`, one Service `web` whose endpoint is `upstream`.
 struct Proxy {
     served: Served,
-    log: broadcast::Receiver<Arc<str>>,
+    log: sluice_telemetry::Listener<Arc<str>>,
 }
 
 impl std::ops::Deref for Proxy {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -40,7 +40,7 @@ struct Node {
     dir: tempfile::TempDir,
     config: ConfigDir,
     handler: Arc<Handler>,
-    log: broadcast::Receiver<Arc<str>>,
+    log: sluice_telemetry::Listener<Arc<str>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }

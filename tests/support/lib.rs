@@ -468,7 +468,7 @@ impl LogLine {
 
 /// The requests the proxy recorded since the reader was made.
 pub struct LogReader {
-    feed: broadcast::Receiver<Arc<sluice_telemetry::Record>>,
+    feed: sluice_telemetry::Listener<Arc<sluice_telemetry::Record>>,
     handler: Arc<Handler>,
 }
 

@@ -28,7 +28,7 @@ pub use self::isolation::{cgroup_memory_limit, Isolation, IsolationLimits};
 pub use self::limits::{DownstreamLimits, InvalidLimit};
 pub use self::passthrough::PASSTHROUGH_CLUSTER;
 pub use self::relay::Refusal;
-pub use sluice_telemetry::{AccessLog, LogFormat, Metrics};
+pub use sluice_telemetry::{AccessLog, Listener, LogFormat, Metrics};
 
 /// Istio's name for traffic the proxy refuses (here: a redirected connection that would loop).
 pub const BLACK_HOLE_CLUSTER: &str = "BlackHoleCluster";

@@ -15,6 +15,7 @@
 //! manager likewise buffers and flushes on an interval or at 64 KiB). When stdout cannot keep up
 //! and 8 MiB are waiting, entries are dropped and counted rather than held.
 
+use crate::live::{Listener, Live};
 use crate::record::{Exchange, Record};
 use parking_lot::{Condvar, Mutex};
 use sluice_policy::UNKNOWN;
@@ -23,7 +24,6 @@ use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::broadcast;
 
 /// How entries are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl std::str::FromStr for LogFormat {
 #[derive(Clone)]
 pub struct AccessLog {
     stdout: Option<Arc<Sink>>,
-    live: broadcast::Sender<Arc<str>>,
+    live: Live<Arc<str>>,
     dropped: Arc<AtomicU64>,
     format: LogFormat,
 }
@@ -86,7 +86,7 @@ impl AccessLog {
 
     /// Entries to `out` (in place of stdout) through the same writer thread.
     pub fn writing_to(out: Option<Box<dyn std::io::Write + Send>>, format: LogFormat) -> Self {
-        let (live, _) = broadcast::channel(1024);
+        let live = Live::new(1024);
         let stdout = out.map(|out| {
             let sink = Arc::new(Sink {
                 pending: Mutex::new(String::with_capacity(WAKE_AT * 2)),
@@ -110,7 +110,7 @@ impl AccessLog {
     }
 
     /// A stream of entries as they are logged.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+    pub fn subscribe(&self) -> Listener<Arc<str>> {
         self.live.subscribe()
     }
 
@@ -121,7 +121,7 @@ impl AccessLog {
 
     /// The entry of a finished request or L4 connection.
     pub(crate) fn log(&self, record: &Record) {
-        let live = self.live.receiver_count() > 0;
+        let live = self.live.has_listeners();
         if self.stdout.is_none() && !live {
             return;
         }
@@ -133,7 +133,7 @@ impl AccessLog {
             if let Some(sink) = &self.stdout {
                 self.append(sink, |buf| buf.push_str(&line));
             }
-            let _ = self.live.send(Arc::from(line));
+            self.live.send(Arc::from(line));
         } else if let Some(sink) = &self.stdout {
             self.append(sink, |buf| self.format(buf, record, now));
         }

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod edges;
 mod labels;
+pub mod live;
 mod metrics;
 pub mod recent;
 mod record;
@@ -16,6 +17,7 @@ pub use self::labels::{
     unknown_identity, Interned, Peer, Peers, Protocol, Reporter, RequestLabels, ServiceName,
     TcpLabels,
 };
+pub use self::live::{Listener, Live};
 pub use self::metrics::{protocol_of, Metrics, TcpCounters};
 pub use self::recent::{Kept, Recent};
 pub use self::record::{

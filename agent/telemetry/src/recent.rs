@@ -5,6 +5,7 @@
 //! retried request also takes an allocation).
 
 use crate::labels::{Interned, Peer, ServiceName};
+use crate::live::{Listener, Live};
 use crate::record::{Exchange, Record};
 use http::{Method, Version};
 use parking_lot::Mutex;
@@ -14,7 +15,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::broadcast;
 
 /// Records kept by default: a few seconds of a busy node, minutes of a quiet one. What they cost:
 /// a kept request stays in memory for as many requests as are kept, so each request writes memory
@@ -133,7 +133,7 @@ impl Kept {
 pub struct Recent {
     ring: Mutex<VecDeque<Kept>>,
     capacity: usize,
-    live: broadcast::Sender<Arc<Record>>,
+    live: Live<Arc<Record>>,
 }
 
 impl Default for Recent {
@@ -145,7 +145,7 @@ impl Default for Recent {
 impl Recent {
     /// Keeps the last `capacity` records; 0 keeps none (the live feed goes on).
     pub fn with_capacity(capacity: usize) -> Self {
-        let (live, _) = broadcast::channel(1024);
+        let live = Live::new(1024);
         Self {
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
             capacity,
@@ -161,9 +161,8 @@ impl Recent {
     pub(crate) fn push(&self, record: Record) {
         let kept = (self.capacity > 0).then(|| Kept::of(&record));
         // Shared only with a tap that listens; otherwise freed at once, still warm.
-        if self.live.receiver_count() > 0 {
-            // A send without receivers (the tap left meanwhile) is no error worth a word.
-            let _ = self.live.send(Arc::new(record));
+        if self.live.has_listeners() {
+            self.live.send(Arc::new(record));
         } else {
             drop(record);
         }
@@ -201,7 +200,7 @@ impl Recent {
     }
 
     /// Every record from now on (a slow reader skips what it missed).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Record>> {
+    pub fn subscribe(&self) -> Listener<Arc<Record>> {
         self.live.subscribe()
     }
 }

@@ -62,7 +62,7 @@ pub struct Front {
     /// Listener per mode (see the module table).
     listeners: Vec<SocketAddr>,
     /// The access log (JSON: it names the client's address).
-    log: parking_lot::Mutex<broadcast::Receiver<Arc<str>>>,
+    log: parking_lot::Mutex<sluice_proxy::Listener<Arc<str>>>,
     _config: tempfile::TempDir,
     _shutdown: watch::Sender<bool>,
 }
