@@ -664,6 +664,10 @@ where
     // The URI stays as the client sent it: the cluster writes what its protocol needs (HTTP/1
     // the origin form, `Host` being set above; h2 `:authority` from the URI or `Host`).
     parts.version = http::Version::HTTP_11;
+    // A request without a body (most GETs) has no bytes to count.
+    if body.is_end_stream() {
+        return Request::from_parts(parts, sluice_core::boxed(body));
+    }
     let body = crate::recorded::CountedBody::new(body, info.clone());
     Request::from_parts(parts, sluice_core::boxed(body))
 }

@@ -472,7 +472,8 @@ impl tower_service::Service<Request<Body>> for ClusterHandle {
 /// what the outlier detector hears (see [`crate::outcome`]).
 async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<Body>, BoxError> {
     ensure_ticker(&inner);
-    let cfg = inner.config.load_full();
+    // Read before the attempt's first wait and let go: a guard, not a reference count of its own.
+    let cfg = inner.config.load();
     let cp = &cfg.spec.policy.connection_pool;
     // What the layers above handed down (nothing when the cluster is called on its own).
     let ctx = req
@@ -538,6 +539,8 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     // A connection (h1) or stream (h2). A reused h1 connection may have been closed by the server
     // while idle; that costs another pick from the pool (a few at most), not the attempt.
     let opts = ConnectOptions::of(cp);
+    let max_requests = u64::from(cp.max_requests);
+    drop(cfg);
     let mut stale = 0;
     loop {
         let leased = match pool::acquire(&inner, host.addr, &opts).await {
@@ -567,7 +570,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     // counted against `http1MaxPendingRequests` only. An overflow here gives the unused connection
     // back to the pool.
     let active = inner.stats.rq_active.fetch_add(1, Ordering::Relaxed);
-    if active >= u64::from(cp.max_requests) {
+    if active >= max_requests {
         inner.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
         // Envoy counts this overflow under the pending-overflow counter too.
         inc(&inner.stats.rq_pending_overflow);
