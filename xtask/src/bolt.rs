@@ -97,16 +97,7 @@ impl Tools {
 
     /// `binary` laid out by the profiles in `dir` (every `.fdata` there), written to `out`.
     pub(crate) fn optimize(&self, binary: &Path, dir: &Path, out: &Path) -> Result<()> {
-        let profiles: Vec<PathBuf> = fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "fdata"))
-            .collect();
-        if profiles.is_empty() {
-            bail!(
-                "the instrumented training wrote no profile into {}: the agent did not exit cleanly",
-                dir.display()
-            );
-        }
+        let profiles = crate::pgo::profiles_in(dir, "fdata")?;
         let merged = dir.join("merged.profile");
         let output = Command::new(&self.merge)
             .args(&profiles)

@@ -93,16 +93,7 @@ pub(crate) fn build(root: &Path, seconds: u64, bolt: bool, install: bool) -> Res
 
     println!("build-pgo: training ({seconds} s per phase)");
     train(&generate, &pgo, Some(seconds))?;
-    let raw: Vec<PathBuf> = fs::read_dir(&profiles)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "profraw"))
-        .collect();
-    if raw.is_empty() {
-        bail!(
-            "the training wrote no profile into {}: the agent did not exit cleanly",
-            profiles.display()
-        );
-    }
+    let raw = profiles_in(&profiles, "profraw")?;
     let merged = pgo.join("sluice.profdata");
     let status = Command::new(&profdata)
         .arg("merge")
@@ -165,6 +156,22 @@ fn bolt_layout(
     // log off and on), it must route a request to the upstream.
     train(&out, pgo, None).context("the binary BOLT wrote")?;
     Ok(out)
+}
+
+/// The profiles a training wrote into `dir` (files ending `.ext`); none is an error, as the agent
+/// writes its profile only when it exits cleanly.
+pub(crate) fn profiles_in(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let found: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    if found.is_empty() {
+        bail!(
+            "the training wrote no profile into {}: the agent did not exit cleanly",
+            dir.display()
+        );
+    }
+    Ok(found)
 }
 
 /// FNV-1a: stable across runs and builds (std's hashers promise neither).
