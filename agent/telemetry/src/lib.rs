@@ -5,7 +5,7 @@
 pub mod access_log;
 pub mod edges;
 mod labels;
-pub mod live;
+mod live;
 mod metrics;
 pub mod recent;
 mod record;
