@@ -33,8 +33,8 @@ impl SideWake {
     }
 
     /// Whether the side futures must be polled now (the first poll, after [`Self::poll_next`], or
-    /// one of them woke the task); if so, the task's waker is registered for the next. The task's waker must not change
-    /// between polls (a spawned task's does not).
+    /// one of them woke the task); if so, the task's waker is registered for the next. The task's
+    /// waker must not change between polls (a spawned task's does not).
     pub fn due(&self, cx: &Context<'_>) -> bool {
         // A load first: the usual answer costs no read-modify-write. A wake-up between the load
         // and the store is not lost: the future that woke is ready, and is polled next.
