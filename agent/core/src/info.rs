@@ -1,16 +1,15 @@
 //! What the layers of one request learn about it, collected for the access log and metrics.
 //! Shared through the request's extensions as `Arc<RequestInfo>`; each field is set by the one layer
 //! that owns it, so the lock is never contended and never held across an await. One lock for all
-//! the notes, so that what is set or read together costs one acquire and one release (each an
-//! atomic read-modify-write): the router's three notes at once, the ring of recent requests'
-//! reads at once. The attempt records keep a lock of their own: the telemetry reads them under
-//! a guard while it reads other notes.
+//! the notes and the attempt records, so that what is set or read together costs one acquire and
+//! one release (each an atomic read-modify-write): the router's three notes at once, and
+//! everything the telemetry reads of a finished request at once ([`RequestInfo::summary`]).
 
 use crate::{Deadline, ResponseFlags};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,9 +67,10 @@ pub struct RequestInfo {
     attempts: AtomicU32,
     /// Request body bytes received from the client.
     request_bytes: AtomicU64,
+    /// Whether an attempt has picked an endpoint: the balancer asks before every attempt, and
+    /// the first (most requests' only) then needs no lock. Written under the notes' lock.
+    has_upstream: AtomicBool,
     notes: Mutex<Notes>,
-    /// Every attempt that picked an endpoint, in order, once it ended.
-    attempt_records: Mutex<AttemptRecords>,
 }
 
 /// A request's attempt records: most requests make one attempt, kept in place (no allocation of
@@ -90,6 +90,8 @@ struct Notes {
     /// Envoy's `%RESPONSE_CODE_DETAILS%` (or, for a connection, its termination details) when the
     /// proxy itself decided the outcome in a way flags do not say (`direct_response`).
     details: Option<&'static str>,
+    /// Every attempt that picked an endpoint, in order, once it ended.
+    attempts: AttemptRecords,
 }
 
 /// What a finished request's info says beyond its flags and counts, read at once
@@ -129,6 +131,12 @@ impl RequestInfo {
     /// Records the endpoint an attempt was sent to (called once per attempt by the balancer).
     pub fn push_upstream(&self, addr: SocketAddr) {
         push_one(&mut self.notes.lock().upstreams, addr);
+        self.has_upstream.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an attempt has picked an endpoint yet (a plain load, no lock).
+    pub fn has_upstream(&self) -> bool {
+        self.has_upstream.load(Ordering::Relaxed)
     }
 
     /// The endpoint of the latest attempt.
@@ -204,31 +212,23 @@ impl RequestInfo {
 
     /// Records an attempt that has ended (called once per attempt by the cluster).
     pub fn push_attempt(&self, record: AttemptRecord) {
-        push_one(&mut self.attempt_records.lock(), record);
+        push_one(&mut self.notes.lock().attempts, record);
     }
 
     /// The attempts that have ended so far, in the order they ended.
     pub fn attempt_records(&self) -> Vec<AttemptRecord> {
-        self.attempt_records.lock().to_vec()
+        self.notes.lock().attempts.to_vec()
     }
 
-    /// The attempt records without copying them, locked while the guard lives (a request's are
-    /// only written as its attempts end). The other notes stay readable meanwhile; the attempt
-    /// records do not ([`Self::attempt_records`], [`Self::summary`]).
-    pub fn attempt_records_ref(&self) -> impl std::ops::Deref<Target = [AttemptRecord]> + '_ {
-        parking_lot::MutexGuard::map(self.attempt_records.lock(), |v| v.as_mut_slice())
-    }
-
-    /// Details, latest endpoint, cluster and policy, read under one lock, and the attempts.
+    /// Details, latest endpoint, cluster, policy and the attempts, read under one lock.
     pub fn summary(&self) -> InfoSummary {
-        let attempts = self.attempt_records.lock().clone();
         let notes = self.notes.lock();
         InfoSummary {
             details: notes.details,
             upstream: notes.upstreams.last().copied(),
             cluster: notes.cluster.clone(),
             policy: notes.policy.clone(),
-            attempts,
+            attempts: notes.attempts.clone(),
         }
     }
 
@@ -277,16 +277,8 @@ mod tests {
         assert_eq!(route.get::<&str>(), Some(&"route"));
         assert_eq!(cluster.and_then(|c| c.get::<u32>().copied()), Some(7));
         assert!(s.attempts.is_empty());
-
-        // The telemetry reads other notes while it holds the attempts (a trace span's cluster):
-        // that must not wait on itself.
-        let attempts = info.attempt_records_ref();
-        assert_eq!(info.cluster().as_deref(), Some("outbound|80||reviews"));
-        assert_eq!(info.route().as_deref(), Some("reviews.default.0"));
-        assert!(info.policy().is_some() && info.details().is_some());
-        assert!(info.upstream().is_some() && info.tried(&"10.0.0.1:80".parse().unwrap()));
-        assert!(attempts.is_empty());
-        drop(attempts);
+        assert!(info.has_upstream() && info.tried(&"10.0.0.1:80".parse().unwrap()));
+        assert!(!RequestInfo::new().has_upstream());
 
         // A direct response has no cluster: none is recorded, nor a cluster policy.
         let direct = RequestInfo::new();

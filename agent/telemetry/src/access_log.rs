@@ -18,6 +18,7 @@
 use crate::live::{Listener, Live};
 use crate::record::{Exchange, Record};
 use parking_lot::{Condvar, Mutex};
+use sluice_core::InfoSummary;
 use sluice_policy::UNKNOWN;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -119,8 +120,9 @@ impl AccessLog {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// The entry of a finished request or L4 connection.
-    pub(crate) fn log(&self, record: &Record) {
+    /// The entry of a finished request or L4 connection; `notes` is what its info says,
+    /// read once by the caller for everything that records it.
+    pub(crate) fn log(&self, record: &Record, notes: &InfoSummary) {
         let live = self.live.has_listeners();
         if self.stdout.is_none() && !live {
             return;
@@ -129,20 +131,20 @@ impl AccessLog {
         if live {
             // Subscribers get the line on its own; stdout gets a copy.
             let mut line = String::with_capacity(256);
-            self.format(&mut line, record, now);
+            self.format(&mut line, record, notes, now);
             if let Some(sink) = &self.stdout {
                 self.append(sink, |buf| buf.push_str(&line));
             }
             self.live.send(Arc::from(line));
         } else if let Some(sink) = &self.stdout {
-            self.append(sink, |buf| self.format(buf, record, now));
+            self.append(sink, |buf| self.format(buf, record, notes, now));
         }
     }
 
-    fn format(&self, out: &mut String, record: &Record, now: SystemTime) {
+    fn format(&self, out: &mut String, record: &Record, notes: &InfoSummary, now: SystemTime) {
         match self.format {
-            LogFormat::Text => write_line(out, record, now),
-            LogFormat::Json => out.push_str(&format_json(record, now)),
+            LogFormat::Text => write_line_of(out, record, notes, now),
+            LogFormat::Json => out.push_str(&json_of(record, notes, now)),
         }
     }
 
@@ -245,6 +247,11 @@ impl std::fmt::Display for Upstream {
 /// written once per request on the proxy's worker, and `write!` with its fourteen arguments cost
 /// about as much as the rest of the line's work together.
 pub fn write_line(line: &mut String, record: &Record, now: SystemTime) {
+    write_line_of(line, record, &record.info.summary(), now);
+}
+
+/// [`write_line`] with the info's notes already read.
+fn write_line_of(line: &mut String, record: &Record, notes: &InfoSummary, now: SystemTime) {
     let info = &record.info;
     match &record.exchange {
         Exchange::Http(req) => {
@@ -270,14 +277,14 @@ pub fn write_line(line: &mut String, record: &Record, now: SystemTime) {
             line.push_str(" duration=");
             push_int(line, record.duration.as_millis() as u64);
             line.push_str("ms");
-            if let Some(d) = info.details() {
+            if let Some(d) = notes.details {
                 line.push_str(" details=");
                 line.push_str(d);
             }
             line.push_str(" \"");
             line.push_str(&req.authority);
             line.push_str("\" \"");
-            match info.upstream() {
+            match notes.upstream {
                 Some(std::net::SocketAddr::V4(a)) => {
                     for (i, o) in a.ip().octets().iter().enumerate() {
                         if i > 0 {
@@ -294,8 +301,8 @@ pub fn write_line(line: &mut String, record: &Record, now: SystemTime) {
                 None => line.push('-'),
             }
             line.push_str("\" ");
-            match info.cluster() {
-                Some(c) => line.push_str(&c),
+            match &notes.cluster {
+                Some(c) => line.push_str(c),
                 None => line.push('-'),
             }
             line.push_str(" \"");
@@ -309,9 +316,8 @@ pub fn write_line(line: &mut String, record: &Record, now: SystemTime) {
             line.push_str(service_of(record));
         }
         Exchange::Tcp { received, sent } => {
-            let upstream = Upstream(info.upstream());
-            let cluster = info.cluster();
-            let cluster = cluster.as_deref().unwrap_or("-");
+            let upstream = Upstream(notes.upstream);
+            let cluster = notes.cluster.as_deref().unwrap_or("-");
             let _ = write!(
                 line,
                 "[{}] \"- - -\" 0 {} attempts={} duration={}ms received={} sent={}{} \"-\" \"{}\" {} \"-\" {}",
@@ -321,7 +327,7 @@ pub fn write_line(line: &mut String, record: &Record, now: SystemTime) {
                 record.duration.as_millis(),
                 received,
                 sent,
-                Details(info.details()),
+                Details(notes.details),
                 upstream,
                 cluster,
                 service_of(record),
@@ -332,6 +338,11 @@ pub fn write_line(line: &mut String, record: &Record, now: SystemTime) {
 
 /// The entry as JSON, with the keys of Istio's JSON access log (`accessLogEncoding: JSON`).
 pub fn format_json(record: &Record, now: SystemTime) -> String {
+    json_of(record, &record.info.summary(), now)
+}
+
+/// [`format_json`] with the info's notes already read.
+fn json_of(record: &Record, notes: &InfoSummary, now: SystemTime) -> String {
     let info = &record.info;
     let text = |v: Option<&http::HeaderValue>| v.and_then(|v| v.to_str().ok()).map(str::to_owned);
     let flags = info.flags().to_string();
@@ -339,10 +350,10 @@ pub fn format_json(record: &Record, now: SystemTime) -> String {
         "start_time": rfc3339(now),
         "response_code": record.status,
         "response_flags": flags,
-        "response_code_details": info.details(),
+        "response_code_details": notes.details,
         "duration": u64::try_from(record.duration.as_millis()).unwrap_or(u64::MAX),
-        "upstream_host": info.upstream().map(|a| a.to_string()),
-        "upstream_cluster": info.cluster().as_deref(),
+        "upstream_host": notes.upstream.map(|a| a.to_string()),
+        "upstream_cluster": notes.cluster.as_deref(),
         "upstream_request_attempt_count": info.attempts(),
         "downstream_remote_address": record.peer.map(|a| a.to_string()),
         "destination_service": (service_of(record) != "-").then(|| service_of(record)),
@@ -518,7 +529,7 @@ mod tests {
         let log = AccessLog::writing_to(Some(Box::new(out.clone())), LogFormat::Text);
         let r = record(get("/a", "web"), 200, RequestInfo::new(), 3);
         for _ in 0..20_000 {
-            log.log(&r);
+            log.log(&r, &r.info.summary());
         }
         log.flush();
         let text = String::from_utf8(out.0.lock().clone()).unwrap();
@@ -528,7 +539,7 @@ mod tests {
             .all(|l| l.contains("\"GET /a HTTP/1.1\" 200 - attempts=0")));
         assert_eq!(log.dropped(), 0);
         // Without a flush, an entry is written within the flush interval.
-        log.log(&r);
+        log.log(&r, &r.info.summary());
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while out.0.lock().iter().filter(|b| **b == b'\n').count() < 20_001 {
             assert!(std::time::Instant::now() < deadline, "never written");

@@ -9,7 +9,7 @@ use crate::live::{Listener, Live};
 use crate::record::{Exchange, Record};
 use http::{Method, Version};
 use parking_lot::Mutex;
-use sluice_core::{AttemptRecords, PolicyNote, ResponseFlags};
+use sluice_core::{AttemptRecords, InfoSummary, PolicyNote, ResponseFlags};
 use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -63,6 +63,11 @@ pub const INLINE_TEXT: usize = 120;
 
 impl Kept {
     pub fn of(r: &Record) -> Self {
+        Self::with_notes(r, r.info.summary())
+    }
+
+    /// [`Kept::of`] with the info's notes already read (and moved in, not copied again).
+    pub fn with_notes(r: &Record, summary: InfoSummary) -> Self {
         let (http, text, path_len, authority_len) = match &r.exchange {
             Exchange::Http(h) => {
                 let id = h.request_id.as_ref().and_then(|v| v.to_str().ok());
@@ -79,7 +84,6 @@ impl Kept {
             Exchange::Tcp { .. } => (None, SmallVec::new(), 0, 0),
         };
         let info = &r.info;
-        let summary = info.summary();
         Self {
             start: r.start,
             duration: r.duration,
@@ -158,8 +162,8 @@ impl Recent {
         self.capacity
     }
 
-    pub(crate) fn push(&self, record: Record) {
-        let kept = (self.capacity > 0).then(|| Kept::of(&record));
+    pub(crate) fn push(&self, record: Record, notes: InfoSummary) {
+        let kept = (self.capacity > 0).then(|| Kept::with_notes(&record, notes));
         // Shared only with a tap that listens; otherwise freed at once, still warm.
         if self.live.has_listeners() {
             self.live.send(Arc::new(record));
@@ -294,12 +298,18 @@ mod tests {
     use super::*;
     use crate::record::tests::record_of;
 
+    /// As the telemetry pushes: with the info's notes read once.
+    fn push(recent: &Recent, record: Record) {
+        let notes = record.info.summary();
+        recent.push(record, notes);
+    }
+
     #[test]
     fn keeps_the_last_records_or_none() {
         let two = Recent::with_capacity(2);
         let mut tap = two.subscribe();
         for id in ["a", "b", "c"] {
-            two.push(record_of(id));
+            push(&two, record_of(id));
         }
         let ids = |kept: Vec<Kept>| -> Vec<String> {
             kept.iter()
@@ -313,9 +323,9 @@ mod tests {
 
         // None kept: nothing to find, and a tap still sees every record.
         let none = Recent::with_capacity(0);
-        none.push(record_of("unseen"));
+        push(&none, record_of("unseen"));
         let mut tap = none.subscribe();
-        none.push(record_of("d"));
+        push(&none, record_of("d"));
         assert!(none.records(10).is_empty() && none.find("d").is_none());
         assert_eq!(request_id(&tap.try_recv().unwrap()), "d");
         assert!(tap.try_recv().is_err());

@@ -243,16 +243,23 @@ impl Telemetry {
     ///
     /// The record is kept (moved, not copied) in the ring of recent ones once it has been counted.
     pub fn request(&self, record: Record, endpoints: &dyn Endpoints) {
-        self.0.access_log.log(&record);
+        // The info's notes read once (one lock) for the log, the samples and the ring.
+        let notes = record.info.summary();
+        self.0.access_log.log(&record, &notes);
         if let Exchange::Http(req) = &record.exchange {
             self.0.edges.record(&record);
-            self.http_samples(&record, req, endpoints);
+            self.http_samples(&record, req, &notes.attempts, endpoints);
         }
-        self.0.recent.push(record);
+        self.0.recent.push(record, notes);
     }
 
-    fn http_samples(&self, record: &Record, req: &HttpRequest, endpoints: &dyn Endpoints) {
-        let attempts = record.info.attempt_records_ref();
+    fn http_samples(
+        &self,
+        record: &Record,
+        req: &HttpRequest,
+        attempts: &[AttemptRecord],
+        endpoints: &dyn Endpoints,
+    ) {
         let request_bytes = record.request_bytes();
         // The client side names the endpoint that answered last, if one did.
         let last = attempts.iter().rev().find(|a| a.reached);
@@ -275,7 +282,7 @@ impl Telemetry {
         // A sampled request's spans, built only when they are exported.
         if let Some(ctx) = req.trace.as_ref().filter(|c| c.sampled()) {
             if self.0.tracer.exporting() {
-                let span = RequestSpan::of(record, req, ctx, &attempts, &self.0.cluster);
+                let span = RequestSpan::of(record, req, ctx, attempts, &self.0.cluster);
                 self.0.tracer.finish(span);
             }
         }
@@ -328,8 +335,9 @@ impl Telemetry {
             self.0.metrics.tcp_close(c, flags);
         }
         if let Some(record) = record {
-            self.0.access_log.log(&record);
-            self.0.recent.push(record);
+            let notes = record.info.summary();
+            self.0.access_log.log(&record, &notes);
+            self.0.recent.push(record, notes);
         }
     }
 }

@@ -517,7 +517,7 @@ async fn attempt(inner: Arc<Inner>, mut req: Request<Body>) -> Result<Response<B
     let info = ctx.info;
     let any_host = ctx.any_host;
     let tried = match &info {
-        Some(info) if info.upstream().is_some() && !any_host => info.upstreams(),
+        Some(info) if info.has_upstream() && !any_host => info.upstreams(),
         _ => Vec::new(),
     };
     let host = inner.pick_host(&cfg, &tried)?;
