@@ -73,6 +73,10 @@ pub(crate) struct HostOutlier {
     pub(crate) ejected: AtomicBool,
     /// Set when an update removes the host, so late reports cannot eject it.
     pub(crate) removed: AtomicBool,
+    /// False only while the consecutive 5xx and gateway counters are both zero (written under
+    /// the monitor's lock): a response that is no 5xx then changes nothing, and is not locked
+    /// for (what most responses are).
+    failing: AtomicBool,
     pub(crate) monitor: Mutex<Monitor>,
 }
 
@@ -160,6 +164,12 @@ impl Detector {
             // skips the lock on the hot path).
             return;
         }
+        if let Outcome::Status(code) = outcome {
+            if !(500..600).contains(&code) && !host.failing.load(Ordering::Relaxed) {
+                // It would only reset counters that are zero.
+                return;
+            }
+        }
         let mut fired: [Option<EjectionType>; 2] = [None, None];
         {
             let mut m = host.monitor.lock();
@@ -182,6 +192,7 @@ impl Detector {
             }
             if let Some(code) = code {
                 if (500..600).contains(&code) {
+                    host.failing.store(true, Ordering::Relaxed);
                     if matches!(code, 502..=504) {
                         m.consecutive_gateway += 1;
                         if cfg.consecutive_gateway_errors == Some(m.consecutive_gateway) {
@@ -199,6 +210,7 @@ impl Detector {
                 } else {
                     m.consecutive_5xx = 0;
                     m.consecutive_gateway = 0;
+                    host.failing.store(false, Ordering::Relaxed);
                 }
             }
         }
