@@ -275,16 +275,20 @@ pub struct ConnectionGuard {
 
 impl ConnectionGuard {
     pub fn read(&self, n: u64) {
-        self.conn
-            .bytes_in
-            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        add(&self.conn.bytes_in, n);
     }
 
     pub fn written(&self, n: u64) {
-        self.conn
-            .bytes_out
-            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        add(&self.conn.bytes_out, n);
     }
+}
+
+/// Adds to a byte counter that has one writer: the task that reads (or writes) the socket; an L4
+/// relay's two directions each count their own. So a load and a store count without an atomic
+/// read-modify-write (four per proxied request), and a reader sees a recent total.
+fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
 }
 
 impl Drop for ConnectionGuard {
