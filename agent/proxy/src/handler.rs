@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceExt};
 
 /// What the listener knows about the client connection.
 #[derive(Clone, Debug)]
@@ -345,15 +345,14 @@ impl Handler {
                     Some((upstream.name.clone(), upstream.note.clone())),
                 );
                 let req = prepare_request(req, &info);
-                let stack = ServiceBuilder::new()
-                    .layer(FaultLayer::new(plan.fault.clone()))
-                    .layer(TimeoutLayer::route(plan.timeout))
-                    .layer(RetryLayer::new(
-                        plan.retry.clone(),
-                        upstream.retry_budget.clone(),
-                    ))
-                    .layer(TimeoutLayer::per_try(plan.per_try_timeout))
-                    .service(upstream.handle.clone());
+                // Built inside out for this request alone: each layer moves what it holds into
+                // its service (`Layer::layer` would copy it, one more reference count each).
+                let per_try =
+                    TimeoutLayer::per_try(plan.per_try_timeout).layer(upstream.handle.clone());
+                let retry = RetryLayer::new(plan.retry.clone(), upstream.retry_budget.clone())
+                    .into_service(per_try);
+                let route = TimeoutLayer::route(plan.timeout).layer(retry);
+                let stack = FaultLayer::new(plan.fault.clone()).into_service(route);
                 // Boxed where created: rustc cannot otherwise prove the stack's future `Send` for
                 // every lifetime in `BoxError` when hyper spawns the connection task.
                 let fut: futures_util::future::BoxFuture<

@@ -50,10 +50,19 @@ impl<S> Layer<S> for FaultLayer {
     type Service = FaultInjection<S>;
 
     fn layer(&self, inner: S) -> FaultInjection<S> {
+        self.clone().into_service(inner)
+    }
+}
+
+impl FaultLayer {
+    /// The service for `inner`, built from this layer alone: what [`Layer::layer`] makes, with
+    /// the fault moved in rather than its reference count raised (and dropped with the layer)
+    /// again. For a stack built per request.
+    pub fn into_service<S>(self, inner: S) -> FaultInjection<S> {
         FaultInjection {
             inner,
-            fault: self.fault.clone(),
-            rng: self.rng.clone(),
+            fault: self.fault,
+            rng: self.rng,
         }
     }
 }

@@ -82,10 +82,11 @@ impl RetryLayer {
     }
 }
 
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-
-    fn layer(&self, inner: S) -> Retry<S> {
+impl RetryLayer {
+    /// The service for `inner`, built from this layer alone: what [`Layer::layer`] makes, with
+    /// the policy and budget moved in rather than their reference counts raised (and dropped
+    /// with the layer) again. For a stack built per request.
+    pub fn into_service<S>(self, inner: S) -> Retry<S> {
         let route_on = if self.policy.num_retries == 0 {
             On::NONE
         } else {
@@ -93,12 +94,20 @@ impl<S> Layer<S> for RetryLayer {
         };
         Retry {
             inner,
-            policy: self.policy.clone(),
-            budget: self.budget.clone(),
+            policy: self.policy,
+            budget: self.budget,
             route_on,
             max_replay_bytes: self.max_replay_bytes,
             seed: self.seed,
         }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        self.clone().into_service(inner)
     }
 }
 
