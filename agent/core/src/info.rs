@@ -55,6 +55,44 @@ impl PolicyNote {
     }
 }
 
+/// A destination cluster as a request's record names it: Envoy's name for it and, for a cluster a
+/// route chose, its policy as the configuration in force described it. Made once per configuration
+/// generation and shared by every request sent to the cluster, so recording where a request went
+/// raises one reference count, not one per part.
+#[derive(Clone, Debug)]
+pub struct ClusterNote {
+    /// `outbound|80|v1|pricing.default.svc.cluster.local`.
+    pub name: Arc<str>,
+    pub policy: Option<PolicyNote>,
+}
+
+impl ClusterNote {
+    pub fn new(name: Arc<str>, policy: Option<PolicyNote>) -> Self {
+        Self { name, policy }
+    }
+}
+
+/// Where a request went, as the configuration in force when it was routed described it.
+#[derive(Clone, Debug, Default)]
+pub struct Routed {
+    /// The policy of the route (and `match` entry) that took the request (its name among it).
+    pub route: Option<PolicyNote>,
+    pub cluster: Option<Arc<ClusterNote>>,
+}
+
+impl Routed {
+    /// The destination cluster's name.
+    pub fn cluster_name(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|c| &*c.name)
+    }
+
+    /// The route's and the cluster's policy, if a route took the request.
+    pub fn policy(&self) -> Option<(&PolicyNote, Option<&PolicyNote>)> {
+        let route = self.route.as_ref()?;
+        Some((route, self.cluster.as_ref().and_then(|c| c.policy.as_ref())))
+    }
+}
+
 impl std::fmt::Debug for PolicyNote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("PolicyNote")
@@ -81,12 +119,7 @@ pub type AttemptRecords = SmallVec<[AttemptRecord; 1]>;
 struct Notes {
     /// Endpoints of the attempts so far, in order; the last is the current one.
     upstreams: SmallVec<[SocketAddr; 1]>,
-    cluster: Option<Arc<str>>,
-    /// The route that took the request (`http[].name`, or `VSNAME.INDEX`; `default` for Istio's
-    /// implicit route), as the configuration in force then named it.
-    route: Option<Arc<str>>,
-    /// The route's and the cluster's policy as the configuration in force then described them.
-    policy: Option<(PolicyNote, Option<PolicyNote>)>,
+    routed: Routed,
     /// Envoy's `%RESPONSE_CODE_DETAILS%` (or, for a connection, its termination details) when the
     /// proxy itself decided the outcome in a way flags do not say (`direct_response`).
     details: Option<&'static str>,
@@ -101,8 +134,7 @@ pub struct InfoSummary {
     pub details: Option<&'static str>,
     /// The endpoint of the latest attempt.
     pub upstream: Option<SocketAddr>,
-    pub cluster: Option<Arc<str>>,
-    pub policy: Option<(PolicyNote, Option<PolicyNote>)>,
+    pub routed: Routed,
     pub attempts: AttemptRecords,
 }
 
@@ -154,51 +186,31 @@ impl RequestInfo {
         self.notes.lock().upstreams.to_vec()
     }
 
-    /// Records the Envoy-style cluster name (`outbound|80|v1|pricing.default.svc.cluster.local`).
+    /// Records the Envoy-style cluster name (`outbound|80|v1|pricing.default.svc.cluster.local`)
+    /// of a cluster no route chose (an L4 connection's, the black hole): no policy with it.
     pub fn set_cluster(&self, name: Arc<str>) {
-        self.notes.lock().cluster = Some(name);
+        self.notes.lock().routed.cluster = Some(Arc::new(ClusterNote::new(name, None)));
     }
 
     pub fn cluster(&self) -> Option<Arc<str>> {
-        self.notes.lock().cluster.clone()
+        let notes = self.notes.lock();
+        notes.routed.cluster.as_ref().map(|c| c.name.clone())
     }
 
-    pub fn set_route(&self, name: Arc<str>) {
-        self.notes.lock().route = Some(name);
-    }
-
-    /// The route that took the request, if one did.
-    pub fn route(&self) -> Option<Arc<str>> {
-        self.notes.lock().route.clone()
-    }
-
-    /// Records the policy the request is routed under: its route's (and match's) and, when it
-    /// goes to a cluster, that cluster's.
-    pub fn set_policy(&self, route: PolicyNote, cluster: Option<PolicyNote>) {
-        self.notes.lock().policy = Some((route, cluster));
-    }
-
-    /// What the router decided, at once: the route's name and policy and, when the request goes
-    /// to a cluster, the cluster's name and policy (as [`Self::set_route`], [`Self::set_policy`]
-    /// and [`Self::set_cluster`] would each record it).
-    pub fn set_routed(
-        &self,
-        route: Arc<str>,
-        route_policy: PolicyNote,
-        cluster: Option<(Arc<str>, PolicyNote)>,
-    ) {
-        let mut notes = self.notes.lock();
-        notes.route = Some(route);
-        let cluster_policy = cluster.map(|(name, policy)| {
-            notes.cluster = Some(name);
-            policy
-        });
-        notes.policy = Some((route_policy, cluster_policy));
+    /// What the router decided, at once: the route's policy and, when the request goes to a
+    /// cluster, that cluster (each shared with every request routed the same way).
+    pub fn set_routed(&self, route: PolicyNote, cluster: Option<Arc<ClusterNote>>) {
+        self.notes.lock().routed = Routed {
+            route: Some(route),
+            cluster,
+        };
     }
 
     /// The route's and the cluster's policy the request was routed under, if it was routed.
     pub fn policy(&self) -> Option<(PolicyNote, Option<PolicyNote>)> {
-        self.notes.lock().policy.clone()
+        let notes = self.notes.lock();
+        let (route, cluster) = notes.routed.policy()?;
+        Some((route.clone(), cluster.cloned()))
     }
 
     /// Records why the proxy answered as it did (`direct_response`, `tcp_session_idle_timeout`).
@@ -220,14 +232,13 @@ impl RequestInfo {
         self.notes.lock().attempts.to_vec()
     }
 
-    /// Details, latest endpoint, cluster, policy and the attempts, read under one lock.
+    /// Details, latest endpoint, where it was routed and the attempts, read under one lock.
     pub fn summary(&self) -> InfoSummary {
         let notes = self.notes.lock();
         InfoSummary {
             details: notes.details,
             upstream: notes.upstreams.last().copied(),
-            cluster: notes.cluster.clone(),
-            policy: notes.policy.clone(),
+            routed: notes.routed.clone(),
             attempts: notes.attempts.clone(),
         }
     }
@@ -257,34 +268,54 @@ mod tests {
     #[test]
     fn what_is_set_at_once_reads_as_if_set_field_by_field() {
         let info = RequestInfo::new();
-        info.set_routed(
-            Arc::from("reviews.default.0"),
-            PolicyNote::new(Arc::new("route")),
-            Some((
-                Arc::from("outbound|80||reviews"),
-                PolicyNote::new(Arc::new(7u32)),
-            )),
-        );
+        let cluster = Arc::new(ClusterNote::new(
+            Arc::from("outbound|80||reviews"),
+            Some(PolicyNote::new(Arc::new(7u32))),
+        ));
+        info.set_routed(PolicyNote::new(Arc::new("route")), Some(cluster.clone()));
         info.push_upstream("10.0.0.1:80".parse().unwrap());
         info.push_upstream("10.0.0.2:80".parse().unwrap());
         info.set_details("direct_response");
-        assert_eq!(info.route().as_deref(), Some("reviews.default.0"));
+        // Any instant will do: it is only compared with itself (no timer runs here).
+        #[allow(clippy::disallowed_methods)]
+        let started = Instant::now();
+        info.push_attempt(AttemptRecord {
+            attempt: 1,
+            endpoint: "10.0.0.2:80".parse().unwrap(),
+            started,
+            duration: Duration::ZERO,
+            reached: true,
+            status: 200,
+            flags: ResponseFlags::empty(),
+            timeout: None,
+            response_bytes: 0,
+        });
         let s = info.summary();
-        assert_eq!(s.cluster.as_deref(), Some("outbound|80||reviews"));
+        assert_eq!(s.routed.cluster_name(), Some("outbound|80||reviews"));
+        assert!(Arc::ptr_eq(s.routed.cluster.as_ref().unwrap(), &cluster));
+        assert_eq!(info.cluster().as_deref(), Some("outbound|80||reviews"));
         assert_eq!(s.upstream, Some("10.0.0.2:80".parse().unwrap()));
         assert_eq!(s.details, Some("direct_response"));
-        let (route, cluster) = s.policy.expect("routed");
+        let (route, cluster) = s.routed.policy().expect("routed");
         assert_eq!(route.get::<&str>(), Some(&"route"));
         assert_eq!(cluster.and_then(|c| c.get::<u32>().copied()), Some(7));
-        assert!(s.attempts.is_empty());
+        assert_eq!(s.attempts.len(), 1);
+        assert_eq!(info.attempt_records(), s.attempts.to_vec());
         assert!(info.has_upstream() && info.tried(&"10.0.0.1:80".parse().unwrap()));
         assert!(!RequestInfo::new().has_upstream());
 
         // A direct response has no cluster: none is recorded, nor a cluster policy.
         let direct = RequestInfo::new();
-        direct.set_routed(Arc::from("r"), PolicyNote::new(Arc::new(())), None);
+        direct.set_routed(PolicyNote::new(Arc::new(())), None);
         let s = direct.summary();
-        assert_eq!(s.cluster, None);
-        assert!(s.policy.is_some_and(|(_, c)| c.is_none()));
+        assert_eq!(s.routed.cluster_name(), None);
+        assert!(s.routed.policy().is_some_and(|(_, c)| c.is_none()));
+
+        // A cluster named without a route (an L4 connection's): no policy.
+        let l4 = RequestInfo::new();
+        l4.set_cluster(Arc::from("outbound|5432||db"));
+        let s = l4.summary();
+        assert_eq!(s.routed.cluster_name(), Some("outbound|5432||db"));
+        assert!(s.routed.policy().is_none() && l4.policy().is_none());
     }
 }

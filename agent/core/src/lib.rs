@@ -24,7 +24,9 @@ pub use self::error::{
 };
 pub use self::expiry::{Deadline, Expiry};
 pub use self::flags::ResponseFlags;
-pub use self::info::{AttemptRecord, AttemptRecords, InfoSummary, PolicyNote, RequestInfo};
+pub use self::info::{
+    AttemptRecord, AttemptRecords, ClusterNote, InfoSummary, PolicyNote, RequestInfo, Routed,
+};
 pub use self::ready::ConnectionReady;
 pub use self::side_wake::SideWake;
 

@@ -513,7 +513,7 @@ fn request(current: &State, r: &Kept) -> api::Request {
             .unwrap_or_default();
         (f, r.duration.saturating_sub(since_first))
     });
-    let policy = &r.policy;
+    let policy = r.routed.policy();
     api::Request {
         request_id: r.request_id().map(str::to_owned),
         start_unix_ms: r
@@ -532,13 +532,10 @@ fn request(current: &State, r: &Kept) -> api::Request {
             .unwrap_or_else(|| "unknown".into()),
         source_workload: format!("{}/{}", r.source.namespace, r.source.workload),
         service: r.service.hostname.clone(),
-        cluster: r.cluster.as_ref().map(|c| c.to_string()),
-        route: policy
-            .as_ref()
-            .and_then(|(route, _)| route.get::<api::RoutePolicy>().cloned()),
+        cluster: r.routed.cluster_name().map(str::to_owned),
+        route: policy.and_then(|(route, _)| route.get::<api::RoutePolicy>().cloned()),
         destination: policy
-            .as_ref()
-            .and_then(|(_, cluster)| cluster.as_ref()?.get::<api::DestinationPolicy>().cloned()),
+            .and_then(|(_, cluster)| cluster?.get::<api::DestinationPolicy>().cloned()),
         status: r.status,
         flags: flags_text(r.flags),
         details: r.details.map(str::to_owned),

@@ -315,7 +315,7 @@ impl Handler {
                 service,
             }) => {
                 finish.record().service = self.service_labels(&state, service.map(|s| &**s));
-                info.set_routed(plan.name.clone(), plan.note(matched), None);
+                info.set_routed(plan.note(matched), None);
                 debug_assert!(
                     plan.fault.is_none(),
                     "config refuses fault with directResponse"
@@ -339,11 +339,7 @@ impl Handler {
                 service,
             }) => {
                 finish.record().service = self.service_labels(&state, service.map(|s| &**s));
-                info.set_routed(
-                    plan.name.clone(),
-                    plan.note(matched),
-                    Some((upstream.name.clone(), upstream.note.clone())),
-                );
+                info.set_routed(plan.note(matched), Some(upstream.note.clone()));
                 let req = prepare_request(req, &info);
                 // Built inside out for this request alone: each layer moves what it holds into
                 // its service (`Layer::layer` would copy it, one more reference count each).

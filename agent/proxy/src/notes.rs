@@ -4,7 +4,7 @@
 //! match and DestinationRule in force when the request was routed, not what is in force now.
 
 use sluice_admin_api as api;
-use sluice_core::PolicyNote;
+use sluice_core::{ClusterNote, PolicyNote};
 use sluice_policy::{Cluster, Route};
 use std::sync::Arc;
 
@@ -63,8 +63,12 @@ fn route_policy(virtual_service: &str, route: &Route) -> api::RoutePolicy {
     }
 }
 
-/// The note of a live cluster: its DestinationRule and the limits it set.
-pub(crate) fn cluster_note(spec: &Cluster) -> PolicyNote {
+/// The note of a live cluster named `name`: its DestinationRule and the limits it set.
+pub(crate) fn cluster_note(name: &Arc<str>, spec: &Cluster) -> Arc<ClusterNote> {
+    Arc::new(ClusterNote::new(name.clone(), Some(cluster_policy(spec))))
+}
+
+fn cluster_policy(spec: &Cluster) -> PolicyNote {
     let p = &spec.policy;
     let pool = &p.connection_pool;
     PolicyNote::new(Arc::new(api::DestinationPolicy {

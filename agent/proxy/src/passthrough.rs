@@ -34,7 +34,6 @@ impl Passthrough {
             name: Arc::from(PASSTHROUGH_CLUSTER),
             // Istio's `allow_any` route: no retry policy, no timeout.
             plan: Arc::new(RoutePlan {
-                name: "allow_any".into(),
                 destinations: Vec::new(),
                 timeout: None,
                 retry: Arc::new(RetryPolicy::disabled()),
@@ -92,7 +91,7 @@ impl Passthrough {
         });
         let up = Upstream {
             name: self.name.clone(),
-            note: crate::notes::cluster_note(&spec),
+            note: crate::notes::cluster_note(&self.name, &spec),
             retry_budget: Arc::new(RetryBudget::new(spec.policy.connection_pool.max_retries)),
             handle: sluice_upstream::Cluster::new(spec.clone(), protocol),
             spec,

@@ -9,7 +9,7 @@
 
 use crate::direct::{DirectReply, ResponseHeaders};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use sluice_core::PolicyNote;
+use sluice_core::{ClusterNote, PolicyNote};
 use sluice_policy::Identity;
 use sluice_policy::{
     Cluster, ClusterKey, Fault, RetryPolicy, Route, Service, ServiceExportTo, Snapshot,
@@ -29,16 +29,14 @@ pub struct Upstream {
     /// Envoy's name for it (`outbound|80||pricing.default.svc.cluster.local`), made once.
     pub name: Arc<str>,
     pub spec: Arc<Cluster>,
-    /// Its DestinationRule and limits as a trace shows them, made with `spec`.
-    pub note: PolicyNote,
+    /// Its name, DestinationRule and limits as a request's record shows them, made with `spec`.
+    pub note: Arc<ClusterNote>,
     pub handle: ClusterHandle,
     pub retry_budget: Arc<RetryBudget>,
 }
 
 /// A route compiled for the hot path: the layers' settings are shared, not rebuilt per request.
 pub struct RoutePlan {
-    /// Shared with every request it takes (its record names it).
-    pub name: Arc<str>,
     pub destinations: Vec<WeightedDestination>,
     pub timeout: Option<Duration>,
     pub retry: Arc<RetryPolicy>,
@@ -68,7 +66,6 @@ impl RoutePlan {
             .as_ref()
             .map(|ops| Arc::new(ResponseHeaders::compile(ops)));
         Self {
-            name: Arc::from(route.name.as_str()),
             destinations: route
                 .destinations
                 .iter()
@@ -94,7 +91,6 @@ impl RoutePlan {
     /// no timeout, the default retry policy.
     fn implicit(service: &Service, port: u16) -> Self {
         Self {
-            name: Arc::from("default"),
             destinations: vec![WeightedDestination {
                 cluster: ClusterKey {
                     host: service.hostname.clone(),
@@ -645,7 +641,7 @@ fn live(
             Upstream {
                 name: up.name.clone(),
                 spec: spec.clone(),
-                note: crate::notes::cluster_note(spec),
+                note: crate::notes::cluster_note(&up.name, spec),
                 handle: up.handle.clone(),
                 retry_budget: if up.spec.policy.connection_pool.max_retries
                     == spec.policy.connection_pool.max_retries
@@ -659,10 +655,11 @@ fn live(
         }
         None => {
             let handle = sluice_upstream::Cluster::new(spec.clone(), protocol_of(snapshot, spec));
+            let name = Arc::from(spec.key.to_string());
             let up = Upstream {
-                name: Arc::from(spec.key.to_string()),
+                note: crate::notes::cluster_note(&name, spec),
+                name,
                 spec: spec.clone(),
-                note: crate::notes::cluster_note(spec),
                 retry_budget: retry_budget(spec, &handle),
                 handle,
             };

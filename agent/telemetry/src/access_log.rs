@@ -301,7 +301,7 @@ fn write_line_of(line: &mut String, record: &Record, notes: &InfoSummary, now: S
                 None => line.push('-'),
             }
             line.push_str("\" ");
-            match &notes.cluster {
+            match notes.routed.cluster_name() {
                 Some(c) => line.push_str(c),
                 None => line.push('-'),
             }
@@ -317,7 +317,7 @@ fn write_line_of(line: &mut String, record: &Record, notes: &InfoSummary, now: S
         }
         Exchange::Tcp { received, sent } => {
             let upstream = Upstream(notes.upstream);
-            let cluster = notes.cluster.as_deref().unwrap_or("-");
+            let cluster = notes.routed.cluster_name().unwrap_or("-");
             let _ = write!(
                 line,
                 "[{}] \"- - -\" 0 {} attempts={} duration={}ms received={} sent={}{} \"-\" \"{}\" {} \"-\" {}",
@@ -353,7 +353,7 @@ fn json_of(record: &Record, notes: &InfoSummary, now: SystemTime) -> String {
         "response_code_details": notes.details,
         "duration": u64::try_from(record.duration.as_millis()).unwrap_or(u64::MAX),
         "upstream_host": notes.upstream.map(|a| a.to_string()),
-        "upstream_cluster": notes.cluster.as_deref(),
+        "upstream_cluster": notes.routed.cluster_name(),
         "upstream_request_attempt_count": info.attempts(),
         "downstream_remote_address": record.peer.map(|a| a.to_string()),
         "destination_service": (service_of(record) != "-").then(|| service_of(record)),

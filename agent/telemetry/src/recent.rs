@@ -9,7 +9,7 @@ use crate::live::{Listener, Live};
 use crate::record::{Exchange, Record};
 use http::{Method, Version};
 use parking_lot::Mutex;
-use sluice_core::{AttemptRecords, InfoSummary, PolicyNote, ResponseFlags};
+use sluice_core::{AttemptRecords, InfoSummary, ResponseFlags, Routed};
 use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -51,9 +51,8 @@ pub struct Kept {
     pub attempt_count: u32,
     /// The endpoint of the last attempt.
     pub upstream: Option<SocketAddr>,
-    pub cluster: Option<Arc<str>>,
-    /// The route's and the cluster's policy the request was routed under.
-    pub policy: Option<(PolicyNote, Option<PolicyNote>)>,
+    /// The route and cluster the request was routed to, and their policy then.
+    pub routed: Routed,
     pub attempts: AttemptRecords,
 }
 
@@ -101,8 +100,7 @@ impl Kept {
             response_bytes: r.response_bytes,
             attempt_count: info.attempts(),
             upstream: summary.upstream,
-            cluster: summary.cluster,
-            policy: summary.policy,
+            routed: summary.routed,
             attempts: summary.attempts,
         }
     }
@@ -370,7 +368,7 @@ mod tests {
         assert_eq!(kept.status, 200);
         assert_eq!(kept.flags, ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
         assert_eq!((kept.attempt_count, kept.upstream), (2, Some(endpoint)));
-        assert_eq!(kept.cluster.as_deref(), Some("outbound|80||pricing"));
+        assert_eq!(kept.routed.cluster_name(), Some("outbound|80||pricing"));
         assert_eq!(&kept.attempts[..], &record.info.attempt_records()[..]);
 
         // A connection proxied at L4 has no request line.
