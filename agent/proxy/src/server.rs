@@ -302,11 +302,14 @@ async fn serve_http<IO>(
     let is_h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc = {
         // What every request of the connection needs, behind one reference count.
+        let mut shutdown = draining.shutdown.clone();
+        let draining_from_start = *shutdown.borrow_and_update();
         let shared = Arc::new(PerConn {
             handler,
             conn,
             client: client.clone(),
-            shutdown: draining.shutdown.clone(),
+            shutdown,
+            draining_from_start,
         });
         let is_h2 = is_h2.clone();
         service_fn(move |req| {
@@ -324,7 +327,7 @@ async fn serve_http<IO>(
                         handler,
                         conn,
                         client,
-                        shutdown,
+                        ..
                     } = &*shared;
                     if req.version() == http::Version::HTTP_2 {
                         if let Some(fired) = client.check_h2_headers(&req) {
@@ -350,7 +353,7 @@ async fn serve_http<IO>(
                         handler.handle(req, conn).await
                     };
                     if h1
-                        && *shutdown.borrow()
+                        && shared.draining()
                         && rsp.status() != http::StatusCode::SWITCHING_PROTOCOLS
                     {
                         // Draining: this is the connection's last response (hyper closes
@@ -494,7 +497,18 @@ struct PerConn {
     handler: Arc<Handler>,
     conn: ConnInfo,
     client: Arc<Conn>,
+    /// Marked seen when the connection began, with what it said then: every response asks.
     shutdown: watch::Receiver<bool>,
+    draining_from_start: bool,
+}
+
+impl PerConn {
+    /// Whether the proxy is shutting down. Asked once per response: the value is read (under
+    /// the channel's lock) only once it changed; until then, a plain load of its version.
+    fn draining(&self) -> bool {
+        self.draining_from_start
+            || (self.shutdown.has_changed().unwrap_or(true) && *self.shutdown.borrow())
+    }
 }
 
 /// What ended a turn of a connection's loop.
