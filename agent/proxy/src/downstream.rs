@@ -111,15 +111,11 @@ impl Conn {
         self.requests.fetch_add(1, Ordering::AcqRel);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.body_left.store(false, Ordering::Release);
-        let body_done = Arc::new(AtomicBool::new(false));
-        let req = req.map(|inner| {
-            if inner.is_end_stream() {
-                body_done.store(true, Ordering::Release);
-            }
-            Watched {
-                inner,
-                done: body_done.clone(),
-            }
+        // A request without a body (most) has nothing to watch: no flag is shared for it.
+        let body_done = (!req.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        let req = req.map(|inner| Watched {
+            inner,
+            done: body_done.clone(),
         });
         let request = InFlight {
             conn: self.clone(),
@@ -160,7 +156,10 @@ impl Conn {
         if !r.ended && !r.local {
             self.stats.rx_reset();
         }
-        if !r.body_done.load(Ordering::Acquire) {
+        if r.body_done
+            .as_ref()
+            .is_some_and(|d| !d.load(Ordering::Acquire))
+        {
             self.body_left.store(true, Ordering::Release);
         }
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -300,8 +299,8 @@ pub(crate) struct InFlight {
     ended: bool,
     /// The proxy reset the stream itself.
     local: bool,
-    /// The request body has been read to its end.
-    body_done: Arc<AtomicBool>,
+    /// Whether the request body has been read to its end (`None`: it had none).
+    body_done: Option<Arc<AtomicBool>>,
 }
 
 impl InFlight {
@@ -336,7 +335,7 @@ pin_project! {
     pub(crate) struct Watched<B> {
         #[pin]
         inner: B,
-        done: Arc<AtomicBool>,
+        done: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -351,7 +350,9 @@ impl<B: HttpBody> HttpBody for Watched<B> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         if frame.is_none() || this.inner.is_end_stream() {
-            this.done.store(true, Ordering::Release);
+            if let Some(done) = this.done {
+                done.store(true, Ordering::Release);
+            }
         }
         Poll::Ready(frame)
     }
