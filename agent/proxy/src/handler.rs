@@ -252,14 +252,16 @@ impl Handler {
             req.headers_mut().insert(X_REQUEST_ID, id.clone());
             id
         });
-        // The request's place in a trace: the cluster writes it on every attempt, the record
-        // makes the spans.
+        // The request's place in a trace: the cluster writes it on every attempt; the record
+        // keeps it only to make the spans of a sampled request (not one more reference count for
+        // the others, most of them).
         let trace = self.telemetry.tracer().start(req.headers()).map(Arc::new);
+        let spans = trace.as_ref().filter(|t| t.sampled()).cloned();
         let h1 = req.version() < http::Version::HTTP_2;
         let ctx = RequestCtx::of_mut(req.extensions_mut());
         ctx.info = Some(info.clone());
-        if let Some(t) = &trace {
-            ctx.trace = Some(t.clone());
+        if let Some(t) = trace {
+            ctx.trace = Some(t);
         }
         // An HTTP/2 stream is a task of its own, which the connection's timer would not wake.
         if h1 {
@@ -274,7 +276,7 @@ impl Handler {
                 start: SystemTime::now(),
                 duration: Duration::ZERO,
                 exchange: Exchange::Http(HttpRequest {
-                    trace,
+                    trace: spans,
                     ..HttpRequest::with_request_id(
                         &req,
                         route::authority_of(&req).to_owned(),

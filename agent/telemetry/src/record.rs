@@ -30,8 +30,9 @@ pub struct HttpRequest {
     pub user_agent: Option<HeaderValue>,
     /// Request line and header bytes, as received (the body is counted as it flows).
     pub header_bytes: u64,
-    /// Its place in a trace (set by the handler from [`Tracer::start`](crate::trace::Tracer));
-    /// shared with the request's `RequestCtx`, which writes it on every attempt.
+    /// Its place in a trace when it is sampled, to make its spans from (set by the handler from
+    /// [`Tracer::start`](crate::trace::Tracer)); shared with the request's `RequestCtx`, which
+    /// writes it on every attempt. `None` for a request that is not sampled.
     pub trace: Option<Arc<TraceContext>>,
 }
 
