@@ -2,7 +2,7 @@
 //! Shared through the request's extensions as `Arc<RequestInfo>`; each field is set by the one layer
 //! that owns it, so the lock is never contended and never held across an await. One lock for all
 //! the notes and the attempt records, so that what is set or read together costs one acquire and
-//! one release (each an atomic read-modify-write): the router's three notes at once, and
+//! one release (each an atomic read-modify-write): what the router decides at once, and
 //! everything the telemetry reads of a finished request at once ([`RequestInfo::summary`]).
 
 use crate::{Deadline, ResponseFlags};
