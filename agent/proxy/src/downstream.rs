@@ -22,6 +22,7 @@
 //! Envoy's stats filter never sees these streams).
 
 use crate::limits::{DownstreamLimits, DownstreamStats, Fired};
+use crate::stamp::Stamp;
 use crate::Handler;
 use bytes::Bytes;
 use http::{Method, Request, Version};
@@ -58,9 +59,8 @@ pub(crate) struct Conn {
     head_active: AtomicBool,
     /// When the connection was accepted.
     accepted: Instant,
-    /// When the last request ended (or the connection was accepted), in nanoseconds after
-    /// `accepted`: a plain store per request where a lock cost two atomic read-modify-writes.
-    idle_since: AtomicU64,
+    /// When the last request ended (or the connection was accepted), after `accepted`.
+    idle_since: Stamp,
     /// Wakes the connection's task when it must be closed (its idle timer needs no waking: it
     /// is never later than the idle deadline, and checks it when it fires).
     changed: Notify,
@@ -86,7 +86,7 @@ impl Conn {
             in_flight: AtomicU32::new(0),
             head_active: AtomicBool::new(false),
             accepted: Instant::now(),
-            idle_since: AtomicU64::new(0),
+            idle_since: Stamp::default(),
             changed: Notify::new(),
             closed: AtomicU64::new(0),
             premature: AtomicU64::new(0),
@@ -138,8 +138,7 @@ impl Conn {
         let timeout = self.limits.idle_timeout?;
         let busy =
             self.in_flight.load(Ordering::Acquire) > 0 || self.head_active.load(Ordering::Acquire);
-        let idle_since = Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-        (!busy).then(|| self.accepted + idle_since + timeout)
+        (!busy).then(|| self.idle_since.get(self.accepted) + timeout)
     }
 
     /// Resolves when the connection must be aborted.
@@ -163,8 +162,7 @@ impl Conn {
             self.body_left.store(true, Ordering::Release);
         }
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let since = u64::try_from(self.accepted.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.idle_since.store(since, Ordering::Release);
+            self.idle_since.set(self.accepted, Instant::now());
         }
         if r.local {
             // The proxy reset it itself: Envoy leaves such streams out of the rule.

@@ -20,6 +20,7 @@ mod recorded;
 mod relay;
 pub mod route;
 pub mod server;
+mod stamp;
 mod state;
 mod tcp;
 

@@ -23,6 +23,7 @@
 use crate::handler::{ConnInfo, Handler};
 use crate::metrics::TcpTimeout;
 use crate::route;
+use crate::stamp::Stamp;
 use sluice_core::{ProxyError, RequestInfo, ResponseFlags};
 use sluice_policy::ClusterKey;
 use sluice_telemetry::recent::{ConnectionGuard, OpenConnection, Side};
@@ -321,13 +322,13 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Bytes read from and written to the client, and when the last one moved (nanoseconds after the
+/// Bytes read from and written to the client, and when the last one moved (after the
 /// connection's start), shared with the timers while the copy holds the connection.
 #[derive(Debug, Default)]
 struct Meter {
     read: AtomicU64,
     written: AtomicU64,
-    last_nanos: AtomicU64,
+    last: Stamp,
     /// The connection's `istio_tcp_*` byte counters, once it has an endpoint.
     counters: OnceLock<Vec<TcpCounters>>,
     /// Its two ends in the registry `sluice connections` lists (client, endpoint), once it has
@@ -337,7 +338,7 @@ struct Meter {
 
 impl Meter {
     fn last_activity(&self, base: Instant) -> Instant {
-        base + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed))
+        self.last.get(base)
     }
 
     fn moved(&self, counter: &AtomicU64, n: usize, base: Instant) {
@@ -363,8 +364,7 @@ impl Meter {
                     endpoint.read(n as u64);
                 }
             }
-            let since = base.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-            self.last_nanos.store(since, Ordering::Relaxed);
+            self.last.set(base, Instant::now());
         }
     }
 }

@@ -1,0 +1,23 @@
+//! An instant shared between a connection's tasks without a lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// An instant kept as nanoseconds after a base instant its owner holds (the connection's start):
+/// written with a plain store and read with a plain load, where a `Mutex<Instant>` took two atomic
+/// read-modify-writes per write. Starts at the base.
+#[derive(Debug, Default)]
+pub(crate) struct Stamp(AtomicU64);
+
+impl Stamp {
+    pub(crate) fn set(&self, base: Instant, at: Instant) {
+        let nanos = at.saturating_duration_since(base).as_nanos();
+        self.0
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    pub(crate) fn get(&self, base: Instant) -> Instant {
+        base + Duration::from_nanos(self.0.load(Ordering::Acquire))
+    }
+}
