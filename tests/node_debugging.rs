@@ -804,9 +804,160 @@ fn chromium() -> Result<PathBuf, String> {
         .ok_or_else(|| "chromium is not installed (apt-get install chromium)".to_owned())
 }
 
+/// A headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
+/// the browser reads commands on fd 3 and writes answers on fd 4, each message NUL-terminated), so
+/// the test reads the live page whenever it wants instead of one dump at a guessed moment.
+struct Browser {
+    child: tokio::process::Child,
+    commands: tokio::net::unix::pipe::Sender,
+    answers: tokio::net::unix::pipe::Receiver,
+    read: Vec<u8>,
+    next_id: u64,
+    session: Option<String>,
+}
+
+impl Browser {
+    async fn start(binary: &Path, profile: &Path) -> Browser {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        let (their_commands, our_commands) = std::io::pipe().expect("pipe");
+        let (our_answers, their_answers) = std::io::pipe().expect("pipe");
+        let (read_fd, write_fd) = (their_commands.as_raw_fd(), their_answers.as_raw_fd());
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--remote-debugging-pipe",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+        // SAFETY: dup2, fcntl and prctl are async-signal-safe and touch only the child's fds.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (from, to) in [(read_fd, 3), (write_fd, 4)] {
+                    // dup2 onto itself would keep close-on-exec set.
+                    let ok = if from == to {
+                        libc::fcntl(to, libc::F_SETFD, 0) == 0
+                    } else {
+                        libc::dup2(from, to) == to
+                    };
+                    if !ok {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("chromium starts");
+        // The browser's ends now live in the child only.
+        drop((their_commands, their_answers));
+        let commands = tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(our_commands))
+            .expect("command pipe");
+        let answers = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(our_answers))
+            .expect("answer pipe");
+        Browser {
+            child,
+            commands,
+            answers,
+            read: Vec::new(),
+            next_id: 1,
+            session: None,
+        }
+    }
+
+    /// Sends one command (to the page once attached) and waits for its answer, skipping events.
+    async fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = serde_json::json!({"id": id, "method": method, "params": params});
+        if let Some(session) = &self.session {
+            msg["sessionId"] = session.clone().into();
+        }
+        let mut bytes = serde_json::to_vec(&msg).unwrap();
+        bytes.push(0);
+        self.commands
+            .write_all(&bytes)
+            .await
+            .expect("chromium reads");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            while let Some(end) = self.read.iter().position(|b| *b == 0) {
+                let frame: Vec<u8> = self.read.drain(..=end).collect();
+                let answer: serde_json::Value =
+                    serde_json::from_slice(&frame[..end]).expect("a JSON message");
+                if answer["id"] == id {
+                    assert!(answer.get("error").is_none(), "{method}: {answer}");
+                    return answer["result"].clone();
+                }
+            }
+            let mut buf = [0u8; 64 * 1024];
+            let n = tokio::time::timeout_at(deadline, self.answers.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("chromium did not answer {method} in 30 s"))
+                .expect("chromium's answers");
+            assert!(
+                n > 0,
+                "chromium closed its pipe; it exited: {:?}",
+                self.child.try_wait()
+            );
+            self.read.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Opens `url` in a new page and attaches to it.
+    async fn open(&mut self, url: &str) {
+        let target = self
+            .call("Target.createTarget", serde_json::json!({ "url": url }))
+            .await;
+        let attached = self
+            .call(
+                "Target.attachToTarget",
+                serde_json::json!({ "targetId": target["targetId"], "flatten": true }),
+            )
+            .await;
+        self.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
+    }
+
+    /// The page's document as it is now.
+    async fn dom(&mut self) -> String {
+        let got = self
+            .call(
+                "Runtime.evaluate",
+                serde_json::json!({
+                    "expression": "document.documentElement.outerHTML",
+                    "returnByValue": true,
+                }),
+            )
+            .await;
+        got["result"]["value"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Closes the browser (its renderers with it) and waits for it to exit.
+    async fn close(mut self) {
+        self.session = None;
+        let _ = self.call("Browser.close", serde_json::json!({})).await;
+        let exited = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        assert!(
+            matches!(exited, Ok(Ok(_))),
+            "chromium did not exit: {exited:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ui_page_shows_the_edges_of_real_traffic_and_the_tap_updates() {
-    let browser = match chromium() {
+    let binary = match chromium() {
         Ok(b) => b,
         Err(why) if std::env::var_os("CI").is_none() => {
             eprintln!("skipped: {why}");
@@ -836,40 +987,35 @@ async fn the_ui_page_shows_the_edges_of_real_traffic_and_the_tap_updates() {
         }
     });
 
-    let profile = agent.dir.path().join("chromium");
-    let out = tokio::process::Command::new(&browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--virtual-time-budget=3000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://{}{}", agent.admin_addr(), api::paths::UI))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("chromium finished")
-        .expect("chromium ran");
+    let mut browser = Browser::start(&binary, &agent.dir.path().join("chromium")).await;
+    browser
+        .open(&format!("http://{}{}", agent.admin_addr(), api::paths::UI))
+        .await;
+    let section = |dom: &str, id: &str| -> Option<String> {
+        let start = dom.find(&format!("<table id=\"{id}\">"))?;
+        let end = dom[start..].find("</table>")? + start;
+        Some(dom[start..end].to_owned())
+    };
+    // The page refreshes every second and the tap streams as requests finish: read the live page
+    // until it shows everything below (or 20 s pass, and the assertions say what is missing).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dom = loop {
+        let dom = browser.dom().await;
+        let shown = |id: &str, what: &str| section(&dom, id).is_some_and(|s| s.contains(what));
+        let complete = shown("edges", "<td>ok.default.svc.cluster.local</td>")
+            && shown("edges", "<td>bad.default.svc.cluster.local</td>")
+            && shown("endpoints", &format!("127.0.0.1:{ok}"))
+            && shown("endpoints", &format!("127.0.0.1:{bad}"))
+            && shown("tap", "<td>ui-");
+        if complete || Instant::now() >= deadline {
+            break dom;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let _ = stop.send(true);
     load.await.unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && dom.contains("<table id=\"edges\">"),
-        "chromium: {}\n{dom}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let section = |id: &str| {
-        let start = dom
-            .find(&format!("<table id=\"{id}\">"))
-            .unwrap_or_else(|| panic!("no {id} in {dom}"));
-        let end = dom[start..].find("</table>").unwrap() + start;
-        dom[start..end].to_owned()
-    };
+    browser.close().await;
+    let section = |id: &str| section(&dom, id).unwrap_or_else(|| panic!("no {id} in {dom}"));
     // The edges: both services, from the loopback client, `bad` all errors.
     let edges = section("edges");
     println!("{edges}");
