@@ -51,8 +51,13 @@ pub const EXPECTED_RQ_TIMEOUT_MS: HeaderName =
 
 /// `x-envoy-expected-rq-timeout-ms` for an attempt with this per-try timeout under this route
 /// clock, as Envoy computes it (whole milliseconds; a per-try timeout not shorter than the route
-/// timeout is ignored; once the route time is used up, 1).
-fn expected_timeout_ms(per_try: Option<Duration>, route: Option<RouteClock>) -> Option<u64> {
+/// timeout is ignored; once the route time is used up, 1). Envoy counts no time elapsed for the
+/// first attempt (`first`: no clock read), and a retry's from the route clock's start.
+fn expected_timeout_ms(
+    per_try: Option<Duration>,
+    route: Option<RouteClock>,
+    first: bool,
+) -> Option<u64> {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let global = route.map_or(0, |r| ms(r.timeout));
     let mut expected = per_try.map_or(0, ms);
@@ -65,7 +70,7 @@ fn expected_timeout_ms(per_try: Option<Duration>, route: Option<RouteClock>) -> 
     if expected == 0 {
         return None;
     }
-    if let Some(route) = route.filter(|_| global != 0) {
+    if let Some(route) = route.filter(|_| global != 0 && !first) {
         let elapsed = ms(Instant::now()
             .into_std()
             .saturating_duration_since(route.start));
@@ -199,8 +204,13 @@ where
                 }
             }
             Scope::PerTry => {
-                let route = RequestCtx::of(req.extensions()).and_then(|c| c.route_clock);
-                match expected_timeout_ms(timeout, route) {
+                let ctx = RequestCtx::of(req.extensions());
+                let route = ctx.and_then(|c| c.route_clock);
+                // The retry layer above counts the attempts in the request's info.
+                let first = ctx
+                    .and_then(|c| c.info.as_ref())
+                    .is_some_and(|info| info.attempts() <= 1);
+                match expected_timeout_ms(timeout, route, first) {
                     Some(ms) => {
                         req.headers_mut()
                             .insert(EXPECTED_RQ_TIMEOUT_MS, sluice_core::decimal_value(ms));

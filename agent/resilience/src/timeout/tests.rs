@@ -215,11 +215,25 @@ async fn a_timer_marks_the_attempt_it_ends_and_a_caller_leaving_does_not() {
     );
 }
 
-/// The header the per-try layer writes for an attempt `wait` seconds into the route clock.
+/// The header the per-try layer writes for a retry `wait` seconds into the route clock.
 async fn expected_header(route: Option<f64>, per_try: Option<f64>, wait: f64) -> Option<String> {
+    expected_header_of_attempt(2, route, per_try, wait).await
+}
+
+/// [`expected_header`] for attempt `attempt` as the retry layer counts it in the request's info
+/// (0 when no retry layer counted it).
+async fn expected_header_of_attempt(
+    attempt: u32,
+    route: Option<f64>,
+    per_try: Option<f64>,
+    wait: f64,
+) -> Option<String> {
     let (backend, calls) = crate::test_util::backend(vec![Step::Status(200)]);
     let mut svc = TimeoutLayer::per_try(per_try.map(secs)).layer(backend);
-    let (mut req, _) = get();
+    let (mut req, info) = get();
+    for _ in 0..attempt {
+        info.add_attempt();
+    }
     if let Some(route) = route {
         RequestCtx::of_mut(req.extensions_mut()).route_clock = Some(RouteClock {
             start: Instant::now().into_std(),
@@ -299,6 +313,27 @@ async fn expected_timeout_header_is_envoys() {
     assert_eq!(
         expected_header(None, Some(0.25), 0.0).await.as_deref(),
         Some("250")
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_first_attempts_expected_timeout_counts_no_time_elapsed_as_envoys() {
+    // Envoy writes the first attempt's header with nothing elapsed, a retry's with the time since
+    // the route clock started.
+    for (attempt, expected) in [(0, "2000"), (1, "2000"), (2, "1700")] {
+        assert_eq!(
+            expected_header_of_attempt(attempt, Some(2.0), None, 0.3)
+                .await
+                .as_deref(),
+            Some(expected),
+            "attempt {attempt}"
+        );
+    }
+    assert_eq!(
+        expected_header_of_attempt(1, Some(2.0), Some(0.5), 1.8)
+            .await
+            .as_deref(),
+        Some("500")
     );
 }
 
