@@ -302,6 +302,12 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
+    /// When the service got the request (hyper had parsed its head): the record's clock starts
+    /// here too, not at a clock read of its own.
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+
     /// The proxy reset the stream itself (a header limit).
     pub(crate) fn local_reset(mut self) {
         self.local = true;
@@ -413,9 +419,17 @@ enum Mode {
     Http2,
 }
 
+/// The wall-clock time of `at`, a moment passed.
+fn wall_time_of(at: Instant) -> SystemTime {
+    let now = SystemTime::now();
+    now.checked_sub(at.elapsed()).unwrap_or(now)
+}
+
 /// An HTTP/1 request head on its way: when it began, and what has come of it.
 struct Head {
-    started: (SystemTime, Instant),
+    /// When its first byte came, read only for a head that did not come whole in that first read
+    /// (most do): only such a head can run out of time; one refused at once started now.
+    started: Option<Instant>,
     /// `Conn::requests` when it began: the head is complete once that moves.
     at_request: u64,
     /// Bytes of the head so far (up to its blank line), and its non-empty lines.
@@ -429,7 +443,7 @@ struct Head {
 impl Head {
     fn new(at_request: u64) -> Self {
         Self {
-            started: (SystemTime::now(), Instant::now()),
+            started: None,
             at_request,
             bytes: 0,
             lines: 0,
@@ -635,7 +649,10 @@ impl<IO: AsyncWrite> Guarded<IO> {
             version: Version::HTTP_11,
             status,
             flags,
-            started: head.started,
+            started: match head.started {
+                Some(at) => (wall_time_of(at), at),
+                None => (SystemTime::now(), Instant::now()),
+            },
             head_bytes: head.bytes,
             response_bytes: reply.len() as u64,
         });
@@ -766,6 +783,10 @@ impl<IO> Guarded<IO> {
         }
         if let Some(head) = this.head.as_mut() {
             head.scan(data);
+            if !head.complete && head.started.is_none() {
+                // The first read of this head (a later one finds `started` set).
+                head.started = Some(Instant::now());
+            }
         }
     }
 
@@ -782,7 +803,10 @@ impl<IO> Guarded<IO> {
         if head.complete {
             return false;
         }
-        let deadline = head.started.1 + limit;
+        let Some(started) = head.started else {
+            return false;
+        };
+        let deadline = started + limit;
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));

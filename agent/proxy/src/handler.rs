@@ -238,7 +238,14 @@ impl Handler {
         self.state.store(Arc::new(next));
     }
 
-    pub async fn handle<B>(&self, mut req: Request<B>, conn: &ConnInfo) -> Response<Body>
+    /// Proxies `req`, which the connection got at `started` (the start of its record's duration
+    /// and of the upstream's time in `x-envoy-upstream-service-time`).
+    pub async fn handle<B>(
+        &self,
+        mut req: Request<B>,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Response<Body>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -291,6 +298,7 @@ impl Handler {
                 grpc_status: None,
                 response_bytes: 0,
             },
+            started,
         );
 
         // The client went away while its request body was read: logged as Envoy logs it (status
@@ -357,15 +365,17 @@ impl Handler {
                     'static,
                     Result<Response<Body>, BoxError>,
                 > = Box::pin(stack.oneshot(req));
-                let sent = Instant::now();
                 let mut rsp = match fut.await {
                     Ok(rsp) => {
                         let mut rsp = prepare_response(rsp);
                         // Envoy's router stamps the responses it forwards (not its local replies
                         // nor the fault filter's aborts) with the time the upstream took, retries
-                        // included.
+                        // included: whole milliseconds, counted here from when the connection
+                        // got the request (microseconds before the router had it; no clock
+                        // read of its own).
                         if !info.flags().contains(ResponseFlags::FAULT_INJECTED) {
-                            let ms = u64::try_from(sent.elapsed().as_millis()).unwrap_or(u64::MAX);
+                            let ms =
+                                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                             rsp.headers_mut().insert(
                                 X_ENVOY_UPSTREAM_SERVICE_TIME,
                                 sluice_core::decimal_value(ms),
@@ -416,7 +426,12 @@ impl Handler {
 
     /// Refuses a request whose original destination is this proxy's own listener: forwarding it
     /// would loop back here. 502, logged under Istio's `BlackHoleCluster`.
-    pub(crate) fn refuse_loop<B>(&self, req: &Request<B>, conn: &ConnInfo) -> Response<Body> {
+    pub(crate) fn refuse_loop<B>(
+        &self,
+        req: &Request<B>,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Response<Body> {
         let info = Arc::new(RequestInfo::new());
         info.set_cluster(Arc::from(crate::BLACK_HOLE_CLUSTER));
         tracing::warn!(
@@ -448,6 +463,7 @@ impl Handler {
                 grpc_status: None,
                 response_bytes: 0,
             },
+            started,
         );
         RecordedBody::wrap(rsp, finish)
     }

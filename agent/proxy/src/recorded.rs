@@ -44,13 +44,19 @@ impl Open {
 }
 
 impl Finish {
-    pub(crate) fn new(telemetry: Telemetry, state: Arc<State>, record: Record) -> Self {
+    /// The record of a request the connection got at `started`.
+    pub(crate) fn new(
+        telemetry: Telemetry,
+        state: Arc<State>,
+        record: Record,
+        started: Instant,
+    ) -> Self {
         Self {
             open: Some(Open {
                 telemetry,
                 state,
                 record,
-                started: Instant::now(),
+                started,
                 held: None,
             }),
         }

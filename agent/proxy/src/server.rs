@@ -319,6 +319,7 @@ async fn serve_http<IO>(
                 is_h2.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let (req, request) = shared.client.request_started(req);
+            let started = request.started();
             // Boxed where created: rustc cannot otherwise prove the future `Send` for every
             // lifetime in `BoxError` when hyper spawns it.
             let fut: futures_util::future::BoxFuture<'static, Result<_, StreamReset>> =
@@ -348,9 +349,9 @@ async fn serve_http<IO>(
                         }
                     }
                     let mut rsp = if is_loop {
-                        handler.refuse_loop(&req, conn)
+                        handler.refuse_loop(&req, conn, started)
                     } else {
-                        handler.handle(req, conn).await
+                        handler.handle(req, conn, started).await
                     };
                     if h1
                         && shared.draining()
