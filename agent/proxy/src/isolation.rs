@@ -110,9 +110,10 @@ impl std::fmt::Debug for Client {
 pub struct Isolation {
     limits: IsolationLimits,
     clients: Mutex<HashMap<IpAddr, Arc<Client>>>,
-    /// Open client connections and requests in flight, over every client.
+    /// Open client connections, over every client. (Requests in flight are counted per client
+    /// only: a node-wide count would be one more shared counter for every request on every
+    /// worker, and it is read only under pressure, where the clients are summed instead.)
     connections: AtomicU64,
-    requests: AtomicU64,
     /// The last samples: open descriptors (and the connections open when it was taken, to
     /// estimate between samples), resident bytes.
     fds: AtomicU64,
@@ -129,7 +130,6 @@ impl Isolation {
             limits,
             clients: Mutex::default(),
             connections: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
             fds: AtomicU64::new(0),
             fds_at_connections: AtomicU64::new(0),
             rss: AtomicU64::new(0),
@@ -202,10 +202,20 @@ impl Isolation {
         Pressure::load(&self.memory)
     }
 
-    /// The mean of what the clients present hold: a client at or over it is among the heavy ones.
-    fn fair_share(&self, total: u64) -> u64 {
-        let clients = self.clients.lock().len().max(1) as u64;
-        (total / clients).max(1)
+    /// The mean of what the clients present hold (`total`, or their requests in flight when
+    /// `None`): a client at or over it is among the heavy ones. `less` is left out of the total
+    /// (the connection or request being admitted, already counted).
+    fn fair_share(&self, total: Option<u64>, less: u64) -> u64 {
+        let clients = self.clients.lock();
+        let total = total.unwrap_or_else(|| {
+            // A pod whose connections have all closed is no longer here; a request of its that
+            // is still in flight is not counted (none outlives its connection over HTTP).
+            clients
+                .values()
+                .map(|c| u64::from(c.requests.load(Ordering::Relaxed)))
+                .sum()
+        });
+        (total.saturating_sub(less) / clients.len().max(1) as u64).max(1)
     }
 
     fn shed(&self, why: Overload) -> Overload {
@@ -253,8 +263,8 @@ impl Isolation {
             return Err(self.shed(Overload::PodConnections));
         }
         if fd == Pressure::Soft {
-            let total = self.connections.load(Ordering::Relaxed) - 1;
-            if held >= self.fair_share(total) {
+            let total = self.connections.load(Ordering::Relaxed);
+            if held >= self.fair_share(Some(total), 1) {
                 return Err(self.shed(Overload::FileDescriptors));
             }
         }
@@ -353,7 +363,6 @@ impl ConnSlot {
         let client = &self.0;
         let iso = &client.isolation;
         let held = u64::from(client.requests.fetch_add(1, Ordering::Relaxed));
-        iso.requests.fetch_add(1, Ordering::Relaxed);
         let slot = RequestSlot(client.clone());
         let max = iso.limits.max_requests_per_pod;
         if max > 0 && held >= u64::from(max) {
@@ -366,8 +375,7 @@ impl ConnSlot {
             match pressure {
                 Pressure::Hard => return Err(iso.shed(why)),
                 Pressure::Soft => {
-                    let total = iso.requests.load(Ordering::Relaxed) - 1;
-                    if held >= iso.fair_share(total) {
+                    if held >= iso.fair_share(None, 1) {
                         return Err(iso.shed(why));
                     }
                 }
@@ -424,7 +432,6 @@ pub(crate) struct RequestSlot(Arc<Client>);
 impl Drop for RequestSlot {
     fn drop(&mut self) {
         self.0.requests.fetch_sub(1, Ordering::Relaxed);
-        self.0.isolation.requests.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -544,7 +551,10 @@ mod tests {
             .iter()
             .map(|c| c.admit_request().unwrap())
             .collect();
+        let _light_busy: Vec<_> = (0..2).map(|_| light.admit_request().unwrap()).collect();
         iso.memory.store(Pressure::Soft as u8, Ordering::Relaxed);
+        // The fair share: 12 requests in flight over 3 pods, 4. The heavy pod (10) is shed, the
+        // light one (2) is not.
         assert_eq!(greedy[10].admit_request().err(), Some(Overload::Memory));
         assert!(light.admit_request().is_ok());
         iso.memory.store(Pressure::Hard as u8, Ordering::Relaxed);
