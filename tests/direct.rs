@@ -1127,6 +1127,16 @@ async fn header_matched_fault_aborts_only_matching_requests() {
     );
     let l = only(&delayed_lines);
     assert!(l.has_flag("DI") && l.upstream == addr(port), "{l:?}");
+    // The upstream's time leaves the 300 ms delay out: Envoy's router gets the request after it.
+    let service_ms: u64 = delayed.headers["x-envoy-upstream-service-time"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        service_ms < 250,
+        "x-envoy-upstream-service-time {service_ms}"
+    );
 }
 
 // 14. `maxRetries: 1`: at most one retry in flight cluster-wide; the others are not retried

@@ -176,6 +176,9 @@ struct Scenario {
     /// serves port 80 and the second port 8080. Envoy gets istiod's route of each port: a
     /// destination without `port` names that port's cluster.
     alt_port: bool,
+    /// Also compare whether `x-envoy-upstream-service-time` is below this many milliseconds (its
+    /// value, not only its presence).
+    service_time_below_ms: Option<u64>,
 }
 
 fn retry(retry_on: &'static str, num_retries: u32) -> EnvoyRetry {
@@ -211,6 +214,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "retries-on-5xx-until-success",
@@ -232,6 +236,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "retries-exhausted",
@@ -250,6 +255,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "retriable-status-codes",
@@ -274,6 +280,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "route-timeout",
@@ -293,6 +300,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "per-try-timeout-retried-on-5xx",
@@ -317,6 +325,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // The blog's second experiment: a per-try timeout without retryOn keeps Istio's
@@ -341,6 +350,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "fault-abort",
@@ -360,6 +370,29 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
+        },
+        Scenario {
+            // The router gets a delayed request when the delay ends: the upstream's time in
+            // x-envoy-upstream-service-time leaves the 0.3 s out.
+            name: "fault-delay-service-time",
+            istio: "kind: VirtualService\nspec:\n  hosts: [{host}]\n  http:\n  - route: [{destination: {host: {host}}}]\n    fault: {delay: {fixedDelay: 0.3s, percentage: {value: 100}}}\n",
+            route: EnvoyRoute {
+                retry: Some(EnvoyRetry::istio_default()),
+                fault: Some("delay: {fixed_delay: 0.3s, percentage: {numerator: 1000000, denominator: MILLION}}"),
+                ..Default::default()
+            },
+            cluster: EnvoyCluster::default(),
+            hosts: vec![ok()],
+            plan: Plan::Sequential(2),
+            unordered: false,
+            upstream_headers: false,
+            request_headers: &[],
+            upstream_connections: false,
+            upload: Upload::None,
+            known: None,
+            alt_port: false,
+            service_time_below_ms: Some(150),
         },
         Scenario {
             name: "fault-delay-then-route-timeout",
@@ -380,6 +413,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "pool-overflow",
@@ -403,6 +437,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "outlier-default-max-ejection-percent",
@@ -426,6 +461,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "outlier-ejects-with-max-ejection-percent-100",
@@ -449,6 +485,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // Clients that give up on a slow but healthy host are not the host's failures.
@@ -476,6 +513,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "no-healthy-upstream-connect-failure",
@@ -494,6 +532,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // Envoy retries any 5xx under retryOn 5xx, x-envoy-overloaded or not (since 1.15);
@@ -517,6 +556,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             name: "envoy-request-headers-upstream",
@@ -536,6 +576,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // The per-try timeout is what each attempt expects, bounded by the route's time left.
@@ -559,6 +600,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // Forwarded responses carry x-envoy-upstream-service-time (compared in every
@@ -582,6 +624,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // Envoy 1.40 matches a repeated request header on any of its values...
@@ -602,6 +645,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // ...and not on the values joined with commas.
@@ -622,6 +666,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // Envoy keeps up to 1 MiB (the connection buffer limit) of a request for retries.
@@ -641,6 +686,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::Bytes(200_000),
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // Beyond the buffer the retry state is abandoned: the 503 is the answer.
@@ -660,6 +706,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::Bytes(1_500_000),
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // The route timeout starts when the request is complete: a slow upload is not the
@@ -685,6 +732,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // ...and then bounds the upstream as usual.
@@ -709,6 +757,7 @@ fn scenarios() -> Vec<Scenario> {
             },
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // The per-try timer starts when the attempt has a connection: requests queued behind
@@ -735,6 +784,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // http2MaxRequests counts requests on a connection: requests waiting for the one
@@ -759,6 +809,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // Istio writes tcp.idleTimeout into the cluster's HTTP idle_timeout when
@@ -785,6 +836,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // ...and tcp.maxConnectionDuration into its max_connection_duration: requests 0.25 s
@@ -811,6 +863,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // retryBudget replaces maxRetries: with no share of the load and a floor of 1, one
@@ -834,6 +887,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
@@ -859,6 +913,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // A host with a dot is not a short name: `{host}.default` is not completed to the
@@ -879,6 +934,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: false,
+            service_time_below_ms: None,
         },
         Scenario {
             // A destination without `port` on a Service with ports 80 and 8080: istiod builds
@@ -899,6 +955,7 @@ fn scenarios() -> Vec<Scenario> {
             upload: Upload::None,
             known: None,
             alt_port: true,
+            service_time_below_ms: None,
         },
     ]
 }
@@ -1211,6 +1268,8 @@ struct Seen {
     local_body: String,
     /// `x-envoy-upstream-service-time` was on the response.
     service_time: bool,
+    /// It was below the scenario's `service_time_below_ms`, when the scenario compares its value.
+    service_time_below: Option<bool>,
 }
 
 #[derive(Clone, Debug)]
@@ -1423,6 +1482,12 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
                 flags: normalise_flags(&flags),
                 overloaded: o.headers.contains_key("x-envoy-overloaded"),
                 service_time: o.headers.contains_key("x-envoy-upstream-service-time"),
+                service_time_below: s.service_time_below_ms.map(|below| {
+                    o.headers
+                        .get("x-envoy-upstream-service-time")
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                        .is_some_and(|ms| ms < below)
+                }),
                 // Anything but the scripted upstreams' own body is the proxy's local reply.
                 local_body: if body == upstream::BODY {
                     String::new()

@@ -125,6 +125,8 @@ struct Notes {
     details: Option<&'static str>,
     /// Every attempt that picked an endpoint, in order, once it ended.
     attempts: AttemptRecords,
+    /// When an injected delay ended and the router got the request.
+    delay_ended: Option<Instant>,
 }
 
 /// What a finished request's info says beyond its flags and counts, read at once
@@ -220,6 +222,17 @@ impl RequestInfo {
 
     pub fn details(&self) -> Option<&'static str> {
         self.notes.lock().details
+    }
+
+    /// The fault filter's delay ended at `at`: the router's time starts there, as in Envoy, where
+    /// the router gets the request only then (`x-envoy-upstream-service-time` leaves the delay out).
+    pub fn set_delay_ended(&self, at: Instant) {
+        self.notes.lock().delay_ended = Some(at);
+    }
+
+    /// When an injected delay ended, if the request was delayed.
+    pub fn delay_ended(&self) -> Option<Instant> {
+        self.notes.lock().delay_ended
     }
 
     /// Records an attempt that has ended (called once per attempt by the cluster).

@@ -372,10 +372,16 @@ impl Handler {
                         // nor the fault filter's aborts) with the time the upstream took, retries
                         // included: whole milliseconds, counted here from when the connection
                         // got the request (microseconds before the router had it; no clock
-                        // read of its own).
-                        if !info.flags().contains(ResponseFlags::FAULT_INJECTED) {
-                            let ms =
-                                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                        // read of its own), or from the end of an injected delay (Envoy's router
+                        // gets the request only then).
+                        let flags = info.flags();
+                        if !flags.contains(ResponseFlags::FAULT_INJECTED) {
+                            let from = flags
+                                .contains(ResponseFlags::DELAY_INJECTED)
+                                .then(|| info.delay_ended())
+                                .flatten()
+                                .map_or(started, Instant::from_std);
+                            let ms = u64::try_from(from.elapsed().as_millis()).unwrap_or(u64::MAX);
                             rsp.headers_mut().insert(
                                 X_ENVOY_UPSTREAM_SERVICE_TIME,
                                 sluice_core::decimal_value(ms),

@@ -235,9 +235,13 @@ where
                 StateProj::Abort { rsp } => {
                     return Poll::Ready(Ok(rsp.take().expect("polled after completion")))
                 }
-                StateProj::Delay { sleep, next } => {
-                    ready!(sleep.poll(cx));
+                StateProj::Delay { mut sleep, next } => {
+                    ready!(sleep.as_mut().poll(cx));
                     let (req, svc, abort) = next.take().expect("polled after completion");
+                    if let Some(info) = RequestCtx::info(req.extensions()) {
+                        // The timer's deadline is when the delay ended (no clock read).
+                        info.set_delay_ended(sleep.deadline().into_std());
+                    }
                     match (abort, svc) {
                         (Some(rsp), _) => return Poll::Ready(Ok(rsp)),
                         (None, Some(mut svc)) => {
