@@ -732,7 +732,8 @@ fn scenarios() -> Vec<Scenario> {
             },
             known: None,
             alt_port: false,
-            service_time_below_ms: None,
+            // Nor is it in x-envoy-upstream-service-time, counted from the request's end.
+            service_time_below_ms: Some(300),
         },
         Scenario {
             // ...and then bounds the upstream as usual.

@@ -125,8 +125,9 @@ struct Notes {
     details: Option<&'static str>,
     /// Every attempt that picked an endpoint, in order, once it ended.
     attempts: AttemptRecords,
-    /// When an injected delay ended and the router got the request.
-    delay_ended: Option<Instant>,
+    /// When the router had the whole request, if that was later than its start: the end of an
+    /// injected delay or of the request's body.
+    completed: Option<Instant>,
 }
 
 /// What a finished request's info says beyond its flags and counts, read at once
@@ -224,15 +225,17 @@ impl RequestInfo {
         self.notes.lock().details
     }
 
-    /// The fault filter's delay ended at `at`: the router's time starts there, as in Envoy, where
-    /// the router gets the request only then (`x-envoy-upstream-service-time` leaves the delay out).
-    pub fn set_delay_ended(&self, at: Instant) {
-        self.notes.lock().delay_ended = Some(at);
+    /// The router had the whole request at `at` (an injected delay or the request's body ended;
+    /// the later counts). The upstream's time starts there, as Envoy's router counts it from the
+    /// request's completion (`x-envoy-upstream-service-time` leaves a delay and an upload out).
+    pub fn completed_at(&self, at: Instant) {
+        let mut notes = self.notes.lock();
+        notes.completed = Some(notes.completed.map_or(at, |before| before.max(at)));
     }
 
-    /// When an injected delay ended, if the request was delayed.
-    pub fn delay_ended(&self) -> Option<Instant> {
-        self.notes.lock().delay_ended
+    /// When the router had the whole request, if a delay or a body ended after its start.
+    pub fn completed(&self) -> Option<Instant> {
+        self.notes.lock().completed
     }
 
     /// Records an attempt that has ended (called once per attempt by the cluster).

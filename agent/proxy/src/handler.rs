@@ -351,6 +351,7 @@ impl Handler {
                 finish.record().service = self.service_labels(&state, service.map(|s| &**s));
                 info.set_routed(plan.note(matched), Some(upstream.note.clone()));
                 let req = prepare_request(req, &info);
+                let had_body = !http_body::Body::is_end_stream(req.body());
                 // Built inside out for this request alone: each layer moves what it holds into
                 // its service (`Layer::layer` would copy it, one more reference count each).
                 let per_try =
@@ -370,15 +371,14 @@ impl Handler {
                         let mut rsp = prepare_response(rsp);
                         // Envoy's router stamps the responses it forwards (not its local replies
                         // nor the fault filter's aborts) with the time the upstream took, retries
-                        // included: whole milliseconds, counted here from when the connection
-                        // got the request (microseconds before the router had it; no clock
-                        // read of its own), or from the end of an injected delay (Envoy's router
-                        // gets the request only then).
+                        // included: whole milliseconds from the request's completion, as Envoy
+                        // counts them. That is when the connection got it (microseconds before
+                        // the router; no clock read of its own), or later the end of its body or
+                        // of an injected delay (the notes' lock only for those).
                         let flags = info.flags();
                         if !flags.contains(ResponseFlags::FAULT_INJECTED) {
-                            let from = flags
-                                .contains(ResponseFlags::DELAY_INJECTED)
-                                .then(|| info.delay_ended())
+                            let from = (had_body || flags.contains(ResponseFlags::DELAY_INJECTED))
+                                .then(|| info.completed())
                                 .flatten()
                                 .map_or(started, Instant::from_std);
                             let ms = u64::try_from(from.elapsed().as_millis()).unwrap_or(u64::MAX);

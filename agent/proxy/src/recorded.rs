@@ -231,12 +231,17 @@ pin_project! {
         #[pin]
         inner: B,
         info: Arc<RequestInfo>,
+        ended: bool,
     }
 }
 
 impl<B> CountedBody<B> {
     pub(crate) fn new(inner: B, info: Arc<RequestInfo>) -> Self {
-        Self { inner, info }
+        Self {
+            inner,
+            info,
+            ended: false,
+        }
     }
 }
 
@@ -251,12 +256,23 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
         if let Some(Ok(f)) = &frame {
             if let Some(data) = f.data_ref() {
                 this.info.add_request_bytes(data.len() as u64);
             }
+        }
+        // The request is complete with its body's last frame (or its end, when the reader asks
+        // once more): the upstream's time starts there.
+        let ended = match &frame {
+            None => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if ended && !*this.ended {
+            *this.ended = true;
+            this.info.completed_at(Instant::now().into_std());
         }
         Poll::Ready(frame)
     }

@@ -240,7 +240,7 @@ where
                     let (req, svc, abort) = next.take().expect("polled after completion");
                     if let Some(info) = RequestCtx::info(req.extensions()) {
                         // The timer's deadline is when the delay ended (no clock read).
-                        info.set_delay_ended(sleep.deadline().into_std());
+                        info.completed_at(sleep.deadline().into_std());
                     }
                     match (abort, svc) {
                         (Some(rsp), _) => return Poll::Ready(Ok(rsp)),

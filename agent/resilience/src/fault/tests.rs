@@ -49,7 +49,7 @@ async fn delay_then_upstream_with_di() {
     assert_eq!(calls.get(0).at - start, secs(5));
     assert_eq!(info.flags(), ResponseFlags::DELAY_INJECTED);
     // The router's time starts where the delay ended.
-    assert_eq!(info.delay_ended(), Some((start + secs(5)).into_std()));
+    assert_eq!(info.completed(), Some((start + secs(5)).into_std()));
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
