@@ -822,7 +822,7 @@ impl Browser {
         let (their_commands, our_commands) = std::io::pipe().expect("pipe");
         let (our_answers, their_answers) = std::io::pipe().expect("pipe");
         let (read_fd, write_fd) = (their_commands.as_raw_fd(), their_answers.as_raw_fd());
-        let mut cmd = tokio::process::Command::new(binary);
+        let mut cmd = Command::new(binary);
         cmd.args([
             "--headless",
             "--no-sandbox",
@@ -833,9 +833,9 @@ impl Browser {
         .arg(format!("--user-data-dir={}", profile.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-        // SAFETY: dup2, fcntl and prctl are async-signal-safe and touch only the child's fds.
+        .stderr(Stdio::null());
+        die_with_parent(&mut cmd);
+        // SAFETY: dup2 and fcntl are async-signal-safe and touch only the child's fds.
         unsafe {
             cmd.pre_exec(move || {
                 for (from, to) in [(read_fd, 3), (write_fd, 4)] {
@@ -849,13 +849,13 @@ impl Browser {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("chromium starts");
+        let child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium starts");
         // The browser's ends now live in the child only.
         drop((their_commands, their_answers));
         let commands = tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(our_commands))

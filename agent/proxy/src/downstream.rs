@@ -22,7 +22,7 @@
 //! Envoy's stats filter never sees these streams).
 
 use crate::limits::{DownstreamLimits, DownstreamStats, Fired};
-use crate::stamp::Stamp;
+use crate::stamp::{wall_time_of, Stamp};
 use crate::Handler;
 use bytes::Bytes;
 use http::{Method, Request, Version};
@@ -417,12 +417,6 @@ enum Mode {
     Sniffing,
     Http1,
     Http2,
-}
-
-/// The wall-clock time of `at`, a moment passed.
-fn wall_time_of(at: Instant) -> SystemTime {
-    let now = SystemTime::now();
-    now.checked_sub(at.elapsed()).unwrap_or(now)
 }
 
 /// An HTTP/1 request head on its way: when it began, and what has come of it.

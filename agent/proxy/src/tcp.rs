@@ -23,7 +23,7 @@
 use crate::handler::{ConnInfo, Handler};
 use crate::metrics::TcpTimeout;
 use crate::route;
-use crate::stamp::Stamp;
+use crate::stamp::{wall_time_of, Stamp};
 use sluice_core::{ProxyError, RequestInfo, ResponseFlags};
 use sluice_policy::ClusterKey;
 use sluice_telemetry::recent::{ConnectionGuard, OpenConnection, Side};
@@ -56,7 +56,7 @@ impl Handler {
         let info = Arc::new(RequestInfo::new());
         let source = state.source(conn.peer.ip());
         let source_id = state.source_identity(conn.peer.ip());
-        let wall_start = SystemTime::now() - start.elapsed();
+        let wall_start = wall_time_of(start);
         // The client's namespace decides which objects it sees (`exportTo`), as for HTTP.
         let viewer = state.viewer(self.client_namespace(source));
         let service = state
@@ -249,7 +249,7 @@ impl Handler {
             .telemetry
             .tcp_open(Reporter::Source, &source, None, &service);
         let record = Record {
-            start: SystemTime::now() - start.elapsed(),
+            start: wall_time_of(start),
             duration: start.elapsed(),
             exchange: Exchange::Tcp {
                 received: 0,
