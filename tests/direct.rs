@@ -679,11 +679,13 @@ async fn random_reaches_every_host() {
 
     assert!(outcomes.iter().all(|o| o.code() == 200));
     let counts = split(&lines, &ports);
-    // Missing a host has probability 3 * (2/3)^60, about 1e-10; exact 20/20/20 is what RR would do.
-    assert!(
-        counts.iter().all(|c| *c > 0) && counts != [20, 20, 20],
-        "{counts:?}"
-    );
+    // Missing a host has probability 3 * (2/3)^60, about 1e-10. Round robin would take the hosts
+    // in turn; random does that over 60 requests with probability (1/3)^57. (Exactly 20 each is
+    // no sign of round robin: random lands there 1.4% of the time.)
+    let in_turn = lines
+        .windows(4)
+        .all(|w| w[0].upstream == w[3].upstream && w[0].upstream != w[1].upstream);
+    assert!(counts.iter().all(|c| *c > 0) && !in_turn, "{counts:?}");
 }
 
 // 7c. Power of two choices: a host busy with 3 s requests loses every draw against an idle one.
