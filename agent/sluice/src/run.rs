@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// Readiness (Istio: 15021, `/healthz/ready`).
     #[arg(long, default_value = "127.0.0.1:15021")]
     pub ready_addr: SocketAddr,
+    /// Once every listener is bound, write their addresses to this file (JSON: `outbound`,
+    /// `admin`, `admin_socket`, `metrics`, `ready`), as Envoy's `--admin-address-path` does. A
+    /// listener given port 0 gets a free port from the kernel; this file says which, so that
+    /// a supervisor or a test never has to guess a free port and race others for it.
+    #[arg(long)]
+    pub address_file: Option<PathBuf>,
     /// Proxy worker threads; 1 runs everything on one thread (lowest overhead).
     #[arg(long, env = "SLUICE_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -323,6 +329,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    if args.redirect == Redirect::Ebpf && args.outbound_addr.port() == 0 {
+        bail!("--outbound-addr {}: with --redirect ebpf the programs are given the outbound port before the listener opens, so it cannot be 0 (a port the kernel chooses); pass the port", args.outbound_addr);
+    }
     let config = AgentConfig::new(&args, &Env::from_process())?;
     // Spans go to their own export thread, started before the runtime and flushed after it.
     let tracer = sluice_telemetry::trace::Tracer::from_config(
@@ -358,10 +367,21 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 async fn serve(
     args: RunArgs,
-    config: AgentConfig,
+    mut config: AgentConfig,
     set_level: admin::SetLogLevel,
     tracer: sluice_telemetry::trace::Tracer,
 ) -> Result<()> {
+    // A file left by an earlier run would name its ports: gone until this run's are known.
+    if let Some(path) = &args.address_file {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| {
+                    format!("--address-file {}: cannot replace it", path.display())
+                })
+            }
+            _ => {}
+        }
+    }
     let handler = Arc::new(
         Handler::new(
             HandlerOptions {
@@ -437,15 +457,27 @@ async fn serve(
     let admin_l = bind(args.admin_addr, "admin").await?;
     let metrics_l = bind(args.metrics_addr, "metrics").await?;
     let ready_l = bind(args.ready_addr, "ready").await?;
+    // What was asked may say port 0: from here on the listeners are known by what they bound.
+    let l = &mut config.listeners;
+    (l.outbound, l.admin, l.metrics, l.ready) = (
+        outbound.local_addr()?,
+        admin_l.local_addr()?,
+        metrics_l.local_addr()?,
+        ready_l.local_addr()?,
+    );
 
     let mut admin_socket = match args.admin_socket() {
         Some(path) => crate::admin_socket::AdminSocket::bind(&path)?,
         None => None,
     };
+    let view = config.admin_view()?;
+    if let Some(path) = &args.address_file {
+        write_address_file(path, &view.listeners)?;
+    }
     let admin_state = Arc::new(AdminState {
         handler: handler.clone(),
         set_log_level: set_level,
-        agent: config.admin_view()?,
+        agent: view,
         redirect: ebpf.clone().map(|e| {
             let status: admin::RedirectStatus = Arc::new(move || e.status());
             status
@@ -506,7 +538,7 @@ async fn serve(
         }
         ready_tx.closed().await;
     });
-    tracing::info!(outbound = %args.outbound_addr, admin = %args.admin_addr, "sluice is serving");
+    tracing::info!(outbound = %config.listeners.outbound, admin = %config.listeners.admin, "sluice is serving");
 
     let proxy_ended = tokio::select! {
         _ = wait_for_signal() => false,
@@ -534,6 +566,20 @@ async fn serve(
     // The access log's last entries, before the process ends.
     handler.access_log().flush();
     Ok(())
+}
+
+/// Writes `--address-file`: whole or not at all (a new file renamed over the path), so that a
+/// reader polling for it never sees half of it.
+fn write_address_file(
+    path: &std::path::Path,
+    listeners: &sluice_admin_api::Listeners,
+) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let json = serde_json::to_vec_pretty(listeners)?;
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("--address-file {}: cannot write it", path.display()))
 }
 
 /// How long a starting agent waits for an address its predecessor still holds.

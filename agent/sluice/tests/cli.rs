@@ -5,7 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
-use common::{free_port, wait_for};
+use common::wait_for;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -133,6 +133,32 @@ fn abort_vs(status: u16) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: pricing}}\nspec:\n  hosts: [pricing]\n  http:\n  - fault:\n      abort:\n        httpStatus: {status}\n        percentage: {{value: 100}}\n    route: [{{destination: {{host: pricing}}}}]\n")
 }
 
+/// With eBPF redirection the programs are given the outbound port before the listener opens, so a
+/// port the kernel would choose is refused up front, naming the flag.
+#[test]
+fn run_refuses_an_outbound_port_0_with_ebpf_redirection() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(SLUICE)
+        .args([
+            "run",
+            "--redirect",
+            "ebpf",
+            "--outbound-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config-dir")
+        .arg(dir.path())
+        .args(["--admin-socket", "none"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--outbound-addr 127.0.0.1:0") && stderr.contains("cannot be 0"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn run_reloads_within_a_second_keeps_last_good_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,8 +167,9 @@ fn run_reloads_within_a_second_keeps_last_good_and_drains_on_sigterm() {
         "registry.yaml",
         &REGISTRY.replace("PORT", &upstream().to_string()),
     );
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
-    let addr = |p: u16| format!("127.0.0.1:{p}");
+    // Every listener on port 0: the agent binds what the kernel gives it and says which in
+    // --address-file (no free port guessed here, which another test could take meanwhile).
+    let addresses = dir.path().join("addresses.json");
     let child = Command::new(SLUICE)
         .args([
             "run",
@@ -152,26 +179,40 @@ fn run_reloads_within_a_second_keeps_last_good_and_drains_on_sigterm() {
         ])
         .args([
             "--outbound-addr",
-            &addr(ports[0]),
+            "127.0.0.1:0",
             "--admin-addr",
-            &addr(ports[1]),
-            // Tests run agents side by side: none takes the default admin socket.
-            "--admin-socket",
-            "none",
+            "127.0.0.1:0",
         ])
+        // Tests run agents side by side: none takes the default admin socket.
+        .args(["--admin-socket", "none"])
         .args([
             "--metrics-addr",
-            &addr(ports[2]),
+            "127.0.0.1:0",
             "--ready-addr",
-            &addr(ports[3]),
+            "127.0.0.1:0",
         ])
+        .arg("--address-file")
+        .arg(&addresses)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start sluice run");
     let mut agent = Agent(child);
-    let proxy: SocketAddr = addr(ports[0]).parse().unwrap();
-    let ready: SocketAddr = addr(ports[3]).parse().unwrap();
+    let (bound, _) = wait_for(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&addresses).ok()?;
+        Some(serde_json::from_str::<serde_json::Value>(&text).expect("the address file is JSON"))
+    })
+    .expect("the agent never wrote its addresses");
+    let addr = |key: &str| -> SocketAddr {
+        let a: SocketAddr = bound[key].as_str().unwrap().parse().unwrap();
+        assert!(a.ip().is_loopback() && a.port() != 0, "{key}: {a}");
+        a
+    };
+    let (proxy, ready, metrics) = (addr("outbound"), addr("ready"), addr("metrics"));
+    let admin = addr("admin").to_string();
+    let ports: std::collections::BTreeSet<u16> =
+        [proxy, ready, metrics].iter().map(|a| a.port()).collect();
+    assert_eq!(ports.len(), 3, "{bound:#}");
 
     let ready_code = wait_for(Duration::from_secs(10), || {
         get_via(ready, "/healthz/ready").filter(|c| *c == 200)
@@ -180,12 +221,14 @@ fn run_reloads_within_a_second_keeps_last_good_and_drains_on_sigterm() {
     assert_eq!(get_via(proxy, "http://pricing/"), Some(200));
 
     // `sluice config`: the snapshot's fields at the top, the agent's own configuration under
-    // `agent`; `sluice status` has no Kubernetes section in standalone mode.
-    let admin = addr(ports[1]);
+    // `agent` (its listeners as bound, the address file's); `sluice status` has no Kubernetes
+    // section in standalone mode.
     let config: serde_json::Value =
         serde_json::from_slice(&sluice(&["config", "-o", "json", "--admin", &admin]).stdout)
             .expect("sluice config -o json");
     assert_eq!(config["agent"]["mode"], "standalone", "{config:#}");
+    assert_eq!(config["agent"]["listeners"], bound, "{config:#}");
+    assert_eq!(get_via(metrics, "/stats/prometheus"), Some(200));
     assert_eq!(config["agent"]["cluster_domain"], "cluster.local");
     assert_eq!(
         config["agent"]["config_dir"].as_str(),

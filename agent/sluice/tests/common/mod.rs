@@ -3,7 +3,9 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-/// A loopback port nothing listens on right now.
+/// A loopback port nothing listens on right now. Racy (another process may take it before it is
+/// used): only for the eBPF tests' outbound listener, whose port the programs need up front.
+#[allow(dead_code)] // not every test binary starts an eBPF agent
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
