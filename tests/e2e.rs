@@ -50,6 +50,7 @@ use std::{
 
 use serde_json::Value;
 use sluice_netns::{skip_because, CgroupDriver, Pod, Topology};
+use sluice_tests::listen::Listen;
 use sluice_tests::LogLine;
 
 // ---------------------------------------------------------------------------------------------
@@ -229,12 +230,15 @@ impl Agent {
         let out = fs::File::create(self.stdout_path(self.starts)).unwrap();
         let err = fs::File::create(self.stderr_path(self.starts)).unwrap();
         // Into the agent's cgroup before exec, so that every socket it makes is in it.
+        // Each start binds its own loopback ports and says which in its own file.
+        let listen = Listen::new(&self.log_dir, &format!("addresses-{}.json", self.starts));
         let mut cmd = Command::new("bash");
         cmd.arg("-c")
             .arg(r#"echo $$ > "$0" && exec "$@""#)
             .arg(&self.cgroup_procs)
             .arg(&sluice_tests::bins::bins().sluice)
             .args(&self.args)
+            .args(listen.local_args())
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(out)
@@ -252,11 +256,12 @@ impl Agent {
         }
         let child = cmd.spawn().expect("spawn sluice run");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready(&listen);
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self, listen: &Listen) {
         let started = now();
+        let mut bound = false;
         for _ in 0..200 {
             if let Some(status) = self
                 .child
@@ -267,6 +272,19 @@ impl Agent {
                     "sluice run exited with {status}:\n{}",
                     self.stderr(self.starts)
                 );
+            }
+            if !bound {
+                match listen.try_read() {
+                    None => {
+                        pause(Duration::from_millis(50));
+                        continue;
+                    }
+                    Some(Err(e)) => panic!("{e}"),
+                    Some(Ok(b)) => {
+                        (self.admin, self.ready, self.metrics) = (b.admin, b.ready, b.metrics);
+                        bound = true;
+                    }
+                }
             }
             if http_get(self.ready, "/healthz/ready").is_some_and(|(code, _)| code == 200) {
                 return;
@@ -580,9 +598,8 @@ impl Env {
         };
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let listen = SocketAddr::new(listen_ip, free_port(listen_ip));
-        let admin = SocketAddr::new(local, free_port(local));
-        let ready = SocketAddr::new(local, free_port(local));
-        let metrics = SocketAddr::new(local, free_port(local));
+        // Known once the agent has bound them (port 0: the kernel chooses).
+        let unbound = SocketAddr::new(local, 0);
         let args: Vec<OsString> = vec![
             "run".into(),
             "--redirect".into(),
@@ -593,15 +610,9 @@ impl Env {
             "100ms".into(),
             "--outbound-addr".into(),
             listen.to_string().into(),
-            "--admin-addr".into(),
-            admin.to_string().into(),
             // Several agents may run at once: none takes the node's default admin socket.
             "--admin-socket".into(),
             "none".into(),
-            "--ready-addr".into(),
-            ready.to_string().into(),
-            "--metrics-addr".into(),
-            metrics.to_string().into(),
             "--cgroup".into(),
             self.topo.cgroup().into(),
             "--cgroup-root".into(),
@@ -620,9 +631,9 @@ impl Env {
             log_dir: self.dir.path().to_path_buf(),
             starts: 0,
             outbound: listen,
-            admin,
-            ready,
-            metrics,
+            admin: unbound,
+            ready: unbound,
+            metrics: unbound,
         };
         agent.spawn();
         self.agent.insert(agent)

@@ -28,14 +28,6 @@ const SETTLE: Duration = Duration::from_secs(10);
 /// interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}`.
 const ISTIO_OUTLIER: &str = "  trafficPolicy:\n    outlierDetection:\n      consecutive5xxErrors: 1\n      consecutiveGatewayErrors: 1\n      interval: 1s\n      baseEjectionTime: 30s\n      maxEjectionPercent: 100\n";
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 /// The route istiod makes without a VirtualService: no timeout, Istio's default retry policy.
 const ISTIO_DEFAULT_ROUTE: Route = Route {
     timeout: "0s",
@@ -65,13 +57,8 @@ const ISTIO_RETRY_ON: &str =
 /// `route`'s timeout and retries, and `outlierDetection` as [`ISTIO_OUTLIER`] says
 /// but with `consecutive5xxErrors: consecutive_5xx` (0 turns that detector off, as istiod does
 /// with `enforcing_consecutive_5xx: 0`).
-fn bootstrap(
-    admin: u16,
-    listener: u16,
-    upstreams: &[u16],
-    route: Route,
-    consecutive_5xx: u32,
-) -> String {
+/// Its admin and listener ask for port 0; [`sluice_tests::envoy::Bound`] finds what they got.
+fn bootstrap(upstreams: &[u16], route: Route, consecutive_5xx: u32) -> String {
     let Route {
         timeout,
         retry_on,
@@ -93,11 +80,11 @@ fn bootstrap(
         .unwrap_or_default();
     format!(
         r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
 static_resources:
   listeners:
   - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener}}}}}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -164,16 +151,15 @@ struct Envoy {
 impl Envoy {
     async fn start(bin: &PathBuf, upstreams: &[u16], route: Route, consecutive_5xx: u32) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (admin, listener) = (free_port(), free_port());
         let config = dir.path().join("envoy.yaml");
-        std::fs::write(
-            &config,
-            bootstrap(admin, listener, upstreams, route, consecutive_5xx),
-        )
-        .expect("write bootstrap");
-        let child = Command::new(bin)
+        std::fs::write(&config, bootstrap(upstreams, route, consecutive_5xx))
+            .expect("write bootstrap");
+        let admin_file = dir.path().join("admin-address");
+        let mut child = Command::new(bin)
             .arg("-c")
             .arg(&config)
+            .arg("--admin-address-path")
+            .arg(&admin_file)
             .args([
                 "--concurrency",
                 "1",
@@ -185,10 +171,12 @@ impl Envoy {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start envoy");
+        let bound = sluice_tests::envoy::Bound::wait(&mut child, &admin_file, SETTLE).await;
+        let bound = bound.unwrap_or_else(|e| panic!("{e}"));
         let envoy = Self {
             child,
-            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
-            listener: SocketAddr::from(([127, 0, 0, 1], listener)),
+            admin: bound.admin,
+            listener: bound.listeners["outbound"],
             _dir: dir,
         };
         let deadline = Instant::now() + SETTLE;

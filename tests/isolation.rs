@@ -447,12 +447,6 @@ fn enough_files(needed: u64) -> bool {
     lim.rlim_max >= needed
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
 /// The real `sluice run` (explicit proxy) in front of `upstream`, with `flags`; its access log
 /// piped, its log in a file; with `nofile`, under that `RLIMIT_NOFILE`. Killed when dropped.
 struct Agent {
@@ -468,8 +462,7 @@ impl Agent {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("web.yaml"), web_yaml(upstream)).expect("write config");
-        let (outbound, admin, metrics, ready) =
-            (free_addr(), free_addr(), free_addr(), free_addr());
+        let listen = sluice_tests::listen::Listen::new(dir.path(), "addresses.json");
         let log = dir.path().join("agent.log");
         let mut cmd = std::process::Command::new(sluice_tests::bins::sluice());
         cmd.arg("run")
@@ -477,12 +470,9 @@ impl Agent {
             .arg(dir.path())
             .args(["--redirect", "none"])
             .args(flags)
-            .args(["--outbound-addr", &outbound.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
+            .args(listen.args())
             // Several agents run at once here: none takes the default admin socket.
             .args(["--admin-socket", "none"])
-            .args(["--metrics-addr", &metrics.to_string()])
-            .args(["--ready-addr", &ready.to_string()])
             .env_remove("RUST_LOG")
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST")
@@ -507,10 +497,19 @@ impl Agent {
                 Ok(())
             });
         }
+        let mut child = cmd.spawn().expect("spawn sluice run");
+        let bound = match listen.bound(&mut child, Duration::from_secs(20)).await {
+            Ok(bound) => bound,
+            Err(e) => panic!(
+                "{e}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        };
+        let outbound = bound.outbound;
         let agent = Self {
-            child: Some(cmd.spawn().expect("spawn sluice run")),
+            child: Some(child),
             outbound,
-            metrics,
+            metrics: bound.metrics,
             log,
             _dir: dir,
         };

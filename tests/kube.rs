@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_admin_api as api;
 use sluice_fake_apiserver::FakeApiServer;
+use sluice_tests::listen::Listen;
 use sluice_tests::{tutorial_yaml, Client, Outcome};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
@@ -33,10 +34,8 @@ use tokio::task::JoinHandle;
 
 const NODE: &str = "node-a";
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
+/// Agents started by this process, to name their files apart.
+static AGENTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Every document of a tutorial file as JSON, keeping only the kinds a cluster would hold that the
 /// agent reads (the Deployments are what `fake-service` instances stand in for).
@@ -180,28 +179,23 @@ struct Agent {
 }
 
 impl Agent {
-    fn spawn(cluster: &Cluster) -> Self {
-        Self::spawn_with(cluster, sluice_tests::bins::sluice())
+    async fn spawn(cluster: &Cluster) -> Self {
+        Self::spawn_with(cluster, sluice_tests::bins::sluice()).await
     }
 
-    fn spawn_with(cluster: &Cluster, bin: &Path) -> Self {
-        let (outbound, admin, metrics, ready) =
-            (free_addr(), free_addr(), free_addr(), free_addr());
-        let log = cluster
-            .dir
-            .path()
-            .join(format!("agent-{}.log", admin.port()));
+    async fn spawn_with(cluster: &Cluster, bin: &Path) -> Self {
+        // Several agents may run in one cluster's directory, one after another.
+        let id = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = cluster.dir.path().join(format!("agent-{id}.log"));
+        let listen = Listen::new(cluster.dir.path(), &format!("agent-{id}.addresses"));
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg("--kubeconfig")
             .arg(cluster.kubeconfig())
             .args(["--node-name", NODE, "--redirect", "none", "--no-access-log"])
-            .args(["--outbound-addr", &outbound.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
+            .args(listen.args())
             // Several agents may run at once: none takes the node's default admin socket.
             .args(["--admin-socket", "none"])
-            .args(["--metrics-addr", &metrics.to_string()])
-            .args(["--ready-addr", &ready.to_string()])
             .env_remove("RUST_LOG")
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST")
@@ -221,12 +215,19 @@ impl Agent {
             });
         }
         let started = Instant::now();
-        let child = cmd.spawn().expect("spawn sluice run");
+        let mut child = cmd.spawn().expect("spawn sluice run");
+        let bound = match listen.bound(&mut child, Duration::from_secs(20)).await {
+            Ok(bound) => bound,
+            Err(e) => panic!(
+                "{e}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        };
         Self {
             child,
-            outbound,
-            admin,
-            ready,
+            outbound: bound.outbound,
+            admin: bound.admin,
+            ready: bound.ready,
             log,
             started,
         }
@@ -410,7 +411,7 @@ where
 
 async fn started() -> (Cluster, Agent) {
     let cluster = Cluster::start().await;
-    let mut agent = Agent::spawn(&cluster);
+    let mut agent = Agent::spawn(&cluster).await;
     agent.wait_ready(Duration::from_secs(20)).await;
     (cluster, agent)
 }
@@ -840,7 +841,7 @@ async fn a_403_is_reported_naming_verb_group_and_resource_and_readiness_waits() 
     cluster
         .fake
         .forbid("list", "networking.istio.io", "destinationrules");
-    let mut agent = Agent::spawn(&cluster);
+    let mut agent = Agent::spawn(&cluster).await;
     eventually("the 403 in status", Duration::from_secs(10), || async {
         http_get(agent.admin, "/status")
             .await
@@ -879,7 +880,7 @@ async fn a_403_on_pods_is_reported_for_both_pod_watches_and_readiness_waits() {
     // every node's Pod metadata can be listed, and each watch says so.
     let cluster = Cluster::start().await;
     cluster.fake.forbid("list", "", "pods");
-    let mut agent = Agent::spawn(&cluster);
+    let mut agent = Agent::spawn(&cluster).await;
     eventually(
         "both pod watches failing",
         Duration::from_secs(10),
@@ -936,7 +937,7 @@ async fn readiness_waits_for_every_kinds_first_list() {
         "endpointslices",
         Duration::from_secs(2),
     );
-    let mut agent = Agent::spawn(&cluster);
+    let mut agent = Agent::spawn(&cluster).await;
     // Poll readiness; note (on the fake's clock) the last 503 and the first 200.
     let (mut last_503, mut first_200) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -1077,7 +1078,7 @@ async fn starts_up_against_a_large_cluster_in_under_two_seconds() {
     }
     let spawned = cluster.fake.uptime();
     // Optimized, as on a node: a debug build's start-up says little about the agent's.
-    let mut agent = Agent::spawn_with(&cluster, &sluice_tests::bins::release_bins().sluice);
+    let mut agent = Agent::spawn_with(&cluster, &sluice_tests::bins::release_bins().sluice).await;
     let took = agent.wait_ready(Duration::from_secs(30)).await;
     let (rss, peak) = agent.memory_kib();
     println!(

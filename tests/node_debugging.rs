@@ -10,6 +10,7 @@ use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sluice_admin_api as api;
+use sluice_tests::listen::{Bound, Listen};
 use sluice_tests::{endpoint_slice, failing_env, yaml, Client};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -22,13 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// Keeps the child from outliving this test process when it dies without unwinding.
 fn die_with_parent(cmd: &mut Command) {
@@ -68,19 +62,15 @@ impl Agent {
             std::fs::write(cfg.join(name), yaml).unwrap();
         }
         let socket = dir.path().join("run/admin.sock");
-        let (outbound, admin, metrics, ready) =
-            (free_addr(), free_addr(), free_addr(), free_addr());
+        let listen = Listen::new(dir.path(), "addresses.json");
         let mut cmd = Command::new(sluice_tests::bins::sluice());
         cmd.arg("run")
             .arg("--config-dir")
             .arg(&cfg)
             .args(["--no-access-log", "--reload-interval", "50ms"])
-            .args(["--outbound-addr", &outbound.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
+            .args(listen.args())
             .arg("--admin-socket")
             .arg(&socket)
-            .args(["--metrics-addr", &metrics.to_string()])
-            .args(["--ready-addr", &ready.to_string()])
             .args(extra)
             .env_remove("RUST_LOG")
             .env_remove("KUBECONFIG")
@@ -90,7 +80,14 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         die_with_parent(&mut cmd);
-        let child = cmd.spawn().expect("spawn sluice run");
+        let mut child = cmd.spawn().expect("spawn sluice run");
+        let bound = listen.bound(&mut child, Duration::from_secs(20)).await;
+        let Bound {
+            outbound,
+            admin,
+            ready,
+            ..
+        } = bound.expect("sluice run listens");
         let agent = Self {
             child,
             dir,

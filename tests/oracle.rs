@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 #[path = "oracle/upstream.rs"]
 mod upstream;
-use upstream::{free_port, Script, Step, Upstream};
+use upstream::{Script, Step, Upstream};
 
 const MAX_TIME: Duration = Duration::from_secs(6);
 /// Two proxies' timings of the same request agree within this (scheduling noise on a shared
@@ -972,7 +972,8 @@ fn alt_cluster_name(svc: &str) -> String {
     format!("outbound|8080||{svc}.default.svc.cluster.local")
 }
 
-fn envoy_config(listen: u16, admin: u16, scenarios: &[Scenario], ports: &[Vec<u16>]) -> String {
+/// Its admin and listener ask for port 0; [`sluice_tests::envoy::Bound`] finds what they got.
+fn envoy_config(scenarios: &[Scenario], ports: &[Vec<u16>]) -> String {
     let mut vhosts = String::new();
     let mut clusters = String::new();
     for (s, ports) in scenarios.iter().zip(ports) {
@@ -1088,11 +1089,11 @@ fn envoy_config(listen: u16, admin: u16, scenarios: &[Scenario], ports: &[Vec<u1
     let vhosts: String = vhosts.lines().map(|l| format!("  {l}\n")).collect();
     format!(
         r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
 static_resources:
   listeners:
   - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -1616,21 +1617,26 @@ async fn sluice_agrees_with_envoy() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let envoy_port = free_port();
     let envoy_cfg = dir.path().join("envoy.yaml");
-    std::fs::write(
-        &envoy_cfg,
-        envoy_config(envoy_port, free_port(), &scenarios, &ports),
-    )
-    .unwrap();
+    std::fs::write(&envoy_cfg, envoy_config(&scenarios, &ports)).unwrap();
+    let envoy_admin = dir.path().join("envoy-admin-address");
     let mut cmd = Command::new(&envoy_bin);
     cmd.arg("-c")
         .arg(&envoy_cfg)
+        .arg("--admin-address-path")
+        .arg(&envoy_admin)
         .args(["--concurrency", "1", "--log-level", "warn"])
         .args(["--use-dynamic-base-id", "--disable-hot-restart"])
         // Access-log lines reach stdout within 50 ms instead of Envoy's default 10 s.
         .args(["--file-flush-interval-msec", "50"]);
-    let mut envoy = Proc::spawn("envoy", cmd, ([127, 0, 0, 1], envoy_port).into());
+    // Its listener's port is known once it has bound it.
+    let mut envoy = Proc::spawn("envoy", cmd, ([127, 0, 0, 1], 0).into());
+    let bound =
+        sluice_tests::envoy::Bound::wait(&mut envoy.child, &envoy_admin, Duration::from_secs(15));
+    envoy.addr = match bound.await {
+        Ok(bound) => bound.listeners["outbound"],
+        Err(e) => panic!("{e}: {:?}", envoy.lines.lock()),
+    };
 
     let config_dir = dir.path().join("sluice");
     std::fs::create_dir(&config_dir).unwrap();
@@ -1641,18 +1647,23 @@ async fn sluice_agrees_with_envoy() {
         )
         .unwrap();
     }
-    let sluice_port = free_port();
+    let listen = sluice_tests::listen::Listen::new(dir.path(), "sluice-addresses.json");
     let mut cmd = Command::new(sluice_tests::bins::sluice());
     cmd.arg("run")
         .arg("--config-dir")
         .arg(&config_dir)
-        .arg(format!("--outbound-addr=127.0.0.1:{sluice_port}"))
-        .arg(format!("--admin-addr=127.0.0.1:{}", free_port()))
+        .args(listen.args())
         .arg("--admin-socket=none")
-        .arg(format!("--metrics-addr=127.0.0.1:{}", free_port()))
-        .arg(format!("--ready-addr=127.0.0.1:{}", free_port()))
         .args(["--log", "warn"]);
-    let mut sluice = Proc::spawn("sluice", cmd, ([127, 0, 0, 1], sluice_port).into());
+    // Its outbound port is known once it has bound it.
+    let mut sluice = Proc::spawn("sluice", cmd, ([127, 0, 0, 1], 0).into());
+    sluice.addr = match listen
+        .bound(&mut sluice.child, Duration::from_secs(15))
+        .await
+    {
+        Ok(bound) => bound.outbound,
+        Err(e) => panic!("{e}: {:?}", sluice.lines.lock()),
+    };
     envoy.wait_listening().await;
     sluice.wait_listening().await;
     // Sluice validates the whole directory before it serves; a scenario whose YAML it rejects

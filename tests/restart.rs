@@ -41,6 +41,7 @@ use std::{
 };
 
 use sluice_netns::{skip_because, Pod, Topology};
+use sluice_tests::listen::Listen;
 
 #[allow(clippy::disallowed_methods)] // a plain std test without a runtime: bounded blocking wait
 fn pause(d: Duration) {
@@ -545,12 +546,16 @@ impl Agents {
         let n = self.starts;
         let out = fs::File::create(self.log_dir.join(format!("agent-{n}.out"))).unwrap();
         let err = fs::File::create(self.log_dir.join(format!("agent-{n}.err"))).unwrap();
+        // Each agent binds its own loopback ports and says which in its own file; the outbound
+        // address is the one they share.
+        let listen = Listen::new(&self.log_dir, &format!("agent-{n}.addresses"));
         let mut cmd = Command::new("bash");
         cmd.arg("-c")
             .arg(r#"echo $$ > "$0" && exec "$@""#)
             .arg(&self.cgroup_procs)
             .arg(&sluice_tests::bins::bins().sluice)
             .args(&self.args)
+            .args(listen.local_args())
             .arg("--ebpf-object")
             .arg(object)
             .env_remove("RUST_LOG")
@@ -568,9 +573,23 @@ impl Agents {
             });
         }
         let mut child = cmd.spawn().expect("spawn sluice run");
+        let mut bound = false;
         for _ in 0..300 {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("sluice run {n} exited with {status}:\n{}", self.stderr(n));
+            }
+            if !bound {
+                match listen.try_read() {
+                    None => {
+                        pause(Duration::from_millis(20));
+                        continue;
+                    }
+                    Some(Err(e)) => panic!("{e}"),
+                    Some(Ok(b)) => {
+                        (self.admin, self.ready) = (b.admin, b.ready);
+                        bound = true;
+                    }
+                }
             }
             if http_get(self.ready, "/healthz/ready").is_some_and(|(c, _)| c == 200) {
                 self.current = Some(child);
@@ -748,9 +767,8 @@ fn restarts_under_load_cost_no_requests() {
     let host = IpAddr::V4(topo.host_ip());
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let listen = SocketAddr::new(host, free_port(host));
-    let admin = SocketAddr::new(local, free_port(local));
-    let ready = SocketAddr::new(local, free_port(local));
-    let metrics = SocketAddr::new(local, free_port(local));
+    // Known once each agent has bound them (port 0: the kernel chooses).
+    let unbound = SocketAddr::new(local, 0);
     let mut agents = Agents {
         args: [
             "run",
@@ -761,15 +779,9 @@ fn restarts_under_load_cost_no_requests() {
             config.to_str().unwrap(),
             "--outbound-addr",
             &listen.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
             // Two agents overlap during a restart: neither takes the default admin socket.
             "--admin-socket",
             "none",
-            "--ready-addr",
-            &ready.to_string(),
-            "--metrics-addr",
-            &metrics.to_string(),
             "--cgroup",
             topo.cgroup().to_str().unwrap(),
             "--cgroup-root",
@@ -787,8 +799,8 @@ fn restarts_under_load_cost_no_requests() {
         .to_vec(),
         cgroup_procs: agent_cgroup.0.join("cgroup.procs"),
         log_dir: dir.path().to_path_buf(),
-        ready,
-        admin,
+        ready: unbound,
+        admin: unbound,
         current: None,
         stopping: Vec::new(),
         starts: 0,

@@ -52,13 +52,6 @@ async fn serve(
     (addr, rx)
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// `sluice run`, killed by PID when dropped.
 struct Agent(Child);
 
@@ -115,17 +108,14 @@ async fn sluice_run_continues_the_clients_trace_and_exports_its_spans() {
         ),
     )
     .unwrap();
-    let (outbound, admin, metrics, ready) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let listen = sluice_tests::listen::Listen::new(dir.path(), "addresses.json");
     let mut cmd = Command::new(sluice_tests::bins::sluice());
     cmd.arg("run")
         .arg("--config-dir")
         .arg(dir.path())
         .args(["--no-access-log", "--reload-interval", "50ms"])
-        .args(["--outbound-addr", &outbound.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
+        .args(listen.args())
         .args(["--admin-socket", "none"])
-        .args(["--metrics-addr", &metrics.to_string()])
-        .args(["--ready-addr", &ready.to_string()])
         .args(["--otlp-endpoint", &format!("http://{collector}")])
         .args(["--trace-sampling", "0"])
         .env_remove("RUST_LOG")
@@ -149,7 +139,12 @@ async fn sluice_run_continues_the_clients_trace_and_exports_its_spans() {
             Ok(())
         });
     }
-    let _agent = Agent(cmd.spawn().expect("spawn sluice run"));
+    let mut agent = Agent(cmd.spawn().expect("spawn sluice run"));
+    let bound = listen.bound(&mut agent.0, Duration::from_secs(20)).await;
+    let (outbound, metrics, ready) = match bound {
+        Ok(b) => (b.outbound, b.metrics, b.ready),
+        Err(e) => panic!("{e}"),
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while get(ready, "/healthz/ready", &[]).await.map(|r| r.0) != Some(200) {
         assert!(Instant::now() < deadline, "sluice run not ready");

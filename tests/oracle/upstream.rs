@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// A loopback port free at the time of the call.
-pub fn free_port() -> u16 {
+/// A loopback port free at the time of the call: an endpoint that refuses connections.
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()

@@ -41,3 +41,88 @@ pub fn or_skip(test: &str) -> Option<PathBuf> {
         }
     }
 }
+
+/// Where a running Envoy listens, for a bootstrap whose admin and listeners ask for port 0 (the
+/// kernel chooses, so no test guesses a free port another may take meanwhile): started with
+/// `--admin-address-path` `admin_file`, it writes its admin address there, and its admin's
+/// `/listeners` gives each listener's bound address by name.
+pub struct Bound {
+    pub admin: std::net::SocketAddr,
+    pub listeners: std::collections::BTreeMap<String, std::net::SocketAddr>,
+}
+
+impl Bound {
+    /// Waits, at most `within`, until Envoy's admin answers and every listener has its port; an
+    /// error if Envoy exits first or it takes longer.
+    pub async fn wait(
+        envoy: &mut std::process::Child,
+        admin_file: &std::path::Path,
+        within: std::time::Duration,
+    ) -> Result<Self, String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = envoy.try_wait() {
+                return Err(format!("envoy exited with {status} at start-up"));
+            }
+            if let Some(bound) = Self::read(admin_file).await {
+                return Ok(bound);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("envoy did not listen within {within:?}"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn read(admin_file: &std::path::Path) -> Option<Self> {
+        // The file may be seen before it is whole: an address that does not parse is retried.
+        let admin: std::net::SocketAddr = std::fs::read_to_string(admin_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let body = admin_get(admin, "/listeners?format=json").await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let mut listeners = std::collections::BTreeMap::new();
+        for l in v["listener_statuses"].as_array()? {
+            let a = &l["local_address"]["socket_address"];
+            let port = u16::try_from(a["port_value"].as_u64()?).ok()?;
+            if port == 0 {
+                return None;
+            }
+            let ip: std::net::IpAddr = a["address"].as_str()?.parse().ok()?;
+            listeners.insert(
+                l["name"].as_str()?.to_owned(),
+                std::net::SocketAddr::new(ip, port),
+            );
+        }
+        Some(Self { admin, listeners })
+    }
+}
+
+/// `GET path` from Envoy's admin on a fresh connection: the body, `None` on any failure.
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> Option<String> {
+    use http_body_util::BodyExt;
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header("host", "admin")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .ok()?;
+        let rsp = tx.send_request(req).await.ok()?;
+        if !rsp.status().is_success() {
+            return None;
+        }
+        let body = rsp.into_body().collect().await.ok()?.to_bytes();
+        Some(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), exchange)
+        .await
+        .ok()
+        .flatten()
+}

@@ -5,6 +5,7 @@
 
 pub mod bins;
 pub mod envoy;
+pub mod listen;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
