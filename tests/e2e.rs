@@ -274,17 +274,12 @@ impl Agent {
                 );
             }
             if !bound {
-                match listen.try_read() {
-                    None => {
-                        pause(Duration::from_millis(50));
-                        continue;
-                    }
-                    Some(Err(e)) => panic!("{e}"),
-                    Some(Ok(b)) => {
-                        (self.admin, self.ready, self.metrics) = (b.admin, b.ready, b.metrics);
-                        bound = true;
-                    }
-                }
+                let Some(b) = listen.try_read() else {
+                    pause(Duration::from_millis(50));
+                    continue;
+                };
+                (self.admin, self.ready, self.metrics) = (b.admin, b.ready, b.metrics);
+                bound = true;
             }
             if http_get(self.ready, "/healthz/ready").is_some_and(|(code, _)| code == 200) {
                 return;

@@ -181,7 +181,7 @@ impl Envoy {
         };
         let deadline = Instant::now() + SETTLE;
         loop {
-            if let Some(body) = http_get(envoy.admin, "/ready").await {
+            if let Some(body) = sluice_tests::envoy::admin_get(envoy.admin, "/ready").await {
                 if body.trim() == "LIVE" {
                     break;
                 }
@@ -193,7 +193,7 @@ impl Envoy {
     }
 
     async fn stat(&self, name: &str) -> u64 {
-        let body = http_get(self.admin, &format!("/stats?filter=^{name}$"))
+        let body = sluice_tests::envoy::admin_get(self.admin, &format!("/stats?filter=^{name}$"))
             .await
             .expect("envoy admin /stats");
         body.lines()
@@ -208,32 +208,6 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `GET path` on a fresh connection; the response body, `None` on any failure.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let exchange = async {
-        let stream = TcpStream::connect(addr).await.ok()?;
-        let (mut tx, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .ok()?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header("host", "admin")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .ok()?;
-        let rsp = tx.send_request(req).await.ok()?;
-        let body = http_body_util::BodyExt::collect(rsp.into_body())
-            .await
-            .ok()?
-            .to_bytes();
-        Some(String::from_utf8_lossy(&body).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// The status of `GET /` with `host: slow` on a fresh connection (0: no answer).

@@ -498,13 +498,9 @@ impl Agent {
             });
         }
         let mut child = cmd.spawn().expect("spawn sluice run");
-        let bound = match listen.bound(&mut child, Duration::from_secs(20)).await {
-            Ok(bound) => bound,
-            Err(e) => panic!(
-                "{e}:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ),
-        };
+        let bound = listen
+            .expect_bound(&mut child, Duration::from_secs(20), &log)
+            .await;
         let outbound = bound.outbound;
         let agent = Self {
             child: Some(child),

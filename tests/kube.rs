@@ -216,13 +216,9 @@ impl Agent {
         }
         let started = Instant::now();
         let mut child = cmd.spawn().expect("spawn sluice run");
-        let bound = match listen.bound(&mut child, Duration::from_secs(20)).await {
-            Ok(bound) => bound,
-            Err(e) => panic!(
-                "{e}:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ),
-        };
+        let bound = listen
+            .expect_bound(&mut child, Duration::from_secs(20), &log)
+            .await;
         Self {
             child,
             outbound: bound.outbound,

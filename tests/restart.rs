@@ -579,17 +579,12 @@ impl Agents {
                 panic!("sluice run {n} exited with {status}:\n{}", self.stderr(n));
             }
             if !bound {
-                match listen.try_read() {
-                    None => {
-                        pause(Duration::from_millis(20));
-                        continue;
-                    }
-                    Some(Err(e)) => panic!("{e}"),
-                    Some(Ok(b)) => {
-                        (self.admin, self.ready) = (b.admin, b.ready);
-                        bound = true;
-                    }
-                }
+                let Some(b) = listen.try_read() else {
+                    pause(Duration::from_millis(20));
+                    continue;
+                };
+                (self.admin, self.ready) = (b.admin, b.ready);
+                bound = true;
             }
             if http_get(self.ready, "/healthz/ready").is_some_and(|(c, _)| c == 200) {
                 self.current = Some(child);

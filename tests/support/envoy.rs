@@ -100,8 +100,9 @@ impl Bound {
     }
 }
 
-/// `GET path` from Envoy's admin on a fresh connection: the body, `None` on any failure.
-async fn admin_get(admin: std::net::SocketAddr, path: &str) -> Option<String> {
+/// `GET path` from Envoy's admin on a fresh connection: the body of a 2xx answer, `None` on any
+/// failure.
+pub async fn admin_get(admin: std::net::SocketAddr, path: &str) -> Option<String> {
     use http_body_util::BodyExt;
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(admin).await.ok()?;

@@ -63,7 +63,7 @@ impl Listen {
         let deadline = Instant::now() + within;
         loop {
             if let Some(bound) = self.try_read() {
-                return bound;
+                return Ok(bound);
             }
             if let Ok(Some(status)) = agent.try_wait() {
                 return Err(format!("sluice run exited with {status} before listening"));
@@ -75,23 +75,28 @@ impl Listen {
         }
     }
 
-    /// The addresses, if the agent has written them (it writes the whole file at once).
-    pub fn try_read(&self) -> Option<Result<Bound, String>> {
+    /// [`Listen::bound`], panicking with the agent's log (`log`, its stderr) if it fails.
+    pub async fn expect_bound(&self, agent: &mut Child, within: Duration, log: &Path) -> Bound {
+        match self.bound(agent, within).await {
+            Ok(bound) => bound,
+            Err(e) => panic!("{e}:\n{}", std::fs::read_to_string(log).unwrap_or_default()),
+        }
+    }
+
+    /// The addresses, if the agent has written them (it writes the whole file at once, so a
+    /// file that does not parse is a defect, and panics).
+    pub fn try_read(&self) -> Option<Bound> {
         let text = std::fs::read_to_string(&self.file).ok()?;
-        let parse = || {
-            let l: sluice_admin_api::Listeners = serde_json::from_str(&text)
-                .map_err(|e| format!("{}: {e}:\n{text}", self.file.display()))?;
-            let addr = |s: &str| {
-                s.parse::<SocketAddr>()
-                    .map_err(|e| format!("{}: {s:?}: {e}", self.file.display()))
-            };
-            Ok(Bound {
-                outbound: addr(&l.outbound)?,
-                admin: addr(&l.admin)?,
-                metrics: addr(&l.metrics)?,
-                ready: addr(&l.ready)?,
-            })
-        };
-        Some(parse())
+        let file = self.file.display();
+        let l: sluice_admin_api::Listeners =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}:\n{text}"));
+        let addr =
+            |s: &str| -> SocketAddr { s.parse().unwrap_or_else(|e| panic!("{file}: {s:?}: {e}")) };
+        Some(Bound {
+            outbound: addr(&l.outbound),
+            admin: addr(&l.admin),
+            metrics: addr(&l.metrics),
+            ready: addr(&l.ready),
+        })
     }
 }
