@@ -170,6 +170,12 @@ struct Scenario {
     request_headers: &'static [(&'static str, &'static str)],
     /// The request body (a POST when there is one).
     upload: Upload,
+    more: More,
+}
+
+/// What few scenarios set (each literal says `More::default()` or only what it changes).
+#[derive(Clone, Debug, Default)]
+struct More {
     known: Option<Known>,
     /// The Service also has port 8080 (`http-alt`): requests alternate between `Host: <name>` and
     /// `<name>:8080` (the port they came in on, in explicit-proxy mode), the first endpoint
@@ -212,9 +218,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "retries-on-5xx-until-success",
@@ -234,9 +238,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "retries-exhausted",
@@ -253,9 +255,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "retriable-status-codes",
@@ -278,9 +278,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "route-timeout",
@@ -298,9 +296,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "per-try-timeout-retried-on-5xx",
@@ -323,9 +319,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // The blog's second experiment: a per-try timeout without retryOn keeps Istio's
@@ -348,9 +342,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "fault-abort",
@@ -368,9 +360,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // The router gets a delayed request when the delay ends: the upstream's time in
@@ -390,9 +380,10 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: Some(150),
+            more: More {
+                service_time_below_ms: Some(150),
+                ..More::default()
+            },
         },
         Scenario {
             name: "fault-delay-then-route-timeout",
@@ -411,9 +402,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "pool-overflow",
@@ -435,9 +424,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: true,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "outlier-default-max-ejection-percent",
@@ -459,9 +446,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "outlier-ejects-with-max-ejection-percent-100",
@@ -483,9 +468,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // Clients that give up on a slow but healthy host are not the host's failures.
@@ -511,9 +494,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "no-healthy-upstream-connect-failure",
@@ -530,9 +511,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // Envoy retries any 5xx under retryOn 5xx, x-envoy-overloaded or not (since 1.15);
@@ -554,9 +533,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             name: "envoy-request-headers-upstream",
@@ -574,9 +551,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // The per-try timeout is what each attempt expects, bounded by the route's time left.
@@ -598,9 +573,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // Forwarded responses carry x-envoy-upstream-service-time (compared in every
@@ -622,9 +595,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // Envoy 1.40 matches a repeated request header on any of its values...
@@ -643,9 +614,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[("x-tier", "silver"), ("x-tier", "gold")],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // ...and not on the values joined with commas.
@@ -664,9 +633,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[("x-tier", "silver"), ("x-tier", "gold")],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // Envoy keeps up to 1 MiB (the connection buffer limit) of a request for retries.
@@ -684,9 +651,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::Bytes(200_000),
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // Beyond the buffer the retry state is abandoned: the 503 is the answer.
@@ -704,9 +669,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::Bytes(1_500_000),
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // The route timeout starts when the request is complete: a slow upload is not the
@@ -730,10 +693,11 @@ fn scenarios() -> Vec<Scenario> {
                 chunks: 6,
                 over: Duration::from_millis(600),
             },
-            known: None,
-            alt_port: false,
-            // Nor is it in x-envoy-upstream-service-time, counted from the request's end.
-            service_time_below_ms: Some(300),
+            more: More {
+                // Nor is it in x-envoy-upstream-service-time, counted from the request's end.
+                service_time_below_ms: Some(300),
+                ..More::default()
+            },
         },
         Scenario {
             // ...and then bounds the upstream as usual.
@@ -756,9 +720,7 @@ fn scenarios() -> Vec<Scenario> {
                 chunks: 6,
                 over: Duration::from_millis(600),
             },
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // The per-try timer starts when the attempt has a connection: requests queued behind
@@ -783,9 +745,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // http2MaxRequests counts requests on a connection: requests waiting for the one
@@ -808,9 +768,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // Istio writes tcp.idleTimeout into the cluster's HTTP idle_timeout when
@@ -835,9 +793,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: true,
             request_headers: &[],
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // ...and tcp.maxConnectionDuration into its max_connection_duration: requests 0.25 s
@@ -862,9 +818,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: true,
             request_headers: &[],
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // retryBudget replaces maxRetries: with no share of the load and a floor of 1, one
@@ -886,9 +840,7 @@ fn scenarios() -> Vec<Scenario> {
             upstream_connections: false,
             request_headers: &[],
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // Deprecated; ignored by Istio since 1.7, so Envoy's defaults apply: 5 consecutive
@@ -912,9 +864,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // A host with a dot is not a short name: `{host}.default` is not completed to the
@@ -933,9 +883,7 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: false,
-            service_time_below_ms: None,
+            more: More::default(),
         },
         Scenario {
             // A destination without `port` on a Service with ports 80 and 8080: istiod builds
@@ -954,9 +902,10 @@ fn scenarios() -> Vec<Scenario> {
             request_headers: &[],
             upstream_connections: false,
             upload: Upload::None,
-            known: None,
-            alt_port: true,
-            service_time_below_ms: None,
+            more: More {
+                alt_port: true,
+                ..More::default()
+            },
         },
     ]
 }
@@ -1021,7 +970,7 @@ fn envoy_config(scenarios: &[Scenario], ports: &[Vec<u16>]) -> String {
             format!("\"{svc}\", \"{svc}:80\", \"{svc}.default\", \"{fqdn}\", \"{fqdn}:80\""),
             cluster_name(svc),
         );
-        if s.alt_port {
+        if s.more.alt_port {
             // istiod's route `8080`: the same VirtualService routes, each destination without
             // `port` naming port 8080's cluster.
             vhost(
@@ -1032,9 +981,9 @@ fn envoy_config(scenarios: &[Scenario], ports: &[Vec<u16>]) -> String {
         }
 
         // With a second port, the first endpoint serves port 80 and the second port 8080.
-        let split = if s.alt_port { 1 } else { ports.len() };
+        let split = if s.more.alt_port { 1 } else { ports.len() };
         let mut each = vec![(cluster_name(svc), &ports[..split])];
-        if s.alt_port {
+        if s.more.alt_port {
             each.push((alt_cluster_name(svc), &ports[split..]));
         }
         for (name, eps) in each {
@@ -1125,7 +1074,7 @@ static_resources:
 /// The scenario's Service, its EndpointSlices and its Istio YAML (namespace default).
 fn sluice_yaml(s: &Scenario, ports: &[u16]) -> String {
     let svc = s.name;
-    let mut yaml = if s.alt_port {
+    let mut yaml = if s.more.alt_port {
         let slice = |port_name: &str, port: u16| {
             format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-{port_name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nendpoints:\n- addresses: [127.0.0.1]\nports: [{{name: {port_name}, port: {port}}}]\n")
         };
@@ -1349,7 +1298,7 @@ impl hyper::body::Body for SlowBody {
 
 /// Request `i` as the scenario sends it, on a fresh HTTP/1.1 connection.
 async fn send(proxy: SocketAddr, s: &Scenario, i: usize, max_time: Duration) -> Outcome {
-    let authority = if s.alt_port && i % 2 == 1 {
+    let authority = if s.more.alt_port && i % 2 == 1 {
         format!("{}:8080", s.name)
     } else {
         s.name.to_string()
@@ -1484,7 +1433,7 @@ async fn run(s: &Scenario, proxy: &Proc, upstreams: &[Upstream]) -> Run {
                 flags: normalise_flags(&flags),
                 overloaded: o.headers.contains_key("x-envoy-overloaded"),
                 service_time: o.headers.contains_key("x-envoy-upstream-service-time"),
-                service_time_below: s.service_time_below_ms.map(|below| {
+                service_time_below: s.more.service_time_below_ms.map(|below| {
                     o.headers
                         .get("x-envoy-upstream-service-time")
                         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
@@ -1686,7 +1635,7 @@ async fn sluice_agrees_with_envoy() {
         let on_envoy = run(s, &envoy, ups).await;
         let on_sluice = run(s, &sluice, ups).await;
         let diffs = differences(s, &on_envoy, &on_sluice);
-        let verdict = match (diffs.is_empty(), s.known) {
+        let verdict = match (diffs.is_empty(), s.more.known) {
             (true, None) => "agree".to_string(),
             (false, None) => {
                 failures.push(format!("{}: {}", s.name, diffs.join("; ")));
