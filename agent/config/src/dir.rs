@@ -2,7 +2,9 @@
 //! only files whose size, mtime or content hash changed, and turns the difference into store
 //! [`Event`]s. A file that is not valid YAML (or has a document whose identity cannot be read)
 //! keeps its previous objects; a deleted file takes its objects with it; when two files define the
-//! same object, the first by path wins. [`ConfigDir`] is this source with its own [`Store`].
+//! same object (or one file twice), the first by path and then document wins, parsed or not; the
+//! others are ignored with a warning, and their own errors are still reported.
+//! [`ConfigDir`] is this source with its own [`Store`].
 
 use crate::parse::{collect_files, parse_str, ObjectId};
 use crate::problem::{Problem, Sink};
@@ -168,18 +170,18 @@ impl DirSource {
                     None => {
                         owner.insert(&u.id, (path, Some(u)));
                     }
-                    Some((_, first)) => {
-                        let first = first
-                            .and_then(|f| f.object.as_ref().map(|o| o.origin.to_string()))
-                            .unwrap_or_else(|| "another file".to_string());
-                        if let Some(obj) = &u.object {
-                            let mut sink = Sink::new(&obj.origin, Some(obj.describe()));
-                            sink.warn(
-                                "metadata.name",
-                                format!("{} is also defined in {first}; this one is ignored", u.id),
-                            );
-                            problems.extend(sink.problems);
-                        }
+                    Some((first_path, first)) => {
+                        let first = first.map_or_else(
+                            || {
+                                let path = first_path.strip_prefix(&self.dir).unwrap_or(first_path);
+                                path.display().to_string()
+                            },
+                            |f| f.origin.to_string(),
+                        );
+                        problems.extend(ignored_duplicate(u, &first));
+                        // Not applied, yet still a document of the configuration: what is
+                        // wrong with it is reported, as `sluice validate` reports it.
+                        problems.extend(u.problems.iter().cloned());
                     }
                 }
             }
@@ -221,6 +223,20 @@ impl DirSource {
             .collect();
         events
     }
+}
+
+/// The warning about a later definition of an object already defined at `first` (a file and
+/// document): the first definition, by path and then document, is the one in force.
+pub(crate) fn ignored_duplicate(later: &Update, first: &str) -> Vec<Problem> {
+    let mut sink = Sink::new(&later.origin, Some(later.id.to_string()));
+    sink.warn(
+        "metadata.name",
+        format!(
+            "{} is also defined in {first}; this one is ignored",
+            later.id
+        ),
+    );
+    sink.problems
 }
 
 /// A directory of YAML files with its own store, polled with [`ConfigDir::reload`].

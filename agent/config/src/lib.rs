@@ -82,6 +82,7 @@ pub fn resolve_host(host: &str, namespace: &str, cluster_domain: &str) -> String
 pub fn validate_paths(paths: &[PathBuf], opts: &BuildOptions) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut objects = Vec::new();
+    let mut first: std::collections::HashMap<ObjectId, String> = Default::default();
     for path in paths {
         let files = if path.is_dir() {
             let (files, found) = collect_files(path);
@@ -92,8 +93,21 @@ pub fn validate_paths(paths: &[PathBuf], opts: &BuildOptions) -> Vec<Problem> {
         };
         for file in files {
             let parsed = parse_path(&file, &file.display().to_string());
-            problems.extend(parsed.problems);
-            objects.extend(parsed.objects);
+            // The agent's rule for an object defined twice: the first definition (by path, then
+            // document) is the one in force, parsed or not; a later one is ignored, with a
+            // warning and what is wrong with it.
+            let (updates, loose) = Update::from_parsed(parsed);
+            problems.extend(loose);
+            for u in updates {
+                problems.extend(u.problems.iter().cloned());
+                match first.get(&u.id) {
+                    Some(at) => problems.extend(dir::ignored_duplicate(&u, at)),
+                    None => {
+                        first.insert(u.id.clone(), u.origin.to_string());
+                        objects.extend(u.object);
+                    }
+                }
+            }
         }
     }
     problems.extend(build(&objects, opts).1);

@@ -9,7 +9,7 @@
 use crate::build::{assemble, check, reassign_endpoints, Checked, SERVICE_NAME_LABEL};
 use crate::k8s::{PodIndex, POD_METADATA_KIND};
 use crate::parse::{Object, ObjectId, ParsedFile, Resource};
-use crate::problem::Problem;
+use crate::problem::{Origin, Problem};
 use crate::BuildOptions;
 use sluice_policy::Snapshot;
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,14 +20,16 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub struct Update {
     pub id: ObjectId,
+    /// The document (or API object) this version was read from.
+    pub origin: Origin,
     pub object: Option<Object>,
     pub problems: Vec<Problem>,
 }
 
 impl Update {
-    /// Splits a parse result into one update per object (parsed or failed with a known identity)
-    /// and the problems that belong to no object (a document without a name, a file that is not
-    /// YAML).
+    /// Splits a parse result into one update per object (parsed or failed with a known identity),
+    /// in document order, and the problems that belong to no object (a document without a name, a
+    /// file that is not YAML).
     pub fn from_parsed(parsed: ParsedFile) -> (Vec<Update>, Vec<Problem>) {
         let mut updates: Vec<Update> = Vec::new();
         let mut index = BTreeMap::new();
@@ -35,15 +37,17 @@ impl Update {
             index.insert((obj.origin.clone(), obj.describe()), updates.len());
             updates.push(Update {
                 id: obj.id(),
+                origin: obj.origin.clone(),
                 object: Some(obj),
                 problems: Vec::new(),
             });
         }
         for (origin, id) in parsed.failed {
             let Some(id) = id else { continue };
-            index.insert((origin, id.to_string()), updates.len());
+            index.insert((origin.clone(), id.to_string()), updates.len());
             updates.push(Update {
                 id,
+                origin,
                 object: None,
                 problems: Vec::new(),
             });
@@ -56,15 +60,14 @@ impl Update {
                 None => loose.push(p),
             }
         }
+        // Which of two definitions of one object comes first is decided by document order: a
+        // document that failed must not fall behind the ones that parsed.
+        updates.sort_by_key(|u| u.origin.document());
         (updates, loose)
     }
 
     fn resource_version(&self) -> Option<&str> {
-        self.object
-            .as_ref()
-            .map(|o| &o.origin)
-            .or_else(|| self.problems.first().map(|p| &p.origin))
-            .and_then(|o| o.resource_version())
+        self.origin.resource_version()
     }
 }
 

@@ -187,3 +187,58 @@ fn rescanning_fifty_unchanged_files_is_cheap() {
     // Polled every 250 ms: a rescan with nothing changed must be a small fraction of that.
     assert!(each < Duration::from_millis(25), "rescan took {each:?}");
 }
+
+#[test]
+fn an_object_defined_twice_is_the_first_document_and_the_other_is_still_checked() {
+    let good = vs("1s");
+    // A type error: the document fails to parse, but its identity is known.
+    let broken = vs("1s").replace("timeout: 1s", "timeout: [1s]");
+    for (first, second, in_force) in [
+        (&good, &broken, Some(Duration::from_secs(1))),
+        (&broken, &good, None),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("vs.yaml");
+        fs::write(&file, format!("{SERVICE}---\n{first}---\n{second}")).unwrap();
+        let mut dir = ConfigDir::new(tmp.path().to_path_buf(), BuildOptions::default());
+        let r = dir.reload();
+        assert_eq!(timeout(&dir), in_force);
+        let broken_doc = if in_force.is_some() { 4 } else { 3 };
+        assert_eq!(
+            r.snapshot.rejections.len(),
+            1,
+            "{:#?}",
+            r.snapshot.rejections
+        );
+        let rejected = &r.problems.iter().find(|p| p.is_error()).unwrap();
+        assert_eq!(
+            (rejected.document, rejected.field.as_str()),
+            (broken_doc, "spec.http[0].timeout")
+        );
+        let ignored = r
+            .problems
+            .iter()
+            .find(|p| p.reason.contains("is also defined in"))
+            .unwrap();
+        assert_eq!(ignored.document, 4);
+        assert!(
+            ignored
+                .reason
+                .ends_with("vs.yaml document 3; this one is ignored"),
+            "{}",
+            ignored.reason
+        );
+
+        // `sluice validate` applies the same rule and finds the same problems.
+        let found = sluice_config::validate_paths(&[file], &BuildOptions::default());
+        let summary = |ps: &[sluice_config::Problem]| {
+            let mut s: Vec<_> = ps
+                .iter()
+                .map(|p| (p.severity, p.document, p.field.clone()))
+                .collect();
+            s.sort();
+            s
+        };
+        assert_eq!(summary(&found), summary(&r.problems));
+    }
+}
