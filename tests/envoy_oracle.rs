@@ -15,8 +15,7 @@
 use sluice_tests::yaml::{cluster_name, destination_rule, virtual_service};
 use sluice_tests::{failing_env, join_all, slow_env, streaming_upstream, Abandoning, Mesh};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -142,71 +141,34 @@ static_resources:
 
 /// A running Envoy, killed when dropped.
 struct Envoy {
-    child: Child,
-    admin: SocketAddr,
+    envoy: sluice_tests::envoy::Running,
     listener: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl Envoy {
-    async fn start(bin: &PathBuf, upstreams: &[u16], route: Route, consecutive_5xx: u32) -> Self {
+    async fn start(bin: &Path, upstreams: &[u16], route: Route, consecutive_5xx: u32) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, bootstrap(upstreams, route, consecutive_5xx))
             .expect("write bootstrap");
-        let admin_file = dir.path().join("admin-address");
-        let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("--admin-address-path")
-            .arg(&admin_file)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start envoy");
-        let bound = sluice_tests::envoy::Bound::wait(&mut child, &admin_file, SETTLE).await;
-        let bound = bound.unwrap_or_else(|e| panic!("{e}"));
-        let envoy = Self {
-            child,
-            admin: bound.admin,
-            listener: bound.listeners["outbound"],
+        let envoy = sluice_tests::envoy::Running::start(bin, &config, SETTLE).await;
+        Self {
+            listener: envoy.listeners["outbound"],
+            envoy,
             _dir: dir,
-        };
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            if let Some(body) = sluice_tests::envoy::admin_get(envoy.admin, "/ready").await {
-                if body.trim() == "LIVE" {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "envoy did not become ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        envoy
     }
 
     async fn stat(&self, name: &str) -> u64 {
-        let body = sluice_tests::envoy::admin_get(self.admin, &format!("/stats?filter=^{name}$"))
+        let filter = format!("/stats?filter=^{name}$");
+        let body = sluice_tests::envoy::admin_get(self.envoy.admin, &filter)
             .await
             .expect("envoy admin /stats");
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

