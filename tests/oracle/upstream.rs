@@ -12,15 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// A loopback port free at the time of the call: an endpoint that refuses connections.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
 #[derive(Clone, Copy, Debug)]
 pub struct Step {
     status: u16,
@@ -108,7 +99,7 @@ impl Upstream {
         }));
         if script.then.is_none() {
             return Self {
-                port: free_port(),
+                port: sluice_tests::refusing_port(),
                 state,
             };
         }

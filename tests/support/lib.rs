@@ -351,10 +351,24 @@ pub async fn timed(
     }
 }
 
-/// A loopback port nothing listens on: bound, then released, so connecting to it is refused.
+/// A loopback port that refuses connections until the test process ends: a socket bound to it
+/// that never listens, so the kernel answers each connection with a reset, and gives the port to
+/// no other bind meanwhile (a port released instead could become a parallel test's port-0
+/// listener, which would then accept what was meant to be refused).
 pub fn refusing_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("local addr").port()
+    use socket2::{Domain, Socket, Type};
+    static HELD: parking_lot::Mutex<Vec<Socket>> = parking_lot::Mutex::new(Vec::new());
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+    socket.bind(&any.into()).expect("bind");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("a bound address")
+        .port();
+    HELD.lock().push(socket);
+    port
 }
 
 /// Runs futures concurrently on the current task, results in input order.
