@@ -165,6 +165,18 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// A loopback address that refuses connections while the returned socket lives: bound, never
+/// listening (so the kernel resets each connection), and so given to no other test's listener
+/// meanwhile, as a released port could be.
+fn refusing() -> (SocketAddr, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let bound = socket.local_addr().unwrap().as_socket().unwrap();
+    (bound, socket)
+}
+
 fn addr(i: u16) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, 1], 8000 + i))
 }
@@ -392,9 +404,7 @@ async fn requests_waiting_for_a_connection_do_not_count_against_max_requests() {
 
 #[tokio::test]
 async fn refused_connection_is_connect_failure() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let (addr, _refusing) = refusing();
     let cluster = Cluster::new(spec(&[addr], outlier(|_| {})), UpstreamProtocol::Http1);
     let err = tokio::time::timeout(Duration::from_secs(2), call(&cluster))
         .await
@@ -1013,9 +1023,7 @@ async fn update_drops_idle_connections_of_removed_hosts() {
 
 #[tokio::test]
 async fn connect_failures_eject_through_the_data_path() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead = listener.local_addr().unwrap();
-    drop(listener);
+    let (dead, _refusing) = refusing();
     let live = ok_server(false).await;
     let cluster = Cluster::new(
         spec(&[dead, live.addr], outlier(|_| {})),
@@ -1233,9 +1241,7 @@ async fn each_attempt_is_recorded_with_what_its_endpoint_saw() {
     assert_eq!(r.timeout, None);
 
     // A refused connect: the endpoint saw nothing.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gone = listener.local_addr().unwrap();
-    drop(listener);
+    let (gone, _refusing) = refusing();
     let cluster = Cluster::new(spec(&[gone], |_| {}), UpstreamProtocol::Http1);
     let info = Arc::new(RequestInfo::new());
     cluster.clone().call(request(&info)).await.unwrap_err();
