@@ -9,9 +9,8 @@
 //! Skips with a printed reason without Envoy; fails under `CI=true`.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use http::{HeaderMap, HeaderValue, Request};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use sluice_telemetry::trace::{Sampler, TraceConfig, Tracer};
 use sluice_tests::envoy::Running;
@@ -19,40 +18,22 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// An upstream that hands over every request's headers and answers 503 on `/fail` (Envoy retries
 /// it), else 200.
 async fn upstream() -> (SocketAddr, mpsc::UnboundedReceiver<(String, HeaderMap)>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let _ = tx.send((req.uri().path().to_owned(), req.headers().clone()));
-                let status = if req.uri().path() == "/fail" {
-                    503
-                } else {
-                    200
-                };
-                async move {
-                    Ok::<_, hyper::Error>(
-                        Response::builder()
-                            .status(status)
-                            .body(Full::new(Bytes::from_static(b"ok")))
-                            .unwrap(),
-                    )
-                }
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc),
-            );
+    let addr = sluice_tests::answering_upstream(move |req| {
+        let _ = tx.send((req.uri().path().to_owned(), req.headers().clone()));
+        if req.uri().path() == "/fail" {
+            503
+        } else {
+            200
         }
-    });
+    })
+    .await;
     (addr, rx)
 }
 

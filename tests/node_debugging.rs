@@ -5,9 +5,8 @@
 //! good and failing requests, the pods and the redirect.
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{Empty, Full};
-use hyper::body::Incoming;
+use http::Request;
+use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use sluice_admin_api as api;
 use sluice_tests::listen::{Bound, Listen};
@@ -186,34 +185,16 @@ async fn fake_service(name: &str, env: &[(&str, &str)]) -> u16 {
 
 /// An upstream that answers 503 to its first request and 200 to every later one.
 async fn fails_once() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let calls = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let calls = calls.clone();
-            let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                let code = if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                    503
-                } else {
-                    200
-                };
-                async move {
-                    Ok::<_, hyper::Error>(
-                        Response::builder()
-                            .status(code)
-                            .body(Full::new(Bytes::from_static(b"ok\n")))
-                            .unwrap(),
-                    )
-                }
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc),
-            );
+    let addr = sluice_tests::answering_upstream(move |_| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            503
+        } else {
+            200
         }
-    });
-    port
+    })
+    .await;
+    addr.port()
 }
 
 fn service(name: &str, ports: &[u16]) -> (String, String) {

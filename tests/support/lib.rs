@@ -619,6 +619,34 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
     }
 }
 
+/// An HTTP/1 upstream on loopback (hyper's server) that answers each request at once with the
+/// status `status_of` gives it and the body `ok`; it serves until the test's runtime ends.
+pub async fn answering_upstream<F>(status_of: F) -> SocketAddr
+where
+    F: Fn(&Request<hyper::body::Incoming>) -> u16 + Clone + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let status_of = status_of.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                let status = status_of(&req);
+                async move {
+                    http::Response::builder()
+                        .status(status)
+                        .body(http_body_util::Full::new(Bytes::from_static(b"ok")))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    addr
+}
+
 /// A raw HTTP/1.1 upstream on loopback that answers every request with `200`, `content-length:
 /// 1000000` and `body`, then either closes (`keep_writing: false`, a body cut short) or keeps
 /// writing `body` every 10 ms for at most 10 s (a long download). Ends with the returned task.
