@@ -127,15 +127,20 @@ impl Running {
             .spawn()
             .expect("start envoy");
         let deadline = tokio::time::Instant::now() + within;
-        let bound = Bound::wait(&mut child, &admin_file, within).await;
-        // From here on, a panic kills it.
-        let mut envoy = Self {
-            child,
-            admin: ([127, 0, 0, 1], 0).into(),
-            listeners: Default::default(),
+        let bound = match Bound::wait(&mut child, &admin_file, within).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{e}");
+            }
         };
-        let bound = bound.unwrap_or_else(|e| panic!("{e}"));
-        (envoy.admin, envoy.listeners) = (bound.admin, bound.listeners);
+        // From here on, a panic kills it (on drop).
+        let envoy = Self {
+            child,
+            admin: bound.admin,
+            listeners: bound.listeners,
+        };
         while admin_get(envoy.admin, "/ready")
             .await
             .as_deref()
