@@ -99,24 +99,20 @@ static_resources:
 struct Envoy {
     _envoy: Running,
     listener: SocketAddr,
-    _collector: std::net::TcpListener,
     _dir: tempfile::TempDir,
 }
 
 impl Envoy {
     async fn start(bin: &Path, upstream: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        // A listener of the test's own that never reads: Envoy's span reports go nowhere, which
-        // changes no header, and no other test's server can be given them.
-        let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // Nothing listens there: Envoy's span reports fail, which changes no header.
+        let collector = sluice_tests::refusing_port();
         let config = dir.path().join("envoy.yaml");
-        let port = collector.local_addr().unwrap().port();
-        std::fs::write(&config, bootstrap(upstream, port)).unwrap();
+        std::fs::write(&config, bootstrap(upstream, collector)).unwrap();
         let envoy = Running::start(bin, &config, Duration::from_secs(20)).await;
         Self {
             listener: envoy.listeners["outbound"],
             _envoy: envoy,
-            _collector: collector,
             _dir: dir,
         }
     }

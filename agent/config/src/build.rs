@@ -9,7 +9,7 @@ use crate::k8s::{
     pod_controller, EndpointSlice, IntOrString, Pod, PodFacts, PodIndex, ServiceSpec,
 };
 use crate::parse::{Object, Resource};
-use crate::problem::{Problem, Sink};
+use crate::problem::{ignored_duplicate, Problem, Sink};
 use crate::views::{self, DrIndex, DrPolicy, VsIndex};
 use crate::vs::{self, CheckedVs};
 use crate::BuildOptions;
@@ -385,7 +385,7 @@ fn endpoint_ips(spec: &ServiceSpec, cluster_ips: &[IpAddr], pod: &Pod) -> Vec<Ip
 pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut accepted = Vec::new();
-    let mut seen = BTreeMap::new();
+    let mut seen: BTreeMap<_, crate::problem::Origin> = BTreeMap::new();
     let mut pod_metas = PodIndex::new();
     for obj in objects {
         if let Resource::PodMetadata(p) = &obj.resource {
@@ -397,12 +397,7 @@ pub fn build(objects: &[Object], opts: &BuildOptions) -> (Snapshot, Vec<Problem>
         }
         let id = obj.id();
         if let Some(first) = seen.get(&id) {
-            warn_at(
-                &mut problems,
-                obj,
-                "metadata.name",
-                format!("{id} is also defined in {first}; this one is ignored"),
-            );
+            problems.push(ignored_duplicate(&obj.origin, &id, first));
             continue;
         }
         seen.insert(id, obj.origin.clone());

@@ -7,7 +7,7 @@
 //! [`ConfigDir`] is this source with its own [`Store`].
 
 use crate::parse::{collect_files, parse_str, ObjectId};
-use crate::problem::{Problem, Sink};
+use crate::problem::{ignored_duplicate, Problem};
 use crate::store::{Event, Reload, Store, Update};
 use crate::BuildOptions;
 use sluice_policy::Snapshot;
@@ -178,7 +178,7 @@ impl DirSource {
                             },
                             |f| f.origin.to_string(),
                         );
-                        problems.extend(ignored_duplicate(u, &first));
+                        problems.push(ignored_duplicate(&u.origin, &u.id, &first));
                         // Not applied, yet still a document of the configuration: what is
                         // wrong with it is reported, as `sluice validate` reports it.
                         problems.extend(u.problems.iter().cloned());
@@ -223,20 +223,6 @@ impl DirSource {
             .collect();
         events
     }
-}
-
-/// The warning about a later definition of an object already defined at `first` (a file and
-/// document): the first definition, by path and then document, is the one in force.
-pub(crate) fn ignored_duplicate(later: &Update, first: &str) -> Vec<Problem> {
-    let mut sink = Sink::new(&later.origin, Some(later.id.to_string()));
-    sink.warn(
-        "metadata.name",
-        format!(
-            "{} is also defined in {first}; this one is ignored",
-            later.id
-        ),
-    );
-    sink.problems
 }
 
 /// A directory of YAML files with its own store, polled with [`ConfigDir::reload`].

@@ -101,7 +101,7 @@ pub fn validate_paths(paths: &[PathBuf], opts: &BuildOptions) -> Vec<Problem> {
             for u in updates {
                 problems.extend(u.problems.iter().cloned());
                 match first.get(&u.id) {
-                    Some(at) => problems.extend(dir::ignored_duplicate(&u, at)),
+                    Some(at) => problems.push(problem::ignored_duplicate(&u.origin, &u.id, at)),
                     None => {
                         first.insert(u.id.clone(), u.origin.to_string());
                         objects.extend(u.object);

@@ -226,6 +226,21 @@ impl<'a> Sink<'a> {
     }
 }
 
+/// The warning about a later definition (at `origin`) of object `id`, already defined at `first`:
+/// the first definition, by path and then document, is the one in force.
+pub(crate) fn ignored_duplicate(
+    origin: &Origin,
+    id: &crate::parse::ObjectId,
+    first: &dyn fmt::Display,
+) -> Problem {
+    let mut sink = Sink::new(origin, Some(id.to_string()));
+    sink.warn(
+        "metadata.name",
+        format!("{id} is also defined in {first}; this one is ignored"),
+    );
+    sink.problems.remove(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
