@@ -152,7 +152,7 @@ impl Envoy {
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, bootstrap(upstreams, route, consecutive_5xx))
             .expect("write bootstrap");
-        let envoy = sluice_tests::envoy::Running::start(bin, &config, SETTLE).await;
+        let envoy = sluice_tests::envoy::Running::start(bin, &config, &[], SETTLE).await;
         Self {
             listener: envoy.listeners["outbound"],
             envoy,

@@ -109,7 +109,7 @@ impl Envoy {
         let collector = sluice_tests::refusing_port();
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, bootstrap(upstream, collector)).unwrap();
-        let envoy = Running::start(bin, &config, Duration::from_secs(20)).await;
+        let envoy = Running::start(bin, &config, &[], Duration::from_secs(20)).await;
         Self {
             listener: envoy.listeners["outbound"],
             _envoy: envoy,

@@ -883,14 +883,14 @@ async fn malformed_upstream_responses_get_502_upe() {
 /// Envoy's HTTP connection manager as istiod renders a sidecar's (`codec_type: AUTO`, stream idle
 /// timeout off, the router), with the limits under test set explicitly (`request_headers_timeout`
 /// is unset by Istio) and a file access log of what is compared.
-fn envoy_bootstrap(admin: u16, listener: u16, upstream: u16, log: &std::path::Path) -> String {
+fn envoy_bootstrap(upstream: u16, log: &std::path::Path) -> String {
     format!(
         r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
 static_resources:
   listeners:
   - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener}}}}}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -933,7 +933,7 @@ static_resources:
 
 /// A running Envoy, killed when dropped.
 struct Envoy {
-    child: std::process::Child,
+    _envoy: sluice_tests::envoy::Running,
     addr: SocketAddr,
     log: std::path::PathBuf,
     _dir: tempfile::TempDir,
@@ -941,45 +941,20 @@ struct Envoy {
 
 impl Envoy {
     async fn start(bin: &std::path::Path, upstream: u16) -> Self {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (admin, listener) = (free(), free());
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("access.log");
         let config = dir.path().join("envoy.yaml");
-        std::fs::write(&config, envoy_bootstrap(admin, listener, upstream, &log)).unwrap();
-        let child = std::process::Command::new(bin)
-            .arg("-c")
-            .arg(&config)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-                "--file-flush-interval-msec",
-                "50",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start envoy");
-        let envoy = Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], listener)),
+        std::fs::write(&config, envoy_bootstrap(upstream, &log)).unwrap();
+        // Access-log lines reach the file within 50 ms instead of Envoy's default 10 s.
+        let flush = ["--file-flush-interval-msec", "50"];
+        let within = Duration::from_secs(10);
+        let envoy = sluice_tests::envoy::Running::start(bin, &config, &flush, within).await;
+        Self {
+            addr: envoy.listeners["outbound"],
+            _envoy: envoy,
             log,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(envoy.addr).await.is_err() {
-            assert!(Instant::now() < deadline, "Envoy did not start listening");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        envoy
     }
 
     /// The `n`th access-log line (0-based), waiting for it up to 5 s.
@@ -993,13 +968,6 @@ impl Envoy {
             assert!(Instant::now() < deadline, "Envoy logged no line {n}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -110,10 +110,15 @@ pub struct Running {
 
 impl Running {
     /// Starts Envoy on `config` (a bootstrap whose admin and listeners ask for port 0) with one
-    /// worker, no hot restart and only errors logged (to the test's stderr); waits, at most
-    /// `within`, for where it listens and for its admin to say it is LIVE. Panics if it exits or
-    /// takes longer.
-    pub async fn start(bin: &Path, config: &Path, within: std::time::Duration) -> Self {
+    /// worker, no hot restart, only errors logged (to the test's stderr) and `extra` arguments;
+    /// waits, at most `within`, for where it listens and for its admin to say it is LIVE. Panics
+    /// if it exits or takes longer.
+    pub async fn start(
+        bin: &Path,
+        config: &Path,
+        extra: &[&str],
+        within: std::time::Duration,
+    ) -> Self {
         let admin_file = config.with_extension("admin-address");
         let mut child = Command::new(bin)
             .arg("-c")
@@ -122,6 +127,7 @@ impl Running {
             .arg(&admin_file)
             .args(["--concurrency", "1", "--disable-hot-restart"])
             .args(["--log-level", "error"])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()
