@@ -93,6 +93,8 @@ async fn upstream() -> (u16, Arc<AtomicU64>, watch::Sender<bool>, JoinHandle<()>
     let received = Arc::new(AtomicU64::new(0));
     let seen = received.clone();
     let (gate, opened) = watch::channel(false);
+    // `/big`: 4 MiB, one buffer shared by every answer.
+    let big = Bytes::from(vec![b'x'; 4 << 20]);
     let task = tokio::spawn(async move {
         for _ in 0..20_000 {
             let Ok((stream, _)) = listener.accept().await else {
@@ -100,11 +102,16 @@ async fn upstream() -> (u16, Arc<AtomicU64>, watch::Sender<bool>, JoinHandle<()>
             };
             let seen = seen.clone();
             let opened = opened.clone();
+            let big = big.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     seen.fetch_add(1, Ordering::Relaxed);
                     let mut opened = opened.clone();
+                    let big = big.clone();
                     async move {
+                        if req.uri().path() == "/big" {
+                            return Ok(Response::new(Full::new(big)));
+                        }
                         if req.uri().path().starts_with("/slow") {
                             let open = opened.wait_for(|open| *open);
                             let _ = tokio::time::timeout(Duration::from_secs(8), open).await;
@@ -520,6 +527,19 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The agent's resident memory (`VmRSS`), in bytes.
+    fn resident_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     fn running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -681,4 +701,86 @@ async fn over_its_memory_limit_the_proxy_sheds_requests_with_503_om() {
         "the agent says why:\n{}",
         stderr()
     );
+}
+
+/// Freed memory is not memory the proxy holds. A burst of large downloads that their clients do
+/// not read (the proxy holds what the client's socket cannot take) takes the real agent past 95%
+/// of its memory limit, where every new request is refused; once those connections are gone its
+/// allocator still keeps the pages, and an agent that shed on its resident size alone would go on
+/// refusing every request (it did). It gives them back and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_near_its_memory_limit_the_proxy_gives_freed_memory_back_and_serves() {
+    let (port, _received, _slow, _up) = upstream().await;
+    let rest = Agent::start(port, &["--max-memory", "none"], None)
+        .await
+        .resident_bytes();
+    let limit = rest + (24 << 20);
+    let limit_arg = limit.to_string();
+    let agent = Agent::start(port, &["--max-memory", &limit_arg], None).await;
+    // Past the hard mark (95%), where every new request is refused.
+    let hard = limit / 100 * 96;
+    let mut burst = Vec::new();
+    let mut peak = 0;
+    for _ in 0..200 {
+        let Ok(mut s) = connect_from(GREEDY, agent.outbound).await else {
+            break;
+        };
+        let _ = s
+            .write_all(b"GET http://web/big HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await;
+        burst.push(s);
+        // The proxy fills what it may hold for this one before the next.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        peak = peak.max(agent.resident_bytes());
+        if peak >= hard {
+            break;
+        }
+    }
+    let crossed = peak >= hard;
+    // The agent has seen it: another pod's request is refused.
+    let mut refused = false;
+    for _ in 0..20 {
+        let mut s = connect_from(GOOD, agent.outbound).await.expect("connect");
+        if request(&mut s, "/").await == Some(503) {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after_burst = agent.resident_bytes();
+    drop(burst);
+    // Sampled every 100 ms, given back at most once a second: served within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut statuses = Vec::new();
+    while Instant::now() < deadline {
+        let mut s = connect_from(GOOD, agent.outbound).await.expect("connect");
+        let status = request(&mut s, "/").await;
+        statuses.push(status);
+        if status == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = reqwest_free_get(agent.metrics, "/stats/prometheus").await;
+    let now = agent.resident_bytes();
+    println!(
+        "at rest {rest} B, limit {limit} B, burst peak {peak} B, after it {after_burst} B, \
+         now {now} B; statuses {statuses:?}"
+    );
+    assert!(
+        crossed,
+        "the burst took the agent only to {peak} of {limit}"
+    );
+    assert!(refused, "no request refused at {after_burst} of {limit}");
+    assert_eq!(
+        statuses.last(),
+        Some(&Some(200)),
+        "{statuses:?}\n{}",
+        agent.stderr()
+    );
+    assert!(
+        counter(&text, "sluice_memory_releases_total") >= 1,
+        "{text}"
+    );
+    assert!(now < limit / 10 * 9, "resident {now} of {limit}");
 }

@@ -19,6 +19,12 @@
 //! overload manager has the same two kinds of action (`reject_incoming_connections`,
 //! `stop_accepting_requests`) on global triggers; the fair-share rule is what a proxy shared by
 //! tenants adds.
+//!
+//! Resident memory counts what the allocator has freed but kept (jemalloc returns freed pages
+//! only by decay, on allocator activity): after a burst, an agent under light load would stay at
+//! its peak and shed for memory nobody holds. So before memory pressure takes effect, the
+//! allocator is asked to give its freed pages back (at most once a second) and memory is read
+//! again, as Envoy's overload manager shrinks its heap.
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -29,6 +35,21 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::time::Instant;
+
+/// Gives the allocator's freed memory back to the kernel; `true` if it could. Set once by the
+/// program that chose the allocator (see [`set_memory_release`]).
+static RELEASE_MEMORY: OnceLock<fn() -> bool> = OnceLock::new();
+
+/// The shortest time between two releases of freed memory under memory pressure (each costs a
+/// pass over the allocator's free pages on the worker that samples).
+const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Tells every proxy of this process how to give the allocator's freed memory back to the kernel,
+/// which memory pressure tries before it sheds. The first call wins.
+pub fn set_memory_release(release: fn() -> bool) {
+    let _ = RELEASE_MEMORY.set(release);
+}
 
 /// What one pod may hold, and the proxy's own resource limits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -120,6 +141,9 @@ pub struct Isolation {
     fds_at_connections: AtomicU64,
     rss: AtomicU64,
     memory: AtomicU8,
+    /// When freed memory was last given back, and how many times it was.
+    released_at: Mutex<Option<Instant>>,
+    releases: AtomicU64,
     shed: [AtomicU64; Overload::ALL.len()],
     sampler: OnceLock<()>,
 }
@@ -134,6 +158,8 @@ impl Isolation {
             fds_at_connections: AtomicU64::new(0),
             rss: AtomicU64::new(0),
             memory: AtomicU8::new(0),
+            released_at: Mutex::new(None),
+            releases: AtomicU64::new(0),
             shed: Default::default(),
             sampler: OnceLock::new(),
         })
@@ -174,9 +200,13 @@ impl Isolation {
             }
         }
         if self.limits.max_memory.is_some() {
-            if let Some(rss) = resident_bytes() {
+            if let Some(mut rss) = resident_bytes() {
+                let mut p = Pressure::of(rss, self.limits.max_memory, 90, 95);
+                if p != Pressure::None && self.release_memory() {
+                    rss = resident_bytes().unwrap_or(rss);
+                    p = Pressure::of(rss, self.limits.max_memory, 90, 95);
+                }
                 self.rss.store(rss, Ordering::Relaxed);
-                let p = Pressure::of(rss, self.limits.max_memory, 90, 95);
                 let before = Pressure::load(&self.memory);
                 self.memory.store(p as u8, Ordering::Relaxed);
                 if p != before {
@@ -184,6 +214,27 @@ impl Isolation {
                 }
             }
         }
+    }
+
+    /// Asks the allocator to give its freed memory back, unless it did less than
+    /// [`RELEASE_INTERVAL`] ago; `true` if it did now.
+    fn release_memory(&self) -> bool {
+        let Some(release) = RELEASE_MEMORY.get() else {
+            return false;
+        };
+        let now = Instant::now();
+        {
+            let mut at = self.released_at.lock();
+            if at.is_some_and(|at| now.duration_since(at) < RELEASE_INTERVAL) {
+                return false;
+            }
+            *at = Some(now);
+        }
+        let released = release();
+        if released {
+            self.releases.fetch_add(1, Ordering::Relaxed);
+        }
+        released
     }
 
     /// Descriptor pressure now: the last sample plus two per connection opened since (its own
@@ -323,6 +374,12 @@ impl Isolation {
             );
             let _ = writeln!(out, "# TYPE sluice_max_memory_bytes gauge");
             let _ = writeln!(out, "sluice_max_memory_bytes {limit}");
+            let _ = writeln!(out, "# TYPE sluice_memory_releases_total counter");
+            let _ = writeln!(
+                out,
+                "sluice_memory_releases_total {}",
+                self.releases.load(Ordering::Relaxed)
+            );
         }
     }
 }

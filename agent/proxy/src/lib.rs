@@ -25,7 +25,7 @@ mod state;
 mod tcp;
 
 pub use self::handler::{ConnInfo, Handler, HandlerOptions, RedirectOptions};
-pub use self::isolation::{cgroup_memory_limit, Isolation, IsolationLimits};
+pub use self::isolation::{cgroup_memory_limit, set_memory_release, Isolation, IsolationLimits};
 pub use self::limits::{DownstreamLimits, InvalidLimit};
 pub use self::passthrough::PASSTHROUGH_CLUSTER;
 pub use self::relay::Refusal;

@@ -1,9 +1,10 @@
 //! `sluice`: the node agent (`sluice run`) and the operator's debugging CLI (`status`, `config`,
 //! `clusters`, `policy`, `logs`, `log-level`, `validate`, `uninstall`).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod admin_socket;
 mod agent;
+mod alloc;
 mod cli;
 mod client;
 mod ebpf;
@@ -12,12 +13,6 @@ mod show;
 mod source;
 
 use clap::Parser;
-
-/// jemalloc, not glibc's malloc: freeing a large configuration generation (tens of thousands of
-/// clusters) took glibc several times as long, in free-list consolidation. Its thread-cache
-/// settings are built in from `.cargo/config.toml`.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Args::parse();

@@ -319,6 +319,8 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .with_ansi(std::io::stderr().is_terminal()),
         )
         .init();
+    // Memory pressure first gives jemalloc's freed pages back, then sheds what is still over.
+    sluice_proxy::set_memory_release(crate::alloc::release_free_memory);
 
     if args.redirect == Redirect::None {
         let stray = args.ebpf.ebpf_only_flags();
