@@ -530,14 +530,7 @@ impl Agent {
     /// The agent's resident memory (`VmRSS`), in bytes.
     fn resident_bytes(&self) -> u64 {
         let pid = self.child.as_ref().expect("running").id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("VmRSS");
-        kib * 1024
+        sluice_tests::proc_status_kib(pid, "VmRSS:").expect("VmRSS") * 1024
     }
 
     fn running(&mut self) -> bool {
@@ -703,6 +696,26 @@ async fn over_its_memory_limit_the_proxy_sheds_requests_with_503_om() {
     );
 }
 
+/// The statuses of one request at a time from the `GOOD` pod to `proxy`, `gap` apart, until one is
+/// `want` or `tries` were made.
+async fn until_answered(
+    proxy: SocketAddr,
+    want: u16,
+    tries: usize,
+    gap: Duration,
+) -> Vec<Option<u16>> {
+    let mut statuses = Vec::new();
+    for _ in 0..tries {
+        let mut s = connect_from(GOOD, proxy).await.expect("connect");
+        statuses.push(request(&mut s, "/").await);
+        if statuses.last() == Some(&Some(want)) {
+            break;
+        }
+        tokio::time::sleep(gap).await;
+    }
+    statuses
+}
+
 /// Freed memory is not memory the proxy holds. A burst of large downloads that their clients do
 /// not read (the proxy holds what the client's socket cannot take) takes the real agent past 95%
 /// of its memory limit, where every new request is refused; once those connections are gone its
@@ -738,29 +751,12 @@ async fn after_a_burst_near_its_memory_limit_the_proxy_gives_freed_memory_back_a
     }
     let crossed = peak >= hard;
     // The agent has seen it: another pod's request is refused.
-    let mut refused = false;
-    for _ in 0..20 {
-        let mut s = connect_from(GOOD, agent.outbound).await.expect("connect");
-        if request(&mut s, "/").await == Some(503) {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let refused = until_answered(agent.outbound, 503, 20, Duration::from_millis(100)).await;
+    let refused = refused.last() == Some(&Some(503));
     let after_burst = agent.resident_bytes();
     drop(burst);
     // Sampled every 100 ms, given back at most once a second: served within a few seconds.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut statuses = Vec::new();
-    while Instant::now() < deadline {
-        let mut s = connect_from(GOOD, agent.outbound).await.expect("connect");
-        let status = request(&mut s, "/").await;
-        statuses.push(status);
-        if status == Some(200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let statuses = until_answered(agent.outbound, 200, 25, Duration::from_millis(200)).await;
     let text = reqwest_free_get(agent.metrics, "/stats/prometheus").await;
     let now = agent.resident_bytes();
     println!(

@@ -303,16 +303,7 @@ impl Agent {
 
     /// Resident and peak memory from `/proc/PID/status`, in KiB.
     fn memory_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
+        let field = |name| sluice_tests::proc_status_kib(self.child.id(), name).unwrap_or(0);
         (field("VmRSS:"), field("VmHWM:"))
     }
 }

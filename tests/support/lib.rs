@@ -619,6 +619,19 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
     }
 }
 
+/// A memory figure of process `pid` from `/proc/PID/status` (`field` such as `VmRSS:` or `VmHWM:`),
+/// in KiB; `None` if the process or the field is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// An HTTP/1 upstream on loopback (hyper's server) that answers each request at once with the
 /// status `status_of` gives it and the body `ok`; it serves until the test's runtime ends.
 pub async fn answering_upstream<F>(status_of: F) -> SocketAddr

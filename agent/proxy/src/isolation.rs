@@ -201,11 +201,11 @@ impl Isolation {
         }
         if self.limits.max_memory.is_some() {
             if let Some(mut rss) = resident_bytes() {
-                let mut p = Pressure::of(rss, self.limits.max_memory, 90, 95);
-                if p != Pressure::None && self.release_memory() {
+                let pressure = |rss| Pressure::of(rss, self.limits.max_memory, 90, 95);
+                if pressure(rss) != Pressure::None && self.release_memory() {
                     rss = resident_bytes().unwrap_or(rss);
-                    p = Pressure::of(rss, self.limits.max_memory, 90, 95);
                 }
+                let p = pressure(rss);
                 self.rss.store(rss, Ordering::Relaxed);
                 let before = Pressure::load(&self.memory);
                 self.memory.store(p as u8, Ordering::Relaxed);
