@@ -61,7 +61,9 @@ pub struct BenchArgs {
     access_log: bool,
     /// Also count each proxy's instructions per request under valgrind's callgrind (2,000
     /// keep-alive requests after 200 of warm-up; start-up is not counted): a steadier figure
-    /// than time on a shared machine. Takes a few minutes (Envoy starts slowly under valgrind).
+    /// than time on a shared machine. Then its cache misses per request in callgrind's model of
+    /// this core's L1i, L1d and L2 (from sysfs), with 32 connections in flight. Takes a few
+    /// minutes (Envoy starts slowly under valgrind).
     #[arg(long)]
     instructions: bool,
     /// Sluice from a plain release build only. By default the measured Sluice is the build
@@ -393,6 +395,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     // front of the same upstream.
     let mut instructions: Instructions = BTreeMap::new();
     let mut atomics: Instructions = BTreeMap::new();
+    let mut caches: Caches = BTreeMap::new();
     if args.instructions {
         targets.retain(|t| t.name == "direct");
         if !args.no_install {
@@ -425,6 +428,25 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 );
                 atomics.insert(t.name, a);
             }
+            if n.is_ok() {
+                let c = match instructions::cache_model() {
+                    Some(_) => instructions::cache_per_request(t.proc.pid(), t.addr, HOST, &out)
+                        .map_err(|e| format!("{e:#}")),
+                    None => Err("sysfs gives no cache geometry valgrind can model".into()),
+                };
+                match &c {
+                    Ok(c) => println!(
+                        "cache misses per request at {} connections, {}: L1i {:.0}, L1d {:.0}, L2 {:.1}",
+                        instructions::CACHE_CONNECTIONS,
+                        t.name,
+                        c.l1i,
+                        c.l1d,
+                        c.l2
+                    ),
+                    Err(e) => println!("cache misses per request, {}: not counted: {e}", t.name),
+                }
+                caches.insert(t.name, c);
+            }
             instructions.insert(t.name, n);
             // Stopped (by its PID) before the next one runs.
             drop(t);
@@ -439,6 +461,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         &results,
         &instructions,
         &atomics,
+        &caches,
         &not_measured,
         &pinning,
         &args,
@@ -481,6 +504,9 @@ struct Summary {
 /// Instructions per request by target, or why a target was not counted.
 type Instructions = BTreeMap<&'static str, std::result::Result<f64, String>>;
 
+/// Cache figures by target, or why a target was not counted.
+type Caches = BTreeMap<&'static str, std::result::Result<instructions::CacheFigures, String>>;
+
 /// A per-request count as the report shows it, or why it is missing.
 fn counted_figure(n: &std::result::Result<f64, String>) -> String {
     n.as_ref()
@@ -491,6 +517,7 @@ fn summarize(
     results: &[RunResult],
     instructions: &Instructions,
     atomics: &Instructions,
+    caches: &Caches,
     not_measured: &BTreeMap<&'static str, String>,
     pinning: &str,
     args: &BenchArgs,
@@ -644,6 +671,45 @@ fn summarize(
                 format!("instructions sluice/{peer}"),
                 json!({ "instructions_per_request": r }),
             );
+        }
+        if !caches.is_empty() {
+            let _ = writeln!(
+                t,
+                "misses per request in callgrind's model of this core's caches, {} keep-alive \
+                 connections with a request in flight on each ({} requests; instructions at \
+                 this concurrency beside them):",
+                instructions::CACHE_CONNECTIONS,
+                instructions::CACHE_ROUNDS * instructions::CACHE_CONNECTIONS
+            );
+            let _ = writeln!(
+                t,
+                "  {:<12} {:>8} {:>8} {:>8} {:>12}",
+                "", "L1i", "L1d", "L2", "instructions"
+            );
+            for (target, c) in caches {
+                match c {
+                    Ok(c) => {
+                        let _ = writeln!(
+                            t,
+                            "  {target:<12} {:>8.0} {:>8.0} {:>8.1} {:>12.0}",
+                            c.l1i, c.l1d, c.l2, c.instructions
+                        );
+                        ratios_json.insert(
+                            format!("cache {target}"),
+                            json!({
+                                "connections": instructions::CACHE_CONNECTIONS,
+                                "l1i_misses_per_request": c.l1i,
+                                "l1d_misses_per_request": c.l1d,
+                                "l2_misses_per_request": c.l2,
+                                "instructions_per_request": c.instructions,
+                            }),
+                        );
+                    }
+                    Err(e) => {
+                        let _ = writeln!(t, "  {target:<12} not counted: {e}");
+                    }
+                }
+            }
         }
     }
 
@@ -809,6 +875,7 @@ impl Launch<'_> {
                 let mut c = Command::new("valgrind");
                 c.env("GLIBC_TUNABLES", instructions::GLIBC_TUNABLES)
                     .args(["--tool=callgrind", "--dump-instr=yes"])
+                    .args(instructions::cache_model().unwrap_or_default())
                     .arg(format!("--callgrind-out-file={}/cg.%p", path_str(out)))
                     .arg(prog)
                     .args(args);

@@ -55,6 +55,146 @@ pub(crate) fn per_request(pid: u32, addr: SocketAddr, host: &str, out_dir: &Path
     Ok(total as f64 / REQUESTS as f64)
 }
 
+/// Connections of the cache figures: as many as the timed rounds' load generator keeps open.
+pub(crate) const CACHE_CONNECTIONS: usize = 32;
+/// Rounds (a request on every connection, then every response) before and while counting.
+const CACHE_WARM_UP_ROUNDS: usize = 10;
+pub(crate) const CACHE_ROUNDS: usize = 60;
+
+/// What a request costs in callgrind's model of this machine's caches, with
+/// [`CACHE_CONNECTIONS`] requests in flight as in the timed rounds: one connection keeps a
+/// proxy's whole working set warm, where 32 make each request's state and code compete with the
+/// other 31's, which is where two proxies with the same instruction count part.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct CacheFigures {
+    pub(crate) instructions: f64,
+    /// First-level instruction cache misses.
+    pub(crate) l1i: f64,
+    /// First-level data cache misses, reads and writes.
+    pub(crate) l1d: f64,
+    /// Misses of the level modelled as the last (this machine's L2, see [`cache_model`]).
+    pub(crate) l2: f64,
+}
+
+/// valgrind's options for a model of CPU 0's caches as sysfs describes them: its first-level
+/// instruction and data caches, and its second level as the "last level" (the L3 beyond is large
+/// and shared, and would count next to nothing). `None` where sysfs does not say, or gives a
+/// geometry valgrind cannot model (a number of sets that is not a power of two).
+pub(crate) fn cache_model() -> Option<Vec<String>> {
+    cache_model_from(Path::new("/sys/devices/system/cpu/cpu0/cache"))
+}
+
+fn cache_model_from(dir: &Path) -> Option<Vec<String>> {
+    let read = |i: usize, f: &str| std::fs::read_to_string(dir.join(format!("index{i}/{f}")));
+    let mut model = [None, None, None];
+    for i in 0..8 {
+        let Ok(level) = read(i, "level") else { break };
+        let (kind, size, ways, line) = (
+            read(i, "type").ok()?,
+            read(i, "size").ok()?,
+            read(i, "ways_of_associativity").ok()?,
+            read(i, "coherency_line_size").ok()?,
+        );
+        let slot = match (level.trim(), kind.trim()) {
+            ("1", "Instruction") => 0,
+            ("1", "Data") => 1,
+            ("2", "Unified") => 2,
+            _ => continue,
+        };
+        let size = size.trim();
+        let bytes: u64 = match size.strip_suffix('K') {
+            Some(k) => k.parse::<u64>().ok()? * 1024,
+            None => size.parse().ok()?,
+        };
+        let (ways, line): (u64, u64) = (ways.trim().parse().ok()?, line.trim().parse().ok()?);
+        let sets = bytes.checked_div(ways * line)?;
+        if !sets.is_power_of_two() || sets * ways * line != bytes {
+            return None;
+        }
+        model[slot] = Some(format!("{bytes},{ways},{line}"));
+    }
+    let [Some(i1), Some(d1), Some(l2)] = model else {
+        return None;
+    };
+    Some(vec![
+        "--cache-sim=yes".into(),
+        format!("--I1={i1}"),
+        format!("--D1={d1}"),
+        format!("--LL={l2}"),
+    ])
+}
+
+/// [`CacheFigures`] of the process `pid` (running under callgrind with [`cache_model`]'s options,
+/// after [`per_request`] wrote its first dump) serving `addr`: [`CACHE_CONNECTIONS`] keep-alive
+/// connections each send a request, then each response is read, round after round.
+pub(crate) fn cache_per_request(
+    pid: u32,
+    addr: SocketAddr,
+    host: &str,
+    out_dir: &Path,
+) -> Result<CacheFigures> {
+    let mut conns = (0..CACHE_CONNECTIONS)
+        .map(|_| Conn::open(addr, host))
+        .collect::<Result<Vec<_>>>()?;
+    let round = |conns: &mut [Conn]| -> Result<()> {
+        for c in conns.iter_mut() {
+            c.send()?;
+        }
+        conns.iter_mut().try_for_each(Conn::receive)
+    };
+    for _ in 0..CACHE_WARM_UP_ROUNDS {
+        round(&mut conns)?;
+    }
+    control(pid, "-z")?;
+    for _ in 0..CACHE_ROUNDS {
+        round(&mut conns)?;
+    }
+    control(pid, "-d")?;
+    let dump = out_dir.join(format!("cg.{pid}.2"));
+    let text = std::fs::read_to_string(&dump)
+        .with_context(|| format!("callgrind wrote no dump {}", dump.display()))?;
+    let requests = (CACHE_ROUNDS * CACHE_CONNECTIONS) as f64;
+    cache_figures(&text, requests).with_context(|| {
+        format!(
+            "{}: no cache events (was callgrind run with --cache-sim=yes?)",
+            dump.display()
+        )
+    })
+}
+
+/// The figures of a dump's totals, per request.
+fn cache_figures(dump: &str, requests: f64) -> Option<CacheFigures> {
+    let names: Vec<&str> = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("events:"))?
+        .split_whitespace()
+        .collect();
+    let totals: Vec<u64> = dump
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })?
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // Summed before the division: each figure is the events of exactly those requests.
+    let per_request = |events: &[&str]| {
+        let mut sum = 0;
+        for name in events {
+            let i = names.iter().position(|n| n == name)?;
+            sum += totals.get(i).copied().unwrap_or(0);
+        }
+        Some(sum as f64 / requests)
+    };
+    Some(CacheFigures {
+        instructions: per_request(&["Ir"])?,
+        l1i: per_request(&["I1mr"])?,
+        l1d: per_request(&["D1mr", "D1mw"])?,
+        l2: per_request(&["ILmr", "DLmr", "DLmw"])?,
+    })
+}
+
 /// `callgrind_control FLAG PID`: zero the counters or dump them.
 fn control(pid: u32, flag: &str) -> Result<()> {
     let out = Command::new("callgrind_control")
@@ -91,7 +231,15 @@ impl Conn {
     }
 
     fn get(&mut self) -> Result<()> {
-        self.stream.write_all(&self.request)?;
+        self.send()?;
+        self.receive()
+    }
+
+    fn send(&mut self) -> Result<()> {
+        Ok(self.stream.write_all(&self.request)?)
+    }
+
+    fn receive(&mut self) -> Result<()> {
         self.buf.clear();
         let mut chunk = [0u8; 4096];
         loop {
@@ -268,5 +416,84 @@ mod tests {
         );
         assert_eq!(starts.len(), 4);
         assert_eq!(locked, vec![0x401000, 0x401008]);
+    }
+
+    /// A sysfs cache directory: (level, type, size, ways, line) per index.
+    fn sysfs(entries: &[(&str, &str, &str, &str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (level, kind, size, ways, line)) in entries.iter().enumerate() {
+            let d = dir.path().join(format!("index{i}"));
+            std::fs::create_dir(&d).unwrap();
+            for (f, v) in [
+                ("level", level),
+                ("type", kind),
+                ("size", size),
+                ("ways_of_associativity", ways),
+                ("coherency_line_size", line),
+            ] {
+                std::fs::write(d.join(f), format!("{v}\n")).unwrap();
+            }
+        }
+        dir
+    }
+
+    #[test]
+    fn the_cache_model_is_this_cores_first_two_levels() {
+        let epyc = sysfs(&[
+            ("1", "Data", "32K", "8", "64"),
+            ("1", "Instruction", "32K", "8", "64"),
+            ("2", "Unified", "1024K", "8", "64"),
+            ("3", "Unified", "32768K", "16", "64"),
+        ]);
+        assert_eq!(
+            cache_model_from(epyc.path()).unwrap(),
+            [
+                "--cache-sim=yes",
+                "--I1=32768,8,64",
+                "--D1=32768,8,64",
+                "--LL=1048576,8,64"
+            ]
+        );
+        // 1.25 MiB 10-way: 2,048 sets, a power of two.
+        let odd_ways = sysfs(&[
+            ("1", "Data", "48K", "12", "64"),
+            ("1", "Instruction", "32K", "8", "64"),
+            ("2", "Unified", "1280K", "10", "64"),
+        ]);
+        assert_eq!(
+            cache_model_from(odd_ways.path()).unwrap()[3],
+            "--LL=1310720,10,64"
+        );
+        // 3 MiB 16-way: 3,072 sets, which valgrind cannot model; and no L2 at all.
+        let three_mib = sysfs(&[
+            ("1", "Data", "32K", "8", "64"),
+            ("1", "Instruction", "32K", "8", "64"),
+            ("2", "Unified", "3072K", "16", "64"),
+        ]);
+        assert_eq!(cache_model_from(three_mib.path()), None);
+        let no_l2 = sysfs(&[
+            ("1", "Data", "32K", "8", "64"),
+            ("1", "Instruction", "32K", "8", "64"),
+        ]);
+        assert_eq!(cache_model_from(no_l2.path()), None);
+    }
+
+    #[test]
+    fn cache_figures_are_the_totals_per_request() {
+        let dump = "version: 1\nevents: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw\nfl=(1) a.rs\n\
+                    fn=(1) f\n0x1000 3 10\nsummary: 3000 900 600 150 60 30 3 6\n";
+        let f = cache_figures(dump, 10.0).unwrap();
+        assert_eq!(
+            f,
+            CacheFigures {
+                instructions: 300.0,
+                l1i: 15.0,
+                l1d: 9.0,
+                // The last event was left out of the line: zero.
+                l2: 0.9,
+            }
+        );
+        let no_cache = "events: Ir\nsummary: 3000\n";
+        assert_eq!(cache_figures(no_cache, 10.0), None);
     }
 }
