@@ -62,8 +62,8 @@ pub struct BenchArgs {
     /// Also count each proxy's instructions per request under valgrind's callgrind (2,000
     /// keep-alive requests after 200 of warm-up; start-up is not counted): a steadier figure
     /// than time on a shared machine. Then its cache misses per request in callgrind's model of
-    /// this core's L1i, L1d and L2 (from sysfs), with 32 connections in flight. Takes a few
-    /// minutes (Envoy starts slowly under valgrind).
+    /// this core's L1i, L1d and L2 (from sysfs), with a request in flight on each of
+    /// `--connections`. Takes a few minutes (Envoy starts slowly under valgrind).
     #[arg(long)]
     instructions: bool,
     /// Sluice from a plain release build only. By default the measured Sluice is the build
@@ -405,7 +405,14 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         fs::create_dir_all(&out)?;
         let mut counted = Vec::new();
         let mut failed = BTreeMap::new();
-        proxies.start(Launch::Callgrind { out: &out }, &mut counted, &mut failed)?;
+        // Read once: every counted proxy runs with the same model.
+        let cache_model = instructions::cache_model();
+        let launch = Launch::Callgrind {
+            out: &out,
+            cache_model: cache_model.as_deref().unwrap_or_default(),
+        };
+        proxies.start(launch, &mut counted, &mut failed)?;
+        let connections = args.connections as usize;
         for (name, why) in failed {
             instructions.insert(name, Err(why));
         }
@@ -429,15 +436,20 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 atomics.insert(t.name, a);
             }
             if n.is_ok() {
-                let c = match instructions::cache_model() {
-                    Some(_) => instructions::cache_per_request(t.proc.pid(), t.addr, HOST, &out)
-                        .map_err(|e| format!("{e:#}")),
+                let c = match cache_model {
+                    Some(_) => instructions::cache_per_request(
+                        t.proc.pid(),
+                        t.addr,
+                        HOST,
+                        &out,
+                        connections,
+                    )
+                    .map_err(|e| format!("{e:#}")),
                     None => Err("sysfs gives no cache geometry valgrind can model".into()),
                 };
                 match &c {
                     Ok(c) => println!(
-                        "cache misses per request at {} connections, {}: L1i {:.0}, L1d {:.0}, L2 {:.1}",
-                        instructions::CACHE_CONNECTIONS,
+                        "cache misses per request at {connections} connections, {}: L1i {:.0}, L1d {:.0}, L2 {:.1}",
                         t.name,
                         c.l1i,
                         c.l1d,
@@ -678,8 +690,8 @@ fn summarize(
                 "misses per request in callgrind's model of this core's caches, {} keep-alive \
                  connections with a request in flight on each ({} requests; instructions at \
                  this concurrency beside them):",
-                instructions::CACHE_CONNECTIONS,
-                instructions::CACHE_ROUNDS * instructions::CACHE_CONNECTIONS
+                args.connections,
+                instructions::CACHE_ROUNDS * args.connections as usize
             );
             let _ = writeln!(
                 t,
@@ -697,7 +709,7 @@ fn summarize(
                         ratios_json.insert(
                             format!("cache {target}"),
                             json!({
-                                "connections": instructions::CACHE_CONNECTIONS,
+                                "connections": args.connections,
                                 "l1i_misses_per_request": c.l1i,
                                 "l1d_misses_per_request": c.l1d,
                                 "l2_misses_per_request": c.l2,
@@ -863,19 +875,23 @@ fn spawn(name: &'static str, mut cmd: Command, dir: &Path) -> Result<Proc> {
 enum Launch<'a> {
     /// For the timed rounds: on CPU `cpu` with `taskset` when `pin`.
     Pinned { pin: bool, cpu: &'a str },
-    /// Under valgrind's callgrind, its dumps in `out` (`cg.PID.N`).
-    Callgrind { out: &'a Path },
+    /// Under valgrind's callgrind, its dumps in `out` (`cg.PID.N`), with `cache_model`'s
+    /// options (none: no cache simulation).
+    Callgrind {
+        out: &'a Path,
+        cache_model: &'a [String],
+    },
 }
 
 impl Launch<'_> {
     fn command(self, prog: &Path, args: &[&str]) -> Command {
         match self {
             Launch::Pinned { pin, cpu } => pinned(pin, cpu, prog, args),
-            Launch::Callgrind { out } => {
+            Launch::Callgrind { out, cache_model } => {
                 let mut c = Command::new("valgrind");
                 c.env("GLIBC_TUNABLES", instructions::GLIBC_TUNABLES)
                     .args(["--tool=callgrind", "--dump-instr=yes"])
-                    .args(instructions::cache_model().unwrap_or_default())
+                    .args(cache_model)
                     .arg(format!("--callgrind-out-file={}/cg.%p", path_str(out)))
                     .arg(prog)
                     .args(args);

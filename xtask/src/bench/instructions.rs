@@ -41,28 +41,40 @@ pub(crate) fn per_request(pid: u32, addr: SocketAddr, host: &str, out_dir: &Path
         conn.get()?;
     }
     control(pid, "-d")?;
-    let dump = out_dir.join(format!("cg.{pid}.1"));
-    let text = std::fs::read_to_string(&dump)
-        .with_context(|| format!("callgrind wrote no dump {}", dump.display()))?;
-    let total: u64 = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("summary:")
-                .or_else(|| l.strip_prefix("totals:"))
-        })
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    let (dump, text) = read_dump(out_dir, pid, 1)?;
+    let total = totals(&text)
+        .and_then(|t| t.first().copied())
         .with_context(|| format!("no summary line in {}", dump.display()))?;
     Ok(total as f64 / REQUESTS as f64)
 }
 
-/// Connections of the cache figures: as many as the timed rounds' load generator keeps open.
-pub(crate) const CACHE_CONNECTIONS: usize = 32;
+/// Dump `n` of process `pid` (callgrind numbers them from 1, one per `callgrind_control -d`):
+/// its path and text.
+fn read_dump(out_dir: &Path, pid: u32, n: u32) -> Result<(std::path::PathBuf, String)> {
+    let dump = out_dir.join(format!("cg.{pid}.{n}"));
+    let text = std::fs::read_to_string(&dump)
+        .with_context(|| format!("callgrind wrote no dump {}", dump.display()))?;
+    Ok((dump, text))
+}
+
+/// A dump's total of each event, in the order of its `events:` line.
+fn totals(dump: &str) -> Option<Vec<u64>> {
+    dump.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })?
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect()
+}
+
 /// Rounds (a request on every connection, then every response) before and while counting.
 const CACHE_WARM_UP_ROUNDS: usize = 10;
 pub(crate) const CACHE_ROUNDS: usize = 60;
 
-/// What a request costs in callgrind's model of this machine's caches, with
-/// [`CACHE_CONNECTIONS`] requests in flight as in the timed rounds: one connection keeps a
+/// What a request costs in callgrind's model of this machine's caches, with as many requests in
+/// flight as the timed rounds keep (`--connections`, 32 by default): one connection keeps a
 /// proxy's whole working set warm, where 32 make each request's state and code compete with the
 /// other 31's, which is where two proxies with the same instruction count part.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -125,15 +137,16 @@ fn cache_model_from(dir: &Path) -> Option<Vec<String>> {
 }
 
 /// [`CacheFigures`] of the process `pid` (running under callgrind with [`cache_model`]'s options,
-/// after [`per_request`] wrote its first dump) serving `addr`: [`CACHE_CONNECTIONS`] keep-alive
+/// after [`per_request`] wrote its first dump) serving `addr`: `connections` keep-alive
 /// connections each send a request, then each response is read, round after round.
 pub(crate) fn cache_per_request(
     pid: u32,
     addr: SocketAddr,
     host: &str,
     out_dir: &Path,
+    connections: usize,
 ) -> Result<CacheFigures> {
-    let mut conns = (0..CACHE_CONNECTIONS)
+    let mut conns = (0..connections)
         .map(|_| Conn::open(addr, host))
         .collect::<Result<Vec<_>>>()?;
     let round = |conns: &mut [Conn]| -> Result<()> {
@@ -150,10 +163,8 @@ pub(crate) fn cache_per_request(
         round(&mut conns)?;
     }
     control(pid, "-d")?;
-    let dump = out_dir.join(format!("cg.{pid}.2"));
-    let text = std::fs::read_to_string(&dump)
-        .with_context(|| format!("callgrind wrote no dump {}", dump.display()))?;
-    let requests = (CACHE_ROUNDS * CACHE_CONNECTIONS) as f64;
+    let (dump, text) = read_dump(out_dir, pid, 2)?;
+    let requests = (CACHE_ROUNDS * connections) as f64;
     cache_figures(&text, requests).with_context(|| {
         format!(
             "{}: no cache events (was callgrind run with --cache-sim=yes?)",
@@ -169,15 +180,7 @@ fn cache_figures(dump: &str, requests: f64) -> Option<CacheFigures> {
         .find_map(|l| l.strip_prefix("events:"))?
         .split_whitespace()
         .collect();
-    let totals: Vec<u64> = dump
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("summary:")
-                .or_else(|| l.strip_prefix("totals:"))
-        })?
-        .split_whitespace()
-        .map(|v| v.parse().ok())
-        .collect::<Option<_>>()?;
+    let totals = totals(dump)?;
     // Summed before the division: each figure is the events of exactly those requests.
     let per_request = |events: &[&str]| {
         let mut sum = 0;
@@ -278,9 +281,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// instruction count can differ in time by their atomics. Shared libraries are not counted
 /// (glibc's is the same for every proxy).
 pub(crate) fn atomics_per_request(pid: u32, out_dir: &Path, program: &Path) -> Result<f64> {
-    let dump = out_dir.join(format!("cg.{pid}.1"));
-    let text = std::fs::read_to_string(&dump)
-        .with_context(|| format!("callgrind wrote no dump {}", dump.display()))?;
+    let (_, text) = read_dump(out_dir, pid, 1)?;
     let name = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_owned());
     let counts = instruction_counts(&text, &name);
     if counts.is_empty() {
