@@ -780,3 +780,59 @@ async fn after_a_burst_near_its_memory_limit_the_proxy_gives_freed_memory_back_a
     );
     assert!(now < limit / 10 * 9, "resident {now} of {limit}");
 }
+
+/// An idle agent gives a burst's memory back on its own. With no memory limit there is no
+/// pressure to release it, and with no request after the burst no allocation to advance the
+/// allocator's decay: what returns the pages is jemalloc's background thread, which `sluice run`
+/// starts (without it the agent kept what the burst took until its next burst).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_gives_a_bursts_memory_back_without_requests_or_pressure() {
+    let (port, _received, _slow, _up) = upstream().await;
+    let agent = Agent::start(port, &["--max-memory", "none"], None).await;
+    let rest = agent.resident_bytes();
+    // Downloads their clients do not read: the proxy holds what their sockets cannot take.
+    let mut burst = Vec::new();
+    let mut peak = rest;
+    for _ in 0..200 {
+        let Ok(mut s) = connect_from(GREEDY, agent.outbound).await else {
+            break;
+        };
+        let _ = s
+            .write_all(b"GET http://web/big HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await;
+        burst.push(s);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        peak = peak.max(agent.resident_bytes());
+        if peak >= rest + (32 << 20) {
+            break;
+        }
+    }
+    let grew = peak - rest;
+    drop(burst);
+    // jemalloc's decay takes 10 s to return all of it; 40 s bound, sampled without a request.
+    let back = rest + grew / 4;
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(40) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = agent.resident_bytes();
+        samples.push((start.elapsed().as_secs_f32(), now >> 20));
+        if now <= back {
+            break;
+        }
+    }
+    println!(
+        "at rest {} MiB, peak {} MiB; after the burst (s, MiB): {samples:?}",
+        rest >> 20,
+        peak >> 20
+    );
+    assert!(
+        grew >= 16 << 20,
+        "the burst took the agent only from {rest} to {peak} bytes"
+    );
+    let last = samples.last().map_or(u64::MAX, |s| s.1 << 20);
+    assert!(
+        last <= back,
+        "still {last} bytes resident 40 s after the burst (at rest {rest}, peak {peak}): {samples:?}"
+    );
+}

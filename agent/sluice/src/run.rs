@@ -319,8 +319,15 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .with_ansi(std::io::stderr().is_terminal()),
         )
         .init();
-    // Memory pressure first gives jemalloc's freed pages back, then sheds what is still over.
+    // Memory pressure first gives jemalloc's freed pages back, then sheds what is still over;
+    // an idle agent gives them back as they decay.
     sluice_proxy::set_memory_release(crate::alloc::release_free_memory);
+    if let Err(rc) = crate::alloc::purge_in_background() {
+        tracing::warn!(
+            error = rc,
+            "jemalloc's background thread did not start: freed memory returns only on allocator activity or memory pressure"
+        );
+    }
 
     if args.redirect == Redirect::None {
         let stray = args.ebpf.ebpf_only_flags();
