@@ -551,7 +551,7 @@ impl Handler {
         let (plan, matched) = match state.routes(viewer, &service.hostname, port) {
             Some((vh, plans)) => {
                 let (idx, matched, _) = route::select(vh, req, port, source.map(|s| &*s.pod))
-                    .ok_or(ProxyError::NoRoute)?;
+                    .ok_or_else(|| ProxyError::NoRoute)?;
                 (&plans[idx], matched)
             }
             None => (
@@ -570,7 +570,7 @@ impl Handler {
             });
         }
         let dest = route::pick_destination(&plan.destinations, |total| fastrand::u32(0..total))
-            .ok_or(ProxyError::NoRoute)?;
+            .ok_or_else(|| ProxyError::NoRoute)?;
         let upstream = state
             .upstream(viewer, &dest.cluster)
             .ok_or_else(|| ProxyError::NoCluster(dest.cluster.to_string()))?;

@@ -248,7 +248,7 @@ impl Inner {
                 cfg.spec.policy.warmup.as_ref(),
             )
             .cloned()
-            .ok_or(ProxyError::NoHealthyUpstream)
+            .ok_or_else(|| ProxyError::NoHealthyUpstream)
     }
 
     /// The detector's one entry point: `outcome` of an attempt on `host` (see [`crate::outcome`]).
