@@ -836,3 +836,42 @@ async fn an_idle_agent_gives_a_bursts_memory_back_without_requests_or_pressure()
         "still {last} bytes resident 40 s after the burst (at rest {rest}, peak {peak}): {samples:?}"
     );
 }
+
+/// `--workers 2` (a multi-thread runtime) serves both pods' concurrent keep-alive requests, each
+/// one recorded, and drains on SIGTERM: the mode a busy node runs, not only the default one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_serve_both_pods_and_record_every_request() {
+    let (port, received, _slow, _up) = upstream().await;
+    let mut agent = Agent::start(port, &["--workers", "2"], None).await;
+    let outbound = agent.outbound;
+    let clients: Vec<_> = [GOOD, GREEDY]
+        .into_iter()
+        .flat_map(|pod| std::iter::repeat_n(pod, 4))
+        .map(|pod| {
+            tokio::spawn(async move {
+                let mut s = connect_from(pod, outbound).await.expect("connect");
+                let mut statuses = Vec::new();
+                for _ in 0..50 {
+                    statuses.push(request(&mut s, "/").await);
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for c in clients {
+        statuses.extend(c.await.expect("client"));
+    }
+    let access_log = agent.stop();
+    let ok = statuses.iter().filter(|s| **s == Some(200)).count();
+    assert_eq!(ok, 400, "{statuses:?}\n{}", agent.stderr());
+    assert_eq!(received.load(Ordering::Relaxed), 400);
+    let lines: Vec<_> = access_log.lines().filter_map(LogLine::parse).collect();
+    assert_eq!(lines.len(), 400, "one access-log entry per request");
+    assert!(lines.iter().all(|l| l.status == 200), "{access_log}");
+    assert!(
+        agent.stderr().contains("draining"),
+        "the agent drained on SIGTERM:\n{}",
+        agent.stderr()
+    );
+}
