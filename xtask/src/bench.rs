@@ -74,7 +74,8 @@ pub struct BenchArgs {
     no_pgo: bool,
     /// Worker threads of every proxy: Sluice `--workers`, HAProxy `nbthread`, Envoy
     /// `--concurrency`. Above 1 the proxies run on every CPU, sharing them with the load
-    /// generator and the upstream (on this 2-core machine, as the figures then say).
+    /// generator and the upstream (on this 2-core machine, as the figures then say), and the
+    /// throughput and latency targets, which are for one worker, are REPORTED without a verdict.
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Where to write the JSON results.
@@ -740,24 +741,46 @@ fn summarize(
         }
     }
 
-    // Targets from the issue.
+    // Targets from the issue. Its throughput and latency targets are for one worker each; with
+    // more, every proxy shares the CPUs with the load generator and the upstream, and those
+    // figures are reported without a verdict.
     let sl = |f: fn(&RunResult) -> Option<f64>| m("sluice", f);
     let vs = |i: usize, peer: &str| stats::ratio(sl(FIGURES[i].2), m(peer, FIGURES[i].2));
-    let mut checks: Vec<(&str, Option<f64>, &str, f64)> = vec![
+    let (one_worker, any) = (true, false);
+    let mut checks: Vec<(&str, Option<f64>, &str, f64, bool)> = vec![
         if args.access_log {
             (
                 "throughput vs HAProxy, both logging",
                 vs(0, "haproxy"),
                 ">=",
                 0.9,
+                one_worker,
             )
         } else {
-            ("throughput vs HAProxy", vs(0, "haproxy"), ">=", 1.0)
+            (
+                "throughput vs HAProxy",
+                vs(0, "haproxy"),
+                ">=",
+                1.0,
+                one_worker,
+            )
         },
-        ("throughput vs Envoy", vs(0, "envoy"), ">=", 3.0),
-        ("added p50 @ rate vs HAProxy", vs(3, "haproxy"), "<=", 1.0),
-        ("added p99 @ rate vs HAProxy", vs(4, "haproxy"), "<=", 1.0),
-        ("peak RSS (MiB)", sl(FIGURES[7].2), "<", 30.0),
+        ("throughput vs Envoy", vs(0, "envoy"), ">=", 3.0, one_worker),
+        (
+            "added p50 @ rate vs HAProxy",
+            vs(3, "haproxy"),
+            "<=",
+            1.0,
+            one_worker,
+        ),
+        (
+            "added p99 @ rate vs HAProxy",
+            vs(4, "haproxy"),
+            "<=",
+            1.0,
+            one_worker,
+        ),
+        ("peak RSS (MiB)", sl(FIGURES[7].2), "<", 30.0, any),
     ];
     if !instructions.is_empty() {
         checks.push((
@@ -765,18 +788,25 @@ fn summarize(
             stats::ratio(counted("sluice"), counted("haproxy")),
             "<=",
             1.3,
+            any,
         ));
     }
     let mut checks_json = Vec::new();
-    for (what, value, op, bound) in checks {
+    for (what, value, op, bound, for_one_worker) in checks {
         let verdict = match value {
+            _ if for_one_worker && args.workers > 1 => "REPORTED",
             None if not_measured.contains_key("sluice") => "NOT MEASURED",
             None => "MISS (no figure)",
             Some(v) if stats::meets(v, op, bound) => "PASS",
             Some(_) => "MISS",
         };
         let shown = value.map_or("-".to_owned(), |v| format!("{v:.2}"));
-        let _ = writeln!(t, "{verdict:<13} {what}: {shown} (target {op} {bound})");
+        let target = if verdict == "REPORTED" {
+            format!("target {op} {bound} with one worker")
+        } else {
+            format!("target {op} {bound}")
+        };
+        let _ = writeln!(t, "{verdict:<13} {what}: {shown} ({target})");
         checks_json.push(
             json!({ "target": what, "value": value, "op": op, "bound": bound, "verdict": verdict }),
         );
