@@ -696,6 +696,30 @@ async fn over_its_memory_limit_the_proxy_sheds_requests_with_503_om() {
     );
 }
 
+/// Downloads of `/big` from the `GREEDY` pod that their clients do not read (the proxy holds what
+/// their sockets cannot take), one every 20 ms, until the agent's resident size reaches `until` or
+/// 200 are open: the connections and the largest resident size seen.
+async fn unread_downloads(agent: &Agent, until: u64) -> (Vec<TcpStream>, u64) {
+    let mut burst = Vec::new();
+    let mut peak = 0;
+    for _ in 0..200 {
+        let Ok(mut s) = connect_from(GREEDY, agent.outbound).await else {
+            break;
+        };
+        let _ = s
+            .write_all(b"GET http://web/big HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await;
+        burst.push(s);
+        // The proxy fills what it may hold for this one before the next.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        peak = peak.max(agent.resident_bytes());
+        if peak >= until {
+            break;
+        }
+    }
+    (burst, peak)
+}
+
 /// The statuses of one request at a time from the `GOOD` pod to `proxy`, `gap` apart, until one is
 /// `want` or `tries` were made.
 async fn until_answered(
@@ -732,23 +756,7 @@ async fn after_a_burst_near_its_memory_limit_the_proxy_gives_freed_memory_back_a
     let agent = Agent::start(port, &["--max-memory", &limit_arg], None).await;
     // Past the hard mark (95%), where every new request is refused.
     let hard = limit / 100 * 96;
-    let mut burst = Vec::new();
-    let mut peak = 0;
-    for _ in 0..200 {
-        let Ok(mut s) = connect_from(GREEDY, agent.outbound).await else {
-            break;
-        };
-        let _ = s
-            .write_all(b"GET http://web/big HTTP/1.1\r\nhost: web\r\n\r\n")
-            .await;
-        burst.push(s);
-        // The proxy fills what it may hold for this one before the next.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        peak = peak.max(agent.resident_bytes());
-        if peak >= hard {
-            break;
-        }
-    }
+    let (burst, peak) = unread_downloads(&agent, hard).await;
     let crossed = peak >= hard;
     // The agent has seen it: another pod's request is refused.
     let refused = until_answered(agent.outbound, 503, 20, Duration::from_millis(100)).await;
@@ -790,23 +798,8 @@ async fn an_idle_agent_gives_a_bursts_memory_back_without_requests_or_pressure()
     let (port, _received, _slow, _up) = upstream().await;
     let agent = Agent::start(port, &["--max-memory", "none"], None).await;
     let rest = agent.resident_bytes();
-    // Downloads their clients do not read: the proxy holds what their sockets cannot take.
-    let mut burst = Vec::new();
-    let mut peak = rest;
-    for _ in 0..200 {
-        let Ok(mut s) = connect_from(GREEDY, agent.outbound).await else {
-            break;
-        };
-        let _ = s
-            .write_all(b"GET http://web/big HTTP/1.1\r\nhost: web\r\n\r\n")
-            .await;
-        burst.push(s);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        peak = peak.max(agent.resident_bytes());
-        if peak >= rest + (32 << 20) {
-            break;
-        }
-    }
+    let (burst, peak) = unread_downloads(&agent, rest + (32 << 20)).await;
+    let peak = peak.max(rest);
     let grew = peak - rest;
     drop(burst);
     // jemalloc's decay takes 10 s to return all of it; 40 s bound, sampled without a request.
