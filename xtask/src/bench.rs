@@ -744,69 +744,78 @@ fn summarize(
     // Targets from the issue. Its throughput and latency targets are for one worker each; with
     // more, every proxy shares the CPUs with the load generator and the upstream, and those
     // figures are reported without a verdict.
+    struct Check {
+        what: &'static str,
+        value: Option<f64>,
+        op: &'static str,
+        bound: f64,
+        one_worker: bool,
+    }
     let sl = |f: fn(&RunResult) -> Option<f64>| m("sluice", f);
     let vs = |i: usize, peer: &str| stats::ratio(sl(FIGURES[i].2), m(peer, FIGURES[i].2));
-    let (one_worker, any) = (true, false);
-    let mut checks: Vec<(&str, Option<f64>, &str, f64, bool)> = vec![
-        if args.access_log {
-            (
-                "throughput vs HAProxy, both logging",
-                vs(0, "haproxy"),
-                ">=",
-                0.9,
-                one_worker,
-            )
-        } else {
-            (
-                "throughput vs HAProxy",
-                vs(0, "haproxy"),
-                ">=",
-                1.0,
-                one_worker,
-            )
-        },
-        ("throughput vs Envoy", vs(0, "envoy"), ">=", 3.0, one_worker),
-        (
+    let check = |what, value, op, bound, one_worker| Check {
+        what,
+        value,
+        op,
+        bound,
+        one_worker,
+    };
+    let throughput = if args.access_log {
+        ("throughput vs HAProxy, both logging", 0.9)
+    } else {
+        ("throughput vs HAProxy", 1.0)
+    };
+    let mut checks = vec![
+        check(throughput.0, vs(0, "haproxy"), ">=", throughput.1, true),
+        check("throughput vs Envoy", vs(0, "envoy"), ">=", 3.0, true),
+        check(
             "added p50 @ rate vs HAProxy",
             vs(3, "haproxy"),
             "<=",
             1.0,
-            one_worker,
+            true,
         ),
-        (
+        check(
             "added p99 @ rate vs HAProxy",
             vs(4, "haproxy"),
             "<=",
             1.0,
-            one_worker,
+            true,
         ),
-        ("peak RSS (MiB)", sl(FIGURES[7].2), "<", 30.0, any),
+        check("peak RSS (MiB)", sl(FIGURES[7].2), "<", 30.0, false),
     ];
     if !instructions.is_empty() {
-        checks.push((
+        checks.push(check(
             "instructions per request vs HAProxy",
             stats::ratio(counted("sluice"), counted("haproxy")),
             "<=",
             1.3,
-            any,
+            false,
         ));
     }
     let mut checks_json = Vec::new();
-    for (what, value, op, bound, for_one_worker) in checks {
+    for Check {
+        what,
+        value,
+        op,
+        bound,
+        one_worker,
+    } in checks
+    {
+        let reported = one_worker && args.workers > 1;
         let verdict = match value {
-            _ if for_one_worker && args.workers > 1 => "REPORTED",
+            _ if reported => "REPORTED",
             None if not_measured.contains_key("sluice") => "NOT MEASURED",
             None => "MISS (no figure)",
             Some(v) if stats::meets(v, op, bound) => "PASS",
             Some(_) => "MISS",
         };
         let shown = value.map_or("-".to_owned(), |v| format!("{v:.2}"));
-        let target = if verdict == "REPORTED" {
-            format!("target {op} {bound} with one worker")
-        } else {
-            format!("target {op} {bound}")
-        };
-        let _ = writeln!(t, "{verdict:<13} {what}: {shown} ({target})");
+        let scope = if reported { " with one worker" } else { "" };
+        let _ = writeln!(
+            t,
+            "{verdict:<13} {what}: {shown} (target {op} {bound}{scope})"
+        );
         checks_json.push(
             json!({ "target": what, "value": value, "op": op, "bound": bound, "verdict": verdict }),
         );

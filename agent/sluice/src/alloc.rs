@@ -37,10 +37,11 @@ pub fn release_free_memory() -> bool {
 /// (its default 10 s), whether or not anything allocates. Without it decay advances only on
 /// allocator activity: after a burst, an idle agent kept its peak resident size until it
 /// allocated again (measured here: 65 of a 74 MiB peak still resident 30 s later; 13 MiB
-/// within 20 s with the thread), which is what a node's kubelet and OOM killer read. One thread serves every arena: the agent allocates on a
-/// few threads, and a thread per CPU of a large node would be idle weight. Only `sluice run`
-/// calls this; the CLI's short runs never start the thread. Returns jemalloc's error code if it
-/// refused (a jemalloc built without background-thread support).
+/// within 20 s with the thread), which is what a node's kubelet and OOM killer read. One thread
+/// serves every arena: the agent allocates on a few threads, and a thread per CPU of a large
+/// node would be idle weight. Only `sluice run` calls this; the CLI's short runs never start
+/// the thread. Returns jemalloc's error code if it refused (a jemalloc built without
+/// background-thread support).
 pub fn purge_in_background() -> Result<(), i32> {
     // One thread first: enabling starts the threads, and the limit must be in force by then.
     write(c"max_background_threads", 1usize)?;
