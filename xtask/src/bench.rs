@@ -536,7 +536,6 @@ type Instructions = BTreeMap<&'static str, std::result::Result<f64, String>>;
 /// Cache figures by target, or why a target was not counted.
 type Caches = BTreeMap<&'static str, std::result::Result<instructions::CacheFigures, String>>;
 
-/// A per-request count as the report shows it, or why it is missing.
 /// A target's verdict. A figure within the direct run's noise is judged neither way: a ratio
 /// of added latencies one of which is at or below zero would pass whatever the proxy did.
 fn verdict(
@@ -566,6 +565,7 @@ fn figure(name: &str) -> fn(&RunResult) -> Option<f64> {
         .unwrap_or_else(|| panic!("no figure named {name}"))
 }
 
+/// A per-request count as the report shows it, or why it is missing.
 fn counted_figure(n: &std::result::Result<f64, String>) -> String {
     n.as_ref()
         .map_or_else(|e| format!("not counted: {e}"), |n| format!("{n:.0}"))
