@@ -400,6 +400,11 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
     {
         let r = ensure_installed(&mut redirect, &lab, &topo, &pins.0, sink_addr)?;
         r.maps().enroll_cgroup(&lab.client.cgroup)?;
+        // A busy node's map: ids no cgroup has (cgroupfs inode numbers are small), so the
+        // decision's lookups run against as many entries as a node with that many pods.
+        for i in 1..ENROLLED_FOR_BENCH {
+            r.maps().enroll_cgroup_id(u64::MAX - u64::from(i))?;
+        }
     }
     let cases: [Case; 4] = [
         ("detached", &bare.0, sink_addr, true),
@@ -1205,6 +1210,10 @@ impl Drop for BareCgroup {
     }
 }
 
+/// Cgroups in the enrolled map while `connect()` is timed: the client pod and fillers, as many as
+/// the enrollment test's node has pods.
+const ENROLLED_FOR_BENCH: u32 = 524;
+
 /// Programs whose run time is reported (pinned as `<pins>/progs/<name>` by sluice-redirect).
 const PROGRAMS: [&str; 5] = [
     "sluice_connect4",
@@ -1732,6 +1741,25 @@ fn summarize(
                 2000.0,
             );
         }
+    }
+    // The decision itself: connect4's run time per connect(), from the breakdown's batches
+    // (enrolled client: a lookup per level up to the pod; unenrolled pod: every ancestor).
+    for (case, what) in [
+        ("redirected", "an enrolled pod"),
+        ("attached", "an unenrolled pod"),
+    ] {
+        let ns = breakdown
+            .get(case)
+            .and_then(|b| b["programs"]["sluice_connect4"]["ns_per_run"].as_f64());
+        check(
+            &mut connect_checks,
+            &format!(
+                "connect4 run time per connect() from {what}, {ENROLLED_FOR_BENCH} cgroups enrolled, ns"
+            ),
+            ns,
+            "<",
+            2000.0,
+        );
     }
     let mut json = json!({
         "rounds": args.rounds,

@@ -493,10 +493,11 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         "second container not redirected"
     );
 
-    // The redirect decision's cost with 524 pods enrolled: connect4's run time per connect()
-    // (the kernel's own accounting), and sock_ops' per redirected connect() beside it (the fast
-    // path's two SOCKHASH inserts are made there), over 200 connect()s from a systemd-driver pod
-    // and from the kind pod, whose container is 8 levels below the root (8 lookups).
+    // The redirect decision with 524 pods enrolled: connect4 runs once per connect() and
+    // sock_ops for each redirected one, over 200 connect()s from a systemd-driver pod, from the
+    // kind pod, whose container is 8 levels below the root (8 lookups), and from an unenrolled
+    // pod. Their run times (the kernel's own accounting) are printed, not judged: a shared host's
+    // speed decides them, so the 2 us target is a verdict of `cargo xtask bench-redirect`.
     let stats = sluice_redirect::enable_run_stats().expect("BPF_ENABLE_STATS");
     for (what, pod, ctr_dir, redirected) in [
         ("systemd pod", &systemd, &systemd_ctr, 200),
@@ -517,6 +518,17 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         );
         let (c1, s1) = take();
         let runs = c1.runs - c0.runs;
+        // At least: connect4 is attached to the whole test cgroup, where nothing else should
+        // connect meanwhile, but a stray connect() must not fail the test.
+        assert!(
+            runs >= 200,
+            "{what}: connect4 ran {runs} times for 200 connects"
+        );
+        assert!(
+            s1.runs - s0.runs >= redirected,
+            "{what}: sock_ops ran {} times for {redirected} redirected connects",
+            s1.runs - s0.runs
+        );
         let connect_ns = (c1.run_time - c0.run_time).as_nanos() as f64 / runs as f64;
         let sock_ops = if redirected > 0 {
             let ns = (s1.run_time - s0.run_time).as_nanos() as f64 / redirected as f64;
@@ -530,10 +542,6 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
         println!(
             "{what}: connect4 {:.2} us per connect() ({runs} runs){sock_ops}",
             connect_ns / 1e3
-        );
-        assert!(
-            connect_ns < 2_000.0,
-            "{what}: connect4 took {connect_ns} ns"
         );
     }
     drop(stats);
