@@ -179,6 +179,9 @@ fn build(root: &Path, variant: Option<u32>) -> Result<PathBuf> {
         Some(n) => root.join(format!("target/ebpf-variant-{n}")),
     };
     let mut cmd = rustup();
+    // Settings of the outer (stable, host) cargo must not leak into the nightly BPF build (CI's
+    // codegen units would undo the one unit bpf-linker needs).
+    without_outer_cargo_settings(&mut cmd);
     cmd.args([
         "run",
         "nightly",
@@ -197,22 +200,10 @@ fn build(root: &Path, variant: Option<u32>) -> Result<PathBuf> {
         "CARGO_ENCODED_RUSTFLAGS",
         "-Cdebuginfo=2\x1f-Clink-arg=--btf",
     );
-    // Settings of the outer (stable, host) cargo must not leak into the nightly BPF build.
     match variant {
         Some(n) => cmd.env("SLUICE_EBPF_VARIANT", n.to_string()),
         None => cmd.env_remove("SLUICE_EBPF_VARIANT"),
     };
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTFLAGS",
-        "RUSTC",
-        "RUSTDOC",
-        "RUSTC_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
-    }
     println!("xtask build-ebpf: cargo +nightly build --release --target {TARGET} -Z build-std=core (ebpf/programs)");
     run_checked(&mut cmd)?;
     let built = target_dir.join(TARGET).join("release/sluice-ebpf");
@@ -224,6 +215,32 @@ fn build(root: &Path, variant: Option<u32>) -> Result<PathBuf> {
     std::fs::copy(&built, &object)
         .with_context(|| format!("copying {} to {}", built.display(), object.display()))?;
     Ok(object)
+}
+
+/// Removes what the outer cargo (stable, the host's) was told from a nested nightly cargo's
+/// environment: its toolchain, compiler flags, target directory and target, and profile overrides
+/// (`CARGO_PROFILE_*`, which CI sets for its release build).
+pub(crate) fn without_outer_cargo_settings(cmd: &mut Command) {
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|k| k.starts_with("CARGO_PROFILE_"))
+        {
+            cmd.env_remove(key);
+        }
+    }
 }
 
 pub(crate) fn rustup() -> Command {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::ebpf::{output, output_ok, run_checked, rustup};
+use crate::ebpf::{output, output_ok, run_checked, rustup, without_outer_cargo_settings};
 use anyhow::{Context, Result};
 
 const CARGO_FUZZ_VERSION: &str = "0.13.1";
@@ -164,17 +164,7 @@ fn cargo_fuzz(root: &Path) -> Command {
     let mut cmd = rustup();
     cmd.args(["run", "nightly", "cargo", "fuzz"])
         .current_dir(root);
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC",
-        "RUSTDOC",
-        "RUSTC_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
-    }
+    without_outer_cargo_settings(&mut cmd);
     cmd
 }
 
