@@ -871,10 +871,10 @@ fn summarize(
             not_measured.contains_key("sluice"),
         );
         let shown = value.map_or("-".to_owned(), |v| format!("{v:.2}"));
-        let scope = match (reported, noisy) {
-            (true, _) => " with one worker",
-            (false, true) => "; an added latency at or below zero: the direct run varied more",
-            (false, false) => "",
+        let scope = match verdict {
+            "REPORTED" => " with one worker",
+            "NOISY" => "; an added latency at or below zero: the direct run varied more",
+            _ => "",
         };
         let _ = writeln!(
             t,

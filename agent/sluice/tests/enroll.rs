@@ -524,10 +524,10 @@ fn kubelet_shaped_pods_are_found_enrolled_and_kept_enrolled() {
             runs >= 200,
             "{what}: connect4 ran {runs} times for 200 connects"
         );
+        let sock_ops_runs = s1.runs - s0.runs;
         assert!(
-            s1.runs - s0.runs >= redirected,
-            "{what}: sock_ops ran {} times for {redirected} redirected connects",
-            s1.runs - s0.runs
+            sock_ops_runs >= redirected,
+            "{what}: sock_ops ran {sock_ops_runs} times for {redirected} redirected connects"
         );
         let connect_ns = (c1.run_time - c0.run_time).as_nanos() as f64 / runs as f64;
         let sock_ops = if redirected > 0 {
