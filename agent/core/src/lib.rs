@@ -10,6 +10,7 @@ mod ctx;
 mod error;
 mod expiry;
 mod flags;
+pub mod gather;
 mod info;
 mod ready;
 mod side_wake;

@@ -5,6 +5,7 @@
 //! node proxy itself (those connections carry many clients' requests, as a waypoint's do). Bytes
 //! are counted as they flow; the close is counted when the connection ends.
 
+use sluice_core::gather;
 use sluice_policy::{Endpoint, Identity};
 use sluice_telemetry::recent::{ConnectionGuard, OpenConnection, Side};
 use sluice_telemetry::{Interned, Peer, Reporter, ServiceName, TcpCounters, Telemetry};
@@ -176,7 +177,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Downstream<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let polled = gather::poll_write_gathered(Pin::new(&mut self.io), cx, bufs);
         if let Poll::Ready(Ok(n)) = &polled {
             self.open.counters.sent(*n as u64);
             self.open.conn.written(*n as u64);

@@ -2,6 +2,7 @@
 //! (the endpoint's side of a connection, as a mesh's server-side proxy reports it), its bytes as
 //! they flow. The L4 proxy counts its own connections; only pooled HTTP connections come here.
 
+use sluice_core::gather;
 use sluice_policy::Endpoint;
 use std::io;
 use std::pin::Pin;
@@ -71,7 +72,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Metered<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let polled = gather::poll_write_gathered(Pin::new(&mut self.io), cx, bufs);
         if let (Poll::Ready(Ok(n)), Some(meter)) = (&polled, &self.meter) {
             meter.written(*n as u64);
         }
