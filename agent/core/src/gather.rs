@@ -30,14 +30,12 @@ pub fn poll_write_gathered<W: AsyncWrite + ?Sized>(
     cx: &mut Context<'_>,
     bufs: &[IoSlice<'_>],
 ) -> Poll<io::Result<usize>> {
-    let mut filled = bufs.iter().filter(|b| !b.is_empty());
-    match (filled.next(), filled.next()) {
-        (None, _) => io.poll_write(cx, &[]),
-        (Some(only), None) => io.poll_write(cx, only),
-        _ if bufs.iter().map(|b| b.len()).sum::<usize>() > GATHER_MAX => {
-            io.poll_write_vectored(cx, bufs)
-        }
-        _ => {
+    let total = bufs.iter().map(|b| b.len()).sum::<usize>();
+    match bufs.iter().find(|b| !b.is_empty()) {
+        None => io.poll_write(cx, &[]),
+        Some(only) if only.len() == total => io.poll_write(cx, only),
+        Some(_) if total > GATHER_MAX => io.poll_write_vectored(cx, bufs),
+        Some(_) => {
             let mut copy = SmallVec::<[u8; GATHER_MAX]>::new();
             for b in bufs {
                 copy.extend_from_slice(b);

@@ -103,7 +103,8 @@ impl Drop for Open {
     }
 }
 
-/// A client's HTTP connection, counted under `reporter="source"`.
+/// A client's HTTP connection, counted under `reporter="source"`; small vectored writes go out as
+/// one (`sluice_core::gather`).
 pub(crate) struct Downstream<IO> {
     io: IO,
     open: Open,

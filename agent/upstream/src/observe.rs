@@ -24,7 +24,8 @@ pub trait ConnectionMeter: Send + Sync + 'static {
     fn written(&self, n: u64);
 }
 
-/// A connection's I/O, its bytes reported to a meter when there is one.
+/// A connection's I/O, its bytes reported to a meter when there is one; small vectored writes go
+/// out as one (`sluice_core::gather`).
 pub(crate) struct Metered<IO> {
     io: IO,
     meter: Option<Box<dyn ConnectionMeter>>,
