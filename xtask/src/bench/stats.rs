@@ -44,6 +44,57 @@ pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// A ratio estimated from paired runs: the geometric mean of the per-pair ratios and its 95%
+/// confidence interval.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Paired {
+    pub pairs: usize,
+    pub ratio: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// The ratio of two programs from runs paired in time (each pair ran back to back, so what the
+/// shared host was doing then divides out): Student's t on the logarithms of the per-pair
+/// ratios, read back as a geometric mean and an interval. `None` below two usable pairs.
+pub fn paired(ratios: &[f64]) -> Option<Paired> {
+    let logs: Vec<f64> = ratios
+        .iter()
+        .filter(|r| r.is_finite() && **r > 0.0)
+        .map(|r| r.ln())
+        .collect();
+    let n = logs.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = logs.iter().sum::<f64>() / n as f64;
+    let var = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = t975(n - 1) * (var / n as f64).sqrt();
+    Some(Paired {
+        pairs: n,
+        ratio: mean.exp(),
+        low: (mean - half).exp(),
+        high: (mean + half).exp(),
+    })
+}
+
+/// Student's t at 97.5% for `df` degrees of freedom (`df` >= 1): the table to 30, then the
+/// Cornish-Fisher expansion around the normal quantile (within 0.0005 of the table at 30).
+fn t975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    if let Some(t) = TABLE.get(df.max(1) - 1) {
+        return *t;
+    }
+    let (z, v) = (1.959_964_f64, df as f64);
+    z + (z.powi(3) + z) / (4.0 * v)
+        + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * v * v)
+        + (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z) / (384.0 * v.powi(3))
+}
+
 /// Relative distance of `x` from `reference` (0.25 = 25%).
 pub fn deviation(x: f64, reference: f64) -> f64 {
     if reference == 0.0 {
@@ -128,5 +179,34 @@ mod tests {
         assert_eq!(ratio(None, Some(1.0)), None);
         assert!((deviation(120.0, 100.0) - 0.2).abs() < 1e-12);
         assert!(deviation(79.0, 100.0) > 0.2);
+    }
+
+    #[test]
+    fn paired_ratios_give_a_geometric_mean_and_a_t_interval() {
+        // Every pair the same: no spread, the interval is the point.
+        let p = paired(&[1.1, 1.1, 1.1]).unwrap();
+        assert_eq!(p.pairs, 3);
+        assert!((p.ratio - 1.1).abs() < 1e-12 && (p.low - 1.1).abs() < 1e-12);
+        // ln ratios +-0.1: mean 0, sd 0.1155 (n - 1), t(3) = 3.182, half width 0.1837.
+        let p = paired(&[0.1f64.exp(), (-0.1f64).exp(), 0.1f64.exp(), (-0.1f64).exp()]).unwrap();
+        assert!((p.ratio - 1.0).abs() < 1e-12);
+        assert!((p.high.ln() - 0.1837).abs() < 1e-3, "{p:?}");
+        assert!((p.low.ln() + 0.1837).abs() < 1e-3, "{p:?}");
+        // Symmetric on the log scale: a ratio and its inverse swap the bounds.
+        let q = paired(&[1.0 / 1.2, 1.0 / 0.9, 1.0 / 1.05]).unwrap();
+        let r = paired(&[1.2, 0.9, 1.05]).unwrap();
+        assert!((q.low * r.high - 1.0).abs() < 1e-12);
+        // Unusable values are left out; fewer than two pairs give no interval.
+        assert_eq!(paired(&[1.0, f64::NAN, 0.0]), None);
+        assert_eq!(paired(&[]), None);
+    }
+
+    #[test]
+    fn t_quantiles_join_the_expansion_at_thirty() {
+        assert_eq!(t975(1), 12.706);
+        assert_eq!(t975(30), 2.042);
+        assert!((t975(31) - 2.0395).abs() < 5e-4, "{}", t975(31));
+        assert!((t975(60) - 2.0003).abs() < 5e-4, "{}", t975(60));
+        assert!((t975(100_000) - 1.96).abs() < 1e-3);
     }
 }
