@@ -2,7 +2,8 @@
 //! and Envoy, on loopback, one worker each, interleaved in rounds.
 //!
 //! Per target and round: saturated throughput (`wrk -t1 -c32`), latency at a fixed
-//! 1,000 rps (our own open-loop client, see [`loadgen`]), the proxy's CPU seconds
+//! 1,000 rps (our own open-loop client, see [`loadgen`]; every target's at once, taking turns
+//! in 100 ms slots), the proxy's CPU seconds
 //! (`/proc/PID/stat`) and peak RSS (`VmHWM`, reset per round through `clear_refs`).
 //! Not a test: it installs what is missing, prints a table and writes
 //! `target/bench/latest.json`.
@@ -95,6 +96,8 @@ const TARGETS: [&str; 4] = ["direct", "sluice", "haproxy", "envoy"];
 /// The bare hyper proxy (`bench::floor`): Sluice's HTTP stack without Sluice's own work.
 const FLOOR: &str = "hyper-floor";
 const HOST: &str = "bench-upstream";
+/// Slot length of the fixed-rate runs, which take turns (see `LoadgenArgs::slots`).
+const FIXED_SLOT_MS: u64 = 100;
 
 /// A process we started; killed (by its PID) when dropped.
 pub(crate) struct Proc {
@@ -340,27 +343,31 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let gap = Duration::from_millis(args.gap_ms);
     let mut results: Vec<RunResult> = Vec::new();
     for round in 1..=args.rounds {
-        let mut direct: (Option<f64>, Option<f64>) = (None, None);
+        // Saturated, one target at a time.
+        let mut saturated_runs = Vec::new();
         for t in &targets {
             let pid = t.proc.pid();
             // Reset VmHWM so the peak is this round's (Linux: "5" > clear_refs).
             let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
-
             let split0 = cpu_split(pid);
             let saturated = saturate(&load, t.addr, args.duration)?;
             let split1 = cpu_split(pid);
-            let (cpu0, cpu1) = (split0.map(|(u, s)| u + s), split1.map(|(u, s)| u + s));
-            let per_req = |part: fn((u64, u64)) -> u64| {
-                let ticks_used = part(split1?).checked_sub(part(split0?))?;
-                (saturated.requests > 0)
-                    .then(|| ticks_used as f64 / ticks * 1e6 / saturated.requests as f64)
-            };
-            let user_us_per_req = per_req(|(u, _)| u);
-            let system_us_per_req = per_req(|(_, s)| s);
+            saturated_runs.push((saturated, split0, split1));
             pause(gap);
+        }
 
-            let cpu2 = cpu_ticks(pid);
-            let lg = pinned(
+        // At the fixed rate, every target's generator at once, each sending in its own slot of
+        // 100 ms in turn: a p99 is set by the host's rare stalls, which run by run came and
+        // went for tens of seconds (after a saturated run, one program's p99 read 0.6 ms in
+        // one run and 3.8 ms in the next), so each target now meets the same ones.
+        let order: Vec<&str> = targets.iter().map(|t| t.name).collect();
+        let cpu2: Vec<Option<u64>> = targets.iter().map(|t| cpu_ticks(t.proc.pid())).collect();
+        let fixed_runs = loadgen::taking_turns(&order, FIXED_SLOT_MS, |name| {
+            let t = targets
+                .iter()
+                .find(|t| t.name == name)
+                .context("no such target")?;
+            Ok(pinned(
                 pin,
                 load_cpu,
                 &loadgen_exe,
@@ -375,31 +382,47 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                     "--duration",
                     &args.duration.to_string(),
                 ],
-            )
-            .output()
-            .context("cannot run the load generator")?;
-            let cpu3 = cpu_ticks(pid);
-            let fixed: Option<loadgen::LoadgenReport> = serde_json::from_slice(&lg.stdout).ok();
-            if fixed.is_none() {
-                eprintln!(
-                    "bench: round {round} {}: load generator failed: {}",
-                    t.name,
-                    String::from_utf8_lossy(&lg.stderr).trim()
-                );
-            }
-            pause(gap);
+            ))
+        })?;
+        let cpu3: Vec<Option<u64>> = targets.iter().map(|t| cpu_ticks(t.proc.pid())).collect();
+        pause(gap);
 
-            let secs = |a: Option<u64>, b: Option<u64>| Some((b? - a?) as f64 / ticks);
-            let fixed_cpu_s = secs(cpu2, cpu3);
-            let p50 = fixed.as_ref().and_then(|f| f.p50_us).map(|v| v as f64);
-            let p99 = fixed.as_ref().and_then(|f| f.p99_us).map(|v| v as f64);
-            if t.name == "direct" {
-                direct = (p50, p99);
+        let secs = |a: Option<u64>, b: Option<u64>| Some((b? - a?) as f64 / ticks);
+        let fixed_of = |k: usize| match &fixed_runs[k].1 {
+            Ok(f) => Some(f.clone()),
+            Err(e) => {
+                eprintln!("bench: round {round} {}: {e}", targets[k].name);
+                None
             }
+        };
+        let percentiles = |f: &Option<loadgen::LoadgenReport>| {
+            let f = f.as_ref();
+            (
+                f.and_then(|f| f.p50_us).map(|v| v as f64),
+                f.and_then(|f| f.p99_us).map(|v| v as f64),
+            )
+        };
+        let direct = targets
+            .iter()
+            .position(|t| t.name == "direct")
+            .map_or((None, None), |k| percentiles(&fixed_of(k)));
+        for (k, (t, (saturated, split0, split1))) in targets.iter().zip(saturated_runs).enumerate()
+        {
+            let (cpu0, cpu1) = (split0.map(|(u, s)| u + s), split1.map(|(u, s)| u + s));
+            let per_req = |part: fn((u64, u64)) -> u64| {
+                let ticks_used = part(split1?).checked_sub(part(split0?))?;
+                (saturated.requests > 0)
+                    .then(|| ticks_used as f64 / ticks * 1e6 / saturated.requests as f64)
+            };
+            let fixed = fixed_of(k);
+            let (p50, p99) = percentiles(&fixed);
             let added = |p: Option<f64>, d: Option<f64>| match t.name {
                 "direct" => None,
                 _ => Some(p? - d?),
             };
+            // The upstream serves every proxy's requests in the other slots: its CPU is not
+            // the direct run's alone.
+            let fixed_cpu_s = secs(cpu2[k], cpu3[k]).filter(|_| t.name != "direct");
             let cpu_ms_per_1k_req = match (&fixed, fixed_cpu_s) {
                 (Some(f), Some(c)) if f.ok > 0 => Some(c * 1e6 / f.ok as f64),
                 _ => None,
@@ -412,30 +435,24 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 } else {
                     t.name
                 },
-                saturated,
                 saturated_cpu_s: secs(cpu0, cpu1),
-                user_us_per_req,
-                system_us_per_req,
+                user_us_per_req: per_req(|(u, _)| u),
+                system_us_per_req: per_req(|(_, s)| s),
+                saturated,
                 fixed,
                 fixed_cpu_s,
                 cpu_ms_per_1k_req,
                 added_p50_us: added(p50, direct.0),
                 added_p99_us: added(p99, direct.1),
-                peak_rss_mib: peak_rss_kib(pid).map(|k| k as f64 / 1024.0),
+                peak_rss_mib: peak_rss_kib(t.proc.pid()).map(|k| k as f64 / 1024.0),
             };
             println!(
                 "round {round}/{} {:<8} {:>9.0} req/s  p50 {:>6} us  p99 {:>6} us  cpu {:>5} s",
                 args.rounds,
                 t.name,
                 r.saturated.requests_per_sec,
-                r.fixed
-                    .as_ref()
-                    .and_then(|f| f.p50_us)
-                    .map_or("-".into(), |v| v.to_string()),
-                r.fixed
-                    .as_ref()
-                    .and_then(|f| f.p99_us)
-                    .map_or("-".into(), |v| v.to_string()),
+                p50.map_or("-".into(), |v| v.to_string()),
+                p99.map_or("-".into(), |v| v.to_string()),
                 r.saturated_cpu_s.map_or("-".into(), |v| format!("{v:.2}")),
             );
             results.push(r);

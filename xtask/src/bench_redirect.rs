@@ -951,7 +951,9 @@ pub fn run(mut args: BenchRedirectArgs) -> Result<()> {
             if cpu == proxy_cpu {
                 set_affinity(up_pid, proxy_cpu);
             }
-            let reports = taking_turns(&order, |v| loadgen_cmd(v, cpu, args.rate, args.duration));
+            let reports = bench::loadgen::taking_turns(&order, SLOT_MS, |v| {
+                loadgen_cmd(v, cpu, args.rate, args.duration)
+            });
             if cpu == proxy_cpu {
                 set_affinity(up_pid, load_cpu);
             }
@@ -1400,57 +1402,6 @@ fn wait_http(topo: &mut Topology, pid: u32, addr: SocketAddr) -> Result<()> {
         pause(Duration::from_millis(100));
     }
     bail!("{addr} did not answer 200 within 15 s (last: {last})")
-}
-
-/// Runs one fixed-rate generator per variant at once, each sending only in its own slot (see
-/// `LoadgenArgs::slots`), and returns each one's report or why it has none. Every generator
-/// ends by itself (its schedule, then at most 30 s for replies).
-fn taking_turns<'a>(
-    order: &[&'a str],
-    cmd: impl Fn(&str) -> Result<Command>,
-) -> Result<Vec<(&'a str, Result<LoadgenReport, String>)>> {
-    // Two seconds for every generator to start and open its connections.
-    let epoch = sluice_redirect::monotonic_ns() + 2_000_000_000;
-    let mut children = Vec::new();
-    for (k, &v) in order.iter().enumerate() {
-        let spawned = cmd(v).and_then(|mut c| {
-            c.args([
-                "--slots",
-                &order.len().to_string(),
-                "--slot",
-                &k.to_string(),
-                "--slot-ms",
-                &SLOT_MS.to_string(),
-                "--epoch-ns",
-                &epoch.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-            c.spawn().context("cannot start the load generator")
-        });
-        match spawned {
-            Ok(child) => children.push((v, child)),
-            Err(e) => {
-                for (_, mut c) in children {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                return Err(e);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for (v, child) in children {
-        let o = child.wait_with_output()?;
-        let rep = serde_json::from_slice::<LoadgenReport>(&o.stdout).map_err(|_| {
-            format!(
-                "load generator failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )
-        });
-        out.push((v, rep));
-    }
-    Ok(out)
 }
 
 fn pause(d: Duration) {

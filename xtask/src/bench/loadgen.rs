@@ -8,6 +8,7 @@
 //! charged to the target.
 
 use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -204,6 +205,59 @@ pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
 }
 
 /// Entry point of the hidden `cargo xtask loadgen` subcommand (run pinned by `bench`).
+/// Runs one fixed-rate generator per target at once, each sending only in its own slot of
+/// `slot_ms` (see `LoadgenArgs::slots`), so that a hiccup of the host falls on every target
+/// alike, and returns each one's report or why it has none. Every generator
+/// ends by itself (its schedule, then at most 30 s for replies).
+pub(crate) fn taking_turns<'a>(
+    order: &[&'a str],
+    slot_ms: u64,
+    cmd: impl Fn(&str) -> Result<Command>,
+) -> Result<Vec<(&'a str, Result<LoadgenReport, String>)>> {
+    // Two seconds for every generator to start and open its connections.
+    let epoch = sluice_redirect::monotonic_ns() + 2_000_000_000;
+    let mut children = Vec::new();
+    for (k, &v) in order.iter().enumerate() {
+        let spawned = cmd(v).and_then(|mut c| {
+            c.args([
+                "--slots",
+                &order.len().to_string(),
+                "--slot",
+                &k.to_string(),
+                "--slot-ms",
+                &slot_ms.to_string(),
+                "--epoch-ns",
+                &epoch.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            c.spawn().context("cannot start the load generator")
+        });
+        match spawned {
+            Ok(child) => children.push((v, child)),
+            Err(e) => {
+                for (_, mut c) in children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (v, child) in children {
+        let o = child.wait_with_output()?;
+        let rep = serde_json::from_slice::<LoadgenReport>(&o.stdout).map_err(|_| {
+            format!(
+                "load generator failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )
+        });
+        out.push((v, rep));
+    }
+    Ok(out)
+}
+
 pub fn main(args: LoadgenArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
