@@ -388,13 +388,14 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         pause(gap);
 
         let secs = |a: Option<u64>, b: Option<u64>| Some((b? - a?) as f64 / ticks);
-        let fixed_of = |k: usize| match &fixed_runs[k].1 {
-            Ok(f) => Some(f.clone()),
-            Err(e) => {
-                eprintln!("bench: round {round} {}: {e}", targets[k].name);
-                None
-            }
-        };
+        let fixed_reports: Vec<Option<loadgen::LoadgenReport>> = fixed_runs
+            .into_iter()
+            .map(|(name, report)| {
+                report
+                    .map_err(|e| eprintln!("bench: round {round} {name}: {e}"))
+                    .ok()
+            })
+            .collect();
         let percentiles = |f: &Option<loadgen::LoadgenReport>| {
             let f = f.as_ref();
             (
@@ -405,7 +406,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         let direct = targets
             .iter()
             .position(|t| t.name == "direct")
-            .map_or((None, None), |k| percentiles(&fixed_of(k)));
+            .map_or((None, None), |k| percentiles(&fixed_reports[k]));
         for (k, (t, (saturated, split0, split1))) in targets.iter().zip(saturated_runs).enumerate()
         {
             let (cpu0, cpu1) = (split0.map(|(u, s)| u + s), split1.map(|(u, s)| u + s));
@@ -414,7 +415,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 (saturated.requests > 0)
                     .then(|| ticks_used as f64 / ticks * 1e6 / saturated.requests as f64)
             };
-            let fixed = fixed_of(k);
+            let fixed = fixed_reports[k].clone();
             let (p50, p99) = percentiles(&fixed);
             let added = |p: Option<f64>, d: Option<f64>| match t.name {
                 "direct" => None,
