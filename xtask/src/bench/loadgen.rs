@@ -204,11 +204,10 @@ pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
     })
 }
 
-/// Entry point of the hidden `cargo xtask loadgen` subcommand (run pinned by `bench`).
 /// Runs one fixed-rate generator per target at once, each sending only in its own slot of
 /// `slot_ms` (see `LoadgenArgs::slots`), so that a hiccup of the host falls on every target
-/// alike, and returns each one's report or why it has none. Every generator
-/// ends by itself (its schedule, then at most 30 s for replies).
+/// alike, and returns each one's report or why it has none. Every generator ends by itself
+/// (its schedule, then at most 30 s for replies).
 pub(crate) fn taking_turns<'a>(
     order: &[&'a str],
     slot_ms: u64,
@@ -258,6 +257,7 @@ pub(crate) fn taking_turns<'a>(
     Ok(out)
 }
 
+/// Entry point of the hidden `cargo xtask loadgen` subcommand (run pinned by `bench`).
 pub fn main(args: LoadgenArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
