@@ -58,6 +58,19 @@ impl DesiredPod {
             })
             .collect()
     }
+
+    /// Of the pods `old` wanted, those `new` still wants in the same place, as `old` had them:
+    /// what may stay enrolled while the proxy still serves `old`. Syncing this first releases
+    /// the pods that leave, and enrolls none that join, before the proxy is given `new`.
+    pub fn staying(old: Vec<DesiredPod>, new: &[DesiredPod]) -> Vec<DesiredPod> {
+        let new: BTreeMap<&str, &DesiredPod> = new.iter().map(|d| (d.key.as_str(), d)).collect();
+        old.into_iter()
+            .filter(|o| {
+                new.get(o.key.as_str())
+                    .is_some_and(|n| *n == o || same_place(n, o))
+            })
+            .collect()
+    }
 }
 
 /// Whether two versions of a Pod put its cgroup in the same place and both may be redirected
@@ -669,9 +682,9 @@ impl Enroller {
 mod tests {
     use super::*;
 
-    /// The enrollment map as a set (the root tests use the pinned map).
+    /// The enrollment map as a set (the root tests use the pinned map), and the ids removed.
     #[derive(Default)]
-    struct SetMap(Mutex<BTreeSet<u64>>);
+    struct SetMap(Mutex<BTreeSet<u64>>, Mutex<Vec<u64>>);
 
     impl EnrollMap for SetMap {
         fn ids(&self) -> crate::Result<Vec<u64>> {
@@ -683,6 +696,7 @@ mod tests {
         }
         fn remove(&self, id: u64) -> crate::Result<()> {
             self.0.lock().remove(&id);
+            self.1.lock().push(id);
             Ok(())
         }
     }
@@ -712,6 +726,48 @@ mod tests {
 
     fn ino(p: &Path) -> u64 {
         std::fs::metadata(p).unwrap().ino()
+    }
+
+    /// The first half of a move between two configurations releases the pods that leave (or
+    /// become blocked) and enrolls none that join; a pod whose containers changed stays put.
+    #[test]
+    fn staying_releases_the_leavers_and_enrolls_no_joiner() {
+        let t = tempfile::tempdir().unwrap();
+        for n in 1..=4 {
+            std::fs::create_dir_all(pod_dir(t.path(), n)).unwrap();
+        }
+        let map = Arc::new(SetMap::default());
+        let mut e = Enrollment::new(map.clone(), t.path());
+        let old = vec![want(1), want(2), want(3)];
+        e.sync(old.clone());
+        let restarted = DesiredPod {
+            query: PodCgroupQuery {
+                container_ids: vec!["containerd://abc".into()],
+                ..want(2).query
+            },
+            ..want(2)
+        };
+        let stopped = DesiredPod {
+            blocked: Some("not running".into()),
+            ..want(3)
+        };
+        let new = vec![restarted.clone(), stopped, want(4)];
+        let staying = DesiredPod::staying(old, &new);
+        assert_eq!(staying, vec![want(2)]);
+        e.sync(staying);
+        assert_eq!(map.ids().unwrap(), vec![ino(&pod_dir(t.path(), 2))]);
+        e.sync(new);
+        let mut ids = map.ids().unwrap();
+        ids.sort();
+        let mut want_ids = vec![ino(&pod_dir(t.path(), 2)), ino(&pod_dir(t.path(), 4))];
+        want_ids.sort();
+        assert_eq!(ids, want_ids);
+        let released = map.1.lock().clone();
+        assert_eq!(
+            released,
+            vec![ino(&pod_dir(t.path(), 1)), ino(&pod_dir(t.path(), 3))],
+            "released other than the leavers, or more than once"
+        );
     }
 
     #[test]

@@ -395,6 +395,18 @@ impl EbpfRedirect {
         self.enroller.sync(DesiredPod::from_snapshot(snapshot));
     }
 
+    /// Moves the enrollment from `old` to `new` around `apply`, which gives the proxy `new`.
+    /// The proxy refuses connections from pods its snapshot does not enroll, so pods that leave
+    /// are released before it forgets them, and pods that join are enrolled only once it knows
+    /// them: no redirected connection meets a refusal (blocking, as [`Self::sync_enrollment`]).
+    pub fn sync_enrollment_around(&self, old: &Snapshot, new: &Snapshot, apply: impl FnOnce()) {
+        let new = DesiredPod::from_snapshot(new);
+        self.enroller
+            .sync(DesiredPod::staying(DesiredPod::from_snapshot(old), &new));
+        apply();
+        self.enroller.sync(new);
+    }
+
     /// `/status`'s `redirect` object.
     pub fn status(&self) -> api::EbpfStatus {
         let cfg = self.maps.config().ok();

@@ -151,45 +151,50 @@ impl Source {
                 }
                 // File I/O, and enrollment's stat and bpf calls, off the proxy thread.
                 let e = ebpf.clone();
-                let snapshot = fresh
-                    .clone()
-                    .unwrap_or_else(|| handler.state().snapshot.clone());
+                let h = handler.clone();
+                let kube = snapshots.is_some();
                 let work = tokio::task::spawn_blocking(move || {
-                    let reload = dir.as_mut().map(|d| d.reload());
-                    let current = match &reload {
-                        Some(r) => r.snapshot.clone(),
-                        None => snapshot,
+                    let in_force = h.state().snapshot.clone();
+                    let (current, publish) = match dir.as_mut().map(|d| d.reload()) {
+                        Some(r) => {
+                            report_problems(&r.problems, &mut reported);
+                            (r.snapshot.clone(), r.changed.then_some(r.snapshot))
+                        }
+                        None => (fresh.clone().unwrap_or_else(|| in_force.clone()), fresh),
                     };
-                    if let Some(e) = &e {
-                        e.sync_enrollment(&current);
+                    let Some(next) = publish else {
+                        if let Some(e) = &e {
+                            e.sync_enrollment(&current);
+                        }
+                        return (dir, reported, false);
+                    };
+                    if kube {
+                        report_rejections(&next, &mut reported);
                     }
-                    (dir, reload)
+                    let apply = || {
+                        tracing::info!(generation = next.generation, "configuration applied");
+                        h.apply(next.clone());
+                    };
+                    match &e {
+                        Some(e) => e.sync_enrollment_around(&in_force, &next, apply),
+                        None => apply(),
+                    }
+                    (dir, reported, true)
                 });
-                let (back, reload) = match work.await {
+                let applied;
+                (dir, reported, applied) = match work.await {
                     Ok(r) => r,
                     Err(err) => {
                         tracing::error!(%err, "config reload task failed; reloading stops");
                         return;
                     }
                 };
-                dir = back;
-                let publish = match reload {
-                    Some(r) => {
-                        report_problems(&r.problems, &mut reported);
-                        r.changed.then_some(r.snapshot)
-                    }
-                    None => fresh,
-                };
-                if let Some(snapshot) = publish {
-                    if snapshots.is_some() {
-                        report_rejections(&snapshot, &mut reported);
-                    }
-                    tracing::info!(generation = snapshot.generation, "configuration applied");
-                    handler.apply(snapshot);
-                    if !*ready_tx.borrow() && kube_ready.as_ref().is_some_and(|r| *r.borrow()) {
-                        tracing::info!("ready: every kind listed and applied");
-                        let _ = ready_tx.send(true);
-                    }
+                if applied
+                    && !*ready_tx.borrow()
+                    && kube_ready.as_ref().is_some_and(|r| *r.borrow())
+                {
+                    tracing::info!("ready: every kind listed and applied");
+                    let _ = ready_tx.send(true);
                 }
             }
         });
