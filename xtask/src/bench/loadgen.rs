@@ -84,6 +84,34 @@ pub struct LoadgenReport {
     pub p90_us: Option<u64>,
     pub p99_us: Option<u64>,
     pub max_us: Option<u64>,
+    /// The same percentiles for each second of sending (`--rate` requests, in schedule order).
+    /// Generators taking turns send their `k`-th second in the same stretch of time, so two
+    /// targets can be compared second by second, under the same hiccups of the host.
+    #[serde(default)]
+    pub seconds: Vec<Window>,
+}
+
+/// The percentiles of one second of sending; `None` where none of its requests succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Window {
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+}
+
+/// Each second's percentiles of `latencies` (indexed by request, `None` for a failed one),
+/// `per_second` requests at a time.
+fn seconds(latencies: &[Option<u64>], per_second: usize) -> Vec<Window> {
+    latencies
+        .chunks(per_second.max(1))
+        .map(|chunk| {
+            let mut ok: Vec<u64> = chunk.iter().flatten().copied().collect();
+            ok.sort_unstable();
+            Window {
+                p50_us: percentile(&ok, 50.0),
+                p99_us: percentile(&ok, 99.0),
+            }
+        })
+        .collect()
 }
 
 type Sender = http1::SendRequest<Empty<Bytes>>;
@@ -127,7 +155,8 @@ pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
     for _ in 0..args.connections {
         idle_tx.send(connect(&args).await?).expect("receiver alive");
     }
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Option<u64>>();
+    // Each request reports its index and its latency (`None` if it failed).
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Option<u64>)>();
     let total = args.rate as u64 * args.duration;
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
     let start = match args.epoch_ns {
@@ -173,23 +202,26 @@ pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
                 }
                 Err(_) => false,
             };
-            let _ = done_tx.send(ok.then(|| woke.elapsed().as_micros() as u64));
+            let _ = done_tx.send((i, ok.then(|| woke.elapsed().as_micros() as u64)));
             let _ = idle_tx.send(sender);
         });
     }
     drop(done_tx);
-    let mut latencies = Vec::with_capacity(total as usize);
-    let mut errors = 0;
+    let mut by_request = vec![None; total as usize];
+    let mut reported = 0;
     // Bounded: every spawned request reports once, or the 30 s deadline ends the wait.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while (latencies.len() as u64 + errors) < total {
+    while reported < total {
         match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-            Ok(Some(Some(us))) => latencies.push(us),
-            Ok(Some(None)) => errors += 1,
+            Ok(Some((i, us))) => {
+                by_request[i as usize] = us;
+                reported += 1;
+            }
             Ok(None) | Err(_) => break,
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let mut latencies: Vec<u64> = by_request.iter().flatten().copied().collect();
     latencies.sort_unstable();
     let ok = latencies.len() as u64;
     Ok(LoadgenReport {
@@ -201,6 +233,7 @@ pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
         p90_us: percentile(&latencies, 90.0),
         p99_us: percentile(&latencies, 99.0),
         max_us: latencies.last().copied(),
+        seconds: seconds(&by_request, args.rate as usize),
     })
 }
 
@@ -301,5 +334,39 @@ mod tests {
             let at = due_offset(i, interval, &a).as_millis() as u64;
             assert_eq!((at / 100) % 4, 2, "request {i} at {at} ms");
         }
+    }
+
+    /// Each second's percentiles are of its own requests, failures left out; a last, shorter
+    /// second is kept, and a second where all failed has none.
+    #[test]
+    fn each_second_has_its_own_percentiles() {
+        let mut lat: Vec<Option<u64>> = (1..=100).map(Some).collect();
+        lat.extend((0..100).map(|i| (i % 2 == 0).then_some(1000 + i)));
+        lat.extend([None, None]);
+        lat.push(Some(7));
+        let w = seconds(&lat, 100);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0].p50_us, Some(50));
+        assert_eq!(w[0].p99_us, Some(99));
+        // The even ones of 1000..1099: 50 values.
+        assert_eq!(
+            w[1].p50_us,
+            percentile(&(0..50).map(|k| 1000 + 2 * k).collect::<Vec<_>>(), 50.0)
+        );
+        assert_eq!(w[1].p99_us, Some(1098));
+        assert_eq!(
+            w[2],
+            Window {
+                p50_us: Some(7),
+                p99_us: Some(7)
+            }
+        );
+        assert_eq!(
+            seconds(&[None, None], 2),
+            vec![Window {
+                p50_us: None,
+                p99_us: None
+            }]
+        );
     }
 }
