@@ -728,16 +728,22 @@ mod tests {
         std::fs::metadata(p).unwrap().ino()
     }
 
+    /// A cgroup tree with the directories of pods 1 to `n`, and an enrollment over it.
+    fn pods_present(n: usize) -> (tempfile::TempDir, Arc<SetMap>, Enrollment) {
+        let t = tempfile::tempdir().unwrap();
+        for n in 1..=n {
+            std::fs::create_dir_all(pod_dir(t.path(), n)).unwrap();
+        }
+        let map = Arc::new(SetMap::default());
+        let e = Enrollment::new(map.clone(), t.path());
+        (t, map, e)
+    }
+
     /// The first half of a move between two configurations releases the pods that leave (or
     /// become blocked) and enrolls none that join; a pod whose containers changed stays put.
     #[test]
     fn staying_releases_the_leavers_and_enrolls_no_joiner() {
-        let t = tempfile::tempdir().unwrap();
-        for n in 1..=4 {
-            std::fs::create_dir_all(pod_dir(t.path(), n)).unwrap();
-        }
-        let map = Arc::new(SetMap::default());
-        let mut e = Enrollment::new(map.clone(), t.path());
+        let (t, map, mut e) = pods_present(4);
         let old = vec![want(1), want(2), want(3)];
         e.sync(old.clone());
         let restarted = DesiredPod {
@@ -849,12 +855,7 @@ mod tests {
 
     #[test]
     fn reconciliation_repairs_what_drifted_and_counts_it() {
-        let t = tempfile::tempdir().unwrap();
-        for n in 1..=3 {
-            std::fs::create_dir_all(pod_dir(t.path(), n)).unwrap();
-        }
-        let map = Arc::new(SetMap::default());
-        let mut e = Enrollment::new(map.clone(), t.path());
+        let (t, map, mut e) = pods_present(3);
         e.sync(vec![want(1), want(2), want(3)]);
         assert_eq!(e.reconcile(), 0, "nothing drifted");
 
