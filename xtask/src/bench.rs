@@ -650,7 +650,7 @@ type WindowFigure = fn(&loadgen::Window) -> Option<u64>;
 
 /// Sluice's percentile over its peer's, second by second: each round gives both targets'
 /// seconds of sending, the `k`-th of one against the `k`-th of the other. Seconds where either
-/// has no figure (every request failed) are left out.
+/// has no figure (every request failed) are left out (`stats::ratio` gives none).
 fn second_ratios<'a>(
     rounds: impl Iterator<Item = (&'a [loadgen::Window], &'a [loadgen::Window])>,
     pick: WindowFigure,
@@ -658,7 +658,6 @@ fn second_ratios<'a>(
     rounds
         .flat_map(|(sluice, peer)| sluice.iter().zip(peer))
         .filter_map(|(a, b)| stats::ratio(pick(a).map(|v| v as f64), pick(b).map(|v| v as f64)))
-        .filter(|r| r.is_finite() && *r > 0.0)
         .collect()
 }
 
@@ -849,16 +848,16 @@ fn summarize(
     // on both alike; the direct path beneath both is the same, so a ratio below 1 says Sluice
     // added less than HAProxy did.
     let mut by_second = BTreeMap::new();
+    let seconds = |round: usize, target: &str| {
+        results
+            .iter()
+            .find(|r| r.round == round && r.target == target)
+            .and_then(|r| r.fixed.as_ref())
+            .map_or(&[][..], |f| &f.seconds[..])
+    };
     let p50: WindowFigure = |w| w.p50_us;
     let p99: WindowFigure = |w| w.p99_us;
     for (name, pick) in [("p50", p50), ("p99", p99)] {
-        let seconds = |round: usize, target: &str| {
-            results
-                .iter()
-                .find(|r| r.round == round && r.target == target)
-                .and_then(|r| r.fixed.as_ref())
-                .map_or(&[][..], |f| &f.seconds[..])
-        };
         let ratios = second_ratios(
             (1..=args.rounds).map(|round| (seconds(round, "sluice"), seconds(round, "haproxy"))),
             pick,

@@ -155,19 +155,22 @@ impl Source {
                 let kube = snapshots.is_some();
                 let work = tokio::task::spawn_blocking(move || {
                     let in_force = h.state().snapshot.clone();
-                    let (current, publish) = match dir.as_mut().map(|d| d.reload()) {
+                    let (next, changed) = match dir.as_mut().map(|d| d.reload()) {
                         Some(r) => {
                             report_problems(&r.problems, &mut reported);
-                            (r.snapshot.clone(), r.changed.then_some(r.snapshot))
+                            (r.snapshot, r.changed)
                         }
-                        None => (fresh.clone().unwrap_or_else(|| in_force.clone()), fresh),
+                        None => match fresh {
+                            Some(f) => (f, true),
+                            None => (in_force.clone(), false),
+                        },
                     };
-                    let Some(next) = publish else {
+                    if !changed {
                         if let Some(e) = &e {
-                            e.sync_enrollment(&current);
+                            e.sync_enrollment(&next);
                         }
                         return (dir, reported, false);
-                    };
+                    }
                     if kube {
                         report_rejections(&next, &mut reported);
                     }
