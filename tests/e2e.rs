@@ -1045,8 +1045,24 @@ fn enrolled_pod_plain_curl_gets_fault_retry_and_timeout() {
         );
         eprintln!("timeout: 504 after {:.3}s", r.secs);
 
-        // What the agent logged for each.
+        // What the agent logged for each: every entry written, in batches (never more writes
+        // than entries).
         let log = env.agent().access_log();
+        let (code, metrics) = http_get(env.agent().metrics, "/stats/prometheus").expect("metrics");
+        assert_eq!(code, 200);
+        let counter = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in the metrics"))
+        };
+        assert_eq!(counter("sluice_access_log_dropped_total"), 0);
+        let writes = counter("sluice_access_log_writes_total");
+        assert!(
+            (1..=log.len() as u64).contains(&writes),
+            "{writes} writes for {} entries",
+            log.len()
+        );
         let aborted_lines = log_lines_for(&log, "aborted");
         assert!(
             aborted_lines

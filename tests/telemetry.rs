@@ -313,6 +313,8 @@ async fn exposition_is_typed_and_negotiated() {
         "# TYPE istio_build gauge",
         "# TYPE envoy_cluster_upstream_rq_total counter",
         "# TYPE envoy_cluster_upstream_rq_active gauge",
+        "# TYPE sluice_access_log_dropped_total counter",
+        "# TYPE sluice_access_log_writes_total counter",
     ] {
         assert!(text.contains(typed), "{typed}\n{text}");
     }

@@ -90,6 +90,12 @@ pub(crate) fn encode(handler: &crate::Handler, format: Format) -> String {
         let _ = writeln!(envoy, "# TYPE sluice_trace_spans_{name}_total counter");
         let _ = writeln!(envoy, "sluice_trace_spans_{name}_total {n}");
     }
+    // Entries the access log dropped because stdout did not keep up, and the batches written.
+    let log = handler.access_log();
+    for (name, n) in [("dropped", log.dropped()), ("writes", log.writes())] {
+        let _ = writeln!(envoy, "# TYPE sluice_access_log_{name}_total counter");
+        let _ = writeln!(envoy, "sluice_access_log_{name}_total {n}");
+    }
     handler.downstream.encode(&mut envoy);
     handler.clients.encode(&mut envoy);
     handler.isolation.encode(&mut envoy);

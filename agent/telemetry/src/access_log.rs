@@ -10,10 +10,12 @@
 //! runtime never blocks on a pipe) and to live subscribers (`sluice logs`).
 //!
 //! The cost per entry is its formatting, straight into a shared buffer under a short lock: no
-//! allocation, no channel, no wake-up. The writer thread wakes every 50 ms, or when 64 KiB are
-//! waiting, swaps the buffer for its spare and writes it with one `write` (Envoy's access-log
-//! manager likewise buffers and flushes on an interval or at 64 KiB). When stdout cannot keep up
-//! and 8 MiB are waiting, entries are dropped and counted rather than held.
+//! allocation, no channel, no wake-up. The writer thread writes a batch 50 ms after its first
+//! entry, or as soon as 64 KiB are waiting, swapping the buffer for its spare and writing it with
+//! one `write` (Envoy's access-log manager likewise buffers and flushes on an interval or at
+//! 64 KiB). While no entries come it sleeps without a timer (an idle agent's writer does not
+//! wake), and the entry that ends the quiet wakes it. When stdout cannot keep up and 8 MiB are
+//! waiting, entries are dropped and counted rather than held; both counts are in the metrics.
 
 use crate::live::{Listener, Live};
 use crate::record::{Exchange, Record};
@@ -22,7 +24,7 @@ use sluice_core::InfoSummary;
 use sluice_policy::UNKNOWN;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -52,7 +54,7 @@ impl std::str::FromStr for LogFormat {
 /// Where access-log entries go.
 #[derive(Clone)]
 pub struct AccessLog {
-    stdout: Option<Arc<Sink>>,
+    stdout: Option<Arc<Writer>>,
     live: Live<Arc<str>>,
     dropped: Arc<AtomicU64>,
     format: LogFormat,
@@ -67,11 +69,33 @@ const MAX_PENDING: usize = 8 << 20;
 
 /// The entries waiting for the writer thread.
 struct Sink {
-    pending: Mutex<String>,
+    pending: Mutex<Pending>,
     wake: Condvar,
     /// The writer has written everything handed to it (for [`AccessLog::flush`]).
     written: Condvar,
-    writing: AtomicBool,
+    /// Batches written (one `write` each).
+    writes: AtomicU64,
+}
+
+struct Pending {
+    buf: String,
+    /// The writer sleeps until an entry comes (the next append wakes it).
+    asleep: bool,
+    /// The writer has a batch in hand that is not written yet.
+    writing: bool,
+    /// Every [`AccessLog`] is gone: write what is left and end.
+    closed: bool,
+}
+
+/// The logs' handle on the writer thread: when the last clone goes, the thread writes what is
+/// left and ends.
+struct Writer(Arc<Sink>);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.0.pending.lock().closed = true;
+        self.0.wake.notify_one();
+    }
 }
 
 impl AccessLog {
@@ -90,17 +114,22 @@ impl AccessLog {
         let live = Live::new(1024);
         let stdout = out.map(|out| {
             let sink = Arc::new(Sink {
-                pending: Mutex::new(String::with_capacity(WAKE_AT * 2)),
+                pending: Mutex::new(Pending {
+                    buf: String::with_capacity(WAKE_AT * 2),
+                    asleep: false,
+                    writing: false,
+                    closed: false,
+                }),
                 wake: Condvar::new(),
                 written: Condvar::new(),
-                writing: AtomicBool::new(false),
+                writes: AtomicU64::new(0),
             });
-            let writer = Arc::downgrade(&sink);
+            let writer = sink.clone();
             std::thread::Builder::new()
                 .name("access-log".into())
-                .spawn(move || write_lines(writer, out))
+                .spawn(move || write_lines(&writer, out))
                 .expect("spawn access-log writer");
-            sink
+            Arc::new(Writer(sink))
         });
         Self {
             stdout,
@@ -120,6 +149,13 @@ impl AccessLog {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Batches written to stdout, one `write` each.
+    pub fn writes(&self) -> u64 {
+        self.stdout
+            .as_ref()
+            .map_or(0, |w| w.0.writes.load(Ordering::Relaxed))
+    }
+
     /// The entry of a finished request or L4 connection; `notes` is what its info says,
     /// read once by the caller for everything that records it.
     pub(crate) fn log(&self, record: &Record, notes: &InfoSummary) {
@@ -132,12 +168,12 @@ impl AccessLog {
             // Subscribers get the line on its own; stdout gets a copy.
             let mut line = String::with_capacity(256);
             self.format(&mut line, record, notes, now);
-            if let Some(sink) = &self.stdout {
-                self.append(sink, |buf| buf.push_str(&line));
+            if let Some(w) = &self.stdout {
+                self.append(&w.0, |buf| buf.push_str(&line));
             }
             self.live.send(Arc::from(line));
-        } else if let Some(sink) = &self.stdout {
-            self.append(sink, |buf| self.format(buf, record, notes, now));
+        } else if let Some(w) = &self.stdout {
+            self.append(&w.0, |buf| self.format(buf, record, notes, now));
         }
     }
 
@@ -148,18 +184,21 @@ impl AccessLog {
         }
     }
 
-    /// Appends one line to the pending entries (`write` writes it, without its newline).
+    /// Appends one line to the pending entries (`write` writes it, without its newline). Wakes
+    /// the writer only for the first entry after a quiet spell and for a full batch: at most
+    /// twice per batch, never per entry.
     fn append(&self, sink: &Sink, write: impl FnOnce(&mut String)) {
         let mut pending = sink.pending.lock();
-        let before = pending.len();
+        let before = pending.buf.len();
         if before >= MAX_PENDING {
             drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        write(&mut pending);
-        pending.push('\n');
-        if before < WAKE_AT && pending.len() >= WAKE_AT {
+        write(&mut pending.buf);
+        pending.buf.push('\n');
+        let full = before < WAKE_AT && pending.buf.len() >= WAKE_AT;
+        if std::mem::take(&mut pending.asleep) || full {
             sink.wake.notify_one();
         }
     }
@@ -167,11 +206,12 @@ impl AccessLog {
     /// Writes every entry logged so far to stdout before it returns (at most a second): called
     /// on shutdown, so the last entries are not lost with the process.
     pub fn flush(&self) {
-        let Some(sink) = &self.stdout else { return };
+        let Some(w) = &self.stdout else { return };
+        let sink = &w.0;
         let mut pending = sink.pending.lock();
         // Bounded: 20 waits of at most 50 ms, whatever the writer does.
         for _ in 0..20 {
-            if pending.is_empty() && !sink.writing.load(Ordering::Acquire) {
+            if pending.buf.is_empty() && !pending.writing {
                 return;
             }
             sink.wake.notify_one();
@@ -181,33 +221,48 @@ impl AccessLog {
     }
 }
 
-/// The writer thread: every [`FLUSH_EVERY`], or when woken by a full batch, takes what is
-/// pending (leaving its emptied spare in its place, so neither buffer is reallocated) and writes
-/// it with one `write`. Ends when the log is gone, after writing what was left.
-fn write_lines(sink: std::sync::Weak<Sink>, mut out: Box<dyn std::io::Write + Send>) {
+/// The writer thread. It sleeps until an entry comes, gives the batch [`FLUSH_EVERY`] to fill
+/// (less once [`WAKE_AT`] bytes wait, or when flushed), takes it (leaving its emptied spare in its
+/// place, so neither buffer is reallocated) and writes it with one `write`. Ends when the log is
+/// gone, after writing what was left.
+fn write_lines(sink: &Sink, mut out: Box<dyn std::io::Write + Send>) {
     let mut spare = String::with_capacity(WAKE_AT * 2);
     loop {
-        let Some(s) = sink.upgrade() else { return };
         {
-            let mut pending = s.pending.lock();
-            if pending.is_empty() {
-                s.written.notify_all();
-                let _ = s.wake.wait_for(&mut pending, FLUSH_EVERY);
+            let mut pending = sink.pending.lock();
+            if pending.buf.is_empty() {
+                sink.written.notify_all();
+                if pending.closed {
+                    return;
+                }
+                pending.asleep = true;
+                sink.wake
+                    .wait_while(&mut pending, |p| p.buf.is_empty() && !p.closed);
+                pending.asleep = false;
+                if pending.buf.len() < WAKE_AT && !pending.closed {
+                    // The first entry of a batch: give the others time to join it (a full
+                    // batch, a flush or the end cut this short).
+                    let _ = sink.wake.wait_for(&mut pending, FLUSH_EVERY);
+                }
+            } else if pending.buf.len() < WAKE_AT && !pending.closed {
+                // Entries came while the last batch was written: this batch's interval starts
+                // now, so a busy log is written every interval and not in a loop of small writes.
+                let _ = sink.wake.wait_for(&mut pending, FLUSH_EVERY);
             }
-            std::mem::swap(&mut *pending, &mut spare);
-            s.writing.store(!spare.is_empty(), Ordering::Release);
+            std::mem::swap(&mut pending.buf, &mut spare);
+            pending.writing = !spare.is_empty();
         }
         if !spare.is_empty() {
             let _ = out.write_all(spare.as_bytes());
             let _ = out.flush();
+            sink.writes.fetch_add(1, Ordering::Relaxed);
             spare.clear();
             // A batch far larger than usual gives its memory back.
             if spare.capacity() > WAKE_AT * 16 {
                 spare = String::with_capacity(WAKE_AT * 2);
             }
-            let _guard = s.pending.lock();
-            s.writing.store(false, Ordering::Release);
-            s.written.notify_all();
+            sink.pending.lock().writing = false;
+            sink.written.notify_all();
         }
     }
 }
@@ -528,16 +583,28 @@ mod tests {
         let out = Shared::default();
         let log = AccessLog::writing_to(Some(Box::new(out.clone())), LogFormat::Text);
         let r = record(get("/a", "web"), 200, RequestInfo::new(), 3);
+        let start = std::time::Instant::now();
         for _ in 0..20_000 {
             log.log(&r, &r.info.summary());
         }
         log.flush();
+        let elapsed = start.elapsed();
         let text = String::from_utf8(out.0.lock().clone()).unwrap();
         assert_eq!(text.lines().count(), 20_000);
         assert!(text
             .lines()
             .all(|l| l.contains("\"GET /a HTTP/1.1\" 200 - attempts=0")));
         assert_eq!(log.dropped(), 0);
+        // Each batch is full (64 KiB) or waited its interval: never a loop of small writes
+        // while entries keep coming.
+        let bound =
+            text.len() / WAKE_AT + (elapsed.as_millis() / FLUSH_EVERY.as_millis()) as usize + 2;
+        assert!(
+            log.writes() as usize <= bound,
+            "{} writes of {} bytes in {elapsed:?}",
+            log.writes(),
+            text.len()
+        );
         // Without a flush, an entry is written within the flush interval.
         log.log(&r, &r.info.summary());
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -545,6 +612,36 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never written");
             std::thread::sleep(Duration::from_millis(5));
         }
+        // Then, with nothing to write, the writer sleeps without a timer.
+        let asleep = |log: &AccessLog| log.stdout.as_ref().unwrap().0.pending.lock().asleep;
+        while !asleep(&log) {
+            assert!(std::time::Instant::now() < deadline, "never asleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The entry that ends the quiet wakes it.
+        log.log(&r, &r.info.summary());
+        log.flush();
+        assert_eq!(out.0.lock().iter().filter(|b| **b == b'\n').count(), 20_002);
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    #[test]
+    fn the_writer_ends_with_the_log_after_writing_what_was_left() {
+        let out = Shared::default();
+        let log = AccessLog::writing_to(Some(Box::new(out.clone())), LogFormat::Text);
+        let sink = Arc::downgrade(&log.stdout.as_ref().unwrap().0);
+        let r = record(get("/a", "web"), 200, RequestInfo::new(), 3);
+        log.log(&r, &r.info.summary());
+        drop(log);
+        // The thread held the last reference to the sink: once it is gone, the thread ended.
+        for _ in 0..400 {
+            if sink.strong_count() == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(sink.strong_count(), 0, "writer still running");
+        assert_eq!(out.0.lock().iter().filter(|b| **b == b'\n').count(), 1);
     }
 
     #[test]
