@@ -235,7 +235,11 @@ impl Handler {
                 })
             });
         }
+        let snapshot = next.snapshot.clone();
         self.state.store(Arc::new(next));
+        if self.redirect.enrolled_clients_only {
+            self.clients.applied(&snapshot);
+        }
     }
 
     /// Proxies `req`, which the connection got at `started` (the start of its record's duration

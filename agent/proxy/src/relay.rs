@@ -9,7 +9,10 @@
 //!   directly has none (the programs never rewrite a `connect()` to the proxy itself);
 //! * its peer address is that of an enrolled pod of this node that may be redirected (the
 //!   snapshot's workloads: enrolled, not hostNetwork, running, with that IP). A pod is enrolled
-//!   in the programs' map only after the snapshot says so, so every redirected pod passes.
+//!   in the programs' map only after the snapshot says so, so every redirected pod passes. A pod
+//!   that leaves is released from the map before the snapshot without it is applied; for a
+//!   second after that, the pods of the snapshot it replaced pass too, so that a connection it
+//!   made while still redirected, and that waits in the listen backlog, is served, not reset.
 //!
 //! Otherwise the connection is closed at once, before a byte is read: counted by reason
 //! (`sluice_outbound_refused_connections_total`), written to the access log as an L4 entry with
@@ -33,6 +36,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 /// Why a redirecting listener refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,14 +73,27 @@ impl Refusal {
     }
 }
 
-/// The addresses of the enrolled pods of one snapshot.
-type EnrolledIps = (Arc<Snapshot>, Arc<HashSet<IpAddr>>);
+/// How long, after a snapshot replaced another, the pods enrolled in the one replaced still pass:
+/// long enough for the listen backlog to drain under load, short enough that an address a leaving
+/// pod gave back is not trusted for long.
+const LEAVING_GRACE: Duration = Duration::from_secs(1);
+
+/// The addresses of the enrolled pods of a snapshot replaced, and the instant until which they
+/// still pass.
+type Leaving = Option<(Arc<HashSet<IpAddr>>, Instant)>;
+
+/// The addresses of the enrolled pods of one snapshot, and those of the one it replaced.
+struct Enrolled {
+    of: Arc<Snapshot>,
+    ips: Arc<HashSet<IpAddr>>,
+    leaving: Leaving,
+}
 
 /// The rule's state: the enrolled pods' addresses of the snapshot in force (remade when the
 /// snapshot changes), and the refusals so far.
 #[derive(Default)]
 pub(crate) struct ClientGuard {
-    enrolled: Mutex<Option<EnrolledIps>>,
+    enrolled: Mutex<Option<Enrolled>>,
     refused: [AtomicU64; 2],
     warned: [AtomicBool; 2],
 }
@@ -87,19 +104,30 @@ impl ClientGuard {
         if conn.original_dst.is_none() {
             return Err(Refusal::NoOriginalDestination);
         }
-        if !self.enrolled_ips(snapshot).contains(&conn.peer.ip()) {
+        let ip = conn.peer.ip().to_canonical();
+        let (ips, leaving) = self.enrolled_ips(snapshot);
+        let leaving =
+            || leaving.is_some_and(|(l, until)| l.contains(&ip) && Instant::now() < until);
+        if !ips.contains(&ip) && !leaving() {
             return Err(Refusal::ClientNotEnrolled);
         }
         Ok(())
     }
 
+    /// Remakes the addresses for `snapshot` now that it is applied (off the connections' path),
+    /// which also starts the grace of the pods it replaced.
+    pub(crate) fn applied(&self, snapshot: &Arc<Snapshot>) {
+        self.enrolled_ips(snapshot);
+    }
+
     /// The addresses of the enrolled pods that may be redirected, made once per snapshot: a
-    /// hash lookup per connection, not a scan of every pod.
-    fn enrolled_ips(&self, snapshot: &Arc<Snapshot>) -> Arc<HashSet<IpAddr>> {
+    /// hash lookup per connection, not a scan of every pod. With them, those of the snapshot
+    /// replaced, while they still pass.
+    fn enrolled_ips(&self, snapshot: &Arc<Snapshot>) -> (Arc<HashSet<IpAddr>>, Leaving) {
         let mut cached = self.enrolled.lock();
-        if let Some((of, ips)) = cached.as_ref() {
-            if Arc::ptr_eq(of, snapshot) {
-                return ips.clone();
+        if let Some(e) = cached.as_ref() {
+            if Arc::ptr_eq(&e.of, snapshot) {
+                return (e.ips.clone(), e.leaving.clone());
             }
         }
         let ips: HashSet<IpAddr> = snapshot
@@ -109,8 +137,15 @@ impl ClientGuard {
             .flat_map(|w| w.ips.iter().map(|ip| ip.to_canonical()))
             .collect();
         let ips = Arc::new(ips);
-        *cached = Some((snapshot.clone(), ips.clone()));
-        ips
+        let leaving = cached
+            .take()
+            .map(|e| (e.ips, Instant::now() + LEAVING_GRACE));
+        *cached = Some(Enrolled {
+            of: snapshot.clone(),
+            ips: ips.clone(),
+            leaving: leaving.clone(),
+        });
+        (ips, leaving)
     }
 
     /// Connections refused so far for `why`.
