@@ -596,9 +596,9 @@ mod tests {
             .all(|l| l.contains("\"GET /a HTTP/1.1\" 200 - attempts=0")));
         assert_eq!(log.dropped(), 0);
         // Each batch is full (64 KiB) or waited its interval: never a loop of small writes
-        // while entries keep coming.
+        // while entries keep coming. (The flush cuts at most a couple of waits short.)
         let bound =
-            text.len() / WAKE_AT + (elapsed.as_millis() / FLUSH_EVERY.as_millis()) as usize + 2;
+            text.len() / WAKE_AT + (elapsed.as_millis() / FLUSH_EVERY.as_millis()) as usize + 4;
         assert!(
             log.writes() as usize <= bound,
             "{} writes of {} bytes in {elapsed:?}",
