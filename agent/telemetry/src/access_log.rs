@@ -239,14 +239,11 @@ fn write_lines(sink: &Sink, mut out: Box<dyn std::io::Write + Send>) {
                 sink.wake
                     .wait_while(&mut pending, |p| p.buf.is_empty() && !p.closed);
                 pending.asleep = false;
-                if pending.buf.len() < WAKE_AT && !pending.closed {
-                    // The first entry of a batch: give the others time to join it (a full
-                    // batch, a flush or the end cut this short).
-                    let _ = sink.wake.wait_for(&mut pending, FLUSH_EVERY);
-                }
-            } else if pending.buf.len() < WAKE_AT && !pending.closed {
-                // Entries came while the last batch was written: this batch's interval starts
-                // now, so a busy log is written every interval and not in a loop of small writes.
+            }
+            // A batch's interval starts with its first entry, or now when entries came while the
+            // last batch was written: a busy log is written once an interval, not in a loop of
+            // small writes. A full batch, a flush or the end cut the wait short.
+            if pending.buf.len() < WAKE_AT && !pending.closed {
                 let _ = sink.wake.wait_for(&mut pending, FLUSH_EVERY);
             }
             std::mem::swap(&mut pending.buf, &mut spare);
