@@ -78,15 +78,12 @@ impl Refusal {
 /// pod gave back is not trusted for long.
 const LEAVING_GRACE: Duration = Duration::from_secs(1);
 
-/// The addresses of the enrolled pods of a snapshot replaced, and the instant until which they
-/// still pass.
-type Leaving = Option<(Arc<HashSet<IpAddr>>, Instant)>;
-
-/// The addresses of the enrolled pods of one snapshot, and those of the one it replaced.
+/// The addresses of the enrolled pods of one snapshot, and those of the one it replaced with the
+/// instant until which they still pass.
 struct Enrolled {
     of: Arc<Snapshot>,
-    ips: Arc<HashSet<IpAddr>>,
-    leaving: Leaving,
+    ips: HashSet<IpAddr>,
+    leaving: Option<(HashSet<IpAddr>, Instant)>,
 }
 
 /// The rule's state: the enrolled pods' addresses of the snapshot in force (remade when the
@@ -105,10 +102,14 @@ impl ClientGuard {
             return Err(Refusal::NoOriginalDestination);
         }
         let ip = conn.peer.ip().to_canonical();
-        let (ips, leaving) = self.enrolled_ips(snapshot);
-        let leaving =
-            || leaving.is_some_and(|(l, until)| l.contains(&ip) && Instant::now() < until);
-        if !ips.contains(&ip) && !leaving() {
+        let mut cached = self.enrolled.lock();
+        let e = Self::enrolled(&mut cached, snapshot);
+        let leaving = || {
+            e.leaving
+                .as_ref()
+                .is_some_and(|(l, until)| l.contains(&ip) && Instant::now() < *until)
+        };
+        if !e.ips.contains(&ip) && !leaving() {
             return Err(Refusal::ClientNotEnrolled);
         }
         Ok(())
@@ -117,35 +118,33 @@ impl ClientGuard {
     /// Remakes the addresses for `snapshot` now that it is applied (off the connections' path),
     /// which also starts the grace of the pods it replaced.
     pub(crate) fn applied(&self, snapshot: &Arc<Snapshot>) {
-        self.enrolled_ips(snapshot);
+        Self::enrolled(&mut self.enrolled.lock(), snapshot);
     }
 
     /// The addresses of the enrolled pods that may be redirected, made once per snapshot: a
-    /// hash lookup per connection, not a scan of every pod. With them, those of the snapshot
-    /// replaced, while they still pass.
-    fn enrolled_ips(&self, snapshot: &Arc<Snapshot>) -> (Arc<HashSet<IpAddr>>, Leaving) {
-        let mut cached = self.enrolled.lock();
-        if let Some(e) = cached.as_ref() {
-            if Arc::ptr_eq(&e.of, snapshot) {
-                return (e.ips.clone(), e.leaving.clone());
-            }
+    /// hash lookup per connection, under the lock that guards them, not a scan of every pod.
+    /// With them, those of the snapshot replaced, while they still pass.
+    fn enrolled<'a>(cached: &'a mut Option<Enrolled>, snapshot: &Arc<Snapshot>) -> &'a Enrolled {
+        if !cached
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(&e.of, snapshot))
+        {
+            let ips = snapshot
+                .workloads
+                .values()
+                .filter(|w| w.enrolled && w.not_redirectable().is_none())
+                .flat_map(|w| w.ips.iter().map(|ip| ip.to_canonical()))
+                .collect();
+            let leaving = cached
+                .take()
+                .map(|e| (e.ips, Instant::now() + LEAVING_GRACE));
+            *cached = Some(Enrolled {
+                of: snapshot.clone(),
+                ips,
+                leaving,
+            });
         }
-        let ips: HashSet<IpAddr> = snapshot
-            .workloads
-            .values()
-            .filter(|w| w.enrolled && w.not_redirectable().is_none())
-            .flat_map(|w| w.ips.iter().map(|ip| ip.to_canonical()))
-            .collect();
-        let ips = Arc::new(ips);
-        let leaving = cached
-            .take()
-            .map(|e| (e.ips, Instant::now() + LEAVING_GRACE));
-        *cached = Some(Enrolled {
-            of: snapshot.clone(),
-            ips: ips.clone(),
-            leaving: leaving.clone(),
-        });
-        (ips, leaving)
+        cached.as_ref().expect("made above")
     }
 
     /// Connections refused so far for `why`.
