@@ -95,6 +95,10 @@ pub struct BenchArgs {
 const TARGETS: [&str; 4] = ["direct", "sluice", "haproxy", "envoy"];
 /// The bare hyper proxy (`bench::floor`): Sluice's HTTP stack without Sluice's own work.
 const FLOOR: &str = "hyper-floor";
+/// A second process of the measured Sluice, started and loaded like it: the control. Any
+/// difference between the two is the host's or the process's (its memory layout, its state
+/// after a saturated run), never the program's, so the verdicts' intervals make room for it.
+const TWIN: &str = "sluice-twin";
 const HOST: &str = "bench-upstream";
 /// Slot length of the fixed-rate runs, which take turns (see `LoadgenArgs::slots`).
 const FIXED_SLOT_MS: u64 = 100;
@@ -463,7 +467,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     // Pairs: the throughput targets compare programs whose rounds above ran tens of seconds
     // apart, while this shared host's speed moves by a tenth within seconds. Short runs back to
     // back, a ratio per pair, many pairs: each rotation puts every program first in turn.
-    let paired: Vec<&Target> = ["sluice", "haproxy", "envoy"]
+    let paired: Vec<&Target> = ["sluice", TWIN, "haproxy", "envoy"]
         .iter()
         .filter_map(|name| targets.iter().find(|t| t.name == *name))
         .collect();
@@ -648,16 +652,24 @@ fn verdict(
 /// One percentile of a second of sending.
 type WindowFigure = fn(&loadgen::Window) -> Option<u64>;
 
-/// Sluice's percentile over its peer's, second by second: each round gives both targets'
-/// seconds of sending, the `k`-th of one against the `k`-th of the other. Seconds where either
-/// has no figure (every request failed) are left out (`stats::ratio` gives none).
+/// Sluice's percentile over its peer's, second by second, one group per round: each round
+/// gives both targets' seconds of sending, the `k`-th of one against the `k`-th of the other.
+/// Seconds where either has no figure (every request failed) are left out (`stats::ratio`
+/// gives none).
 fn second_ratios<'a>(
     rounds: impl Iterator<Item = (&'a [loadgen::Window], &'a [loadgen::Window])>,
     pick: WindowFigure,
-) -> Vec<f64> {
+) -> Vec<Vec<f64>> {
     rounds
-        .flat_map(|(sluice, peer)| sluice.iter().zip(peer))
-        .filter_map(|(a, b)| stats::ratio(pick(a).map(|v| v as f64), pick(b).map(|v| v as f64)))
+        .map(|(sluice, peer)| {
+            sluice
+                .iter()
+                .zip(peer)
+                .filter_map(|(a, b)| {
+                    stats::ratio(pick(a).map(|v| v as f64), pick(b).map(|v| v as f64))
+                })
+                .collect()
+        })
         .collect()
 }
 
@@ -724,9 +736,11 @@ fn summarize(
     t.push('\n');
     let mut summary_json = serde_json::Map::new();
     let logged_too = results.iter().any(|r| r.target == "sluice-nolog");
+    let twin_too = results.iter().any(|r| r.target == TWIN);
     let shown: Vec<&str> = TARGETS
         .iter()
         .copied()
+        .chain(twin_too.then_some(TWIN))
         .chain(logged_too.then_some("sluice-nolog"))
         .chain(plain_too.then_some("sluice-plain"))
         .chain(floor_too.then_some(FLOOR))
@@ -774,6 +788,11 @@ fn summarize(
     // Sluice beside another Sluice of the same rounds: the log's own cost, the profile's gain.
     let beside = [
         (
+            twin_too,
+            TWIN,
+            "sluice / its twin (the same build, another process: the host's noise)",
+        ),
+        (
             logged_too,
             "sluice-nolog",
             "sluice with its access log / without",
@@ -808,7 +827,7 @@ fn summarize(
             args.pair_duration
         );
     }
-    for peer in ["haproxy", "envoy"] {
+    for peer in [TWIN, "haproxy", "envoy"] {
         let rps = |n: usize, target: &str| {
             pairs
                 .iter()
@@ -826,7 +845,7 @@ fn summarize(
         };
         let _ = writeln!(
             t,
-            "  sluice/{peer:<8} {:.2}x [{:.2}x - {:.2}x]{}",
+            "  sluice/{peer:<11} {:.2}x [{:.2}x - {:.2}x]{}",
             p.ratio,
             p.low,
             p.high,
@@ -846,7 +865,10 @@ fn summarize(
     // The fixed-rate runs second by second: Sluice's percentile over HAProxy's in the same
     // round's k-th second of sending. Their generators take turns, so the host's hiccups fall
     // on both alike; the direct path beneath both is the same, so a ratio below 1 says Sluice
-    // added less than HAProxy did.
+    // added less than HAProxy did. A round's seconds are not independent (a process keeps one
+    // state through a run), so the interval counts rounds; the one that counts seconds is shown
+    // beside it. Also against the twin (the control) and, with the log on, against Sluice
+    // without its log (the log's own cost, reported).
     let mut by_second = BTreeMap::new();
     let seconds = |round: usize, target: &str| {
         results
@@ -857,32 +879,41 @@ fn summarize(
     };
     let p50: WindowFigure = |w| w.p50_us;
     let p99: WindowFigure = |w| w.p99_us;
+    let second_peers: Vec<&str> = [TWIN, "haproxy"]
+        .into_iter()
+        .chain(logged_too.then_some("sluice-nolog"))
+        .collect();
     for (name, pick) in [("p50", p50), ("p99", p99)] {
-        let ratios = second_ratios(
-            (1..=args.rounds).map(|round| (seconds(round, "sluice"), seconds(round, "haproxy"))),
-            pick,
-        );
-        let Some(p) = stats::paired(&ratios) else {
-            continue;
-        };
-        if by_second.is_empty() {
+        for peer in second_peers.iter().copied() {
+            let groups = second_ratios(
+                (1..=args.rounds).map(|round| (seconds(round, "sluice"), seconds(round, peer))),
+                pick,
+            );
+            let (Some(p), Some(each)) =
+                (stats::clustered(&groups), stats::paired(&groups.concat()))
+            else {
+                continue;
+            };
+            if by_second.is_empty() {
+                let _ = writeln!(
+                    t,
+                    "at {} rps, second by second (taking turns): geometric mean of Sluice's \
+                     percentile over the other's [95% interval over rounds; over seconds]",
+                    args.rate
+                );
+            }
             let _ = writeln!(
                 t,
-                "at {} rps, second by second (taking turns): geometric mean of Sluice's \
-                 percentile over HAProxy's [95% interval]",
-                args.rate
+                "  {name:<4} sluice/{peer:<12} {:.2}x [{:.2}x - {:.2}x] over {} rounds; \
+                 [{:.2}x - {:.2}x] over {} seconds",
+                p.ratio, p.low, p.high, p.pairs, each.low, each.high, each.pairs
             );
+            ratios_json.insert(
+                format!("seconds sluice/{peer} {name}"),
+                json!({ "ratio": p, "per_second": each, "ratios": groups }),
+            );
+            by_second.insert((name, peer), p);
         }
-        let _ = writeln!(
-            t,
-            "  {name:<4} sluice/haproxy {:.2}x [{:.2}x - {:.2}x] over {} seconds",
-            p.ratio, p.low, p.high, p.pairs
-        );
-        ratios_json.insert(
-            format!("seconds sluice/haproxy {name}"),
-            json!({ "ratio": p, "ratios": ratios }),
-        );
-        by_second.insert(name, p);
     }
 
     let counted = |target: &str| {
@@ -1003,6 +1034,8 @@ fn summarize(
         one_worker: bool,
         /// The figures compared are within the direct run's own spread.
         noisy: bool,
+        /// The control's ratio (Sluice over its twin) the interval was widened by.
+        control: Option<f64>,
     }
     let sl = |f: fn(&RunResult) -> Option<f64>| m("sluice", f);
     let vs = |name: &str, peer: &str| stats::ratio(sl(figure(name)), m(peer, figure(name)));
@@ -1014,15 +1047,27 @@ fn summarize(
         bound,
         one_worker,
         noisy: false,
+        control: None,
+    };
+    // An interval widened by the control's distance from 1, where the control ran.
+    let judged = |p: stats::Paired, control: Option<&stats::Paired>| {
+        let c = control.map(|c| c.ratio);
+        (c.map_or(p, |c| stats::widened(p, c)), c)
     };
     // Added latency is judged second by second where the seconds were recorded (see
     // `by_second`). Otherwise: a proxied run's percentile less the direct run's in the same
     // round, whose median at or below zero says the direct run varied more than the proxy added.
-    let added_check = |what, name: &str, percentile: &str| match by_second.get(percentile) {
-        Some(p) => Check {
-            interval: Some((p.low, p.high)),
-            ..check(what, Some(p.ratio), "<=", 1.0, true)
-        },
+    let added_check = |what, name: &str, percentile: &'static str| match by_second
+        .get(&(percentile, "haproxy"))
+    {
+        Some(p) => {
+            let (p, control) = judged(*p, by_second.get(&(percentile, TWIN)));
+            Check {
+                interval: Some((p.low, p.high)),
+                control,
+                ..check(what, Some(p.ratio), "<=", 1.0, true)
+            }
+        }
         None => Check {
             noisy: [sl(figure(name)), m("haproxy", figure(name))]
                 .iter()
@@ -1037,10 +1082,14 @@ fn summarize(
     };
     // Throughput from the pairs where they ran; else the ratio of the rounds' medians.
     let throughput_check = |what, peer: &str, bound| match paired.get(peer) {
-        Some(p) => Check {
-            interval: Some((p.low, p.high)),
-            ..check(what, Some(p.ratio), ">=", bound, true)
-        },
+        Some(p) => {
+            let (p, control) = judged(*p, paired.get(TWIN));
+            Check {
+                interval: Some((p.low, p.high)),
+                control,
+                ..check(what, Some(p.ratio), ">=", bound, true)
+            }
+        }
         None => check(what, vs("throughput", peer), ">=", bound, true),
     };
     let mut checks = vec![
@@ -1068,6 +1117,7 @@ fn summarize(
         bound,
         one_worker,
         noisy,
+        control,
     } in checks
     {
         let reported = one_worker && args.workers > 1;
@@ -1092,13 +1142,19 @@ fn summarize(
             (_, Some((lo, hi))) => format!("; 95% interval {lo:.2}-{hi:.2}"),
             _ => String::new(),
         };
+        let scope = match control {
+            Some(c) if interval.is_some() => {
+                format!("{scope}, widened by the twin's {c:.2}x")
+            }
+            _ => scope,
+        };
         let _ = writeln!(
             t,
             "{verdict:<13} {what}: {shown} (target {op} {bound}{scope})"
         );
         checks_json.push(json!({
             "target": what, "value": value, "interval": interval, "op": op, "bound": bound,
-            "verdict": verdict
+            "control": control, "verdict": verdict
         }));
     }
 
@@ -1250,7 +1306,7 @@ impl Proxies<'_> {
     /// disassemble here) and what did not start.
     fn program(&self, target: &str) -> Option<&Path> {
         match target {
-            "sluice" | "sluice-nolog" => self.sluice,
+            "sluice" | "sluice-nolog" | TWIN => self.sluice,
             "sluice-plain" => self.sluice_plain,
             "haproxy" => self.haproxy,
             FLOOR => Some(self.floor),
@@ -1272,6 +1328,16 @@ impl Proxies<'_> {
                 Ok(t) => targets.push(t),
                 Err(why) => {
                     not_measured.insert("sluice", format!("{why:#}"));
+                }
+            }
+            // The control, in the timed runs only (under callgrind a process's layout and
+            // the host's load do not move the count).
+            if matches!(how, Launch::Pinned { .. }) {
+                match start_sluice(TWIN, bin, d, up_port, how, self.access_log, workers) {
+                    Ok(t) => targets.push(t),
+                    Err(why) => {
+                        not_measured.insert(TWIN, format!("{why:#}"));
+                    }
                 }
             }
             // With every proxy logging, the same build without its log too: the log's own
@@ -1681,11 +1747,15 @@ mod tests {
                 .map(|(a, b)| (&a[..], &b[..])),
             |w| w.p99_us,
         );
-        assert_eq!(ratios, vec![2.0, 0.5, 0.5]);
-        let p = stats::paired(&ratios).unwrap();
+        assert_eq!(ratios, vec![vec![2.0, 0.5], vec![0.5]]);
+        let p = stats::paired(&ratios.concat()).unwrap();
         assert_eq!(p.pairs, 3);
         // exp(mean(ln 2, ln 0.5, ln 0.5)) = 2^(-1/3).
         assert!((p.ratio - 2f64.powf(-1.0 / 3.0)).abs() < 1e-12, "{p:?}");
+        // Over rounds: round 1's mean is 1, round 2's 0.5.
+        let c = stats::clustered(&ratios).unwrap();
+        assert_eq!(c.pairs, 2);
+        assert!((c.ratio - 0.5f64.sqrt()).abs() < 1e-12, "{c:?}");
     }
 
     /// The report's verdicts find figures by name: each name reads its own field, so adding

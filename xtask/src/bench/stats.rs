@@ -58,11 +58,7 @@ pub struct Paired {
 /// shared host was doing then divides out): Student's t on the logarithms of the per-pair
 /// ratios, read back as a geometric mean and an interval. `None` below two usable pairs.
 pub fn paired(ratios: &[f64]) -> Option<Paired> {
-    let logs: Vec<f64> = ratios
-        .iter()
-        .filter(|r| r.is_finite() && **r > 0.0)
-        .map(|r| r.ln())
-        .collect();
+    let logs = logs(ratios);
     let n = logs.len();
     if n < 2 {
         return None;
@@ -76,6 +72,45 @@ pub fn paired(ratios: &[f64]) -> Option<Paired> {
         low: (mean - half).exp(),
         high: (mean + half).exp(),
     })
+}
+
+/// The same ratio from paired figures that come in groups sharing a cause of their spread: the
+/// seconds of one round, whose programs kept one state (after a saturated run a program's p99
+/// holds one of two levels for the whole run). The group is the unit: each gives the
+/// geometric mean of its ratios, and Student's t runs over the groups, so `pairs` counts
+/// groups. `None` below two groups with a usable ratio.
+pub fn clustered(groups: &[Vec<f64>]) -> Option<Paired> {
+    let means: Vec<f64> = groups.iter().filter_map(|g| paired_mean(g)).collect();
+    paired(&means)
+}
+
+/// Geometric mean of the usable ratios of one group.
+fn paired_mean(ratios: &[f64]) -> Option<f64> {
+    let logs = logs(ratios);
+    (!logs.is_empty()).then(|| (logs.iter().sum::<f64>() / logs.len() as f64).exp())
+}
+
+/// The logarithms of the usable ratios (finite, above zero).
+fn logs(ratios: &[f64]) -> Vec<f64> {
+    ratios
+        .iter()
+        .filter(|r| r.is_finite() && **r > 0.0)
+        .map(|r| r.ln())
+        .collect()
+}
+
+/// An interval widened by a control: `control` is the same ratio between two processes of one
+/// build, where any distance from 1 is the host's or the process's (its memory layout, its
+/// state after a saturated run), not the program's. Within one run of the bench each target is
+/// one process, so nothing else averages that out: the interval stretches by the control's
+/// distance from 1 on both sides (on the log scale).
+pub fn widened(p: Paired, control: f64) -> Paired {
+    let by = control.ln().abs().exp();
+    Paired {
+        low: p.low / by,
+        high: p.high * by,
+        ..p
+    }
 }
 
 /// Student's t at 97.5% for `df` degrees of freedom (`df` >= 1): the table to 30, then the
@@ -199,6 +234,39 @@ mod tests {
         // Unusable values are left out; fewer than two pairs give no interval.
         assert_eq!(paired(&[1.0, f64::NAN, 0.0]), None);
         assert_eq!(paired(&[]), None);
+    }
+
+    #[test]
+    fn grouped_ratios_count_groups_not_members() {
+        // Ten seconds alike in each of two rounds that disagree: per second the interval would
+        // be narrow; per round it holds both rounds.
+        let groups = vec![vec![1.2; 10], vec![1.0; 10], vec![]];
+        let c = clustered(&groups).unwrap();
+        assert_eq!(c.pairs, 2);
+        assert!((c.ratio - 1.2f64.sqrt()).abs() < 1e-12, "{c:?}");
+        assert!(c.low < 1.0 && c.high > 1.2, "{c:?}");
+        let flat: Vec<f64> = groups.concat();
+        let p = paired(&flat).unwrap();
+        assert!(p.high - p.low < (c.high - c.low) / 10.0, "{p:?} {c:?}");
+        // One usable group gives no interval.
+        assert_eq!(clustered(&[vec![1.0, 1.1], vec![f64::NAN]]), None);
+    }
+
+    #[test]
+    fn a_control_away_from_one_widens_the_interval_both_ways() {
+        let p = Paired {
+            pairs: 5,
+            ratio: 1.05,
+            low: 1.02,
+            high: 1.08,
+        };
+        for control in [1.04, 1.0 / 1.04] {
+            let w = widened(p, control);
+            assert_eq!((w.pairs, w.ratio), (5, 1.05));
+            assert!((w.low - 1.02 / 1.04).abs() < 1e-12, "{w:?}");
+            assert!((w.high - 1.08 * 1.04).abs() < 1e-12, "{w:?}");
+        }
+        assert_eq!(widened(p, 1.0), p);
     }
 
     #[test]
