@@ -1025,28 +1025,34 @@ async fn no_open_relay_only_enrolled_pods_redirected_connections_are_served() {
     assert_eq!(refused(&node, "client_not_enrolled"), Some(3));
 
     // A pod that leaves: a connection it made while still redirected, accepted just after the
-    // snapshot without it was applied, is served; a second later, its address no longer passes.
+    // snapshot without it was applied, is served, also after a second change within that
+    // second (each departure keeps its own grace); a second later, its address no longer passes.
     node.write("pods.yaml", &pod_at("plain", "127.0.0.3", true, false));
     node.reload();
     assert_eq!(
         exchange_from("127.0.0.1", redirected, b"late").await,
         b"late"
     );
-    assert_eq!(reached(), 3);
+    let two = [
+        pod_at("plain", "127.0.0.3", true, false),
+        pod_at("other", "127.0.0.5", true, false),
+    ];
+    node.write("pods.yaml", &two.join("---\n"));
+    node.reload();
+    assert_eq!(
+        exchange_from("127.0.0.1", redirected, b"later").await,
+        b"later"
+    );
+    assert_eq!(reached(), 4);
     assert_eq!(refused(&node, "client_not_enrolled"), Some(3));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(exchange_from("127.0.0.1", redirected, b"gone").await, b"");
-    assert_eq!(reached(), 3);
+    assert_eq!(reached(), 4);
     assert_eq!(refused(&node, "client_not_enrolled"), Some(4));
-    // Only the snapshot just replaced counts: after another change, the pod that left first
-    // does not pass again.
+    // Once its grace is over, the changes after it do not let it back.
     node.write(
         "pods.yaml",
-        &[
-            pod_at("plain", "127.0.0.3", true, false),
-            pod_at("other", "127.0.0.5", true, false),
-        ]
-        .join("---\n"),
+        &[two[1].clone(), pod_at("third", "127.0.0.6", true, false)].join("---\n"),
     );
     node.reload();
     assert_eq!(exchange_from("127.0.0.1", redirected, b"gone").await, b"");

@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 use sluice_core::{RequestInfo, ResponseFlags};
 use sluice_policy::Snapshot;
 use sluice_telemetry::{Exchange, Record, ServiceName};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,12 +78,13 @@ impl Refusal {
 /// pod gave back is not trusted for long.
 const LEAVING_GRACE: Duration = Duration::from_secs(1);
 
-/// The addresses of the enrolled pods of one snapshot, and those of the one it replaced with the
-/// instant until which they still pass.
+/// The addresses of the enrolled pods of one snapshot, and those that left with the snapshots
+/// it replaced, each with the instant until which it still passes: its own, so that a second
+/// change within the grace does not cut short the first one's.
 struct Enrolled {
     of: Arc<Snapshot>,
     ips: HashSet<IpAddr>,
-    leaving: Option<(HashSet<IpAddr>, Instant)>,
+    leaving: HashMap<IpAddr, Instant>,
 }
 
 /// The rule's state: the enrolled pods' addresses of the snapshot in force (remade when the
@@ -106,8 +107,8 @@ impl ClientGuard {
         let e = Self::enrolled(&mut cached, snapshot);
         let leaving = || {
             e.leaving
-                .as_ref()
-                .is_some_and(|(l, until)| l.contains(&ip) && Instant::now() < *until)
+                .get(&ip)
+                .is_some_and(|until| Instant::now() < *until)
         };
         if !e.ips.contains(&ip) && !leaving() {
             return Err(Refusal::ClientNotEnrolled);
@@ -123,21 +124,31 @@ impl ClientGuard {
 
     /// The addresses of the enrolled pods that may be redirected, made once per snapshot: a
     /// hash lookup per connection, under the lock that guards them, not a scan of every pod.
-    /// With them, those of the snapshot replaced, while they still pass.
+    /// With them, those of the pods that left, while they still pass (the ones whose grace
+    /// ended are forgotten here, so the map holds at most a grace's worth of departures).
     fn enrolled<'a>(cached: &'a mut Option<Enrolled>, snapshot: &Arc<Snapshot>) -> &'a Enrolled {
         if !cached
             .as_ref()
             .is_some_and(|e| Arc::ptr_eq(&e.of, snapshot))
         {
-            let ips = snapshot
+            let ips: HashSet<IpAddr> = snapshot
                 .workloads
                 .values()
                 .filter(|w| w.enrolled && w.not_redirectable().is_none())
                 .flat_map(|w| w.ips.iter().map(|ip| ip.to_canonical()))
                 .collect();
-            let leaving = cached
+            let now = Instant::now();
+            let until = now + LEAVING_GRACE;
+            let (mut leaving, left) = cached
                 .take()
-                .map(|e| (e.ips, Instant::now() + LEAVING_GRACE));
+                .map(|old| (old.leaving, old.ips))
+                .unwrap_or_default();
+            leaving.retain(|ip, left_until| now < *left_until && !ips.contains(ip));
+            leaving.extend(
+                left.into_iter()
+                    .filter(|ip| !ips.contains(ip))
+                    .map(|ip| (ip, until)),
+            );
             *cached = Some(Enrolled {
                 of: snapshot.clone(),
                 ips,
