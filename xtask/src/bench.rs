@@ -9,6 +9,7 @@
 //! `target/bench/latest.json`.
 
 pub mod floor;
+pub(crate) mod host;
 pub(crate) mod instructions;
 pub mod loadgen;
 pub(crate) mod parse;
@@ -230,6 +231,13 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let envoy = find_envoy(!args.no_install);
     let haproxy = which("haproxy");
     let nginx = which("nginx");
+    let host = host::Host::read(
+        &root,
+        haproxy.as_deref(),
+        envoy.as_deref().ok(),
+        nginx.as_deref(),
+    );
+    println!("bench: {}", host.line());
     let pin = !args.no_pin && which("taskset").is_some() && cpu_count() >= 2;
     let all_cpus = format!("0-{}", cpu_count().max(1) - 1);
     let (load_cpu, proxy_cpu) = (
@@ -570,7 +578,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     drop(targets);
     drop(dir);
 
-    let summary = summarize(
+    let mut summary = summarize(
         Runs {
             rounds: &results,
             pairs: &pairs,
@@ -582,7 +590,9 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         &pinning,
         &args,
     );
-    print!("{}", summary.table);
+    // The ratios move with the host: a figure is compared with one from the same kind.
+    summary.json["host"] = json!(host);
+    print!("{}\n{}", host.line(), summary.table);
     let out = root.join(&args.out);
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent)?;
