@@ -1316,7 +1316,7 @@ impl Proxies<'_> {
     /// disassemble here) and what did not start.
     fn program(&self, target: &str) -> Option<&Path> {
         match target {
-            "sluice" | "sluice-nolog" | TWIN => self.sluice,
+            "sluice" | "sluice-nolog" => self.sluice,
             "sluice-plain" => self.sluice_plain,
             "haproxy" => self.haproxy,
             FLOOR => Some(self.floor),

@@ -7,6 +7,8 @@ use std::process::Command;
 
 use serde::Serialize;
 
+use super::instructions::{cache_field, CPU0_CACHES};
+
 /// The host and the programs of one run.
 #[derive(Debug, Default, Serialize)]
 pub struct Host {
@@ -33,7 +35,7 @@ impl Host {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         Host {
             cpu: cpu(&cpuinfo),
-            caches: caches(Path::new("/sys/devices/system/cpu/cpu0/cache")),
+            caches: caches(Path::new(CPU0_CACHES)),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default(),
@@ -90,9 +92,7 @@ fn cpu(cpuinfo: &str) -> String {
 
 /// Each cache level of one CPU, as `L1d 48K`.
 fn caches(dir: &Path) -> Vec<String> {
-    let read = |i: usize, f: &str| {
-        std::fs::read_to_string(dir.join(format!("index{i}/{f}"))).map(|s| s.trim().to_owned())
-    };
+    let read = |i: usize, f: &str| cache_field(dir, i, f);
     (0..8)
         .map_while(|i| {
             let level = read(i, "level").ok()?;

@@ -93,11 +93,19 @@ pub(crate) struct CacheFigures {
 /// and shared, and would count next to nothing). `None` where sysfs does not say, or gives a
 /// geometry valgrind cannot model (a number of sets that is not a power of two).
 pub(crate) fn cache_model() -> Option<Vec<String>> {
-    cache_model_from(Path::new("/sys/devices/system/cpu/cpu0/cache"))
+    cache_model_from(Path::new(CPU0_CACHES))
+}
+
+/// Where sysfs describes CPU 0's caches, one `indexN` directory per cache.
+pub(crate) const CPU0_CACHES: &str = "/sys/devices/system/cpu/cpu0/cache";
+
+/// The file `field` of the `i`-th cache under `dir` (as [`CPU0_CACHES`]), trimmed.
+pub(crate) fn cache_field(dir: &Path, i: usize, field: &str) -> std::io::Result<String> {
+    std::fs::read_to_string(dir.join(format!("index{i}/{field}"))).map(|s| s.trim().to_owned())
 }
 
 fn cache_model_from(dir: &Path) -> Option<Vec<String>> {
-    let read = |i: usize, f: &str| std::fs::read_to_string(dir.join(format!("index{i}/{f}")));
+    let read = |i: usize, f: &str| cache_field(dir, i, f);
     let mut model = [None, None, None];
     for i in 0..8 {
         let Ok(level) = read(i, "level") else { break };
