@@ -372,9 +372,13 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         // 100 ms in turn: a p99 is set by the host's rare stalls, which run by run came and
         // went for tens of seconds (after a saturated run, one program's p99 read 0.6 ms in
         // one run and 3.8 ms in the next), so each target now meets the same ones.
-        let order: Vec<&str> = targets.iter().map(|t| t.name).collect();
+        // Each round in another order (see `slot_order`).
+        let order: Vec<&str> = loadgen::slot_order(targets.len(), round)
+            .into_iter()
+            .map(|k| targets[k].name)
+            .collect();
         let cpu2: Vec<Option<u64>> = targets.iter().map(|t| cpu_ticks(t.proc.pid())).collect();
-        let fixed_runs = loadgen::taking_turns(&order, FIXED_SLOT_MS, |name| {
+        let mut fixed_runs = loadgen::taking_turns(&order, FIXED_SLOT_MS, |name| {
             let t = targets
                 .iter()
                 .find(|t| t.name == name)
@@ -400,9 +404,12 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         pause(gap);
 
         let secs = |a: Option<u64>, b: Option<u64>| Some((b? - a?) as f64 / ticks);
-        let fixed_reports: Vec<Option<loadgen::LoadgenReport>> = fixed_runs
-            .into_iter()
-            .map(|(name, report)| {
+        // Back in the targets' order.
+        let fixed_reports: Vec<Option<loadgen::LoadgenReport>> = targets
+            .iter()
+            .map(|t| {
+                let k = fixed_runs.iter().position(|(name, _)| *name == t.name)?;
+                let (name, report) = fixed_runs.swap_remove(k);
                 report
                     .map_err(|e| eprintln!("bench: round {round} {name}: {e}"))
                     .ok()

@@ -237,6 +237,26 @@ pub async fn run(args: LoadgenArgs) -> Result<LoadgenReport> {
     })
 }
 
+/// The order of `n` generators' slots in round `round` (from 1): slot `k` goes to generator
+/// `order[k]`. A slot starts as the one before it ends, so what that one left on the proxies' CPU
+/// (idle since the direct run's slot, or another proxy's code and data in its caches) is carried
+/// into it. One order for every round gave each target the same predecessor each time, which no
+/// number of rounds averages out (Sluice, always after the direct run's slot, measured 1.01x and
+/// 1.03x its twin of the same build at the median); each round here steps through the targets by
+/// another stride prime to `n`, so each meets another predecessor in each round while strides last.
+pub(crate) fn slot_order(n: usize, round: usize) -> Vec<usize> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let strides: Vec<usize> = (1..n.max(2)).filter(|&s| gcd(s, n) == 1).collect();
+    let stride = strides[round.saturating_sub(1) % strides.len()];
+    (0..n).map(|k| k * stride % n).collect()
+}
+
 /// Runs one fixed-rate generator per target at once, each sending only in its own slot of
 /// `slot_ms` (see `LoadgenArgs::slots`), so that a hiccup of the host falls on every target
 /// alike, and returns each one's report or why it has none. Every generator ends by itself
@@ -303,6 +323,35 @@ pub fn main(args: LoadgenArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_round_gives_each_generator_another_predecessor() {
+        // Seven targets (the bench without the log) over five rounds.
+        let predecessors = |round| {
+            let order = slot_order(7, round);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..7).collect::<Vec<_>>(), "a permutation");
+            // Slots wrap: the first follows the last of the turn before.
+            (0..7)
+                .map(|k| (order[k], order[(k + 6) % 7]))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let rounds: Vec<_> = (1..=5).map(predecessors).collect();
+        for target in 0..7 {
+            let mut seen: Vec<usize> = rounds.iter().map(|p| p[&target]).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), 5, "target {target} met {seen:?}");
+        }
+        // Round 1 keeps the order given; eight targets (with the log) have four strides, then
+        // they repeat; one or two targets have one order.
+        assert_eq!(slot_order(7, 1), (0..7).collect::<Vec<_>>());
+        assert_eq!(slot_order(8, 5), slot_order(8, 1));
+        assert_ne!(slot_order(8, 2), slot_order(8, 1));
+        assert_eq!(slot_order(1, 3), [0]);
+        assert_eq!(slot_order(2, 2), [0, 1]);
+    }
 
     fn args(slots: u32, slot: u32) -> LoadgenArgs {
         LoadgenArgs {
