@@ -2,13 +2,6 @@
 //! (Envoy logs a stream when it ends, so the duration and the response size cover the body), or
 //! when the response is dropped first (the client went away: `DC`). The request body is counted on
 //! its way upstream.
-//!
-//! A record finished while its HTTP/1 connection's task polls the connection is reported when that
-//! poll is over ([`report_after`]): by then hyper has written the response's last bytes to the
-//! socket, so the client does not wait for the request's metric samples, log entry, spans and
-//! ring entry (Envoy, too, logs a stream once its last byte is written). Elsewhere (HTTP/2
-//! streams are served by tasks of their own; tests call the handler directly) a record is
-//! reported as soon as it is finished.
 
 use crate::state::State;
 use bytes::Bytes;
@@ -17,8 +10,6 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use sluice_core::{Body, BoxError, RequestInfo, ResponseFlags};
 use sluice_telemetry::{Record, Telemetry};
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -28,9 +19,7 @@ use tokio::time::Instant;
 /// telemetry (and its ring of recent requests) without a copy.
 pub(crate) struct Finish {
     /// Taken only by `done` or `drop`, which end the `Finish`: present whenever it can be reached.
-    /// Boxed: the record (about 500 bytes) is moved into the response body, boxed again with it,
-    /// and into the queue of deferred records; each of those moves copies a pointer instead.
-    open: Option<Box<Open>>,
+    open: Option<Open>,
 }
 
 struct Open {
@@ -45,86 +34,13 @@ struct Open {
 
 impl Open {
     /// Records the request now: its access-log entry, metric samples and spans.
-    fn report(self: Box<Self>) {
-        let Open {
-            telemetry,
-            state,
-            mut record,
-            started,
-            held,
-        } = *self;
-        drop(held);
-        record.duration = started.elapsed();
-        telemetry.request(record, &|addr| state.endpoint_identity(addr));
+    fn report(mut self) {
+        self.held = None;
+        self.record.duration = self.started.elapsed();
+        let state = &self.state;
+        self.telemetry
+            .request(self.record, &|addr| state.endpoint_identity(addr));
     }
-
-    /// Reports the request when the connection poll under way ends (its duration runs to then),
-    /// or now if there is none.
-    fn report_soon(self: Box<Self>) {
-        let polls = POLLS.get();
-        if polls.depth == 0 {
-            return self.report();
-        }
-        DEFERRED.with_borrow_mut(|d| d.push_back(self));
-        POLLS.set(Polls {
-            deferred: true,
-            ..polls
-        });
-    }
-}
-
-/// Records finished during the connection polls under way on this thread (see the module's
-/// documentation): a task's poll runs on one thread from start to end, so what one poll defers is
-/// reported when the same poll ends. The count is kept apart from the queue: a poll that finished
-/// nothing reads and writes `POLLS` twice, a `Cell` without a destructor (so no check that one is
-/// registered), and never touches `DEFERRED`.
-#[derive(Clone, Copy)]
-struct Polls {
-    /// Polls under way ([`report_after`] nested): the records wait until the outermost ends.
-    depth: u32,
-    /// Whether `DEFERRED` holds any.
-    deferred: bool,
-}
-
-thread_local! {
-    static POLLS: Cell<Polls> = const {
-        Cell::new(Polls {
-            depth: 0,
-            deferred: false,
-        })
-    };
-    /// Oldest first; its capacity is kept from one poll to the next.
-    static DEFERRED: RefCell<VecDeque<Box<Open>>> = const { RefCell::new(VecDeque::new()) };
-}
-
-/// Runs `poll` (a poll of a client connection's hyper future), reporting the records it finished
-/// once it returns.
-pub(crate) fn report_after<T>(poll: impl FnOnce() -> T) -> T {
-    /// Ends the poll's turn even if `poll` unwinds, so that later records are not held forever.
-    struct Turn;
-    impl Drop for Turn {
-        fn drop(&mut self) {
-            let polls = POLLS.get();
-            let depth = polls.depth - 1;
-            POLLS.set(Polls {
-                depth,
-                deferred: polls.deferred && depth > 0,
-            });
-            if depth == 0 && polls.deferred {
-                // One at a time, outside the borrow: the telemetry runs with the queue free.
-                while let Some(open) = DEFERRED.with_borrow_mut(VecDeque::pop_front) {
-                    open.report();
-                }
-            }
-        }
-    }
-    let polls = POLLS.get();
-    POLLS.set(Polls {
-        depth: polls.depth + 1,
-        ..polls
-    });
-    let _turn = Turn;
-    poll()
 }
 
 impl Finish {
@@ -136,13 +52,13 @@ impl Finish {
         started: Instant,
     ) -> Self {
         Self {
-            open: Some(Box::new(Open {
+            open: Some(Open {
                 telemetry,
                 state,
                 record,
                 started,
                 held: None,
-            })),
+            }),
         }
     }
 
@@ -162,10 +78,10 @@ impl Finish {
         self.open().held = Some(slot);
     }
 
-    /// Records the request: once the connection's poll under way has written the response.
+    /// Records the request now.
     pub(crate) fn done(mut self) {
         if let Some(open) = self.open.take() {
-            open.report_soon();
+            open.report();
         }
     }
 }
@@ -177,7 +93,7 @@ impl Drop for Finish {
             open.record
                 .info
                 .add_flags(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
-            open.report_soon();
+            open.report();
         }
     }
 }
@@ -367,91 +283,5 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sluice_telemetry::{AccessLog, Exchange, HttpRequest, Metrics, ServiceName};
-    use std::time::{Duration, SystemTime};
-
-    fn telemetry() -> Telemetry {
-        Telemetry::new(Metrics::new(), AccessLog::new(false), "Kubernetes").with_recent(8)
-    }
-
-    fn finish(telemetry: &Telemetry, id: &str) -> Finish {
-        let req = http::Request::get("/")
-            .header("x-request-id", id)
-            .body(())
-            .unwrap();
-        let state = Arc::new(State::empty());
-        let record = Record {
-            start: SystemTime::now(),
-            duration: Duration::ZERO,
-            exchange: Exchange::Http(HttpRequest::of(&req, "svc".into())),
-            peer: None,
-            source: state.source_identity([10, 0, 0, 1].into()),
-            service: ServiceName::unknown(),
-            info: Arc::new(RequestInfo::new()),
-            status: 200,
-            grpc_status: None,
-            response_bytes: 0,
-        };
-        Finish::new(telemetry.clone(), state, record, Instant::now())
-    }
-
-    fn kept(telemetry: &Telemetry) -> Vec<String> {
-        let kept = telemetry.recent().records(8);
-        kept.iter()
-            .map(|k| k.request_id().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    #[test]
-    fn a_record_finished_in_a_connection_poll_is_reported_when_the_poll_ends() {
-        let t = telemetry();
-        // No poll under way: at once.
-        finish(&t, "a").done();
-        assert_eq!(kept(&t), ["a"]);
-
-        // In a poll (nested, as a poll may be): held until the outermost poll returns, in the
-        // order finished, the dropped one (the client went away) too; the duration runs to then.
-        let (b, c) = (finish(&t, "b"), finish(&t, "c"));
-        let out = report_after(|| {
-            b.done();
-            report_after(|| drop(c));
-            assert_eq!(kept(&t), ["a"], "reported before the poll's writes");
-            // The poll's write takes a while: 3 ms, waited out (a bounded spin, no sleep).
-            let until = Instant::now() + Duration::from_millis(3);
-            while Instant::now() < until {
-                std::hint::spin_loop();
-            }
-            7
-        });
-        assert_eq!(out, 7);
-        assert_eq!(kept(&t), ["a", "b", "c"]);
-        let records = t.recent().records(8);
-        assert!(records[1].duration >= Duration::from_millis(3));
-        assert!(records[2]
-            .flags
-            .contains(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION));
-    }
-
-    #[test]
-    fn a_poll_that_unwinds_holds_no_later_record() {
-        let t = telemetry();
-        let d = finish(&t, "d");
-        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            report_after(|| {
-                d.done();
-                panic!("the poll failed");
-            })
-        }));
-        assert!(unwound.is_err());
-        // What the poll finished is reported as it unwinds, and the next record at once.
-        assert_eq!(kept(&t), ["d"]);
-        finish(&t, "e").done();
-        assert_eq!(kept(&t), ["d", "e"]);
     }
 }

@@ -420,8 +420,7 @@ async fn serve_http<IO>(
         let mut abort = std::pin::pin!(client.changed());
         side.poll_next();
         let event = std::future::poll_fn(|cx| {
-            // Its requests' records are reported once the poll has written their responses.
-            if let Poll::Ready(res) = crate::recorded::report_after(|| served.as_mut().poll(cx)) {
+            if let Poll::Ready(res) = served.as_mut().poll(cx) {
                 return Poll::Ready(Event::Served(res));
             }
             // The other futures are polled once, then only when one of them woke the task:
