@@ -252,8 +252,12 @@ pub(crate) fn slot_order(n: usize, round: usize) -> Vec<usize> {
             gcd(b, a % b)
         }
     }
-    let strides: Vec<usize> = (1..n.max(2)).filter(|&s| gcd(s, n) == 1).collect();
-    let stride = strides[round.saturating_sub(1) % strides.len()];
+    // Stride 1 is prime to every n, so the cycle is never empty.
+    let stride = (1..n.max(2))
+        .filter(|&s| gcd(s, n) == 1)
+        .cycle()
+        .nth(round.saturating_sub(1))
+        .unwrap_or(1);
     (0..n).map(|k| k * stride % n).collect()
 }
 
